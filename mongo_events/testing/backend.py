@@ -1,0 +1,649 @@
+"""Command handling for the fake replica set, with data kept in mongomock.
+
+Every write goes through :meth:`Backend._record`, which appends an oplog entry
+and, with a data directory, a journal record; restarting from the journal
+rebuilds both the data and the oplog.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import os
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import bson
+import mongomock
+from bson.int64 import Int64
+from bson.timestamp import Timestamp
+
+from .changestream import ChangeCursor, open_change_stream
+from .errors import CommandError
+from .oplog import Entry, Oplog, update_description
+
+__all__ = ["Backend"]
+
+Handler = Callable[["Backend", dict[str, Any]], dict[str, Any]]
+_HANDLERS: dict[str, Handler] = {}
+_ALIASES = {"ismaster": "hello", "isMaster": "hello", "findandmodify": "findAndModify", "buildinfo": "buildInfo"}
+
+
+def command(*names: str) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        for name in names:
+            _HANDLERS[name] = fn
+        return fn
+
+    return register
+
+
+@dataclass
+class _FindCursor:
+    ns: str
+    docs: list[dict[str, Any]]
+
+
+class Backend:
+    """State and command handlers behind the wire server. Thread-safe."""
+
+    def __init__(self, host: str, port: int, *, oplog_size: int = 100_000, data_dir: str | None = None, standalone: bool = False, set_name: str = "rs0") -> None:
+        self.host = host
+        self.port = port
+        self.set_name = set_name
+        self.standalone = standalone
+        self.client = mongomock.MongoClient()
+        self.oplog = Oplog(max_entries=oplog_size)
+        self.lock = self.oplog.changed  # one lock for data, oplog and cursors
+        self.cursors: dict[int, ChangeCursor | _FindCursor] = {}
+        self._cursor_ids = itertools.count(1_000_001)
+        self.counters: Counter[str] = Counter()
+        self.stopping = False
+        self.step_down_until = 0.0
+        self._journal = None
+        if data_dir is not None:
+            os.makedirs(data_dir, exist_ok=True)
+            path = os.path.join(data_dir, "journal.bson")
+            if os.path.exists(path):
+                self._replay(path)
+            self._journal = open(path, "ab")  # noqa: SIM115 - lives as long as the backend
+
+    # -- journal -------------------------------------------------------
+
+    def _replay(self, path: str) -> None:
+        with open(path, "rb") as fh:
+            data = fh.read()
+        for record in bson.decode_file_iter(_Truncated(data)):
+            kind = record.pop("k")
+            if kind == "op":
+                entry = Entry.from_doc(record)
+                self._apply_entry(entry)
+                self.oplog.append(entry)
+            elif kind == "index":
+                self._create_index(record["db"], record["coll"], record["spec"])
+
+    def _journal_write(self, record: dict[str, Any]) -> None:
+        if self._journal is not None:
+            self._journal.write(bson.encode(record))
+            self._journal.flush()
+
+    def _apply_entry(self, entry: Entry) -> None:
+        """Re-apply a journalled entry to the data (used at restart)."""
+        if entry.op in ("insert", "update", "replace") and entry.post is not None:
+            self.client[entry.db][entry.coll or ""].replace_one({"_id": entry.post["_id"]}, entry.post, upsert=True)
+        elif entry.op == "delete":
+            self.client[entry.db][entry.coll or ""].delete_one(entry.document_key or {})
+        elif entry.op == "drop":
+            self.client[entry.db].drop_collection(entry.coll)
+        elif entry.op == "rename" and entry.to is not None:
+            self.client[entry.db][entry.coll or ""].rename(entry.to["coll"], dropTarget=True)
+        elif entry.op == "dropDatabase":
+            self.client.drop_database(entry.db)
+
+    def _record(self, op: str, db: str, coll: str | None, session: dict[str, Any] | None = None, **fields: Any) -> Entry:
+        entry = Entry(ts=self.oplog.next_ts(), wall=_now(), op=op, db=db, coll=coll, **fields)
+        if session is not None:
+            entry.lsid, entry.txn_number = session["lsid"], session["txnNumber"]
+        self.oplog.append(entry)
+        self._journal_write({"k": "op", **entry.to_doc()})
+        self.oplog.changed.notify_all()
+        return entry
+
+    def close(self) -> None:
+        with self.lock:
+            self.stopping = True
+            self.lock.notify_all()
+            if self._journal is not None:
+                self._journal.close()
+                self._journal = None
+
+    # -- dispatch ------------------------------------------------------
+
+    def handle(self, body: dict[str, Any]) -> dict[str, Any]:
+        name = next(iter(body))
+        name = _ALIASES.get(name, name)
+        self.counters[name] += 1
+        handler = _HANDLERS.get(name)
+        try:
+            if handler is None:
+                raise CommandError(59, "CommandNotFound", f"no such command: '{name}' (the fake replica set does not implement it)")
+            reply = handler(self, body)
+        except CommandError as exc:
+            reply = exc.to_reply()
+        except mongomock.OperationFailure as exc:
+            reply = CommandError(exc.code or 2, "BadValue", str(exc)).to_reply()
+        except NotImplementedError as exc:
+            reply = CommandError(115, "CommandNotSupported", f"the fake replica set cannot do this: {exc}").to_reply()
+        reply.setdefault("ok", 1.0)
+        ts = self.oplog.last
+        reply["operationTime"] = ts
+        reply["$clusterTime"] = {"clusterTime": ts, "signature": {"hash": bson.Binary(b"\x00" * 20), "keyId": Int64(0)}}
+        return reply
+
+    def hello_reply(self, stepped_down: bool) -> dict[str, Any]:
+        me = f"{self.host}:{self.port}"
+        reply: dict[str, Any] = {
+            "helloOk": True,
+            "isWritablePrimary": not stepped_down,
+            "ismaster": not stepped_down,
+            "maxBsonObjectSize": 16 * 1024 * 1024,
+            "maxMessageSizeBytes": 48_000_000,
+            "maxWriteBatchSize": 100_000,
+            "localTime": _now(),
+            "logicalSessionTimeoutMinutes": 30,
+            "connectionId": 1,
+            "minWireVersion": 0,
+            "maxWireVersion": 21,
+            "readOnly": False,
+        }
+        if not self.standalone:
+            reply.update(setName=self.set_name, setVersion=1, hosts=[me], me=me, secondary=stepped_down)
+            if not stepped_down:
+                reply["primary"] = me
+            reply["electionId"] = bson.ObjectId("7fffffff0000000000000001")
+            reply["lastWrite"] = {"opTime": {"ts": self.oplog.last, "t": Int64(1)}, "lastWriteDate": _now()}
+        return reply
+
+    def new_cursor_id(self) -> int:
+        return next(self._cursor_ids)
+
+    def lookup(self, db: str, coll: str, key: dict[str, Any]) -> dict[str, Any] | None:
+        return self.client[db][coll].find_one(key)
+
+    def _create_index(self, db: str, coll: str, spec: dict[str, Any]) -> None:
+        keys = list(spec["key"].items())
+        options = {k: v for k, v in spec.items() if k not in ("key", "v", "ns")}
+        self.client[db][coll].create_index(keys, **options)
+
+
+class _Truncated:
+    """A file-like view that tolerates a torn final record (killed mid-write)."""
+
+    def __init__(self, data: bytes) -> None:
+        import struct
+
+        end, pos = 0, 0
+        while pos + 4 <= len(data):
+            (size,) = struct.unpack_from("<i", data, pos)
+            if size < 5 or pos + size > len(data):
+                break
+            pos += size
+            end = pos
+        self._data = memoryview(data)[:end]
+        self._pos = 0
+
+    def read(self, n: int) -> bytes:
+        chunk = bytes(self._data[self._pos : self._pos + n])
+        self._pos += len(chunk)
+        return chunk
+
+
+def _now() -> datetime.datetime:
+    now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def _txn(body: dict[str, Any]) -> dict[str, Any] | None:
+    """Session info for change events: only writes inside a multi-document transaction carry it."""
+    if body.get("autocommit") is False and "lsid" in body and "txnNumber" in body:
+        return {"lsid": body["lsid"], "txnNumber": body["txnNumber"]}
+    return None
+
+
+def _coll(backend: Backend, body: dict[str, Any], name: str) -> mongomock.Collection:
+    return backend.client[body["$db"]][body[name]]
+
+
+# -- handshake and admin --------------------------------------------------
+
+
+@command("hello")
+def _hello(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    import time
+
+    return backend.hello_reply(time.monotonic() < backend.step_down_until)
+
+
+@command("ping", "endSessions", "commitTransaction", "refreshSessions")
+def _ok(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    return {}
+
+
+@command("abortTransaction")
+def _abort(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    raise CommandError(263, "OperationNotSupportedInTransaction", "the fake replica set applies transaction writes at once and cannot roll them back")
+
+
+@command("buildInfo")
+def _build_info(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    return {"version": "7.0.0", "versionArray": [7, 0, 0, 0], "gitVersion": "fake", "maxBsonObjectSize": 16 * 1024 * 1024, "modules": ["mongo-events-fake"]}
+
+
+@command("killCursors")
+def _kill_cursors(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    killed = []
+    with backend.lock:
+        for cid in body.get("cursors", []):
+            if backend.cursors.pop(int(cid), None) is not None:
+                killed.append(cid)
+    return {"cursorsKilled": killed, "cursorsNotFound": [], "cursorsAlive": [], "cursorsUnknown": []}
+
+
+@command("listDatabases")
+def _list_databases(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    with backend.lock:
+        names = backend.client.list_database_names()
+    dbs = [{"name": n, "sizeOnDisk": 1, "empty": False} for n in sorted(names)]
+    if body.get("nameOnly"):
+        dbs = [{"name": d["name"]} for d in dbs]
+    return {"databases": dbs, "totalSize": len(dbs)}
+
+
+@command("listCollections")
+def _list_collections(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    with backend.lock:
+        db = backend.client[body["$db"]]
+        names = db.list_collection_names()
+        docs = [{"name": n, "type": "collection", "options": {}, "info": {"readOnly": False}, "idIndex": {"v": 2, "key": {"_id": 1}, "name": "_id_"}} for n in sorted(names)]
+        flt = body.get("filter") or {}
+        docs = [d for d in docs if mongomock.filtering.filter_applies(flt, d)]
+    return {"cursor": {"id": Int64(0), "ns": f"{body['$db']}.$cmd.listCollections", "firstBatch": docs}}
+
+
+@command("create")
+def _create(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    with backend.lock:
+        db = backend.client[body["$db"]]
+        if body["create"] in db.list_collection_names():
+            raise CommandError(48, "NamespaceExists", f"Collection {body['$db']}.{body['create']} already exists.")
+        db.create_collection(body["create"])
+    return {}
+
+
+@command("mongoEventsFake")
+def _fake_control(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    """Test-only control command; the server layer handles faults before dispatch."""
+    with backend.lock:
+        return {"counters": dict(backend.counters)}
+
+
+# -- writes -----------------------------------------------------------------
+
+
+@command("insert")
+def _insert(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    coll = _coll(backend, body, "insert")
+    n, errors = 0, []
+    with backend.lock:
+        for i, doc in enumerate(body.get("documents", [])):
+            doc = dict(doc)
+            doc.setdefault("_id", bson.ObjectId())
+            try:
+                coll.insert_one(doc)
+            except mongomock.DuplicateKeyError as exc:
+                errors.append({"index": i, "code": 11000, "errmsg": str(exc)})
+                if body.get("ordered", True):
+                    break
+                continue
+            n += 1
+            stored = coll.find_one({"_id": doc["_id"]})
+            backend._record("insert", coll.database.name, coll.name, _txn(body), document_key={"_id": doc["_id"]}, post=stored)
+    reply: dict[str, Any] = {"n": n}
+    if errors:
+        reply["writeErrors"] = errors
+    return reply
+
+
+def _is_replacement(update: Any) -> bool:
+    return isinstance(update, dict) and not any(k.startswith("$") for k in update)
+
+
+def _apply_update(backend: Backend, coll: mongomock.Collection, body: dict[str, Any], query: dict[str, Any], update: Any, *, multi: bool, upsert: bool, sort: Any = None, array_filters: Any = None) -> tuple[int, int, Any, list[tuple[dict[str, Any] | None, dict[str, Any] | None]]]:
+    """Apply one update statement; return (matched, modified, upserted id, [(before, after)])."""
+    cursor = coll.find(query)
+    if sort:
+        cursor = cursor.sort(list(sort.items()))
+    matches = list(cursor) if multi else list(cursor.limit(1))
+    changes: list[tuple[dict[str, Any] | None, dict[str, Any] | None]] = []
+    kwargs = {"array_filters": array_filters} if array_filters else {}
+    if _is_replacement(update) and multi:
+        raise CommandError(9, "FailedToParse", "multi update is not supported for replacement-style update")
+    if not matches:
+        if not upsert:
+            return 0, 0, None, []
+        if _is_replacement(update):
+            new = dict(update)
+            if "_id" not in new:
+                new["_id"] = query.get("_id", bson.ObjectId()) if not isinstance(query.get("_id"), dict) else bson.ObjectId()
+            coll.insert_one(new)
+            upserted = new["_id"]
+        else:
+            result = coll.update_one(query, update, upsert=True, **kwargs)
+            upserted = result.upserted_id
+        after = coll.find_one({"_id": upserted})
+        backend._record("insert", coll.database.name, coll.name, _txn(body), document_key={"_id": upserted}, post=after)
+        return 0, 0, upserted, [(None, after)]
+    modified = 0
+    for before in matches:
+        key = {"_id": before["_id"]}
+        if _is_replacement(update):
+            replacement = dict(update)
+            if "_id" in replacement and replacement["_id"] != before["_id"]:
+                raise CommandError(66, "ImmutableField", "the (immutable) field '_id' was found to have been altered")
+            replacement["_id"] = before["_id"]
+            coll.replace_one(key, replacement)
+            op = "replace"
+        else:
+            coll.update_one(key, update, **kwargs)
+            op = "update"
+        after = coll.find_one(key)
+        if after == before and op == "update":
+            continue  # a no-op update writes no oplog entry on a real server either
+        modified += 1
+        fields: dict[str, Any] = {"document_key": key, "post": after, "pre": before}
+        if op == "update":
+            fields["update_description"] = update_description(before, after or {}, expanded=True)
+        backend._record(op, coll.database.name, coll.name, _txn(body), **fields)
+        changes.append((before, after))
+    return len(matches), modified, None, changes
+
+
+@command("update")
+def _update(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    coll = _coll(backend, body, "update")
+    n = modified = 0
+    upserted, errors = [], []
+    with backend.lock:
+        for i, stmt in enumerate(body.get("updates", [])):
+            try:
+                matched, mod, up_id, _ = _apply_update(backend, coll, body, stmt.get("q", {}), stmt["u"], multi=bool(stmt.get("multi")), upsert=bool(stmt.get("upsert")), sort=stmt.get("sort"), array_filters=stmt.get("arrayFilters"))
+            except mongomock.DuplicateKeyError as exc:
+                errors.append({"index": i, "code": 11000, "errmsg": str(exc)})
+                if body.get("ordered", True):
+                    break
+                continue
+            except (mongomock.WriteError, mongomock.OperationFailure, ValueError, TypeError, KeyError) as exc:
+                errors.append({"index": i, "code": getattr(exc, "code", None) or 2, "errmsg": str(exc)})
+                if body.get("ordered", True):
+                    break
+                continue
+            if up_id is not None:
+                upserted.append({"index": i, "_id": up_id})
+                n += 1
+            else:
+                n += matched
+                modified += mod
+    reply: dict[str, Any] = {"n": n, "nModified": modified}
+    if upserted:
+        reply["upserted"] = upserted
+    if errors:
+        reply["writeErrors"] = errors
+    return reply
+
+
+@command("delete")
+def _delete(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    coll = _coll(backend, body, "delete")
+    n = 0
+    with backend.lock:
+        for stmt in body.get("deletes", []):
+            cursor = coll.find(stmt.get("q", {}))
+            docs = list(cursor.limit(1)) if stmt.get("limit", 0) == 1 else list(cursor)
+            for doc in docs:
+                coll.delete_one({"_id": doc["_id"]})
+                backend._record("delete", coll.database.name, coll.name, _txn(body), document_key={"_id": doc["_id"]}, pre=doc)
+                n += 1
+    return {"n": n}
+
+
+@command("findAndModify")
+def _find_and_modify(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    name = next(iter(body))
+    coll = backend.client[body["$db"]][body[name]]
+    query = body.get("query") or {}
+    sort = body.get("sort")
+    projection = body.get("fields")
+    with backend.lock:
+        if body.get("remove"):
+            cursor = coll.find(query)
+            if sort:
+                cursor = cursor.sort(list(sort.items()))
+            docs = list(cursor.limit(1))
+            if not docs:
+                return {"lastErrorObject": {"n": 0}, "value": None}
+            doc = docs[0]
+            coll.delete_one({"_id": doc["_id"]})
+            backend._record("delete", coll.database.name, coll.name, _txn(body), document_key={"_id": doc["_id"]}, pre=doc)
+            return {"lastErrorObject": {"n": 1}, "value": _project(doc, projection)}
+        try:
+            matched, _mod, up_id, changes = _apply_update(backend, coll, body, query, body["update"], multi=False, upsert=bool(body.get("upsert")), sort=sort, array_filters=body.get("arrayFilters"))
+        except mongomock.DuplicateKeyError as exc:
+            raise CommandError(11000, "DuplicateKey", str(exc)) from exc
+        if up_id is not None:
+            after = coll.find_one({"_id": up_id})
+            value = after if body.get("new") else None
+            return {"lastErrorObject": {"n": 1, "updatedExisting": False, "upserted": up_id}, "value": _project(value, projection)}
+        if not matched:
+            return {"lastErrorObject": {"n": 0, "updatedExisting": False}, "value": None}
+        if changes:
+            before, after = changes[0]
+        else:  # matched but not modified: before == after
+            before = after = coll.find(query).sort(list(sort.items())).limit(1)[0] if sort else coll.find_one(query)
+        value = after if body.get("new") else before
+        return {"lastErrorObject": {"n": 1, "updatedExisting": True}, "value": _project(value, projection)}
+
+
+def _project(doc: dict[str, Any] | None, projection: dict[str, Any] | None) -> dict[str, Any] | None:
+    if doc is None or not projection:
+        return doc
+    include = [k for k, v in projection.items() if v and k != "_id"]
+    exclude = [k for k, v in projection.items() if not v]
+    if include:
+        out = {k: doc[k] for k in include if k in doc}
+        if projection.get("_id", 1) and "_id" in doc:
+            out = {"_id": doc["_id"], **out}
+        return out
+    return {k: v for k, v in doc.items() if k not in exclude}
+
+
+# -- reads --------------------------------------------------------------------
+
+
+def _cursor_reply(backend: Backend, ns: str, docs: list[dict[str, Any]], batch_size: int | None, single: bool = False, key: str = "firstBatch") -> dict[str, Any]:
+    size = batch_size if batch_size else 101
+    first, rest = docs[:size], docs[size:]
+    cid = 0
+    if rest and not single:
+        cid = backend.new_cursor_id()
+        backend.cursors[cid] = _FindCursor(ns, rest)
+    return {"cursor": {key: first, "id": Int64(cid), "ns": ns}}
+
+
+@command("find")
+def _find(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    coll = _coll(backend, body, "find")
+    with backend.lock:
+        cursor = coll.find(body.get("filter") or {}, projection=body.get("projection") or None)
+        if body.get("sort"):
+            cursor = cursor.sort(list(body["sort"].items()))
+        if body.get("skip"):
+            cursor = cursor.skip(body["skip"])
+        if body.get("limit"):
+            cursor = cursor.limit(abs(body["limit"]))
+        docs = list(cursor)
+        return _cursor_reply(backend, f"{coll.database.name}.{coll.name}", docs, body.get("batchSize"), bool(body.get("singleBatch")))
+
+
+@command("count")
+def _count(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    coll = _coll(backend, body, "count")
+    with backend.lock:
+        kwargs = {k: body[k] for k in ("skip", "limit") if body.get(k)}
+        return {"n": coll.count_documents(body.get("query") or {}, **kwargs)}
+
+
+@command("distinct")
+def _distinct(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    coll = _coll(backend, body, "distinct")
+    with backend.lock:
+        return {"values": coll.distinct(body["key"], body.get("query") or {})}
+
+
+@command("aggregate")
+def _aggregate(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    db = body["$db"]
+    target = body["aggregate"]
+    coll = target if isinstance(target, str) else None
+    pipeline = body.get("pipeline") or []
+    batch_size = (body.get("cursor") or {}).get("batchSize")
+    if pipeline and "$changeStream" in pipeline[0]:
+        with backend.lock:
+            cid = backend.new_cursor_id()
+            cursor = open_change_stream(backend, cid, db, coll, pipeline)
+        batch, pbrt = cursor.next_batch(backend, batch_size, wait_ms=0)
+        with backend.lock:
+            if not cursor.closed:
+                backend.cursors[cid] = cursor
+        return {"cursor": {"firstBatch": batch, "postBatchResumeToken": pbrt, "id": Int64(0 if cursor.closed else cid), "ns": cursor.ns}}
+    if coll is None:
+        raise CommandError(115, "CommandNotSupported", "the fake replica set supports 'aggregate: 1' only for $changeStream")
+    for stage in pipeline:
+        if any(name in stage for name in ("$out", "$merge")):
+            raise CommandError(115, "CommandNotSupported", "the fake replica set does not support $out or $merge")
+    with backend.lock:
+        docs = list(backend.client[db][coll].aggregate(pipeline))
+        return _cursor_reply(backend, f"{db}.{coll}", docs, batch_size)
+
+
+@command("getMore")
+def _get_more(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    cid = int(body["getMore"])
+    with backend.lock:
+        cursor = backend.cursors.get(cid)
+    if cursor is None:
+        raise CommandError(43, "CursorNotFound", f"cursor id {cid} not found")
+    if isinstance(cursor, _FindCursor):
+        with backend.lock:
+            size = body.get("batchSize") or 101
+            batch, cursor.docs = cursor.docs[:size], cursor.docs[size:]
+            if not cursor.docs:
+                backend.cursors.pop(cid, None)
+            return {"cursor": {"nextBatch": batch, "id": Int64(cid if cursor.docs else 0), "ns": cursor.ns}}
+    try:
+        batch, pbrt = cursor.next_batch(backend, body.get("batchSize"), wait_ms=int(body.get("maxTimeMS", 1000)))
+    except CommandError:
+        with backend.lock:
+            backend.cursors.pop(cid, None)
+        raise
+    with backend.lock:
+        if cursor.closed and not cursor.pending:
+            backend.cursors.pop(cid, None)
+        alive = cid in backend.cursors
+    return {"cursor": {"nextBatch": batch, "postBatchResumeToken": pbrt, "id": Int64(cid if alive else 0), "ns": cursor.ns}}
+
+
+# -- indexes and DDL ----------------------------------------------------------
+
+
+@command("createIndexes")
+def _create_indexes(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    db, coll = body["$db"], body["createIndexes"]
+    with backend.lock:
+        before = len(backend.client[db][coll].index_information())
+        for spec in body.get("indexes", []):
+            try:
+                backend._create_index(db, coll, spec)
+            except mongomock.DuplicateKeyError as exc:
+                raise CommandError(11000, "DuplicateKey", str(exc)) from exc
+            backend._journal_write({"k": "index", "db": db, "coll": coll, "spec": spec})
+        after = len(backend.client[db][coll].index_information())
+    return {"numIndexesBefore": before, "numIndexesAfter": after, "createdCollectionAutomatically": before == 0}
+
+
+@command("listIndexes")
+def _list_indexes(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    db, coll = body["$db"], body["listIndexes"]
+    with backend.lock:
+        if coll not in backend.client[db].list_collection_names():
+            raise CommandError(26, "NamespaceNotFound", f"ns does not exist: {db}.{coll}")
+        docs = []
+        for name, info in backend.client[db][coll].index_information().items():
+            doc: dict[str, Any] = {"v": 2, "key": dict(info["key"]), "name": name}
+            doc.update({k: v for k, v in info.items() if k not in ("key", "v", "ns")})
+            docs.append(doc)
+    return {"cursor": {"id": Int64(0), "ns": f"{db}.{coll}", "firstBatch": docs}}
+
+
+@command("dropIndexes")
+def _drop_indexes(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    coll = _coll(backend, body, "dropIndexes")
+    with backend.lock:
+        index = body.get("index")
+        if index == "*":
+            coll.drop_indexes()
+        else:
+            coll.drop_index(index if isinstance(index, str) else list(index.items()))
+    return {"nIndexesWas": 1}
+
+
+@command("drop")
+def _drop(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    db, coll = body["$db"], body["drop"]
+    with backend.lock:
+        if coll in backend.client[db].list_collection_names():
+            backend.client[db].drop_collection(coll)
+            backend._record("drop", db, coll)
+    return {"ns": f"{db}.{coll}"}
+
+
+@command("dropDatabase")
+def _drop_database(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    db = body["$db"]
+    with backend.lock:
+        names = backend.client[db].list_collection_names()
+        for coll in sorted(names):
+            backend.client[db].drop_collection(coll)
+            backend._record("drop", db, coll)
+        backend.client.drop_database(db)
+        if names:
+            backend._record("dropDatabase", db, None)
+    return {"dropped": db}
+
+
+@command("renameCollection")
+def _rename(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    source, target = body["renameCollection"], body["to"]
+    sdb, scoll = source.split(".", 1)
+    tdb, tcoll = target.split(".", 1)
+    if sdb != tdb:
+        raise CommandError(115, "CommandNotSupported", "the fake replica set renames only within one database")
+    with backend.lock:
+        if scoll not in backend.client[sdb].list_collection_names():
+            raise CommandError(26, "NamespaceNotFound", f"Source collection {source} does not exist")
+        backend.client[sdb][scoll].rename(tcoll, dropTarget=bool(body.get("dropTarget")))
+        backend._record("rename", sdb, scoll, to={"db": tdb, "coll": tcoll})
+    return {}
+
+

@@ -1,0 +1,217 @@
+"""Change-stream cursors of the fake replica set."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import mongomock
+from mongomock import aggregate as mm_aggregate
+from bson.timestamp import Timestamp
+
+from .errors import CommandError
+from .oplog import KIND_EVENT, KIND_HWM, KIND_INVALIDATE, Entry, InvalidToken, make_token, parse_token
+
+if TYPE_CHECKING:
+    from .backend import Backend
+
+__all__ = ["ChangeCursor", "open_change_stream"]
+
+_INTERNAL_DBS = {"admin", "config", "local"}
+
+
+@dataclass
+class ChangeCursor:
+    """One open change stream: where it is in the oplog and how it renders events."""
+
+    cursor_id: int
+    ns: str
+    level: str  # "collection" | "database" | "cluster"
+    db: str
+    coll: str | None
+    position: Timestamp
+    full_document: str = "default"
+    before_change: str = "off"
+    expanded: bool = False
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    pending: list[dict[str, Any]] = field(default_factory=list)
+    closed: bool = False
+
+    def matches(self, entry: Entry) -> bool:
+        if self.level == "cluster":
+            return entry.db not in _INTERNAL_DBS
+        if entry.db != self.db:
+            return False
+        if self.level == "database":
+            return not (entry.coll or "").startswith("system.")
+        return entry.coll == self.coll or (entry.op == "dropDatabase")
+
+    def render(self, entry: Entry, backend: Backend) -> list[dict[str, Any]]:
+        if not self.matches(entry):
+            return []
+        if self.level == "collection" and entry.op == "dropDatabase":
+            # The collection's own drop entry came first and invalidated the stream.
+            return []
+        doc: dict[str, Any] = {
+            "_id": make_token(entry.ts, KIND_EVENT),
+            "operationType": entry.op,
+            "clusterTime": entry.ts,
+            "wallTime": entry.wall,
+        }
+        op = entry.op
+        if op in ("insert", "replace"):
+            doc["fullDocument"] = entry.post
+        elif op == "update":
+            if self.full_document == "updateLookup":
+                doc["fullDocument"] = backend.lookup(entry.db, entry.coll or "", entry.document_key or {})
+            elif self.full_document in ("whenAvailable", "required"):
+                doc["fullDocument"] = entry.post
+        doc["ns"] = {"db": entry.db} if entry.coll is None else {"db": entry.db, "coll": entry.coll}
+        if entry.document_key is not None:
+            doc["documentKey"] = entry.document_key
+        if entry.update_description is not None:
+            desc = dict(entry.update_description)
+            if not self.expanded:
+                desc.pop("disambiguatedPaths", None)
+            doc["updateDescription"] = desc
+        if entry.to is not None:
+            doc["to"] = entry.to
+        if self.before_change in ("whenAvailable", "required") and op in ("update", "replace", "delete"):
+            doc["fullDocumentBeforeChange"] = entry.pre
+        if entry.lsid is not None:
+            doc["lsid"] = entry.lsid
+            doc["txnNumber"] = entry.txn_number
+        events = [doc]
+        invalidates = (self.level == "collection" and op in ("drop", "rename")) or (
+            self.level == "database" and op == "dropDatabase"
+        )
+        if invalidates:
+            events.append(
+                {
+                    "_id": make_token(entry.ts, KIND_INVALIDATE),
+                    "operationType": "invalidate",
+                    "clusterTime": entry.ts,
+                    "wallTime": entry.wall,
+                }
+            )
+        if self.stages:
+            # Invalidations bypass the user's stages here so the client always learns
+            # that the stream ended (a real server would close the cursor regardless).
+            kept = _apply_stages([e for e in events if e["operationType"] != "invalidate"], self.stages)
+            for event in kept:
+                if event.get("_id") != make_token(entry.ts, KIND_EVENT):
+                    raise CommandError(280, "ChangeStreamFatalError", "Encountered an event whose _id field, which contains the resume token, was modified by the pipeline.")
+            events = kept + [e for e in events if e["operationType"] == "invalidate"]
+        return events
+
+    def next_batch(self, backend: Backend, batch_size: int | None, wait_ms: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Collect up to ``batch_size`` events, waiting up to ``wait_ms`` when there are none.
+
+        Returns the batch and its post-batch resume token. Caller holds no lock.
+        """
+        limit = batch_size if batch_size and batch_size > 0 else 101
+        deadline = time.monotonic() + wait_ms / 1000.0
+        oplog = backend.oplog
+        batch: list[dict[str, Any]] = []
+        with oplog.changed:
+            while True:
+                if oplog.lost(self.position):
+                    raise CommandError(286, "ChangeStreamHistoryLost", "Resume of change stream was not possible, as the resume point may no longer be in the oplog.")
+                while self.pending and len(batch) < limit:
+                    batch.append(self.pending.pop(0))
+                index = oplog.index_after(self.position)
+                while len(batch) < limit and index < len(oplog.entries) and not self.closed:
+                    entry = oplog.entries[index]
+                    index += 1
+                    self.position = entry.ts
+                    rendered = self.render(entry, backend)
+                    for event in rendered:
+                        if event["operationType"] == "invalidate":
+                            self.closed = True
+                    room = limit - len(batch)
+                    batch.extend(rendered[:room])
+                    self.pending.extend(rendered[room:])
+                if batch or self.closed or wait_ms <= 0:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or backend.stopping:
+                    break
+                oplog.changed.wait(remaining)
+            if self.pending or (len(batch) >= limit and index < len(oplog.entries)):
+                pbrt = batch[-1]["_id"]
+            elif self.closed:
+                pbrt = batch[-1]["_id"] if batch else make_token(self.position, KIND_INVALIDATE)
+            else:
+                idle = oplog.idle_ts()
+                if (idle.time, idle.inc) > (self.position.time, self.position.inc):
+                    self.position = idle
+                pbrt = make_token(self.position, KIND_HWM)
+        return batch, pbrt
+
+
+def _apply_stages(events: list[dict[str, Any]], stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    try:
+        return list(mm_aggregate.process_pipeline(events, None, stages, None))
+    except (NotImplementedError, mongomock.OperationFailure, TypeError, KeyError, ValueError) as exc:
+        raise CommandError(40324, "Location40324", f"invalid change stream pipeline: {exc}") from exc
+
+
+def open_change_stream(backend: Backend, cursor_id: int, db: str, coll: str | None, pipeline: list[dict[str, Any]]) -> ChangeCursor:
+    """Build a cursor from an ``aggregate`` whose first stage is ``$changeStream``."""
+    spec = pipeline[0]["$changeStream"]
+    if backend.standalone:
+        raise CommandError(40573, "Location40573", "The $changeStream stage is only supported on replica sets")
+    if spec.get("allChangesForCluster"):
+        if db != "admin" or coll is not None:
+            raise CommandError(2, "BadValue", "allChangesForCluster requires aggregate: 1 on the admin database")
+        level = "cluster"
+    elif coll is None:
+        if db == "admin":
+            raise CommandError(73, "InvalidNamespace", "$changeStream on the admin database requires allChangesForCluster")
+        level = "database"
+    else:
+        level = "collection"
+    for stage in pipeline[1:]:
+        (name,) = stage.keys()
+        if name in ("$changeStream", "$out", "$merge", "$lookup", "$group", "$sort", "$facet"):
+            raise CommandError(40324, "Location40324", f"{name} is not permitted in a $changeStream pipeline")
+        if name not in ("$match", "$project", "$addFields", "$set", "$unset", "$replaceRoot", "$replaceWith", "$redact", "$changeStreamSplitLargeEvent"):
+            raise CommandError(40324, "Location40324", f"Unrecognized pipeline stage name: '{name}'")
+    oplog = backend.oplog
+    with oplog.changed:
+        token = spec.get("resumeAfter")
+        start_after = spec.get("startAfter")
+        at_time = spec.get("startAtOperationTime")
+        if sum(x is not None for x in (token, start_after, at_time)) > 1:
+            raise CommandError(40674, "Location40674", "Only one type of resume option is allowed, but multiple were found.")
+        if token is not None or start_after is not None:
+            try:
+                ts, kind = parse_token(token if token is not None else start_after)
+            except InvalidToken as exc:
+                raise CommandError(260, "InvalidResumeToken", str(exc)) from exc
+            if kind == KIND_INVALIDATE and token is not None:
+                raise CommandError(260, "InvalidResumeToken", "Attempting to resume a change stream using 'resumeAfter' is not allowed from an invalidate notification.")
+            if oplog.lost(ts):
+                raise CommandError(286, "ChangeStreamHistoryLost", "Resume of change stream was not possible, as the resume point may no longer be in the oplog.")
+            position = ts
+        elif at_time is not None:
+            if not isinstance(at_time, Timestamp):
+                raise CommandError(14, "TypeMismatch", "startAtOperationTime must be a timestamp")
+            position = Timestamp(at_time.time, at_time.inc - 1) if at_time.inc > 0 else Timestamp(at_time.time - 1, 2**32 - 1)
+            if oplog.lost(position):
+                raise CommandError(286, "ChangeStreamHistoryLost", "Resume of change stream was not possible, as the resume point may no longer be in the oplog.")
+        else:
+            position = oplog.last
+    return ChangeCursor(
+        cursor_id=cursor_id,
+        ns=f"{db}.{coll}" if coll is not None else f"{db}.$cmd.aggregate",
+        level=level,
+        db=db,
+        coll=coll,
+        position=position,
+        full_document=spec.get("fullDocument", "default"),
+        before_change=spec.get("fullDocumentBeforeChange", "off"),
+        expanded=bool(spec.get("showExpandedEvents", False)),
+        stages=[s for s in pipeline[1:] if "$changeStreamSplitLargeEvent" not in s],
+    )

@@ -1,0 +1,111 @@
+"""Shared fixtures: the fake replica set, clients, and the real-MongoDB fixture."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import mongomock
+import pymongo
+import pytest
+
+from mongo_events.testing import FakeReplicaSet
+
+# mongomock 4.3 does not accept the `sort` keyword pymongo 4.11+ passes to bulk updates.
+_builder = mongomock.collection.BulkOperationBuilder
+for _name in ("add_update", "add_replace"):
+    _orig = getattr(_builder, _name)
+
+    def _shim(self: Any, *args: Any, _orig: Any = _orig, sort: Any = None, **kwargs: Any) -> Any:
+        return _orig(self, *args, **kwargs)
+
+    setattr(_builder, _name, _shim)
+
+CLIENT_OPTIONS: dict[str, Any] = {"serverSelectionTimeoutMS": 5000, "connectTimeoutMS": 2000, "heartbeatFrequencyMS": 500}
+
+
+@pytest.fixture
+def fake_rs() -> Iterator[FakeReplicaSet]:
+    with FakeReplicaSet() as rs:
+        yield rs
+
+
+@pytest.fixture
+def client(fake_rs: FakeReplicaSet) -> Iterator[pymongo.MongoClient[Any]]:
+    c: pymongo.MongoClient[Any] = pymongo.MongoClient(fake_rs.uri, **CLIENT_OPTIONS)
+    yield c
+    c.close()
+
+
+def _real_uri() -> str | None:
+    """A real replica set: MONGODB_URI, or one started in Docker, else skip."""
+    uri = os.environ.get("MONGODB_URI")
+    if uri:
+        c: pymongo.MongoClient[Any] = pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000)
+        try:
+            hello = c.admin.command("hello")
+        except pymongo.errors.PyMongoError as exc:
+            pytest.fail(f"MONGODB_URI is set but the server is unreachable: {exc}")
+        finally:
+            c.close()
+        if "setName" not in hello and hello.get("msg") != "isdbgrid":
+            pytest.fail("MONGODB_URI points at a standalone server; change streams need a replica set")
+        return uri
+    return None
+
+
+@pytest.fixture(scope="session")
+def real_mongodb_uri() -> Iterator[str]:
+    uri = _real_uri()
+    if uri is not None:
+        yield uri
+        return
+    try:
+        import docker
+
+        docker.from_env(timeout=3).ping()
+    except Exception as exc:
+        pytest.skip(f"no real MongoDB: MONGODB_URI is unset and no Docker engine answers ({type(exc).__name__})")
+    from testcontainers.core.container import DockerContainer
+
+    container = DockerContainer("mongo:7.0").with_command("--replSet rs0 --bind_ip_all").with_exposed_ports(27017)
+    container.start()
+    try:
+        port = container.get_exposed_port(27017)
+        host = container.get_container_host_ip()
+        direct = f"mongodb://{host}:{port}/?directConnection=true"
+        c: pymongo.MongoClient[Any] = pymongo.MongoClient(direct, serverSelectionTimeoutMS=20000)
+        try:
+            c.admin.command("replSetInitiate", {"_id": "rs0", "members": [{"_id": 0, "host": "localhost:27017"}]})
+        except pymongo.errors.OperationFailure:
+            pass
+        assert wait_for(lambda: c.admin.command("hello").get("isWritablePrimary"), 60), "replica set did not elect a primary"
+        c.close()
+        yield direct
+    finally:
+        container.stop()
+
+
+@pytest.fixture(params=["fake", pytest.param("real", marks=pytest.mark.mongodb)])
+def server_uri(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The fidelity fixture: the fake replica set, and a real one wherever it exists."""
+    if request.param == "real":
+        yield request.getfixturevalue("real_mongodb_uri")
+        return
+    with FakeReplicaSet() as rs:
+        yield rs.uri
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01) -> Any:
+    """Poll ``predicate`` until truthy (returns it) or ``timeout``; for state with no event to wait on."""
+    deadline = time.monotonic() + timeout
+    cond = threading.Condition()
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        with cond:
+            cond.wait(interval)

@@ -27,6 +27,36 @@ from .oplog import Entry, Oplog, update_description
 __all__ = ["Backend"]
 
 Handler = Callable[["Backend", dict[str, Any]], dict[str, Any]]
+
+_ID_TYPES = (str, int, float, bson.ObjectId)
+
+
+def _install_id_fast_path() -> None:
+    """Look documents up by ``_id`` directly instead of scanning (mongomock scans for every query).
+
+    Only filters that are exactly ``{"_id": <str | int | float | ObjectId>}`` take the fast
+    path; the result is the same as the scan, in O(1) instead of O(n).
+    """
+    collection_cls = mongomock.collection.Collection
+    if getattr(collection_cls, "_mongo_events_fast_path", False):
+        return
+    scan = collection_cls._iter_documents
+
+    def _iter_documents(self: Any, filter: Any) -> Any:  # noqa: A002 - mongomock's name
+        if isinstance(filter, dict) and len(filter) == 1 and "_id" in filter:
+            value = filter["_id"]
+            if isinstance(value, _ID_TYPES) and not isinstance(value, bool):
+                try:
+                    return iter([self._store[value]])
+                except KeyError:
+                    return iter([])
+        return scan(self, filter)
+
+    collection_cls._iter_documents = _iter_documents
+    collection_cls._mongo_events_fast_path = True
+
+
+_install_id_fast_path()
 _HANDLERS: dict[str, Handler] = {}
 _ALIASES = {"ismaster": "hello", "isMaster": "hello", "findandmodify": "findAndModify", "buildinfo": "buildInfo"}
 

@@ -1,0 +1,83 @@
+"""mongo-events: reliable callbacks from MongoDB change streams.
+
+At-least-once delivery with watermark checkpoints, per-document order, bounded
+memory and real retries. See README.rst for the tour.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .bus import Bus, BusState
+from .decoding import CattrsDecoder, Decoder, make_converter
+from .delivery import Delivery, current_delivery
+from .dispatch import DeadLetterHook
+from .errors import (
+    BusStateError,
+    ConfigurationError,
+    DecodeError,
+    HandlerFailed,
+    MongoEventsError,
+    Reject,
+    ResumeTokenLost,
+    Retry,
+    ShutdownTimeout,
+    StoreError,
+    StreamError,
+)
+from .events import ChangeEvent, FullDocument, OperationType, UpdateDescription
+from .middleware import Middleware
+from .retrying import RetryBackoff
+from .stores import (
+    Checkpoint,
+    FileResumeTokenStore,
+    MemoryResumeTokenStore,
+    MongoResumeTokenStore,
+    ResumeTokenStore,
+)
+from .watcher import ErrorKind, classify_error
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    # the bus
+    "Bus",
+    "BusState",
+    "Delivery",
+    "current_delivery",
+    "RetryBackoff",
+    "Middleware",
+    "DeadLetterHook",
+    # the event model
+    "ChangeEvent",
+    "UpdateDescription",
+    "OperationType",
+    "FullDocument",
+    # decoding
+    "Decoder",
+    "CattrsDecoder",
+    "make_converter",
+    # stores
+    "ResumeTokenStore",
+    "Checkpoint",
+    "MemoryResumeTokenStore",
+    "MongoResumeTokenStore",
+    "FileResumeTokenStore",
+    # errors
+    "MongoEventsError",
+    "ConfigurationError",
+    "BusStateError",
+    "StreamError",
+    "ResumeTokenLost",
+    "DecodeError",
+    "StoreError",
+    "HandlerFailed",
+    "ShutdownTimeout",
+    "Retry",
+    "Reject",
+    "ErrorKind",
+    "classify_error",
+    "__version__",
+]
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

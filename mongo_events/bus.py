@@ -1,0 +1,756 @@
+"""The bus: one change stream, its subscriptions, and their lifecycle.
+
+The bus only wires the parts together and runs the lifecycle; each part has
+its own module: the watcher pulls the stream, the tracker keeps the in-flight
+window and the watermark, the dispatcher runs callbacks, the flusher writes
+checkpoints.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from types import FrameType, TracebackType
+from typing import Any, Literal, TypeVar, overload
+
+import attrs
+import bson
+from bson.timestamp import Timestamp
+from pymongo import MongoClient
+from pymongo.change_stream import ChangeStream
+from pymongo.collection import Collection as MongoCollection
+from pymongo.database import Database
+
+from .decoding import CattrsDecoder, Decoder
+from .dispatch import DeadLetterHook, Dispatcher, WorkItem
+from .errors import BusStateError, ConfigurationError, MongoEventsError, ResumeTokenLost, ShutdownTimeout, StoreError, StreamError
+from .events import ChangeEvent, FullDocument, OperationType
+from .flusher import Flusher
+from .middleware.base import Middleware
+from .retrying import RetryBackoff
+from .stores.base import ResumeTokenStore
+from .stores.mongodb import DEFAULT_COLLECTION, MongoResumeTokenStore
+from .subscription import OnExhausted, Subscription
+from .tracking import Slot, Tracker
+from .watcher import ErrorKind, Position, Watcher, classify_error, explain
+
+__all__ = ["Bus", "BusState", "Ordering", "HistoryLostPolicy"]
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+Ordering = Literal["document", "stream", "none"]
+HistoryLostPolicy = Literal["raise", "restart_from_now"]
+
+_FULL_DOCUMENT_OPTIONS = {FullDocument.UPDATE_LOOKUP, FullDocument.WHEN_AVAILABLE, FullDocument.REQUIRED}
+#: An idle stream's post-batch token is written at most this often (events move it every flush).
+IDLE_CHECKPOINT_INTERVAL = 10.0
+
+
+class BusState(str, enum.Enum):
+    """Lifecycle states of a :class:`Bus`."""
+
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class Bus:
+    """Delivers the changes of one change stream to subscribed callbacks, at least once.
+
+    :param target: a pymongo ``Collection`` (collection watch), ``Database`` (database
+        watch) or ``MongoClient`` (cluster watch).
+    :param name: the bus's name in logs, thread names and metrics (default: the namespace).
+    :param full_document: the stream's ``fullDocument`` option (:class:`FullDocument`).
+    :param full_document_before_change: ``"whenAvailable"`` or ``"required"`` for pre-images.
+    :param full_document_only: callbacks get the full document (or, for deletes, the
+        document key) instead of the event; needs a ``full_document`` other than default.
+    :param update_description: put the update description on each :class:`Delivery`.
+    :param include_empty_updates: deliver updates that changed no field (skipped by default).
+    :param max_updated_fields_size: drop ``updated_fields`` larger than this many BSON bytes
+        (``UpdateDescription.updated_fields_dropped`` tells the callback); needs a
+        ``full_document`` other than default; implies ``update_description``.
+    :param pipeline: aggregation stages appended after ``$changeStream``.
+    :param batch_size: the stream's batch size.
+    :param max_await_time: how long one ``getMore`` waits for changes, in seconds (default 1);
+        also how long ``stop()`` may wait for the watcher.
+    :param show_expanded_events: ask for expanded events (MongoDB 6.0+).
+    :param resume: ``False`` starts from now on every start and stores no position.
+    :param resume_token_store: where the checkpoint lives (default: ``_event_resume_tokens``
+        in the watched database, ``admin`` for a cluster watch).
+    :param resume_token_collection: a collection (or a collection name in the watched
+        database) for the default MongoDB store.
+    :param resume_token_id: suffix of :attr:`resume_token_key` (default: the host name);
+        give each independent consumer its own.
+    :param start_from_past: when no checkpoint exists, start this far in the past.
+    :param max_workers: worker threads running callbacks.
+    :param max_in_flight: most events held after the checkpoint, finished or not.
+    :param ordering: ``"document"`` (per-document order, default), ``"stream"`` (one at a
+        time per subscription) or ``"none"``.
+    :param flush_interval: seconds between checkpoint writes.
+    :param decoder: turns documents into payload types (default: cattrs on ``cattrs.preconf.bson``).
+    :param middleware: hooks around each delivery attempt.
+    :param dead_letters: receives events whose retries ran out, rejected or undecodable ones.
+    :param on_history_lost: ``"raise"`` (default: stop with :class:`ResumeTokenLost`) or
+        ``"restart_from_now"`` (skip the gap, call ``history_lost_callback``, log, go on).
+    :param history_lost_callback: ``fn(key, since)`` called when a gap is skipped.
+    :param start_timeout: how long ``start()`` waits for the first stream to open, to
+        fail fast on a standalone server, bad credentials or a bad pipeline.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(
+        self,
+        target: MongoCollection[Any] | Database[Any] | MongoClient[Any],
+        *,
+        name: str | None = None,
+        full_document: FullDocument | str | None = None,
+        full_document_before_change: str | None = None,
+        full_document_only: bool = False,
+        update_description: bool = False,
+        include_empty_updates: bool = False,
+        max_updated_fields_size: int = 0,
+        pipeline: Sequence[Mapping[str, Any]] | None = None,
+        batch_size: int | None = None,
+        max_await_time: float | timedelta = 1.0,
+        show_expanded_events: bool = False,
+        resume: bool = True,
+        resume_token_store: ResumeTokenStore | None = None,
+        resume_token_collection: MongoCollection[Any] | str | None = None,
+        resume_token_id: str | None = None,
+        start_from_past: timedelta | None = None,
+        max_workers: int = 8,
+        max_in_flight: int = 1000,
+        ordering: Ordering = "document",
+        flush_interval: float = 1.0,
+        decoder: Decoder | None = None,
+        middleware: Sequence[Middleware] = (),
+        dead_letters: DeadLetterHook | None = None,
+        on_history_lost: HistoryLostPolicy = "raise",
+        history_lost_callback: Callable[[str, Timestamp | None], None] | None = None,
+        start_timeout: float = 10.0,
+    ) -> None:
+        if isinstance(target, MongoCollection):
+            self.level = "collection"
+            self._db: Database[Any] = target.database
+            self._namespace = f"{target.database.name}.{target.name}"
+            self._default_coll: str | None = target.name
+        elif isinstance(target, Database):
+            self.level = "database"
+            self._db = target
+            self._namespace = f"{target.name}.*"
+            self._default_coll = None
+        elif isinstance(target, MongoClient):
+            self.level = "cluster"
+            self._db = target.admin
+            self._namespace = "*.*"
+            self._default_coll = None
+        else:
+            raise ConfigurationError(
+                f"Bus needs a pymongo Collection, Database or MongoClient to watch, got {type(target).__name__}"
+            )
+        self._target = target
+        self.name = name or self._namespace
+
+        fd = FullDocument(full_document) if full_document is not None else None
+        has_full = fd in _FULL_DOCUMENT_OPTIONS
+        if max_updated_fields_size < 0:
+            raise ConfigurationError("max_updated_fields_size must be >= 0 (0 means no limit)")
+        if max_updated_fields_size and not has_full:
+            raise ConfigurationError(
+                "max_updated_fields_size drops updated fields, so callbacks need the full document instead: "
+                "also pass full_document=FullDocument.UPDATE_LOOKUP (or WHEN_AVAILABLE / REQUIRED)"
+            )
+        if full_document_only and not has_full:
+            raise ConfigurationError(
+                "full_document_only needs the stream to carry full documents for updates: "
+                "also pass full_document=FullDocument.UPDATE_LOOKUP (or WHEN_AVAILABLE / REQUIRED)"
+            )
+        if full_document_before_change not in (None, "off", "whenAvailable", "required"):
+            raise ConfigurationError("full_document_before_change must be 'off', 'whenAvailable' or 'required'")
+        if ordering not in ("document", "stream", "none"):
+            raise ConfigurationError(f"ordering must be 'document', 'stream' or 'none', got {ordering!r}")
+        if max_workers < 1 or max_in_flight < 1:
+            raise ConfigurationError("max_workers and max_in_flight must be at least 1")
+        if flush_interval <= 0:
+            raise ConfigurationError("flush_interval must be > 0 seconds")
+        if on_history_lost not in ("raise", "restart_from_now"):
+            raise ConfigurationError("on_history_lost must be 'raise' or 'restart_from_now'")
+        if resume_token_store is not None and resume_token_collection is not None:
+            raise ConfigurationError("pass resume_token_store or resume_token_collection, not both")
+        if not resume and (resume_token_store is not None or resume_token_collection is not None):
+            raise ConfigurationError("resume=False stores no position: drop resume_token_store / resume_token_collection, or resume")
+        if start_from_past is not None and (not isinstance(start_from_past, timedelta) or start_from_past <= timedelta(0)):
+            raise ConfigurationError("start_from_past must be a positive datetime.timedelta")
+        for stage in pipeline or ():
+            if not isinstance(stage, Mapping) or len(stage) != 1:
+                raise ConfigurationError(f"each pipeline stage must be a one-key mapping such as {{'$match': ...}}, got {stage!r}")
+
+        self.full_document = fd
+        self.full_document_before_change = full_document_before_change
+        self.full_document_only = full_document_only
+        self.update_description = update_description or max_updated_fields_size > 0
+        self.include_empty_updates = include_empty_updates
+        self.max_updated_fields_size = max_updated_fields_size
+        self.pipeline = [dict(s) for s in pipeline or ()]
+        self.batch_size = batch_size
+        self.max_await_time = max_await_time.total_seconds() if isinstance(max_await_time, timedelta) else float(max_await_time)
+        self.show_expanded_events = show_expanded_events
+        self.resume = resume
+        self.start_from_past = start_from_past
+        self.max_workers = max_workers
+        self.max_in_flight = max_in_flight
+        self.ordering: Ordering = ordering
+        self.flush_interval = flush_interval
+        self.on_history_lost: HistoryLostPolicy = on_history_lost
+        self.history_lost_callback = history_lost_callback
+        self.start_timeout = start_timeout
+        self._decoder: Decoder = decoder or CattrsDecoder()
+        self._middleware = list(middleware)
+        self._dead_letters = dead_letters
+        self._resume_token_id = resume_token_id or _hostname()
+
+        if not resume:
+            self.token_store: ResumeTokenStore | None = None
+        elif resume_token_store is not None:
+            self.token_store = resume_token_store
+        elif isinstance(resume_token_collection, MongoCollection):
+            self.token_store = MongoResumeTokenStore(resume_token_collection)
+        else:
+            self.token_store = MongoResumeTokenStore(self._db[resume_token_collection or DEFAULT_COLLECTION])
+
+        self._subscriptions: list[Subscription] = []
+        self._state = BusState.NEW
+        self._state_lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._pid = os.getpid()
+        self._reset_runtime()
+
+    def _reset_runtime(self) -> None:
+        self._stop_event = threading.Event()
+        self._stopped = threading.Event()
+        self._cond = threading.Condition()
+        self._tracker = Tracker(self.max_in_flight)
+        self._connected = threading.Event()
+        self._connect_error: BaseException | None = None
+        self._saved_version = 0
+        self._last_save = 0.0
+        self._history_lost_at: Position | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._watcher: Watcher | None = None
+        self._flusher: Flusher | None = None
+        self._shutdown_lock = threading.Lock()
+        self._signals = 0
+        #: Number of resume-token writes (for tests and the benchmark).
+        self.token_writes = 0
+        self.history_gaps = 0
+
+    # -- properties ---------------------------------------------------------------
+
+    @property
+    def resume_token_key(self) -> str:
+        """``"<db.coll | db.* | *.*>:<resume_token_id>"``, the seed's key format."""
+        return f"{self._namespace}:{self._resume_token_id}"
+
+    @property
+    def namespace(self) -> str:
+        """What is watched: ``db.coll``, ``db.*`` or ``*.*``."""
+        return self._namespace
+
+    @property
+    def state(self) -> BusState:
+        return self._state
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the bus failed, when :attr:`state` is ``FAILED``."""
+        return self._error
+
+    @property
+    def subscriptions(self) -> tuple[Subscription, ...]:
+        return tuple(self._subscriptions)
+
+    @property
+    def checkpoint(self) -> Mapping[str, Any] | None:
+        """The in-memory checkpoint: the token the flusher writes next."""
+        with self._cond:
+            return self._tracker.checkpoint  # type: ignore[no-any-return]
+
+    @property
+    def in_flight(self) -> int:
+        """Events held after the checkpoint, finished or not (at most ``max_in_flight``)."""
+        with self._cond:
+            return len(self._tracker)
+
+    # -- subscriptions --------------------------------------------------------------
+
+    @overload
+    def subscribe(self, callback: F, /) -> F: ...
+
+    @overload
+    def subscribe(
+        self,
+        *,
+        payload: Any = None,
+        operations: Collection[str | OperationType] | None = None,
+        name: str | None = None,
+        max_retries: int = 5,
+        retry_backoff: RetryBackoff | None = None,
+        on_exhausted: OnExhausted = "stop",
+    ) -> Callable[[F], F]: ...
+
+    def subscribe(
+        self,
+        callback: F | None = None,
+        /,
+        *,
+        payload: Any = None,
+        operations: Collection[str | OperationType] | None = None,
+        name: str | None = None,
+        max_retries: int = 5,
+        retry_backoff: RetryBackoff | None = None,
+        on_exhausted: OnExhausted = "stop",
+    ) -> F | Callable[[F], F]:
+        """Register a callback; use as ``bus.subscribe(fn)`` or ``@bus.subscribe(...)``.
+
+        The callback takes ``(event)`` or ``(event, delivery)``. ``event`` is the
+        :class:`ChangeEvent`, or with ``payload=T`` the event (with
+        ``full_document_only``: the document) decoded into ``T``.
+
+        :param payload: a dataclass, attrs class, ``TypedDict`` or ``dict`` to decode into.
+        :param operations: operation types to receive (default: all; with ``payload``:
+            insert, update, replace, delete). Others count as done at once.
+        :param name: unique name (default: the callback's qualified name).
+        :param max_retries: retries after the first attempt before giving up.
+        :param retry_backoff: delays between retries (default 0.1 s doubling to 30 s, jittered).
+        :param on_exhausted: without a dead-letter store, ``"stop"`` the bus (default) or ``"skip"``.
+        :raises BusStateError: when the bus has already started.
+        :raises ConfigurationError: for a duplicate name or a callback of the wrong shape.
+        """
+
+        def register(fn: F) -> F:
+            if self._state is not BusState.NEW and self._state is not BusState.STOPPED:
+                raise BusStateError("subscribe() before start(): this bus is already running")
+            sub = Subscription(
+                fn,
+                name=name,
+                payload=payload,
+                operations=[str(o) for o in operations] if operations is not None else None,
+                max_retries=max_retries,
+                retry_backoff=retry_backoff,
+                on_exhausted=on_exhausted,
+                full_document_only=self.full_document_only,
+                index=len(self._subscriptions),
+            )
+            if any(s.name == sub.name for s in self._subscriptions):
+                raise ConfigurationError(f"a subscription named {sub.name!r} already exists on bus {self.name!r}; pass name=...")
+            self._subscriptions.append(sub)
+            return fn
+
+        if callback is not None:
+            return register(callback)
+        return register
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> Bus:
+        """Start watching in background threads; returns at once the stream has opened.
+
+        Waits up to ``start_timeout`` for the first stream so that a standalone server,
+        bad credentials, an invalid pipeline or an unreadable checkpoint fail here.
+        If the server is merely unreachable, the watcher keeps retrying in the background.
+
+        :raises BusStateError: if already started, or used in a forked child.
+        :raises ConfigurationError: when the deployment or the options cannot work.
+        :raises StoreError: when the stored checkpoint cannot be read.
+        """
+        self._check_pid()
+        with self._state_lock:
+            if self._state not in (BusState.NEW, BusState.STOPPED):
+                raise BusStateError(f"bus {self.name!r} is {self._state.value}; start() needs a new or stopped bus")
+            if not self._subscriptions:
+                raise ConfigurationError(f"bus {self.name!r} has no subscriptions: call subscribe() before start()")
+            self._reset_runtime()
+            self._error = None
+            self._state = BusState.STARTING
+        if self.token_store is not None:
+            try:
+                self.token_store.ensure_indexes()
+            except StoreError as exc:
+                log.warning("could not create resume-token indexes (%s); going on without them", exc)
+        self._dispatcher = Dispatcher(
+            max_workers=self.max_workers,
+            decoder=self._decoder,
+            middleware=self._middleware,
+            on_done=self._on_done,
+            on_fatal=self._fail,
+            dead_letters=self._dead_letters,
+            bus_name=self.name,
+        )
+        self._watcher = Watcher(
+            name=self.name,
+            open_stream=self._open_stream,
+            on_event=self._on_event,
+            on_resume_token=self._on_resume_token,
+            on_error=self._on_stream_error,
+            on_connected=self._on_connected,
+            stop_event=self._stop_event,
+        )
+        self._flusher = Flusher([self._flush_checkpoint], self.flush_interval, self.name)
+        try:
+            position = self._initial_position()
+        except BaseException:
+            self._state = BusState.STOPPED
+            raise
+        self._dispatcher.start()
+        self._flusher.start()
+        self._watcher.start(position)
+        if self._connected.wait(self.start_timeout):
+            if self._connect_error is not None:
+                self._shutdown(timeout=5.0)
+                self._state = BusState.FAILED
+                raise self._connect_error
+        else:
+            log.warning("bus %s: the change stream did not open within %.0fs; still trying in the background", self.name, self.start_timeout)
+        with self._state_lock:
+            if self._state is BusState.STARTING:
+                self._state = BusState.RUNNING
+        log.info("bus %s started: watching %s, checkpoint key %s", self.name, self._namespace, self.resume_token_key)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop gracefully: stop the watcher, let running callbacks finish, write the checkpoint.
+
+        Events that did not finish are delivered again after the next start.
+
+        :raises ShutdownTimeout: when callbacks were still running at the deadline
+            (the checkpoint written is still correct; they will be redelivered).
+        """
+        if self._state in (BusState.NEW, BusState.STOPPED, BusState.FAILED):
+            self._stopped.wait(timeout)
+            return
+        self._shutdown(timeout)
+
+    def run_forever(self, stop_timeout: float = 30.0) -> None:
+        """Start (if needed) and block until stopped; SIGINT/SIGTERM stop gracefully.
+
+        In the main thread it installs handlers for SIGINT and SIGTERM: the first
+        signal stops gracefully, a second one stops without waiting for callbacks.
+
+        :raises MongoEventsError: the error that made the bus fail, if it did.
+        """
+        if self._state in (BusState.NEW, BusState.STOPPED):
+            self.start()
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, self._on_signal)
+        try:
+            while not self._stopped.wait(0.2):
+                if self._signals:
+                    self._shutdown(0.0 if self._signals > 1 else stop_timeout, quiet=True)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if self._error is not None:
+            raise self._error
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        log.warning("bus %s: got signal %d; %s", self.name, signum, "stopping gracefully" if self._signals == 1 else "stopping now")
+        self._stop_event.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until every event received so far is done; returns False on timeout.
+
+        :raises MongoEventsError: the error that made the bus fail, if it did.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            target = self._tracker.last_seq
+            while True:
+                first = self._tracker.first_seq()
+                if first is None or first > target:
+                    break
+                if self._error is not None or self._stopped.is_set():
+                    break
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(0.1 if remaining is None else min(0.1, remaining))
+        if self._error is not None:
+            raise self._error
+        return True
+
+    def flush(self) -> bool:
+        """Write the current checkpoint now (normally the flusher does this); True on success."""
+        if self._flusher is None:
+            return True
+        return self._flusher.flush()
+
+    def reset_resume_token(self) -> None:
+        """Delete the stored checkpoint; the next start begins from now (or ``start_from_past``).
+
+        :raises BusStateError: while the bus runs (it would write its position again).
+        """
+        if self._state in (BusState.STARTING, BusState.RUNNING, BusState.STOPPING):
+            raise BusStateError("stop the bus before reset_resume_token(): a running bus writes its position again")
+        if self.token_store is not None:
+            self.token_store.delete(self.resume_token_key)
+            log.info("bus %s: resume token %s reset", self.name, self.resume_token_key)
+
+    def __enter__(self) -> Bus:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<Bus {self.name!r} {self._state.value}>"
+
+    # -- internals: lifecycle -----------------------------------------------------------
+
+    def _check_pid(self) -> None:
+        if os.getpid() != self._pid and self._state not in (BusState.NEW, BusState.STOPPED):
+            raise BusStateError(
+                f"bus {self.name!r} was started in process {self._pid} and cannot be used in the forked child "
+                f"{os.getpid()}: create and start buses after the server forks (gunicorn post_fork, uWSGI lazy-apps)"
+            )
+        self._pid = os.getpid()
+
+    def _initial_position(self) -> Position:
+        if self.token_store is not None:
+            checkpoint = self.token_store.load(self.resume_token_key)
+            if checkpoint is not None:
+                with self._cond:
+                    self._tracker.checkpoint = checkpoint.token
+                    self._tracker.checkpoint_time = checkpoint.cluster_time
+                log.info("bus %s resumes after its checkpoint (cluster time %s)", self.name, checkpoint.cluster_time)
+                return Position(resume_after=checkpoint.token)
+        if self.start_from_past is not None:
+            since = datetime.now(timezone.utc) - self.start_from_past
+            log.info("bus %s has no checkpoint; starting from %s", self.name, since.isoformat())
+            return Position(start_at_operation_time=Timestamp(since, 0))
+        return Position()
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._state_lock:
+            if self._error is not None or self._state in (BusState.STOPPED, BusState.FAILED):
+                return
+            self._error = exc
+        log.error("bus %s failed: %s", self.name, exc)
+        self._stop_event.set()
+        with self._cond:
+            self._cond.notify_all()
+        threading.Thread(target=self._shutdown, args=(30.0,), kwargs={"quiet": True}, name=f"mongo_events.stopper[{self.name}]", daemon=True).start()
+
+    def _shutdown(self, timeout: float, quiet: bool = False) -> None:
+        with self._shutdown_lock:
+            if self._stopped.is_set():
+                return
+            with self._state_lock:
+                self._state = BusState.STOPPING
+            deadline = time.monotonic() + timeout
+            # Order matters: stop reading first so nothing new is admitted; then stop
+            # handing out work and let running callbacks finish; then write the
+            # watermark, which now covers everything that finished.
+            self._stop_event.set()
+            with self._cond:
+                self._cond.notify_all()
+            if self._watcher is not None:
+                self._watcher.join(max(deadline - time.monotonic(), self.max_await_time + 1.0))
+            drained = True
+            if self._dispatcher is not None:
+                self._dispatcher.halt()
+                drained = self._dispatcher.wait_idle(deadline)
+            if self._flusher is not None:
+                self._flusher.stop(max(0.0, deadline - time.monotonic()))
+                self._flusher.flush()
+            if self._dispatcher is not None:
+                self._dispatcher.shutdown()
+            if self.token_store is not None:
+                try:
+                    self.token_store.close()
+                except Exception:
+                    log.exception("closing the resume-token store failed")
+            with self._state_lock:
+                self._state = BusState.FAILED if self._error is not None else BusState.STOPPED
+            self._stopped.set()
+            with self._cond:
+                self._cond.notify_all()
+            log.info("bus %s %s; checkpoint %s", self.name, self._state.value, self._tracker.checkpoint)
+        if not drained and not quiet:
+            raise ShutdownTimeout(
+                f"bus {self.name!r}: callbacks were still running after {timeout:.1f}s; "
+                "their events were not checkpointed and will be delivered again after restart"
+            )
+
+    # -- internals: watcher side ----------------------------------------------------------
+
+    def _open_stream(self, position: Position) -> ChangeStream[Any]:
+        kwargs: dict[str, Any] = position.kwargs()
+        if self.full_document is not None:
+            kwargs["full_document"] = self.full_document.value
+        if self.full_document_before_change is not None:
+            kwargs["full_document_before_change"] = self.full_document_before_change
+        if self.show_expanded_events:
+            kwargs["show_expanded_events"] = True
+        return self._target.watch(
+            self._own_filter() + self.pipeline or None,
+            batch_size=self.batch_size,
+            max_await_time_ms=int(self.max_await_time * 1000),
+            **kwargs,
+        )
+
+    def _own_filter(self) -> list[dict[str, Any]]:
+        """A database or cluster watch must not see the bus's own checkpoint writes."""
+        store = self.token_store
+        if self.level == "collection" or not isinstance(store, MongoResumeTokenStore):
+            return []
+        coll = store.collection
+        if self.level == "database" and coll.database.name != self._db.name:
+            return []
+        return [{"$match": {"$nor": [{"ns.db": coll.database.name, "ns.coll": coll.name}]}}]
+
+    def _on_connected(self, error: BaseException | None) -> None:
+        if error is not None:
+            self._connect_error = self._translate(error)
+        self._connected.set()
+
+    def _translate(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, MongoEventsError):
+            return exc
+        kind = classify_error(exc)
+        if kind is ErrorKind.CONFIGURATION:
+            err: MongoEventsError = ConfigurationError(f"bus {self.name!r} cannot watch {self._namespace}: {explain(exc)}")
+        elif kind is ErrorKind.HISTORY_LOST:
+            err = self._history_lost_error(exc)
+        else:
+            err = StreamError(f"bus {self.name!r}: change stream on {self._namespace} failed: {exc}", key=self.resume_token_key)
+        err.__cause__ = exc
+        return err
+
+    def _history_lost_error(self, exc: BaseException) -> ResumeTokenLost:
+        since = self._tracker.checkpoint_time
+        return ResumeTokenLost(
+            f"bus {self.name!r}: the resume point {self.resume_token_key} (checkpoint cluster time {since}) "
+            f"can no longer be resumed: {exc}. Events after it may be gone from the oplog. Decide, then either "
+            f"reset_resume_token() to start from now, or pass on_history_lost='restart_from_now'",
+            key=self.resume_token_key,
+            since=since,
+        )
+
+    def _on_stream_error(self, kind: ErrorKind, exc: BaseException, position: Position) -> Position | None:
+        if kind is ErrorKind.HISTORY_LOST and self.on_history_lost == "restart_from_now" and position.kwargs():
+            since = self._tracker.checkpoint_time
+            self.history_gaps += 1
+            log.error(
+                "bus %s: resume point %s lost (%s); restarting from now: changes since %s are skipped",
+                self.name, self.resume_token_key, exc, since,
+            )
+            if self.history_lost_callback is not None:
+                try:
+                    self.history_lost_callback(self.resume_token_key, since)
+                except Exception:
+                    log.exception("history_lost_callback failed")
+            return Position()
+        error = self._translate(exc)
+        if not self._connected.is_set():
+            self._on_connected(exc)
+        self._fail(error)
+        return None
+
+    def _on_event(self, raw: Mapping[str, Any]) -> bool:
+        event = ChangeEvent.from_raw(raw, self._db.name if self.level != "cluster" else "", self._default_coll)
+        desc = event.update_description
+        if desc is not None and self.max_updated_fields_size and desc.updated_fields:
+            if len(bson.encode(dict(desc.updated_fields))) > self.max_updated_fields_size:
+                desc = attrs.evolve(desc, updated_fields={}, updated_fields_dropped=True)
+                event = attrs.evolve(event, update_description=desc)
+        op = event.operation_type
+        if op is OperationType.UPDATE and not self.include_empty_updates and (desc is None or desc.is_empty):
+            subs: list[Subscription] = []
+        else:
+            subs = [s for s in self._subscriptions if s.wants(event)]
+        token = None if op is OperationType.INVALIDATE else raw["_id"]
+        with self._cond:
+            while self._tracker.full:
+                if self._stop_event.is_set():
+                    return False
+                self._cond.wait(0.1)
+            slot = self._tracker.begin(token, event.cluster_time, len(subs), event.id)
+            if not subs:
+                self._tracker.advance()
+                self._cond.notify_all()
+        dispatcher = self._dispatcher
+        assert dispatcher is not None
+        delivered_desc = desc if self.update_description else None
+        for sub in subs:
+            dispatcher.submit(WorkItem(sub, event, slot, self._lane(sub, event), delivered_desc))
+        return True
+
+    def _lane(self, sub: Subscription, event: ChangeEvent) -> Hashable | None:
+        if self.ordering == "none":
+            return None
+        if self.ordering == "stream":
+            return sub.index
+        key = event.document_key
+        if not key:
+            return (sub.index, event.namespace)
+        value = key.get("_id") if len(key) == 1 else None
+        if value is not None and isinstance(value, (str, int, bson.ObjectId)) and not isinstance(value, bool):
+            return (sub.index, event.namespace, type(value), value)
+        return (sub.index, event.namespace, bson.encode(dict(key)))
+
+    def _on_resume_token(self, token: Mapping[str, Any] | None) -> None:
+        with self._cond:
+            self._tracker.note_resume_token(token)
+
+    # -- internals: worker and flusher side ---------------------------------------------------
+
+    def _on_done(self, slot: Slot) -> None:
+        with self._cond:
+            if self._tracker.finish(slot):
+                self._tracker.advance()
+                self._cond.notify_all()
+
+    def _flush_checkpoint(self) -> None:
+        store = self.token_store
+        if store is None:
+            return
+        with self._cond:
+            tracker = self._tracker
+            if tracker.version == self._saved_version or tracker.checkpoint is None:
+                return
+            by_events = tracker.moved_by_events
+            if not by_events and time.monotonic() - self._last_save < IDLE_CHECKPOINT_INTERVAL and not self._stop_event.is_set():
+                return  # only the idle post-batch token moved: write it now and then, not every flush
+            token, cluster_time, version = tracker.checkpoint, tracker.checkpoint_time, tracker.version
+            tracker.moved_by_events = False
+        try:
+            store.save(self.resume_token_key, token, cluster_time)
+        except Exception:
+            with self._cond:
+                self._tracker.moved_by_events = self._tracker.moved_by_events or by_events
+            raise
+        self._saved_version = version
+        self._last_save = time.monotonic()
+        self.token_writes += 1
+
+
+def _hostname() -> str:
+    try:
+        return socket.gethostname() or "default"
+    except OSError:
+        return "default"

@@ -1,0 +1,52 @@
+"""Decoding change documents into user types with cattrs."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, TypeVar
+
+import cattrs
+from cattrs.preconf.bson import make_converter as _make_bson_converter
+
+from .errors import DecodeError
+
+__all__ = ["Decoder", "make_converter", "CattrsDecoder"]
+
+T = TypeVar("T")
+
+
+class Decoder(Protocol):
+    """Turns a document into an instance of ``type_``; raises :class:`DecodeError` on failure."""
+
+    def decode(self, value: Any, type_: type[T]) -> T: ...
+
+
+def make_converter() -> cattrs.Converter:
+    """The converter mongo-events uses: ``cattrs.preconf.bson`` with native BSON values kept.
+
+    Start from it to register your own hooks, then pass ``decoder=CattrsDecoder(conv)``.
+    """
+    return _make_bson_converter()
+
+
+class CattrsDecoder:
+    """A :class:`Decoder` built on a cattrs converter; errors carry readable paths (``$.items[0].qty``)."""
+
+    def __init__(self, converter: cattrs.Converter | None = None) -> None:
+        self.converter = converter or make_converter()
+
+    def decode(self, value: Any, type_: type[T]) -> T:
+        if type_ is dict or type_ is Any:  # no structuring asked for
+            return value  # type: ignore[no-any-return]
+        try:
+            return self.converter.structure(value, type_)
+        except Exception as exc:
+            errors = _readable(exc)
+            name = getattr(type_, "__name__", repr(type_))
+            raise DecodeError(f"cannot decode into {name}: {'; '.join(errors)}", errors=errors, raw=value) from exc
+
+
+def _readable(exc: Exception) -> list[str]:
+    try:
+        return list(cattrs.transform_error(exc, path="$"))
+    except Exception:  # transform_error only knows cattrs' own exception groups
+        return [f"{type(exc).__name__}: {exc} @ $"]

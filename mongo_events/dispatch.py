@@ -1,0 +1,250 @@
+"""The dispatcher: worker pool, per-key lanes, retries and the dead-letter hand-off.
+
+Workers are long-running loops submitted to one ``ThreadPoolExecutor``; they
+pull ready items from a ``SimpleQueue`` (a sub-microsecond hand-off, cheaper
+than one executor task per event). A failed attempt waits in a timer heap, not
+on a sleeping worker, so retries never block other documents' lanes. The lane
+of a retrying item stays busy, which keeps per-document order.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+from .decoding import Decoder
+from .delivery import Delivery, _reset_current, _set_current
+from .errors import DecodeError, HandlerFailed, Reject, Retry
+from .events import ChangeEvent
+from .middleware.base import Middleware, run_after, run_before
+from .subscription import Subscription
+from .tracking import Lanes, Slot
+
+__all__ = ["Dispatcher", "WorkItem", "DeadLetterHook"]
+
+log = logging.getLogger(__name__)
+
+
+class DeadLetterHook(Protocol):
+    """Receives an event a subscription gave up on; raising means "not stored, try again later"."""
+
+    def __call__(self, event: ChangeEvent, subscription: str, error: BaseException, attempts: int) -> None: ...
+
+
+class WorkItem:
+    """One event for one subscription."""
+
+    __slots__ = ("sub", "event", "slot", "lane", "attempt", "update_description")
+
+    def __init__(self, sub: Subscription, event: ChangeEvent, slot: Slot, lane: Hashable | None, update_description: Any) -> None:
+        self.sub = sub
+        self.event = event
+        self.slot = slot
+        self.lane = lane
+        self.attempt = 1
+        self.update_description = update_description
+
+
+_DONE = 0
+_RETRY = 1
+_ABANDON = 2
+
+
+class Dispatcher:
+    """Runs work items on a thread pool, in lane order, with retries."""
+
+    def __init__(
+        self,
+        *,
+        max_workers: int,
+        decoder: Decoder,
+        middleware: Sequence[Middleware],
+        on_done: Callable[[Slot], None],
+        on_fatal: Callable[[BaseException], None],
+        dead_letters: DeadLetterHook | None,
+        bus_name: str,
+    ) -> None:
+        self.max_workers = max_workers
+        self._decoder = decoder
+        self._middleware = list(middleware)
+        self._on_done = on_done
+        self._on_fatal = on_fatal
+        self._dead_letters = dead_letters
+        self._bus_name = bus_name
+        self._ready: queue.SimpleQueue[WorkItem] = queue.SimpleQueue()
+        self._lanes: Lanes[WorkItem] = Lanes()
+        self._timers: list[tuple[float, int, WorkItem]] = []
+        self._counter = itertools.count()
+        self._lock = threading.Lock()
+        self._halt = threading.Event()
+        self._executor: ThreadPoolExecutor | None = None
+        self._busy = 0
+        self._idle = threading.Condition(self._lock)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        self._executor = ThreadPoolExecutor(self.max_workers, thread_name_prefix="mongo_events.worker")
+        for _ in range(self.max_workers):
+            self._executor.submit(self._work)
+
+    def halt(self) -> None:
+        """Stop taking new items and cancel pending retries; running callbacks finish."""
+        self._halt.set()
+        with self._lock:
+            self._timers.clear()
+
+    def wait_idle(self, deadline: float) -> bool:
+        """Wait until no callback is running or ``deadline`` (monotonic) passes."""
+        with self._idle:
+            while self._busy:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(min(remaining, 0.1))
+        return True
+
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- feeding ---------------------------------------------------------------
+
+    def submit(self, item: WorkItem) -> None:
+        if item.lane is None:
+            self._ready.put(item)
+            return
+        with self._lock:
+            runnable = self._lanes.push(item.lane, item)
+        if runnable is not None:
+            self._ready.put(runnable)
+
+    # -- workers -----------------------------------------------------------------
+
+    def _next(self) -> WorkItem | None:
+        timeout = 0.1
+        if self._timers:
+            with self._lock:
+                if self._timers:
+                    due = self._timers[0][0] - time.monotonic()
+                    if due <= 0:
+                        return heapq.heappop(self._timers)[2]
+                    timeout = min(timeout, due)
+        try:
+            return self._ready.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _work(self) -> None:
+        while not self._halt.is_set():
+            item = self._next()
+            while item is not None and not self._halt.is_set():
+                with self._lock:
+                    self._busy += 1
+                try:
+                    outcome, delay = self._attempt(item)
+                finally:
+                    with self._idle:
+                        self._busy -= 1
+                        self._idle.notify_all()
+                if outcome == _RETRY:
+                    with self._lock:
+                        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._counter), item))
+                    break
+                if outcome == _ABANDON:
+                    break
+                self._on_done(item.slot)
+                item = self._advance_lane(item)
+
+    def _advance_lane(self, item: WorkItem) -> WorkItem | None:
+        if item.lane is None:
+            return None
+        with self._lock:
+            return self._lanes.pop_next(item.lane)
+
+    def _attempt(self, item: WorkItem) -> tuple[int, float]:
+        sub = item.sub
+        delivery = Delivery(
+            event=item.event,
+            subscription=sub.name,
+            attempt=item.attempt,
+            update_description=item.update_description,
+            cluster_time=item.event.cluster_time,
+            bus=self._bus_name,
+        )
+        error = _call(sub, item.event, delivery, self._decoder, self._middleware)
+        if error is None:
+            return _DONE, 0.0
+        if isinstance(error, (DecodeError, Reject)) or item.attempt > sub.max_retries:
+            return self._give_up(item, delivery, error)
+        if isinstance(error, Retry) and error.delay is not None:
+            delay = max(0.0, error.delay)
+        else:
+            delay = sub.retry_backoff.delay(item.attempt)
+        log.warning(
+            "subscription %r failed on event %s (attempt %d of %d): %r; retrying in %.2fs",
+            sub.name, item.event.id, item.attempt, sub.max_retries + 1, error, delay,
+        )
+        run_after(self._middleware, "after_retry_scheduled", delivery, error, delay)
+        item.attempt += 1
+        return _RETRY, delay
+
+    def _give_up(self, item: WorkItem, delivery: Delivery, error: BaseException) -> tuple[int, float]:
+        sub = item.sub
+        attempts = item.attempt
+        if self._dead_letters is not None:
+            try:
+                self._dead_letters(item.event, sub.name, error, attempts)
+            except Exception as exc:
+                delay = sub.retry_backoff.delay(attempts)
+                log.error(
+                    "could not dead-letter event %s for %r (%r); it stays undone and is retried in %.2fs",
+                    item.event.id, sub.name, exc, delay,
+                )
+                return _RETRY, delay
+            log.error("event %s dead-lettered for %r after %d attempt(s): %r", item.event.id, sub.name, attempts, error)
+            run_after(self._middleware, "after_dead_letter", delivery, error)
+            return _DONE, 0.0
+        if sub.on_exhausted == "skip":
+            log.error(
+                "event %s skipped by %r after %d attempt(s) (on_exhausted='skip', no dead-letter store): %r",
+                item.event.id, sub.name, attempts, error,
+            )
+            run_after(self._middleware, "after_skip", delivery, error)
+            return _DONE, 0.0
+        failure = HandlerFailed(
+            f"subscription {sub.name!r} gave up on event {item.event.id} after {attempts} attempt(s): {error!r}; "
+            "the bus stops and the checkpoint stays before this event, so a restart retries it "
+            "(configure dead_letters=... or on_exhausted='skip' to go on instead)",
+            subscription=sub.name,
+            event_id=item.event.id,
+        )
+        failure.__cause__ = error
+        self._on_fatal(failure)
+        return _ABANDON, 0.0
+
+
+def _call(sub: Subscription, event: ChangeEvent, delivery: Delivery, decoder: Decoder, chain: Sequence[Middleware]) -> BaseException | None:
+    """One attempt: middleware, decode, callback. Returns the exception, if any."""
+    token = _set_current(delivery)
+    error: BaseException | None = None
+    start = time.perf_counter()
+    try:
+        if chain:
+            run_before(chain, delivery)
+        try:
+            sub.call(sub.argument(event, decoder), delivery)
+        except Exception as exc:
+            error = exc
+        if chain:
+            run_after(chain, "after_delivery", delivery, error, time.perf_counter() - start)
+    finally:
+        _reset_current(token)
+    return error

@@ -1,0 +1,243 @@
+"""The change-event model: :class:`ChangeEvent` and its parts, in native BSON types."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, TypeVar, cast, overload
+
+import attrs
+from bson import json_util
+from bson.timestamp import Timestamp
+
+__all__ = ["OperationType", "FullDocument", "UpdateDescription", "ChangeEvent", "document_key_string"]
+
+T = TypeVar("T")
+
+
+class OperationType(str, enum.Enum):
+    """``operationType`` values of MongoDB change events.
+
+    Unknown values from newer servers are kept as plain strings on :attr:`ChangeEvent.operation_type`.
+    """
+
+    INSERT = "insert"
+    UPDATE = "update"
+    REPLACE = "replace"
+    DELETE = "delete"
+    DROP = "drop"
+    RENAME = "rename"
+    DROP_DATABASE = "dropDatabase"
+    INVALIDATE = "invalidate"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class FullDocument(str, enum.Enum):
+    """The change stream's ``fullDocument`` option."""
+
+    DEFAULT = "default"
+    UPDATE_LOOKUP = "updateLookup"
+    WHEN_AVAILABLE = "whenAvailable"
+    REQUIRED = "required"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_MISSING = object()
+
+
+@attrs.frozen
+class UpdateDescription:
+    """What an ``update`` changed.
+
+    :ivar updated_fields: dotted path to new value.
+    :ivar removed_fields: dotted paths removed.
+    :ivar truncated_arrays: ``{"field": path, "newSize": n}`` per truncated array.
+    :ivar disambiguated_paths: path components where a dotted path is ambiguous (``showExpandedEvents``).
+    :ivar updated_fields_dropped: ``True`` when ``max_updated_fields_size`` dropped ``updated_fields``;
+        read the full document instead.
+    """
+
+    updated_fields: Mapping[str, Any] = attrs.field(factory=dict)
+    removed_fields: tuple[str, ...] = ()
+    truncated_arrays: tuple[Mapping[str, Any], ...] = ()
+    disambiguated_paths: Mapping[str, Any] = attrs.field(factory=dict)
+    updated_fields_dropped: bool = False
+
+    @classmethod
+    def from_raw(cls, raw: Mapping[str, Any]) -> UpdateDescription:
+        return cls(
+            updated_fields=raw.get("updatedFields") or {},
+            removed_fields=tuple(raw.get("removedFields") or ()),
+            truncated_arrays=tuple(raw.get("truncatedArrays") or ()),
+            disambiguated_paths=raw.get("disambiguatedPaths") or {},
+        )
+
+    @property
+    def is_empty(self) -> bool:
+        """No field was set, removed or truncated."""
+        return not (self.updated_fields or self.removed_fields or self.truncated_arrays or self.updated_fields_dropped)
+
+    def has_field(self, path: str) -> bool:
+        """Whether ``path`` (or a path below it) was updated."""
+        prefix = path + "."
+        return any(k == path or k.startswith(prefix) for k in self.updated_fields)
+
+    def has_removed_field(self, path: str) -> bool:
+        """Whether ``path`` was removed."""
+        return path in self.removed_fields
+
+    @overload
+    def field(self, path: str) -> Any: ...
+
+    @overload
+    def field(self, path: str, type: type[T]) -> T | None: ...
+
+    def field(self, path: str, type: Any = None) -> Any:
+        """The new value at ``path``, or ``None`` when it was not updated.
+
+        With ``type``, numbers are coerced (``int`` from ``Int64`` or an integral float,
+        ``float`` from any number or ``Decimal128``); other mismatches raise ``TypeError``.
+        """
+        value = self.updated_fields.get(path, _MISSING)
+        if value is _MISSING:
+            # A nested path inside an updated sub-document: {"a": {"b": 1}} answers "a.b".
+            for key, sub in self.updated_fields.items():
+                if path.startswith(key + "."):
+                    value = _walk(sub, path[len(key) + 1 :].split("."))
+                    break
+        if value is _MISSING or value is None:
+            return None
+        return value if type is None else _coerce(value, type, path)
+
+
+def _walk(value: Any, parts: list[str]) -> Any:
+    for part in parts:
+        if isinstance(value, Mapping) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return _MISSING
+    return value
+
+
+def _coerce(value: Any, target: type[Any], path: str) -> Any:
+    if isinstance(value, target) and not (target is int and isinstance(value, bool)):
+        return value
+    from bson.decimal128 import Decimal128
+
+    if target is float and isinstance(value, (int, Decimal128)) and not isinstance(value, bool):
+        return float(value.to_decimal() if isinstance(value, Decimal128) else value)
+    if target is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if target is int and isinstance(value, Decimal128):
+        dec = value.to_decimal()
+        if dec == dec.to_integral_value():
+            return int(dec)
+    raise TypeError(f"updated field {path!r} is {type(value).__name__}, not {target.__name__}")
+
+
+def document_key_string(key: Mapping[str, Any] | None) -> str:
+    """The document key as a short string (the seed's ``formatDocumentKey``): ObjectId as hex, ids as text."""
+    if not key:
+        return ""
+    value = key.get("_id", _MISSING) if len(key) == 1 else _MISSING
+    if value is _MISSING:
+        return json_util.dumps(key, json_options=json_util.RELAXED_JSON_OPTIONS)
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    from bson import ObjectId
+    from bson.binary import Binary
+
+    if isinstance(value, ObjectId):
+        return str(value)
+    if isinstance(value, (bytes, Binary)):
+        return bytes(value).hex()
+    return json_util.dumps(value, json_options=json_util.RELAXED_JSON_OPTIONS)
+
+
+@attrs.frozen(slots=True, weakref_slot=False)
+class ChangeEvent:
+    """One change event, as the server sent it, with native BSON values.
+
+    :ivar id: the resume token's ``_data`` (a stable, unique event id).
+    :ivar resume_token: the full resume token document (``_id``).
+    :ivar operation_type: an :class:`OperationType`, or the raw string for types this library does not know.
+    :ivar cluster_time: the event's :class:`bson.timestamp.Timestamp` (full precision).
+    :ivar wall_time: server wall-clock time of the event (MongoDB 6.0+), else ``None``.
+    :ivar raw: the change document exactly as received.
+    """
+
+    id: str
+    resume_token: Mapping[str, Any]
+    operation_type: OperationType | str
+    database: str
+    collection: str | None
+    document_key: Mapping[str, Any] | None
+    full_document: Mapping[str, Any] | None
+    full_document_before_change: Mapping[str, Any] | None
+    update_description: UpdateDescription | None
+    cluster_time: Timestamp | None
+    wall_time: datetime | None
+    txn_number: int | None
+    lsid: Mapping[str, Any] | None
+    to: Mapping[str, Any] | None
+    raw: Mapping[str, Any] = attrs.field(repr=False, eq=False)
+
+    @property
+    def namespace(self) -> str:
+        """``db.collection`` (``db`` for database-wide events)."""
+        return f"{self.database}.{self.collection}" if self.collection else self.database
+
+    @property
+    def document_id(self) -> Any:
+        """``document_key["_id"]``, or ``None``."""
+        return self.document_key.get("_id") if self.document_key else None
+
+    @classmethod
+    def from_raw(cls, raw: Mapping[str, Any], default_db: str = "", default_coll: str | None = None) -> ChangeEvent:
+        """Build an event from a raw change document."""
+        token = raw["_id"]
+        data = token.get("_data") if isinstance(token, Mapping) else None
+        ns = raw.get("ns") or {}
+        op = raw.get("operationType", "")
+        desc = raw.get("updateDescription")
+        return cls(
+            id=data if isinstance(data, str) else json_util.dumps(token),
+            resume_token=token,
+            operation_type=_OPS.get(op, op),
+            database=ns.get("db") or default_db,
+            collection=ns.get("coll") or default_coll,
+            document_key=raw.get("documentKey"),
+            full_document=raw.get("fullDocument"),
+            full_document_before_change=raw.get("fullDocumentBeforeChange"),
+            update_description=UpdateDescription.from_raw(desc) if desc is not None else None,
+            cluster_time=raw.get("clusterTime"),
+            wall_time=raw.get("wallTime"),
+            txn_number=raw.get("txnNumber"),
+            lsid=raw.get("lsid"),
+            to=raw.get("to"),
+            raw=raw,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The event as a dict of its fields (without ``raw``), values still native BSON."""
+        out = {f.name: getattr(self, f.name) for f in _FIELDS if f.name != "raw"}
+        out["operation_type"] = str(self.operation_type)
+        out["namespace"] = self.namespace
+        if self.update_description is not None:
+            out["update_description"] = attrs.asdict(self.update_description, recurse=False)
+        return out
+
+    def to_json(self) -> str:
+        """The event as relaxed Extended JSON."""
+        return cast(str, json_util.dumps(self.to_dict(), json_options=json_util.RELAXED_JSON_OPTIONS))
+
+
+_OPS: dict[str, OperationType] = {o.value: o for o in OperationType}
+_FIELDS = attrs.fields(ChangeEvent)

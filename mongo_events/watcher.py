@@ -1,0 +1,221 @@
+"""The watcher: one thread that pulls a change stream and hands raw events on.
+
+It never runs user code. It classifies every error the stream raises (one
+function, :func:`classify_error`), reopens after resumable ones with
+exponential backoff and full jitter, continues after ``invalidate`` with
+``startAfter``, and reports what it cannot handle to the bus.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import backoff
+from pymongo.change_stream import ChangeStream
+from pymongo.errors import ConnectionFailure, CursorNotFound, OperationFailure, PyMongoError
+
+__all__ = ["ErrorKind", "classify_error", "Watcher", "Position"]
+
+log = logging.getLogger(__name__)
+
+
+class ErrorKind(enum.Enum):
+    """What the watcher does about a change-stream error."""
+
+    RESUMABLE = "resumable"          #: reopen with backoff
+    HISTORY_LOST = "history_lost"    #: the resume point is gone: on_history_lost policy
+    OVERSIZE = "oversize"            #: an event exceeded 16 MB
+    CONFIGURATION = "configuration"  #: fix the deployment or the options; never retried
+    FATAL = "fatal"                  #: anything else: the bus stops with the error
+
+
+_HISTORY_LOST = {286, 260, 280}
+_NOT_PRIMARY = {10107, 13435, 13436, 11600, 11602, 189, 91, 6, 7, 89, 9001, 262, 150, 133, 234}
+_CONFIGURATION = {
+    40573: "change streams need a replica set or a sharded cluster, and this server is standalone: "
+    "start mongod with --replSet and run rs.initiate()",
+    18: "authentication failed: check the user and password in the connection string",
+    13: "the user is not authorised to watch this namespace: grant the changeStream and find actions",
+    40324: "the pipeline has a stage a change stream does not allow",
+    2: "the server rejected an option or a pipeline stage",
+    9: "the server could not parse the change stream's pipeline",
+    14: "an option has the wrong type",
+    73: "the namespace cannot be watched",
+    40602: "the pipeline has a stage a change stream does not allow",
+}
+
+
+def classify_error(exc: BaseException) -> ErrorKind:
+    """Classify an exception raised while opening or iterating a change stream."""
+    if isinstance(exc, (ConnectionFailure, CursorNotFound)):
+        return ErrorKind.RESUMABLE
+    if isinstance(exc, OperationFailure):
+        code = exc.code
+        if code in _HISTORY_LOST:
+            return ErrorKind.HISTORY_LOST
+        if code == 10334:
+            return ErrorKind.OVERSIZE
+        if exc.has_error_label("ResumableChangeStreamError") or code in _NOT_PRIMARY:
+            return ErrorKind.RESUMABLE
+        if code in _CONFIGURATION:
+            return ErrorKind.CONFIGURATION
+    return ErrorKind.FATAL
+
+
+def explain(exc: BaseException) -> str:
+    """A sentence saying what a configuration error means and how to fix it."""
+    code = getattr(exc, "code", None)
+    hint = _CONFIGURATION.get(code) if isinstance(code, int) else None
+    return f"{hint} (server said: {exc})" if hint else str(exc)
+
+
+class Position:
+    """Where the next stream opens: after a token, after an invalidate, at a time, or now."""
+
+    __slots__ = ("resume_after", "start_after", "start_at_operation_time")
+
+    def __init__(self, resume_after: Mapping[str, Any] | None = None, start_after: Mapping[str, Any] | None = None, start_at_operation_time: Any = None) -> None:
+        self.resume_after = resume_after
+        self.start_after = start_after
+        self.start_at_operation_time = start_at_operation_time
+
+    def kwargs(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__ if getattr(self, k) is not None}
+
+    def __repr__(self) -> str:
+        return f"Position({self.kwargs()!r})" if self.kwargs() else "Position(now)"
+
+
+class Watcher:
+    """Pulls one change stream on its own thread.
+
+    :param open_stream: opens a stream at a :class:`Position`.
+    :param on_event: receives each raw change document; blocks while the window is full;
+        returns ``False`` when the bus is stopping.
+    :param on_resume_token: receives the stream's resume token when it is a post-batch token.
+    :param on_error: decides about an error the watcher cannot resume from: returns the
+        :class:`Position` to continue from, or ``None`` to stop.
+    :param on_connected: called once a stream has opened (``None`` until the first open).
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        open_stream: Callable[[Position], ChangeStream[Any]],
+        on_event: Callable[[Mapping[str, Any]], bool],
+        on_resume_token: Callable[[Mapping[str, Any] | None], None],
+        on_error: Callable[[ErrorKind, BaseException, Position], Position | None],
+        on_connected: Callable[[BaseException | None], None],
+        on_reconnect: Callable[[str], None] | None = None,
+        stop_event: threading.Event,
+        min_backoff: float = 0.1,
+        max_backoff: float = 30.0,
+    ) -> None:
+        self.name = name
+        self._open = open_stream
+        self._on_event = on_event
+        self._on_resume_token = on_resume_token
+        self._on_error = on_error
+        self._on_connected = on_connected
+        self._on_reconnect = on_reconnect
+        self._stop = stop_event
+        self._min_backoff = min_backoff
+        self._max_backoff = max_backoff
+        self.position = Position()
+        self.active = False
+        self._thread: threading.Thread | None = None
+
+    def start(self, position: Position) -> None:
+        self.position = position
+        self._thread = threading.Thread(target=self._run, name=f"mongo_events.watcher[{self.name}]", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float) -> bool:
+        if self._thread is None:
+            return True
+        self._thread.join(max(0.0, timeout))
+        return not self._thread.is_alive()
+
+    def _delays(self) -> Iterator[float]:
+        gen = backoff.expo(base=2, factor=self._min_backoff, max_value=self._max_backoff)
+        gen.send(None)
+        for value in gen:
+            yield self._min_backoff + backoff.full_jitter(value - self._min_backoff)
+
+    def _run(self) -> None:
+        delays = self._delays()
+        first = True
+        while not self._stop.is_set():
+            try:
+                stream = self._open(self.position)
+            except PyMongoError as exc:
+                if first and classify_error(exc) is not ErrorKind.RESUMABLE:
+                    self._on_connected(exc)
+                if not self._recover(exc, delays):
+                    return
+                continue
+            if first:
+                first = False
+                self._on_connected(None)
+            self.active = True
+            try:
+                with stream:
+                    if self._pull(stream):
+                        delays = self._delays()
+            except PyMongoError as exc:
+                self.active = False
+                if not self._recover(exc, delays):
+                    return
+            finally:
+                self.active = False
+
+    def _pull(self, stream: ChangeStream[Any]) -> bool:
+        """Iterate until stop, error or invalidate. Returns True once an event arrived."""
+        got_any = False
+        on_event = self._on_event
+        while not self._stop.is_set():
+            raw = stream.try_next()
+            token = stream.resume_token
+            if raw is None:
+                self._on_resume_token(token)
+                if not stream.alive:
+                    log.info("change stream %s closed by the server; reopening", self.name)
+                    return got_any
+                continue
+            got_any = True
+            if raw.get("operationType") == "invalidate":
+                self.position = Position(start_after=raw["_id"])
+            elif token is not None:
+                self.position = Position(resume_after=token)
+            if not on_event(raw):
+                return got_any
+            if token is not None and token is not raw["_id"] and token != raw["_id"]:
+                self._on_resume_token(token)  # the last event of a batch: the post-batch token
+            if raw.get("operationType") == "invalidate":
+                log.warning("change stream %s invalidated (%s); continuing after it with startAfter", self.name, raw.get("_id"))
+                if self._on_reconnect is not None:
+                    self._on_reconnect("invalidate")
+                return got_any
+        return got_any
+
+    def _recover(self, exc: PyMongoError, delays: Iterator[float]) -> bool:
+        """Handle an error; returns False when the watcher should exit."""
+        kind = classify_error(exc)
+        if kind is ErrorKind.RESUMABLE:
+            delay = next(delays)
+            log.warning("change stream %s failed (%r); reopening at %r in %.2fs", self.name, exc, self.position, delay)
+            if self._on_reconnect is not None:
+                self._on_reconnect("error")
+            return not self._stop.wait(delay)
+        position = self._on_error(kind, exc, self.position)
+        if position is None:
+            return False
+        self.position = position
+        if self._on_reconnect is not None:
+            self._on_reconnect(kind.value)
+        return True

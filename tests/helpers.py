@@ -1,0 +1,36 @@
+"""Test helpers: a thread-safe recorder that tests wait on."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+
+class Recorder:
+    """Collects values from callbacks; ``wait(n)`` blocks on a condition until n arrived."""
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self._cond = threading.Condition()
+
+    def add(self, item: Any) -> None:
+        with self._cond:
+            self.items.append(item)
+            self._cond.notify_all()
+
+    def wait(self, n: int, timeout: float = 10.0) -> list[Any]:
+        with self._cond:
+            ok = self._cond.wait_for(lambda: len(self.items) >= n, timeout)
+            assert ok, f"waited {timeout}s for {n} items, got {len(self.items)}: {self.items[:10]!r}"
+            return list(self.items)
+
+    def wait_until(self, predicate: Callable[[list[Any]], bool], timeout: float = 10.0) -> list[Any]:
+        with self._cond:
+            ok = self._cond.wait_for(lambda: predicate(self.items), timeout)
+            assert ok, f"condition not met within {timeout}s; have {len(self.items)} items"
+            return list(self.items)
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self.items)

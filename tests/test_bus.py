@@ -1,0 +1,569 @@
+"""The bus end to end: real pymongo against the fake replica set."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any, TypedDict
+
+import attrs
+import pymongo
+import pytest
+from bson import ObjectId
+
+import mongo_events as me
+from mongo_events.testing import FakeReplicaSet
+from mongo_events.testing.oplog import parse_token
+
+from .conftest import CLIENT_OPTIONS
+from .helpers import Recorder
+
+FAST = {"max_await_time": 0.05, "flush_interval": 0.05, "start_timeout": 5.0}
+
+
+@pytest.fixture
+def make_bus() -> Iterator[Callable[..., me.Bus]]:
+    buses: list[me.Bus] = []
+
+    def make(target: Any, **options: Any) -> me.Bus:
+        bus = me.Bus(target, **{**FAST, **options})
+        buses.append(bus)
+        return bus
+
+    yield make
+    for bus in buses:
+        try:
+            bus.stop(timeout=5)
+        except me.ShutdownTimeout:
+            pass
+
+
+@dataclasses.dataclass
+class Order:
+    _id: int
+    sku: str
+    qty: int
+
+
+@attrs.define
+class OrderEvent:
+    operation_type: str
+    document_key: dict[str, Any]
+    full_document: Order | None
+
+
+class OrderDict(TypedDict):
+    _id: int
+    sku: str
+    qty: int
+
+
+# -- 1. watch levels, options, event types, payloads ----------------------------------
+
+
+def test_collection_watch_delivers_each_event_type_with_fields(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    coll = client.shop.orders
+    coll.insert_one({"_id": 0})
+    rec = Recorder()
+    bus = make_bus(coll, full_document=me.FullDocument.UPDATE_LOOKUP, update_description=True)
+    bus.subscribe(lambda ev, d: rec.add((ev, d)))
+    bus.start()
+    assert bus.state is me.BusState.RUNNING
+    coll.insert_one({"_id": 1, "sku": "a", "qty": 1})
+    coll.update_one({"_id": 1}, {"$set": {"qty": 2}, "$unset": {"sku": ""}})
+    coll.replace_one({"_id": 1}, {"sku": "b", "qty": 3})
+    coll.delete_one({"_id": 1})
+    got = rec.wait(4)
+    ops = [ev.operation_type for ev, _ in got]
+    assert ops == [me.OperationType.INSERT, me.OperationType.UPDATE, me.OperationType.REPLACE, me.OperationType.DELETE]
+    ins, upd, rep, dele = (ev for ev, _ in got)
+    assert ins.full_document == {"_id": 1, "sku": "a", "qty": 1} and ins.namespace == "shop.orders"
+    assert upd.update_description is not None and upd.update_description.updated_fields == {"qty": 2}
+    assert upd.update_description.removed_fields == ("sku",)
+    assert upd.full_document is None or upd.full_document["_id"] == 1  # looked up (may be gone by now)
+    assert rep.full_document == {"_id": 1, "sku": "b", "qty": 3}
+    assert dele.document_key == {"_id": 1} and dele.full_document is None
+    delivery = got[1][1]
+    assert isinstance(delivery, me.Delivery)
+    assert delivery.attempt == 1 and delivery.subscription.endswith("<lambda>")
+    assert delivery.update_description == upd.update_description
+    assert delivery.cluster_time == upd.cluster_time
+    assert got[0][1].update_description is None  # inserts carry none
+
+
+def test_database_and_cluster_watch(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    db_rec, cluster_rec = Recorder(), Recorder()
+    db_bus = make_bus(client.shop)
+    db_bus.subscribe(db_rec.add)
+    cluster_bus = make_bus(client)
+    cluster_bus.subscribe(cluster_rec.add)
+    db_bus.start()
+    cluster_bus.start()
+    assert db_bus.resume_token_key.startswith("shop.*:") and cluster_bus.resume_token_key.startswith("*.*:")
+    client.shop.orders.insert_one({"_id": 1})
+    client.shop.customers.insert_one({"_id": 2})
+    client.other.things.insert_one({"_id": 3})
+    got = db_rec.wait(2)
+    assert [e.collection for e in got] == ["orders", "customers"]
+    seen = cluster_rec.wait_until(lambda items: {e.namespace for e in items} >= {"shop.orders", "shop.customers", "other.things"})
+    # the buses' own checkpoint writes are not delivered to them
+    assert not any(e.collection == "_event_resume_tokens" for e in db_rec.items + seen)
+    db_bus.stop()
+    cluster_bus.stop()
+    assert client.shop["_event_resume_tokens"].find_one({"_id": db_bus.resume_token_key}) is not None
+    assert client.admin["_event_resume_tokens"].find_one({"_id": cluster_bus.resume_token_key}) is not None
+
+
+def test_database_watch_does_not_loop_on_its_own_checkpoints(fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    rec = Recorder()
+    bus = make_bus(client.shop)
+    bus.subscribe(rec.add)
+    bus.start()
+    client.shop.orders.insert_many([{"_id": i} for i in range(3)])
+    rec.wait(3)
+    bus.join(5)
+    bus.flush()
+    writes = fake_rs.command_count("update")
+    client.shop.orders.insert_one({"_id": 99})
+    rec.wait(4)
+    bus.join(5)
+    bus.flush()
+    bus.flush()
+    assert fake_rs.command_count("update") - writes <= 2
+    assert len(rec) == 4
+
+
+def test_typed_payloads_decode_into_dataclass_attrs_typeddict_and_dict(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    coll = client.shop.orders
+    docs, events, dicts, raws = Recorder(), Recorder(), Recorder(), Recorder()
+    bus = make_bus(coll, full_document=me.FullDocument.UPDATE_LOOKUP)
+    bus.subscribe(payload=OrderEvent, name="events")(events.add)
+
+    @bus.subscribe(payload=dict, name="raw")
+    def raw(doc: dict[str, Any]) -> None:
+        raws.add(doc)
+
+    bus.start()
+    coll.insert_one({"_id": 1, "sku": "a", "qty": 2})
+    (ev,) = events.wait(1)
+    assert ev == OrderEvent("insert", {"_id": 1}, Order(1, "a", 2))
+    assert raws.wait(1)[0]["operation_type"] == "insert"
+    bus.stop()
+
+    only = make_bus(client.shop.orders, full_document=me.FullDocument.UPDATE_LOOKUP, full_document_only=True, resume=False)
+    only.subscribe(payload=Order, name="dc")(docs.add)
+    only.subscribe(payload=OrderDict, name="td")(dicts.add)
+    only.start()
+    coll.insert_one({"_id": 2, "sku": "b", "qty": 3})
+    coll.delete_one({"_id": 2})
+    got = docs.wait(2)
+    assert got[0] == Order(2, "b", 3)
+    assert got[1] == {"_id": 2}  # deletes hand over the document key
+    assert dicts.wait(2)[0] == {"_id": 2, "sku": "b", "qty": 3}
+
+
+def test_an_undecodable_document_is_reported_with_its_path_and_not_retried(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    dead = Recorder()
+    calls = Recorder()
+    bus = make_bus(
+        client.shop.orders,
+        full_document=me.FullDocument.UPDATE_LOOKUP,
+        full_document_only=True,
+        dead_letters=lambda event, sub, error, attempts: dead.add((event, sub, error, attempts)),
+    )
+    bus.subscribe(payload=Order, name="orders")(calls.add)
+    bus.start()
+    client.shop.orders.insert_one({"_id": 1, "sku": "a", "qty": "many"})
+    client.shop.orders.insert_one({"_id": 2, "sku": "b", "qty": 1})
+    (event, sub, error, attempts) = dead.wait(1)[0]
+    assert sub == "orders" and attempts == 1
+    assert isinstance(error, me.DecodeError)
+    assert any("$.qty" in e for e in error.errors)
+    assert event.document_key == {"_id": 1}
+    assert calls.wait(1) == [Order(2, "b", 1)]  # the stream moved on
+
+
+def test_undecodable_without_dead_letters_stops_the_bus(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    bus = make_bus(client.shop.orders, full_document=me.FullDocument.UPDATE_LOOKUP, full_document_only=True)
+    bus.subscribe(payload=Order, name="orders")(lambda o: None)
+    bus.start()
+    client.shop.orders.insert_one({"_id": 1, "qty": "x"})
+    with pytest.raises(me.HandlerFailed) as info:
+        bus.run_forever()
+    assert isinstance(info.value.__cause__, me.DecodeError)
+    assert bus.state is me.BusState.FAILED
+    assert bus.token_store is not None
+    stored = bus.token_store.load(bus.resume_token_key)
+    assert stored is None or stored.token != info.value.event_id  # the checkpoint stays before the event
+
+
+def test_operations_filter_and_empty_updates(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    coll = client.shop.orders
+    inserts, everything = Recorder(), Recorder()
+    # The $addFields stage empties the update description, as an internal no-op update would.
+    bus = make_bus(coll, pipeline=[{"$addFields": {"updateDescription.updatedFields": {"$literal": {}}}}])
+    bus.subscribe(operations={"insert"}, name="inserts")(inserts.add)
+    bus.subscribe(name="all")(everything.add)
+    bus.start()
+    coll.insert_one({"_id": 1})
+    coll.update_one({"_id": 1}, {"$set": {"a": 1}})
+    coll.delete_one({"_id": 1})
+    got = everything.wait(2)
+    assert [e.operation_type for e in got] == ["insert", "delete"]  # the empty update was skipped
+    assert [e.operation_type for e in inserts.wait(1)] == ["insert"]
+    bus.stop()
+
+    keep = Recorder()
+    bus2 = make_bus(coll, include_empty_updates=True, resume=False, pipeline=[{"$addFields": {"updateDescription.updatedFields": {"$literal": {}}}}])
+    bus2.subscribe(keep.add)
+    bus2.start()
+    coll.insert_one({"_id": 2})
+    coll.update_one({"_id": 2}, {"$set": {"a": 1}})
+    assert [e.operation_type for e in keep.wait(2)] == ["insert", "update"]
+
+
+def test_max_updated_fields_size_drops_big_updated_fields_and_keeps_removed(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    coll = client.shop.orders
+    coll.insert_one({"_id": 1, "x": 1})
+    rec = Recorder()
+    bus = make_bus(coll, full_document=me.FullDocument.UPDATE_LOOKUP, max_updated_fields_size=64)
+    bus.subscribe(lambda ev, d: rec.add(d.update_description))
+    bus.start()
+    coll.update_one({"_id": 1}, {"$set": {"small": 1}})
+    coll.update_one({"_id": 1}, {"$set": {"big": "x" * 200}, "$unset": {"x": ""}})
+    small, big = rec.wait(2)
+    assert small.updated_fields == {"small": 1} and not small.updated_fields_dropped
+    assert big.updated_fields == {} and big.updated_fields_dropped
+    assert big.removed_fields == ("x",)
+
+
+def test_current_delivery_is_set_inside_callbacks(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    rec = Recorder()
+    bus = make_bus(client.shop.orders)
+
+    @bus.subscribe(name="probe")
+    def probe(event: me.ChangeEvent) -> None:
+        d = me.current_delivery()
+        rec.add((d.subscription if d else None, d.event.id if d else None, event.id))
+
+    bus.start()
+    client.shop.orders.insert_one({"_id": 1})
+    name, delivered_id, event_id = rec.wait(1)[0]
+    assert name == "probe" and delivered_id == event_id
+    assert me.current_delivery() is None
+
+
+# -- 2. ordering ----------------------------------------------------------------------
+
+
+def test_slow_document_keeps_its_order_while_others_proceed(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    coll = client.shop.orders
+    release = threading.Event()
+    rec = Recorder()
+    bus = make_bus(coll, max_workers=8)
+
+    @bus.subscribe
+    def handle(ev: me.ChangeEvent) -> None:
+        key = ev.document_key["_id"]  # type: ignore[index]
+        n = ev.full_document["n"] if ev.full_document else None
+        if key == "slow" and n == 0:
+            assert release.wait(10)
+        rec.add((key, n))
+
+    bus.start()
+    coll.insert_one({"_id": "slow", "n": 0})
+    for i in range(1, 4):
+        coll.replace_one({"_id": "slow"}, {"n": i})
+    coll.insert_many([{"_id": f"fast{i}", "n": i} for i in range(20)])
+    got = rec.wait(20)
+    assert all(k.startswith("fast") for k, _ in got)  # others ran while "slow" blocked
+    release.set()
+    got = rec.wait(24)
+    assert [n for k, n in got if k == "slow"] == [0, 1, 2, 3]
+
+
+def test_ordering_none_runs_one_document_in_parallel(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    coll = client.shop.orders
+    barrier = threading.Barrier(3, timeout=10)
+    rec = Recorder()
+    bus = make_bus(coll, max_workers=4, ordering="none")
+
+    @bus.subscribe
+    def handle(ev: me.ChangeEvent) -> None:
+        barrier.wait()  # three events of one document must be in the callback at once
+        rec.add(ev.id)
+
+    bus.start()
+    coll.insert_one({"_id": 1, "n": 0})
+    coll.update_one({"_id": 1}, {"$set": {"n": 1}})
+    coll.update_one({"_id": 1}, {"$set": {"n": 2}})
+    assert len(rec.wait(3)) == 3
+
+
+# -- 3., 4., 5. checkpoints and the window ------------------------------------------------
+
+
+def test_checkpoint_never_passes_an_unfinished_event(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    coll = client.shop.orders
+    release = threading.Event()
+    rec = Recorder()
+    store = me.MemoryResumeTokenStore()
+    bus = make_bus(coll, resume_token_store=store, max_workers=8, max_in_flight=500)
+
+    @bus.subscribe
+    def handle(ev: me.ChangeEvent) -> None:
+        if ev.document_key == {"_id": 1}:
+            assert release.wait(10)
+        rec.add(ev)
+
+    bus.start()
+    bus.flush()
+    before = store.load(bus.resume_token_key)
+    coll.insert_many([{"_id": i} for i in range(1, 101)])
+    got = rec.wait(99)
+    assert {e.document_key["_id"] for e in got} == set(range(2, 101))
+    bus.flush()
+    after = store.load(bus.resume_token_key)
+    assert after == before or (after is not None and before is not None and after.token == before.token)
+    first = None
+    release.set()
+    got = rec.wait(100)
+    first = next(e for e in got if e.document_key == {"_id": 1})
+    assert bus.join(5)
+    bus.flush()
+    final = store.load(bus.resume_token_key)
+    last = next(e for e in got if e.document_key == {"_id": 100})
+    assert final is not None
+    assert parse_token(final.token)[0] >= last.cluster_time > first.cluster_time
+    assert final.cluster_time == last.cluster_time
+
+
+def test_filtered_stream_still_advances_its_stored_token(fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    coll = client.shop.orders
+    store = me.MemoryResumeTokenStore()
+    bus = make_bus(coll, resume_token_store=store, pipeline=[{"$match": {"operationType": "delete"}}])
+    bus.subscribe(lambda ev: pytest.fail("nothing should match"))
+    bus.start()
+    coll.insert_many([{"_id": i} for i in range(5)])
+    last_write = client.shop.command("ping")["operationTime"]
+
+    def caught_up() -> bool:
+        bus.flush()
+        cp = store.load(bus.resume_token_key)
+        return cp is not None and parse_token(cp.token)[0] >= last_write
+
+    from .conftest import wait_for
+
+    bus.stop()  # the final flush writes the idle token even within the idle interval
+    assert caught_up() or wait_for(caught_up, 5)
+
+
+def test_max_in_flight_bounds_the_window_behind_a_blocked_event(fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    coll = client.shop.orders
+    release = threading.Event()
+    rec = Recorder()
+    bus = make_bus(coll, max_in_flight=50, max_workers=4, batch_size=500)
+    peak = [0]
+
+    @bus.subscribe
+    def handle(ev: me.ChangeEvent) -> None:
+        if ev.document_key == {"_id": 0}:
+            assert release.wait(20)
+        peak[0] = max(peak[0], bus.in_flight)
+        rec.add(1)
+
+    bus.start()
+    total = 100_000
+    for start in range(0, total, 10_000):
+        coll.insert_many([{"_id": i} for i in range(start, start + 10_000)])
+    rec.wait(49)  # everything the window admits behind the blocked event finishes
+    assert bus.in_flight == 50
+    assert len(rec) == 49  # and no more are admitted while event 0 holds the window shut
+    release.set()
+    rec.wait(total, timeout=120)
+    assert peak[0] <= 50
+    assert bus.join(10)
+
+
+# -- 6. restart redelivers exactly what was unfinished ---------------------------------------
+
+
+def test_stop_with_events_in_flight_then_restart_redelivers_only_unfinished(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    coll = client.shop.orders
+    store = me.MemoryResumeTokenStore()
+    gate = threading.Event()
+    first = Recorder()
+    bus = make_bus(coll, resume_token_store=store, max_workers=2)
+
+    @bus.subscribe(name="h")
+    def handle(ev: me.ChangeEvent) -> None:
+        if ev.document_key["_id"] >= 5:  # type: ignore[index]
+            gate.wait(0.5)  # still running when stop() gives up on it
+        first.add(ev.document_key["_id"])  # type: ignore[index]
+
+    bus.start()
+    coll.insert_many([{"_id": i} for i in range(10)])
+    first.wait(5)
+    with pytest.raises(me.ShutdownTimeout):
+        bus.stop(timeout=0.1)
+    gate.set()
+    done_before = set(first.items)
+
+    second = Recorder()
+    bus2 = make_bus(coll, resume_token_store=store)
+    bus2.subscribe(lambda ev: second.add(ev.document_key["_id"]), name="h")
+    bus2.start()
+    coll.insert_one({"_id": 100})
+    got = second.wait_until(lambda items: 100 in items)
+    redelivered = set(got) - {100}
+    assert set(range(10)) - done_before <= redelivered  # every unfinished event came again
+    assert not redelivered & set(range(5))  # nothing at or before the checkpoint did
+
+
+# -- 7. resume options -------------------------------------------------------------------------
+
+
+def test_start_from_past_replays_history_only_without_a_token(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    coll = client.shop.orders
+    coll.insert_one({"_id": "old"})
+    store = me.MemoryResumeTokenStore()
+    rec = Recorder()
+    bus = make_bus(coll, resume_token_store=store, start_from_past=timedelta(minutes=5))
+    bus.subscribe(lambda ev: rec.add(ev.document_key["_id"]))
+    bus.start()
+    assert rec.wait(1) == ["old"]
+    bus.stop()
+    again = Recorder()
+    bus2 = make_bus(coll, resume_token_store=store, start_from_past=timedelta(minutes=5))
+    bus2.subscribe(lambda ev: again.add(ev.document_key["_id"]))
+    bus2.start()
+    coll.insert_one({"_id": "new"})
+    assert again.wait(1) == ["new"]
+
+
+def test_resume_false_starts_from_now_and_reset_clears_the_token(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    coll = client.shop.orders
+    rec = Recorder()
+    bus = make_bus(coll, resume=False)
+    bus.subscribe(lambda ev: rec.add(ev.document_key["_id"]))
+    assert bus.token_store is None
+    bus.start()
+    bus.stop()
+    coll.insert_one({"_id": "missed"})
+    bus.start()
+    coll.insert_one({"_id": "seen"})
+    assert rec.wait(1) == ["seen"]
+    bus.stop()
+
+    resumable = make_bus(coll, resume_token_id="worker-1")
+    resumable.subscribe(lambda ev: None)
+    assert resumable.resume_token_key == "shop.orders:worker-1"
+    resumable.start()
+    with pytest.raises(me.BusStateError):
+        resumable.reset_resume_token()
+    resumable.stop()
+    assert client.shop["_event_resume_tokens"].find_one({"_id": "shop.orders:worker-1"}) is not None
+    resumable.reset_resume_token()
+    assert client.shop["_event_resume_tokens"].find_one({"_id": "shop.orders:worker-1"}) is None
+
+
+def test_resume_token_collection_option(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    internal = client.internal["_resume_tokens"]
+    bus = make_bus(client.shop.orders, resume_token_collection=internal, resume_token_id="w")
+    bus.subscribe(lambda ev: None)
+    bus.start()
+    bus.stop()
+    assert internal.find_one({"_id": "shop.orders:w"}) is not None
+    named = make_bus(client.shop.orders, resume_token_collection="tokens", resume_token_id="w")
+    named.subscribe(lambda ev: None)
+    named.start()
+    named.stop()
+    assert client.shop.tokens.find_one({"_id": "shop.orders:w"}) is not None
+
+
+# -- 8. batched token writes -------------------------------------------------------------------
+
+
+def test_token_writes_are_batched(fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    coll = client.shop.orders
+    rec = Recorder()
+    bus = make_bus(coll, flush_interval=0.5, batch_size=1000)
+    bus.subscribe(lambda ev: rec.add(1))
+    bus.start()
+    fake_rs.reset_counters()
+    coll.insert_many([{"_id": i} for i in range(10_000)])
+    rec.wait(10_000, timeout=120)
+    assert bus.join(10)
+    bus.stop()
+    assert 1 <= bus.token_writes <= 30
+    assert fake_rs.command_count("update") == bus.token_writes
+
+
+# -- configuration and lifecycle errors ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"full_document_only": True}, "full_document_only needs"),
+        ({"max_updated_fields_size": 10}, "max_updated_fields_size drops"),
+        ({"max_updated_fields_size": 10, "full_document_only": True}, "max_updated_fields_size drops"),
+        ({"ordering": "random"}, "ordering must be"),
+        ({"max_in_flight": 0}, "at least 1"),
+        ({"resume": False, "resume_token_store": me.MemoryResumeTokenStore()}, "resume=False"),
+        ({"start_from_past": timedelta(0)}, "positive"),
+        ({"pipeline": [{"$match": {}, "$project": {}}]}, "one-key mapping"),
+        ({"on_history_lost": "ignore"}, "on_history_lost"),
+    ],
+)
+def test_invalid_options_raise_configuration_error(client: pymongo.MongoClient[Any], options: dict[str, Any], message: str) -> None:
+    with pytest.raises(me.ConfigurationError, match=message):
+        me.Bus(client.shop.orders, **options)
+
+
+def test_bus_needs_a_watchable_target() -> None:
+    with pytest.raises(me.ConfigurationError, match="Collection, Database or MongoClient"):
+        me.Bus("shop.orders")  # type: ignore[arg-type]
+
+
+def test_lifecycle_errors(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    bus = make_bus(client.shop.orders)
+    with pytest.raises(me.ConfigurationError, match="no subscriptions"):
+        bus.start()
+    bus.subscribe(lambda ev: None, name="a")
+    with pytest.raises(me.ConfigurationError, match="already exists"):
+        bus.subscribe(lambda ev: None, name="a")
+    with pytest.raises(me.ConfigurationError, match="too many parameters"):
+        bus.subscribe(lambda a, b, c: None, name="b")
+    bus.start()
+    with pytest.raises(me.BusStateError):
+        bus.start()
+    with pytest.raises(me.BusStateError):
+        bus.subscribe(lambda ev: None, name="late")
+    bus.stop()
+    assert bus.state is me.BusState.STOPPED
+    bus.stop()  # stopping twice is fine
+
+
+def test_start_fails_fast_on_a_standalone_server() -> None:
+    with FakeReplicaSet(standalone=True) as rs:
+        client: pymongo.MongoClient[Any] = pymongo.MongoClient(rs.uri, **CLIENT_OPTIONS)
+        bus = me.Bus(client.shop.orders, resume=False, **FAST)
+        bus.subscribe(lambda ev: None)
+        with pytest.raises(me.ConfigurationError, match="replica set"):
+            bus.start()
+        assert bus.state is me.BusState.FAILED
+        client.close()
+
+
+def test_context_manager_and_object_ids(client: pymongo.MongoClient[Any]) -> None:
+    rec = Recorder()
+    bus = me.Bus(client.shop.orders, **FAST)
+    bus.subscribe(rec.add)
+    oid = ObjectId()
+    with bus:
+        client.shop.orders.insert_one({"_id": oid})
+        (ev,) = rec.wait(1)
+    assert ev.document_id == oid and bus.state is me.BusState.STOPPED

@@ -30,7 +30,15 @@ from pymongo.database import Database
 
 from .decoding import CattrsDecoder, Decoder
 from .dispatch import DeadLetterHook, Dispatcher, WorkItem
-from .errors import BusStateError, ConfigurationError, MongoEventsError, ResumeTokenLost, ShutdownTimeout, StoreError, StreamError
+from .errors import (
+    BusStateError,
+    ConfigurationError,
+    MongoEventsError,
+    ResumeTokenLost,
+    ShutdownTimeout,
+    StoreError,
+    StreamError,
+)
 from .events import ChangeEvent, FullDocument, OperationType
 from .flusher import Flusher
 from .middleware.base import Middleware
@@ -41,7 +49,7 @@ from .subscription import OnExhausted, Subscription
 from .tracking import Slot, Tracker
 from .watcher import ErrorKind, Position, Watcher, classify_error, explain
 
-__all__ = ["Bus", "BusState", "Ordering", "HistoryLostPolicy"]
+__all__ = ["Bus", "BusState", "HistoryLostPolicy", "Ordering"]
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +309,8 @@ class Bus:
     @overload
     def subscribe(
         self,
+        callback: None = None,
+        /,
         *,
         payload: Any = None,
         operations: Collection[str | OperationType] | None = None,
@@ -312,7 +322,7 @@ class Bus:
 
     def subscribe(
         self,
-        callback: F | None = None,
+        callback: Callable[..., Any] | None = None,
         /,
         *,
         payload: Any = None,
@@ -321,7 +331,7 @@ class Bus:
         max_retries: int = 5,
         retry_backoff: RetryBackoff | None = None,
         on_exhausted: OnExhausted = "stop",
-    ) -> F | Callable[[F], F]:
+    ) -> Any:
         """Register a callback; use as ``bus.subscribe(fn)`` or ``@bus.subscribe(...)``.
 
         The callback takes ``(event)`` or ``(event, delivery)``. ``event`` is the
@@ -452,7 +462,7 @@ class Bus:
         """
         if self._state in (BusState.NEW, BusState.STOPPED):
             self.start()
-        previous: dict[int, Any] = {}
+        previous: dict[signal.Signals, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 previous[sig] = signal.signal(sig, self._on_signal)
@@ -674,10 +684,14 @@ class Bus:
     def _on_event(self, raw: Mapping[str, Any]) -> bool:
         event = ChangeEvent.from_raw(raw, self._db.name if self.level != "cluster" else "", self._default_coll)
         desc = event.update_description
-        if desc is not None and self.max_updated_fields_size and desc.updated_fields:
-            if len(bson.encode(dict(desc.updated_fields))) > self.max_updated_fields_size:
-                desc = attrs.evolve(desc, updated_fields={}, updated_fields_dropped=True)
-                event = attrs.evolve(event, update_description=desc)
+        if (
+            desc is not None
+            and self.max_updated_fields_size
+            and desc.updated_fields
+            and len(bson.encode(dict(desc.updated_fields))) > self.max_updated_fields_size
+        ):
+            desc = attrs.evolve(desc, updated_fields={}, updated_fields_dropped=True)
+            event = attrs.evolve(event, update_description=desc)
         op = event.operation_type
         if op is OperationType.UPDATE and not self.include_empty_updates and (desc is None or desc.is_empty):
             subs: list[Subscription] = []

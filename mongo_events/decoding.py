@@ -9,7 +9,7 @@ from cattrs.preconf.bson import make_converter as _make_bson_converter
 
 from .errors import DecodeError
 
-__all__ = ["Decoder", "make_converter", "CattrsDecoder"]
+__all__ = ["CattrsDecoder", "Decoder", "make_converter"]
 
 T = TypeVar("T")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextvars
 
-
 import attrs
 from bson.timestamp import Timestamp
 

@@ -27,7 +27,7 @@ from .middleware.base import Middleware, run_after, run_before
 from .subscription import Subscription
 from .tracking import Lanes, Slot
 
-__all__ = ["Dispatcher", "WorkItem", "DeadLetterHook"]
+__all__ = ["DeadLetterHook", "Dispatcher", "WorkItem"]
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class DeadLetterHook(Protocol):
 class WorkItem:
     """One event for one subscription."""
 
-    __slots__ = ("sub", "event", "slot", "lane", "attempt", "update_description")
+    __slots__ = ("attempt", "event", "lane", "slot", "sub", "update_description")
 
     def __init__(self, sub: Subscription, event: ChangeEvent, slot: Slot, lane: Hashable | None, update_description: Any) -> None:
         self.sub = sub

@@ -5,17 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
-    "MongoEventsError",
-    "ConfigurationError",
     "BusStateError",
-    "StreamError",
-    "ResumeTokenLost",
+    "ConfigurationError",
     "DecodeError",
-    "StoreError",
     "HandlerFailed",
-    "ShutdownTimeout",
-    "Retry",
+    "MongoEventsError",
     "Reject",
+    "ResumeTokenLost",
+    "Retry",
+    "ShutdownTimeout",
+    "StoreError",
+    "StreamError",
 ]
 
 

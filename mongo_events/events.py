@@ -5,13 +5,13 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, TypeVar, cast, overload
+from typing import Any, TypeVar, overload
 
 import attrs
 from bson import json_util
 from bson.timestamp import Timestamp
 
-__all__ = ["OperationType", "FullDocument", "UpdateDescription", "ChangeEvent", "document_key_string"]
+__all__ = ["ChangeEvent", "FullDocument", "OperationType", "UpdateDescription", "document_key_string"]
 
 T = TypeVar("T")
 
@@ -236,7 +236,7 @@ class ChangeEvent:
 
     def to_json(self) -> str:
         """The event as relaxed Extended JSON."""
-        return cast(str, json_util.dumps(self.to_dict(), json_options=json_util.RELAXED_JSON_OPTIONS))
+        return json_util.dumps(self.to_dict(), json_options=json_util.RELAXED_JSON_OPTIONS)
 
 
 _OPS: dict[str, OperationType] = {o.value: o for o in OperationType}

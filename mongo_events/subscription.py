@@ -12,7 +12,7 @@ from .errors import ConfigurationError
 from .events import ChangeEvent, OperationType
 from .retrying import RetryBackoff
 
-__all__ = ["Subscription", "OnExhausted", "DATA_OPERATIONS"]
+__all__ = ["DATA_OPERATIONS", "OnExhausted", "Subscription"]
 
 OnExhausted = Literal["stop", "skip"]
 
@@ -28,8 +28,16 @@ class Subscription:
     """
 
     __slots__ = (
-        "callback", "name", "payload", "operations", "max_retries", "retry_backoff",
-        "on_exhausted", "full_document_only", "wants_delivery", "index",
+        "callback",
+        "full_document_only",
+        "index",
+        "max_retries",
+        "name",
+        "on_exhausted",
+        "operations",
+        "payload",
+        "retry_backoff",
+        "wants_delivery",
     )
 
     def __init__(

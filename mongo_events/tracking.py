@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Hashable
 from typing import Any, Generic, TypeVar
 
-__all__ = ["Slot", "Tracker", "Lanes"]
+__all__ = ["Lanes", "Slot", "Tracker"]
 
 T = TypeVar("T")
 
@@ -23,7 +23,7 @@ class Slot:
     once this slot is checkpointed, that token is the safer, newer position.
     """
 
-    __slots__ = ("seq", "token", "cluster_time", "remaining", "after_token", "event_id")
+    __slots__ = ("after_token", "cluster_time", "event_id", "remaining", "seq", "token")
 
     def __init__(self, seq: int, token: Any, cluster_time: Any, remaining: int, event_id: str) -> None:
         self.seq = seq

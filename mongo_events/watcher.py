@@ -18,7 +18,7 @@ import backoff
 from pymongo.change_stream import ChangeStream
 from pymongo.errors import ConnectionFailure, CursorNotFound, OperationFailure, PyMongoError
 
-__all__ = ["ErrorKind", "classify_error", "Watcher", "Position"]
+__all__ = ["ErrorKind", "Position", "Watcher", "classify_error"]
 
 log = logging.getLogger(__name__)
 

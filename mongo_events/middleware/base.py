@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from ..delivery import Delivery
 
-__all__ = ["Middleware", "run_before", "run_after"]
+__all__ = ["Middleware", "run_after", "run_before"]
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from .mongodb import MongoResumeTokenStore
 
 __all__ = [
     "Checkpoint",
-    "ResumeTokenStore",
+    "FileResumeTokenStore",
     "MemoryResumeTokenStore",
     "MongoResumeTokenStore",
-    "FileResumeTokenStore",
+    "ResumeTokenStore",
 ]

@@ -13,7 +13,7 @@ from pymongo.errors import PyMongoError
 from ..errors import StoreError
 from .base import Checkpoint, ResumeTokenStore
 
-__all__ = ["MongoResumeTokenStore", "DEFAULT_COLLECTION"]
+__all__ = ["DEFAULT_COLLECTION", "MongoResumeTokenStore"]
 
 DEFAULT_COLLECTION = "_event_resume_tokens"
 

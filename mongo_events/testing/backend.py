@@ -10,19 +10,22 @@ from __future__ import annotations
 import datetime
 import itertools
 import os
-import threading
+import struct
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import bson
-import mongomock
+import mongomock as _mongomock
 from bson.int64 import Int64
-from bson.timestamp import Timestamp
 
 from .changestream import ChangeCursor, open_change_stream
 from .errors import CommandError
 from .oplog import Entry, Oplog, update_description
+
+# mongomock's partial stubs do not describe what the fake uses; treat it as untyped.
+mongomock: Any = _mongomock
 
 __all__ = ["Backend"]
 
@@ -42,7 +45,7 @@ def _install_id_fast_path() -> None:
         return
     scan = collection_cls._iter_documents
 
-    def _iter_documents(self: Any, filter: Any) -> Any:  # noqa: A002 - mongomock's name
+    def _iter_documents(self: Any, filter: Any) -> Any:
         if isinstance(filter, dict) and len(filter) == 1 and "_id" in filter:
             value = filter["_id"]
             if isinstance(value, _ID_TYPES) and not isinstance(value, bool):
@@ -105,7 +108,7 @@ class Backend:
     def _replay(self, path: str) -> None:
         with open(path, "rb") as fh:
             data = fh.read()
-        for record in bson.decode_file_iter(_Truncated(data)):
+        for record in bson.decode_all(_complete_records(data)):
             kind = record.pop("k")
             if kind == "op":
                 entry = Entry.from_doc(record)
@@ -126,7 +129,7 @@ class Backend:
         elif entry.op == "delete":
             self.client[entry.db][entry.coll or ""].delete_one(entry.document_key or {})
         elif entry.op == "drop":
-            self.client[entry.db].drop_collection(entry.coll)
+            self.client[entry.db].drop_collection(entry.coll or "")
         elif entry.op == "rename" and entry.to is not None:
             self.client[entry.db][entry.coll or ""].rename(entry.to["coll"], dropTarget=True)
         elif entry.op == "dropDatabase":
@@ -200,7 +203,8 @@ class Backend:
         return next(self._cursor_ids)
 
     def lookup(self, db: str, coll: str, key: dict[str, Any]) -> dict[str, Any] | None:
-        return self.client[db][coll].find_one(key)
+        doc: dict[str, Any] | None = self.client[db][coll].find_one(key)
+        return doc
 
     def _create_index(self, db: str, coll: str, spec: dict[str, Any]) -> None:
         keys = list(spec["key"].items())
@@ -208,26 +212,16 @@ class Backend:
         self.client[db][coll].create_index(keys, **options)
 
 
-class _Truncated:
-    """A file-like view that tolerates a torn final record (killed mid-write)."""
-
-    def __init__(self, data: bytes) -> None:
-        import struct
-
-        end, pos = 0, 0
-        while pos + 4 <= len(data):
-            (size,) = struct.unpack_from("<i", data, pos)
-            if size < 5 or pos + size > len(data):
-                break
-            pos += size
-            end = pos
-        self._data = memoryview(data)[:end]
-        self._pos = 0
-
-    def read(self, n: int) -> bytes:
-        chunk = bytes(self._data[self._pos : self._pos + n])
-        self._pos += len(chunk)
-        return chunk
+def _complete_records(data: bytes) -> bytes:
+    """The journal up to its last complete record (a process killed mid-write leaves a torn tail)."""
+    end = pos = 0
+    while pos + 4 <= len(data):
+        (size,) = struct.unpack_from("<i", data, pos)
+        if size < 5 or pos + size > len(data):
+            break
+        pos += size
+        end = pos
+    return data[:end]
 
 
 def _now() -> datetime.datetime:
@@ -242,7 +236,7 @@ def _txn(body: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _coll(backend: Backend, body: dict[str, Any], name: str) -> mongomock.Collection:
+def _coll(backend: Backend, body: dict[str, Any], name: str) -> Any:
     return backend.client[body["$db"]][body[name]]
 
 
@@ -327,8 +321,8 @@ def _insert(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
     coll = _coll(backend, body, "insert")
     n, errors = 0, []
     with backend.lock:
-        for i, doc in enumerate(body.get("documents", [])):
-            doc = dict(doc)
+        for i, given in enumerate(body.get("documents", [])):
+            doc = dict(given)
             doc.setdefault("_id", bson.ObjectId())
             try:
                 coll.insert_one(doc)
@@ -350,7 +344,7 @@ def _is_replacement(update: Any) -> bool:
     return isinstance(update, dict) and not any(k.startswith("$") for k in update)
 
 
-def _apply_update(backend: Backend, coll: mongomock.Collection, body: dict[str, Any], query: dict[str, Any], update: Any, *, multi: bool, upsert: bool, sort: Any = None, array_filters: Any = None) -> tuple[int, int, Any, list[tuple[dict[str, Any] | None, dict[str, Any] | None]]]:
+def _apply_update(backend: Backend, coll: Any, body: dict[str, Any], query: dict[str, Any], update: Any, *, multi: bool, upsert: bool, sort: Any = None, array_filters: Any = None) -> tuple[int, int, Any, list[tuple[dict[str, Any] | None, dict[str, Any] | None]]]:
     """Apply one update statement; return (matched, modified, upserted id, [(before, after)])."""
     cursor = coll.find(query)
     if sort:
@@ -414,7 +408,7 @@ def _update(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
                 if body.get("ordered", True):
                     break
                 continue
-            except (mongomock.WriteError, mongomock.OperationFailure, ValueError, TypeError, KeyError) as exc:
+            except (mongomock.OperationFailure, ValueError, TypeError, KeyError) as exc:
                 errors.append({"index": i, "code": getattr(exc, "code", None) or 2, "errmsg": str(exc)})
                 if body.get("ordered", True):
                     break
@@ -634,7 +628,7 @@ def _drop_indexes(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
         if index == "*":
             coll.drop_indexes()
         else:
-            coll.drop_index(index if isinstance(index, str) else list(index.items()))
+            coll.drop_index(index if isinstance(index, str) else list((index or {}).items()))
     return {"nIndexesWas": 1}
 
 

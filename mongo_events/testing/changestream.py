@@ -6,8 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import mongomock
-from mongomock import aggregate as mm_aggregate
+import mongomock as _mongomock
 from bson.timestamp import Timestamp
 
 from .errors import CommandError
@@ -15,6 +14,9 @@ from .oplog import KIND_EVENT, KIND_HWM, KIND_INVALIDATE, Entry, InvalidToken, m
 
 if TYPE_CHECKING:
     from .backend import Backend
+
+# mongomock's partial stubs do not describe what the fake uses; treat it as untyped.
+mongomock: Any = _mongomock
 
 __all__ = ["ChangeCursor", "open_change_stream"]
 
@@ -152,7 +154,7 @@ class ChangeCursor:
 
 def _apply_stages(events: list[dict[str, Any]], stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     try:
-        return list(mm_aggregate.process_pipeline(events, None, stages, None))
+        return list(mongomock.aggregate.process_pipeline(events, None, stages, None))
     except (NotImplementedError, mongomock.OperationFailure, TypeError, KeyError, ValueError) as exc:
         raise CommandError(40324, "Location40324", f"invalid change stream pipeline: {exc}") from exc
 

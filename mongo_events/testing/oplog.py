@@ -18,14 +18,14 @@ from typing import Any
 from bson.timestamp import Timestamp
 
 __all__ = [
-    "Entry",
-    "Oplog",
-    "KIND_HWM",
     "KIND_EVENT",
+    "KIND_HWM",
     "KIND_INVALIDATE",
+    "Entry",
+    "InvalidToken",
+    "Oplog",
     "make_token",
     "parse_token",
-    "InvalidToken",
     "update_description",
 ]
 

@@ -15,7 +15,7 @@ from typing import Any
 import bson
 from bson.codec_options import CodecOptions
 
-__all__ = ["Request", "read_request", "encode_reply"]
+__all__ = ["Request", "encode_reply", "read_request"]
 
 OP_REPLY = 1
 OP_QUERY = 2004
@@ -34,7 +34,7 @@ CODEC = CodecOptions(document_class=dict, tz_aware=False)
 class Request:
     """One decoded client message."""
 
-    __slots__ = ("request_id", "opcode", "body", "more_to_come")
+    __slots__ = ("body", "more_to_come", "opcode", "request_id")
 
     def __init__(self, request_id: int, opcode: int, body: dict[str, Any], more_to_come: bool) -> None:
         self.request_id = request_id

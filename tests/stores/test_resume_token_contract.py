@@ -10,7 +10,13 @@ import pymongo
 import pytest
 from bson.timestamp import Timestamp
 
-from mongo_events import FileResumeTokenStore, MemoryResumeTokenStore, MongoResumeTokenStore, ResumeTokenStore, StoreError
+from mongo_events import (
+    FileResumeTokenStore,
+    MemoryResumeTokenStore,
+    MongoResumeTokenStore,
+    ResumeTokenStore,
+    StoreError,
+)
 from mongo_events.testing import FakeReplicaSet
 
 from ..conftest import CLIENT_OPTIONS

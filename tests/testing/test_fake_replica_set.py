@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from typing import Any
@@ -25,8 +24,6 @@ from pymongo.errors import OperationFailure
 from mongo_events.testing import FakeReplicaSet
 
 from ..conftest import CLIENT_OPTIONS
-
-
 
 
 class Listener(monitoring.CommandListener):
@@ -45,7 +42,7 @@ class Listener(monitoring.CommandListener):
         pass
 
     def of(self, name: str) -> list[dict[str, Any]]:
-        return [c for n, c in zip(self.names, self.commands) if n == name]
+        return [c for n, c in zip(self.names, self.commands, strict=True) if n == name]
 
 
 def _client(uri: str, **kw: Any) -> pymongo.MongoClient[Any]:
@@ -171,7 +168,7 @@ def test_invalidate_then_start_after_continues(server_uri: str, db_name: str) ->
     coll.insert_one({"_id": 1})
     with coll.watch(max_await_time_ms=100) as stream:
         coll.drop()
-        drop, inv = _drain(stream, 2)
+        _drop, inv = _drain(stream, 2)
         assert inv["operationType"] == "invalidate"
         assert not stream.alive
     coll.insert_one({"_id": 2})

@@ -1,0 +1,1 @@
+"""Runnable examples: ``EXAMPLE=basic python -m examples`` or ``python examples/basic.py``."""

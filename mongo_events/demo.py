@@ -1,0 +1,73 @@
+"""The demo behind ``mongo-events demo``: a bus consuming changes as they are written.
+
+Uses ``MONGODB_URI`` when set (a replica set), else starts the built-in fake
+replica set (a test double; install the ``testing`` extra).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any, TextIO
+
+import pymongo
+
+from .bus import Bus
+from .delivery import Delivery
+from .events import ChangeEvent, FullDocument
+
+__all__ = ["run_demo", "demo_client"]
+
+
+@contextlib.contextmanager
+def demo_client(uri: str | None = None, out: TextIO = sys.stderr) -> Iterator[pymongo.MongoClient[Any]]:
+    """A client for ``uri`` (or ``MONGODB_URI``), or for a fake replica set started for the occasion."""
+    uri = uri or os.environ.get("MONGODB_URI")
+    if uri:
+        client: pymongo.MongoClient[Any] = pymongo.MongoClient(uri)
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    try:
+        from .testing import FakeReplicaSet
+    except ImportError as exc:  # pragma: no cover - mongomock missing
+        raise SystemExit("the demo needs MONGODB_URI or the fake replica set: pip install 'mongo-events[testing]'") from exc
+    with FakeReplicaSet() as rs:
+        print(f"MONGODB_URI is not set: using the built-in fake replica set at {rs.uri}", file=out)
+        client = pymongo.MongoClient(rs.uri)
+        try:
+            yield client
+        finally:
+            client.close()
+
+
+def run_demo(uri: str | None = None, orders: int = 5, out: TextIO = sys.stdout, timeout: float = 30.0) -> int:
+    """Start a bus on ``demo.orders``, write a few orders, print what the bus delivers."""
+    with demo_client(uri) as client:
+        coll = client["mongo_events_demo"]["orders"]
+        bus = Bus(coll, full_document=FullDocument.UPDATE_LOOKUP, resume=False, max_await_time=0.2)
+        received = threading.Semaphore(0)
+
+        @bus.subscribe
+        def show(event: ChangeEvent, delivery: Delivery) -> None:
+            doc = event.full_document or {}
+            print(f"{event.operation_type:<8} {event.namespace} _id={event.document_id} status={doc.get('status')} (attempt {delivery.attempt})", file=out, flush=True)
+            received.release()
+
+        with bus:
+            ids = []
+            for i in range(orders):
+                ids.append(coll.insert_one({"item": f"book-{i}", "status": "new"}).inserted_id)
+            for oid in ids:
+                coll.update_one({"_id": oid}, {"$set": {"status": "paid"}})
+            for _ in range(2 * orders):
+                if not received.acquire(timeout=timeout):
+                    print("timed out waiting for changes", file=sys.stderr)
+                    return 1
+        print(f"delivered {2 * orders} changes; bus {bus.state.value}", file=out)
+    return 0

@@ -22,7 +22,7 @@ def main() -> int:
 
         @bus.subscribe(operations={"insert", "update"})
         def on_order(event: me.ChangeEvent) -> None:
-            print(event.operation_type, event.document_id, (event.full_document or {}).get("status"))
+            print(f"{event.operation_type} {event.document_id} {(event.full_document or {}).get('status')}", flush=True)
             seen.release()
 
         with bus:  # start() now, stop() (with a final checkpoint) on exit

@@ -254,7 +254,7 @@ class Bus:
         self._connect_error: BaseException | None = None
         self._saved_version = 0
         self._last_save = 0.0
-        self._history_lost_at: Position | None = None
+        self._initial_save = False
         self._dispatcher: Dispatcher | None = None
         self._watcher: Watcher | None = None
         self._flusher: Flusher | None = None
@@ -415,6 +415,7 @@ class Bus:
             on_resume_token=self._on_resume_token,
             on_error=self._on_stream_error,
             on_connected=self._on_connected,
+            on_opened=self._on_opened,
             stop_event=self._stop_event,
         )
         self._flusher = Flusher([self._flush_checkpoint], self.flush_interval, self.name)
@@ -548,6 +549,7 @@ class Bus:
                     self._tracker.checkpoint_time = checkpoint.cluster_time
                 log.info("bus %s resumes after its checkpoint (cluster time %s)", self.name, checkpoint.cluster_time)
                 return Position(resume_after=checkpoint.token)
+            self._initial_save = True
         if self.start_from_past is not None:
             since = datetime.now(timezone.utc) - self.start_from_past
             log.info("bus %s has no checkpoint; starting from %s", self.name, since.isoformat())
@@ -632,6 +634,30 @@ class Bus:
         if self.level == "database" and coll.database.name != self._db.name:
             return []
         return [{"$match": {"$nor": [{"ns.db": coll.database.name, "ns.coll": coll.name}]}}]
+
+    def _on_opened(self, stream: ChangeStream[Any]) -> bool:
+        """Persist where a first-ever stream opened, before ``start()`` returns.
+
+        Without this, a bus that fails before its first checkpoint write would
+        restart "from now" and skip what happened in between.
+        """
+        if not self._initial_save or self.token_store is None:
+            return True
+        token = stream.resume_token  # the post-batch token of an empty first batch, else None
+        if token is None:
+            return True  # history arrived in the first batch (start_from_past): nothing to pin
+        try:
+            self.token_store.save(self.resume_token_key, token, None)
+        except StoreError as exc:
+            self._on_connected(exc)
+            self._fail(exc)
+            return False
+        self._initial_save = False
+        self.token_writes += 1
+        with self._cond:
+            self._tracker.note_resume_token(token)
+            self._saved_version = self._tracker.version
+        return True
 
     def _on_connected(self, error: BaseException | None) -> None:
         if error is not None:

@@ -19,12 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--orders", type=int, default=5, help="how many orders to write (default 5)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
-    if args.command == "demo":
-        from .demo import run_demo
+    from .demo import run_demo
 
-        return run_demo(args.uri, args.orders)
-    parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse exits first
-    return 2  # pragma: no cover
+    return run_demo(args.uri, args.orders)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -56,7 +56,9 @@ def run_demo(uri: str | None = None, orders: int = 5, out: TextIO = sys.stdout, 
         @bus.subscribe
         def show(event: ChangeEvent, delivery: Delivery) -> None:
             doc = event.full_document or {}
-            print(f"{event.operation_type:<8} {event.namespace} _id={event.document_id} status={doc.get('status')} (attempt {delivery.attempt})", file=out, flush=True)
+            # one write per line: callbacks run on several worker threads at once
+            out.write(f"{event.operation_type:<8} {event.namespace} _id={event.document_id} status={doc.get('status')} (attempt {delivery.attempt})\n")
+            out.flush()
             received.release()
 
         with bus:

@@ -99,7 +99,10 @@ class Watcher:
     :param on_resume_token: receives the stream's resume token when it is a post-batch token.
     :param on_error: decides about an error the watcher cannot resume from: returns the
         :class:`Position` to continue from, or ``None`` to stop.
-    :param on_connected: called once a stream has opened (``None`` until the first open).
+    :param on_connected: called once, with ``None`` when the first stream opened or the
+        error that kept it from opening.
+    :param on_opened: called with each newly opened stream before it is read; returns
+        ``False`` when the watcher should exit.
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class Watcher:
         on_resume_token: Callable[[Mapping[str, Any] | None], None],
         on_error: Callable[[ErrorKind, BaseException, Position], Position | None],
         on_connected: Callable[[BaseException | None], None],
+        on_opened: Callable[[ChangeStream[Any]], bool] | None = None,
         on_reconnect: Callable[[str], None] | None = None,
         stop_event: threading.Event,
         min_backoff: float = 0.1,
@@ -122,6 +126,7 @@ class Watcher:
         self._on_resume_token = on_resume_token
         self._on_error = on_error
         self._on_connected = on_connected
+        self._on_opened = on_opened
         self._on_reconnect = on_reconnect
         self._stop = stop_event
         self._min_backoff = min_backoff
@@ -154,11 +159,12 @@ class Watcher:
             try:
                 stream = self._open(self.position)
             except PyMongoError as exc:
-                if first and classify_error(exc) is not ErrorKind.RESUMABLE:
-                    self._on_connected(exc)
                 if not self._recover(exc, delays):
                     return
                 continue
+            if self._on_opened is not None and not self._on_opened(stream):
+                stream.close()
+                return
             if first:
                 first = False
                 self._on_connected(None)

@@ -249,7 +249,7 @@ class Bus:
         self._stop_event = threading.Event()
         self._stopped = threading.Event()
         self._cond = threading.Condition()
-        self._tracker = Tracker(self.max_in_flight)
+        self._tracker = Tracker(self.max_in_flight, durable=self.token_store is not None)
         self._connected = threading.Event()
         self._connect_error: BaseException | None = None
         self._saved_version = 0
@@ -761,9 +761,13 @@ class Bus:
 
     def _on_done(self, slot: Slot) -> None:
         with self._cond:
-            if self._tracker.finish(slot):
-                self._tracker.advance()
+            tracker = self._tracker
+            if tracker.finish(slot):
+                tracker.advance()
                 self._cond.notify_all()
+                if tracker.unflushed * 2 >= tracker.capacity and self._flusher is not None:
+                    # Half the window waits on a write: store it now rather than at the next tick.
+                    self._flusher.wake()
 
     def _flush_checkpoint(self) -> None:
         store = self.token_store
@@ -777,6 +781,7 @@ class Bus:
             if not by_events and time.monotonic() - self._last_save < IDLE_CHECKPOINT_INTERVAL and not self._stop_event.is_set():
                 return  # only the idle post-batch token moved: write it now and then, not every flush
             token, cluster_time, version = tracker.checkpoint, tracker.checkpoint_time, tracker.version
+            covered = tracker.unflushed
             tracker.moved_by_events = False
         try:
             store.save(self.resume_token_key, token, cluster_time)
@@ -787,6 +792,9 @@ class Bus:
         self._saved_version = version
         self._last_save = time.monotonic()
         self.token_writes += 1
+        with self._cond:
+            self._tracker.persisted(covered)
+            self._cond.notify_all()
 
 
 def _hostname() -> str:

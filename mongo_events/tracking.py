@@ -45,11 +45,17 @@ class Tracker:
     """The window of events after the checkpoint and the contiguous watermark.
 
     The checkpoint is the token of the newest event such that it and every
-    earlier event are done. The window holds every event after the checkpoint,
-    finished or not, so a blocked event keeps it from growing past ``capacity``.
+    earlier event are done. The window holds every event after the *stored*
+    checkpoint, finished or not: the unfinished ones, the finished ones behind
+    them, and those the in-memory checkpoint passed but no flush has stored yet
+    (``unflushed``). So a blocked event keeps it from growing past ``capacity``,
+    and a crash redelivers at most ``capacity`` events.
+
+    :param durable: ``False`` when nothing is stored (``resume=False``): then
+        ``unflushed`` is not counted.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, durable: bool = True) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
@@ -61,13 +67,21 @@ class Tracker:
         self.version = 0
         #: Set when finished events (not just an idle post-batch token) moved the checkpoint.
         self.moved_by_events = False
+        #: Events the in-memory checkpoint passed that no flush has stored yet.
+        self.unflushed = 0
+        self._durable = durable
 
     def __len__(self) -> int:
-        return len(self._window)
+        """Events after the stored checkpoint (what a crash now would redeliver, at most)."""
+        return len(self._window) + self.unflushed
 
     @property
     def full(self) -> bool:
-        return len(self._window) >= self.capacity
+        return len(self._window) + self.unflushed >= self.capacity
+
+    def persisted(self, events: int) -> None:
+        """A flush stored a checkpoint that covered ``events`` more events."""
+        self.unflushed = max(0, self.unflushed - events)
 
     @property
     def idle(self) -> bool:
@@ -108,6 +122,8 @@ class Tracker:
         while window and window[0].remaining <= 0:
             slot = window.popleft()
             moved += 1
+            if self._durable:
+                self.unflushed += 1
             # A slot without a token (an invalidate) never becomes the checkpoint: resuming
             # after the event before it replays the invalidate, which is safe.
             if slot.token is not None or slot.after_token is not None:

@@ -32,7 +32,17 @@ def test_window_counts_finished_events_behind_a_blocked_one() -> None:
     assert t.full  # b and c are done but a holds the window shut
     t.finish(a)
     t.advance()
-    assert not t.full and t.idle
+    assert t.idle and t.full  # all done, but a crash now would redeliver all three
+    t.persisted(3)
+    assert not t.full and len(t) == 0
+
+
+def test_without_a_store_nothing_waits_on_a_flush() -> None:
+    t = Tracker(capacity=2, durable=False)
+    for i in range(2):
+        t.finish(t.begin(tok(i), i, 1))
+    t.advance()
+    assert not t.full and t.unflushed == 0
 
 
 def test_several_subscriptions_must_all_finish() -> None:

@@ -9,6 +9,18 @@ implemented.
 
 from __future__ import annotations
 
-from .server import FakeReplicaSet
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .server import FakeReplicaSet
 
 __all__ = ["FakeReplicaSet"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so that ``python -m mongo_events.testing.server`` does not import itself twice.
+    if name == "FakeReplicaSet":
+        from .server import FakeReplicaSet
+
+        return FakeReplicaSet
+    raise AttributeError(name)

@@ -1,0 +1,1 @@
+"""Crash testing: a consumer process killed at random moments must lose nothing."""

@@ -58,6 +58,8 @@ Ordering = Literal["document", "stream", "none"]
 HistoryLostPolicy = Literal["raise", "restart_from_now"]
 
 _FULL_DOCUMENT_OPTIONS = {FullDocument.UPDATE_LOOKUP, FullDocument.WHEN_AVAILABLE, FullDocument.REQUIRED}
+#: Fields dropped when fetching an event too large to send or split.
+_LARGE_FIELDS = ("fullDocument", "fullDocumentBeforeChange", "updateDescription")
 #: An idle stream's post-batch token is written at most this often (events move it every flush).
 IDLE_CHECKPOINT_INTERVAL = 10.0
 
@@ -255,6 +257,9 @@ class Bus:
         self._saved_version = 0
         self._last_save = 0.0
         self._initial_save = False
+        self._split = False  # append $changeStreamSplitLargeEvent (after a 10334)
+        self._stub_next = False  # the server cannot split: fetch the next event as a stub
+        self.oversize_events = 0
         self._dispatcher: Dispatcher | None = None
         self._watcher: Watcher | None = None
         self._flusher: Flusher | None = None
@@ -618,8 +623,13 @@ class Bus:
             kwargs["full_document_before_change"] = self.full_document_before_change
         if self.show_expanded_events:
             kwargs["show_expanded_events"] = True
+        pipeline = self._own_filter() + self.pipeline
+        if self._stub_next:
+            pipeline.append({"$project": dict.fromkeys(_LARGE_FIELDS, 0)})
+        elif self._split:
+            pipeline.append({"$changeStreamSplitLargeEvent": {}})
         return self._target.watch(
-            self._own_filter() + self.pipeline or None,
+            pipeline or None,
             batch_size=self.batch_size,
             max_await_time_ms=int(self.max_await_time * 1000),
             **kwargs,
@@ -653,6 +663,9 @@ class Bus:
             self._fail(exc)
             return False
         self._initial_save = False
+        self._split = False  # append $changeStreamSplitLargeEvent (after a 10334)
+        self._stub_next = False  # the server cannot split: fetch the next event as a stub
+        self.oversize_events = 0
         self.token_writes += 1
         with self._cond:
             self._tracker.note_resume_token(token)
@@ -688,6 +701,21 @@ class Bus:
         )
 
     def _on_stream_error(self, kind: ErrorKind, exc: BaseException, position: Position) -> Position | None:
+        if kind is ErrorKind.OVERSIZE and not self._split and not self._stub_next:
+            log.warning(
+                "bus %s: an event on %s exceeds 16 MB (%s); reopening with $changeStreamSplitLargeEvent to receive it in fragments",
+                self.name, self._namespace, exc,
+            )
+            self._split = True
+            return position
+        if kind is ErrorKind.CONFIGURATION and self._split and not self._stub_next and getattr(exc, "code", None) == 40324:
+            log.warning(
+                "bus %s: the server cannot split large events (needs MongoDB 6.0.9+ or 7.0); "
+                "fetching the oversize event without its documents to dead-letter it", self.name,
+            )
+            self._split = False
+            self._stub_next = True
+            return position
         if kind is ErrorKind.HISTORY_LOST and self.on_history_lost == "restart_from_now" and position.kwargs():
             since = self._tracker.checkpoint_time
             self.history_gaps += 1
@@ -709,6 +737,8 @@ class Bus:
 
     def _on_event(self, raw: Mapping[str, Any]) -> bool:
         event = ChangeEvent.from_raw(raw, self._db.name if self.level != "cluster" else "", self._default_coll)
+        if self._stub_next:
+            return self._on_oversize_stub(event)
         desc = event.update_description
         if (
             desc is not None
@@ -738,6 +768,31 @@ class Bus:
         delivered_desc = desc if self.update_description else None
         for sub in subs:
             dispatcher.submit(WorkItem(sub, event, slot, self._lane(sub, event), delivered_desc))
+        return True
+
+    def _on_oversize_stub(self, event: ChangeEvent) -> bool:
+        """The event the server could neither send nor split, without its documents: dead-letter it."""
+        self._stub_next = False
+        self.oversize_events += 1
+        error = StreamError(
+            f"change event {event.id} ({event.operation_type} {event.namespace} {event.document_key}) exceeds 16 MB "
+            "and the server cannot split it; only its key and token were kept",
+            key=self.resume_token_key,
+        )
+        if self._dead_letters is None:
+            self._fail(StreamError(f"bus {self.name!r}: {error}; configure dead_letters to record it and go on", key=self.resume_token_key))
+            return False
+        try:
+            self._dead_letters(event, f"{self.name}:oversize", error, 1)
+        except Exception as exc:
+            self._fail(StreamError(f"bus {self.name!r}: could not dead-letter oversize event {event.id}: {exc}", key=self.resume_token_key))
+            return False
+        log.error("bus %s: %s; dead-lettered as a stub", self.name, error)
+        with self._cond:
+            self._tracker.begin(event.resume_token, event.cluster_time, 0, event.id)
+            self._tracker.advance()
+        if self._watcher is not None:
+            self._watcher.request_reopen()  # back to full events after it
         return True
 
     def _lane(self, sub: Subscription, event: ChangeEvent) -> Hashable | None:

@@ -90,6 +90,14 @@ class Position:
         return f"Position({self.kwargs()!r})" if self.kwargs() else "Position(now)"
 
 
+def reassemble(fragments: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Merge the fragments of a split event; the last fragment's token resumes after it."""
+    merged: dict[str, Any] = {"_id": fragments[-1]["_id"]}
+    for fragment in fragments:
+        merged.update((k, v) for k, v in fragment.items() if k not in ("_id", "splitEvent"))
+    return merged
+
+
 class Watcher:
     """Pulls one change stream on its own thread.
 
@@ -133,6 +141,7 @@ class Watcher:
         self._max_backoff = max_backoff
         self.position = Position()
         self.active = False
+        self._reopen = False
         self._thread: threading.Thread | None = None
 
     def start(self, position: Position) -> None:
@@ -165,6 +174,8 @@ class Watcher:
             if self._on_opened is not None and not self._on_opened(stream):
                 stream.close()
                 return
+            if stream.resume_token is not None:
+                self.position = Position(resume_after=stream.resume_token)
             if first:
                 first = False
                 self._on_connected(None)
@@ -180,25 +191,45 @@ class Watcher:
             finally:
                 self.active = False
 
+    def request_reopen(self) -> None:
+        """Close the current stream after the event being handed on, and open a new one."""
+        self._reopen = True
+
     def _pull(self, stream: ChangeStream[Any]) -> bool:
         """Iterate until stop, error or invalidate. Returns True once an event arrived."""
         got_any = False
         on_event = self._on_event
+        fragments: list[Mapping[str, Any]] = []
+        self._reopen = False
         while not self._stop.is_set():
             raw = stream.try_next()
             token = stream.resume_token
             if raw is None:
-                self._on_resume_token(token)
+                if not fragments:
+                    self._on_resume_token(token)
+                    if token is not None:  # reopen here, not "now", if the stream fails while idle
+                        self.position = Position(resume_after=token)
                 if not stream.alive:
                     log.info("change stream %s closed by the server; reopening", self.name)
                     return got_any
                 continue
             got_any = True
+            split = raw.get("splitEvent")
+            if split is not None:
+                # A large event split by $changeStreamSplitLargeEvent: hand it on whole, once
+                # its last fragment arrived; positions only ever point at whole events.
+                if split.get("fragment") == 1:
+                    fragments = []
+                fragments.append(raw)
+                if split.get("fragment") != split.get("of"):
+                    continue
+                raw = reassemble(fragments)
+                fragments = []
             if raw.get("operationType") == "invalidate":
                 self.position = Position(start_after=raw["_id"])
             elif token is not None:
                 self.position = Position(resume_after=token)
-            if not on_event(raw):
+            if not on_event(raw) or self._reopen:
                 return got_any
             if token is not None and token is not raw["_id"] and token != raw["_id"]:
                 self._on_resume_token(token)  # the last event of a batch: the post-batch token

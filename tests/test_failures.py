@@ -363,3 +363,42 @@ def test_start_fails_fast_on_an_invalid_pipeline(client: pymongo.MongoClient[Any
     bus.subscribe(lambda ev: None)
     with pytest.raises(me.ConfigurationError, match="does not allow"):
         bus.start()
+
+
+def test_oversize_events_are_split_and_reassembled(make_bus: Any) -> None:
+    with FakeReplicaSet(max_event_size=2000) as rs:
+        client: pymongo.MongoClient[Any] = pymongo.MongoClient(rs.uri, **CLIENT_OPTIONS)
+        coll = client.shop.orders
+        rec = Recorder()
+        bus = make_bus(coll, full_document=me.FullDocument.UPDATE_LOOKUP)
+        bus.subscribe(rec.add)
+        bus.start()
+        coll.insert_one({"_id": "small"})
+        coll.insert_one({"_id": "big", "a": "x" * 1500, "b": "y" * 1500})
+        coll.insert_one({"_id": "after"})
+        got = rec.wait(3)
+        assert [e.document_id for e in got] == ["small", "big", "after"]
+        big = got[1]
+        assert big.full_document == {"_id": "big", "a": "x" * 1500, "b": "y" * 1500}
+        assert big.operation_type is me.OperationType.INSERT and "splitEvent" not in big.raw
+        assert bus.join(5)
+        client.close()
+
+
+def test_oversize_events_a_server_cannot_split_are_dead_lettered_as_stubs(make_bus: Any) -> None:
+    with FakeReplicaSet(max_event_size=2000, supports_split=False) as rs:
+        client: pymongo.MongoClient[Any] = pymongo.MongoClient(rs.uri, **CLIENT_OPTIONS)
+        coll = client.shop.orders
+        rec, dead = Recorder(), Recorder()
+        bus = make_bus(coll, dead_letters=lambda ev, sub, err, n: dead.add((ev, sub, err)))
+        bus.subscribe(lambda ev: rec.add(ev.document_id), name="h")
+        bus.start()
+        coll.insert_one({"_id": "small"})
+        coll.insert_one({"_id": "big", "a": "x" * 3000})
+        coll.insert_one({"_id": "after"})
+        assert rec.wait(2) == ["small", "after"]
+        ((stub, sub, err),) = dead.wait(1)
+        assert stub.document_key == {"_id": "big"} and stub.full_document is None
+        assert sub.endswith(":oversize") and "exceeds 16 MB" in str(err)
+        assert bus.oversize_events == 1
+        client.close()

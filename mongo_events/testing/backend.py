@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import logging
 import os
 import struct
 from collections import Counter
@@ -28,6 +29,8 @@ from .oplog import Entry, Oplog, update_description
 mongomock: Any = _mongomock
 
 __all__ = ["Backend"]
+
+log = logging.getLogger(__name__)
 
 Handler = Callable[["Backend", dict[str, Any]], dict[str, Any]]
 
@@ -82,11 +85,14 @@ class _FindCursor:
 class Backend:
     """State and command handlers behind the wire server. Thread-safe."""
 
-    def __init__(self, host: str, port: int, *, oplog_size: int = 100_000, data_dir: str | None = None, standalone: bool = False, set_name: str = "rs0") -> None:
+    def __init__(self, host: str, port: int, *, oplog_size: int = 100_000, data_dir: str | None = None, standalone: bool = False, set_name: str = "rs0", max_event_size: int | None = None, supports_split: bool = True) -> None:
         self.host = host
         self.port = port
         self.set_name = set_name
         self.standalone = standalone
+        #: Change events larger than this answer 10334 unless split (None: no check).
+        self.max_event_size = max_event_size
+        self.supports_split = supports_split
         self.client = mongomock.MongoClient()
         self.oplog = Oplog(max_entries=oplog_size)
         self.lock = self.oplog.changed  # one lock for data, oplog and cursors
@@ -169,6 +175,9 @@ class Backend:
             reply = CommandError(exc.code or 2, "BadValue", str(exc)).to_reply()
         except NotImplementedError as exc:
             reply = CommandError(115, "CommandNotSupported", f"the fake replica set cannot do this: {exc}").to_reply()
+        except Exception as exc:  # a bug in the fake: answer it, so a test fails loudly instead of reconnecting
+            log.exception("the fake replica set failed on %s", name)
+            reply = CommandError(1, "InternalError", f"fake replica set bug on {name}: {exc!r}").to_reply()
         reply.setdefault("ok", 1.0)
         ts = self.oplog.last
         reply["operationTime"] = ts

@@ -6,11 +6,21 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import bson
 import mongomock as _mongomock
 from bson.timestamp import Timestamp
 
 from .errors import CommandError
-from .oplog import KIND_EVENT, KIND_HWM, KIND_INVALIDATE, Entry, InvalidToken, make_token, parse_token
+from .oplog import (
+    KIND_EVENT,
+    KIND_FRAGMENT,
+    KIND_HWM,
+    KIND_INVALIDATE,
+    Entry,
+    InvalidToken,
+    make_token,
+    parse_token,
+)
 
 if TYPE_CHECKING:
     from .backend import Backend
@@ -39,6 +49,9 @@ class ChangeCursor:
     stages: list[dict[str, Any]] = field(default_factory=list)
     pending: list[dict[str, Any]] = field(default_factory=list)
     closed: bool = False
+    split: bool = False
+    #: Resuming after fragment ``n`` of the event at this time: skip fragments up to ``n``.
+    resume_fragment: tuple[Timestamp, int] | None = None
 
     def matches(self, entry: Entry) -> bool:
         if self.level == "cluster":
@@ -102,10 +115,38 @@ class ChangeCursor:
             # that the stream ended (a real server would close the cursor regardless).
             kept = _apply_stages([e for e in events if e["operationType"] != "invalidate"], self.stages)
             for event in kept:
-                if event.get("_id") != make_token(entry.ts, KIND_EVENT):
+                if event.get("_id") != make_token(entry.ts, KIND_EVENT):  # the pipeline changed the token
                     raise CommandError(280, "ChangeStreamFatalError", "Encountered an event whose _id field, which contains the resume token, was modified by the pipeline.")
             events = kept + [e for e in events if e["operationType"] == "invalidate"]
+        limit = backend.max_event_size
+        if limit is not None:
+            events = [piece for e in events for piece in self._fit(e, limit, entry.ts)]
         return events
+
+    def _fit(self, event: dict[str, Any], limit: int, ts: Timestamp) -> list[dict[str, Any]]:
+        """Check an event against the size limit; split it when ``$changeStreamSplitLargeEvent`` asked."""
+        size = len(bson.encode(event))
+        if size <= limit:
+            return [event]
+        if not self.split:
+            raise CommandError(10334, "BSONObjectTooLarge", f"BSONObj size: {size} ({size:#x}) is invalid. Size must be between 0 and {limit}")
+        fields = [(k, v) for k, v in event.items() if k != "_id"]
+        fragments: list[list[tuple[str, Any]]] = [[]]
+        used = 200  # room for _id and splitEvent
+        for name, value in fields:
+            cost = len(bson.encode({name: value}))
+            if fragments[-1] and used + cost > limit:
+                fragments.append([])
+                used = 200
+            fragments[-1].append((name, value))
+            used += cost
+        out = []
+        for n, part in enumerate(fragments, start=1):
+            out.append({"_id": make_token(ts, KIND_FRAGMENT + n), "splitEvent": {"fragment": n, "of": len(fragments)}, **dict(part)})
+        if self.resume_fragment is not None and self.resume_fragment[0] == ts:
+            out = out[self.resume_fragment[1] :]
+            self.resume_fragment = None
+        return out
 
     def next_batch(self, backend: Backend, batch_size: int | None, wait_ms: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Collect up to ``batch_size`` events, waiting up to ``wait_ms`` when there are none.
@@ -129,7 +170,7 @@ class ChangeCursor:
                     self.position = entry.ts
                     rendered = self.render(entry, backend)
                     for event in rendered:
-                        if event["operationType"] == "invalidate":
+                        if event.get("operationType") == "invalidate":
                             self.closed = True
                     room = limit - len(batch)
                     batch.extend(rendered[:room])
@@ -178,6 +219,10 @@ def open_change_stream(backend: Backend, cursor_id: int, db: str, coll: str | No
         (name,) = stage.keys()
         if name in ("$changeStream", "$out", "$merge", "$lookup", "$group", "$sort", "$facet"):
             raise CommandError(40324, "Location40324", f"{name} is not permitted in a $changeStream pipeline")
+        if name == "$changeStreamSplitLargeEvent" and stage is not pipeline[-1]:
+            raise CommandError(7182802, "Location7182802", "$changeStreamSplitLargeEvent must be the last stage in the pipeline")
+        if name == "$changeStreamSplitLargeEvent" and not backend.supports_split:
+            raise CommandError(40324, "Location40324", "Unrecognized pipeline stage name: '$changeStreamSplitLargeEvent'")
         if name not in ("$match", "$project", "$addFields", "$set", "$unset", "$replaceRoot", "$replaceWith", "$redact", "$changeStreamSplitLargeEvent"):
             raise CommandError(40324, "Location40324", f"Unrecognized pipeline stage name: '{name}'")
     oplog = backend.oplog
@@ -192,18 +237,24 @@ def open_change_stream(backend: Backend, cursor_id: int, db: str, coll: str | No
                 ts, kind = parse_token(token if token is not None else start_after)
             except InvalidToken as exc:
                 raise CommandError(260, "InvalidResumeToken", str(exc)) from exc
+            resume_fragment = None
+            if kind > KIND_FRAGMENT:  # the middle of a split event: re-render it, skip what was read
+                resume_fragment = (ts, kind - KIND_FRAGMENT)
+                ts = Timestamp(ts.time, ts.inc - 1) if ts.inc > 0 else Timestamp(ts.time - 1, 2**32 - 1)
             if kind == KIND_INVALIDATE and token is not None:
                 raise CommandError(260, "InvalidResumeToken", "Attempting to resume a change stream using 'resumeAfter' is not allowed from an invalidate notification.")
             if oplog.lost(ts):
                 raise CommandError(286, "ChangeStreamHistoryLost", "Resume of change stream was not possible, as the resume point may no longer be in the oplog.")
             position = ts
         elif at_time is not None:
+            resume_fragment = None
             if not isinstance(at_time, Timestamp):
                 raise CommandError(14, "TypeMismatch", "startAtOperationTime must be a timestamp")
             position = Timestamp(at_time.time, at_time.inc - 1) if at_time.inc > 0 else Timestamp(at_time.time - 1, 2**32 - 1)
             if oplog.lost(position):
                 raise CommandError(286, "ChangeStreamHistoryLost", "Resume of change stream was not possible, as the resume point may no longer be in the oplog.")
         else:
+            resume_fragment = None
             position = oplog.last
     return ChangeCursor(
         cursor_id=cursor_id,
@@ -216,4 +267,6 @@ def open_change_stream(backend: Backend, cursor_id: int, db: str, coll: str | No
         before_change=spec.get("fullDocumentBeforeChange", "off"),
         expanded=bool(spec.get("showExpandedEvents", False)),
         stages=[s for s in pipeline[1:] if "$changeStreamSplitLargeEvent" not in s],
+        split=any("$changeStreamSplitLargeEvent" in s for s in pipeline[1:]),
+        resume_fragment=resume_fragment,
     )

@@ -21,6 +21,7 @@ __all__ = [
     "KIND_EVENT",
     "KIND_HWM",
     "KIND_INVALIDATE",
+    "KIND_FRAGMENT",
     "Entry",
     "InvalidToken",
     "Oplog",
@@ -32,6 +33,8 @@ __all__ = [
 KIND_HWM = 0
 KIND_EVENT = 1
 KIND_INVALIDATE = 2
+#: Fragment ``n`` of a split event has kind ``KIND_FRAGMENT + n``.
+KIND_FRAGMENT = 0x10
 
 _TOKEN_RE = re.compile(r"^82([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{2})$")
 

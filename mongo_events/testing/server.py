@@ -95,18 +95,24 @@ class FakeReplicaSet:
     :param data_dir: directory for a journal that makes data and oplog survive a restart.
     :param oplog_size: number of oplog entries kept; older resume points answer 286.
     :param standalone: answer as a standalone server (change streams then fail with 40573).
+    :param max_event_size: change events larger than this many bytes fail with 10334
+        ``BSONObjectTooLarge`` unless the stream splits them with
+        ``$changeStreamSplitLargeEvent`` (default: no limit is checked).
+    :param supports_split: ``False`` rejects ``$changeStreamSplitLargeEvent`` as an older server would.
 
     Use it as a context manager, or call :meth:`start` and :meth:`stop`.
 
     .. versionadded:: 0.1.0
     """
 
-    def __init__(self, port: int = 0, *, data_dir: str | None = None, oplog_size: int = 100_000, standalone: bool = False, set_name: str = "rs0") -> None:
+    def __init__(self, port: int = 0, *, data_dir: str | None = None, oplog_size: int = 100_000, standalone: bool = False, set_name: str = "rs0", max_event_size: int | None = None, supports_split: bool = True) -> None:
         self._requested_port = port
         self._data_dir = data_dir
         self._oplog_size = oplog_size
         self._standalone = standalone
         self._set_name = set_name
+        self._max_event_size = max_event_size
+        self._supports_split = supports_split
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._faults: dict[str, list[_Fault]] = defaultdict(list)
@@ -121,7 +127,7 @@ class FakeReplicaSet:
         """Bind, load the journal if any, and serve in a daemon thread."""
         server = _Server(("127.0.0.1", self._requested_port), self)
         self.port = server.server_address[1]
-        self.backend = Backend("127.0.0.1", self.port, oplog_size=self._oplog_size, data_dir=self._data_dir, standalone=self._standalone, set_name=self._set_name)
+        self.backend = Backend("127.0.0.1", self.port, oplog_size=self._oplog_size, data_dir=self._data_dir, standalone=self._standalone, set_name=self._set_name, max_event_size=self._max_event_size, supports_split=self._supports_split)
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=f"mongo_events.fake_rs[{self.port}]", daemon=True)
         self._thread.start()

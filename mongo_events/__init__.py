@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from .bus import Bus, BusState
+from .deadletters import DeadLetters, ReplayOutcome, ReplayResult
 from .decoding import CattrsDecoder, Decoder, make_converter
 from .delivery import Delivery, current_delivery
 from .dispatch import DeadLetterHook
@@ -29,9 +30,21 @@ from .events import ChangeEvent, FullDocument, OperationType, UpdateDescription
 from .middleware import Middleware
 from .retrying import RetryBackoff
 from .stores import (
+    AckFilter,
+    AckRecord,
+    AckStatus,
+    AckStore,
     Checkpoint,
+    DeadLetter,
+    DeadLetterFilter,
+    DeadLetterStats,
+    DeadLetterStore,
     FileResumeTokenStore,
+    MemoryAckStore,
+    MemoryDeadLetterStore,
     MemoryResumeTokenStore,
+    MongoAckStore,
+    MongoDeadLetterStore,
     MongoResumeTokenStore,
     ResumeTokenStore,
 )
@@ -63,6 +76,22 @@ __all__ = [
     "MemoryResumeTokenStore",
     "MongoResumeTokenStore",
     "FileResumeTokenStore",
+    "AckStore",
+    "AckStatus",
+    "AckRecord",
+    "AckFilter",
+    "MemoryAckStore",
+    "MongoAckStore",
+    "DeadLetterStore",
+    "DeadLetter",
+    "DeadLetterFilter",
+    "DeadLetterStats",
+    "MemoryDeadLetterStore",
+    "MongoDeadLetterStore",
+    # dead letters
+    "DeadLetters",
+    "ReplayOutcome",
+    "ReplayResult",
     # errors
     "MongoEventsError",
     "ConfigurationError",

@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar, overload
 
 import attrs
 import bson
+from bson import ObjectId
 from bson.timestamp import Timestamp
 from pymongo import MongoClient
 from pymongo.change_stream import ChangeStream
@@ -29,7 +30,8 @@ from pymongo.collection import Collection as MongoCollection
 from pymongo.database import Database
 
 from .decoding import CattrsDecoder, Decoder
-from .dispatch import DeadLetterHook, Dispatcher, WorkItem
+from .delivery import Delivery
+from .dispatch import DeadLetterHook, Dispatcher, WorkItem, call_subscription
 from .errors import (
     BusStateError,
     ConfigurationError,
@@ -43,8 +45,9 @@ from .events import ChangeEvent, FullDocument, OperationType
 from .flusher import Flusher
 from .middleware.base import Middleware
 from .retrying import RetryBackoff
-from .stores.base import ResumeTokenStore
+from .stores.base import AckStore, DeadLetterStore, ResumeTokenStore
 from .stores.mongodb import DEFAULT_COLLECTION, MongoResumeTokenStore
+from .stores.records import AckRecord, DeadLetter
 from .subscription import OnExhausted, Subscription
 from .tracking import Slot, Tracker
 from .watcher import ErrorKind, Position, Watcher, classify_error, explain
@@ -110,7 +113,10 @@ class Bus:
     :param flush_interval: seconds between checkpoint writes.
     :param decoder: turns documents into payload types (default: cattrs on ``cattrs.preconf.bson``).
     :param middleware: hooks around each delivery attempt.
-    :param dead_letters: receives events whose retries ran out, rejected or undecodable ones.
+    :param dead_letters: a :class:`DeadLetterStore` (or any ``fn(event, subscription, error,
+        attempts)``) that receives events whose retries ran out, rejected or undecodable ones.
+    :param ack_store: records each delivered event as pending when received and acked
+        when every subscription is done, in batches written by the flusher.
     :param on_history_lost: ``"raise"`` (default: stop with :class:`ResumeTokenLost`) or
         ``"restart_from_now"`` (skip the gap, call ``history_lost_callback``, log, go on).
     :param history_lost_callback: ``fn(key, since)`` called when a gap is skipped.
@@ -146,7 +152,8 @@ class Bus:
         flush_interval: float = 1.0,
         decoder: Decoder | None = None,
         middleware: Sequence[Middleware] = (),
-        dead_letters: DeadLetterHook | None = None,
+        dead_letters: DeadLetterStore | DeadLetterHook | None = None,
+        ack_store: AckStore | None = None,
         on_history_lost: HistoryLostPolicy = "raise",
         history_lost_callback: Callable[[str, Timestamp | None], None] | None = None,
         start_timeout: float = 10.0,
@@ -228,7 +235,9 @@ class Bus:
         self.start_timeout = start_timeout
         self._decoder: Decoder = decoder or CattrsDecoder()
         self._middleware = list(middleware)
-        self._dead_letters = dead_letters
+        self.dead_letter_store = dead_letters if isinstance(dead_letters, DeadLetterStore) else None
+        self._dead_letters: DeadLetterHook | None = self._store_dead_letter if self.dead_letter_store is not None else dead_letters  # type: ignore[assignment]
+        self.ack_store = ack_store
         self._resume_token_id = resume_token_id or _hostname()
 
         if not resume:
@@ -257,6 +266,9 @@ class Bus:
         self._saved_version = 0
         self._last_save = 0.0
         self._initial_save = False
+        self._acks: dict[str, AckRecord] = {}
+        #: Number of ack-store batch writes (for tests and the benchmark).
+        self.ack_writes = 0
         self._split = False  # append $changeStreamSplitLargeEvent (after a 10334)
         self._stub_next = False  # the server cannot split: fetch the next event as a stub
         self.oversize_events = 0
@@ -399,11 +411,13 @@ class Bus:
             self._reset_runtime()
             self._error = None
             self._state = BusState.STARTING
-        if self.token_store is not None:
+        for store in (self.token_store, self.ack_store, self.dead_letter_store):
+            if store is None:
+                continue
             try:
-                self.token_store.ensure_indexes()
+                store.ensure_indexes()
             except StoreError as exc:
-                log.warning("could not create resume-token indexes (%s); going on without them", exc)
+                log.warning("could not create indexes for %s (%s); going on without them", type(store).__name__, exc)
         self._dispatcher = Dispatcher(
             max_workers=self.max_workers,
             decoder=self._decoder,
@@ -423,7 +437,8 @@ class Bus:
             on_opened=self._on_opened,
             stop_event=self._stop_event,
         )
-        self._flusher = Flusher([self._flush_checkpoint], self.flush_interval, self.name)
+        # Acks first: a checkpoint never covers events whose ack records are still unwritten.
+        self._flusher = Flusher([self._flush_acks, self._flush_checkpoint], self.flush_interval, self.name)
         try:
             position = self._initial_position()
         except BaseException:
@@ -596,11 +611,12 @@ class Bus:
                 self._flusher.flush()
             if self._dispatcher is not None:
                 self._dispatcher.shutdown()
-            if self.token_store is not None:
-                try:
-                    self.token_store.close()
-                except Exception:
-                    log.exception("closing the resume-token store failed")
+            for store in (self.token_store, self.ack_store, self.dead_letter_store):
+                if store is not None:
+                    try:
+                        store.close()
+                    except Exception:
+                        log.exception("closing %s failed", type(store).__name__)
             with self._state_lock:
                 self._state = BusState.FAILED if self._error is not None else BusState.STOPPED
             self._stopped.set()
@@ -663,9 +679,6 @@ class Bus:
             self._fail(exc)
             return False
         self._initial_save = False
-        self._split = False  # append $changeStreamSplitLargeEvent (after a 10334)
-        self._stub_next = False  # the server cannot split: fetch the next event as a stub
-        self.oversize_events = 0
         self.token_writes += 1
         with self._cond:
             self._tracker.note_resume_token(token)
@@ -763,6 +776,8 @@ class Bus:
             if not subs:
                 self._tracker.advance()
                 self._cond.notify_all()
+            elif self.ack_store is not None:
+                self._acks[event.id] = AckRecord(event.id, datetime.now(timezone.utc))
         dispatcher = self._dispatcher
         assert dispatcher is not None
         delivered_desc = desc if self.update_description else None
@@ -817,12 +832,89 @@ class Bus:
     def _on_done(self, slot: Slot) -> None:
         with self._cond:
             tracker = self._tracker
-            if tracker.finish(slot):
+            head = tracker.finish(slot)
+            if slot.done and self.ack_store is not None:
+                pending = self._acks.get(slot.event_id)
+                now = datetime.now(timezone.utc)
+                self._acks[slot.event_id] = AckRecord(slot.event_id, pending.created_at if pending else now, now)
+            if head:
                 tracker.advance()
                 self._cond.notify_all()
                 if tracker.unflushed * 2 >= tracker.capacity and self._flusher is not None:
                     # Half the window waits on a write: store it now rather than at the next tick.
                     self._flusher.wake()
+
+    def _flush_acks(self) -> None:
+        store = self.ack_store
+        if store is None:
+            return
+        with self._cond:
+            if not self._acks:
+                return
+            batch = dict(self._acks)
+            self._acks.clear()
+        try:
+            store.write(list(batch.values()))
+        except Exception:
+            with self._cond:  # put them back; anything newer for the same event wins
+                batch.update(self._acks)
+                self._acks.clear()
+                self._acks.update(batch)
+            raise
+        self.ack_writes += 1
+
+    def _store_dead_letter(self, event: ChangeEvent, subscription: str, error: BaseException, attempts: int) -> None:
+        store = self.dead_letter_store
+        assert store is not None
+        store.store(
+            DeadLetter(
+                id=str(ObjectId()),
+                event_name=subscription,
+                original_id=event.id,
+                payload=dict(event.raw),
+                metadata={
+                    "bus": self.name,
+                    "namespace": event.namespace,
+                    "operation": str(event.operation_type),
+                    "document_key": event.document_key,
+                    "cluster_time": event.cluster_time,
+                    "resume_token_key": self.resume_token_key,
+                },
+                error=f"{type(error).__name__}: {error}",
+                retry_count=attempts,
+                source=self.name,
+                created_at=datetime.now(timezone.utc),
+            )
+        )
+
+    def has_subscription(self, name: str) -> bool:
+        """Whether a subscription called ``name`` is registered."""
+        return any(s.name == name for s in self._subscriptions)
+
+    def replay(self, letter: DeadLetter) -> BaseException | None:
+        """Deliver a dead letter once more through its subscription, on the caller's thread.
+
+        The callback gets a :class:`Delivery` with ``replay=True`` and the recorded error;
+        the bus's decoder and middleware apply. Returns the callback's exception, if any.
+        Most code uses :meth:`mongo_events.DeadLetters.replay` instead.
+
+        :raises ConfigurationError: when no subscription has the letter's ``event_name``.
+        """
+        sub = next((s for s in self._subscriptions if s.name == letter.event_name), None)
+        if sub is None:
+            raise ConfigurationError(f"bus {self.name!r} has no subscription {letter.event_name!r} to replay dead letter {letter.id}")
+        event = ChangeEvent.from_raw(letter.payload, self._db.name if self.level != "cluster" else "", self._default_coll)
+        delivery = Delivery(
+            event=event,
+            subscription=sub.name,
+            attempt=letter.replay_count + 1,
+            update_description=event.update_description if self.update_description else None,
+            cluster_time=event.cluster_time,
+            bus=self.name,
+            replay=True,
+            original_error=letter.error,
+        )
+        return call_subscription(sub, event, delivery, self._decoder, self._middleware)
 
     def _flush_checkpoint(self) -> None:
         store = self.token_store

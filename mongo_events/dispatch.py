@@ -179,7 +179,7 @@ class Dispatcher:
             cluster_time=item.event.cluster_time,
             bus=self._bus_name,
         )
-        error = _call(sub, item.event, delivery, self._decoder, self._middleware)
+        error = call_subscription(sub, item.event, delivery, self._decoder, self._middleware)
         if error is None:
             return _DONE, 0.0
         if isinstance(error, (DecodeError, Reject)) or item.attempt > sub.max_retries:
@@ -231,7 +231,7 @@ class Dispatcher:
         return _ABANDON, 0.0
 
 
-def _call(sub: Subscription, event: ChangeEvent, delivery: Delivery, decoder: Decoder, chain: Sequence[Middleware]) -> BaseException | None:
+def call_subscription(sub: Subscription, event: ChangeEvent, delivery: Delivery, decoder: Decoder, chain: Sequence[Middleware]) -> BaseException | None:
     """One attempt: middleware, decode, callback. Returns the exception, if any."""
     token = _set_current(delivery)
     error: BaseException | None = None

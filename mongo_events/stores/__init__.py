@@ -1,16 +1,29 @@
-"""Stores: where a bus keeps its resume position (and, later, acks and dead letters)."""
+"""Stores: resume positions, ack records and dead letters, each an ABC with memory and MongoDB versions."""
 
 from __future__ import annotations
 
-from .base import Checkpoint, ResumeTokenStore
+from .base import AckStore, Checkpoint, DeadLetterStore, ResumeTokenStore
 from .file import FileResumeTokenStore
-from .memory import MemoryResumeTokenStore
-from .mongodb import MongoResumeTokenStore
+from .memory import MemoryAckStore, MemoryDeadLetterStore, MemoryResumeTokenStore
+from .mongodb import MongoAckStore, MongoDeadLetterStore, MongoResumeTokenStore
+from .records import AckFilter, AckRecord, AckStatus, DeadLetter, DeadLetterFilter, DeadLetterStats
 
 __all__ = [
     "Checkpoint",
-    "FileResumeTokenStore",
+    "ResumeTokenStore",
     "MemoryResumeTokenStore",
     "MongoResumeTokenStore",
-    "ResumeTokenStore",
+    "FileResumeTokenStore",
+    "AckStore",
+    "AckStatus",
+    "AckRecord",
+    "AckFilter",
+    "MemoryAckStore",
+    "MongoAckStore",
+    "DeadLetterStore",
+    "DeadLetter",
+    "DeadLetterFilter",
+    "DeadLetterStats",
+    "MemoryDeadLetterStore",
+    "MongoDeadLetterStore",
 ]

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 import attrs
 from bson.timestamp import Timestamp
 
-__all__ = ["Checkpoint", "ResumeTokenStore"]
+from .records import AckFilter, AckRecord, DeadLetter, DeadLetterFilter, DeadLetterStats
+
+__all__ = ["Checkpoint", "ResumeTokenStore", "AckStore", "DeadLetterStore"]
 
 
 @attrs.frozen
@@ -54,3 +56,119 @@ class ResumeTokenStore(abc.ABC):
 
     def close(self) -> None:  # noqa: B027
         """Release resources (called by ``Bus.stop()``)."""
+
+
+class AckStore(abc.ABC):
+    """Tracks which events are pending and which are done (acked) for every subscription.
+
+    The bus writes through :meth:`write` from its flusher thread, one batch per
+    flush; the query methods serve dashboards and diagnosis.
+
+    .. versionadded:: 0.1.0
+    """
+
+    @abc.abstractmethod
+    def write(self, records: Sequence[AckRecord]) -> None:
+        """Upsert a batch: each record sets ``created_at`` (first write wins) and ``acked_at`` if given."""
+
+    @abc.abstractmethod
+    def get(self, event_id: str) -> AckRecord | None:
+        """One event's record."""
+
+    @abc.abstractmethod
+    def list(self, filter: AckFilter = AckFilter()) -> list[AckRecord]:  # noqa: B008
+        """Records matching ``filter``, oldest first."""
+
+    @abc.abstractmethod
+    def count(self, filter: AckFilter = AckFilter()) -> int:  # noqa: B008
+        """How many records match ``filter`` (``limit`` and ``offset`` are ignored)."""
+
+    def pending_count(self) -> int:
+        """Events received and not yet done."""
+        from .records import AckStatus
+
+        return self.count(AckFilter(status=AckStatus.PENDING))
+
+    def ensure_indexes(self) -> None:  # noqa: B027
+        """Create the indexes the store needs (called by ``Bus.start()``)."""
+
+    def close(self) -> None:  # noqa: B027
+        """Release resources."""
+
+
+class DeadLetterStore(abc.ABC):
+    """Keeps events that subscriptions gave up on, for diagnosis and replay.
+
+    :param dedup: a repeat of ``(event_name, original_id)`` updates the existing
+        entry (``retry_count`` grows, the error is refreshed) instead of adding one.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(self, *, dedup: bool = True) -> None:
+        self.dedup = dedup
+
+    @abc.abstractmethod
+    def store(self, letter: DeadLetter) -> str:
+        """Store ``letter``; returns the id of the entry written (or updated, with ``dedup``)."""
+
+    @abc.abstractmethod
+    def get(self, letter_id: str) -> DeadLetter | None: ...
+
+    @abc.abstractmethod
+    def get_by_original_id(self, original_id: str) -> DeadLetter | None:
+        """The newest entry for a change event id."""
+
+    @abc.abstractmethod
+    def list(self, filter: DeadLetterFilter = DeadLetterFilter()) -> list[DeadLetter]:  # noqa: B008
+        """Entries matching ``filter``, oldest first."""
+
+    @abc.abstractmethod
+    def count(self, filter: DeadLetterFilter = DeadLetterFilter()) -> int:  # noqa: B008
+        """How many entries match (``limit`` and ``offset`` are ignored)."""
+
+    @abc.abstractmethod
+    def update(self, letter_id: str, *, retried_at: datetime | None = None, quarantined_at: datetime | None = None, replay_count: int | None = None) -> None:
+        """Set the given fields of one entry."""
+
+    @abc.abstractmethod
+    def delete(self, letter_id: str) -> bool:
+        """Delete one entry; True when it existed."""
+
+    @abc.abstractmethod
+    def delete_by_filter(self, filter: DeadLetterFilter) -> int:
+        """Delete every entry matching ``filter`` (``limit`` and ``offset`` ignored); returns how many."""
+
+    def stats(self) -> DeadLetterStats:
+        """Totals by event and error, oldest and newest, pending, retried and quarantined."""
+        from collections import Counter
+
+        total = self.count()
+        by_event: Counter[str] = Counter()
+        by_error: Counter[str] = Counter()
+        pending = retried = quarantined = 0
+        oldest = newest = None
+        offset = 0
+        while offset < total:
+            page = self.list(DeadLetterFilter(limit=1000, offset=offset))
+            if not page:
+                break
+            for letter in page:
+                by_event[letter.event_name] += 1
+                by_error[letter.error.splitlines()[0][:200] if letter.error else ""] += 1
+                if letter.quarantined_at is not None:
+                    quarantined += 1
+                elif letter.retried_at is not None:
+                    retried += 1
+                else:
+                    pending += 1
+                oldest = letter.created_at if oldest is None or letter.created_at < oldest else oldest
+                newest = letter.created_at if newest is None or letter.created_at > newest else newest
+            offset += len(page)
+        return DeadLetterStats(total, pending, retried, quarantined, dict(by_event), dict(by_error), oldest, newest)
+
+    def ensure_indexes(self) -> None:  # noqa: B027
+        """Create the indexes the store needs."""
+
+    def close(self) -> None:  # noqa: B027
+        """Release resources."""

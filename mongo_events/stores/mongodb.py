@@ -1,19 +1,22 @@
-"""Resume tokens in a MongoDB collection (the seed's ``_event_resume_tokens`` schema)."""
+"""MongoDB stores: resume tokens (the seed's ``_event_resume_tokens``), acks and dead letters."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from datetime import datetime, timezone
+import re
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from bson.timestamp import Timestamp
+from pymongo import IndexModel, ReturnDocument, UpdateOne
 from pymongo.collection import Collection
 from pymongo.errors import PyMongoError
 
 from ..errors import StoreError
-from .base import Checkpoint, ResumeTokenStore
+from .base import AckStore, Checkpoint, DeadLetterStore, ResumeTokenStore
+from .records import AckFilter, AckRecord, AckStatus, DeadLetter, DeadLetterFilter
 
-__all__ = ["DEFAULT_COLLECTION", "MongoResumeTokenStore"]
+__all__ = ["MongoResumeTokenStore", "MongoAckStore", "MongoDeadLetterStore", "DEFAULT_COLLECTION"]
 
 DEFAULT_COLLECTION = "_event_resume_tokens"
 
@@ -61,3 +64,229 @@ class MongoResumeTokenStore(ResumeTokenStore):
             self.collection.create_index([("updated_at", 1)], name="updated_at_1")
         except PyMongoError as exc:
             raise StoreError(f"could not create indexes on {self.collection.full_name}: {exc}") from exc
+
+
+def _create_indexes(collection: Collection[Any], models: Sequence[IndexModel]) -> None:
+    """Create each index with its own call (mongomock's ``create_indexes`` drops partial filters)."""
+    for model in models:
+        spec = dict(model.document)
+        keys = list(spec.pop("key").items())
+        try:
+            collection.create_index(keys, **spec)
+        except PyMongoError as exc:
+            raise StoreError(f"could not create index {spec.get('name')} on {collection.full_name}: {exc}") from exc
+
+
+def _created_range(start: datetime | None, end: datetime | None) -> dict[str, Any]:
+    window: dict[str, Any] = {}
+    if start is not None:
+        window["$gte"] = start
+    if end is not None:
+        window["$lt"] = end
+    return {"created_at": window} if window else {}
+
+
+class MongoAckStore(AckStore):
+    """Ack records ``{_id: event id, created_at, acked_at}`` (``acked_at: null`` while pending).
+
+    Indexes: ``created_at``; a TTL of ``ttl`` on ``acked_at``, limited by a partial
+    filter to acked records; and a partial index on ``created_at`` for pending ones.
+
+    :param ttl: how long acked records are kept (``None``: forever).
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(self, collection: Collection[Any], ttl: timedelta | None = timedelta(days=1)) -> None:
+        self.collection = collection
+        self.ttl = ttl
+
+    def write(self, records: Sequence[AckRecord]) -> None:
+        if not records:
+            return
+        ops = []
+        for record in records:
+            update: dict[str, Any] = {"$setOnInsert": {"created_at": record.created_at}}
+            if record.acked_at is not None:
+                update["$set"] = {"acked_at": record.acked_at}
+            else:
+                update["$setOnInsert"]["acked_at"] = None
+            ops.append(UpdateOne({"_id": record.event_id}, update, upsert=True))
+        try:
+            self.collection.bulk_write(ops, ordered=True)
+        except PyMongoError as exc:
+            raise StoreError(f"could not write {len(ops)} ack record(s) to {self.collection.full_name}: {exc}") from exc
+
+    def get(self, event_id: str) -> AckRecord | None:
+        doc = self._call("read", lambda: self.collection.find_one({"_id": event_id}))
+        return _ack(doc) if doc else None
+
+    def _query(self, filter: AckFilter) -> dict[str, Any]:
+        query = _created_range(filter.start, filter.end)
+        if filter.status is AckStatus.PENDING:
+            query["acked_at"] = None
+        elif filter.status is AckStatus.ACKED:
+            query["acked_at"] = {"$ne": None}
+        return query
+
+    def list(self, filter: AckFilter = AckFilter()) -> list[AckRecord]:  # noqa: B008
+        cursor = self.collection.find(self._query(filter)).sort([("created_at", 1), ("_id", 1)]).skip(filter.offset).limit(filter.limit)
+        return [_ack(d) for d in self._call("list", lambda: list(cursor))]
+
+    def count(self, filter: AckFilter = AckFilter()) -> int:  # noqa: B008
+        return int(self._call("count", lambda: self.collection.count_documents(self._query(filter))))
+
+    def ensure_indexes(self) -> None:
+        models = [
+            IndexModel([("created_at", 1)], name="created_at_1"),
+            IndexModel([("created_at", 1)], name="pending_created_at", partialFilterExpression={"acked_at": {"$type": "null"}}),
+        ]
+        if self.ttl is not None:
+            models.append(
+                IndexModel(
+                    [("acked_at", 1)],
+                    name="acked_at_ttl",
+                    expireAfterSeconds=int(self.ttl.total_seconds()),
+                    partialFilterExpression={"acked_at": {"$type": "date"}},
+                )
+            )
+        _create_indexes(self.collection, models)
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except PyMongoError as exc:
+            raise StoreError(f"ack store {self.collection.full_name}: {what} failed: {exc}") from exc
+
+
+def _ack(doc: Mapping[str, Any]) -> AckRecord:
+    return AckRecord(doc["_id"], doc["created_at"], doc.get("acked_at"))
+
+
+class MongoDeadLetterStore(DeadLetterStore):
+    """Dead letters in ``event_dlq``: ``{_id, event_name, original_id, payload, metadata, error,
+    retry_count, source, created_at, retried_at, quarantined_at, replay_count}``.
+
+    Indexes: ``(event_name, original_id)`` (unique with ``dedup``), ``original_id``,
+    ``created_at``, ``source``.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(self, collection: Collection[Any], *, dedup: bool = True) -> None:
+        super().__init__(dedup=dedup)
+        self.collection = collection
+
+    def store(self, letter: DeadLetter) -> str:
+        doc = _letter_doc(letter)
+        try:
+            if self.dedup:
+                found = self.collection.find_one_and_update(
+                    {"event_name": letter.event_name, "original_id": letter.original_id},
+                    {
+                        "$setOnInsert": {k: v for k, v in doc.items() if k not in ("retry_count", "error")},
+                        "$inc": {"retry_count": letter.retry_count},
+                        "$set": {"error": letter.error},
+                    },
+                    upsert=True,
+                    return_document=ReturnDocument.AFTER,
+                    projection={"_id": 1},
+                )
+                if found is None:  # an upsert returning the new document always finds one
+                    raise StoreError(f"dead letter for event {letter.original_id} was not written")
+                return str(found["_id"])
+            self.collection.insert_one(doc)
+        except PyMongoError as exc:
+            raise StoreError(f"could not store dead letter for event {letter.original_id} in {self.collection.full_name}: {exc}") from exc
+        return letter.id
+
+    def get(self, letter_id: str) -> DeadLetter | None:
+        doc = self._call("read", lambda: self.collection.find_one({"_id": letter_id}))
+        return _letter(doc) if doc else None
+
+    def get_by_original_id(self, original_id: str) -> DeadLetter | None:
+        doc = self._call("read", lambda: self.collection.find_one({"original_id": original_id}, sort=[("created_at", -1)]))
+        return _letter(doc) if doc else None
+
+    def _query(self, filter: DeadLetterFilter) -> dict[str, Any]:
+        query = _created_range(filter.start, filter.end)
+        if filter.event_name is not None:
+            query["event_name"] = filter.event_name
+        if filter.source is not None:
+            query["source"] = filter.source
+        if filter.error is not None:
+            query["error"] = {"$regex": re.escape(filter.error)}
+        if filter.max_retries is not None:
+            query["retry_count"] = {"$lte": filter.max_retries}
+        if filter.exclude_retried:
+            query["retried_at"] = None
+        if filter.exclude_quarantined:
+            query["quarantined_at"] = None
+        return query
+
+    def list(self, filter: DeadLetterFilter = DeadLetterFilter()) -> list[DeadLetter]:  # noqa: B008
+        cursor = self.collection.find(self._query(filter)).sort([("created_at", 1), ("_id", 1)]).skip(filter.offset).limit(filter.limit)
+        return [_letter(d) for d in self._call("list", lambda: list(cursor))]
+
+    def count(self, filter: DeadLetterFilter = DeadLetterFilter()) -> int:  # noqa: B008
+        return int(self._call("count", lambda: self.collection.count_documents(self._query(filter))))
+
+    def update(self, letter_id: str, *, retried_at: datetime | None = None, quarantined_at: datetime | None = None, replay_count: int | None = None) -> None:
+        fields = {k: v for k, v in (("retried_at", retried_at), ("quarantined_at", quarantined_at), ("replay_count", replay_count)) if v is not None}
+        if fields:
+            self._call("update", lambda: self.collection.update_one({"_id": letter_id}, {"$set": fields}))
+
+    def delete(self, letter_id: str) -> bool:
+        return bool(self._call("delete", lambda: self.collection.delete_one({"_id": letter_id})).deleted_count)
+
+    def delete_by_filter(self, filter: DeadLetterFilter) -> int:
+        return int(self._call("delete", lambda: self.collection.delete_many(self._query(filter))).deleted_count)
+
+    def ensure_indexes(self) -> None:
+        models = [
+            IndexModel([("event_name", 1), ("original_id", 1)], name="event_original", unique=self.dedup),
+            IndexModel([("original_id", 1)], name="original_id_1"),
+            IndexModel([("created_at", 1)], name="created_at_1"),
+            IndexModel([("source", 1), ("created_at", 1)], name="source_created_at"),
+        ]
+        _create_indexes(self.collection, models)
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except PyMongoError as exc:
+            raise StoreError(f"dead-letter store {self.collection.full_name}: {what} failed: {exc}") from exc
+
+
+def _letter_doc(letter: DeadLetter) -> dict[str, Any]:
+    return {
+        "_id": letter.id,
+        "event_name": letter.event_name,
+        "original_id": letter.original_id,
+        "payload": dict(letter.payload),
+        "metadata": dict(letter.metadata),
+        "error": letter.error,
+        "retry_count": letter.retry_count,
+        "source": letter.source,
+        "created_at": letter.created_at,
+        "replay_count": letter.replay_count,
+        "retried_at": letter.retried_at,
+        "quarantined_at": letter.quarantined_at,
+    }
+
+
+def _letter(doc: Mapping[str, Any]) -> DeadLetter:
+    return DeadLetter(
+        id=str(doc["_id"]),
+        event_name=doc["event_name"],
+        original_id=doc["original_id"],
+        payload=doc.get("payload") or {},
+        metadata=doc.get("metadata") or {},
+        error=doc.get("error", ""),
+        retry_count=int(doc.get("retry_count", 0)),
+        source=doc.get("source", ""),
+        created_at=doc["created_at"],
+        replay_count=int(doc.get("replay_count", 0)),
+        retried_at=doc.get("retried_at"),
+        quarantined_at=doc.get("quarantined_at"),
+    )

@@ -1,0 +1,225 @@
+"""Ack tracking and the dead-letter store through the bus, and replay."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any
+
+import pymongo
+import pytest
+
+import mongo_events as me
+from mongo_events.testing import FakeReplicaSet
+
+from .conftest import wait_for
+from .helpers import Recorder
+
+FAST = {"max_await_time": 0.05, "flush_interval": 0.05, "start_timeout": 5.0}
+QUICK = me.RetryBackoff(min=0.001, max=0.01)
+
+
+@pytest.fixture
+def make_bus() -> Iterator[Callable[..., me.Bus]]:
+    buses: list[me.Bus] = []
+
+    def make(target: Any, **options: Any) -> me.Bus:
+        bus = me.Bus(target, **{**FAST, **options})
+        buses.append(bus)
+        return bus
+
+    yield make
+    for bus in buses:
+        try:
+            bus.stop(timeout=5)
+        except me.ShutdownTimeout:
+            pass
+
+
+@dataclasses.dataclass
+class Item:
+    sku: str
+    qty: int
+
+
+@dataclasses.dataclass
+class Order:
+    _id: int
+    items: list[Item]
+
+
+def test_ack_records_go_pending_then_acked(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    acks = me.MongoAckStore(client.internal["_event_acks"], ttl=timedelta(hours=1))
+    release = threading.Event()
+    started = Recorder()
+    bus = make_bus(client.shop.orders, ack_store=acks)
+
+    @bus.subscribe
+    def handle(ev: me.ChangeEvent) -> None:
+        started.add(ev.id)
+        assert release.wait(10)
+
+    bus.start()
+    client.shop.orders.insert_one({"_id": 1})
+    (event_id,) = started.wait(1)
+    bus.flush()
+    pending = acks.get(event_id)
+    assert pending is not None and pending.status is me.AckStatus.PENDING
+    assert acks.pending_count() == 1
+    release.set()
+    assert bus.join(5)
+    bus.flush()
+    done = acks.get(event_id)
+    assert done is not None and done.status is me.AckStatus.ACKED and done.created_at == pending.created_at
+    assert acks.pending_count() == 0
+    assert "acked_at_ttl" in client.internal["_event_acks"].index_information()  # start() made the indexes
+
+
+def test_ack_writes_are_batched(fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    acks = me.MemoryAckStore()
+    rec = Recorder()
+    bus = make_bus(client.shop.orders, ack_store=acks, flush_interval=0.5, batch_size=1000)
+    bus.subscribe(lambda ev: rec.add(1))
+    bus.start()
+    client.shop.orders.insert_many([{"_id": i} for i in range(5000)])
+    rec.wait(5000, timeout=60)
+    assert bus.join(10)
+    bus.stop()
+    assert acks.count(me.AckFilter(status=me.AckStatus.ACKED)) == 5000
+    assert 1 <= bus.ack_writes <= 30 and acks.writes == bus.ack_writes
+
+
+def test_poison_event_is_retried_dead_lettered_and_the_stream_moves_on(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    dlq = me.MongoDeadLetterStore(client.internal["event_dlq"])
+    ok = Recorder()
+    bus = make_bus(client.shop.orders, dead_letters=dlq, name="orders-bus")
+
+    @bus.subscribe(name="orders", max_retries=2, retry_backoff=QUICK)
+    def handle(ev: me.ChangeEvent) -> None:
+        if ev.document_id == "poison":
+            raise ValueError("cannot ship to the moon")
+        ok.add(ev.document_id)
+
+    bus.start()
+    client.shop.orders.insert_one({"_id": "poison"})
+    client.shop.orders.insert_one({"_id": "fine"})
+    assert ok.wait(1) == ["fine"]
+    assert bus.join(5)
+    (letter,) = dlq.list()
+    assert letter.event_name == "orders" and letter.source == "orders-bus"
+    assert letter.error == "ValueError: cannot ship to the moon" and letter.retry_count == 3
+    assert letter.payload["documentKey"] == {"_id": "poison"} and letter.payload["operationType"] == "insert"
+    assert letter.metadata["namespace"] == "shop.orders"
+    assert dlq.get_by_original_id(letter.original_id) == letter
+
+
+def test_decode_errors_are_dead_lettered_with_readable_paths(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    dlq = me.MemoryDeadLetterStore()
+    bus = make_bus(client.shop.orders, dead_letters=dlq, full_document=me.FullDocument.UPDATE_LOOKUP, full_document_only=True)
+    calls = Recorder()
+    bus.subscribe(payload=Order, name="orders")(calls.add)
+    bus.start()
+    client.shop.orders.insert_one({"_id": 1, "items": [{"sku": "a", "qty": "lots"}]})
+    client.shop.orders.insert_one({"_id": 2, "items": [{"sku": "b", "qty": 1}]})
+    assert calls.wait(1) == [Order(2, [Item("b", 1)])]
+    assert bus.join(5)
+    (letter,) = dlq.list()
+    assert letter.retry_count == 1  # decode errors are not retried
+    assert "DecodeError" in letter.error and "$.items[0].qty" in letter.error
+
+
+def test_replay_delivers_again_and_marks_retried(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    dlq = me.MemoryDeadLetterStore()
+    broken = threading.Event()
+    broken.set()
+    seen = Recorder()
+    bus = make_bus(client.shop.orders, dead_letters=dlq)
+
+    @bus.subscribe(name="orders", max_retries=0)
+    def handle(ev: me.ChangeEvent, d: me.Delivery) -> None:
+        if broken.is_set():
+            raise RuntimeError("downstream is down")
+        seen.add((ev.document_id, d.replay, d.original_error, d.event.id))
+
+    bus.start()
+    client.shop.orders.insert_one({"_id": 1})
+    assert wait_for(lambda: dlq.count() == 1)
+    (original,) = dlq.list()
+    broken.clear()  # downstream is back
+    manager = me.DeadLetters(dlq, bus)
+    assert manager.replay() == me.ReplayResult(replayed=1)
+    assert seen.items == [(1, True, "RuntimeError: downstream is down", original.original_id)]
+    replayed = manager.get(original.id)
+    assert replayed is not None and replayed.retried_at is not None
+    assert manager.replay() == me.ReplayResult()  # retried letters are not replayed again by default
+    assert manager.replay_one(original.id) is me.ReplayOutcome.SKIPPED
+
+
+def test_failed_replays_quarantine_after_max_attempts_and_terminal_errors_at_once(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    dlq = me.MemoryDeadLetterStore()
+    bus = make_bus(client.shop.orders, dead_letters=dlq)
+
+    @bus.subscribe(name="orders", max_retries=0)
+    def handle(ev: me.ChangeEvent) -> None:
+        raise (PermissionError if ev.document_id == "forbidden" else RuntimeError)("still broken")
+
+    bus.start()
+    client.shop.orders.insert_many([{"_id": "flaky"}, {"_id": "forbidden"}])
+    assert wait_for(lambda: dlq.count() == 2)
+    manager = me.DeadLetters(dlq, bus, max_replay_attempts=2, is_terminal=lambda e: isinstance(e, PermissionError))
+    assert manager.replay() == me.ReplayResult(failed=1, quarantined=1)
+    assert manager.replay() == me.ReplayResult(quarantined=1)
+    assert all(d.quarantined_at is not None for d in dlq.list())
+    flaky = next(d for d in dlq.list() if d.payload["documentKey"] == {"_id": "flaky"})
+    assert flaky.replay_count == 2
+    assert manager.stats().quarantined == 2
+    assert manager.count(me.DeadLetterFilter(exclude_quarantined=True)) == 0
+
+
+def test_dead_letter_store_failures_keep_the_event_undone_and_the_checkpoint_behind(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    class Flaky(me.MemoryDeadLetterStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.failures = 3
+            self.attempted = Recorder()
+
+        def store(self, letter: me.DeadLetter) -> str:
+            self.attempted.add(letter.original_id)
+            if self.failures:
+                self.failures -= 1
+                raise me.StoreError("dead-letter store down")
+            return super().store(letter)
+
+    dlq = Flaky()
+    tokens = me.MemoryResumeTokenStore()
+    bus = make_bus(client.shop.orders, dead_letters=dlq, resume_token_store=tokens)
+    bus.subscribe(lambda ev: (_ for _ in ()).throw(ValueError("boom")), name="orders", max_retries=0, retry_backoff=QUICK)
+    bus.start()
+    bus.flush()
+    before = tokens.load(bus.resume_token_key)
+    client.shop.orders.insert_one({"_id": 1})
+    dlq.attempted.wait(2)
+    bus.flush()
+    assert tokens.load(bus.resume_token_key) == before
+    dlq.attempted.wait(4)
+    assert bus.join(5)
+    assert dlq.count() == 1
+
+
+def test_cleanup_and_delete(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    dlq = me.MemoryDeadLetterStore()
+    bus = make_bus(client.shop.orders, dead_letters=dlq)
+    bus.subscribe(lambda ev: (_ for _ in ()).throw(ValueError("x")), name="orders", max_retries=0)
+    bus.start()
+    client.shop.orders.insert_many([{"_id": i} for i in range(3)])
+    assert wait_for(lambda: dlq.count() == 3)
+    manager = me.DeadLetters(dlq, bus)
+    assert manager.cleanup(older_than=timedelta(days=1)) == 0
+    first = manager.list()[0]
+    assert manager.delete(first.id) is True
+    assert manager.delete_by_filter(me.DeadLetterFilter(event_name="orders")) == 2
+    assert manager.cleanup(older_than=timedelta(0)) == 0 and manager.count() == 0
+    with pytest.raises(me.ConfigurationError, match="needs the bus"):
+        me.DeadLetters(dlq).replay()

@@ -270,7 +270,8 @@ class Bus:
         #: Number of ack-store batch writes (for tests and the benchmark).
         self.ack_writes = 0
         self._split = False  # append $changeStreamSplitLargeEvent (after a 10334)
-        self._stub_next = False  # the server cannot split: fetch the next event as a stub
+        self._narrow = False  # the server cannot split: read one event per batch to find the big one
+        self._stub_next = False  # ... then fetch that event alone, without its documents
         self.oversize_events = 0
         self._dispatcher: Dispatcher | None = None
         self._watcher: Watcher | None = None
@@ -640,13 +641,16 @@ class Bus:
         if self.show_expanded_events:
             kwargs["show_expanded_events"] = True
         pipeline = self._own_filter() + self.pipeline
+        batch_size = self.batch_size
         if self._stub_next:
             pipeline.append({"$project": dict.fromkeys(_LARGE_FIELDS, 0)})
         elif self._split:
             pipeline.append({"$changeStreamSplitLargeEvent": {}})
+        if self._narrow:
+            batch_size = 1
         return self._target.watch(
             pipeline or None,
-            batch_size=self.batch_size,
+            batch_size=batch_size,
             max_await_time_ms=int(self.max_await_time * 1000),
             **kwargs,
         )
@@ -714,20 +718,22 @@ class Bus:
         )
 
     def _on_stream_error(self, kind: ErrorKind, exc: BaseException, position: Position) -> Position | None:
-        if kind is ErrorKind.OVERSIZE and not self._split and not self._stub_next:
+        if kind is ErrorKind.OVERSIZE and not (self._split or self._narrow or self._stub_next):
             log.warning(
                 "bus %s: an event on %s exceeds 16 MB (%s); reopening with $changeStreamSplitLargeEvent to receive it in fragments",
                 self.name, self._namespace, exc,
             )
             self._split = True
             return position
-        if kind is ErrorKind.CONFIGURATION and self._split and not self._stub_next and getattr(exc, "code", None) == 40324:
-            log.warning(
-                "bus %s: the server cannot split large events (needs MongoDB 6.0.9+ or 7.0); "
-                "fetching the oversize event without its documents to dead-letter it", self.name,
-            )
+        if kind is ErrorKind.CONFIGURATION and self._split and getattr(exc, "code", None) == 40324:
+            # The failed batch may also hold ordinary events before the big one: read one
+            # event per batch until the big one fails again, so we know exactly which it is.
+            log.warning("bus %s: the server cannot split large events (needs MongoDB 6.0.9+ or 7.0); finding the oversize event", self.name)
             self._split = False
-            self._stub_next = True
+            self._narrow = True
+            return position
+        if kind is ErrorKind.OVERSIZE and self._narrow:
+            self._stub_next = True  # the very next event is the oversize one: fetch it without documents
             return position
         if kind is ErrorKind.HISTORY_LOST and self.on_history_lost == "restart_from_now" and position.kwargs():
             since = self._tracker.checkpoint_time
@@ -787,7 +793,7 @@ class Bus:
 
     def _on_oversize_stub(self, event: ChangeEvent) -> bool:
         """The event the server could neither send nor split, without its documents: dead-letter it."""
-        self._stub_next = False
+        self._stub_next = self._narrow = False
         self.oversize_events += 1
         error = StreamError(
             f"change event {event.id} ({event.operation_type} {event.namespace} {event.document_key}) exceeds 16 MB "

@@ -370,7 +370,7 @@ def test_oversize_events_are_split_and_reassembled(make_bus: Any) -> None:
         client: pymongo.MongoClient[Any] = pymongo.MongoClient(rs.uri, **CLIENT_OPTIONS)
         coll = client.shop.orders
         rec = Recorder()
-        bus = make_bus(coll, full_document=me.FullDocument.UPDATE_LOOKUP)
+        bus = make_bus(coll, full_document=me.FullDocument.UPDATE_LOOKUP, ordering="stream")
         bus.subscribe(rec.add)
         bus.start()
         coll.insert_one({"_id": "small"})
@@ -390,7 +390,7 @@ def test_oversize_events_a_server_cannot_split_are_dead_lettered_as_stubs(make_b
         client: pymongo.MongoClient[Any] = pymongo.MongoClient(rs.uri, **CLIENT_OPTIONS)
         coll = client.shop.orders
         rec, dead = Recorder(), Recorder()
-        bus = make_bus(coll, dead_letters=lambda ev, sub, err, n: dead.add((ev, sub, err)))
+        bus = make_bus(coll, dead_letters=lambda ev, sub, err, n: dead.add((ev, sub, err)), ordering="stream")
         bus.subscribe(lambda ev: rec.add(ev.document_id), name="h")
         bus.start()
         coll.insert_one({"_id": "small"})

@@ -7,11 +7,13 @@ rebuilds both the data and the oplog.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import itertools
 import logging
 import os
 import struct
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +42,8 @@ _ID_TYPES = (str, int, float, bson.ObjectId)
 def _install_id_fast_path() -> None:
     """Look documents up by ``_id`` directly instead of scanning (mongomock scans for every query).
 
+    Also runs mongomock's TTL expiry at most once a second instead of on every access.
+
     Only filters that are exactly ``{"_id": <str | int | float | ObjectId>}`` take the fast
     path; the result is the same as the scan, in O(1) instead of O(n).
     """
@@ -61,7 +65,22 @@ def _install_id_fast_path() -> None:
     collection_cls._iter_documents = _iter_documents
     collection_cls._mongo_events_fast_path = True
 
+    # mongomock expires TTL-indexed documents by scanning the whole collection on every
+    # access, which makes each write O(n). A real server's TTL monitor runs once a minute;
+    # once a second keeps the behaviour observable and the cost flat.
+    store_cls = mongomock.store.CollectionStore
+    expire = store_cls._remove_expired_documents
 
+    def _remove_expired_documents(self: Any) -> None:
+        now = time.monotonic()
+        if now - getattr(self, "_mongo_events_expired_at", -_TTL_MONITOR_INTERVAL) >= _TTL_MONITOR_INTERVAL:
+            self._mongo_events_expired_at = now
+            expire(self)
+
+    store_cls._remove_expired_documents = _remove_expired_documents
+
+
+_TTL_MONITOR_INTERVAL = 1.0
 _install_id_fast_path()
 _HANDLERS: dict[str, Handler] = {}
 _ALIASES = {"ismaster": "hello", "isMaster": "hello", "findandmodify": "findAndModify", "buildinfo": "buildInfo"}
@@ -341,7 +360,8 @@ def _insert(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
                     break
                 continue
             n += 1
-            stored = coll.find_one({"_id": doc["_id"]})
+            found = _by_id(coll, {"_id": doc["_id"]})
+            stored = found[0] if found else coll.find_one({"_id": doc["_id"]})
             backend._record("insert", coll.database.name, coll.name, _txn(body), document_key={"_id": doc["_id"]}, post=stored)
     reply: dict[str, Any] = {"n": n}
     if errors:
@@ -353,12 +373,31 @@ def _is_replacement(update: Any) -> bool:
     return isinstance(update, dict) and not any(k.startswith("$") for k in update)
 
 
-def _apply_update(backend: Backend, coll: Any, body: dict[str, Any], query: dict[str, Any], update: Any, *, multi: bool, upsert: bool, sort: Any = None, array_filters: Any = None) -> tuple[int, int, Any, list[tuple[dict[str, Any] | None, dict[str, Any] | None]]]:
-    """Apply one update statement; return (matched, modified, upserted id, [(before, after)])."""
+def _by_id(coll: Any, query: Any) -> list[dict[str, Any]] | None:
+    """Documents matching ``{"_id": scalar}`` without a scan (``None``: not such a query)."""
+    if isinstance(query, dict) and len(query) == 1 and "_id" in query:
+        value = query["_id"]
+        if isinstance(value, _ID_TYPES) and not isinstance(value, bool):
+            found = list(coll._iter_documents(query))
+            return [copy.deepcopy(d) for d in found]
+    return None
+
+
+def _matching(coll: Any, query: dict[str, Any], sort: Any = None, limit: int = 0) -> list[dict[str, Any]]:
+    direct = _by_id(coll, query)
+    if direct is not None:
+        return direct
     cursor = coll.find(query)
     if sort:
         cursor = cursor.sort(list(sort.items()))
-    matches = list(cursor) if multi else list(cursor.limit(1))
+    if limit:
+        cursor = cursor.limit(limit)
+    return list(cursor)
+
+
+def _apply_update(backend: Backend, coll: Any, body: dict[str, Any], query: dict[str, Any], update: Any, *, multi: bool, upsert: bool, sort: Any = None, array_filters: Any = None) -> tuple[int, int, Any, list[tuple[dict[str, Any] | None, dict[str, Any] | None]]]:
+    """Apply one update statement; return (matched, modified, upserted id, [(before, after)])."""
+    matches = _matching(coll, query, sort, 0 if multi else 1)
     changes: list[tuple[dict[str, Any] | None, dict[str, Any] | None]] = []
     kwargs = {"array_filters": array_filters} if array_filters else {}
     if _is_replacement(update) and multi:
@@ -375,7 +414,7 @@ def _apply_update(backend: Backend, coll: Any, body: dict[str, Any], query: dict
         else:
             result = coll.update_one(query, update, upsert=True, **kwargs)
             upserted = result.upserted_id
-        after = coll.find_one({"_id": upserted})
+        after = _matching(coll, {"_id": upserted})[0] if isinstance(upserted, _ID_TYPES) else coll.find_one({"_id": upserted})
         backend._record("insert", coll.database.name, coll.name, _txn(body), document_key={"_id": upserted}, post=after)
         return 0, 0, upserted, [(None, after)]
     modified = 0
@@ -391,7 +430,8 @@ def _apply_update(backend: Backend, coll: Any, body: dict[str, Any], query: dict
         else:
             coll.update_one(key, update, **kwargs)
             op = "update"
-        after = coll.find_one(key)
+        found = _matching(coll, key)
+        after = found[0] if found else None
         if after == before and op == "update":
             continue  # a no-op update writes no oplog entry on a real server either
         modified += 1
@@ -442,8 +482,7 @@ def _delete(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
     n = 0
     with backend.lock:
         for stmt in body.get("deletes", []):
-            cursor = coll.find(stmt.get("q", {}))
-            docs = list(cursor.limit(1)) if stmt.get("limit", 0) == 1 else list(cursor)
+            docs = _matching(coll, stmt.get("q", {}), limit=1 if stmt.get("limit", 0) == 1 else 0)
             for doc in docs:
                 coll.delete_one({"_id": doc["_id"]})
                 backend._record("delete", coll.database.name, coll.name, _txn(body), document_key={"_id": doc["_id"]}, pre=doc)
@@ -518,6 +557,9 @@ def _cursor_reply(backend: Backend, ns: str, docs: list[dict[str, Any]], batch_s
 def _find(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
     coll = _coll(backend, body, "find")
     with backend.lock:
+        direct = None if body.get("projection") or body.get("skip") else _by_id(coll, body.get("filter") or {})
+        if direct is not None:
+            return _cursor_reply(backend, f"{coll.database.name}.{coll.name}", direct, body.get("batchSize"), True)
         cursor = coll.find(body.get("filter") or {}, projection=body.get("projection") or None)
         if body.get("sort"):
             cursor = cursor.sort(list(body["sort"].items()))

@@ -27,6 +27,8 @@ from .errors import (
     StreamError,
 )
 from .events import ChangeEvent, FullDocument, OperationType, UpdateDescription
+from .health import Health
+from .metrics import Metrics
 from .middleware import Middleware
 from .retrying import RetryBackoff
 from .stores import (
@@ -61,6 +63,9 @@ __all__ = [
     "RetryBackoff",
     "Middleware",
     "DeadLetterHook",
+    # observability (the monitor store, middleware and HTTP API live in mongo_events.monitor)
+    "Metrics",
+    "Health",
     # the event model
     "ChangeEvent",
     "UpdateDescription",

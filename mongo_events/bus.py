@@ -28,6 +28,7 @@ from pymongo import MongoClient
 from pymongo.change_stream import ChangeStream
 from pymongo.collection import Collection as MongoCollection
 from pymongo.database import Database
+from pymongo.errors import PyMongoError
 
 from .decoding import CattrsDecoder, Decoder
 from .delivery import Delivery
@@ -43,7 +44,11 @@ from .errors import (
 )
 from .events import ChangeEvent, FullDocument, OperationType
 from .flusher import Flusher
+from .health import Health, token_time
+from .metrics import Metrics
 from .middleware.base import Middleware
+from .monitor.middleware import MonitorMiddleware
+from .monitor.store import MonitorStore
 from .retrying import RetryBackoff
 from .stores.base import AckStore, DeadLetterStore, ResumeTokenStore
 from .stores.mongodb import DEFAULT_COLLECTION, MongoResumeTokenStore
@@ -122,6 +127,10 @@ class Bus:
     :param history_lost_callback: ``fn(key, since)`` called when a gap is skipped.
     :param start_timeout: how long ``start()`` waits for the first stream to open, to
         fail fast on a standalone server, bad credentials or a bad pipeline.
+    :param metrics: a :class:`mongo_events.Metrics` recording OpenTelemetry instruments.
+    :param monitor: a :class:`mongo_events.monitor.MonitorStore` (or a configured
+        :class:`~mongo_events.monitor.MonitorMiddleware`): one entry per event and
+        subscription, written in batches by the flusher.
 
     .. versionadded:: 0.1.0
     """
@@ -157,6 +166,8 @@ class Bus:
         on_history_lost: HistoryLostPolicy = "raise",
         history_lost_callback: Callable[[str, Timestamp | None], None] | None = None,
         start_timeout: float = 10.0,
+        metrics: Metrics | None = None,
+        monitor: MonitorStore | MonitorMiddleware | None = None,
     ) -> None:
         if isinstance(target, MongoCollection):
             self.level = "collection"
@@ -234,7 +245,10 @@ class Bus:
         self.history_lost_callback = history_lost_callback
         self.start_timeout = start_timeout
         self._decoder: Decoder = decoder or CattrsDecoder()
-        self._middleware = list(middleware)
+        self.metrics = metrics
+        self.monitor: MonitorMiddleware | None = MonitorMiddleware(monitor) if isinstance(monitor, MonitorStore) else monitor
+        # The monitor runs outermost (it sees what every other hook sees), then metrics.
+        self._middleware = [m for m in (self.monitor, metrics) if m is not None] + list(middleware)
         self.dead_letter_store = dead_letters if isinstance(dead_letters, DeadLetterStore) else None
         self._dead_letters: DeadLetterHook | None = self._store_dead_letter if self.dead_letter_store is not None else dead_letters  # type: ignore[assignment]
         self.ack_store = ack_store
@@ -281,6 +295,15 @@ class Bus:
         #: Number of resume-token writes (for tests and the benchmark).
         self.token_writes = 0
         self.history_gaps = 0
+        #: Streams reopened since start (errors, invalidations, lost history).
+        self.reconnections = 0
+        self._stream_active = False
+        self._persisted_time: int | None = None  # cluster time (s) of the stored checkpoint
+        self._last_event: tuple[float, Any, Any] | None = None  # (received at, wall time, cluster time)
+        self._last_error: tuple[str, datetime] | None = None
+        self._oplog_oldest: int | None = None
+        self._oplog_checked = 0.0
+        self._pending_cache: tuple[float, int | None] = (0.0, None)
 
     # -- properties ---------------------------------------------------------------
 
@@ -412,7 +435,7 @@ class Bus:
             self._reset_runtime()
             self._error = None
             self._state = BusState.STARTING
-        for store in (self.token_store, self.ack_store, self.dead_letter_store):
+        for store in (self.token_store, self.ack_store, self.dead_letter_store, self.monitor.store if self.monitor else None):
             if store is None:
                 continue
             try:
@@ -436,15 +459,24 @@ class Bus:
             on_error=self._on_stream_error,
             on_connected=self._on_connected,
             on_opened=self._on_opened,
+            on_reconnect=self._on_reconnect,
+            on_active=self._on_active,
             stop_event=self._stop_event,
         )
         # Acks first: a checkpoint never covers events whose ack records are still unwritten.
-        self._flusher = Flusher([self._flush_acks, self._flush_checkpoint], self.flush_interval, self.name)
+        tasks = [self._flush_acks, self._flush_checkpoint]
+        if self.monitor is not None:
+            tasks.append(self.monitor.flush)
+        if self.metrics is not None:
+            tasks.append(self._refresh_oplog_window)
+        self._flusher = Flusher(tasks, self.flush_interval, self.name)
         try:
             position = self._initial_position()
         except BaseException:
             self._state = BusState.STOPPED
             raise
+        if self.metrics is not None:
+            self.metrics.attach(self)
         self._dispatcher.start()
         self._flusher.start()
         self._watcher.start(position)
@@ -568,6 +600,7 @@ class Bus:
                 with self._cond:
                     self._tracker.checkpoint = checkpoint.token
                     self._tracker.checkpoint_time = checkpoint.cluster_time
+                self._persisted_time = _seconds(checkpoint.cluster_time, checkpoint.token)
                 log.info("bus %s resumes after its checkpoint (cluster time %s)", self.name, checkpoint.cluster_time)
                 return Position(resume_after=checkpoint.token)
             self._initial_save = True
@@ -612,7 +645,9 @@ class Bus:
                 self._flusher.flush()
             if self._dispatcher is not None:
                 self._dispatcher.shutdown()
-            for store in (self.token_store, self.ack_store, self.dead_letter_store):
+            if self.metrics is not None:
+                self.metrics.detach(self)
+            for store in (self.token_store, self.ack_store, self.dead_letter_store, self.monitor.store if self.monitor else None):
                 if store is not None:
                     try:
                         store.close()
@@ -684,6 +719,7 @@ class Bus:
             return False
         self._initial_save = False
         self.token_writes += 1
+        self._persisted_time = token_time(token)
         with self._cond:
             self._tracker.note_resume_token(token)
             self._saved_version = self._tracker.version
@@ -756,6 +792,9 @@ class Bus:
 
     def _on_event(self, raw: Mapping[str, Any]) -> bool:
         event = ChangeEvent.from_raw(raw, self._db.name if self.level != "cluster" else "", self._default_coll)
+        self._last_event = (time.time(), event.wall_time, event.cluster_time)
+        if self.metrics is not None:
+            self.metrics.received(self._namespace, event.wall_time, event.cluster_time)
         if self._stub_next:
             return self._on_oversize_stub(event)
         desc = event.update_description
@@ -861,7 +900,8 @@ class Bus:
             self._acks.clear()
         try:
             store.write(list(batch.values()))
-        except Exception:
+        except Exception as exc:
+            self._last_error = (f"{type(exc).__name__}: {exc}", datetime.now(timezone.utc))
             with self._cond:  # put them back; anything newer for the same event wins
                 batch.update(self._acks)
                 self._acks.clear()
@@ -891,6 +931,107 @@ class Bus:
                 source=self.name,
                 created_at=datetime.now(timezone.utc),
             )
+        )
+
+    # -- observability ----------------------------------------------------------------------
+
+    def _on_active(self, active: bool) -> None:
+        self._stream_active = active
+        if self.metrics is not None:
+            (self.metrics.stream_opened if active else self.metrics.stream_closed)(self._namespace)
+
+    def _on_reconnect(self, reason: str, exc: BaseException | None) -> None:
+        self.reconnections += 1
+        if exc is not None:
+            self._last_error = (f"{type(exc).__name__}: {exc}", datetime.now(timezone.utc))
+        if self.metrics is not None:
+            self.metrics.reconnected(self._namespace, reason)
+
+    def pending_count(self) -> int | None:
+        """Events received and not yet done: the ack store's pending count (cached for 10 s;
+        ``None`` while it cannot be read), else the in-flight window."""
+        if self.ack_store is None:
+            return self.in_flight
+        at, value = self._pending_cache
+        if time.monotonic() - at >= 10.0:
+            try:
+                value = self.ack_store.pending_count()
+            except Exception as exc:
+                log.warning("bus %s: could not count pending acks: %s", self.name, exc)
+                value = None
+            self._pending_cache = (time.monotonic(), value)
+        return value
+
+    def checkpoint_age(self) -> float | None:
+        """Seconds from the cluster time of the stored checkpoint to now (``None`` before one)."""
+        if self._persisted_time is None:
+            return None
+        return max(0.0, time.time() - self._persisted_time)
+
+    def oplog_headroom(self) -> float | None:
+        """Seconds of oplog between its oldest entry and the stored checkpoint: roughly how long
+        the bus may stay down before it cannot resume. ``None`` when the oplog cannot be read
+        (no permission on ``local``, a mongos) or before the first checkpoint."""
+        if self._oplog_oldest is None or self._persisted_time is None:
+            return None
+        return float(self._persisted_time - self._oplog_oldest)
+
+    def _refresh_oplog_window(self, max_age: float = 30.0) -> None:
+        """Read the oldest oplog entry's time, at most every ``max_age`` seconds."""
+        now = time.monotonic()
+        if now - self._oplog_checked < max_age:
+            return
+        self._oplog_checked = now
+        try:
+            oldest = self._db.client["local"]["oplog.rs"].find_one({}, sort=[("$natural", 1)], projection={"ts": 1})
+        except PyMongoError as exc:
+            log.info("bus %s: cannot read local.oplog.rs (%s); oplog headroom is not reported (next try in 10 min)", self.name, exc)
+            self._oplog_oldest = None
+            self._oplog_checked = now + 600.0  # not allowed now is unlikely to change soon
+            return
+        ts = oldest.get("ts") if oldest else None
+        self._oplog_oldest = ts.time if isinstance(ts, Timestamp) else None
+
+    def health(self) -> Health:
+        """A snapshot for health probes (also served as ``GET /v1/health`` by the monitor app)."""
+        state = self._state
+        if self.metrics is None:
+            try:
+                self._refresh_oplog_window()
+            except Exception:  # a health probe must answer
+                log.exception("bus %s: oplog window check failed", self.name)
+        last_event_at = lag = None
+        if self._last_event is not None:
+            received, wall, cluster_time = self._last_event
+            last_event_at = datetime.fromtimestamp(received, timezone.utc)
+            if wall is not None:
+                wall = wall if wall.tzinfo else wall.replace(tzinfo=timezone.utc)
+                lag = max(0.0, received - wall.timestamp())
+            elif isinstance(cluster_time, Timestamp):
+                lag = max(0.0, received - cluster_time.time)
+        error = self._last_error
+        if self._error is not None:
+            error = (f"{type(self._error).__name__}: {self._error}", error[1] if error else datetime.now(timezone.utc))
+        if state is not BusState.RUNNING:
+            status: Literal["healthy", "degraded", "unhealthy"] = "unhealthy"
+        elif not self._stream_active or (error is not None and (datetime.now(timezone.utc) - error[1]).total_seconds() < 60):
+            status = "degraded"
+        else:
+            status = "healthy"
+        return Health(
+            status=status,
+            state=state.value,
+            stream_active=self._stream_active,
+            namespace=self._namespace,
+            last_event_at=last_event_at,
+            lag=lag,
+            checkpoint_age=self.checkpoint_age(),
+            oplog_headroom=self.oplog_headroom(),
+            pending=self.pending_count(),
+            in_flight=self.in_flight,
+            reconnections=self.reconnections,
+            last_error=error[0] if error else None,
+            last_error_at=error[1] if error else None,
         )
 
     def has_subscription(self, name: str) -> bool:
@@ -938,16 +1079,23 @@ class Bus:
             tracker.moved_by_events = False
         try:
             store.save(self.resume_token_key, token, cluster_time)
-        except Exception:
+        except Exception as exc:
+            self._last_error = (f"{type(exc).__name__}: {exc}", datetime.now(timezone.utc))
             with self._cond:
                 self._tracker.moved_by_events = self._tracker.moved_by_events or by_events
             raise
         self._saved_version = version
         self._last_save = time.monotonic()
+        self._persisted_time = _seconds(cluster_time, token)
         self.token_writes += 1
         with self._cond:
             self._tracker.persisted(covered)
             self._cond.notify_all()
+
+
+def _seconds(cluster_time: Any, token: Any) -> int | None:
+    """Seconds of a checkpoint's cluster time, else of the time inside its token."""
+    return cluster_time.time if isinstance(cluster_time, Timestamp) else token_time(token)
 
 
 def _hostname() -> str:

@@ -227,6 +227,7 @@ class Dispatcher:
             event_id=item.event.id,
         )
         failure.__cause__ = error
+        run_after(self._middleware, "after_give_up", delivery, error)
         self._on_fatal(failure)
         return _ABANDON, 0.0
 

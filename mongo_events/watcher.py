@@ -111,6 +111,9 @@ class Watcher:
         error that kept it from opening.
     :param on_opened: called with each newly opened stream before it is read; returns
         ``False`` when the watcher should exit.
+    :param on_reconnect: called with the reason (``error``, ``invalidate``, ``history_lost``,
+        ``oversize`` ...) and the exception each time the stream is reopened.
+    :param on_active: called with ``True`` when a stream starts being read, ``False`` when it closes.
     """
 
     def __init__(
@@ -123,7 +126,8 @@ class Watcher:
         on_error: Callable[[ErrorKind, BaseException, Position], Position | None],
         on_connected: Callable[[BaseException | None], None],
         on_opened: Callable[[ChangeStream[Any]], bool] | None = None,
-        on_reconnect: Callable[[str], None] | None = None,
+        on_reconnect: Callable[[str, BaseException | None], None] | None = None,
+        on_active: Callable[[bool], None] | None = None,
         stop_event: threading.Event,
         min_backoff: float = 0.1,
         max_backoff: float = 30.0,
@@ -136,6 +140,7 @@ class Watcher:
         self._on_connected = on_connected
         self._on_opened = on_opened
         self._on_reconnect = on_reconnect
+        self._on_active = on_active
         self._stop = stop_event
         self._min_backoff = min_backoff
         self._max_backoff = max_backoff
@@ -179,17 +184,24 @@ class Watcher:
             if first:
                 first = False
                 self._on_connected(None)
-            self.active = True
+            self._set_active(True)
             try:
                 with stream:
                     if self._pull(stream):
                         delays = self._delays()
             except PyMongoError as exc:
-                self.active = False
+                self._set_active(False)
                 if not self._recover(exc, delays):
                     return
             finally:
-                self.active = False
+                self._set_active(False)
+
+    def _set_active(self, active: bool) -> None:
+        if active == self.active:
+            return
+        self.active = active
+        if self._on_active is not None:
+            self._on_active(active)
 
     def request_reopen(self) -> None:
         """Close the current stream after the event being handed on, and open a new one."""
@@ -236,7 +248,7 @@ class Watcher:
             if raw.get("operationType") == "invalidate":
                 log.warning("change stream %s invalidated (%s); continuing after it with startAfter", self.name, raw.get("_id"))
                 if self._on_reconnect is not None:
-                    self._on_reconnect("invalidate")
+                    self._on_reconnect("invalidate", None)
                 return got_any
         return got_any
 
@@ -247,12 +259,12 @@ class Watcher:
             delay = next(delays)
             log.warning("change stream %s failed (%r); reopening at %r in %.2fs", self.name, exc, self.position, delay)
             if self._on_reconnect is not None:
-                self._on_reconnect("error")
+                self._on_reconnect("error", exc)
             return not self._stop.wait(delay)
         position = self._on_error(kind, exc, self.position)
         if position is None:
             return False
         self.position = position
         if self._on_reconnect is not None:
-            self._on_reconnect(kind.value)
+            self._on_reconnect(kind.value, exc)
         return True

@@ -12,6 +12,7 @@ import mongomock
 import pymongo
 import pytest
 
+import mongo_events as me
 from mongo_events.testing import FakeReplicaSet
 
 # mongomock 4.3 does not accept the `sort` keyword pymongo 4.11+ passes to bulk updates.
@@ -25,6 +26,26 @@ for _name in ("add_update", "add_replace"):
     setattr(_builder, _name, _shim)
 
 CLIENT_OPTIONS: dict[str, Any] = {"serverSelectionTimeoutMS": 5000, "connectTimeoutMS": 2000, "heartbeatFrequencyMS": 500}
+
+
+@pytest.fixture
+def make_bus() -> Iterator[Callable[..., me.Bus]]:
+    """Builds buses with the FAST options and stops every one of them after the test."""
+    from .helpers import FAST
+
+    buses: list[me.Bus] = []
+
+    def make(target: Any, **options: Any) -> me.Bus:
+        bus = me.Bus(target, **{**FAST, **options})
+        buses.append(bus)
+        return bus
+
+    yield make
+    for bus in buses:
+        try:
+            bus.stop(timeout=5)
+        except me.ShutdownTimeout:
+            pass
 
 
 @pytest.fixture

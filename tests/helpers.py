@@ -6,6 +6,13 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import mongo_events as me
+
+#: Bus options that make tests quick: short getMore waits and flushes.
+FAST: dict[str, Any] = {"max_await_time": 0.05, "flush_interval": 0.05, "start_timeout": 5.0}
+#: Retry delays of a few milliseconds.
+QUICK = me.RetryBackoff(min=0.001, max=0.01)
+
 
 class Recorder:
     """Collects values from callbacks; ``wait(n)`` blocks on a condition until n arrived."""

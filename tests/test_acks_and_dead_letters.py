@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -15,27 +14,7 @@ import mongo_events as me
 from mongo_events.testing import FakeReplicaSet
 
 from .conftest import wait_for
-from .helpers import Recorder
-
-FAST = {"max_await_time": 0.05, "flush_interval": 0.05, "start_timeout": 5.0}
-QUICK = me.RetryBackoff(min=0.001, max=0.01)
-
-
-@pytest.fixture
-def make_bus() -> Iterator[Callable[..., me.Bus]]:
-    buses: list[me.Bus] = []
-
-    def make(target: Any, **options: Any) -> me.Bus:
-        bus = me.Bus(target, **{**FAST, **options})
-        buses.append(bus)
-        return bus
-
-    yield make
-    for bus in buses:
-        try:
-            bus.stop(timeout=5)
-        except me.ShutdownTimeout:
-            pass
+from .helpers import QUICK, Recorder
 
 
 @dataclasses.dataclass

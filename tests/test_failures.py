@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pymongo
@@ -14,28 +13,7 @@ import mongo_events as me
 from mongo_events.testing import FakeReplicaSet
 
 from .conftest import CLIENT_OPTIONS
-from .helpers import Recorder
-
-FAST = {"max_await_time": 0.05, "flush_interval": 0.05, "start_timeout": 5.0}
-QUICK = me.RetryBackoff(min=0.001, max=0.01)
-
-
-@pytest.fixture
-def make_bus() -> Iterator[Callable[..., me.Bus]]:
-    buses: list[me.Bus] = []
-
-    def make(target: Any, **options: Any) -> me.Bus:
-        bus = me.Bus(target, **{**FAST, **options})
-        buses.append(bus)
-        return bus
-
-    yield make
-    for bus in buses:
-        try:
-            bus.stop(timeout=5)
-        except me.ShutdownTimeout:
-            pass
-
+from .helpers import QUICK, Recorder
 
 # -- classification ---------------------------------------------------------------------
 
@@ -224,26 +202,26 @@ def test_stop_during_retries_interrupts_the_wait_and_the_event_is_redelivered(cl
 
 def test_network_drops_reopen_and_lose_nothing(fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any) -> None:
     rec = Recorder()
-    reconnects: list[str] = []
     bus = make_bus(client.shop.orders, max_workers=2)
     bus.subscribe(lambda ev: rec.add(ev.document_id))
     bus.start()
     client.shop.orders.insert_many([{"_id": i} for i in range(5)])
     rec.wait(5)
-    # pymongo retries once by itself; dropping the retry too makes the watcher reopen.
+    # pymongo resumes once by itself, and retries a read once after a network or
+    # shutdown error: failing those too makes each error reach the watcher.
     fake_rs.drop_connection("getMore")
-    fake_rs.drop_connection("aggregate")
+    fake_rs.drop_connection("aggregate", times=2)
     client.shop.orders.insert_many([{"_id": i} for i in range(5, 10)])
     fake_rs.fail("getMore", code=43, message="cursor not found")
     fake_rs.fail("aggregate", code=43, message="cursor not found")
     client.shop.orders.insert_many([{"_id": i} for i in range(10, 15)])
     fake_rs.fail("getMore", code=91, message="shutdown", labels=["ResumableChangeStreamError"])
-    fake_rs.fail("aggregate", code=91, message="shutdown", labels=["ResumableChangeStreamError"])
+    fake_rs.fail("aggregate", code=91, message="shutdown", labels=["ResumableChangeStreamError"], times=2)
     client.shop.orders.insert_many([{"_id": i} for i in range(15, 20)])
     got = rec.wait(20)
     assert sorted(got) == list(range(20))
     assert fake_rs.command_count("aggregate") >= 4
-    del reconnects
+    assert bus.reconnections == 3  # each of the three errors reached the watcher
 
 
 def test_step_down_reconnects_and_loses_nothing(fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any) -> None:

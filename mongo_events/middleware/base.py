@@ -36,6 +36,9 @@ class Middleware:
     def after_skip(self, delivery: Delivery, error: BaseException) -> None:
         """Called when an exhausted event was skipped (``on_exhausted="skip"``)."""
 
+    def after_give_up(self, delivery: Delivery, error: BaseException) -> None:
+        """Called when an exhausted event stops the bus (``on_exhausted="stop"``, no dead-letter store)."""
+
 
 def run_before(chain: Sequence[Middleware], delivery: Delivery) -> None:
     for mw in chain:

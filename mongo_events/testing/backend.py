@@ -553,8 +553,27 @@ def _cursor_reply(backend: Backend, ns: str, docs: list[dict[str, Any]], batch_s
     return {"cursor": {key: first, "id": Int64(cid), "ns": ns}}
 
 
+_OPLOG_OPS = {"insert": "i", "update": "u", "replace": "u", "delete": "d"}
+
+
+def _find_oplog(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    """``local.oplog.rs`` read in natural order (enough to find the oldest and newest entry)."""
+    with backend.lock:
+        entries = list(backend.oplog.entries)
+    if (body.get("sort") or {}).get("$natural") == -1:
+        entries.reverse()
+    limit = abs(body.get("limit") or 0)
+    docs = [
+        {"ts": e.ts, "wall": e.wall, "op": _OPLOG_OPS.get(e.op, "c"), "ns": f"{e.db}.{e.coll}" if e.coll else f"{e.db}.$cmd"}
+        for e in (entries[:limit] if limit else entries)
+    ]
+    return _cursor_reply(backend, "local.oplog.rs", docs, body.get("batchSize"), True)
+
+
 @command("find")
 def _find(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    if body.get("$db") == "local" and body.get("find") == "oplog.rs":
+        return _find_oplog(backend, body)
     coll = _coll(backend, body, "find")
     with backend.lock:
         direct = None if body.get("projection") or body.get("skip") else _by_id(coll, body.get("filter") or {})

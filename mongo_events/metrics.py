@@ -1,0 +1,235 @@
+"""OpenTelemetry metrics: the seed's instruments, plus checkpoint age and oplog headroom.
+
+Only the OpenTelemetry *API* is used (the ``otel`` extra), imported when a
+:class:`Metrics` is created: the library never creates SDK providers, readers
+or threads. Set up the SDK in your application (after the server forks, under
+gunicorn) and pass a :class:`Metrics` to each bus.
+
+Every recording is guarded: a broken instrument, provider or exporter is
+logged once and never stops event handling.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from .delivery import Delivery
+from .errors import ConfigurationError
+from .middleware.base import Middleware
+
+if TYPE_CHECKING:
+    from .bus import Bus
+
+__all__ = ["Metrics", "LAG_BUCKETS", "DURATION_BUCKETS"]
+
+log = logging.getLogger(__name__)
+
+#: Explicit histogram buckets (seconds) of the lag histograms, as in the seed.
+LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+#: Explicit histogram buckets (seconds) of ``mongodb.handler.duration``, as in the seed.
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+_NAMESPACE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
+
+
+def _seconds_since(wall: datetime | None, cluster_time: Any) -> float | None:
+    """Seconds from an event's wall time (or, failing that, its cluster time) to now, >= 0."""
+    if wall is not None:
+        if wall.tzinfo is None:
+            wall = wall.replace(tzinfo=timezone.utc)
+        return max(0.0, time.time() - wall.timestamp())
+    seconds = getattr(cluster_time, "time", None)
+    if isinstance(seconds, int) and seconds > 0:
+        return max(0.0, time.time() - seconds)
+    return None
+
+
+class Metrics(Middleware):
+    """OpenTelemetry instruments for one or more buses (pass as ``Bus(metrics=...)``).
+
+    ============================== ========================== =========================================
+    instrument                     kind, unit                 attributes
+    ============================== ========================== =========================================
+    ``mongodb.changes.processed``  counter ``{event}``        ``event``, ``operation``, ``namespace``
+    ``mongodb.changes.failed``     counter ``{event}``        same (each failed attempt)
+    ``mongodb.changes.retries``    counter ``{event}``        same (each retry scheduled)
+    ``mongodb.changes.dead_lettered`` counter ``{event}``     same (dead-lettered or skipped)
+    ``mongodb.oplog.lag``          histogram ``s``            ``event``, ``namespace``
+    ``mongodb.handler.duration``   histogram ``s``            ``event``, ``operation``, ``namespace``
+    ``mongodb.changes.pending``    observable gauge           ``namespace`` (ack store, else window)
+    ``mongodb.stream.active``      up-down counter            ``namespace``
+    ``mongodb.stream.reconnections`` counter                  ``namespace``, ``reason``
+    ``mongodb.stream.receive_lag`` histogram ``s``            ``namespace``
+    ``mongodb.checkpoint.age``     observable gauge ``s``     ``namespace``
+    ``mongodb.oplog.headroom``     observable gauge ``s``     ``namespace`` (absent when unreadable)
+    ============================== ========================== =========================================
+
+    Handler metrics carry the event's own namespace (``db.coll``); stream metrics carry
+    the watched one (``db.coll``, ``db.*`` or ``*.*``). ``event`` is the subscription name.
+
+    :param meter_provider: an OpenTelemetry ``MeterProvider`` (default: the global one).
+    :param namespace: prefixes every name (``orders`` gives ``orders.mongodb.changes.processed``,
+        which Prometheus exports as ``orders_mongodb_changes_processed_total``).
+    :raises ConfigurationError: when ``opentelemetry-api`` is missing or the namespace is invalid.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(self, meter_provider: Any = None, namespace: str | None = None) -> None:
+        try:
+            from opentelemetry import metrics as otel_metrics
+        except ImportError as exc:  # pragma: no cover - the test extra installs it
+            raise ConfigurationError("Metrics needs the OpenTelemetry API: pip install 'mongo-events[otel]'") from exc
+        if namespace is not None and not _NAMESPACE_RE.match(namespace):
+            raise ConfigurationError(f"metrics namespace must be a letter then letters, digits or _, got {namespace!r}")
+        from . import __version__
+
+        self.namespace = namespace
+        provider = meter_provider if meter_provider is not None else otel_metrics.get_meter_provider()
+        self._meter = provider.get_meter("mongo_events", __version__)
+        self._observation = otel_metrics.Observation
+        self._buses: list[Bus] = []
+        self._buses_lock = threading.Lock()
+        self._warned: set[str] = set()
+        name = self._name
+        m = self._meter
+        self.processed = m.create_counter(name("mongodb.changes.processed"), unit="{event}", description="Change events a callback handled")
+        self.failed = m.create_counter(name("mongodb.changes.failed"), unit="{event}", description="Callback attempts that raised")
+        self.retries = m.create_counter(name("mongodb.changes.retries"), unit="{event}", description="Retries scheduled after a failed attempt")
+        self.dead_lettered = m.create_counter(
+            name("mongodb.changes.dead_lettered"), unit="{event}", description="Events given up on (dead-lettered or skipped)"
+        )
+        self.oplog_lag = self._histogram(name("mongodb.oplog.lag"), "Time from the change's cluster time to its callback starting", LAG_BUCKETS)
+        self.handler_duration = self._histogram(name("mongodb.handler.duration"), "Callback duration", DURATION_BUCKETS)
+        self.receive_lag = self._histogram(name("mongodb.stream.receive_lag"), "Time from the change's cluster time to the bus receiving it", LAG_BUCKETS)
+        self.stream_active = m.create_up_down_counter(name("mongodb.stream.active"), unit="{stream}", description="Open change streams")
+        self.reconnections = m.create_counter(name("mongodb.stream.reconnections"), unit="{reconnection}", description="Change streams reopened")
+        m.create_observable_gauge(name("mongodb.changes.pending"), [self._observe_pending], unit="{event}", description="Events received and not yet done")
+        m.create_observable_gauge(name("mongodb.checkpoint.age"), [self._observe_checkpoint_age], unit="s", description="Now minus the cluster time of the stored checkpoint")
+        m.create_observable_gauge(name("mongodb.oplog.headroom"), [self._observe_headroom], unit="s", description="Seconds of oplog between its oldest entry and the stored checkpoint")
+
+    def _name(self, base: str) -> str:
+        return f"{self.namespace}.{base}" if self.namespace else base
+
+    def _histogram(self, name: str, description: str, buckets: tuple[float, ...]) -> Any:
+        try:
+            return self._meter.create_histogram(name, unit="s", description=description, explicit_bucket_boundaries_advisory=list(buckets))
+        except TypeError:  # opentelemetry-api < 1.23 has no bucket advice
+            return self._meter.create_histogram(name, unit="s", description=description)
+
+    def _broken(self, what: str, exc: BaseException) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            log.warning("metrics: recording %s failed (%r); event handling goes on, further failures are not logged", what, exc)
+
+    # -- the bus attaches itself; observable gauges read from attached buses ---------------------
+
+    def attach(self, bus: Bus) -> None:
+        """Called by the bus at start: its gauges are reported until :meth:`detach`."""
+        with self._buses_lock:
+            if bus not in self._buses:
+                self._buses.append(bus)
+
+    def detach(self, bus: Bus) -> None:
+        with self._buses_lock:
+            if bus in self._buses:
+                self._buses.remove(bus)
+
+    def _observe(self, what: str, read: Callable[[Bus], float | None]) -> Iterator[Any]:
+        with self._buses_lock:
+            buses = list(self._buses)
+        for bus in buses:
+            try:
+                value = read(bus)
+            except Exception as exc:
+                self._broken(what, exc)
+                continue
+            if value is not None:
+                yield self._observation(value, {"namespace": bus.namespace})
+
+    def _observe_pending(self, options: Any = None) -> Iterable[Any]:
+        return list(self._observe("mongodb.changes.pending", lambda b: b.pending_count()))
+
+    def _observe_checkpoint_age(self, options: Any = None) -> Iterable[Any]:
+        return list(self._observe("mongodb.checkpoint.age", lambda b: b.checkpoint_age()))
+
+    def _observe_headroom(self, options: Any = None) -> Iterable[Any]:
+        return list(self._observe("mongodb.oplog.headroom", lambda b: b.oplog_headroom()))
+
+    # -- stream events (called by the bus's watcher thread) ------------------------------------------
+
+    def stream_opened(self, namespace: str) -> None:
+        try:
+            self.stream_active.add(1, {"namespace": namespace})
+        except Exception as exc:
+            self._broken("mongodb.stream.active", exc)
+
+    def stream_closed(self, namespace: str) -> None:
+        try:
+            self.stream_active.add(-1, {"namespace": namespace})
+        except Exception as exc:
+            self._broken("mongodb.stream.active", exc)
+
+    def reconnected(self, namespace: str, reason: str) -> None:
+        try:
+            self.reconnections.add(1, {"namespace": namespace, "reason": reason})
+        except Exception as exc:
+            self._broken("mongodb.stream.reconnections", exc)
+
+    def received(self, namespace: str, wall_time: datetime | None, cluster_time: Any) -> None:
+        lag = _seconds_since(wall_time, cluster_time)
+        if lag is None:
+            return
+        try:
+            self.receive_lag.record(lag, {"namespace": namespace})
+        except Exception as exc:
+            self._broken("mongodb.stream.receive_lag", exc)
+
+    # -- handler events (middleware hooks, on worker threads) -----------------------------------------
+
+    @staticmethod
+    def _attributes(delivery: Delivery) -> dict[str, str]:
+        event = delivery.event
+        return {"event": delivery.subscription, "operation": str(event.operation_type), "namespace": event.namespace}
+
+    def before_delivery(self, delivery: Delivery) -> None:
+        if delivery.replay:
+            return
+        lag = _seconds_since(delivery.event.wall_time, delivery.cluster_time)
+        if lag is None:
+            return
+        try:
+            self.oplog_lag.record(lag, {"event": delivery.subscription, "namespace": delivery.event.namespace})
+        except Exception as exc:
+            self._broken("mongodb.oplog.lag", exc)
+
+    def after_delivery(self, delivery: Delivery, error: BaseException | None, duration: float) -> None:
+        attributes = self._attributes(delivery)
+        try:
+            self.handler_duration.record(duration, attributes)
+            (self.processed if error is None else self.failed).add(1, attributes)
+        except Exception as exc:
+            self._broken("mongodb.changes.processed", exc)
+
+    def after_retry_scheduled(self, delivery: Delivery, error: BaseException, delay: float) -> None:
+        try:
+            self.retries.add(1, self._attributes(delivery))
+        except Exception as exc:
+            self._broken("mongodb.changes.retries", exc)
+
+    def after_dead_letter(self, delivery: Delivery, error: BaseException) -> None:
+        try:
+            self.dead_lettered.add(1, self._attributes(delivery))
+        except Exception as exc:
+            self._broken("mongodb.changes.dead_lettered", exc)
+
+    after_skip = after_dead_letter
+
+    def __repr__(self) -> str:
+        return f"<Metrics namespace={self.namespace!r}>"

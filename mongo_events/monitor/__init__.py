@@ -1,0 +1,24 @@
+"""The monitor: one entry per (event, subscription), its stores, middleware and HTTP API."""
+
+from __future__ import annotations
+
+from .middleware import MonitorMiddleware
+from .mongodb import MongoMonitorStore
+from .records import EventSummary, MonitorEntry, MonitorFilter, MonitorPage, MonitorStatus, MonitorSummary
+from .store import MemoryMonitorStore, MonitorStore
+from .wsgi import parse_duration, wsgi_app
+
+__all__ = [
+    "MonitorStore",
+    "MemoryMonitorStore",
+    "MongoMonitorStore",
+    "MonitorMiddleware",
+    "MonitorEntry",
+    "MonitorFilter",
+    "MonitorPage",
+    "MonitorStatus",
+    "MonitorSummary",
+    "EventSummary",
+    "wsgi_app",
+    "parse_duration",
+]

@@ -1,0 +1,167 @@
+"""The monitor middleware: records each delivery's lifecycle, written in batches by the flusher."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from typing import Any
+
+import attrs
+
+from ..delivery import Delivery
+from ..middleware.base import Middleware
+from .records import MonitorEntry, MonitorStatus, now_ms
+from .store import MonitorStore
+
+__all__ = ["MonitorMiddleware"]
+
+log = logging.getLogger(__name__)
+
+
+def _span_ids() -> tuple[str | None, str | None]:
+    try:
+        from opentelemetry import trace
+    except ImportError:  # pragma: no cover - the otel extra is optional
+        return None, None
+    context = trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return None, None
+    return f"{context.trace_id:032x}", f"{context.span_id:016x}"
+
+
+def _error_text(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"[:2000]
+
+
+class MonitorMiddleware(Middleware):
+    """Records pending → retrying → completed / failed per (event, subscription).
+
+    Pass a store as ``Bus(monitor=store)`` (the bus builds this middleware, runs it
+    outermost and writes its batches from the flusher thread), or build it yourself
+    for options. Monitoring is best effort: a failed write is logged and retried with
+    the next batch; past ``max_buffered`` unwritten entries the oldest are dropped,
+    counted in :attr:`dropped`, and logged. Events themselves are never affected.
+
+    :param store: where entries go.
+    :param instance_id: this process in entries (default ``"<host>:<pid>"``).
+    :param max_buffered: most entries held while the store cannot be written.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(self, store: MonitorStore, *, instance_id: str | None = None, max_buffered: int = 100_000) -> None:
+        self.store = store
+        self._instance_id = instance_id
+        self.max_buffered = max_buffered
+        self._active: dict[tuple[str, str], MonitorEntry] = {}
+        self._dirty: dict[tuple[str, str], MonitorEntry] = {}
+        self._lock = threading.Lock()
+        self.dropped = 0
+        #: Batch writes so far (for tests and the benchmark).
+        self.writes = 0
+
+    @property
+    def instance_id(self) -> str:
+        # Computed lazily so that a middleware built before a fork names the child.
+        return self._instance_id or f"{socket.gethostname()}:{os.getpid()}"
+
+    def before_delivery(self, delivery: Delivery) -> None:
+        key = (delivery.event_id, delivery.subscription)
+        trace_id, span_id = _span_ids()
+        with self._lock:
+            entry = self._active.get(key)
+            if entry is None:
+                event = delivery.event
+                metadata: dict[str, Any] = {"operation": str(event.operation_type), "document_key": event.document_key}
+                if delivery.replay:
+                    metadata["replay"] = True
+                entry = MonitorEntry(
+                    event_id=delivery.event_id,
+                    subscription_id=delivery.subscription,
+                    event_name=event.namespace,
+                    bus_id=delivery.bus,
+                    status=MonitorStatus.PENDING if delivery.attempt == 1 else MonitorStatus.RETRYING,
+                    started_at=now_ms(),
+                    instance_id=self.instance_id,
+                    trace_id=trace_id,
+                    span_id=span_id,
+                    metadata=metadata,
+                )
+                self._active[key] = entry
+            entry.retry_count = delivery.attempt - 1
+            if delivery.attempt > 1:
+                entry.status = MonitorStatus.RETRYING
+            self._dirty[key] = entry
+
+    def after_delivery(self, delivery: Delivery, error: BaseException | None, duration: float) -> None:
+        key = (delivery.event_id, delivery.subscription)
+        with self._lock:
+            entry = self._active.get(key)
+            if entry is None:
+                return
+            entry.duration_ms = round(duration * 1000, 3)
+            if error is not None:
+                entry.error = _error_text(error)
+            if error is None or delivery.replay:  # a replay is one attempt: it completes or fails
+                entry.status = MonitorStatus.COMPLETED if error is None else MonitorStatus.FAILED
+                entry.completed_at = now_ms()
+                del self._active[key]
+            else:
+                entry.status = MonitorStatus.RETRYING
+            self._dirty[key] = entry
+        if delivery.replay:
+            self._write_now(entry)
+
+    def _failed(self, delivery: Delivery, error: BaseException) -> None:
+        key = (delivery.event_id, delivery.subscription)
+        with self._lock:
+            entry = self._active.pop(key, None)
+            if entry is None:
+                return
+            entry.status = MonitorStatus.FAILED
+            entry.error = _error_text(error)
+            entry.completed_at = now_ms()
+            self._dirty[key] = entry
+
+    def after_dead_letter(self, delivery: Delivery, error: BaseException) -> None:
+        self._failed(delivery, error)
+
+    def after_skip(self, delivery: Delivery, error: BaseException) -> None:
+        self._failed(delivery, error)
+
+    def after_give_up(self, delivery: Delivery, error: BaseException) -> None:
+        self._failed(delivery, error)
+
+    def _write_now(self, entry: MonitorEntry) -> None:
+        """Replays run outside a bus's flusher: write their entry at once (best effort)."""
+        with self._lock:
+            self._dirty.pop(entry.key, None)
+            snapshot = attrs.evolve(entry, metadata=dict(entry.metadata))
+        try:
+            self.store.write([snapshot])
+        except Exception as exc:
+            log.warning("monitor: could not record replay of %s for %r: %s", entry.event_id, entry.subscription_id, exc)
+
+    def flush(self) -> None:
+        """Write every changed entry in one batch (the bus's flusher calls this)."""
+        with self._lock:
+            if not self._dirty:
+                return
+            batch = {k: attrs.evolve(e, metadata=dict(e.metadata)) for k, e in self._dirty.items()}
+            self._dirty.clear()
+        try:
+            self.store.write(list(batch.values()))
+        except Exception:
+            with self._lock:
+                for key, entry in batch.items():
+                    self._dirty.setdefault(key, entry)  # a newer state of the same entry wins
+                excess = len(self._dirty) - self.max_buffered
+                if excess > 0:
+                    for key in list(self._dirty)[:excess]:
+                        del self._dirty[key]
+                    self.dropped += excess
+                    log.error("monitor: store unavailable; dropped %d unwritten entries (%d so far)", excess, self.dropped)
+            raise
+        self.writes += 1

@@ -1,0 +1,292 @@
+"""The monitor through the bus, and its HTTP API through a WSGI test client."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlsplit
+from wsgiref.util import setup_testing_defaults
+
+import pymongo
+import pytest
+
+import mongo_events as me
+from mongo_events.monitor import (
+    MemoryMonitorStore,
+    MongoMonitorStore,
+    MonitorEntry,
+    MonitorMiddleware,
+    MonitorStatus,
+    MonitorStore,
+    parse_duration,
+    wsgi_app,
+)
+from mongo_events.monitor.records import now_ms
+
+from .conftest import wait_for
+from .helpers import QUICK, Recorder
+
+
+class Client:
+    """A minimal WSGI test client: ``get``/``delete``/``post`` return (status code, JSON body)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def request(self, method: str, url: str) -> tuple[int, Any, dict[str, str]]:
+        parts = urlsplit(url)
+        environ: dict[str, Any] = {"REQUEST_METHOD": method, "PATH_INFO": parts.path, "QUERY_STRING": parts.query}
+        setup_testing_defaults(environ)
+        captured: dict[str, Any] = {}
+
+        def start_response(status: str, headers: list[tuple[str, str]]) -> None:
+            captured["status"] = int(status.split(maxsplit=1)[0])
+            captured["headers"] = dict(headers)
+
+        body = b"".join(self.app(environ, start_response))
+        assert captured["headers"]["Content-Type"] == "application/json"
+        return captured["status"], json.loads(body), captured["headers"]
+
+    def get(self, url: str) -> tuple[int, Any]:
+        return self.request("GET", url)[:2]
+
+    def delete(self, url: str) -> tuple[int, Any]:
+        return self.request("DELETE", url)[:2]
+
+
+# -- the monitor through the bus ---------------------------------------------------------------
+
+
+def test_entries_follow_each_delivery(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    store = MongoMonitorStore(client.internal)
+    seen = Recorder()
+    letters = me.MemoryDeadLetterStore()
+    bus = make_bus(client.shop.orders, monitor=store, dead_letters=letters)
+    failures: dict[int, int] = {}
+
+    @bus.subscribe(name="orders", max_retries=2, retry_backoff=QUICK)
+    def handle(ev: me.ChangeEvent) -> None:
+        key = ev.document_id
+        if key in (2, 3):
+            failures[key] = failures.get(key, 0) + 1
+            if key == 3 or failures[key] == 1:
+                raise ValueError(f"cannot handle {key}")
+        seen.add(key)
+
+    bus.start()
+    client.shop.orders.insert_many([{"_id": i} for i in (1, 2, 3)])
+    assert wait_for(lambda: letters.count() == 1)
+    seen.wait(2)
+    assert bus.join(5) and bus.flush()
+    entries = {e.metadata["document_key"]["_id"]: e for e in store.list().entries}
+    assert entries[1].status is MonitorStatus.COMPLETED and entries[1].retry_count == 0 and entries[1].error is None
+    assert entries[2].status is MonitorStatus.COMPLETED and entries[2].retry_count == 1
+    assert entries[2].error == "ValueError: cannot handle 2"  # kept after the later success
+    assert entries[3].status is MonitorStatus.FAILED and entries[3].retry_count == 2
+    for e in entries.values():
+        assert e.subscription_id == "orders" and e.event_name == "shop.orders" and e.bus_id == bus.name
+        assert e.completed_at is not None and e.duration_ms is not None and e.instance_id
+        assert e.metadata["operation"] == "insert"
+    assert store.stuck_pending_count(timedelta(0)) == 0
+    # Batched: far fewer writes than the dozen lifecycle changes.
+    assert bus.monitor is not None and 1 <= bus.monitor.writes < 12
+
+
+def test_a_running_callback_shows_as_pending(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    store = MemoryMonitorStore()
+    release = threading.Event()
+    started = Recorder()
+    bus = make_bus(client.shop.orders, monitor=store)
+
+    @bus.subscribe
+    def slow(ev: me.ChangeEvent) -> None:
+        started.add(ev.id)
+        release.wait(10)
+
+    bus.start()
+    client.shop.orders.insert_one({"_id": 1})
+    (event_id,) = started.wait(1)
+    assert wait_for(lambda: store.count() == 1)
+    (entry,) = store.get_by_event_id(event_id)
+    assert entry.status is MonitorStatus.PENDING and entry.completed_at is None
+    release.set()
+    assert wait_for(lambda: (store.get_by_event_id(event_id) or [entry])[0].status is MonitorStatus.COMPLETED)
+
+
+def test_an_exhausted_event_that_stops_the_bus_is_recorded_failed(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    store = MemoryMonitorStore()
+    bus = make_bus(client.shop.orders, monitor=store)
+
+    @bus.subscribe(max_retries=0)
+    def fail(ev: me.ChangeEvent) -> None:
+        raise RuntimeError("nope")
+
+    bus.start()
+    client.shop.orders.insert_one({"_id": 1})
+    assert wait_for(lambda: bus.state is me.BusState.FAILED)
+    (entry,) = store.list().entries
+    assert entry.status is MonitorStatus.FAILED and entry.error == "RuntimeError: nope"
+
+
+def test_monitor_outage_never_touches_events(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    class Down(MemoryMonitorStore):
+        def write(self, entries: Any) -> None:
+            raise me.StoreError("monitor store is down")
+
+    monitor = MonitorMiddleware(Down(), max_buffered=3)
+    seen = Recorder()
+    bus = make_bus(client.shop.orders, monitor=monitor)
+    bus.subscribe(lambda ev: seen.add(ev.document_id))
+    bus.start()
+    client.shop.orders.insert_many([{"_id": i} for i in range(10)])
+    assert sorted(seen.wait(10)) == list(range(10))
+    assert bus.join(5)
+    assert wait_for(lambda: monitor.dropped == 7)  # bounded: only the newest 3 are kept
+    assert bus.checkpoint is not None and bus.flush() is False  # the flush reports the failed task
+
+
+def test_replay_is_recorded_at_once(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    store = MemoryMonitorStore()
+    letters = me.MemoryDeadLetterStore()
+    bus = make_bus(client.shop.orders, monitor=store, dead_letters=letters)
+    fixed = threading.Event()
+
+    @bus.subscribe(name="orders", max_retries=0)
+    def handle(ev: me.ChangeEvent) -> None:
+        if not fixed.is_set():
+            raise RuntimeError("bug")
+
+    bus.start()
+    client.shop.orders.insert_one({"_id": 1})
+    assert wait_for(lambda: letters.count() == 1)
+    bus.stop()
+    fixed.set()
+    result = me.DeadLetters(letters, bus).replay()
+    assert result.replayed == 1
+    (entry,) = store.list().entries
+    assert entry.status is MonitorStatus.COMPLETED and entry.metadata.get("replay") is True
+
+
+# -- the HTTP API ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def api() -> tuple[Client, MemoryMonitorStore]:
+    store = MemoryMonitorStore()
+    now = now_ms()
+    store.write([
+        MonitorEntry("e1", "a", "shop.orders", "bus", MonitorStatus.COMPLETED, now - timedelta(minutes=3), "h:1", duration_ms=4.0),
+        MonitorEntry("e1", "b", "shop.orders", "bus", MonitorStatus.FAILED, now - timedelta(minutes=2), "h:1", error="boom", retry_count=5),
+        MonitorEntry("e2", "a", "shop.users", "bus", MonitorStatus.PENDING, now - timedelta(minutes=1), "h:2"),
+        MonitorEntry("old", "a", "shop.orders", "bus", MonitorStatus.COMPLETED, now - timedelta(days=3), "h:1"),
+    ])
+    return Client(wsgi_app(store)), store
+
+
+def test_list_filters_and_pages(api: tuple[Client, MemoryMonitorStore]) -> None:
+    c, _ = api
+    status, body = c.get("/v1/monitor/entries")
+    assert status == 200 and [e["event_id"] for e in body["entries"]] == ["old", "e1", "e1", "e2"]
+    assert body["has_more"] is False and body["next_cursor"] is None
+    assert body["entries"][1]["started_at"].endswith("Z") and body["entries"][1]["status"] == "completed"
+    status, body = c.get("/v1/monitor/entries?status=failed&status=pending&has_error=1")
+    assert [e["event_id"] for e in body["entries"]] == ["e1"]
+    status, body = c.get("/v1/monitor/entries?event_name=shop.users&order_desc=true")
+    assert [e["event_id"] for e in body["entries"]] == ["e2"]
+    status, body = c.get("/v1/monitor/entries?min_duration=2ms&min_retries=0")
+    assert [e["subscription_id"] for e in body["entries"]] == ["a"]
+    status, body = c.get("/v1/monitor/entries?limit=2")
+    assert len(body["entries"]) == 2 and body["has_more"]
+    status, rest = c.get(f"/v1/monitor/entries?limit=2&cursor={body['next_cursor']}")
+    assert [(e["event_id"], e["subscription_id"]) for e in rest["entries"]] == [("e1", "b"), ("e2", "a")]
+
+
+def test_get_count_summary(api: tuple[Client, MemoryMonitorStore]) -> None:
+    c, _ = api
+    assert c.get("/v1/monitor/entries/e1") == (200, {"entries": c.get("/v1/monitor/entries?event_id=e1")[1]["entries"]})
+    status, body = c.get("/v1/monitor/entries/e1/b")
+    assert status == 200 and body["entry"]["error"] == "boom" and body["entry"]["retry_count"] == 5
+    assert c.get("/v1/monitor/entries/e1/zzz") == (404, {"error": "entry not found"})
+    assert c.get("/v1/monitor/entries/count") == (200, {"count": 4})
+    assert c.get("/v1/monitor/entries/count?bus_id=bus&instance_id=h:2") == (200, {"count": 1})
+    status, body = c.get("/v1/monitor/summary")
+    assert status == 200 and body["total_entries"] == 3  # the last 24 hours
+    assert body["by_status"] == {"completed": 1, "failed": 1, "pending": 1}
+    assert body["by_event_name"]["shop.orders"]["error_rate"] == 0.5
+
+
+def test_delete_needs_force_under_a_day(api: tuple[Client, MemoryMonitorStore]) -> None:
+    c, store = api
+    status, body = c.delete("/v1/monitor/entries?older_than=1h")
+    assert status == 400 and "force=true" in body["error"]
+    assert c.delete("/v1/monitor/entries?older_than=-5s")[0] == 400
+    assert c.delete("/v1/monitor/entries?older_than=soon")[0] == 400
+    assert c.delete("/v1/monitor/entries") == (200, {"deleted": 1})  # default 24h
+    assert c.delete("/v1/monitor/entries?older_than=90s&force=true") == (200, {"deleted": 2})
+    assert store.count() == 1  # the entry one minute old stays
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("/v1/monitor/entries?start_time=yesterday", "RFC 3339"),
+        ("/v1/monitor/entries?end_time=2026-13-01T00:00:00Z", "RFC 3339"),
+        ("/v1/monitor/entries?has_error=maybe", "has_error"),
+        ("/v1/monitor/entries?status=lost", "status must be one of"),
+        ("/v1/monitor/entries?limit=ten", "limit must be an integer"),
+        ("/v1/monitor/entries?limit=0", "limit must be at least 1"),
+        ("/v1/monitor/entries?min_duration=fast", "min_duration"),
+        ("/v1/monitor/entries?cursor=%%%", "cursor"),
+        ("/v1/monitor/entries/count?min_retries=-1", "min_retries"),
+        ("/v1/monitor/summary?start_time=bad", "RFC 3339"),
+    ],
+)
+def test_bad_parameters_are_400_with_a_reason(api: tuple[Client, MemoryMonitorStore], url: str, needle: str) -> None:
+    status, body = api[0].get(url)
+    assert status == 400 and needle in body["error"]
+
+
+def test_wrong_method_and_unknown_route(api: tuple[Client, MemoryMonitorStore]) -> None:
+    c, _ = api
+    status, body, headers = c.request("POST", "/v1/monitor/entries")
+    assert (status, body) == (405, {"error": "method not allowed"}) and headers["Allow"] == "GET, DELETE"
+    assert c.delete("/v1/monitor/summary")[0] == 405
+    assert c.delete("/v1/monitor/entries/e1")[0] == 405
+    assert c.get("/v1/nothing")[0] == 404
+    assert c.get("/v1/health") == (404, {"error": "no health source configured"})
+
+
+def test_store_failure_is_a_500() -> None:
+    class Broken(MemoryMonitorStore):
+        def count(self, filter: Any = None) -> int:
+            raise me.StoreError("database unreachable")
+
+    status, body = Client(wsgi_app(Broken())).get("/v1/monitor/entries/count")
+    assert status == 500 and "database unreachable" in body["error"]
+
+
+def test_health_route_serves_bus_health(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    bus = make_bus(client.shop.orders)
+    bus.subscribe(lambda ev: None)
+    c = Client(wsgi_app(MemoryMonitorStore(), health=bus.health))
+    status, body = c.get("/v1/health")
+    assert status == 503 and body["status"] == "unhealthy" and body["state"] == "new"
+    bus.start()
+    assert wait_for(lambda: c.get("/v1/health")[0] == 200)
+    assert c.get("/v1/health")[1]["stream_active"] is True
+    assert c.request("POST", "/v1/health")[0] == 405
+
+
+def test_parse_duration() -> None:
+    assert parse_duration("1h30m") == timedelta(minutes=90)
+    assert parse_duration("250ms") == timedelta(milliseconds=250)
+    assert parse_duration("7d") == timedelta(days=7)
+    assert parse_duration("45") == timedelta(seconds=45)
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration("1h foo")
+
+
+def test_stores_are_interchangeable() -> None:
+    assert issubclass(MemoryMonitorStore, MonitorStore) and issubclass(MongoMonitorStore, MonitorStore)

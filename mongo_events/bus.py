@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
@@ -391,6 +392,7 @@ class Bus:
         """
 
         def register(fn: F) -> F:
+            self._check_pid()
             if self._state is not BusState.NEW and self._state is not BusState.STOPPED:
                 raise BusStateError("subscribe() before start(): this bus is already running")
             sub = Subscription(
@@ -427,6 +429,7 @@ class Bus:
         :raises StoreError: when the stored checkpoint cannot be read.
         """
         self._check_pid()
+        self._check_runtime()
         with self._state_lock:
             if self._state not in (BusState.NEW, BusState.STOPPED):
                 raise BusStateError(f"bus {self.name!r} is {self._state.value}; start() needs a new or stopped bus")
@@ -501,6 +504,9 @@ class Bus:
         :raises ShutdownTimeout: when callbacks were still running at the deadline
             (the checkpoint written is still correct; they will be redelivered).
         """
+        if os.getpid() != self._pid:
+            log.warning("bus %s: stop() in forked process %d ignored: the bus runs in process %d", self.name, os.getpid(), self._pid)
+            return
         if self._state in (BusState.NEW, BusState.STOPPED, BusState.FAILED):
             self._stopped.wait(timeout)
             return
@@ -514,6 +520,7 @@ class Bus:
 
         :raises MongoEventsError: the error that made the bus fail, if it did.
         """
+        self._check_pid()
         if self._state in (BusState.NEW, BusState.STOPPED):
             self.start()
         previous: dict[signal.Signals, Any] = {}
@@ -540,6 +547,7 @@ class Bus:
 
         :raises MongoEventsError: the error that made the bus fail, if it did.
         """
+        self._check_pid()
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             target = self._tracker.last_seq
@@ -559,6 +567,7 @@ class Bus:
 
     def flush(self) -> bool:
         """Write the current checkpoint now (normally the flusher does this); True on success."""
+        self._check_pid()
         if self._flusher is None:
             return True
         return self._flusher.flush()
@@ -586,12 +595,31 @@ class Bus:
     # -- internals: lifecycle -----------------------------------------------------------
 
     def _check_pid(self) -> None:
-        if os.getpid() != self._pid and self._state not in (BusState.NEW, BusState.STOPPED):
+        """A bus started in another process (before a fork) cannot be used here: its threads stayed there."""
+        if os.getpid() != self._pid and self._state not in (BusState.NEW, BusState.STOPPED, BusState.FAILED):
             raise BusStateError(
                 f"bus {self.name!r} was started in process {self._pid} and cannot be used in the forked child "
                 f"{os.getpid()}: create and start buses after the server forks (gunicorn post_fork, uWSGI lazy-apps)"
             )
         self._pid = os.getpid()
+
+    def _check_runtime(self) -> None:
+        """Fail fast where background threads cannot run: uWSGI without threads."""
+        uwsgi = sys.modules.get("uwsgi")
+        if uwsgi is None:
+            return
+        opt = getattr(uwsgi, "opt", {}) or {}
+
+        def on(key: str) -> bool:
+            value = opt.get(key)
+            return bool(value) and value not in (b"0", b"false", "0", "false")
+
+        if not (on("enable-threads") or on("threads")):
+            raise ConfigurationError(
+                f"bus {self.name!r} needs threads, and this uWSGI runs without them: its watcher and workers "
+                "would never run. Add enable-threads = true (or threads = N) to the uWSGI configuration, and "
+                "lazy-apps = true so buses start after the fork"
+            )
 
     def _initial_position(self) -> Position:
         if self.token_store is not None:
@@ -994,6 +1022,7 @@ class Bus:
 
     def health(self) -> Health:
         """A snapshot for health probes (also served as ``GET /v1/health`` by the monitor app)."""
+        self._check_pid()
         state = self._state
         if self.metrics is None:
             try:

@@ -19,19 +19,15 @@ from .bus import Bus
 from .delivery import Delivery
 from .events import ChangeEvent, FullDocument
 
-__all__ = ["run_demo", "demo_client"]
+__all__ = ["run_demo", "demo_client", "demo_uri"]
 
 
 @contextlib.contextmanager
-def demo_client(uri: str | None = None, out: TextIO = sys.stderr) -> Iterator[pymongo.MongoClient[Any]]:
-    """A client for ``uri`` (or ``MONGODB_URI``), or for a fake replica set started for the occasion."""
+def demo_uri(uri: str | None = None, out: TextIO = sys.stderr) -> Iterator[str]:
+    """``uri``, else ``MONGODB_URI``, else the URI of a fake replica set started for the occasion."""
     uri = uri or os.environ.get("MONGODB_URI")
     if uri:
-        client: pymongo.MongoClient[Any] = pymongo.MongoClient(uri)
-        try:
-            yield client
-        finally:
-            client.close()
+        yield uri
         return
     try:
         from .testing import FakeReplicaSet
@@ -39,7 +35,14 @@ def demo_client(uri: str | None = None, out: TextIO = sys.stderr) -> Iterator[py
         raise SystemExit("the demo needs MONGODB_URI or the fake replica set: pip install 'mongo-events[testing]'") from exc
     with FakeReplicaSet() as rs:
         print(f"MONGODB_URI is not set: using the built-in fake replica set at {rs.uri}", file=out)
-        client = pymongo.MongoClient(rs.uri)
+        yield rs.uri
+
+
+@contextlib.contextmanager
+def demo_client(uri: str | None = None, out: TextIO = sys.stderr) -> Iterator[pymongo.MongoClient[Any]]:
+    """A client for :func:`demo_uri`."""
+    with demo_uri(uri, out) as resolved:
+        client: pymongo.MongoClient[Any] = pymongo.MongoClient(resolved)
         try:
             yield client
         finally:

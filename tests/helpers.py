@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -41,3 +43,9 @@ class Recorder:
     def __len__(self) -> int:
         with self._cond:
             return len(self.items)
+
+
+def stop_gracefully(proc: subprocess.Popen[str], timeout: float = 20.0) -> int:
+    """SIGTERM a long-running command, as a process manager would; returns its exit code."""
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout)

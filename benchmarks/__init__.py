@@ -1,0 +1,1 @@
+"""Benchmarks for mongo-events: ``python -m benchmarks [--quick] [--json]``."""

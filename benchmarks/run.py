@@ -1,0 +1,288 @@
+"""Delivery speed of mongo-events against the raw driver, measured side by side.
+
+The fake replica set runs as its own process (or ``MONGODB_URI`` is used), is
+pre-loaded with N changes of about 1 KB, and every workload reads those same
+changes from the start of the oplog. Workloads alternate over several
+repetitions and the medians are compared, so machine noise hits all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pymongo
+from bson.timestamp import Timestamp
+
+import mongo_events as me
+from mongo_events.monitor import MongoMonitorStore
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTE = "x" * 700
+
+
+@dataclasses.dataclass
+class Item:
+    sku: str
+    qty: int
+    price: float
+
+
+@dataclasses.dataclass
+class Order:
+    _id: int
+    customer: str
+    status: str
+    items: list[Item]
+    note: str
+
+
+@dataclasses.dataclass
+class OrderChange:
+    operation_type: str
+    full_document: Order
+
+
+def document(i: int) -> dict[str, Any]:
+    return {
+        "_id": i,
+        "customer": f"customer-{i % 977}",
+        "status": "new",
+        "items": [{"sku": f"sku-{j}", "qty": j + 1, "price": 9.5 + j} for j in range(3)],
+        "note": NOTE,
+    }
+
+
+class Server:
+    """The fake replica set in its own process, or ``MONGODB_URI``."""
+
+    def __init__(self, oplog_size: int) -> None:
+        self.proc: subprocess.Popen[str] | None = None
+        uri = os.environ.get("MONGODB_URI")
+        if uri is None:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mongo_events.testing.server", "--port", "0", "--oplog-size", str(oplog_size)],
+                stdout=subprocess.PIPE, text=True, cwd=ROOT,
+            )
+            assert self.proc.stdout is not None
+            uri = self.proc.stdout.readline().strip()
+        self.uri = uri
+
+    def counters(self, client: pymongo.MongoClient[Any]) -> dict[str, int]:
+        if self.proc is None:
+            return {}
+        return dict(client.admin.command({"mongoEventsFake": 1})["counters"])
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def preload(client: pymongo.MongoClient[Any], n: int, coll: str = "orders") -> tuple[Timestamp, Timestamp]:
+    db = client["bench"]
+    start = db.command("ping")["operationTime"]
+    for i in range(0, n, 5000):
+        db[coll].insert_many([document(j) for j in range(i, min(n, i + 5000))], ordered=False)
+    end = db.command("ping")["operationTime"]
+    return Timestamp(start.time, start.inc + 1), end
+
+
+def raw_loop(client: pymongo.MongoClient[Any], n: int, at: Timestamp) -> float:
+    """(a) the ceiling: pymongo alone, decoding to dicts."""
+    t0 = time.perf_counter()
+    seen = 0
+    with client["bench"]["orders"].watch(start_at_operation_time=at, batch_size=1000, max_await_time_ms=100) as stream:
+        while seen < n:
+            if stream.try_next() is not None:
+                seen += 1
+    return n / (time.perf_counter() - t0)
+
+
+def bus_run(client: pymongo.MongoClient[Any], n: int, at: Timestamp, *, typed: bool = False, workers: int = 1, acks: bool = False) -> tuple[float, me.Bus]:
+    """(b)-(e): a bus reading the same changes; returns events/s and the stopped bus."""
+    done = threading.Event()
+    count = [0]
+    lock = threading.Lock()
+    bus = me.Bus(
+        client["bench"]["orders"],
+        resume_token_id=f"bench-{uuid.uuid4().hex[:8]}",
+        resume_token_collection=client["bench_internal"]["_event_resume_tokens"],
+        start_from_past=timedelta(hours=1),
+        batch_size=1000,
+        max_await_time=0.1,
+        max_workers=workers,
+        ack_store=me.MongoAckStore(client["bench_internal"]["_event_acks"]) if acks else None,
+        monitor=MongoMonitorStore(client["bench_internal"], collection=f"monitor_{uuid.uuid4().hex[:8]}") if acks else None,
+    )
+
+    def tick(_: Any) -> None:
+        with lock:
+            count[0] += 1
+            if count[0] >= n:
+                done.set()
+
+    if typed:
+        bus.subscribe(payload=OrderChange)(tick)
+    else:
+        bus.subscribe(tick)
+    # start_from_past begins at a time: skip to the pre-loaded changes exactly.
+    bus.start_from_past = None
+    original = bus._initial_position
+    bus._initial_position = lambda: me.watcher.Position(start_at_operation_time=at) if original().kwargs() == {} else original()  # type: ignore[method-assign]
+    t0 = time.perf_counter()
+    bus.start()
+    if not done.wait(600):
+        raise RuntimeError(f"bus delivered {count[0]} of {n}")
+    elapsed = time.perf_counter() - t0
+    bus.stop()
+    return n / elapsed, bus
+
+
+def latency(client: pymongo.MongoClient[Any], rate: int, seconds: float) -> tuple[float, float]:
+    """Added latency from try_next() returning an event to the callback starting, at ``rate``/s."""
+    samples: list[float] = []
+    got = threading.Event()
+    total = int(rate * seconds)
+
+    class Timed(me.Bus):
+        def _open_stream(self, position: Any) -> Any:
+            stream = super()._open_stream(position)
+            inner = stream.try_next
+
+            def try_next() -> Any:
+                doc = inner()
+                if doc is not None:
+                    doc["_bench_t"] = time.perf_counter()
+                return doc
+
+            stream.try_next = try_next  # type: ignore[method-assign]
+            return stream
+
+    bus = Timed(client["bench"]["latency"], resume=False, max_await_time=0.05, max_workers=8)
+
+    @bus.subscribe
+    def on(event: me.ChangeEvent) -> None:
+        samples.append(time.perf_counter() - event.raw["_bench_t"])
+        if len(samples) >= total:
+            got.set()
+
+    bus.start()
+    pace = threading.Event()
+    interval = 1.0 / rate
+    next_at = time.perf_counter()
+    for i in range(total):
+        client["bench"]["latency"].insert_one(document(i))
+        next_at += interval
+        pace.wait(max(0.0, next_at - time.perf_counter()))
+    got.wait(30)
+    bus.stop()
+    samples.sort()
+    return samples[len(samples) // 2] * 1000, samples[int(len(samples) * 0.99)] * 1000
+
+
+def rss_growth(uri: str, changes: int) -> tuple[float, int]:
+    """Peak RSS growth (MB) of a bus whose first callback blocks while ``changes`` wait."""
+    code = f"""
+import resource, threading, pymongo, mongo_events as me
+from datetime import timedelta
+c = pymongo.MongoClient({uri!r})
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+release = threading.Event(); held = threading.Event()
+bus = me.Bus(c["bench"]["burst"], resume=False, start_from_past=timedelta(hours=1), max_in_flight=1000, batch_size=1000, max_await_time=0.1)
+@bus.subscribe
+def slow(ev):
+    if ev.document_id == 0:
+        held.set(); release.wait(120)
+bus.start()
+held.wait(60)
+import time
+deadline = time.monotonic() + 5
+while time.monotonic() < deadline and bus.in_flight < 1000:
+    threading.Event().wait(0.05)
+threading.Event().wait(2)
+print(bus.in_flight, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+release.set(); bus.stop(timeout=5)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT, check=True).stdout.split()
+    return float(out[1]), int(out[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a run of about a minute")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+    parser.add_argument("--changes", type=int, help="changes per workload (default 200,000; --quick 30,000)")
+    parser.add_argument("--repeat", type=int, help="repetitions per workload (default 3; --quick 2)")
+    args = parser.parse_args(argv)
+    n = args.changes or (30_000 if args.quick else 200_000)
+    reps = args.repeat or (2 if args.quick else 3)
+    burst = 100_000 if args.quick else 1_000_000
+    server = Server(oplog_size=n + burst + 50_000)
+    client: pymongo.MongoClient[Any] = pymongo.MongoClient(server.uri)
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    try:
+        log(f"pre-loading {n} changes of about 1 KB ...")
+        at, _ = preload(client, n)
+        workloads: dict[str, Callable[[], float]] = {
+            "raw": lambda: raw_loop(client, n, at),
+            "bus_noop": lambda: bus_run(client, n, at)[0],
+            "bus_typed": lambda: bus_run(client, n, at, typed=True)[0],
+            "bus_8_workers": lambda: bus_run(client, n, at, workers=8)[0],
+            "bus_8_workers_acks_monitor": lambda: bus_run(client, n, at, workers=8, acks=True)[0],
+        }
+        results: dict[str, list[float]] = {k: [] for k in workloads}
+        for rep in range(reps):
+            for name, fn in workloads.items():
+                results[name].append(fn())
+                log(f"  rep {rep + 1} {name:<20} {results[name][-1]:>10,.0f} events/s")
+        med = {k: statistics.median(v) for k, v in results.items()}
+        if med["raw"] < 50_000:
+            log(f"WARNING: the raw pymongo loop reached only {med['raw']:,.0f} events/s (< 50,000): the server is the bottleneck; ratios are not meaningful")
+        _, bus = bus_run(client, n, at, workers=8, acks=True)
+        round_trips = (bus.token_writes + bus.ack_writes) / n * 1000
+        p50, p99 = latency(client, rate=1000, seconds=5 if args.quick else 10)
+        log(f"pre-loading a burst of {burst} changes ...")
+        for i in range(0, burst, 10_000):
+            client["bench"]["burst"].insert_many([document(j) for j in range(i, i + 10_000)], ordered=False)
+        rss, held = rss_growth(server.uri, burst)
+        report = {
+            "changes": n,
+            "repetitions": reps,
+            "raw_events_per_s": round(med["raw"]),
+            "bus_noop_events_per_s": round(med["bus_noop"]),
+            "bus_typed_events_per_s": round(med["bus_typed"]),
+            "bus_8_workers_events_per_s": round(med["bus_8_workers"]),
+            "bus_8_workers_acks_monitor_events_per_s": round(med["bus_8_workers_acks_monitor"]),
+            "ratio_noop": round(med["bus_noop"] / med["raw"], 3) if med["raw"] >= 50_000 else None,
+            "ratio_typed": round(med["bus_typed"] / med["raw"], 3) if med["raw"] >= 50_000 else None,
+            "store_round_trips_per_1000": round(round_trips, 3),
+            "p50_added_latency_ms": round(p50, 3),
+            "p99_added_latency_ms": round(p99, 3),
+            "rss_growth_mb": round(rss, 1),
+            "burst_changes": burst,
+            "burst_in_flight": held,
+        }
+        log("")
+        log(f"{'measure':<36}{'value':>14}")
+        for key, value in report.items():
+            log(f"{key:<36}{value!s:>14}")
+        if args.json:
+            print(json.dumps(report))
+    finally:
+        client.close()
+        server.close()
+    return 0
+
+

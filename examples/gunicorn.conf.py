@@ -1,0 +1,32 @@
+"""gunicorn: start buses in each worker after the fork (only if they must live in the web process).
+
+    gunicorn -c examples/gunicorn.conf.py yourapp:app
+
+Prefer one separate watcher process (``flask mongo-events run``,
+``manage.py run_mongo_events``); if you do run buses in the workers, give each
+worker its own ``resume_token_id`` only if each should see every change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+workers = 2
+preload_app = True  # fine: buses are created or started only in post_fork
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    # Set up the OpenTelemetry SDK here too: providers and their threads are per process.
+    from yourapp import events  # type: ignore[import-not-found]  # your MongoEvents() or a module holding buses
+
+    events.start()
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    from yourapp import events  # type: ignore[import-not-found]
+
+    events.stop()
+
+
+if __name__ == "__main__":
+    print("a gunicorn configuration: gunicorn -c examples/gunicorn.conf.py yourapp:app")

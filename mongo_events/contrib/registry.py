@@ -1,0 +1,194 @@
+"""Buses built from configuration, shared by the Flask and Django integrations.
+
+A configuration maps bus names to specs::
+
+    {
+        "orders": {
+            "uri": "mongodb://db1,db2/?replicaSet=rs0",   # default: the registry's uri
+            "database": "shop",
+            "collection": "orders",                       # omit: database watch; omit both: cluster
+            "full_document": "updateLookup",
+            "resume_token_id": "web",
+            "start_from_past": 3600,                      # seconds, or a timedelta
+            ...                                           # any other Bus option
+        },
+    }
+
+Buses are built lazily, in the process that first asks for one: never build
+clients or buses before a server forks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from typing import Any
+
+import pymongo
+
+from ..bus import Bus
+from ..errors import ConfigurationError, MongoEventsError
+
+__all__ = ["BusRegistry", "build_bus"]
+
+log = logging.getLogger(__name__)
+
+_TARGET_KEYS = ("uri", "database", "collection", "client_options")
+
+
+def build_bus(name: str, spec: Mapping[str, Any], default_uri: str | None = None) -> tuple[Bus, pymongo.MongoClient[Any]]:
+    """Build one bus (and its client) from a spec; see the module docstring.
+
+    :raises ConfigurationError: when the spec is incomplete or names an unknown option.
+    """
+    uri = spec.get("uri") or default_uri
+    if not uri:
+        raise ConfigurationError(f"bus {name!r} has no MongoDB URI: set its 'uri' or the integration's URI setting")
+    if "collection" in spec and "database" not in spec:
+        raise ConfigurationError(f"bus {name!r} names a collection but no 'database'")
+    options = {k: v for k, v in spec.items() if k not in _TARGET_KEYS}
+    if isinstance(options.get("start_from_past"), (int, float)):
+        options["start_from_past"] = timedelta(seconds=options["start_from_past"])
+    options.setdefault("name", name)
+    client: pymongo.MongoClient[Any] = pymongo.MongoClient(uri, **dict(spec.get("client_options") or {}))
+    target: Any = client
+    if "database" in spec:
+        target = client[spec["database"]]
+        if "collection" in spec:
+            target = target[spec["collection"]]
+    try:
+        bus = Bus(target, **options)
+    except TypeError as exc:
+        client.close()
+        raise ConfigurationError(f"bus {name!r}: {exc}; see the Bus options in README.rst") from exc
+    except BaseException:
+        client.close()
+        raise
+    return bus, client
+
+
+class BusRegistry:
+    """Named buses from a configuration, their subscriptions, and their lifecycle.
+
+    :param config: bus name -> spec (see :func:`build_bus`).
+    :param uri: the default MongoDB URI for specs without one.
+    :param middleware: extra middleware given to every bus built here.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(self, config: Mapping[str, Mapping[str, Any]] | None = None, uri: str | None = None, middleware: list[Any] | None = None) -> None:
+        self.config: dict[str, Mapping[str, Any]] = dict(config or {})
+        self.uri = uri
+        self.middleware = list(middleware or [])
+        self._buses: dict[str, Bus] = {}
+        self._clients: list[pymongo.MongoClient[Any]] = []
+        self._pending: dict[str, list[tuple[Callable[..., Any], dict[str, Any]]]] = {}
+        self._lock = threading.RLock()
+
+    def add_bus(self, name: str, bus: Bus) -> None:
+        """Register a bus built in code (its subscriptions made with :meth:`subscribe` are applied)."""
+        with self._lock:
+            if name in self._buses:
+                raise ConfigurationError(f"a bus named {name!r} is already registered")
+            self._buses[name] = bus
+            for fn, kwargs in self._pending.pop(name, []):
+                bus.subscribe(**kwargs)(fn)
+
+    def subscribe(self, bus_name: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """``@registry.subscribe("orders", payload=Order)``: a callback for a named bus.
+
+        Takes ``Bus.subscribe``'s options; applied when the bus is built.
+        """
+
+        def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+            with self._lock:
+                bus = self._buses.get(bus_name)
+                if bus is not None:
+                    bus.subscribe(**kwargs)(fn)
+                else:
+                    if bus_name not in self.config:
+                        raise ConfigurationError(f"no bus named {bus_name!r} is configured (known: {', '.join(sorted(self.config)) or 'none'})")
+                    self._pending.setdefault(bus_name, []).append((fn, kwargs))
+            return fn
+
+        return register
+
+    @property
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(set(self.config) | set(self._buses))
+
+    def bus(self, name: str) -> Bus:
+        """The bus called ``name``, built on first use in this process."""
+        with self._lock:
+            bus = self._buses.get(name)
+            if bus is not None:
+                return bus
+            if name not in self.config:
+                raise ConfigurationError(f"no bus named {name!r} is configured (known: {', '.join(self.names) or 'none'})")
+            spec = dict(self.config[name])
+            if self.middleware:
+                spec["middleware"] = [*self.middleware, *spec.get("middleware", [])]
+            bus, client = build_bus(name, spec, self.uri)
+            self._clients.append(client)
+            self._buses[name] = bus
+            for fn, kwargs in self._pending.pop(name, []):
+                bus.subscribe(**kwargs)(fn)
+            return bus
+
+    def start(self) -> None:
+        """Build and start every bus that has subscriptions (others are logged and skipped)."""
+        for name in self.names:
+            bus = self.bus(name)
+            if not bus.subscriptions:
+                log.warning("mongo-events: bus %r has no subscriptions; not started", name)
+                continue
+            if bus.state.value in ("new", "stopped"):
+                bus.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop every running bus and close the clients built here."""
+        with self._lock:
+            buses = list(self._buses.values())
+            clients, self._clients = self._clients, []
+        for bus in buses:
+            try:
+                bus.stop(timeout)
+            except MongoEventsError as exc:
+                log.error("mongo-events: stopping bus %s: %s", bus.name, exc)
+        for client in clients:
+            client.close()
+
+    def run_forever(self, stop_timeout: float = 30.0, ready: Callable[[], None] | None = None) -> int:
+        """Start every bus and block until SIGINT/SIGTERM or one fails; returns an exit code.
+
+        :param ready: called once every bus has started (to announce it).
+        """
+        stop = threading.Event()
+        previous: dict[signal.Signals, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, lambda *_: stop.set())
+        try:
+            self.start()
+            if ready is not None:
+                ready()
+            log.info("mongo-events: running %s in process %d", ", ".join(self.names), os.getpid())
+            failed = None
+            while not stop.wait(0.2):
+                failed = next((b for b in self._buses.values() if b.error is not None), None)
+                if failed is not None:
+                    break
+            self.stop(stop_timeout)
+            if failed is not None:
+                log.error("mongo-events: bus %s failed: %s", failed.name, failed.error)
+                return 1
+            return 0
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
@@ -91,6 +92,7 @@ class Dispatcher:
     # -- lifecycle -----------------------------------------------------------
 
     def start(self) -> None:
+        _running.add(self)
         self._executor = ThreadPoolExecutor(self.max_workers, thread_name_prefix="mongo_events.worker")
         for _ in range(self.max_workers):
             self._executor.submit(self._work)
@@ -112,6 +114,7 @@ class Dispatcher:
         return True
 
     def shutdown(self) -> None:
+        _running.discard(self)
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -230,6 +233,26 @@ class Dispatcher:
         run_after(self._middleware, "after_give_up", delivery, error)
         self._on_fatal(failure)
         return _ABANDON, 0.0
+
+
+_running: weakref.WeakSet[Dispatcher] = weakref.WeakSet()
+
+
+def _halt_at_exit() -> None:
+    """At interpreter exit concurrent.futures joins its worker threads: a bus that was never
+    stopped must not keep its workers looping, or exit would hang. Its unfinished events
+    are simply delivered again after restart."""
+    for dispatcher in list(_running):
+        if not dispatcher._halt.is_set():
+            log.warning("interpreter exiting while bus %s still runs; call stop() for a final checkpoint", dispatcher._bus_name)
+            dispatcher.halt()
+
+
+# Registered after concurrent.futures' own hook, so it runs before that hook joins the workers
+# (threading runs these in reverse order, before joining non-daemon threads).
+_register_atexit = getattr(threading, "_register_atexit", None)
+if _register_atexit is not None:
+    _register_atexit(_halt_at_exit)
 
 
 def call_subscription(sub: Subscription, event: ChangeEvent, delivery: Delivery, decoder: Decoder, chain: Sequence[Middleware]) -> BaseException | None:

@@ -549,3 +549,22 @@ def test_context_manager_and_object_ids(client: pymongo.MongoClient[Any]) -> Non
         client.shop.orders.insert_one({"_id": oid})
         (ev,) = rec.wait(1)
     assert ev.document_id == oid and bus.state is me.BusState.STOPPED
+
+
+def test_a_script_that_never_stops_its_bus_still_exits() -> None:
+    """concurrent.futures joins worker threads at exit: running workers must be halted first."""
+    import subprocess
+    import sys
+
+    code = (
+        "import pymongo, mongo_events as me\n"
+        "from mongo_events.testing import FakeReplicaSet\n"
+        "rs = FakeReplicaSet().start()\n"
+        "bus = me.Bus(pymongo.MongoClient(rs.uri).shop.orders, max_await_time=0.05)\n"
+        "bus.subscribe(lambda ev: None)\n"
+        "bus.start()\n"
+        "print(bus.state.value)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "running"

@@ -146,7 +146,7 @@ class Dispatcher:
             return None
 
     def _work(self) -> None:
-        while not self._halt.is_set():
+        while not self._halt.is_set() and not _EXITING.is_set():
             item = self._next()
             while item is not None and not self._halt.is_set():
                 with self._lock:
@@ -238,10 +238,15 @@ class Dispatcher:
 _running: weakref.WeakSet[Dispatcher] = weakref.WeakSet()
 
 
+#: Set at interpreter exit: every worker loop ends (after the callback it is running, if any).
+_EXITING = threading.Event()
+
+
 def _halt_at_exit() -> None:
     """At interpreter exit concurrent.futures joins its worker threads: a bus that was never
     stopped must not keep its workers looping, or exit would hang. Its unfinished events
     are simply delivered again after restart."""
+    _EXITING.set()
     for dispatcher in list(_running):
         if not dispatcher._halt.is_set():
             log.warning("interpreter exiting while bus %s still runs; call stop() for a final checkpoint", dispatcher._bus_name)

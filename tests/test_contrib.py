@@ -190,8 +190,14 @@ def _in_child(fn: Any) -> int:
         except BaseException:
             code = 99
         os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    for _ in range(600):  # at most 30 s: a hung child must fail the test, not hang the suite
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        threading.Event().wait(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError("the forked child did not finish within 30 s")
 
 
 def test_a_started_bus_cannot_be_used_in_a_forked_child(fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any) -> None:

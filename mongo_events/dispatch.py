@@ -18,6 +18,7 @@ import time
 import weakref
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import thread as _futures_thread
 from typing import Any, Protocol
 
 from .decoding import Decoder
@@ -86,16 +87,16 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._halt = threading.Event()
         self._executor: ThreadPoolExecutor | None = None
-        self._busy = 0
-        self._idle = threading.Condition(self._lock)
+        # One flag per worker, set while it runs an attempt: plain list stores, no lock per event.
+        self._busy = [False] * max_workers
 
     # -- lifecycle -----------------------------------------------------------
 
     def start(self) -> None:
         _running.add(self)
         self._executor = ThreadPoolExecutor(self.max_workers, thread_name_prefix="mongo_events.worker")
-        for _ in range(self.max_workers):
-            self._executor.submit(self._work)
+        for index in range(self.max_workers):
+            self._executor.submit(self._work, index)
 
     def halt(self) -> None:
         """Stop taking new items and cancel pending retries; running callbacks finish."""
@@ -105,12 +106,10 @@ class Dispatcher:
 
     def wait_idle(self, deadline: float) -> bool:
         """Wait until no callback is running or ``deadline`` (monotonic) passes."""
-        with self._idle:
-            while self._busy:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._idle.wait(min(remaining, 0.1))
+        while any(self._busy):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
         return True
 
     def shutdown(self) -> None:
@@ -145,18 +144,16 @@ class Dispatcher:
         except queue.Empty:
             return None
 
-    def _work(self) -> None:
-        while not self._halt.is_set() and not _EXITING.is_set():
+    def _work(self, index: int) -> None:
+        busy = self._busy
+        while not self._halt.is_set() and not _EXITING.is_set() and not getattr(_futures_thread, "_shutdown", False):
             item = self._next()
             while item is not None and not self._halt.is_set():
-                with self._lock:
-                    self._busy += 1
+                busy[index] = True
                 try:
                     outcome, delay = self._attempt(item)
                 finally:
-                    with self._idle:
-                        self._busy -= 1
-                        self._idle.notify_all()
+                    busy[index] = False
                 if outcome == _RETRY:
                     with self._lock:
                         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._counter), item))
@@ -239,6 +236,8 @@ _running: weakref.WeakSet[Dispatcher] = weakref.WeakSet()
 
 
 #: Set at interpreter exit: every worker loop ends (after the callback it is running, if any).
+#: The loops also watch ``concurrent.futures.thread._shutdown``, which that module sets just
+#: before it joins its workers, in case this hook has not run.
 _EXITING = threading.Event()
 
 

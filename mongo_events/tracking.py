@@ -164,26 +164,32 @@ class Lanes(Generic[T]):
     """
 
     def __init__(self) -> None:
-        self._waiting: dict[Hashable, deque[T]] = {}
+        # key -> waiting items; None while the lane's one item runs and nothing waits
+        # (no deque is allocated for the common case of one event per document at a time).
+        self._waiting: dict[Hashable, deque[T] | None] = {}
 
     def __len__(self) -> int:
         return len(self._waiting)
 
     def push(self, key: Hashable, item: T) -> T | None:
-        queue = self._waiting.get(key)
-        if queue is None:
-            self._waiting[key] = deque()
+        waiting = self._waiting
+        if key not in waiting:
+            waiting[key] = None
             return item
+        queue = waiting[key]
+        if queue is None:
+            queue = waiting[key] = deque()
         queue.append(item)
         return None
 
     def pop_next(self, key: Hashable) -> T | None:
-        queue = self._waiting.get(key)
-        if queue is None:
+        waiting = self._waiting
+        if key not in waiting:
             return None
+        queue = waiting[key]
         if queue:
             return queue.popleft()
-        del self._waiting[key]
+        del waiting[key]
         return None
 
     def discard(self, key: Hashable) -> list[T]:

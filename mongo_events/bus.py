@@ -190,6 +190,7 @@ class Bus:
                 f"Bus needs a pymongo Collection, Database or MongoClient to watch, got {type(target).__name__}"
             )
         self._target = target
+        self._default_db = self._db.name if self.level != "cluster" else ""
         self.name = name or self._namespace
 
         fd = FullDocument(full_document) if full_document is not None else None
@@ -819,7 +820,7 @@ class Bus:
         return None
 
     def _on_event(self, raw: Mapping[str, Any]) -> bool:
-        event = ChangeEvent.from_raw(raw, self._db.name if self.level != "cluster" else "", self._default_coll)
+        event = ChangeEvent.from_raw(raw, self._default_db, self._default_coll)
         self._last_event = (time.time(), event.wall_time, event.cluster_time)
         if self.metrics is not None:
             self.metrics.received(self._namespace, event.wall_time, event.cluster_time)

@@ -146,7 +146,7 @@ class Dispatcher:
 
     def _work(self, index: int) -> None:
         busy = self._busy
-        while not self._halt.is_set() and not _EXITING.is_set() and not getattr(_futures_thread, "_shutdown", False):
+        while not (self._halt.is_set() or _interpreter_exiting()):
             item = self._next()
             while item is not None and not self._halt.is_set():
                 busy[index] = True
@@ -233,6 +233,17 @@ class Dispatcher:
 
 
 _running: weakref.WeakSet[Dispatcher] = weakref.WeakSet()
+
+
+def _interpreter_exiting() -> bool:
+    """True once interpreter shutdown began: our hook ran, ``threading`` started shutting
+    down, or ``concurrent.futures`` is about to join its workers (private flags, read-only,
+    each with a safe default)."""
+    return (
+        _EXITING.is_set()
+        or bool(getattr(threading, "_SHUTTING_DOWN", False))
+        or bool(getattr(_futures_thread, "_shutdown", False))
+    )
 
 
 #: Set at interpreter exit: every worker loop ends (after the callback it is running, if any).

@@ -80,7 +80,7 @@ class Dispatcher:
         self._on_fatal = on_fatal
         self._dead_letters = dead_letters
         self._bus_name = bus_name
-        self._ready: queue.SimpleQueue[WorkItem] = queue.SimpleQueue()
+        self._ready: queue.SimpleQueue[WorkItem | None] = queue.SimpleQueue()  # None wakes a worker
         self._lanes: Lanes[WorkItem] = Lanes()
         self._timers: list[tuple[float, int, WorkItem]] = []
         self._counter = itertools.count()
@@ -103,6 +103,11 @@ class Dispatcher:
         self._halt.set()
         with self._lock:
             self._timers.clear()
+        # Wake every worker waiting for an item rather than rely on its get() timeout alone:
+        # in a full test run a timed SimpleQueue.get was seen never to return, which left a
+        # worker behind and hung interpreter exit in concurrent.futures' join.
+        for _ in range(self.max_workers):
+            self._ready.put(None)
 
     def wait_idle(self, deadline: float) -> bool:
         """Wait until no callback is running or ``deadline`` (monotonic) passes."""

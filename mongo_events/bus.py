@@ -289,6 +289,8 @@ class Bus:
         self._narrow = False  # the server cannot split: read one event per batch to find the big one
         self._stub_next = False  # ... then fetch that event alone, without its documents
         self.oversize_events = 0
+        #: Updates that full_document_only subscriptions skipped: their document was gone.
+        self.missing_documents = 0
         self._dispatcher: Dispatcher | None = None
         self._watcher: Watcher | None = None
         self._flusher: Flusher | None = None
@@ -840,6 +842,14 @@ class Bus:
             subs: list[Subscription] = []
         else:
             subs = [s for s in self._subscriptions if s.wants(event)]
+            if self.full_document_only and event.full_document is None and op in (OperationType.UPDATE, OperationType.REPLACE):
+                # updateLookup found no document (deleted since): nothing to hand over. Say so.
+                self.missing_documents += 1
+                log.warning(
+                    "bus %s: %s of %s %s has no full document (deleted before the lookup); "
+                    "full_document_only subscriptions skip it (%d so far)",
+                    self.name, op, event.namespace, event.document_key, self.missing_documents,
+                )
         token = None if op is OperationType.INVALIDATE else raw["_id"]
         with self._cond:
             while self._tracker.full:

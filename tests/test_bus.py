@@ -569,3 +569,21 @@ def test_a_script_that_never_stops_its_bus_still_exits() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "running"
+
+
+def test_full_document_only_says_when_an_update_lost_its_document(client: pymongo.MongoClient[Any], make_bus: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """updateLookup returns null for a document deleted before the lookup: logged and counted, never silent."""
+    coll = client.shop.users
+    rec = Recorder()
+    bus = make_bus(coll, full_document=me.FullDocument.UPDATE_LOOKUP, full_document_only=True, ordering="stream")
+    bus.subscribe(lambda doc: rec.add(doc))
+    coll.insert_one({"_id": 1, "name": "a"})
+    coll.update_one({"_id": 1}, {"$set": {"name": "b"}})
+    coll.delete_one({"_id": 1})  # before the bus starts: the update's lookup finds nothing
+    bus.start_from_past = timedelta(minutes=5)
+    bus.start()
+    got = rec.wait(2)
+    assert bus.join(5)
+    assert got == [{"_id": 1, "name": "a"}, {"_id": 1}]  # the insert and the delete's key
+    assert bus.missing_documents == 1
+    assert "has no full document" in caplog.text

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 import attrs
 
+from .monitor.records import rfc3339
+
 __all__ = ["Health", "token_time"]
 
 HealthStatus = Literal["healthy", "degraded", "unhealthy"]
@@ -71,7 +73,7 @@ class Health:
         out = attrs.asdict(self)
         for key, value in out.items():
             if isinstance(value, datetime):
-                out[key] = value.isoformat().replace("+00:00", "Z")
+                out[key] = rfc3339(value)
             elif isinstance(value, float):
                 out[key] = round(value, 3)
         return out

@@ -45,6 +45,11 @@ def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
+def rfc3339(value: datetime) -> str:
+    """A UTC time as RFC 3339 with a ``Z`` suffix (the JSON form of every time we serve)."""
+    return value.isoformat().replace("+00:00", "Z")
+
+
 def now_ms() -> datetime:
     """Now in UTC, truncated to the millisecond (what MongoDB stores)."""
     now = datetime.now(timezone.utc)
@@ -111,7 +116,7 @@ class MonitorEntry:
         out: dict[str, Any] = {}
         for key, value in attrs.asdict(self, recurse=False).items():
             if isinstance(value, datetime):
-                out[key] = value.isoformat().replace("+00:00", "Z")
+                out[key] = rfc3339(value)
             elif isinstance(value, MonitorStatus):
                 out[key] = value.value
             elif key == "metadata":
@@ -243,7 +248,7 @@ class MonitorSummary:
 
     def to_json(self) -> dict[str, Any]:
         def iso(value: datetime | None) -> str | None:
-            return value.isoformat().replace("+00:00", "Z") if value else None
+            return rfc3339(value) if value else None
 
         return {
             "total_entries": self.total_entries,

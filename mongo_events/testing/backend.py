@@ -79,6 +79,78 @@ def _install_id_fast_path() -> None:
 
     store_cls._remove_expired_documents = _remove_expired_documents
 
+    # mongomock checks a unique index by querying the whole collection for every insert
+    # and update, so writes into a collection with one (the monitor's) are O(n). Keep a
+    # hash of key -> _ids per index instead, and verify candidates against the stored
+    # documents, so removed or changed documents never count (entries go stale harmlessly).
+    check_uniques = collection_cls._ensure_uniques
+
+    def _ensure_uniques(self: Any, new_data: Any) -> None:
+        store = self._store
+        slow = {}
+        for name, index in store.indexes.items():
+            if not index.get("unique"):
+                continue
+            fields = tuple(key for key, _ in index.get("key"))
+            if fields == ("_id",) or index.get("sparse") or index.get("partialFilterExpression") is not None:
+                slow[name] = index  # _id is unique by the store itself; the others are rare
+                continue
+            key = _unique_key(new_data, fields)
+            if key is None:
+                slow[name] = index
+                continue
+            by_key = _unique_map(store, name, fields)
+            ids = by_key.setdefault(key, set())
+            ids.add(_store_id(new_data["_id"]))
+            live = {i for i in ids if i in store._documents and _unique_key(store._documents[i], fields) == key}
+            by_key[key] = live
+            if len(live) > 1:
+                raise mongomock.DuplicateKeyError("E11000 Duplicate Key Error", 11000)
+        if slow:
+            saved = store.indexes
+            store.indexes = slow
+            try:
+                check_uniques(self, new_data)
+            finally:
+                store.indexes = saved
+
+    collection_cls._ensure_uniques = _ensure_uniques
+
+
+def _store_id(value: Any) -> Any:
+    return mongomock.helpers.hashdict(value) if isinstance(value, dict) else value
+
+
+def _unique_key(doc: Any, fields: tuple[str, ...]) -> tuple[Any, ...] | None:
+    """The index key of ``doc``, or None when a value is not hashable (then scan)."""
+    values = []
+    for field_name in fields:
+        try:
+            value = mongomock.helpers.get_value_by_dot(doc, field_name)
+        except KeyError:
+            value = None
+        if isinstance(value, (dict, list)):
+            return None
+        values.append(value)
+    try:
+        hash(tuple(values))
+    except TypeError:
+        return None
+    return tuple(values)
+
+
+def _unique_map(store: Any, name: str, fields: tuple[str, ...]) -> dict[tuple[Any, ...], set[Any]]:
+    maps: dict[Any, dict[tuple[Any, ...], set[Any]]] = store.__dict__.setdefault("_mongo_events_unique", {})
+    by_key = maps.get((name, fields))
+    if by_key is None:
+        by_key = {}
+        for doc_id, doc in store._documents.items():
+            key = _unique_key(doc, fields)
+            if key is not None:
+                by_key.setdefault(key, set()).add(doc_id)
+        maps[(name, fields)] = by_key
+    return by_key
+
 
 _TTL_MONITOR_INTERVAL = 1.0
 _install_id_fast_path()

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import bson
 import mongomock as _mongomock
+from bson.raw_bson import RawBSONDocument
 from bson.timestamp import Timestamp
 
 from .errors import CommandError
@@ -62,12 +63,54 @@ class ChangeCursor:
             return not (entry.coll or "").startswith("system.")
         return entry.coll == self.coll or (entry.op == "dropDatabase")
 
-    def render(self, entry: Entry, backend: Backend) -> list[dict[str, Any]]:
+    def render(self, entry: Entry, backend: Backend) -> list[Any]:
         if not self.matches(entry):
             return []
+        if entry.op == "insert" and not self.stages:
+            # An insert renders the same for every stream without stages: encode it
+            # once, so the fake serves pre-encoded batches (the benchmark needs a
+            # server that is not the bottleneck).
+            if entry.encoded is None:
+                entry.encoded = RawBSONDocument(bson.encode(self._document(entry, backend)))
+            limit = backend.max_event_size
+            if limit is None or len(entry.encoded.raw) <= limit:
+                return [entry.encoded]
+        return self._render(entry, backend)
+
+    def _render(self, entry: Entry, backend: Backend) -> list[Any]:
         if self.level == "collection" and entry.op == "dropDatabase":
             # The collection's own drop entry came first and invalidated the stream.
             return []
+        doc = self._document(entry, backend)
+        op = entry.op
+        events = [doc]
+        invalidates = (self.level == "collection" and op in ("drop", "rename")) or (
+            self.level == "database" and op == "dropDatabase"
+        )
+        if invalidates:
+            events.append(
+                {
+                    "_id": make_token(entry.ts, KIND_INVALIDATE),
+                    "operationType": "invalidate",
+                    "clusterTime": entry.ts,
+                    "wallTime": entry.wall,
+                }
+            )
+        if self.stages:
+            # Invalidations bypass the user's stages here so the client always learns
+            # that the stream ended (a real server would close the cursor regardless).
+            kept = _apply_stages([e for e in events if e["operationType"] != "invalidate"], self.stages)
+            for event in kept:
+                if event.get("_id") != make_token(entry.ts, KIND_EVENT):  # the pipeline changed the token
+                    raise CommandError(280, "ChangeStreamFatalError", "Encountered an event whose _id field, which contains the resume token, was modified by the pipeline.")
+            events = kept + [e for e in events if e["operationType"] == "invalidate"]
+        limit = backend.max_event_size
+        if limit is not None:
+            events = [piece for e in events for piece in self._fit(e, limit, entry.ts)]
+        return events
+
+    def _document(self, entry: Entry, backend: Backend) -> dict[str, Any]:
+        """The change event for ``entry`` as this stream's options shape it."""
         doc: dict[str, Any] = {
             "_id": make_token(entry.ts, KIND_EVENT),
             "operationType": entry.op,
@@ -97,31 +140,7 @@ class ChangeCursor:
         if entry.lsid is not None:
             doc["lsid"] = entry.lsid
             doc["txnNumber"] = entry.txn_number
-        events = [doc]
-        invalidates = (self.level == "collection" and op in ("drop", "rename")) or (
-            self.level == "database" and op == "dropDatabase"
-        )
-        if invalidates:
-            events.append(
-                {
-                    "_id": make_token(entry.ts, KIND_INVALIDATE),
-                    "operationType": "invalidate",
-                    "clusterTime": entry.ts,
-                    "wallTime": entry.wall,
-                }
-            )
-        if self.stages:
-            # Invalidations bypass the user's stages here so the client always learns
-            # that the stream ended (a real server would close the cursor regardless).
-            kept = _apply_stages([e for e in events if e["operationType"] != "invalidate"], self.stages)
-            for event in kept:
-                if event.get("_id") != make_token(entry.ts, KIND_EVENT):  # the pipeline changed the token
-                    raise CommandError(280, "ChangeStreamFatalError", "Encountered an event whose _id field, which contains the resume token, was modified by the pipeline.")
-            events = kept + [e for e in events if e["operationType"] == "invalidate"]
-        limit = backend.max_event_size
-        if limit is not None:
-            events = [piece for e in events for piece in self._fit(e, limit, entry.ts)]
-        return events
+        return doc
 
     def _fit(self, event: dict[str, Any], limit: int, ts: Timestamp) -> list[dict[str, Any]]:
         """Check an event against the size limit; split it when ``$changeStreamSplitLargeEvent`` asked."""
@@ -170,7 +189,8 @@ class ChangeCursor:
                     self.position = entry.ts
                     rendered = self.render(entry, backend)
                     for event in rendered:
-                        if event.get("operationType") == "invalidate":
+                        # Pre-encoded inserts are RawBSONDocuments; an invalidation is always a dict.
+                        if type(event) is dict and event.get("operationType") == "invalidate":
                             self.closed = True
                     room = limit - len(batch)
                     batch.extend(rendered[:room])

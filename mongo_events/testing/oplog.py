@@ -77,9 +77,12 @@ class Entry:
     to: dict[str, str] | None = None
     lsid: dict[str, Any] | None = None
     txn_number: int | None = None
+    #: The change event of an insert, encoded once and served to every stream
+    #: that has no pipeline stages (see ``ChangeCursor.render``).
+    encoded: Any = field(default=None, repr=False, compare=False)
 
     def to_doc(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
+        return {k: v for k, v in self.__dict__.items() if v is not None and k != "encoded"}
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> Entry:

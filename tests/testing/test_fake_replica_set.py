@@ -395,3 +395,27 @@ def test_runs_as_a_process(tmp_path: Any) -> None:
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
+
+
+def test_fake_unique_indexes_hold_after_deletes_updates_and_rollbacks(server_uri: str, db_name: str) -> None:
+    """The fake checks unique indexes by hash, not by scanning: same answers as a scan."""
+    client = _client(server_uri)
+    coll = client[db_name]["uniq"]
+    coll.create_index([("a", 1), ("b", 1)], unique=True)
+    coll.insert_many([{"_id": i, "a": i % 10, "b": i // 10} for i in range(100)])
+    with pytest.raises(pymongo.errors.DuplicateKeyError):
+        coll.insert_one({"_id": "dup", "a": 3, "b": 4})
+    assert coll.find_one({"_id": "dup"}) is None  # rolled back
+    coll.delete_one({"_id": 43})
+    coll.insert_one({"_id": "again", "a": 3, "b": 4})  # the deleted key is free again
+    with pytest.raises(pymongo.errors.DuplicateKeyError):
+        coll.update_one({"_id": 0}, {"$set": {"a": 1, "b": 0}})  # collides with _id 1
+    assert coll.find_one({"_id": 0}) == {"_id": 0, "a": 0, "b": 0}  # rolled back
+    coll.update_one({"_id": 0}, {"$set": {"b": 99}})
+    coll.insert_one({"_id": "reuse", "a": 0, "b": 0})  # 0's old key was released by the update
+    with pytest.raises(pymongo.errors.DuplicateKeyError):
+        coll.insert_one({"_id": "x", "a": 0, "b": 99})
+    coll.insert_one({"_id": "m1"})
+    with pytest.raises(pymongo.errors.DuplicateKeyError):  # missing fields index as null, as on a server
+        coll.insert_one({"_id": "m2"})
+    client.close()

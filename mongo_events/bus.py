@@ -73,6 +73,9 @@ _LARGE_FIELDS = ("fullDocument", "fullDocumentBeforeChange", "updateDescription"
 IDLE_CHECKPOINT_INTERVAL = 10.0
 
 
+#: The watcher hands collected work to the workers at least every this many items.
+_RELEASE_AT = 64
+
 class BusState(str, enum.Enum):
     """Lifecycle states of a :class:`Bus`."""
 
@@ -276,6 +279,12 @@ class Bus:
         self._stop_event = threading.Event()
         self._stopped = threading.Event()
         self._cond = threading.Condition()
+        #: While the watcher waits for room: the window size that wakes it (else -1).
+        self._room_low = -1
+        #: Threads waiting in join() for the window to drain.
+        self._joining = 0
+        #: Runnable items the watcher has not handed to the workers yet (watcher thread only).
+        self._runnable: list[WorkItem] = []
         self._tracker = Tracker(self.max_in_flight, durable=self.token_store is not None)
         self._connected = threading.Event()
         self._connect_error: BaseException | None = None
@@ -456,6 +465,7 @@ class Bus:
             on_fatal=self._fail,
             dead_letters=self._dead_letters,
             bus_name=self.name,
+            lock=self._cond,
         )
         self._watcher = Watcher(
             name=self.name,
@@ -467,10 +477,10 @@ class Bus:
             on_opened=self._on_opened,
             on_reconnect=self._on_reconnect,
             on_active=self._on_active,
+            on_drained=self._release_runnable,
             stop_event=self._stop_event,
         )
-        # Acks first: a checkpoint never covers events whose ack records are still unwritten.
-        tasks = [self._flush_acks, self._flush_checkpoint]
+        tasks = [self._flush_events]
         if self.monitor is not None:
             tasks.append(self.monitor.flush)
         if self.metrics is not None:
@@ -554,16 +564,21 @@ class Bus:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             target = self._tracker.last_seq
-            while True:
-                first = self._tracker.first_seq()
-                if first is None or first > target:
-                    break
-                if self._error is not None or self._stopped.is_set():
-                    break
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._cond.wait(0.1 if remaining is None else min(0.1, remaining))
+            self._joining += 1  # workers notify on every step while someone joins
+            try:
+                while True:
+                    self._drained()
+                    first = self._tracker.first_seq()
+                    if first is None or first > target:
+                        break
+                    if self._error is not None or self._stopped.is_set():
+                        break
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self._cond.wait(0.1 if remaining is None else min(0.1, remaining))
+            finally:
+                self._joining -= 1
         if self._error is not None:
             raise self._error
         return True
@@ -851,22 +866,69 @@ class Bus:
                     self.name, op, event.namespace, event.document_key, self.missing_documents,
                 )
         token = None if op is OperationType.INVALIDATE else raw["_id"]
-        with self._cond:
-            while self._tracker.full:
-                if self._stop_event.is_set():
-                    return False
-                self._cond.wait(0.1)
-            slot = self._tracker.begin(token, event.cluster_time, len(subs), event.id)
-            if not subs:
-                self._tracker.advance()
-                self._cond.notify_all()
-            elif self.ack_store is not None:
-                self._acks[event.id] = AckRecord(event.id, datetime.now(timezone.utc))
         dispatcher = self._dispatcher
         assert dispatcher is not None
         delivered_desc = desc if self.update_description else None
-        for sub in subs:
-            dispatcher.submit(WorkItem(sub, event, slot, self._lane(sub, event), delivered_desc))
+        lanes = [self._lane(sub, event) for sub in subs]
+        tracker = self._tracker
+        with self._cond:
+            dispatcher.drain()
+            if tracker.full and not self._wait_for_room():
+                return False
+            slot = tracker.begin(token, event.cluster_time, len(subs), event.id)
+            if not subs:
+                tracker.advance()
+                if self._joining:
+                    self._cond.notify_all()
+            else:
+                if self.ack_store is not None:
+                    self._acks[event.id] = AckRecord(event.id, datetime.now(timezone.utc))
+                runnable = self._runnable  # read after any wait for room: that wait releases it
+                for sub, lane in zip(subs, lanes, strict=True):
+                    item = dispatcher.admit(WorkItem(sub, event, slot, lane, delivered_desc))
+                    if item is not None:
+                        runnable.append(item)
+        if len(self._runnable) >= _RELEASE_AT:
+            self._release_runnable()
+        return True
+
+    def _release_runnable(self) -> None:
+        """Hand the runnable items the watcher collected to the workers.
+
+        The watcher collects them while pymongo holds more events in memory and releases
+        them when its batch is drained (or every ``_RELEASE_AT`` items, or before waiting
+        for room): a worker is then woken once per run of events, not once per event,
+        which is most of the cost of a thread hand-off in CPython.
+        """
+        items = self._runnable
+        if items:
+            self._runnable = []
+            dispatcher = self._dispatcher
+            assert dispatcher is not None
+            for item in items:
+                dispatcher.enqueue(item)
+
+    def _wait_for_room(self) -> bool:
+        """The window is full: wait (holding ``_cond``) until a quarter of it is free again.
+
+        Waking at every single free slot would cost a thread switch per event; the
+        low-water mark lets the watcher admit a run of events per wake-up. Done events
+        that only wait on a checkpoint write are freed by a flush, so the flusher is
+        woken here, when the window is truly full, and not earlier: that keeps checkpoint
+        writes to about one per ``max_in_flight`` events. False when stopping.
+        """
+        tracker = self._tracker
+        self._release_runnable()  # the window can only drain if the workers have its items
+        self._room_low = tracker.capacity - max(1, min(tracker.capacity // 4, 256))
+        try:
+            while self._drained() > self._room_low:
+                if self._stop_event.is_set():
+                    return False
+                if tracker.unflushed and self._flusher is not None:
+                    self._flusher.wake()
+                self._cond.wait(0.1)
+        finally:
+            self._room_low = -1
         return True
 
     def _on_oversize_stub(self, event: ChangeEvent) -> bool:
@@ -890,6 +952,7 @@ class Bus:
         with self._cond:
             self._tracker.begin(event.resume_token, event.cluster_time, 0, event.id)
             self._tracker.advance()
+            self._cond.notify_all()
         if self._watcher is not None:
             self._watcher.request_reopen()  # back to full events after it
         return True
@@ -909,44 +972,36 @@ class Bus:
 
     def _on_resume_token(self, token: Mapping[str, Any] | None) -> None:
         with self._cond:
+            self._drained()
             self._tracker.note_resume_token(token)
+
+    def _drained(self) -> int:
+        """Report what workers finished but could not report yet; returns the window size.
+
+        Caller holds ``_cond``. Workers report without waiting for the lock (see
+        ``Dispatcher.drain``), so whoever holds it next does it for them.
+        """
+        if self._dispatcher is not None:
+            self._dispatcher.drain()
+        return len(self._tracker)
 
     # -- internals: worker and flusher side ---------------------------------------------------
 
     def _on_done(self, slot: Slot) -> None:
-        with self._cond:
-            tracker = self._tracker
-            head = tracker.finish(slot)
-            if slot.done and self.ack_store is not None:
-                pending = self._acks.get(slot.event_id)
-                now = datetime.now(timezone.utc)
-                self._acks[slot.event_id] = AckRecord(slot.event_id, pending.created_at if pending else now, now)
-            if head:
-                tracker.advance()
+        """A subscription finished ``slot``; the dispatcher calls this holding ``_cond``."""
+        tracker = self._tracker
+        head = tracker.finish(slot)
+        if slot.done and self.ack_store is not None:
+            pending = self._acks.get(slot.event_id)
+            now = datetime.now(timezone.utc)
+            self._acks[slot.event_id] = AckRecord(slot.event_id, pending.created_at if pending else now, now)
+        if head:
+            tracker.advance()
+            if self._joining or len(tracker) <= self._room_low:
                 self._cond.notify_all()
-                if tracker.unflushed * 2 >= tracker.capacity and self._flusher is not None:
-                    # Half the window waits on a write: store it now rather than at the next tick.
-                    self._flusher.wake()
-
-    def _flush_acks(self) -> None:
-        store = self.ack_store
-        if store is None:
-            return
-        with self._cond:
-            if not self._acks:
-                return
-            batch = dict(self._acks)
-            self._acks.clear()
-        try:
-            store.write(list(batch.values()))
-        except Exception as exc:
-            self._last_error = (f"{type(exc).__name__}: {exc}", datetime.now(timezone.utc))
-            with self._cond:  # put them back; anything newer for the same event wins
-                batch.update(self._acks)
-                self._acks.clear()
-                self._acks.update(batch)
-            raise
-        self.ack_writes += 1
+            elif len(tracker) - tracker.unflushed <= self._room_low and self._flusher is not None:
+                # The watcher waits for room that only a checkpoint write can free: write now.
+                self._flusher.wake()
 
     def _store_dead_letter(self, event: ChangeEvent, subscription: str, error: BaseException, attempts: int) -> None:
         store = self.dead_letter_store
@@ -1103,20 +1158,58 @@ class Bus:
         )
         return call_subscription(sub, event, delivery, self._decoder, self._middleware)
 
-    def _flush_checkpoint(self) -> None:
-        store = self.token_store
-        if store is None:
-            return
+    def _flush_events(self) -> None:
+        """Write ack records, then the checkpoint, both taken in one snapshot.
+
+        Taking both under one lock hold means every event the written checkpoint covers
+        has its ack record in the batch written before it: a crash between the two
+        writes leaves acks ahead of the checkpoint (harmless), never behind it.
+        """
         with self._cond:
-            tracker = self._tracker
-            if tracker.version == self._saved_version or tracker.checkpoint is None:
-                return
-            by_events = tracker.moved_by_events
-            if not by_events and time.monotonic() - self._last_save < IDLE_CHECKPOINT_INTERVAL and not self._stop_event.is_set():
-                return  # only the idle post-batch token moved: write it now and then, not every flush
-            token, cluster_time, version = tracker.checkpoint, tracker.checkpoint_time, tracker.version
-            covered = tracker.unflushed
-            tracker.moved_by_events = False
+            checkpoint = self._checkpoint_to_write()
+            acks = self._acks
+            self._acks = {}
+        if acks:
+            try:
+                self._write_acks(acks)
+            except Exception:
+                if checkpoint is not None:
+                    with self._cond:
+                        self._tracker.moved_by_events = self._tracker.moved_by_events or checkpoint[4]
+                raise
+        if checkpoint is not None:
+            self._write_checkpoint(*checkpoint)
+
+    def _write_acks(self, batch: dict[str, AckRecord]) -> None:
+        store = self.ack_store
+        assert store is not None
+        try:
+            store.write(list(batch.values()))
+        except Exception as exc:
+            self._last_error = (f"{type(exc).__name__}: {exc}", datetime.now(timezone.utc))
+            with self._cond:  # put them back; anything newer for the same event wins
+                batch.update(self._acks)
+                self._acks = batch
+            raise
+        self.ack_writes += 1
+
+    def _checkpoint_to_write(self) -> tuple[Any, Any, int, int, bool] | None:
+        """(token, cluster time, version, events covered, moved by events), or None (caller holds ``_cond``)."""
+        self._drained()
+        if self.token_store is None:
+            return None
+        tracker = self._tracker
+        if tracker.version == self._saved_version or tracker.checkpoint is None:
+            return None
+        by_events = tracker.moved_by_events
+        if not by_events and time.monotonic() - self._last_save < IDLE_CHECKPOINT_INTERVAL and not self._stop_event.is_set():
+            return None  # only the idle post-batch token moved: write it now and then, not every flush
+        tracker.moved_by_events = False
+        return tracker.checkpoint, tracker.checkpoint_time, tracker.version, tracker.unflushed, by_events
+
+    def _write_checkpoint(self, token: Any, cluster_time: Any, version: int, covered: int, by_events: bool) -> None:
+        store = self.token_store
+        assert store is not None
         try:
             store.save(self.resume_token_key, token, cluster_time)
         except Exception as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Callable
 
 import attrs
 from bson.timestamp import Timestamp
@@ -44,19 +45,28 @@ class Delivery:
         return attrs.evolve(self, attempt=attempt)
 
 
-_current: contextvars.ContextVar[Delivery | None] = contextvars.ContextVar("mongo_events_delivery", default=None)
+#: The delivery being handled, or a function that builds it: most callbacks never ask,
+#: so the dispatcher only builds a Delivery when someone does (saves a frozen attrs
+#: instance per attempt on the hot path).
+_Current = Delivery | Callable[[], Delivery] | None
+_current: contextvars.ContextVar[_Current] = contextvars.ContextVar("mongo_events_delivery", default=None)
 
 
 def current_delivery() -> Delivery | None:
     """The :class:`Delivery` being handled by this thread's callback, or ``None`` outside one."""
-    return _current.get()
+    value = _current.get()
+    if value is None or isinstance(value, Delivery):
+        return value
+    delivery = value()
+    _current.set(delivery)  # undone with the rest when the attempt resets the variable
+    return delivery
 
 
-def _set_current(delivery: Delivery | None) -> contextvars.Token[Delivery | None]:
+def _set_current(delivery: _Current) -> contextvars.Token[_Current]:
     return _current.set(delivery)
 
 
-def _reset_current(token: contextvars.Token[Delivery | None]) -> None:
+def _reset_current(token: contextvars.Token[_Current]) -> None:
     _current.reset(token)
 
 

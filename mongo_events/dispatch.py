@@ -16,10 +16,12 @@ import queue
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import thread as _futures_thread
-from typing import Any, Protocol
+from functools import partial
+from typing import Any, Protocol, cast
 
 from .decoding import Decoder
 from .delivery import Delivery, _reset_current, _set_current
@@ -58,6 +60,17 @@ _DONE = 0
 _RETRY = 1
 _ABANDON = 2
 
+class _Lock(Protocol):
+    """What the dispatcher needs of its lock (a ``Lock`` or the bus's ``Condition``)."""
+
+    def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
+
+    def release(self) -> None: ...
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any, /) -> Any: ...
+
 
 class Dispatcher:
     """Runs work items on a thread pool, in lane order, with retries."""
@@ -72,7 +85,16 @@ class Dispatcher:
         on_fatal: Callable[[BaseException], None],
         dead_letters: DeadLetterHook | None,
         bus_name: str,
+        lock: _Lock | None = None,
     ) -> None:
+        """
+        :param on_done: called with ``lock`` held when an item is finished (done,
+            dead-lettered or skipped), from :meth:`drain`.
+        :param lock: the lock guarding lanes and timers; the bus passes the one that
+            guards its tracker, so reporting finished items costs one acquisition, and
+            every holder calls :meth:`drain`, so finished items are reported by whoever
+            holds it next when a worker finds it busy.
+        """
         self.max_workers = max_workers
         self._decoder = decoder
         self._middleware = list(middleware)
@@ -84,7 +106,9 @@ class Dispatcher:
         self._lanes: Lanes[WorkItem] = Lanes()
         self._timers: list[tuple[float, int, WorkItem]] = []
         self._counter = itertools.count()
-        self._lock = threading.Lock()
+        self._lock: _Lock = lock if lock is not None else threading.Lock()
+        #: Finished items not yet reported (appended without the lock; see drain()).
+        self._done: deque[WorkItem] = deque()
         self._halt = threading.Event()
         self._executor: ThreadPoolExecutor | None = None
         # One flag per worker, set while it runs an attempt: plain list stores, no lock per event.
@@ -125,13 +149,23 @@ class Dispatcher:
     # -- feeding ---------------------------------------------------------------
 
     def submit(self, item: WorkItem) -> None:
-        if item.lane is None:
-            self._ready.put(item)
-            return
         with self._lock:
-            runnable = self._lanes.push(item.lane, item)
+            runnable = self.admit(item)
         if runnable is not None:
             self._ready.put(runnable)
+
+    def admit(self, item: WorkItem) -> WorkItem | None:
+        """Queue ``item`` in its lane (caller holds the lock); returns it when it may run now.
+
+        Pass what it returns to :meth:`enqueue` after releasing the lock.
+        """
+        if item.lane is None:
+            return item
+        return self._lanes.push(item.lane, item)
+
+    def enqueue(self, item: WorkItem) -> None:
+        """Hand a runnable item (from :meth:`admit`) to the workers."""
+        self._ready.put(item)
 
     # -- workers -----------------------------------------------------------------
 
@@ -149,44 +183,73 @@ class Dispatcher:
         except queue.Empty:
             return None
 
+    def drain(self) -> None:
+        """Report finished items and queue their lanes' successors (caller holds the lock)."""
+        done = self._done
+        on_done = self._on_done
+        lanes = self._lanes
+        while done:
+            item = done.popleft()
+            on_done(item.slot)
+            if item.lane is not None:
+                successor = lanes.pop_next(item.lane)
+                if successor is not None:
+                    self._ready.put(successor)
+
     def _work(self, index: int) -> None:
         busy = self._busy
-        while not (self._halt.is_set() or _interpreter_exiting()):
+        lock = self._lock
+        done = self._done
+        halt = self._halt
+        while not halt.is_set():
             item = self._next()
-            while item is not None and not self._halt.is_set():
-                busy[index] = True
-                try:
-                    outcome, delay = self._attempt(item)
-                finally:
-                    busy[index] = False
-                if outcome == _RETRY:
-                    with self._lock:
-                        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._counter), item))
-                    break
-                if outcome == _ABANDON:
-                    break
-                self._on_done(item.slot)
-                item = self._advance_lane(item)
+            if item is None:
+                if _interpreter_exiting():  # checked when idle: three flag reads per event add up
+                    return
+                continue
+            if halt.is_set():
+                return
+            busy[index] = True
+            try:
+                outcome, delay = self._attempt(item)
+            finally:
+                busy[index] = False
+            if outcome == _RETRY:
+                with lock:
+                    heapq.heappush(self._timers, (time.monotonic() + delay, next(self._counter), item))
+            elif outcome == _DONE:
+                # Report it without waiting for the lock: a contended acquisition costs a
+                # thread switch per event. If the lock is busy, its holder (the watcher
+                # admitting an event, a flush, another worker) reports it on its way out.
+                done.append(item)
+                if lock.acquire(False):
+                    try:
+                        self.drain()
+                    finally:
+                        lock.release()
 
-    def _advance_lane(self, item: WorkItem) -> WorkItem | None:
-        if item.lane is None:
-            return None
-        with self._lock:
-            return self._lanes.pop_next(item.lane)
-
-    def _attempt(self, item: WorkItem) -> tuple[int, float]:
-        sub = item.sub
-        delivery = Delivery(
+    def _delivery(self, item: WorkItem) -> Delivery:
+        return Delivery(
             event=item.event,
-            subscription=sub.name,
+            subscription=item.sub.name,
             attempt=item.attempt,
             update_description=item.update_description,
             cluster_time=item.event.cluster_time,
             bus=self._bus_name,
         )
-        error = call_subscription(sub, item.event, delivery, self._decoder, self._middleware)
+
+    def _attempt(self, item: WorkItem) -> tuple[int, float]:
+        sub = item.sub
+        delivery: Delivery | None = None
+        if self._middleware or sub.wants_delivery:
+            delivery = built = self._delivery(item)
+            error = call_subscription(sub, item.event, built, self._decoder, self._middleware)
+        else:  # nobody needs the Delivery unless the callback asks current_delivery()
+            error = call_subscription(sub, item.event, partial(self._delivery, item), self._decoder, ())
         if error is None:
             return _DONE, 0.0
+        if delivery is None:
+            delivery = self._delivery(item)
         if isinstance(error, (DecodeError, Reject)) or item.attempt > sub.max_retries:
             return self._give_up(item, delivery, error)
         if isinstance(error, Retry) and error.delay is not None:
@@ -275,20 +338,31 @@ if _register_atexit is not None:
     _register_atexit(_halt_at_exit)
 
 
-def call_subscription(sub: Subscription, event: ChangeEvent, delivery: Delivery, decoder: Decoder, chain: Sequence[Middleware]) -> BaseException | None:
-    """One attempt: middleware, decode, callback. Returns the exception, if any."""
+def call_subscription(
+    sub: Subscription,
+    event: ChangeEvent,
+    delivery: Delivery | Callable[[], Delivery],
+    decoder: Decoder,
+    chain: Sequence[Middleware],
+) -> BaseException | None:
+    """One attempt: middleware, decode, callback. Returns the exception, if any.
+
+    ``delivery`` may be a function that builds it, only when ``chain`` is empty and the
+    callback does not take a delivery: then only ``current_delivery()`` builds it.
+    """
     token = _set_current(delivery)
     error: BaseException | None = None
-    start = time.perf_counter()
+    built = cast(Delivery, delivery)  # a Delivery whenever chain or the callback needs one
+    start = time.perf_counter() if chain else 0.0
     try:
         if chain:
-            run_before(chain, delivery)
+            run_before(chain, built)
         try:
-            sub.call(sub.argument(event, decoder), delivery)
+            sub.call(sub.argument(event, decoder), built)
         except Exception as exc:
             error = exc
         if chain:
-            run_after(chain, "after_delivery", delivery, error, time.perf_counter() - start)
+            run_after(chain, "after_delivery", built, error, time.perf_counter() - start)
     finally:
         _reset_current(token)
     return error

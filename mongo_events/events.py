@@ -203,7 +203,7 @@ class ChangeEvent:
     def from_raw(cls, raw: Mapping[str, Any], default_db: str = "", default_coll: str | None = None) -> ChangeEvent:
         """Build an event from a raw change document."""
         token = raw["_id"]
-        data = token.get("_data") if isinstance(token, Mapping) else None
+        data = token.get("_data") if type(token) is dict or isinstance(token, Mapping) else None
         ns = raw.get("ns") or {}
         op = raw.get("operationType", "")
         desc = raw.get("updateDescription")
@@ -227,12 +227,24 @@ class ChangeEvent:
 
     def to_dict(self) -> dict[str, Any]:
         """The event as a dict of its fields (without ``raw``), values still native BSON."""
-        out = {f.name: getattr(self, f.name) for f in _FIELDS if f.name != "raw"}
-        out["operation_type"] = str(self.operation_type)
-        out["namespace"] = self.namespace
-        if self.update_description is not None:
-            out["update_description"] = attrs.asdict(self.update_description, recurse=False)
-        return out
+        desc = self.update_description
+        return {  # spelled out: this runs once per typed delivery
+            "id": self.id,
+            "resume_token": self.resume_token,
+            "operation_type": str(self.operation_type),
+            "database": self.database,
+            "collection": self.collection,
+            "document_key": self.document_key,
+            "full_document": self.full_document,
+            "full_document_before_change": self.full_document_before_change,
+            "update_description": attrs.asdict(desc, recurse=False) if desc is not None else None,
+            "cluster_time": self.cluster_time,
+            "wall_time": self.wall_time,
+            "txn_number": self.txn_number,
+            "lsid": self.lsid,
+            "to": self.to,
+            "namespace": self.namespace,
+        }
 
     def to_json(self) -> str:
         """The event as relaxed Extended JSON."""
@@ -240,4 +252,3 @@ class ChangeEvent:
 
 
 _OPS: dict[str, OperationType] = {o.value: o for o in OperationType}
-_FIELDS = attrs.fields(ChangeEvent)

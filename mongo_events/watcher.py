@@ -104,6 +104,22 @@ def _resume_token(stream: ChangeStream[Any]) -> Mapping[str, Any] | None:
     return token
 
 
+def _buffered(stream: ChangeStream[Any]) -> int:
+    """Events pymongo already holds for ``stream`` (handed out without I/O); 0 when unknown.
+
+    Reads the private ``CommandCursor._data`` deque (there since pymongo 3); a stream
+    without it counts as empty, which only means work is handed on event by event.
+    """
+    try:
+        return len(stream._cursor._data)
+    except (AttributeError, TypeError):
+        return 0
+
+
+def _nothing() -> None:
+    pass
+
+
 def reassemble(fragments: list[Mapping[str, Any]]) -> dict[str, Any]:
     """Merge the fragments of a split event; the last fragment's token resumes after it."""
     merged: dict[str, Any] = {"_id": fragments[-1]["_id"]}
@@ -128,6 +144,9 @@ class Watcher:
     :param on_reconnect: called with the reason (``error``, ``invalidate``, ``history_lost``,
         ``oversize`` ...) and the exception each time the stream is reopened.
     :param on_active: called with ``True`` when a stream starts being read, ``False`` when it closes.
+    :param on_drained: called when the events handed to ``on_event`` so far are all the
+        stream holds in memory, so the next read may wait on the server (and when reading
+        stops): the bus hands its buffered work to the workers then, once per batch.
     """
 
     def __init__(
@@ -142,6 +161,7 @@ class Watcher:
         on_opened: Callable[[ChangeStream[Any]], bool] | None = None,
         on_reconnect: Callable[[str, BaseException | None], None] | None = None,
         on_active: Callable[[bool], None] | None = None,
+        on_drained: Callable[[], None] | None = None,
         stop_event: threading.Event,
         min_backoff: float = 0.1,
         max_backoff: float = 30.0,
@@ -155,6 +175,7 @@ class Watcher:
         self._on_opened = on_opened
         self._on_reconnect = on_reconnect
         self._on_active = on_active
+        self._on_drained = on_drained or _nothing
         self._stop = stop_event
         self._min_backoff = min_backoff
         self._max_backoff = max_backoff
@@ -223,7 +244,14 @@ class Watcher:
 
     def _pull(self, stream: ChangeStream[Any]) -> bool:
         """Iterate until stop, error or invalidate. Returns True once an event arrived."""
+        try:
+            return self._pull_events(stream)
+        finally:
+            self._on_drained()
+
+    def _pull_events(self, stream: ChangeStream[Any]) -> bool:
         got_any = False
+        on_drained = self._on_drained
         on_event = self._on_event
         fragments: list[Mapping[str, Any]] = []
         self._reopen = False
@@ -257,6 +285,8 @@ class Watcher:
                 self.position = Position(resume_after=token)
             if not on_event(raw) or self._reopen:
                 return got_any
+            if not _buffered(stream):
+                on_drained()
             if token is not None and token is not raw["_id"] and token != raw["_id"]:
                 self._on_resume_token(token)  # the last event of a batch: the post-batch token
             if raw.get("operationType") == "invalidate":

@@ -70,6 +70,36 @@ def test_ack_writes_are_batched(fake_rs: FakeReplicaSet, client: pymongo.MongoCl
     assert 1 <= bus.ack_writes <= 30 and acks.writes == bus.ack_writes
 
 
+def test_a_failed_ack_write_holds_the_checkpoint_back(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    """The checkpoint never covers events whose ack records are not stored yet."""
+
+    class Down(me.MemoryAckStore):
+        down = True
+
+        def write(self, records: list[me.AckRecord]) -> None:
+            if self.down:
+                raise me.StoreError("ack store down")
+            super().write(records)
+
+    acks = Down()
+    tokens = me.MemoryResumeTokenStore()
+    rec = Recorder()
+    bus = make_bus(client.shop.orders, ack_store=acks, resume_token_store=tokens, flush_interval=60)
+    bus.subscribe(lambda ev: rec.add(ev.id))
+    bus.start()
+    before = tokens.load(bus.resume_token_key)
+    client.shop.orders.insert_many([{"_id": i} for i in range(3)])
+    ids = rec.wait(3)
+    assert bus.join(5)
+    assert bus.flush() is False
+    assert tokens.load(bus.resume_token_key) == before  # the acks failed: no checkpoint either
+    acks.down = False
+    assert bus.flush() is True
+    after = tokens.load(bus.resume_token_key)
+    assert after is not None and after != before
+    assert all((r := acks.get(i)) is not None and r.status is me.AckStatus.ACKED for i in ids)
+
+
 def test_poison_event_is_retried_dead_lettered_and_the_stream_moves_on(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
     dlq = me.MongoDeadLetterStore(client.internal["event_dlq"])
     ok = Recorder()

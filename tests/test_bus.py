@@ -340,6 +340,25 @@ def test_filtered_stream_still_advances_its_stored_token(fake_rs: FakeReplicaSet
     assert caught_up() or wait_for(caught_up, 5)
 
 
+def test_a_small_window_freed_only_by_checkpoint_writes_delivers_everything_in_order(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    """Batched hand-off under a full window: the watcher collects work per batch and
+    waits for room that only a checkpoint write frees (the timed flush is far away)."""
+    coll = client.shop.orders
+    rec = Recorder()
+    store = me.MemoryResumeTokenStore()
+    bus = make_bus(coll, resume_token_store=store, max_workers=4, max_in_flight=20, batch_size=500, flush_interval=60)
+    bus.subscribe(lambda ev: rec.add((ev.document_key["_id"], ev.operation_type)))
+    bus.start()
+    coll.insert_many([{"_id": i, "n": 0} for i in range(300)])
+    coll.update_many({}, {"$set": {"n": 1}})
+    got = rec.wait(600, timeout=60)
+    assert sorted(got) == sorted([(i, me.OperationType.INSERT) for i in range(300)] + [(i, me.OperationType.UPDATE) for i in range(300)])
+    for i in range(300):  # per-document order held
+        assert got.index((i, me.OperationType.INSERT)) < got.index((i, me.OperationType.UPDATE))
+    assert bus.join(10)
+    assert bus.token_writes >= 600 // 20 - 1  # the window (20) was freed by writes, not by the 60 s timer
+
+
 def test_max_in_flight_bounds_the_window_behind_a_blocked_event(fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any) -> None:
     coll = client.shop.orders
     release = threading.Event()

@@ -93,3 +93,14 @@ def test_to_json_is_relaxed_extended_json() -> None:
 )
 def test_document_key_string(key: dict[str, object] | None, expected: str) -> None:
     assert document_key_string(key) == expected
+
+
+def test_to_dict_has_every_field_but_raw() -> None:
+    import attrs
+
+    ev = ChangeEvent.from_raw(RAW)
+    out = ev.to_dict()
+    assert set(out) == {f.name for f in attrs.fields(ChangeEvent)} - {"raw"} | {"namespace"}
+    assert out["operation_type"] == "update" and out["namespace"] == "shop.orders"
+    assert out["update_description"]["removed_fields"] == ("hold",)
+    assert out["cluster_time"] == Timestamp(1700000000, 7)

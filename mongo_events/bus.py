@@ -278,13 +278,18 @@ class Bus:
     def _reset_runtime(self) -> None:
         self._stop_event = threading.Event()
         self._stopped = threading.Event()
-        self._cond = threading.Condition()
+        # The Condition's own lock, used directly on hot paths: `with self._mutex` runs in C,
+        # `with self._cond` goes through two Python-level methods. Holding either is the same.
+        self._mutex = threading.RLock()
+        self._cond = threading.Condition(self._mutex)
         #: While the watcher waits for room: the window size that wakes it (else -1).
         self._room_low = -1
         #: Threads waiting in join() for the window to drain.
         self._joining = 0
         #: Runnable items the watcher has not handed to the workers yet (watcher thread only).
         self._runnable: list[WorkItem] = []
+        #: No subscription filters events: every event goes to all of them.
+        self._unfiltered = all(s.operations is None and not s.full_document_only for s in self._subscriptions)
         self._tracker = Tracker(self.max_in_flight, durable=self.token_store is not None)
         self._connected = threading.Event()
         self._connect_error: BaseException | None = None
@@ -465,7 +470,7 @@ class Bus:
             on_fatal=self._fail,
             dead_letters=self._dead_letters,
             bus_name=self.name,
-            lock=self._cond,
+            lock=self._mutex,
         )
         self._watcher = Watcher(
             name=self.name,
@@ -855,6 +860,8 @@ class Bus:
         op = event.operation_type
         if op is OperationType.UPDATE and not self.include_empty_updates and (desc is None or desc.is_empty):
             subs: list[Subscription] = []
+        elif self._unfiltered:
+            subs = self._subscriptions  # nobody filters: no list per event
         else:
             subs = [s for s in self._subscriptions if s.wants(event)]
             if self.full_document_only and event.full_document is None and op in (OperationType.UPDATE, OperationType.REPLACE):
@@ -869,9 +876,10 @@ class Bus:
         dispatcher = self._dispatcher
         assert dispatcher is not None
         delivered_desc = desc if self.update_description else None
-        lanes = [self._lane(sub, event) for sub in subs]
+        doc_lane = self._document_lane(event) if subs else None
+        single = len(self._subscriptions) == 1
         tracker = self._tracker
-        with self._cond:
+        with self._mutex:
             dispatcher.drain()
             if tracker.full and not self._wait_for_room():
                 return False
@@ -884,7 +892,12 @@ class Bus:
                 if self.ack_store is not None:
                     self._acks[event.id] = AckRecord(event.id, datetime.now(timezone.utc))
                 runnable = self._runnable  # read after any wait for room: that wait releases it
-                for sub, lane in zip(subs, lanes, strict=True):
+                for sub in subs:
+                    lane: Hashable | None
+                    if doc_lane is None:
+                        lane = sub.index if self.ordering == "stream" else None
+                    else:  # one subscription: the document alone names its lane
+                        lane = doc_lane if single else (sub.index, *doc_lane)
                     item = dispatcher.admit(WorkItem(sub, event, slot, lane, delivered_desc))
                     if item is not None:
                         runnable.append(item)
@@ -957,21 +970,25 @@ class Bus:
             self._watcher.request_reopen()  # back to full events after it
         return True
 
-    def _lane(self, sub: Subscription, event: ChangeEvent) -> Hashable | None:
-        if self.ordering == "none":
+    def _document_lane(self, event: ChangeEvent) -> tuple[Any, ...] | None:
+        """What names ``event``'s document in lane keys (None unless ``ordering="document"``).
+
+        A subscription's lane is ``(subscription index, *this)``, or this alone when the
+        bus has one subscription.
+        """
+        if self.ordering != "document":
             return None
-        if self.ordering == "stream":
-            return sub.index
         key = event.document_key
         if not key:
-            return (sub.index, event.namespace)
+            return (event.namespace,)
         value = key.get("_id") if len(key) == 1 else None
-        if value is not None and isinstance(value, (str, int, bson.ObjectId)) and not isinstance(value, bool):
-            return (sub.index, event.namespace, type(value), value)
-        return (sub.index, event.namespace, bson.encode(dict(key)))
+        kind = type(value)
+        if kind is str or kind is int or kind is bson.ObjectId:  # exact types: never bool
+            return (event.namespace, kind, value)
+        return (event.namespace, bson.encode(dict(key)))
 
     def _on_resume_token(self, token: Mapping[str, Any] | None) -> None:
-        with self._cond:
+        with self._mutex:
             self._drained()
             self._tracker.note_resume_token(token)
 

@@ -61,12 +61,3 @@ def current_delivery() -> Delivery | None:
     _current.set(delivery)  # undone with the rest when the attempt resets the variable
     return delivery
 
-
-def _set_current(delivery: _Current) -> contextvars.Token[_Current]:
-    return _current.set(delivery)
-
-
-def _reset_current(token: contextvars.Token[_Current]) -> None:
-    _current.reset(token)
-
-

@@ -24,7 +24,7 @@ from functools import partial
 from typing import Any, Protocol, cast
 
 from .decoding import Decoder
-from .delivery import Delivery, _reset_current, _set_current
+from .delivery import Delivery, _current
 from .errors import DecodeError, HandlerFailed, Reject, Retry
 from .events import ChangeEvent
 from .middleware.base import Middleware, run_after, run_before
@@ -350,19 +350,23 @@ def call_subscription(
     ``delivery`` may be a function that builds it, only when ``chain`` is empty and the
     callback does not take a delivery: then only ``current_delivery()`` builds it.
     """
-    token = _set_current(delivery)
-    error: BaseException | None = None
-    built = cast(Delivery, delivery)  # a Delivery whenever chain or the callback needs one
-    start = time.perf_counter() if chain else 0.0
+    token = _current.set(delivery)
     try:
-        if chain:
-            run_before(chain, built)
+        if not chain:
+            try:
+                sub.call(sub.argument(event, decoder), cast(Delivery, delivery))
+            except Exception as exc:
+                return exc
+            return None
+        built = cast(Delivery, delivery)  # a Delivery whenever chain is not empty
+        error: BaseException | None = None
+        start = time.perf_counter()
+        run_before(chain, built)
         try:
             sub.call(sub.argument(event, decoder), built)
         except Exception as exc:
             error = exc
-        if chain:
-            run_after(chain, "after_delivery", built, error, time.perf_counter() - start)
+        run_after(chain, "after_delivery", built, error, time.perf_counter() - start)
+        return error
     finally:
-        _reset_current(token)
-    return error
+        _current.reset(token)

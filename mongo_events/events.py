@@ -207,23 +207,36 @@ class ChangeEvent:
         ns = raw.get("ns") or {}
         op = raw.get("operationType", "")
         desc = raw.get("updateDescription")
-        return cls(
-            id=data if isinstance(data, str) else json_util.dumps(token),
-            resume_token=token,
-            operation_type=_OPS.get(op, op),
-            database=ns.get("db") or default_db,
-            collection=ns.get("coll") or default_coll,
-            document_key=raw.get("documentKey"),
-            full_document=raw.get("fullDocument"),
-            full_document_before_change=raw.get("fullDocumentBeforeChange"),
-            update_description=UpdateDescription.from_raw(desc) if desc is not None else None,
-            cluster_time=raw.get("clusterTime"),
-            wall_time=raw.get("wallTime"),
-            txn_number=raw.get("txnNumber"),
-            lsid=raw.get("lsid"),
-            to=raw.get("to"),
-            raw=raw,
-        )
+        get = raw.get
+        event_id = data if isinstance(data, str) else json_util.dumps(token)
+        operation_type = _OPS.get(op, op)
+        description = UpdateDescription.from_raw(desc) if desc is not None else None
+        if cls is not ChangeEvent:  # a subclass may validate or add fields: use its __init__
+            return cls(
+                event_id, token, operation_type, ns.get("db") or default_db, ns.get("coll") or default_coll,
+                get("documentKey"), get("fullDocument"), get("fullDocumentBeforeChange"), description,
+                get("clusterTime"), get("wallTime"), get("txnNumber"), get("lsid"), get("to"), raw,
+            )
+        # This runs once per event: filling the slots directly skips the frozen class's
+        # per-field __setattr__ indirection (about half the cost of building it).
+        # tests/test_events.py checks that every field is set here, in this order.
+        event = _new(cls)
+        _set_id(event, event_id)
+        _set_resume_token(event, token)
+        _set_operation_type(event, operation_type)
+        _set_database(event, ns.get("db") or default_db)
+        _set_collection(event, ns.get("coll") or default_coll)
+        _set_document_key(event, get("documentKey"))
+        _set_full_document(event, get("fullDocument"))
+        _set_full_document_before_change(event, get("fullDocumentBeforeChange"))
+        _set_update_description(event, description)
+        _set_cluster_time(event, get("clusterTime"))
+        _set_wall_time(event, get("wallTime"))
+        _set_txn_number(event, get("txnNumber"))
+        _set_lsid(event, get("lsid"))
+        _set_to(event, get("to"))
+        _set_raw(event, raw)
+        return event
 
     def to_dict(self) -> dict[str, Any]:
         """The event as a dict of its fields (without ``raw``), values still native BSON."""
@@ -252,3 +265,22 @@ class ChangeEvent:
 
 
 _OPS: dict[str, OperationType] = {o.value: o for o in OperationType}
+_new = object.__new__
+# The slot setters of ChangeEvent's fields, in declaration order (what from_raw fills).
+(
+    _set_id,
+    _set_resume_token,
+    _set_operation_type,
+    _set_database,
+    _set_collection,
+    _set_document_key,
+    _set_full_document,
+    _set_full_document_before_change,
+    _set_update_description,
+    _set_cluster_time,
+    _set_wall_time,
+    _set_txn_number,
+    _set_lsid,
+    _set_to,
+    _set_raw,
+) = (vars(ChangeEvent)[f.name].__set__ for f in attrs.fields(ChangeEvent))

@@ -80,7 +80,8 @@ class Subscription:
 
     def wants(self, event: ChangeEvent) -> bool:
         """Whether this subscription handles ``event`` at all (filtered events count as done)."""
-        if self.operations is not None and str(event.operation_type) not in self.operations:
+        # OperationType is a str enum: members hash and compare as their values.
+        if self.operations is not None and event.operation_type not in self.operations:
             return False
         if self.full_document_only:
             return event.full_document is not None or event.operation_type == OperationType.DELETE

@@ -225,13 +225,14 @@ def test_current_delivery_is_set_inside_callbacks(client: pymongo.MongoClient[An
 
     @bus.subscribe(name="probe")
     def probe(event: me.ChangeEvent) -> None:
-        d = me.current_delivery()
-        rec.add((d.subscription if d else None, d.event.id if d else None, event.id))
+        d = me.current_delivery()  # built on demand: a one-argument callback without middleware
+        rec.add((d.subscription if d else None, d.event.id if d else None, event.id, d.attempt if d else None, me.current_delivery() is d))
 
     bus.start()
     client.shop.orders.insert_one({"_id": 1})
-    name, delivered_id, event_id = rec.wait(1)[0]
-    assert name == "probe" and delivered_id == event_id
+    name, delivered_id, event_id, attempt, same = rec.wait(1)[0]
+    assert name == "probe" and delivered_id == event_id and attempt == 1
+    assert same  # asking twice gives the same Delivery
     assert me.current_delivery() is None
 
 

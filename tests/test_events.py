@@ -104,3 +104,13 @@ def test_to_dict_has_every_field_but_raw() -> None:
     assert out["operation_type"] == "update" and out["namespace"] == "shop.orders"
     assert out["update_description"]["removed_fields"] == ("hold",)
     assert out["cluster_time"] == Timestamp(1700000000, 7)
+
+
+def test_from_raw_fills_every_slot_like_init() -> None:
+    import attrs
+
+    ev = ChangeEvent.from_raw(RAW, "d", "c")
+    values = {f.name: getattr(ev, f.name) for f in attrs.fields(ChangeEvent)}  # an unset slot raises
+    assert ChangeEvent(**values) == ev and hash(ev.id)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        ev.id = "x"  # type: ignore[misc]

@@ -937,8 +937,8 @@ class Bus:
             while self._drained() > self._room_low:
                 if self._stop_event.is_set():
                     return False
-                if tracker.unflushed and self._flusher is not None:
-                    self._flusher.wake()
+                if tracker.unflushed and len(tracker) - tracker.unflushed <= self._room_low and self._flusher is not None:
+                    self._flusher.wake()  # a write frees enough room now (else _on_done wakes it later)
                 self._cond.wait(0.1)
         finally:
             self._room_low = -1

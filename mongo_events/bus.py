@@ -1008,17 +1008,21 @@ class Bus:
         """A subscription finished ``slot``; the dispatcher calls this holding ``_cond``."""
         tracker = self._tracker
         head = tracker.finish(slot)
-        if slot.done and self.ack_store is not None:
+        if self.ack_store is not None and slot.remaining <= 0:
             pending = self._acks.get(slot.event_id)
             now = datetime.now(timezone.utc)
             self._acks[slot.event_id] = AckRecord(slot.event_id, pending.created_at if pending else now, now)
         if head:
             tracker.advance()
-            if self._joining or len(tracker) <= self._room_low:
+            if self._joining:
                 self._cond.notify_all()
-            elif len(tracker) - tracker.unflushed <= self._room_low and self._flusher is not None:
-                # The watcher waits for room that only a checkpoint write can free: write now.
-                self._flusher.wake()
+            elif self._room_low >= 0:  # the watcher waits for room
+                size = len(tracker)
+                if size <= self._room_low:
+                    self._cond.notify_all()
+                elif size - tracker.unflushed <= self._room_low and self._flusher is not None:
+                    # Only a checkpoint write can free the room it waits for: write now.
+                    self._flusher.wake()
 
     def _store_dead_letter(self, event: ChangeEvent, subscription: str, error: BaseException, attempts: int) -> None:
         store = self.dead_letter_store

@@ -253,48 +253,58 @@ class Watcher:
         got_any = False
         on_drained = self._on_drained
         on_event = self._on_event
+        stopped = self._stop.is_set
         fragments: list[Mapping[str, Any]] = []
         self._reopen = False
-        while not self._stop.is_set():
-            raw = stream.try_next()
-            token = _resume_token(stream)
-            if raw is None:
-                if not fragments:
-                    self._on_resume_token(token)
-                    if token is not None:  # reopen here, not "now", if the stream fails while idle
-                        self.position = Position(resume_after=token)
-                if not stream.alive:
-                    log.info("change stream %s closed by the server; reopening", self.name)
-                    return got_any
-                continue
-            got_any = True
-            split = raw.get("splitEvent")
-            if split is not None:
-                # A large event split by $changeStreamSplitLargeEvent: hand it on whole, once
-                # its last fragment arrived; positions only ever point at whole events.
-                if split.get("fragment") == 1:
-                    fragments = []
-                fragments.append(raw)
-                if split.get("fragment") != split.get("of"):
+        # Where to reopen: the newest token, kept in a local and made self.position on the
+        # way out (return or exception) rather than once per event.
+        resume_after: Mapping[str, Any] | None = None
+        try:
+            while not stopped():
+                raw = stream.try_next()
+                token = _resume_token(stream)
+                if raw is None:
+                    if not fragments:
+                        self._on_resume_token(token)
+                        if token is not None:  # reopen here, not "now", if the stream fails while idle
+                            resume_after = token
+                    if not stream.alive:
+                        log.info("change stream %s closed by the server; reopening", self.name)
+                        return got_any
                     continue
-                raw = reassemble(fragments)
-                fragments = []
-            if raw.get("operationType") == "invalidate":
-                self.position = Position(start_after=raw["_id"])
-            elif token is not None:
-                self.position = Position(resume_after=token)
-            if not on_event(raw) or self._reopen:
-                return got_any
-            if not _buffered(stream):
-                on_drained()
-            if token is not None and token is not raw["_id"] and token != raw["_id"]:
-                self._on_resume_token(token)  # the last event of a batch: the post-batch token
-            if raw.get("operationType") == "invalidate":
-                log.warning("change stream %s invalidated (%s); continuing after it with startAfter", self.name, raw.get("_id"))
-                if self._on_reconnect is not None:
-                    self._on_reconnect("invalidate", None)
-                return got_any
-        return got_any
+                got_any = True
+                split = raw.get("splitEvent")
+                if split is not None:
+                    # A large event split by $changeStreamSplitLargeEvent: hand it on whole, once
+                    # its last fragment arrived; positions only ever point at whole events.
+                    if split.get("fragment") == 1:
+                        fragments = []
+                    fragments.append(raw)
+                    if split.get("fragment") != split.get("of"):
+                        continue
+                    raw = reassemble(fragments)
+                    fragments = []
+                invalidate = raw.get("operationType") == "invalidate"
+                if invalidate:
+                    resume_after = None
+                    self.position = Position(start_after=raw["_id"])
+                elif token is not None:
+                    resume_after = token
+                if not on_event(raw) or self._reopen:
+                    return got_any
+                if not _buffered(stream):
+                    on_drained()
+                if token is not None and token is not raw["_id"] and token != raw["_id"]:
+                    self._on_resume_token(token)  # the last event of a batch: the post-batch token
+                if invalidate:
+                    log.warning("change stream %s invalidated (%s); continuing after it with startAfter", self.name, raw.get("_id"))
+                    if self._on_reconnect is not None:
+                        self._on_reconnect("invalidate", None)
+                    return got_any
+            return got_any
+        finally:
+            if resume_after is not None:
+                self.position = Position(resume_after=resume_after)
 
     def _recover(self, exc: PyMongoError, delays: Iterator[float]) -> bool:
         """Handle an error; returns False when the watcher should exit."""

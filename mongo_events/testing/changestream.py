@@ -183,10 +183,17 @@ class ChangeCursor:
                 while self.pending and len(batch) < limit:
                     batch.append(self.pending.pop(0))
                 index = oplog.index_after(self.position)
-                while len(batch) < limit and index < len(oplog.entries) and not self.closed:
-                    entry = oplog.entries[index]
+                entries = oplog.entries
+                # Inserts into this stream's own collection, already encoded, go straight into
+                # the batch: the client waits for every getMore, so this loop is on its clock.
+                direct = self.level == "collection" and not self.stages and backend.max_event_size is None
+                while len(batch) < limit and index < len(entries) and not self.closed:
+                    entry = entries[index]
                     index += 1
                     self.position = entry.ts
+                    if direct and entry.encoded is not None and entry.coll == self.coll and entry.db == self.db:
+                        batch.append(entry.encoded)
+                        continue
                     rendered = self.render(entry, backend)
                     for event in rendered:
                         # Pre-encoded inserts are RawBSONDocuments; an invalidation is always a dict.

@@ -5,6 +5,12 @@ pull ready items from a ``SimpleQueue`` (a sub-microsecond hand-off, cheaper
 than one executor task per event). A failed attempt waits in a timer heap, not
 on a sleeping worker, so retries never block other documents' lanes. The lane
 of a retrying item stays busy, which keeps per-document order.
+
+A finished item goes onto a deque without the lock and is reported (its slot
+marked done, its lane's next item released) by whoever holds the lock next:
+the worker itself when the lock is free, else the watcher admitting an event, a
+flush, another worker, or this worker before its next callback or when idle.
+Waiting for a contended lock would cost a thread switch per event.
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ _RETRY = 1
 _ABANDON = 2
 
 class _Lock(Protocol):
-    """What the dispatcher needs of its lock (a ``Lock`` or the bus's ``Condition``)."""
+    """What the dispatcher needs of its lock (a ``Lock``, or the ``RLock`` under the bus's ``Condition``)."""
 
     def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
 
@@ -204,11 +210,16 @@ class Dispatcher:
         while not halt.is_set():
             item = self._next()
             if item is None:
+                if done:  # idle: waiting for the lock costs nothing now
+                    with lock:
+                        self.drain()
                 if _interpreter_exiting():  # checked when idle: three flag reads per event add up
                     return
                 continue
             if halt.is_set():
                 return
+            if done:  # unreported items: try once more before a callback that may be long
+                self._try_drain()
             busy[index] = True
             try:
                 outcome, delay = self._attempt(item)
@@ -222,11 +233,16 @@ class Dispatcher:
                 # thread switch per event. If the lock is busy, its holder (the watcher
                 # admitting an event, a flush, another worker) reports it on its way out.
                 done.append(item)
-                if lock.acquire(False):
-                    try:
-                        self.drain()
-                    finally:
-                        lock.release()
+                self._try_drain()
+
+    def _try_drain(self) -> None:
+        """Report finished items if the lock is free right now; never wait for it."""
+        lock = self._lock
+        if lock.acquire(False):
+            try:
+                self.drain()
+            finally:
+                lock.release()
 
     def _delivery(self, item: WorkItem) -> Delivery:
         return Delivery(

@@ -244,7 +244,7 @@ class ChangeEvent:
         return {  # spelled out: this runs once per typed delivery
             "id": self.id,
             "resume_token": self.resume_token,
-            "operation_type": str(self.operation_type),
+            "operation_type": _OP_NAMES.get(self.operation_type, self.operation_type),
             "database": self.database,
             "collection": self.collection,
             "document_key": self.document_key,
@@ -265,6 +265,7 @@ class ChangeEvent:
 
 
 _OPS: dict[str, OperationType] = {o.value: o for o in OperationType}
+_OP_NAMES: dict[OperationType | str, str] = {o: o.value for o in OperationType}  # str() without a call
 _new = object.__new__
 # The slot setters of ChangeEvent's fields, in declaration order (what from_raw fills).
 (

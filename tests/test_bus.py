@@ -16,7 +16,7 @@ import mongo_events as me
 from mongo_events.testing import FakeReplicaSet
 from mongo_events.testing.oplog import parse_token
 
-from .conftest import CLIENT_OPTIONS
+from .conftest import CLIENT_OPTIONS, wait_for
 from .helpers import FAST, Recorder
 
 
@@ -358,6 +358,42 @@ def test_a_small_window_freed_only_by_checkpoint_writes_delivers_everything_in_o
         assert got.index((i, me.OperationType.INSERT)) < got.index((i, me.OperationType.UPDATE))
     assert bus.join(10)
     assert bus.token_writes >= 600 // 20 - 1  # the window (20) was freed by writes, not by the 60 s timer
+
+
+def test_an_event_finished_while_the_lock_was_busy_still_frees_its_lane(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    """A worker reports without waiting for the lock; if the lock is busy and the worker
+    then sits in a slow callback, the finished event must still be reported (by an idle
+    worker or the watcher), or the next event of its document would wait for the slow one."""
+    coll = client.shop.orders
+    held = threading.Event()
+    release = threading.Event()
+    slow_started = threading.Event()
+    rec = Recorder()
+    bus = make_bus(coll, max_workers=2, max_await_time=1.0)
+
+    @bus.subscribe
+    def handle(ev: me.ChangeEvent) -> None:
+        key = ev.document_key["_id"]  # type: ignore[index]
+        if key == "slow":
+            slow_started.set()
+            assert release.wait(10)
+        elif ev.operation_type is me.OperationType.INSERT:
+            assert held.wait(10)  # return only while the test holds the bus's lock
+        rec.add((key, str(ev.operation_type)))
+
+    bus.start()
+    coll.insert_one({"_id": "x"})
+    coll.insert_one({"_id": "slow"})
+    coll.update_one({"_id": "x"}, {"$set": {"n": 1}})
+    assert wait_for(lambda: bus.in_flight == 3, 5)  # all three admitted, x's update in its lane
+    with bus._mutex:
+        held.set()
+        assert wait_for(lambda: len(bus._dispatcher._done) == 1, 5)  # x finished, unreported
+    assert slow_started.wait(5)
+    got = rec.wait(2)  # x's update ran although one worker is stuck in the slow callback
+    assert got == [("x", "insert"), ("x", "update")]
+    release.set()
+    assert rec.wait(3)[-1] == ("slow", "insert")
 
 
 def test_max_in_flight_bounds_the_window_behind_a_blocked_event(fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any) -> None:

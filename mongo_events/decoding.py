@@ -40,6 +40,7 @@ class CattrsDecoder:
     def __init__(self, converter: cattrs.Converter | None = None) -> None:
         self.converter = converter or make_converter()
         self._fast: cattrs.Converter | None = None
+        self._hooks: dict[Any, Any] = {}  # type -> the fast converter's structure hook
 
     def _fast_converter(self) -> cattrs.Converter:
         fast = self._fast
@@ -49,11 +50,25 @@ class CattrsDecoder:
             self._fast = fast
         return fast
 
+    def _hook(self, type_: Any) -> Any:
+        """The fast converter's structure function for ``type_``, looked up once per type."""
+        try:
+            return self._hooks[type_]
+        except KeyError:
+            pass
+        except TypeError:  # an unhashable type argument: no cache
+            return self._fast_converter().structure
+        fast = self._fast_converter()
+        lookup = getattr(fast, "get_structure_hook", None)  # cattrs 24+; else dispatch each time
+        hook = lookup(type_) if lookup is not None else fast.structure
+        self._hooks[type_] = hook
+        return hook
+
     def decode(self, value: Any, type_: type[T]) -> T:
         if type_ is dict or type_ is Any:  # no structuring asked for
             return value  # type: ignore[no-any-return]
         try:
-            return self._fast_converter().structure(value, type_)
+            return self._hook(type_)(value, type_)  # type: ignore[no-any-return]
         except Exception:
             pass  # structure it again below, for the detailed report
         try:

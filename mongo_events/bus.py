@@ -72,9 +72,9 @@ _LARGE_FIELDS = ("fullDocument", "fullDocumentBeforeChange", "updateDescription"
 #: An idle stream's post-batch token is written at most this often (events move it every flush).
 IDLE_CHECKPOINT_INTERVAL = 10.0
 
-
 #: The watcher hands collected work to the workers at least every this many items.
 _RELEASE_AT = 64
+
 
 class BusState(str, enum.Enum):
     """Lifecycle states of a :class:`Bus`."""

@@ -154,12 +154,6 @@ class Dispatcher:
 
     # -- feeding ---------------------------------------------------------------
 
-    def submit(self, item: WorkItem) -> None:
-        with self._lock:
-            runnable = self.admit(item)
-        if runnable is not None:
-            self._ready.put(runnable)
-
     def admit(self, item: WorkItem) -> WorkItem | None:
         """Queue ``item`` in its lane (caller holds the lock); returns it when it may run now.
 

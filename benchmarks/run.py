@@ -28,7 +28,7 @@ from bson.timestamp import Timestamp
 import mongo_events as me
 from mongo_events.monitor import MongoMonitorStore
 
-#: Changes the ack and monitor workload reads from the fake (it is bounded by mongomock).
+#: Changes the ack and monitor workload reads from the fake (it is bounded by mongomock; 5,000 with --quick).
 ACKS_ON_FAKE = 20_000
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTE = "x" * 700
@@ -245,10 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     n = args.changes or (30_000 if args.quick else 200_000)
     reps = args.repeat or (2 if args.quick else 3)
-    burst = 100_000 if args.quick else 1_000_000
+    burst = 50_000 if args.quick else 1_000_000
+    acks_on_fake = 5_000 if args.quick else ACKS_ON_FAKE
     # Every write is an oplog entry, the ack and monitor upserts included (about four
     # per event): the burst must still be in the oplog when its bus starts.
-    server = Server(oplog_size=n + burst + 4 * ACKS_ON_FAKE * (reps + 1) + 100_000)
+    server = Server(oplog_size=n + burst + 4 * acks_on_fake * (reps + 1) + 100_000)
     client: pymongo.MongoClient[Any] = pymongo.MongoClient(server.uri)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     try:
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         # The fake writes through mongomock at about 1,000 upserts/s, so the ack and monitor
         # workload (two or three upserts per event) measures the fake, not the bus: on the
         # fake it reads fewer changes. A real server (MONGODB_URI) reads them all.
-        n_acks = n if server.proc is None else min(n, ACKS_ON_FAKE)
+        n_acks = n if server.proc is None else min(n, acks_on_fake)
         raw_loop(client, n, at)  # warm-up: the fake encodes each change once, on first read
         workloads: dict[str, Callable[[], float]] = {
             "raw": lambda: raw_loop(client, n, at),

@@ -290,6 +290,8 @@ class Bus:
         self._runnable: list[WorkItem] = []
         #: No subscription filters events: every event goes to all of them.
         self._unfiltered = all(s.operations is None and not s.full_document_only for s in self._subscriptions)
+        #: One subscription: its lanes are keyed by the document alone.
+        self._single = len(self._subscriptions) == 1
         self._tracker = Tracker(self.max_in_flight, durable=self.token_store is not None)
         self._connected = threading.Event()
         self._connect_error: BaseException | None = None
@@ -877,7 +879,7 @@ class Bus:
         assert dispatcher is not None
         delivered_desc = desc if self.update_description else None
         doc_lane = self._document_lane(event) if subs else None
-        single = len(self._subscriptions) == 1
+        single = self._single
         tracker = self._tracker
         with self._mutex:
             dispatcher.drain()
@@ -1190,16 +1192,17 @@ class Bus:
             checkpoint = self._checkpoint_to_write()
             acks = self._acks
             self._acks = {}
-        if acks:
-            try:
+        try:
+            if acks:
                 self._write_acks(acks)
-            except Exception:
-                if checkpoint is not None:
-                    with self._cond:
-                        self._tracker.moved_by_events = self._tracker.moved_by_events or checkpoint[4]
-                raise
-        if checkpoint is not None:
-            self._write_checkpoint(*checkpoint)
+            if checkpoint is not None:
+                token, cluster_time, version, covered, _ = checkpoint
+                self._write_checkpoint(token, cluster_time, version, covered)
+        except Exception:
+            if checkpoint is not None:  # not stored: the next flush writes it
+                with self._cond:
+                    self._tracker.moved_by_events = self._tracker.moved_by_events or checkpoint[4]
+            raise
 
     def _write_acks(self, batch: dict[str, AckRecord]) -> None:
         store = self.ack_store
@@ -1228,15 +1231,13 @@ class Bus:
         tracker.moved_by_events = False
         return tracker.checkpoint, tracker.checkpoint_time, tracker.version, tracker.unflushed, by_events
 
-    def _write_checkpoint(self, token: Any, cluster_time: Any, version: int, covered: int, by_events: bool) -> None:
+    def _write_checkpoint(self, token: Any, cluster_time: Any, version: int, covered: int) -> None:
         store = self.token_store
         assert store is not None
         try:
             store.save(self.resume_token_key, token, cluster_time)
         except Exception as exc:
             self._last_error = (f"{type(exc).__name__}: {exc}", datetime.now(timezone.utc))
-            with self._cond:
-                self._tracker.moved_by_events = self._tracker.moved_by_events or by_events
             raise
         self._saved_version = version
         self._last_save = time.monotonic()

@@ -361,22 +361,18 @@ def call_subscription(
     callback does not take a delivery: then only ``current_delivery()`` builds it.
     """
     token = _current.set(delivery)
+    built = cast(Delivery, delivery)  # a Delivery whenever chain is not empty or the callback takes one
+    error: BaseException | None = None
+    start = time.perf_counter() if chain else 0.0
     try:
-        if not chain:
-            try:
-                sub.call(sub.argument(event, decoder), cast(Delivery, delivery))
-            except Exception as exc:
-                return exc
-            return None
-        built = cast(Delivery, delivery)  # a Delivery whenever chain is not empty
-        error: BaseException | None = None
-        start = time.perf_counter()
-        run_before(chain, built)
+        if chain:
+            run_before(chain, built)
         try:
             sub.call(sub.argument(event, decoder), built)
         except Exception as exc:
             error = exc
-        run_after(chain, "after_delivery", built, error, time.perf_counter() - start)
-        return error
+        if chain:
+            run_after(chain, "after_delivery", built, error, time.perf_counter() - start)
     finally:
         _current.reset(token)
+    return error

@@ -244,12 +244,6 @@ class Watcher:
 
     def _pull(self, stream: ChangeStream[Any]) -> bool:
         """Iterate until stop, error or invalidate. Returns True once an event arrived."""
-        try:
-            return self._pull_events(stream)
-        finally:
-            self._on_drained()
-
-    def _pull_events(self, stream: ChangeStream[Any]) -> bool:
         got_any = False
         on_drained = self._on_drained
         on_event = self._on_event
@@ -302,9 +296,10 @@ class Watcher:
                         self._on_reconnect("invalidate", None)
                     return got_any
             return got_any
-        finally:
+        finally:  # on the way out, by return or exception
             if resume_after is not None:
                 self.position = Position(resume_after=resume_after)
+            on_drained()
 
     def _recover(self, exc: PyMongoError, delays: Iterator[float]) -> bool:
         """Handle an error; returns False when the watcher should exit."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import subprocess
 import threading
@@ -49,3 +50,11 @@ def stop_gracefully(proc: subprocess.Popen[str], timeout: float = 20.0) -> int:
     """SIGTERM a long-running command, as a process manager would; returns its exit code."""
     proc.send_signal(signal.SIGTERM)
     return proc.wait(timeout)
+
+
+@dataclasses.dataclass
+class Item:
+    """A nested payload type for the decoding tests."""
+
+    sku: str
+    qty: int

@@ -14,13 +14,7 @@ import mongo_events as me
 from mongo_events.testing import FakeReplicaSet
 
 from .conftest import wait_for
-from .helpers import QUICK, Recorder
-
-
-@dataclasses.dataclass
-class Item:
-    sku: str
-    qty: int
+from .helpers import QUICK, Item, Recorder
 
 
 @dataclasses.dataclass

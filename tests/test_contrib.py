@@ -190,13 +190,15 @@ def _in_child(fn: Any) -> int:
         except BaseException:
             code = 99
         os._exit(code)
-    for _ in range(600):  # at most 30 s: a hung child must fail the test, not hang the suite
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        threading.Event().wait(0.05)
+    # Wait in a thread with a bound: a hung child must fail the test, not hang the suite.
+    statuses: list[int] = []
+    reaper = threading.Thread(target=lambda: statuses.append(os.waitpid(pid, 0)[1]), daemon=True)
+    reaper.start()
+    reaper.join(30)
+    if statuses:
+        return os.waitstatus_to_exitcode(statuses[0])
     os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
+    reaper.join(5)
     raise AssertionError("the forked child did not finish within 30 s")
 
 

@@ -10,11 +10,7 @@ import pytest
 from mongo_events import DecodeError
 from mongo_events.decoding import CattrsDecoder, make_converter
 
-
-@dataclasses.dataclass
-class Item:
-    sku: str
-    qty: int
+from .helpers import Item
 
 
 @dataclasses.dataclass

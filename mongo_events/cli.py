@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 import attrs
@@ -38,11 +38,12 @@ def _print(doc: Any) -> None:
 
 
 def _time(text: str) -> datetime:
+    from .monitor.records import parse_rfc3339
+
     try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return parse_rfc3339(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r} (e.g. 2026-01-31T12:00:00Z)") from None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 def _duration(text: str) -> Any:

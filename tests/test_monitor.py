@@ -23,7 +23,7 @@ from mongo_events.monitor import (
     parse_duration,
     wsgi_app,
 )
-from mongo_events.monitor.records import now_ms
+from mongo_events.monitor.records import now_ms, parse_rfc3339, rfc3339
 
 from .conftest import wait_for
 from .helpers import QUICK, Recorder
@@ -290,3 +290,12 @@ def test_parse_duration() -> None:
 
 def test_stores_are_interchangeable() -> None:
     assert issubclass(MemoryMonitorStore, MonitorStore) and issubclass(MongoMonitorStore, MonitorStore)
+
+
+def test_times_are_parsed_as_they_are_served() -> None:
+    served = now_ms()
+    assert parse_rfc3339(rfc3339(served)) == served
+    assert parse_rfc3339("2026-01-31T12:00:00") == parse_rfc3339("2026-01-31T12:00:00Z")  # no offset: UTC
+    assert parse_rfc3339("2026-01-31T13:00:00+01:00") == parse_rfc3339("2026-01-31T12:00:00Z")
+    with pytest.raises(ValueError):
+        parse_rfc3339("yesterday")

@@ -50,6 +50,16 @@ def rfc3339(value: datetime) -> str:
     return value.isoformat().replace("+00:00", "Z")
 
 
+def parse_rfc3339(text: str) -> datetime:
+    """The reverse of :func:`rfc3339`: an RFC 3339 / ISO 8601 time (``Z`` allowed); a time
+    without an offset is taken as UTC.
+
+    :raises ValueError: when ``text`` is not one.
+    """
+    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
 def now_ms() -> datetime:
     """Now in UTC, truncated to the millisecond (what MongoDB stores)."""
     now = datetime.now(timezone.utc)

@@ -20,12 +20,12 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs
 
 from ..errors import ConfigurationError, StoreError
-from .records import MonitorFilter, MonitorStatus, decode_cursor
+from .records import MonitorFilter, MonitorStatus, decode_cursor, parse_rfc3339
 from .store import MonitorStore
 
 __all__ = ["wsgi_app", "parse_duration"]
@@ -74,10 +74,9 @@ def _time(params: Mapping[str, list[str]], name: str) -> datetime | None:
     if value is None:
         return None
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return parse_rfc3339(value)
     except ValueError:
         raise _HTTPError(400, f"{name} must be an RFC 3339 time such as 2026-01-31T12:00:00Z, got {value!r}") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 def _one(params: Mapping[str, list[str]], name: str) -> str | None:

@@ -112,12 +112,12 @@ def raw_loop(client: pymongo.MongoClient[Any], n: int, at: Timestamp) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def bus_run(client: pymongo.MongoClient[Any], n: int, at: Timestamp, *, typed: bool = False, workers: int = 1, acks: bool = False, bus_class: type[me.Bus] = me.Bus) -> tuple[float, me.Bus]:
+def bus_run(client: pymongo.MongoClient[Any], n: int, at: Timestamp, *, typed: bool = False, workers: int = 1, acks: bool = False) -> tuple[float, me.Bus]:
     """(b)-(e): a bus reading the same changes; returns events/s and the stopped bus."""
     done = threading.Event()
     count = [0]
     lock = threading.Lock()
-    bus = bus_class(
+    bus = me.Bus(
         client["bench"]["orders"],
         resume_token_id=f"bench-{uuid.uuid4().hex[:8]}",
         resume_token_collection=client["bench_internal"]["_event_resume_tokens"],

@@ -214,7 +214,7 @@ except OSError:
     pass
 base = status("VmRSS")
 release = threading.Event(); held = threading.Event()
-bus = me.Bus(c["bench"]["burst"], resume=False, start_from_past=timedelta(hours=1), max_in_flight=1000, batch_size=1000, max_await_time=0.1)
+bus = me.Bus(c["bench"]["burst"], resume=False, start_from_past=timedelta(hours=1), batch_size=1000, max_await_time=0.1)
 @bus.subscribe
 def slow(ev):
     if ev.document_id == 0:
@@ -223,7 +223,7 @@ bus.start()
 held.wait(60)
 import time
 deadline = time.monotonic() + 5
-while time.monotonic() < deadline and bus.in_flight < 1000:
+while time.monotonic() < deadline and bus.in_flight < bus.max_in_flight:
     threading.Event().wait(0.05)
 threading.Event().wait(2)
 print(bus.in_flight, (status("VmHWM") - base) / 1024)

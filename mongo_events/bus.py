@@ -116,7 +116,9 @@ class Bus:
         give each independent consumer its own.
     :param start_from_past: when no checkpoint exists, start this far in the past.
     :param max_workers: worker threads running callbacks.
-    :param max_in_flight: most events held after the checkpoint, finished or not.
+    :param max_in_flight: most events held after the checkpoint, finished or not. It bounds
+        memory and redelivery after a crash; at full speed the checkpoint (and the ack
+        store) is written about once per this many events.
     :param ordering: ``"document"`` (per-document order, default), ``"stream"`` (one at a
         time per subscription) or ``"none"``.
     :param flush_interval: seconds between checkpoint writes.
@@ -160,7 +162,7 @@ class Bus:
         resume_token_id: str | None = None,
         start_from_past: timedelta | None = None,
         max_workers: int = 8,
-        max_in_flight: int = 1000,
+        max_in_flight: int = 2000,
         ordering: Ordering = "document",
         flush_interval: float = 1.0,
         decoder: Decoder | None = None,

@@ -983,13 +983,14 @@ class Bus:
         if self.ordering != "document":
             return None
         key = event.document_key
+        db, coll = event.database, event.collection  # the namespace, without formatting it per event
         if not key:
-            return (event.namespace,)
+            return (db, coll)
         value = key.get("_id") if len(key) == 1 else None
         kind = type(value)
         if kind is str or kind is int or kind is bson.ObjectId:  # exact types: never bool
-            return (event.namespace, kind, value)
-        return (event.namespace, bson.encode(dict(key)))
+            return (db, coll, kind, value)
+        return (db, coll, bson.encode(dict(key)))
 
     def _on_resume_token(self, token: Mapping[str, Any] | None) -> None:
         with self._mutex:

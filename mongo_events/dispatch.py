@@ -62,6 +62,10 @@ class WorkItem:
         self.update_description = update_description
 
 
+#: A worker reports its finished items (taking the lock) once this many wait, or when it
+#: runs out of work; meanwhile the watcher, which drains them under the lock on every
+#: event it admits, usually reports them first. Per item, that was a lock hand-off each.
+_REPORT_AT = 32
 _DONE = 0
 _RETRY = 1
 _ABANDON = 2
@@ -212,7 +216,7 @@ class Dispatcher:
                 continue
             if halt.is_set():
                 return
-            if done:  # unreported items: try once more before a callback that may be long
+            if len(done) >= _REPORT_AT:  # many unreported items: try before a callback that may be long
                 self._try_drain()
             busy[index] = True
             try:
@@ -225,9 +229,11 @@ class Dispatcher:
             elif outcome == _DONE:
                 # Report it without waiting for the lock: a contended acquisition costs a
                 # thread switch per event. If the lock is busy, its holder (the watcher
-                # admitting an event, a flush, another worker) reports it on its way out.
+                # admitting an event, a flush, another worker) reports it on its way out;
+                # while more work waits, the worker reports in runs of _REPORT_AT.
                 done.append(item)
-                self._try_drain()
+                if len(done) >= _REPORT_AT or self._ready.empty():
+                    self._try_drain()
 
     def _try_drain(self) -> None:
         """Report finished items if the lock is free right now; never wait for it."""

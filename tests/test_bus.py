@@ -397,6 +397,39 @@ def test_an_event_finished_while_the_lock_was_busy_still_frees_its_lane(client: 
     assert rec.wait(3)[-1] == ("slow", "insert")
 
 
+def test_finished_events_are_reported_while_every_worker_sits_in_a_slow_callback(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    """A worker with more work queued defers reporting what it finished (it reports in
+    runs). If it then blocks in a slow callback, as every other worker does, the watcher
+    or the flusher must report the finished event: the checkpoint still reaches it."""
+    coll = client.shop.orders
+    gate = threading.Event()
+    release = threading.Event()
+    tokens = me.MemoryResumeTokenStore()
+    rec = Recorder()
+    bus = make_bus(coll, max_workers=2, resume_token_store=tokens)
+
+    @bus.subscribe
+    def handle(ev: me.ChangeEvent) -> None:
+        key = ev.document_key["_id"]  # type: ignore[index]
+        if key == "x":
+            assert gate.wait(10)
+            rec.add(ev.resume_token)
+        else:
+            assert release.wait(10)
+
+    bus.start()
+    coll.insert_one({"_id": "x"})  # worker 1 holds it until the gate opens
+    coll.insert_one({"_id": "slow-1"})  # worker 2 blocks in it
+    coll.insert_one({"_id": "slow-2"})  # queued: worker 1 takes it after x
+    assert wait_for(lambda: bus.in_flight == 3 and bus._dispatcher._ready.qsize() == 1, 5)
+    gate.set()  # x finishes with slow-2 queued: worker 1 defers its report and blocks in slow-2
+    x_token = rec.wait(1)[0]
+    assert wait_for(lambda: bus._dispatcher._ready.qsize() == 0, 5)  # both workers blocked now
+    assert wait_for(lambda: (cp := tokens.load(bus.resume_token_key)) is not None and cp.token == x_token, 5)
+    release.set()
+    assert bus.join(5)
+
+
 def test_max_in_flight_bounds_the_window_behind_a_blocked_event(fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any) -> None:
     coll = client.shop.orders
     release = threading.Event()

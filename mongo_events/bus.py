@@ -1009,15 +1009,18 @@ class Bus:
 
     # -- internals: worker and flusher side ---------------------------------------------------
 
-    def _on_done(self, slot: Slot) -> None:
-        """A subscription finished ``slot``; the dispatcher calls this holding ``_cond``."""
+    def _on_done(self, slots: list[Slot]) -> None:
+        """Subscriptions finished these slots; the dispatcher calls this holding ``_cond``."""
         tracker = self._tracker
-        head = tracker.finish(slot)
-        if self.ack_store is not None and slot.remaining <= 0:
-            pending = self._acks.get(slot.event_id)
-            now = datetime.now(timezone.utc)
-            self._acks[slot.event_id] = AckRecord(slot.event_id, pending.created_at if pending else now, now)
-        if head:
+        acks = self._acks if self.ack_store is not None else None
+        finish = tracker.finish
+        for slot in slots:
+            finish(slot)
+            if acks is not None and slot.remaining <= 0:
+                pending = acks.get(slot.event_id)
+                now = datetime.now(timezone.utc)
+                acks[slot.event_id] = AckRecord(slot.event_id, pending.created_at if pending else now, now)
+        if tracker.head_done:
             tracker.advance()
             if self._joining:
                 self._cond.notify_all()

@@ -91,15 +91,15 @@ class Dispatcher:
         max_workers: int,
         decoder: Decoder,
         middleware: Sequence[Middleware],
-        on_done: Callable[[Slot], None],
+        on_done: Callable[[list[Slot]], None],
         on_fatal: Callable[[BaseException], None],
         dead_letters: DeadLetterHook | None,
         bus_name: str,
         lock: _Lock | None = None,
     ) -> None:
         """
-        :param on_done: called with ``lock`` held when an item is finished (done,
-            dead-lettered or skipped), from :meth:`drain`.
+        :param on_done: called with ``lock`` held with the slots of finished items (done,
+            dead-lettered or skipped), in the order they finished, from :meth:`drain`.
         :param lock: the lock guarding lanes and timers; the bus passes the one that
             guards its tracker, so reporting finished items costs one acquisition, and
             every holder calls :meth:`drain`, so finished items are reported by whoever
@@ -190,15 +190,19 @@ class Dispatcher:
     def drain(self) -> None:
         """Report finished items and queue their lanes' successors (caller holds the lock)."""
         done = self._done
-        on_done = self._on_done
+        if not done:
+            return
         lanes = self._lanes
+        put = self._ready.put
+        slots = []
         while done:
             item = done.popleft()
-            on_done(item.slot)
+            slots.append(item.slot)
             if item.lane is not None:
                 successor = lanes.pop_next(item.lane)
                 if successor is not None:
-                    self._ready.put(successor)
+                    put(successor)
+        self._on_done(slots)  # once per run: the watermark moves once, not once per item
 
     def _work(self, index: int) -> None:
         busy = self._busy

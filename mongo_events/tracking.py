@@ -95,6 +95,12 @@ class Tracker:
         self._window.append(slot)
         return slot
 
+    @property
+    def head_done(self) -> bool:
+        """The oldest event in the window is done: :meth:`advance` would move the checkpoint."""
+        window = self._window
+        return bool(window) and window[0].remaining <= 0
+
     def finish(self, slot: Slot) -> bool:
         """One subscription is done with ``slot``; True when the checkpoint may now move."""
         slot.remaining -= 1

@@ -18,8 +18,11 @@ def test_checkpoint_never_passes_an_unfinished_event() -> None:
         t.finish(slot)
     assert t.advance() == 0
     assert t.checkpoint is None and len(t) == 100
+    assert not t.head_done
     assert t.finish(slots[0]) is True
+    assert t.head_done
     assert t.advance() == 100
+    assert not t.head_done
     assert t.checkpoint == tok(100) and t.checkpoint_time == 100 and t.idle
 
 

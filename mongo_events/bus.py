@@ -119,8 +119,9 @@ class Bus:
     :param max_in_flight: most events held after the checkpoint, finished or not. It bounds
         memory and redelivery after a crash; at full speed the checkpoint (and the ack
         store) is written about once per this many events.
-    :param ordering: ``"document"`` (per-document order, default), ``"stream"`` (one at a
-        time per subscription) or ``"none"``.
+    :param ordering: ``"document"`` (per-document order, default; events without a document
+        key, such as ``drop``, are barriers), ``"stream"`` (one at a time per subscription)
+        or ``"none"``.
     :param flush_interval: seconds between checkpoint writes.
     :param decoder: turns documents into payload types (default: cattrs on ``cattrs.preconf.bson``).
     :param middleware: hooks around each delivery attempt.
@@ -877,6 +878,9 @@ class Bus:
                     self.name, op, event.namespace, event.document_key, self.missing_documents,
                 )
         token = None if op is OperationType.INVALIDATE else raw["_id"]
+        # A namespace-wide event (drop, rename, dropDatabase, invalidate, DDL) concerns every
+        # document: under per-document order it runs after all earlier events and before any later one.
+        barrier = bool(subs) and self.ordering == "document" and not event.document_key
         dispatcher = self._dispatcher
         assert dispatcher is not None
         delivered_desc = desc if self.update_description else None
@@ -885,6 +889,8 @@ class Bus:
         tracker = self._tracker
         with self._mutex:
             dispatcher.drain()
+            if barrier and not self._wait_until_idle():
+                return False
             if tracker.full and not self._wait_for_room():
                 return False
             slot = tracker.begin(token, event.cluster_time, len(subs), event.id)
@@ -905,6 +911,8 @@ class Bus:
                     item = dispatcher.admit(WorkItem(sub, event, slot, lane, delivered_desc))
                     if item is not None:
                         runnable.append(item)
+                if barrier and not self._wait_until_idle():  # later events wait for it to finish
+                    return False
         if len(self._runnable) >= _RELEASE_AT:
             self._release_runnable()
         return True
@@ -947,6 +955,27 @@ class Bus:
         finally:
             self._room_low = -1
         return True
+
+    def _wait_until_idle(self) -> bool:
+        """Wait (holding ``_cond``) until every admitted event is done; False when stopping.
+
+        The barrier around a namespace-wide event under ``ordering="document"``. Such
+        events are rare (DDL), so the watcher simply waits; retries and slow callbacks
+        hold it as a full window would.
+        """
+        self._release_runnable()  # the workers need the items the watcher still holds
+        tracker = self._tracker
+        self._joining += 1  # workers notify on every step while someone waits for idle
+        try:
+            while True:
+                self._drained()
+                if tracker.idle:
+                    return True
+                if self._stop_event.is_set():
+                    return False
+                self._cond.wait(0.1)
+        finally:
+            self._joining -= 1
 
     def _on_oversize_stub(self, event: ChangeEvent) -> bool:
         """The event the server could neither send nor split, without its documents: dead-letter it."""

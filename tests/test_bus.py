@@ -284,6 +284,84 @@ def test_ordering_none_runs_one_document_in_parallel(client: pymongo.MongoClient
     assert len(rec.wait(3)) == 3
 
 
+def _spy_on_received(bus: me.Bus) -> Recorder:
+    """Records each change's operationType as the watcher receives it (before admission)."""
+    received = Recorder()
+    on_event = bus._on_event
+
+    def spy(raw: Any) -> bool:
+        received.add(raw.get("operationType"))
+        return on_event(raw)
+
+    bus._on_event = spy  # type: ignore[method-assign]
+    return received
+
+
+def test_a_namespace_wide_event_waits_for_earlier_events_and_holds_later_ones(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    """Under per-document order a drop has no document lane: it must still run after every
+    earlier event (a handler clearing a cache must not be overtaken by an earlier insert
+    re-filling it) and before any later one."""
+    coll = client.shop.orders
+    gate = threading.Event()
+    started, log = Recorder(), Recorder()
+    bus = make_bus(coll, max_workers=4)
+    received = _spy_on_received(bus)
+
+    @bus.subscribe
+    def handle(ev: me.ChangeEvent) -> None:
+        if ev.operation_type is me.OperationType.INSERT and ev.document_id in (1, 2):
+            started.add(ev.document_id)
+            assert gate.wait(10)
+        log.add((str(ev.operation_type), ev.document_id))
+
+    bus.start()
+    coll.insert_many([{"_id": 1}, {"_id": 2}])
+    assert sorted(started.wait(2)) == [1, 2]  # two workers in slow callbacks, two free
+    coll.drop()
+    received.wait_until(lambda ops: "drop" in ops)
+    # Two workers are free, yet the drop does not run while the earlier inserts do.
+    assert not wait_for(lambda: len(log) > 0, timeout=0.5)
+    coll.insert_one({"_id": 3})
+    gate.set()
+    got = log.wait_until(lambda items: ("insert", 3) in items)
+    drop = got.index(("drop", None))
+    assert {got[0], got[1]} == {("insert", 1), ("insert", 2)} and drop == 2
+    assert got.index(("insert", 3)) > drop
+    assert bus.join(5)
+
+
+def test_stop_while_a_namespace_wide_event_waits_leaves_it_undelivered(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    coll = client.shop.orders
+    gate = threading.Event()
+    tokens = me.MemoryResumeTokenStore()
+    log = Recorder()
+    bus = make_bus(coll, max_workers=2, resume_token_store=tokens)
+    received = _spy_on_received(bus)
+
+    @bus.subscribe
+    def handle(ev: me.ChangeEvent) -> None:
+        if ev.operation_type is me.OperationType.INSERT:
+            assert gate.wait(10)
+        log.add(str(ev.operation_type))
+
+    bus.start()
+    coll.insert_one({"_id": 1})
+    coll.drop()
+    received.wait_until(lambda ops: "drop" in ops)
+    stopper = threading.Thread(target=bus.stop, kwargs={"timeout": 10})
+    stopper.start()
+    assert bus._watcher is not None and bus._watcher.join(5)  # the watcher left the barrier
+    gate.set()
+    stopper.join(10)
+    assert not stopper.is_alive()
+    assert log.items == ["insert"]  # the drop was never admitted: a restart delivers it
+    restarted = make_bus(coll, resume_token_store=tokens)
+    again = Recorder()
+    restarted.subscribe(lambda ev: again.add(str(ev.operation_type)))
+    restarted.start()
+    assert again.wait(1)[0] == "drop"
+
+
 # -- 3., 4., 5. checkpoints and the window ------------------------------------------------
 
 

@@ -238,13 +238,13 @@ def test_step_down_reconnects_and_loses_nothing(fake_rs: FakeReplicaSet, client:
     other.close()
 
 
-def test_invalidate_is_delivered_then_the_stream_continues(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+@pytest.mark.parametrize("ordering", ["stream", "document"])
+def test_invalidate_is_delivered_then_the_stream_continues(client: pymongo.MongoClient[Any], make_bus: Any, ordering: str) -> None:
     coll = client.shop.orders
     coll.insert_one({"_id": 0})
     everything, data = Recorder(), Recorder()
-    # ordering="stream": the assertion below is about cross-document order (an insert, then
-    # the drop, which has no document key), which per-document lanes do not promise.
-    bus = make_bus(coll, ordering="stream")
+    # Under "document" too: the drop and the invalidate (no document key) are barriers.
+    bus = make_bus(coll, ordering=ordering)
     bus.subscribe(lambda ev: everything.add(str(ev.operation_type)), name="all")
     bus.subscribe(lambda ev: data.add(ev.document_id), name="data", operations={"insert"})
     bus.start()

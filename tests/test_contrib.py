@@ -81,6 +81,34 @@ def test_flask_does_not_autostart_by_default_or_in_the_reloader_parent(fake_rs: 
         events.stop()
 
 
+@pytest.mark.parametrize(
+    ("reload", "debug", "starts"),
+    [(None, True, False), (None, False, True), (False, True, True), (True, False, False)],
+)
+def test_flask_run_reload_option_decides_where_buses_start(
+    fake_rs: FakeReplicaSet, monkeypatch: pytest.MonkeyPatch, reload: bool | None, debug: bool, starts: bool
+) -> None:
+    """``flask run --debug --no-reload`` runs one process: it must start the buses; ``--reload``
+    without debug runs a parent that only watches files: it must not."""
+    import click
+    import flask.cli
+
+    monkeypatch.delenv("WERKZEUG_RUN_MAIN", raising=False)
+    app = flask_app(fake_rs.uri, MONGO_EVENTS_AUTOSTART="true")
+    app.debug = debug
+    events = MongoEvents()
+    events.subscribe("orders")(lambda ev: None)
+    ctx = click.Context(flask.cli.run_command, info_name="run")
+    ctx.params = {"reload": reload}
+    with ctx:  # what init_app sees while `flask run` loads the app
+        events.init_app(app)
+    try:
+        expected = me.BusState.RUNNING if starts else me.BusState.NEW
+        assert events.bus("orders").state is expected
+    finally:
+        events.stop()
+
+
 def test_unknown_bus_names_say_which_exist(fake_rs: FakeReplicaSet) -> None:
     events = MongoEvents(flask_app(fake_rs.uri))
     with pytest.raises(me.ConfigurationError, match="known: orders"):

@@ -35,12 +35,31 @@ def _truthy(value: Any) -> bool:
     return value is True or str(value).lower() in ("1", "true", "yes", "on")
 
 
+def _in_reloader_parent(app: Any) -> bool:
+    """Whether this is the parent process of Werkzeug's reloader (which only watches files).
+
+    The reloader's child has ``WERKZEUG_RUN_MAIN=true``. Under ``flask run`` the
+    ``--reload/--no-reload`` option decides (its default is the debug flag); elsewhere
+    (``app.run(debug=True)``) the reloader is on exactly when debug is.
+    """
+    if os.environ.get("WERKZEUG_RUN_MAIN") == "true":
+        return False
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.info_name == "run" and "reload" in ctx.params:
+        reload = ctx.params["reload"]
+        return bool(app.debug if reload is None else reload)
+    return bool(app.debug)
+
+
 class MongoEvents:
     """The Flask extension (``MongoEvents(app)`` or ``MongoEvents()`` then ``init_app(app)``).
 
     With ``MONGO_EVENTS_AUTOSTART`` true, ``init_app`` starts every bus that has
-    subscriptions, except in the parent process of Flask's reloader (debug mode),
-    and stops them at interpreter exit. Register subscriptions before ``init_app``
+    subscriptions, except in the parent process of Werkzeug's reloader (``flask run
+    --debug``, or ``--reload``; ``--no-reload`` starts them in the one process), and
+    stops them at interpreter exit. Register subscriptions before ``init_app``
     (or before :meth:`start`).
 
     .. versionadded:: 0.1.0
@@ -80,7 +99,7 @@ class MongoEvents:
         app.extensions["mongo_events"] = self
         app.cli.add_command(_cli_group(self))
         if _truthy(config.get("MONGO_EVENTS_AUTOSTART", False)):
-            if app.debug and os.environ.get("WERKZEUG_RUN_MAIN") != "true":
+            if _in_reloader_parent(app):
                 log.info("mongo-events: not starting buses in the reloader's parent process; its child starts them")
                 return
             self.start()

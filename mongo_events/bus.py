@@ -326,7 +326,6 @@ class Bus:
         self._last_error: tuple[str, datetime] | None = None
         self._oplog_oldest: int | None = None
         self._oplog_checked = 0.0
-        self._pending_cache: tuple[float, int | None] = (0.0, None)
 
     # -- properties ---------------------------------------------------------------
 
@@ -1099,20 +1098,15 @@ class Bus:
         if self.metrics is not None:
             self.metrics.reconnected(self._namespace, reason)
 
-    def pending_count(self) -> int | None:
-        """Events received and not yet done: the ack store's pending count (cached for 10 s;
-        ``None`` while it cannot be read), else the in-flight window."""
-        if self.ack_store is None:
-            return self.in_flight
-        at, value = self._pending_cache
-        if time.monotonic() - at >= 10.0:
-            try:
-                value = self.ack_store.pending_count()
-            except Exception as exc:
-                log.warning("bus %s: could not count pending acks: %s", self.name, exc)
-                value = None
-            self._pending_cache = (time.monotonic(), value)
-        return value
+    def pending_count(self) -> int:
+        """Events this bus received and has not finished yet (some subscription still owes them).
+
+        Process-local, like the Go library's gauge, so summing it over instances is right.
+        Across processes, ask the ack store: ``bus.ack_store.pending_count()``.
+        """
+        with self._mutex:
+            self._drained()
+            return self._tracker.unfinished
 
     def checkpoint_age(self) -> float | None:
         """Seconds from the cluster time of the stored checkpoint to now (``None`` before one)."""

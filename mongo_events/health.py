@@ -44,7 +44,7 @@ class Health:
     :ivar lag: seconds from the last event's cluster time to its receipt.
     :ivar checkpoint_age: seconds since the cluster time of the stored checkpoint.
     :ivar oplog_headroom: seconds of oplog before the checkpoint falls off, when readable.
-    :ivar pending: events received and not yet done (ack store, else the window).
+    :ivar pending: events this process received and has not finished yet.
     :ivar in_flight: events held after the stored checkpoint.
     :ivar reconnections: streams reopened since start.
     :ivar last_error: the last stream or store error, with :ivar last_error_at:.

@@ -62,7 +62,7 @@ class Metrics(Middleware):
     ``mongodb.changes.dead_lettered`` counter ``{event}``     same (dead-lettered or skipped)
     ``mongodb.oplog.lag``          histogram ``s``            ``event``, ``namespace``
     ``mongodb.handler.duration``   histogram ``s``            ``event``, ``operation``, ``namespace``
-    ``mongodb.changes.pending``    observable gauge           ``namespace`` (ack store, else window)
+    ``mongodb.changes.pending``    observable gauge           ``namespace`` (this process's unfinished events)
     ``mongodb.stream.active``      up-down counter            ``namespace``
     ``mongodb.stream.reconnections`` counter                  ``namespace``, ``reason``
     ``mongodb.stream.receive_lag`` histogram ``s``            ``namespace``

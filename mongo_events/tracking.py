@@ -69,6 +69,8 @@ class Tracker:
         self.moved_by_events = False
         #: Events the in-memory checkpoint passed that no flush has stored yet.
         self.unflushed = 0
+        #: Admitted events some subscription has not finished yet (this process's pending count).
+        self.unfinished = 0
         self._durable = durable
 
     def __len__(self) -> int:
@@ -92,6 +94,8 @@ class Tracker:
         """Admit an event that ``subscriptions`` subscriptions must finish (0: already done)."""
         slot = Slot(self._next_seq, token, cluster_time, subscriptions, event_id)
         self._next_seq += 1
+        if subscriptions > 0:
+            self.unfinished += 1
         self._window.append(slot)
         return slot
 
@@ -104,6 +108,8 @@ class Tracker:
     def finish(self, slot: Slot) -> bool:
         """One subscription is done with ``slot``; True when the checkpoint may now move."""
         slot.remaining -= 1
+        if slot.remaining == 0:
+            self.unfinished -= 1
         return slot.remaining <= 0 and self._window[0] is slot
 
     def note_resume_token(self, token: Any) -> None:

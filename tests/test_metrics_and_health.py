@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from typing import Any
 
 import pymongo
@@ -97,6 +99,33 @@ def test_metrics_after_real_events(client: pymongo.MongoClient[Any], make_bus: A
     after = points(reader)
     assert after["mongodb.stream.active"][0][1] == 0
     assert "mongodb.checkpoint.age" not in after  # a stopped bus is no longer observed
+
+
+def test_pending_counts_this_process_unfinished_events_only(client: pymongo.MongoClient[Any], make_bus: Any, reader: InMemoryMetricReader) -> None:
+    """The gauge is process-local, like the Go library's: events this bus holds unfinished,
+    not done events waiting for a checkpoint, and not other processes' pending ack records."""
+    acks = me.MongoAckStore(client.internal["_event_acks"])
+    acks.write([me.AckRecord("from-another-process", datetime.now(timezone.utc))])
+    gate = threading.Event()
+    started = Recorder()
+    bus = make_bus(client.shop.orders, ack_store=acks, metrics=me.Metrics(meter_provider=_provider(reader)), flush_interval=3600)
+
+    @bus.subscribe
+    def handle(ev: me.ChangeEvent) -> None:
+        started.add(ev.document_id)
+        if ev.document_id == 0:
+            assert gate.wait(10)
+
+    bus.start()
+    client.shop.orders.insert_many([{"_id": i} for i in range(3)])
+    started.wait(3)
+    assert wait_for(lambda: bus.pending_count() == 1)  # 1 and 2 are done, 0 is not
+    assert bus.in_flight == 3  # the window still holds all three (no checkpoint write yet)
+    assert acks.pending_count() == 1  # the store's count spans every process (acks unwritten yet)
+    assert points(reader)["mongodb.changes.pending"] == [({"namespace": "shop.orders"}, 1, "{event}")]
+    gate.set()
+    assert bus.join(5)
+    assert bus.pending_count() == 0 and bus.health().pending == 0
 
 
 def test_reconnections_count_with_their_reason(client: pymongo.MongoClient[Any], make_bus: Any, reader: InMemoryMetricReader, fake_rs: FakeReplicaSet) -> None:

@@ -103,3 +103,18 @@ def test_lanes_run_one_item_per_key_in_order() -> None:
     assert lanes.pop_next("k") is None
     assert lanes.push("k", "d") == "d"  # the lane was released
     assert lanes.discard("other") == []
+
+
+def test_unfinished_counts_events_some_subscription_still_owes() -> None:
+    t = Tracker(capacity=10)
+    filtered = t.begin(tok(1), 1, 0)  # nobody wanted it: never pending
+    two = t.begin(tok(2), 2, 2)
+    one = t.begin(tok(3), 3, 1)
+    assert filtered.done and t.unfinished == 2
+    t.finish(two)
+    assert t.unfinished == 2  # one of its two subscriptions is still at it
+    t.finish(one)
+    t.finish(two)
+    assert t.unfinished == 0
+    t.advance()
+    assert t.unfinished == 0 and len(t) == 3  # done, though not yet stored

@@ -159,13 +159,6 @@ class Tracker:
         """Sequence number of the newest admitted event (0 before the first)."""
         return self._next_seq - 1
 
-    def oldest_pending(self) -> Slot | None:
-        """The first unfinished slot (what holds the checkpoint back), if any."""
-        for slot in self._window:
-            if not slot.done:
-                return slot
-        return None
-
 
 class Lanes(Generic[T]):
     """Per-key FIFO lanes: at most one item per key is active; the rest wait in order.

@@ -112,7 +112,9 @@ def raw_loop(client: pymongo.MongoClient[Any], n: int, at: Timestamp) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def bus_run(client: pymongo.MongoClient[Any], n: int, at: Timestamp, *, typed: bool = False, workers: int = 1, acks: bool = False) -> tuple[float, me.Bus]:
+def bus_run(
+    client: pymongo.MongoClient[Any], n: int, at: Timestamp, *, typed: bool = False, workers: int = 1, acks: bool = False, monitor: bool = True
+) -> tuple[float, me.Bus]:
     """(b)-(e): a bus reading the same changes; returns events/s and the stopped bus."""
     done = threading.Event()
     count = [0]
@@ -126,7 +128,7 @@ def bus_run(client: pymongo.MongoClient[Any], n: int, at: Timestamp, *, typed: b
         max_await_time=0.1,
         max_workers=workers,
         ack_store=me.MongoAckStore(client["bench_internal"]["_event_acks"]) if acks else None,
-        monitor=MongoMonitorStore(client["bench_internal"], collection=f"monitor_{uuid.uuid4().hex[:8]}") if acks else None,
+        monitor=MongoMonitorStore(client["bench_internal"], collection=f"monitor_{uuid.uuid4().hex[:8]}") if acks and monitor else None,
     )
 
     def tick(_: Any) -> None:
@@ -278,8 +280,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"WARNING: the raw pymongo loop reached only {med['raw']:,.0f} events/s (< 50,000): the ceiling "
                 "itself is low here (the server, or this machine's decoding); ratios are not reported"
             )
-        _, bus = bus_run(client, n_acks, at, workers=8, acks=True)
+        # Round trips: a bus with an ack store (no monitor, whose writes are not checkpoint
+        # or ack writes), counted by the bus and, on the fake, by the server's write commands.
+        before = server.counters(client)
+        _, bus = bus_run(client, n_acks, at, workers=8, acks=True, monitor=False)
+        after = server.counters(client)
         round_trips = (bus.token_writes + bus.ack_writes) / n_acks * 1000
+        writes = sum(after.get(c, 0) - before.get(c, 0) for c in ("insert", "update", "delete", "findAndModify"))
         p50, p99 = latency(client, rate=1000, seconds=5 if args.quick else 10)
         log(f"pre-loading a burst of {burst} changes ...")
         for i in range(0, burst, 10_000):
@@ -299,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
             "ratio_noop": round(med["bus_noop"] / med["raw"], 3) if med["raw"] >= 50_000 else None,
             "ratio_typed": round(med["bus_typed"] / med["raw"], 3) if med["raw"] >= 50_000 else None,
             "store_round_trips_per_1000": round(round_trips, 3),
+            "token_round_trips_per_10000": round(bus.token_writes / n_acks * 10_000, 1),
+            "ack_round_trips_per_10000": round(bus.ack_writes / n_acks * 10_000, 1),
+            "server_write_commands_per_1000": round(writes / n_acks * 1000, 3) if server.proc is not None else None,
             "p50_added_latency_ms": round(p50, 3),
             "p99_added_latency_ms": round(p99, 3),
             "rss_growth_mb": round(rss, 1),

@@ -338,9 +338,12 @@ def test_stop_while_a_namespace_wide_event_waits_leaves_it_undelivered(client: p
     bus = make_bus(coll, max_workers=2, resume_token_store=tokens)
     received = _spy_on_received(bus)
 
+    running = threading.Event()
+
     @bus.subscribe
     def handle(ev: me.ChangeEvent) -> None:
         if ev.operation_type is me.OperationType.INSERT:
+            running.set()
             assert gate.wait(10)
         log.add(str(ev.operation_type))
 
@@ -348,6 +351,7 @@ def test_stop_while_a_namespace_wide_event_waits_leaves_it_undelivered(client: p
     coll.insert_one({"_id": 1})
     coll.drop()
     received.wait_until(lambda ops: "drop" in ops)
+    assert running.wait(5)  # the insert is in its callback (a queued one would not start after stop)
     stopper = threading.Thread(target=bus.stop, kwargs={"timeout": 10})
     stopper.start()
     assert bus._watcher is not None and bus._watcher.join(5)  # the watcher left the barrier

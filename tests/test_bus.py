@@ -641,14 +641,12 @@ def test_resume_token_collection_option(client: pymongo.MongoClient[Any], make_b
 # -- 8. batched token writes -------------------------------------------------------------------
 
 
-def test_token_writes_are_batched_by_the_flush_interval(
-    fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any
-) -> None:
-    # The window never fills here, so only the flusher's ticks (at most one per interval) and the
-    # final write at stop can write: the bound comes from the elapsed time, not from a speed guess.
+def _token_writes_for_10_000_inserts(fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any, **options: Any) -> tuple[int, float]:
+    """Token writes a bus made for 10,000 inserts (after start()'s opening write), and the seconds
+    from the inserts to its stop; the fake's update count must agree with the bus's."""
     coll = client.shop.orders
     rec = Recorder()
-    bus = make_bus(coll, flush_interval=0.5, batch_size=1000, max_in_flight=20_000)
+    bus = make_bus(coll, batch_size=1000, **options)
     bus.subscribe(lambda ev: rec.add(1))
     bus.start()
     fake_rs.reset_counters()
@@ -658,32 +656,24 @@ def test_token_writes_are_batched_by_the_flush_interval(
     rec.wait(10_000, timeout=120)
     assert bus.join(10)
     bus.stop()
-    elapsed = time.monotonic() - began
     writes = bus.token_writes - writes_before
+    assert fake_rs.command_count("update") == writes
+    return writes, time.monotonic() - began
+
+
+def test_token_writes_are_batched_by_the_flush_interval(fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    # The window never fills here, so only the flusher's ticks (at most one per interval) and the
+    # final write at stop can write: the bound comes from the elapsed time, not from a speed guess.
+    writes, elapsed = _token_writes_for_10_000_inserts(fake_rs, client, make_bus, flush_interval=0.5, max_in_flight=20_000)
     assert 1 <= writes <= elapsed / 0.5 + 2
     assert writes < 1000  # batched: nowhere near one write per event
-    assert fake_rs.command_count("update") == writes
 
 
-def test_a_full_window_writes_about_once_per_window(
-    fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any
-) -> None:
+def test_a_full_window_writes_about_once_per_window(fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any) -> None:
     # No flusher ticks during the test: every write is one the full window asked for. Each frees at
     # most the window (1000) and is asked for only when it frees at least a quarter of it (250).
-    coll = client.shop.orders
-    rec = Recorder()
-    bus = make_bus(coll, flush_interval=3600, batch_size=1000, max_in_flight=1000)
-    bus.subscribe(lambda ev: rec.add(1))
-    bus.start()
-    fake_rs.reset_counters()
-    writes_before = bus.token_writes
-    coll.insert_many([{"_id": i} for i in range(10_000)])
-    rec.wait(10_000, timeout=120)
-    assert bus.join(10)
-    bus.stop()
-    writes = bus.token_writes - writes_before
+    writes, _ = _token_writes_for_10_000_inserts(fake_rs, client, make_bus, flush_interval=3600, max_in_flight=1000)
     assert 9 <= writes <= 10_000 // 250 + 2
-    assert fake_rs.command_count("update") == writes
 
 
 # -- configuration and lifecycle errors ------------------------------------------------------------

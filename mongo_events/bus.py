@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from types import FrameType, TracebackType
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, NamedTuple, TypeVar, overload
 
 import attrs
 import bson
@@ -287,7 +287,7 @@ class Bus:
         self._cond = threading.Condition(self._mutex)
         #: While the watcher waits for room: the window size that wakes it (else -1).
         self._room_low = -1
-        #: Threads waiting in join() for the window to drain.
+        #: Threads in _wait_for_done (join(), a barrier): workers notify them on every step.
         self._joining = 0
         #: Runnable items the watcher has not handed to the workers yet (watcher thread only).
         self._runnable: list[WorkItem] = []
@@ -572,22 +572,8 @@ class Bus:
         self._check_pid()
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            target = self._tracker.last_seq
-            self._joining += 1  # workers notify on every step while someone joins
-            try:
-                while True:
-                    self._drained()
-                    first = self._tracker.first_seq()
-                    if first is None or first > target:
-                        break
-                    if self._error is not None or self._stopped.is_set():
-                        break
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        return False
-                    self._cond.wait(0.1 if remaining is None else min(0.1, remaining))
-            finally:
-                self._joining -= 1
+            if not self._wait_for_done(self._tracker.last_seq, deadline, lambda: self._error is not None or self._stopped.is_set()):
+                return False
         if self._error is not None:
             raise self._error
         return True
@@ -963,16 +949,23 @@ class Bus:
         hold it as a full window would.
         """
         self._release_runnable()  # the workers need the items the watcher still holds
-        tracker = self._tracker
-        self._joining += 1  # workers notify on every step while someone waits for idle
+        self._wait_for_done(self._tracker.last_seq, None, self._stop_event.is_set)
+        return not self._stop_event.is_set()
+
+    def _wait_for_done(self, target: int, deadline: float | None, give_up: Callable[[], bool]) -> bool:
+        """Wait (holding ``_cond``) until every event up to sequence ``target`` is done, or
+        ``give_up()``; False only when ``deadline`` (a ``time.monotonic()`` value) passed."""
+        self._joining += 1  # workers notify on every step while someone waits here
         try:
             while True:
                 self._drained()
-                if tracker.idle:
+                first = self._tracker.first_seq()
+                if first is None or first > target or give_up():
                     return True
-                if self._stop_event.is_set():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
                     return False
-                self._cond.wait(0.1)
+                self._cond.wait(0.1 if remaining is None else min(0.1, remaining))
         finally:
             self._joining -= 1
 
@@ -1225,12 +1218,11 @@ class Bus:
             if acks:
                 self._write_acks(acks)
             if checkpoint is not None:
-                token, cluster_time, version, covered, _ = checkpoint
-                self._write_checkpoint(token, cluster_time, version, covered)
+                self._write_checkpoint(checkpoint)
         except Exception:
             if checkpoint is not None:  # not stored: the next flush writes it
                 with self._cond:
-                    self._tracker.moved_by_events = self._tracker.moved_by_events or checkpoint[4]
+                    self._tracker.moved_by_events = self._tracker.moved_by_events or checkpoint.moved_by_events
             raise
 
     def _write_acks(self, batch: dict[str, AckRecord]) -> None:
@@ -1246,8 +1238,8 @@ class Bus:
             raise
         self.ack_writes += 1
 
-    def _checkpoint_to_write(self) -> tuple[Any, Any, int, int, bool] | None:
-        """(token, cluster time, version, events covered, moved by events), or None (caller holds ``_cond``)."""
+    def _checkpoint_to_write(self) -> _Checkpoint | None:
+        """The checkpoint a flush should write now, or None (caller holds ``_cond``)."""
         self._drained()
         if self.token_store is None:
             return None
@@ -1258,23 +1250,34 @@ class Bus:
         if not by_events and time.monotonic() - self._last_save < IDLE_CHECKPOINT_INTERVAL and not self._stop_event.is_set():
             return None  # only the idle post-batch token moved: write it now and then, not every flush
         tracker.moved_by_events = False
-        return tracker.checkpoint, tracker.checkpoint_time, tracker.version, tracker.unflushed, by_events
+        return _Checkpoint(tracker.checkpoint, tracker.checkpoint_time, tracker.version, tracker.unflushed, by_events)
 
-    def _write_checkpoint(self, token: Any, cluster_time: Any, version: int, covered: int) -> None:
+    def _write_checkpoint(self, checkpoint: _Checkpoint) -> None:
         store = self.token_store
         assert store is not None
+        token, cluster_time = checkpoint.token, checkpoint.cluster_time
         try:
             store.save(self.resume_token_key, token, cluster_time)
         except Exception as exc:
             self._last_error = (f"{type(exc).__name__}: {exc}", datetime.now(timezone.utc))
             raise
-        self._saved_version = version
+        self._saved_version = checkpoint.version
         self._last_save = time.monotonic()
         self._persisted_time = _seconds(cluster_time, token)
         self.token_writes += 1
         with self._cond:
-            self._tracker.persisted(covered)
+            self._tracker.persisted(checkpoint.covered)
             self._cond.notify_all()
+
+
+class _Checkpoint(NamedTuple):
+    """A checkpoint taken for writing: what the store gets, and what to book once it is stored."""
+
+    token: Any
+    cluster_time: Any
+    version: int  # the tracker's version it was taken at
+    covered: int  # events it stores past the previous stored checkpoint
+    moved_by_events: bool  # finished events moved it (not only an idle post-batch token)
 
 
 def _seconds(cluster_time: Any, token: Any) -> int | None:

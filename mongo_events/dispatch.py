@@ -70,8 +70,9 @@ _DONE = 0
 _RETRY = 1
 _ABANDON = 2
 
+
 class _Lock(Protocol):
-    """What the dispatcher needs of its lock (a ``Lock``, or the ``RLock`` under the bus's ``Condition``)."""
+    """What the dispatcher needs of its lock (the bus passes the ``RLock`` under its ``Condition``)."""
 
     def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
 
@@ -95,7 +96,7 @@ class Dispatcher:
         on_fatal: Callable[[BaseException], None],
         dead_letters: DeadLetterHook | None,
         bus_name: str,
-        lock: _Lock | None = None,
+        lock: _Lock,
     ) -> None:
         """
         :param on_done: called with ``lock`` held with the slots of finished items (done,
@@ -116,7 +117,7 @@ class Dispatcher:
         self._lanes: Lanes[WorkItem] = Lanes()
         self._timers: list[tuple[float, int, WorkItem]] = []
         self._counter = itertools.count()
-        self._lock: _Lock = lock if lock is not None else threading.Lock()
+        self._lock = lock
         #: Finished items not yet reported (appended without the lock; see drain()).
         self._done: deque[WorkItem] = deque()
         self._halt = threading.Event()

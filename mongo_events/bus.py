@@ -75,6 +75,25 @@ IDLE_CHECKPOINT_INTERVAL = 10.0
 #: The watcher hands collected work to the workers at least every this many items.
 _RELEASE_AT = 64
 
+_UPDATE = OperationType.UPDATE
+_REPLACE = OperationType.REPLACE
+_INVALIDATE = OperationType.INVALIDATE
+
+
+def _document_lane(key: Mapping[str, Any], event: ChangeEvent, one_namespace: bool) -> Hashable:
+    """What names ``event``'s document (its ``documentKey``, ``key``) in lane keys.
+
+    A subscription's lane is ``(subscription index, this)``, or this alone when the bus
+    has one subscription. A plain ``_id`` (str, int or ObjectId, exact types: never a
+    bool) stands for itself on a collection bus, which sees one namespace; values of
+    different types never compare equal, and the other forms are a tuple or bytes.
+    """
+    value = key.get("_id") if len(key) == 1 else None
+    kind = type(value)
+    if kind is str or kind is int or kind is bson.ObjectId:
+        return value if one_namespace else (event.database, event.collection, value)
+    return (event.database, event.collection, bson.encode(dict(key)))
+
 
 class BusState(str, enum.Enum):
     """Lifecycle states of a :class:`Bus`."""
@@ -196,6 +215,8 @@ class Bus:
                 f"Bus needs a pymongo Collection, Database or MongoClient to watch, got {type(target).__name__}"
             )
         self._target = target
+        #: A collection bus: every event is of one namespace, so lane keys need not name it.
+        self._one_namespace = self.level == "collection"
         self._default_db = self._db.name if self.level != "cluster" else ""
         self.name = name or self._namespace
 
@@ -323,6 +344,7 @@ class Bus:
         self._stream_active = False
         self._persisted_time: int | None = None  # cluster time (s) of the stored checkpoint
         self._last_event: tuple[float, Any, Any] | None = None  # (received at, wall time, cluster time)
+        self._newest: ChangeEvent | None = None  # the newest event, until _on_drained notes it
         self._last_error: tuple[str, datetime] | None = None
         self._oplog_oldest: int | None = None
         self._oplog_checked = 0.0
@@ -486,7 +508,7 @@ class Bus:
             on_opened=self._on_opened,
             on_reconnect=self._on_reconnect,
             on_active=self._on_active,
-            on_drained=self._release_runnable,
+            on_drained=self._on_drained,
             stop_event=self._stop_event,
         )
         tasks = [self._flush_events]
@@ -832,13 +854,17 @@ class Bus:
         return None
 
     def _on_event(self, raw: Mapping[str, Any]) -> bool:
+        # The hot path: one call per event on the watcher thread. Written to do little
+        # beyond what the semantics need (attribute reads hoisted, helpers inlined), since
+        # each call or allocation here is a visible share of the per-event cost.
         event = ChangeEvent.from_raw(raw, self._default_db, self._default_coll)
-        self._last_event = (time.time(), event.wall_time, event.cluster_time)
+        self._newest = event  # health() learns of it once per batch (see _on_drained)
         if self.metrics is not None:
             self.metrics.received(self._namespace, event.wall_time, event.cluster_time)
         if self._stub_next:
             return self._on_oversize_stub(event)
         desc = event.update_description
+        op = event.operation_type
         if (
             desc is not None
             and self.max_updated_fields_size
@@ -847,14 +873,14 @@ class Bus:
         ):
             desc = attrs.evolve(desc, updated_fields={}, updated_fields_dropped=True)
             event = attrs.evolve(event, update_description=desc)
-        op = event.operation_type
-        if op is OperationType.UPDATE and not self.include_empty_updates and (desc is None or desc.is_empty):
-            subs: list[Subscription] = []
+        subs: Sequence[Subscription]
+        if op is _UPDATE and not self.include_empty_updates and (desc is None or desc.is_empty):
+            subs = ()
         elif self._unfiltered:
             subs = self._subscriptions  # nobody filters: no list per event
         else:
             subs = [s for s in self._subscriptions if s.wants(event)]
-            if self.full_document_only and event.full_document is None and op in (OperationType.UPDATE, OperationType.REPLACE):
+            if self.full_document_only and event.full_document is None and (op is _UPDATE or op is _REPLACE):
                 # updateLookup found no document (deleted since): nothing to hand over. Say so.
                 self.missing_documents += 1
                 log.warning(
@@ -862,18 +888,26 @@ class Bus:
                     "full_document_only subscriptions skip it (%d so far)",
                     self.name, op, event.namespace, event.document_key, self.missing_documents,
                 )
-        token = None if op is OperationType.INVALIDATE else raw["_id"]
-        # A namespace-wide event (drop, rename, dropDatabase, invalidate, DDL) concerns every
-        # document: under per-document order it runs after all earlier events and before any later one.
-        barrier = bool(subs) and self.ordering == "document" and not event.document_key
+        token = None if op is _INVALIDATE else raw["_id"]
+        ordering = self.ordering
+        doc_lane: Hashable | None = None
+        lane: Hashable | None
+        barrier = False
+        if subs and ordering == "document":
+            key = event.document_key
+            if not key:
+                # A namespace-wide event (drop, rename, dropDatabase, invalidate, DDL) concerns
+                # every document: it runs after all earlier events and before any later one.
+                barrier = True
+                doc_lane = (event.database, event.collection)
+            else:
+                doc_lane = _document_lane(key, event, self._one_namespace)
         dispatcher = self._dispatcher
         assert dispatcher is not None
-        delivered_desc = desc if self.update_description else None
-        doc_lane = self._document_lane(event) if subs else None
-        single = self._single
         tracker = self._tracker
         with self._mutex:
-            dispatcher.drain()
+            if dispatcher._done:
+                dispatcher.drain()
             if barrier and not self._wait_until_idle():
                 return False
             if tracker.full and not self._wait_for_room():
@@ -883,24 +917,39 @@ class Bus:
                 tracker.advance()
                 if self._joining:
                     self._cond.notify_all()
+                return True
+            if self.ack_store is not None:
+                self._acks[event.id] = AckRecord(event.id, datetime.now(timezone.utc))
+            delivered_desc = desc if self.update_description else None
+            runnable = self._runnable  # read after any wait for room: that wait releases it
+            if self._single:  # the common case, spelled out: its document alone names its lane
+                sub = subs[0]
+                lane = doc_lane if doc_lane is not None else (sub.index if ordering == "stream" else None)
+                work = WorkItem(sub, event, slot, lane, delivered_desc)
+                if lane is None or dispatcher._lanes.push(lane, work) is not None:
+                    runnable.append(work)
             else:
-                if self.ack_store is not None:
-                    self._acks[event.id] = AckRecord(event.id, datetime.now(timezone.utc))
-                runnable = self._runnable  # read after any wait for room: that wait releases it
                 for sub in subs:
-                    lane: Hashable | None
-                    if doc_lane is None:
-                        lane = sub.index if self.ordering == "stream" else None
-                    else:  # one subscription: the document alone names its lane
-                        lane = doc_lane if single else (sub.index, *doc_lane)
+                    if doc_lane is not None:
+                        lane = (sub.index, doc_lane)
+                    else:
+                        lane = sub.index if ordering == "stream" else None
                     item = dispatcher.admit(WorkItem(sub, event, slot, lane, delivered_desc))
                     if item is not None:
                         runnable.append(item)
-                if barrier and not self._wait_until_idle():  # later events wait for it to finish
-                    return False
-        if len(self._runnable) >= _RELEASE_AT:
+            if barrier and not self._wait_until_idle():  # later events wait for it to finish
+                return False
+        if len(runnable) >= _RELEASE_AT:
             self._release_runnable()
         return True
+
+    def _on_drained(self) -> None:
+        """The watcher read all it holds: hand the collected items on; note the newest event."""
+        self._release_runnable()
+        event = self._newest
+        if event is not None:
+            self._newest = None
+            self._last_event = (time.time(), event.wall_time, event.cluster_time)
 
     def _release_runnable(self) -> None:
         """Hand the runnable items the watcher collected to the workers.
@@ -994,24 +1043,6 @@ class Bus:
         if self._watcher is not None:
             self._watcher.request_reopen()  # back to full events after it
         return True
-
-    def _document_lane(self, event: ChangeEvent) -> tuple[Any, ...] | None:
-        """What names ``event``'s document in lane keys (None unless ``ordering="document"``).
-
-        A subscription's lane is ``(subscription index, *this)``, or this alone when the
-        bus has one subscription.
-        """
-        if self.ordering != "document":
-            return None
-        key = event.document_key
-        db, coll = event.database, event.collection  # the namespace, without formatting it per event
-        if not key:
-            return (db, coll)
-        value = key.get("_id") if len(key) == 1 else None
-        kind = type(value)
-        if kind is str or kind is int or kind is bson.ObjectId:  # exact types: never bool
-            return (db, coll, kind, value)
-        return (db, coll, bson.encode(dict(key)))
 
     def _on_resume_token(self, token: Mapping[str, Any] | None) -> None:
         with self._mutex:

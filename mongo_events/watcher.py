@@ -104,18 +104,6 @@ def _resume_token(stream: ChangeStream[Any]) -> Mapping[str, Any] | None:
     return token
 
 
-def _buffered(stream: ChangeStream[Any]) -> int:
-    """Events pymongo already holds for ``stream`` (handed out without I/O); 0 when unknown.
-
-    Reads the private ``CommandCursor._data`` deque (there since pymongo 3); a stream
-    without it counts as empty, which only means work is handed on event by event.
-    """
-    try:
-        return len(stream._cursor._data)
-    except (AttributeError, TypeError):
-        return 0
-
-
 def _nothing() -> None:
     pass
 
@@ -256,7 +244,10 @@ class Watcher:
         try:
             while not stopped():
                 raw = stream.try_next()
-                token = _resume_token(stream)
+                try:  # _resume_token(stream), inlined: this runs once per event
+                    token = stream._resume_token
+                except AttributeError:  # pragma: no cover - a future pymongo
+                    token = _resume_token(stream)
                 if raw is None:
                     if not fragments:
                         self._on_resume_token(token)
@@ -286,7 +277,14 @@ class Watcher:
                     resume_after = token
                 if not on_event(raw) or self._reopen:
                     return got_any
-                if not _buffered(stream):
+                # Events pymongo already holds (handed out without I/O), from the private
+                # CommandCursor._data deque (there since pymongo 3). Without it the stream
+                # counts as drained, which only means work is handed on event by event.
+                try:
+                    more = stream._cursor._data
+                except AttributeError:  # pragma: no cover - a future pymongo
+                    more = None
+                if not more:
                     on_drained()
                 if token is not None and token is not raw["_id"] and token != raw["_id"]:
                     self._on_resume_token(token)  # the last event of a batch: the post-batch token

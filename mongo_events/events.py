@@ -161,7 +161,7 @@ def document_key_string(key: Mapping[str, Any] | None) -> str:
     return json_util.dumps(value, json_options=json_util.RELAXED_JSON_OPTIONS)
 
 
-@attrs.frozen(slots=True, weakref_slot=False)
+@attrs.frozen(slots=False)
 class ChangeEvent:
     """One change event, as the server sent it, with native BSON values.
 
@@ -217,25 +217,27 @@ class ChangeEvent:
                 get("documentKey"), get("fullDocument"), get("fullDocumentBeforeChange"), description,
                 get("clusterTime"), get("wallTime"), get("txnNumber"), get("lsid"), get("to"), raw,
             )
-        # This runs once per event: filling the slots directly skips the frozen class's
-        # per-field __setattr__ indirection (about half the cost of building it).
-        # tests/test_events.py checks that every field is set here, in this order.
+        # This runs once per event: one dict as the instance's __dict__ skips the frozen
+        # class's per-field __setattr__ indirection (slots filled one by one cost half again
+        # as much). tests/test_events.py checks that these are exactly the fields, in order.
         event = _new(cls)
-        _set_id(event, event_id)
-        _set_resume_token(event, token)
-        _set_operation_type(event, operation_type)
-        _set_database(event, ns.get("db") or default_db)
-        _set_collection(event, ns.get("coll") or default_coll)
-        _set_document_key(event, get("documentKey"))
-        _set_full_document(event, get("fullDocument"))
-        _set_full_document_before_change(event, get("fullDocumentBeforeChange"))
-        _set_update_description(event, description)
-        _set_cluster_time(event, get("clusterTime"))
-        _set_wall_time(event, get("wallTime"))
-        _set_txn_number(event, get("txnNumber"))
-        _set_lsid(event, get("lsid"))
-        _set_to(event, get("to"))
-        _set_raw(event, raw)
+        _set_attr(event, "__dict__", {
+            "id": event_id,
+            "resume_token": token,
+            "operation_type": operation_type,
+            "database": ns.get("db") or default_db,
+            "collection": ns.get("coll") or default_coll,
+            "document_key": get("documentKey"),
+            "full_document": get("fullDocument"),
+            "full_document_before_change": get("fullDocumentBeforeChange"),
+            "update_description": description,
+            "cluster_time": get("clusterTime"),
+            "wall_time": get("wallTime"),
+            "txn_number": get("txnNumber"),
+            "lsid": get("lsid"),
+            "to": get("to"),
+            "raw": raw,
+        })
         return event
 
     def to_dict(self) -> dict[str, Any]:
@@ -267,21 +269,4 @@ class ChangeEvent:
 _OPS: dict[str, OperationType] = {o.value: o for o in OperationType}
 _OP_NAMES: dict[OperationType | str, str] = {o: o.value for o in OperationType}  # str() without a call
 _new = object.__new__
-# The slot setters of ChangeEvent's fields, in declaration order (what from_raw fills).
-(
-    _set_id,
-    _set_resume_token,
-    _set_operation_type,
-    _set_database,
-    _set_collection,
-    _set_document_key,
-    _set_full_document,
-    _set_full_document_before_change,
-    _set_update_description,
-    _set_cluster_time,
-    _set_wall_time,
-    _set_txn_number,
-    _set_lsid,
-    _set_to,
-    _set_raw,
-) = (vars(ChangeEvent)[f.name].__set__ for f in attrs.fields(ChangeEvent))
+_set_attr = object.__setattr__

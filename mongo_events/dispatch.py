@@ -262,11 +262,20 @@ class Dispatcher:
     def _attempt(self, item: WorkItem) -> tuple[int, float]:
         sub = item.sub
         delivery: Delivery | None = None
+        error: BaseException | None = None
         if self._middleware or sub.wants_delivery:
             delivery = built = self._delivery(item)
             error = call_subscription(sub, item.event, built, self._decoder, self._middleware)
-        else:  # nobody needs the Delivery unless the callback asks current_delivery()
-            error = call_subscription(sub, item.event, partial(self._delivery, item), self._decoder, ())
+        else:
+            # call_subscription without middleware, inlined (this runs once per event): nobody
+            # needs the Delivery unless the callback asks current_delivery(), which builds it.
+            token = _current.set(partial(self._delivery, item))
+            try:
+                sub.callback(sub.argument(item.event, self._decoder))
+            except Exception as exc:
+                error = exc
+            finally:
+                _current.reset(token)
         if error is None:
             return _DONE, 0.0
         if delivery is None:

@@ -906,7 +906,7 @@ class Bus:
         assert dispatcher is not None
         tracker = self._tracker
         with self._mutex:
-            if dispatcher._done:
+            if dispatcher._done:  # drain()'s own test, read here: most events find nothing done
                 dispatcher.drain()
             if barrier and not self._wait_until_idle():
                 return False

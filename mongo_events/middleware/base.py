@@ -41,6 +41,7 @@ class Middleware:
 
 
 def run_before(chain: Sequence[Middleware], delivery: Delivery) -> None:
+    """Call each middleware's ``before_delivery``, outermost first; log, never raise, failures."""
     for mw in chain:
         try:
             mw.before_delivery(delivery)
@@ -49,6 +50,8 @@ def run_before(chain: Sequence[Middleware], delivery: Delivery) -> None:
 
 
 def run_after(chain: Sequence[Middleware], hook: str, delivery: Delivery, *args: object) -> None:
+    """Call each middleware's ``hook`` (``after_delivery`` or ``after_give_up``), innermost
+    first, with ``delivery`` and ``args``; log, never raise, failures."""
     for mw in reversed(chain):
         try:
             getattr(mw, hook)(delivery, *args)

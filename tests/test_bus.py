@@ -268,6 +268,51 @@ def test_slow_document_keeps_its_order_while_others_proceed(client: pymongo.Mong
     assert [n for k, n in got if k == "slow"] == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("level", ["collection", "database"])
+def test_look_alike_document_keys_get_lanes_of_their_own(client: pymongo.MongoClient[Any], make_bus: Any, level: str) -> None:
+    """Lanes name the document exactly: ``"1"``, ``1.5``, an ObjectId, a sub-document and
+    the same ``_id`` in another collection are other documents, so they must not wait
+    behind a slow ``_id: 1`` (whose own later events must). (``True``, which Python finds
+    equal to 1, is checked in test_a_bool_id_is_not_the_int_id: the fake cannot store both.)"""
+    db = client.shop
+    release = threading.Event()
+    rec = Recorder()
+    bus = make_bus(db.orders if level == "collection" else db, max_workers=8)
+
+    @bus.subscribe
+    def handle(ev: me.ChangeEvent) -> None:
+        key = (ev.collection, repr(ev.document_key["_id"]))  # type: ignore[index]
+        n = ev.full_document["n"] if ev.full_document else None
+        if key == ("orders", "1") and n == 0:
+            assert release.wait(10)
+        rec.add((key, n))
+
+    bus.start()
+    db.orders.insert_one({"_id": 1, "n": 0})
+    db.orders.replace_one({"_id": 1}, {"n": 1})
+    others: list[Any] = ["1", 1.5, ObjectId(), {"id": 1}]
+    for i, key in enumerate(others):
+        db.orders.insert_one({"_id": key, "n": 10 + i})
+    expected = {("orders", repr(k)) for k in others}
+    if level == "database":
+        db.invoices.insert_one({"_id": 1, "n": 20})
+        expected.add(("invoices", "1"))
+    got = rec.wait(len(expected))
+    assert {k for k, _ in got} == expected  # all ran while _id 1 was held
+    release.set()
+    got = rec.wait(len(expected) + 2)
+    assert [n for k, n in got if k == ("orders", "1")] == [0, 1]
+
+
+def test_a_bool_id_is_not_the_int_id() -> None:
+    from mongo_events.bus import _document_lane
+
+    ev = me.ChangeEvent.from_raw({"_id": {"_data": "00"}, "operationType": "insert", "ns": {"db": "d", "coll": "c"}})
+    for one_namespace in (True, False):
+        lanes = {_document_lane({"_id": k}, ev, one_namespace) for k in (1, True, 1.5, "1")}
+        assert len(lanes) == 4  # a set: lanes that compare equal would merge
+
+
 def test_ordering_none_runs_one_document_in_parallel(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
     coll = client.shop.orders
     barrier = threading.Barrier(3, timeout=10)

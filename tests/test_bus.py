@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import threading
 import time
@@ -824,3 +825,23 @@ def test_full_document_only_says_when_an_update_lost_its_document(client: pymong
     assert got == [{"_id": 1, "name": "a"}, {"_id": 1}]  # the insert and the delete's key
     assert bus.missing_documents == 1
     assert "has no full document" in caplog.text
+
+
+def test_the_private_pymongo_attributes_the_watcher_reads_still_exist(client: pymongo.MongoClient[Any], fake_rs: FakeReplicaSet) -> None:
+    """The watcher reads ``ChangeStream._resume_token`` (the public property deep-copies per
+    event) and ``CommandCursor._data`` (what pymongo holds without I/O). A pymongo that
+    renames them only sends the watcher down its slower fallbacks, so nothing else would
+    notice: this test fails instead, on every interpreter and pymongo of the tox matrix."""
+    coll = client.shop.orders
+    with coll.watch(max_await_time_ms=50) as stream:
+        coll.insert_many([{"_id": i} for i in range(3)])
+        first = None
+        while first is None:
+            first = stream.try_next()
+        assert stream._resume_token == stream.resume_token == first["_id"]
+        buffered = stream._cursor._data
+        assert isinstance(buffered, collections.deque)
+        get_mores = fake_rs.command_count("getMore")
+        rest = [stream.try_next() for _ in range(len(buffered))]
+        assert all(raw is not None for raw in rest) and not stream._cursor._data
+        assert fake_rs.command_count("getMore") == get_mores  # what it held came without I/O

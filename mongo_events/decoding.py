@@ -68,11 +68,7 @@ class CattrsDecoder:
         if type_ is dict or type_ is Any:  # no structuring asked for
             return value  # type: ignore[no-any-return]
         try:
-            hook = self._hooks[type_]  # _hook(type_), inlined for the common, cached case
-        except (KeyError, TypeError):
-            hook = self._hook(type_)
-        try:
-            return hook(value, type_)  # type: ignore[no-any-return]
+            return self._hook(type_)(value, type_)  # type: ignore[no-any-return]
         except Exception:
             pass  # structure it again below, for the detailed report
         try:

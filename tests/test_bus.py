@@ -841,6 +841,7 @@ def test_the_private_pymongo_attributes_the_watcher_reads_still_exist(client: py
         assert stream._resume_token == stream.resume_token == first["_id"]
         buffered = stream._cursor._data
         assert isinstance(buffered, collections.deque)
+        assert len(buffered) == 2  # the getMore brought all three inserts
         get_mores = fake_rs.command_count("getMore")
         rest = [stream.try_next() for _ in range(len(buffered))]
         assert all(raw is not None for raw in rest) and not stream._cursor._data

@@ -269,6 +269,7 @@ class Dispatcher:
         else:
             # call_subscription without middleware, inlined (this runs once per event): nobody
             # needs the Delivery unless the callback asks current_delivery(), which builds it.
+            # sub.callback(argument) is sub.call(...) here: this callback takes no delivery.
             token = _current.set(partial(self._delivery, item))
             try:
                 sub.callback(sub.argument(item.event, self._decoder))

@@ -24,7 +24,8 @@ import mongomock as _mongomock
 from bson.int64 import Int64
 
 from .changestream import ChangeCursor, open_change_stream
-from .errors import CommandError
+from .errors import CommandError, server_labels
+from .failpoints import FailPoints
 from .oplog import Entry, Oplog, update_description
 
 # mongomock's partial stubs do not describe what the fake uses; treat it as untyped.
@@ -176,8 +177,12 @@ class _FindCursor:
 class Backend:
     """State and command handlers behind the wire server. Thread-safe."""
 
-    def __init__(self, host: str, port: int, *, oplog_size: int = 100_000, data_dir: str | None = None, standalone: bool = False, set_name: str = "rs0", max_event_size: int | None = None, supports_split: bool = True) -> None:
+    def __init__(self, host: str, port: int, *, oplog_size: int = 100_000, data_dir: str | None = None, standalone: bool = False, set_name: str = "rs0", max_event_size: int | None = None, supports_split: bool = True, test_commands: bool = True) -> None:
         self.host = host
+        #: Answer ``configureFailPoint`` (``enableTestCommands``).
+        self.test_commands = test_commands
+        self.fail_points = FailPoints()
+        self.started = time.monotonic()
         self.port = port
         self.set_name = set_name
         self.standalone = standalone
@@ -262,6 +267,10 @@ class Backend:
             reply = handler(self, body)
         except CommandError as exc:
             reply = exc.to_reply()
+            if exc.labels is None:
+                labels = server_labels(name, body, exc.code)
+                if labels:
+                    reply["errorLabels"] = labels
         except mongomock.OperationFailure as exc:
             reply = CommandError(exc.code or 2, "BadValue", str(exc)).to_reply()
         except NotImplementedError as exc:
@@ -269,6 +278,10 @@ class Backend:
         except Exception as exc:  # a bug in the fake: answer it, so a test fails loudly instead of reconnecting
             log.exception("the fake replica set failed on %s", name)
             reply = CommandError(1, "InternalError", f"fake replica set bug on {name}: {exc!r}").to_reply()
+        return self.finish(reply)
+
+    def finish(self, reply: dict[str, Any]) -> dict[str, Any]:
+        """Add ``ok``, ``operationTime`` and ``$clusterTime`` as a replica-set member does."""
         reply.setdefault("ok", 1.0)
         ts = self.oplog.last
         reply["operationTime"] = ts
@@ -363,6 +376,66 @@ def _abort(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
 @command("buildInfo")
 def _build_info(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
     return {"version": "7.0.0", "versionArray": [7, 0, 0, 0], "gitVersion": "fake", "maxBsonObjectSize": 16 * 1024 * 1024, "modules": ["mongo-events-fake"]}
+
+
+# -- test commands and diagnostics ---------------------------------------------
+
+
+@command("configureFailPoint")
+def _configure_fail_point(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    if not backend.test_commands:
+        raise CommandError(59, "CommandNotFound", "no such command: 'configureFailPoint' (start the server with test commands enabled)")
+    if body.get("$db") != "admin":
+        raise CommandError(13, "Unauthorized", "configureFailPoint may only be run against the admin database.")
+    return backend.fail_points.configure(body)
+
+
+def _parameters(backend: Backend) -> dict[str, Any]:
+    return {"enableTestCommands": backend.test_commands, "featureCompatibilityVersion": {"version": "7.0"}}
+
+
+@command("getParameter")
+def _get_parameter(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    params = _parameters(backend)
+    if body.get("getParameter") == "*":
+        return params
+    wanted = [k for k in body if k not in ("getParameter", "$db", "lsid", "$clusterTime", "$readPreference", "comment")]
+    reply = {k: params[k] for k in wanted if k in params}
+    if not reply:
+        raise CommandError(72, "InvalidOptions", "no option found to get")
+    return reply
+
+
+@command("getCmdLineOpts")
+def _get_cmd_line_opts(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    argv = ["mongod", "--bind_ip", backend.host, "--port", str(backend.port)]
+    parsed: dict[str, Any] = {"net": {"bindIp": backend.host, "port": backend.port}}
+    if not backend.standalone:
+        argv += ["--replSet", backend.set_name]
+        parsed["replication"] = {"replSet": backend.set_name}
+    if backend.test_commands:
+        argv += ["--setParameter", "enableTestCommands=1"]
+        parsed["setParameter"] = {"enableTestCommands": "1"}
+    return {"argv": argv, "parsed": parsed}
+
+
+@command("serverStatus")
+def _server_status(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    uptime = time.monotonic() - backend.started
+    reply: dict[str, Any] = {
+        "host": f"{backend.host}:{backend.port}",
+        "version": "7.0.0",
+        "process": "mongod",
+        "pid": Int64(os.getpid()),
+        "uptime": float(int(uptime)),
+        "uptimeMillis": Int64(int(uptime * 1000)),
+        "localTime": _now(),
+        "connections": {"current": 0, "available": 1000},
+    }
+    if not backend.standalone:
+        me = f"{backend.host}:{backend.port}"
+        reply["repl"] = {"setName": backend.set_name, "isWritablePrimary": time.monotonic() >= backend.step_down_until, "hosts": [me], "primary": me, "me": me}
+    return reply
 
 
 @command("killCursors")

@@ -66,7 +66,7 @@ class ChangeCursor:
     def render(self, entry: Entry, backend: Backend) -> list[Any]:
         if not self.matches(entry):
             return []
-        if entry.op == "insert" and not self.stages:
+        if entry.op == "insert" and not self.stages and not self.expanded:
             # An insert renders the same for every stream without stages: encode it
             # once, so the fake serves pre-encoded batches (the benchmark needs a
             # server that is not the bottleneck).
@@ -186,13 +186,15 @@ class ChangeCursor:
                 entries = oplog.entries
                 # Inserts into this stream's own collection, already encoded, go straight into
                 # the batch: the client waits for every getMore, so this loop is on its clock.
-                direct = self.level == "collection" and not self.stages and backend.max_event_size is None
+                direct = self.level == "collection" and not self.stages and not self.expanded
+                size_limit = backend.max_event_size if backend.max_event_size is not None else 1 << 62
                 while len(batch) < limit and index < len(entries) and not self.closed:
                     entry = entries[index]
                     index += 1
                     self.position = entry.ts
-                    if direct and entry.encoded is not None and entry.coll == self.coll and entry.db == self.db:
-                        batch.append(entry.encoded)
+                    encoded = entry.encoded
+                    if direct and encoded is not None and entry.coll == self.coll and entry.db == self.db and len(encoded.raw) <= size_limit:
+                        batch.append(encoded)
                         continue
                     rendered = self.render(entry, backend)
                     for event in rendered:

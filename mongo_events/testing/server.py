@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import Any
 
 from .backend import Backend
-from .errors import CommandError
+from .errors import CommandError, code_name, server_labels
 from .wire import Request, encode_reply, read_request
 
 __all__ = ["FakeReplicaSet", "main"]
@@ -32,7 +32,9 @@ __all__ = ["FakeReplicaSet", "main"]
 log = logging.getLogger(__name__)
 
 #: Commands that keep working while the fake is stepped down.
-_ALWAYS_SERVED = {"hello", "ismaster", "isMaster", "ping", "buildInfo", "buildinfo", "endSessions", "killCursors", "mongoEventsFake"}
+_ALWAYS_SERVED = {"hello", "ismaster", "isMaster", "ping", "buildInfo", "buildinfo", "endSessions", "killCursors", "mongoEventsFake", "configureFailPoint", "getParameter", "getCmdLineOpts", "serverStatus"}
+#: MongoDB's limit on a document, and so on a change event (16 MiB).
+MAX_BSON_SIZE = 16 * 1024 * 1024
 _CANONICAL = {"ismaster": "hello", "isMaster": "hello", "findandmodify": "findAndModify", "buildinfo": "buildInfo"}
 
 
@@ -57,6 +59,8 @@ class _Server(socketserver.ThreadingTCPServer):
 
 class _Connection(socketserver.BaseRequestHandler):
     server: _Server
+    #: The application name the client's handshake gave (``failCommand``'s ``appName``).
+    app_name: str | None = None
 
     def handle(self) -> None:
         owner = self.server.owner
@@ -71,7 +75,7 @@ class _Connection(socketserver.BaseRequestHandler):
                     return
                 if request is None:
                     return
-                reply = owner._serve(request)
+                reply = owner._serve(request, self)
                 if reply is None:  # fault: drop the connection without answering
                     return
                 if request.more_to_come:
@@ -97,16 +101,19 @@ class FakeReplicaSet:
     :param standalone: answer as a standalone server (change streams then fail with 40573).
     :param max_event_size: change events larger than this many bytes fail with 10334
         ``BSONObjectTooLarge`` unless the stream splits them with
-        ``$changeStreamSplitLargeEvent`` (default: no limit is checked).
+        ``$changeStreamSplitLargeEvent`` (default 16 MiB, as on a real server; ``None``: no check).
     :param supports_split: ``False`` rejects ``$changeStreamSplitLargeEvent`` as an older server would.
+    :param test_commands: answer ``configureFailPoint`` (the ``failCommand`` fail point), as a
+        server started with ``--setParameter enableTestCommands=1`` does (default ``True``).
 
     Use it as a context manager, or call :meth:`start` and :meth:`stop`.
 
     .. versionadded:: 0.1.0
     """
 
-    def __init__(self, port: int = 0, *, data_dir: str | None = None, oplog_size: int = 100_000, standalone: bool = False, set_name: str = "rs0", max_event_size: int | None = None, supports_split: bool = True) -> None:
+    def __init__(self, port: int = 0, *, data_dir: str | None = None, oplog_size: int = 100_000, standalone: bool = False, set_name: str = "rs0", max_event_size: int | None = MAX_BSON_SIZE, supports_split: bool = True, test_commands: bool = True) -> None:
         self._requested_port = port
+        self._test_commands = test_commands
         self._data_dir = data_dir
         self._oplog_size = oplog_size
         self._standalone = standalone
@@ -127,7 +134,7 @@ class FakeReplicaSet:
         """Bind, load the journal if any, and serve in a daemon thread."""
         server = _Server(("127.0.0.1", self._requested_port), self)
         self.port = server.server_address[1]
-        self.backend = Backend("127.0.0.1", self.port, oplog_size=self._oplog_size, data_dir=self._data_dir, standalone=self._standalone, set_name=self._set_name, max_event_size=self._max_event_size, supports_split=self._supports_split)
+        self.backend = Backend("127.0.0.1", self.port, oplog_size=self._oplog_size, data_dir=self._data_dir, standalone=self._standalone, set_name=self._set_name, max_event_size=self._max_event_size, supports_split=self._supports_split, test_commands=self._test_commands)
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=f"mongo_events.fake_rs[{self.port}]", daemon=True)
         self._thread.start()
@@ -223,7 +230,7 @@ class FakeReplicaSet:
         with self._faults_lock:
             (self._connections.add if add else self._connections.discard)(sock)
 
-    def _serve(self, request: Request) -> dict[str, Any] | None:
+    def _serve(self, request: Request, conn: _Connection) -> dict[str, Any] | None:
         backend = self.backend
         assert backend is not None
         body = request.body
@@ -231,6 +238,8 @@ class FakeReplicaSet:
         name = _CANONICAL.get(raw_name, raw_name)
         if name == "mongoEventsFake":
             return self._control(body)
+        if name == "hello" and isinstance(body.get("client"), dict):
+            conn.app_name = (body["client"].get("application") or {}).get("name")
         fault = self._take_fault(name)
         if fault is not None:
             backend.counters[name] += 1
@@ -239,12 +248,31 @@ class FakeReplicaSet:
             if fault.kind == "delay":
                 time.sleep(fault.seconds)
             elif fault.kind == "error":
-                return CommandError(fault.code, _code_name(fault.code), fault.message, list(fault.labels)).to_reply()
+                return CommandError(fault.code, code_name(fault.code), fault.message, list(fault.labels)).to_reply()
+        action = backend.fail_points.check(name, conn.app_name) if backend.test_commands else None
+        if action is not None:
+            if action.block_seconds > 0:
+                time.sleep(action.block_seconds)
+            if action.close_connection:
+                backend.counters[name] += 1
+                return None
+            if action.error_code is not None:
+                backend.counters[name] += 1
+                labels = action.error_labels if action.error_labels is not None else server_labels(name, body, action.error_code)
+                message = f"Failing command {name} via 'failCommand' failpoint"
+                return backend.finish(CommandError(action.error_code, code_name(action.error_code), message, labels).to_reply())
         if raw_name not in _ALWAYS_SERVED and time.monotonic() < backend.step_down_until:
             backend.counters[name] += 1
             labels = ["ResumableChangeStreamError"] if name in ("aggregate", "getMore") else ["RetryableWriteError"]
             return CommandError(10107, "NotWritablePrimary", "not primary", labels).to_reply()
-        return backend.handle(body)
+        reply = backend.handle(body)
+        if action is not None and action.write_concern_error is not None:
+            wce = action.write_concern_error
+            reply["writeConcernError"] = wce
+            labels = action.error_labels if action.error_labels is not None else server_labels(name, body, None, wce.get("code"))
+            if labels:
+                reply["errorLabels"] = labels
+        return reply
 
     def _control(self, body: dict[str, Any]) -> dict[str, Any]:
         """``{mongoEventsFake: 1, fail|drop|delay|stepDown|resetCounters: ...}`` for a server in another process."""
@@ -260,27 +288,6 @@ class FakeReplicaSet:
         if body.get("resetCounters"):
             self.reset_counters()
         return {"ok": 1.0, "counters": self.counters}
-
-
-_CODE_NAMES = {
-    6: "HostUnreachable",
-    43: "CursorNotFound",
-    91: "ShutdownInProgress",
-    189: "PrimarySteppedDown",
-    260: "InvalidResumeToken",
-    280: "ChangeStreamFatalError",
-    286: "ChangeStreamHistoryLost",
-    10107: "NotWritablePrimary",
-    10334: "BSONObjectTooLarge",
-    11600: "InterruptedAtShutdown",
-    11602: "InterruptedDueToReplStateChange",
-    13: "Unauthorized",
-    18: "AuthenticationFailed",
-}
-
-
-def _code_name(code: int) -> str:
-    return _CODE_NAMES.get(code, f"Error{code}")
 
 
 def main(argv: list[str] | None = None) -> int:

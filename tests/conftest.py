@@ -92,7 +92,7 @@ def real_mongodb_uri() -> Iterator[str]:
         pytest.skip(f"no real MongoDB: MONGODB_URI is unset and no Docker engine answers ({type(exc).__name__})")
     from testcontainers.core.container import DockerContainer
 
-    container = DockerContainer("mongo:7.0").with_command("--replSet rs0 --bind_ip_all").with_exposed_ports(27017)
+    container = DockerContainer("mongo:7.0").with_command("--replSet rs0 --bind_ip_all --setParameter enableTestCommands=1").with_exposed_ports(27017)
     container.start()
     try:
         port = container.get_exposed_port(27017)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import mongo_events as me
@@ -58,3 +59,29 @@ class Item:
 
     sku: str
     qty: int
+
+
+@contextlib.contextmanager
+def fail_command(client: Any, mode: Any, **data: Any) -> Iterator[dict[str, Any]]:
+    """Arm MongoDB's ``failCommand`` fail point for the block, then turn it off.
+
+    Works on the fake replica set and on any server started with
+    ``--setParameter enableTestCommands=1``. Pass ``appName`` to limit it to one client.
+    """
+    reply: dict[str, Any] = client.admin.command({"configureFailPoint": "failCommand", "mode": mode, "data": data})
+    try:
+        yield reply
+    finally:
+        client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
+
+
+def require_fail_points(client: Any) -> None:
+    """Skip on a real server that was started without test commands (it cannot run fail-point tests)."""
+    import pytest
+
+    try:
+        enabled = client.admin.command({"getParameter": 1, "enableTestCommands": 1}).get("enableTestCommands")
+    except Exception:
+        enabled = False
+    if not enabled:
+        pytest.skip("the server was started without --setParameter enableTestCommands=1")

@@ -247,12 +247,18 @@ class Backend:
         return entry
 
     def close(self) -> None:
-        with self.lock:
-            self.stopping = True
+        """Wake every waiting getMore and close the journal; bounded even if a command holds the lock."""
+        self.stopping = True
+        if not self.lock.acquire(timeout=1.0):
+            log.warning("the fake replica set is stopping while a command still holds its lock; the journal stays open")
+            return
+        try:
             self.lock.notify_all()
             if self._journal is not None:
                 self._journal.close()
                 self._journal = None
+        finally:
+            self.lock.release()
 
     # -- dispatch ------------------------------------------------------
 
@@ -388,6 +394,13 @@ def _configure_fail_point(backend: Backend, body: dict[str, Any]) -> dict[str, A
     if body.get("$db") != "admin":
         raise CommandError(13, "Unauthorized", "configureFailPoint may only be run against the admin database.")
     return backend.fail_points.configure(body)
+
+
+@command("waitForFailPoint")
+def _wait_for_fail_point(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    if not backend.test_commands:
+        raise CommandError(59, "CommandNotFound", "no such command: 'waitForFailPoint' (start the server with test commands enabled)")
+    return backend.fail_points.wait(body)
 
 
 def _parameters(backend: Backend) -> dict[str, Any]:

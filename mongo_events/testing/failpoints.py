@@ -11,7 +11,9 @@ so a test written against it runs unchanged against a real replica set:
   ``errorCode`` (answer that error), ``errorLabels`` (exactly these labels;
   without it the server's own labels), ``writeConcernError`` (run the command,
   then add this write-concern error to its reply).
-* The reply carries ``count``: how many times the fail point was entered before.
+* The reply carries ``count``: how many times the fail point was entered before;
+  ``{waitForFailPoint: "failCommand", timesEntered: n, maxTimeMS: ms}`` waits
+  until it has been entered ``n`` times in all.
 """
 
 from __future__ import annotations
@@ -51,9 +53,20 @@ class FailPoints:
     """Fail-point state for one fake server. Thread-safe."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._fail_command = _FailCommand()
         self._entered_total = 0
+
+    def wait(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Answer ``{waitForFailPoint: "failCommand", timesEntered: n, maxTimeMS: ms}``."""
+        if body.get("waitForFailPoint") != "failCommand":
+            raise CommandError(2, "BadValue", f"Cannot find failpoint: {body.get('waitForFailPoint')}")
+        target = int(body.get("timesEntered", 1))
+        timeout = float(body.get("maxTimeMS", 0)) / 1000.0
+        with self._lock:
+            if not self._lock.wait_for(lambda: self._entered_total >= target, timeout if timeout > 0 else None):
+                raise CommandError(50, "MaxTimeMSExpired", "operation exceeded time limit")
+        return {}
 
     def configure(self, body: dict[str, Any]) -> dict[str, Any]:
         """Answer ``{configureFailPoint: name, mode, data}``."""
@@ -97,6 +110,7 @@ class FailPoints:
                     fp.mode = "off"
             fp.entered += 1
             self._entered_total += 1
+            self._lock.notify_all()
         labels = data.get("errorLabels")
         return Action(
             block_seconds=float(data.get("blockTimeMS", 0)) / 1000.0 if data.get("blockConnection") else 0.0,

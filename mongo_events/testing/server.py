@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import socket
 import socketserver
@@ -32,7 +33,7 @@ __all__ = ["FakeReplicaSet", "main"]
 log = logging.getLogger(__name__)
 
 #: Commands that keep working while the fake is stepped down.
-_ALWAYS_SERVED = {"hello", "ismaster", "isMaster", "ping", "buildInfo", "buildinfo", "endSessions", "killCursors", "mongoEventsFake", "configureFailPoint", "getParameter", "getCmdLineOpts", "serverStatus"}
+_ALWAYS_SERVED = {"hello", "ismaster", "isMaster", "ping", "buildInfo", "buildinfo", "endSessions", "killCursors", "mongoEventsFake", "configureFailPoint", "waitForFailPoint", "getParameter", "getCmdLineOpts", "serverStatus"}
 #: MongoDB's limit on a document, and so on a change event (16 MiB).
 MAX_BSON_SIZE = 16 * 1024 * 1024
 _CANONICAL = {"ismaster": "hello", "isMaster": "hello", "findandmodify": "findAndModify", "buildinfo": "buildInfo"}
@@ -141,12 +142,14 @@ class FakeReplicaSet:
         return self
 
     def stop(self) -> None:
-        """Stop serving and close every client connection (clients see a network error)."""
+        """Stop serving and close every client connection (clients see a network error).
+
+        Bounded: it closes the connections first, so no handler thread holds it up,
+        and waits at most a second for the accept loop.
+        """
         server, self._server = self._server, None
         if server is None:
             return
-        server.shutdown()
-        server.server_close()
         if self.backend is not None:
             self.backend.close()
         with self._faults_lock:
@@ -156,8 +159,10 @@ class FakeReplicaSet:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        server.shutdown()
+        server.server_close()
         if self._thread is not None:
-            self._thread.join(5)
+            self._thread.join(1)
 
     def __enter__(self) -> FakeReplicaSet:
         return self.start()
@@ -291,21 +296,44 @@ class FakeReplicaSet:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a fake replica set in the foreground until SIGINT or SIGTERM."""
+    """Run a fake replica set in the foreground until SIGINT or SIGTERM; exit within a second of it."""
     parser = argparse.ArgumentParser(prog="python -m mongo_events.testing.server", description="Run the mongo-events fake replica set (a test double, not a database).")
     parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (0: a free one)")
     parser.add_argument("--data-dir", help="keep data and oplog here so they survive a restart")
     parser.add_argument("--oplog-size", type=int, default=100_000, help="oplog entries kept (default 100000)")
     parser.add_argument("--standalone", action="store_true", help="answer as a standalone server")
+    parser.add_argument("--max-event-size", type=int, default=MAX_BSON_SIZE, help=f"change events above this many bytes fail with 10334 unless split (default {MAX_BSON_SIZE}; 0: no limit)")
+    parser.add_argument("--disable-test-commands", action="store_true", help="refuse configureFailPoint, as a server without enableTestCommands does")
     args = parser.parse_args(argv)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with FakeReplicaSet(args.port, data_dir=args.data_dir, oplog_size=args.oplog_size, standalone=args.standalone) as rs:
-        print(rs.uri, flush=True)
-        while not stop.wait(0.5):
-            pass
+    rs = FakeReplicaSet(args.port, data_dir=args.data_dir, oplog_size=args.oplog_size, standalone=args.standalone, max_event_size=args.max_event_size or None, test_commands=not args.disable_test_commands).start()
+    print(rs.uri, flush=True)
+    while not stop.wait(0.1):
+        pass
+    # Whatever a connection thread is doing (a blocked fail point, a long getMore), the
+    # process ends within a second of the signal: a watchdog ends it if stopping or the
+    # interpreter's shutdown is held up.
+    watchdog = threading.Timer(_EXIT_WITHIN, _exit_now)
+    watchdog.daemon = True
+    watchdog.start()
+    rs.stop()
     return 0
+
+
+#: Seconds after SIGINT/SIGTERM by which ``main`` has ended the process.
+_EXIT_WITHIN = 0.8
+
+
+def _exit_now() -> None:
+    log.warning("the fake replica set did not stop within %.1f s of the signal; exiting anyway", _EXIT_WITHIN)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import logging
 import os
 import struct
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -168,6 +169,24 @@ def command(*names: str) -> Callable[[Handler], Handler]:
     return register
 
 
+_IMAGE_OPS = frozenset({"update", "replace", "delete"})
+
+
+def new_uuid() -> bson.Binary:
+    """A collection UUID as the server sends it (BSON binary, subtype 4)."""
+    return bson.Binary(uuid.uuid4().bytes, 4)
+
+
+@dataclass
+class _CollectionInfo:
+    uuid: Any
+    options: dict[str, Any]
+
+    @property
+    def images(self) -> bool:
+        return bool((self.options.get("changeStreamPreAndPostImages") or {}).get("enabled"))
+
+
 @dataclass
 class _FindCursor:
     ns: str
@@ -193,6 +212,8 @@ class Backend:
         self.oplog = Oplog(max_entries=oplog_size)
         self.lock = self.oplog.changed  # one lock for data, oplog and cursors
         self.cursors: dict[int, ChangeCursor | _FindCursor] = {}
+        #: (db, collection) -> UUID and options, kept in step with the oplog (see ``_catalog``).
+        self.collections: dict[tuple[str, str], _CollectionInfo] = {}
         self._cursor_ids = itertools.count(1_000_001)
         self.counters: Counter[str] = Counter()
         self.stopping = False
@@ -215,8 +236,9 @@ class Backend:
             if kind == "op":
                 entry = Entry.from_doc(record)
                 self._apply_entry(entry)
+                self._catalog(entry)
                 self.oplog.append(entry)
-            elif kind == "index":
+            elif kind == "index":  # journals written before createIndexes was an oplog entry
                 self._create_index(record["db"], record["coll"], record["spec"])
 
     def _journal_write(self, record: dict[str, Any]) -> None:
@@ -226,7 +248,17 @@ class Backend:
 
     def _apply_entry(self, entry: Entry) -> None:
         """Re-apply a journalled entry to the data (used at restart)."""
-        if entry.op in ("insert", "update", "replace") and entry.post is not None:
+        if entry.op in ("insert", "update", "replace") and (entry.db, entry.coll) not in self.collections:
+            self._catalog(Entry(entry.ts, entry.wall, "create", entry.db, entry.coll, uuid=new_uuid()))  # an older journal
+        if entry.op == "create" and entry.coll not in self.client[entry.db].list_collection_names():
+            self.client[entry.db].create_collection(entry.coll or "")
+        elif entry.op == "createIndexes":
+            for spec in (entry.description or {}).get("indexes", []):
+                self._create_index(entry.db, entry.coll or "", spec)
+        elif entry.op == "dropIndexes":
+            for spec in (entry.description or {}).get("indexes", []):
+                self.client[entry.db][entry.coll or ""].drop_index(spec["name"])
+        elif entry.op in ("insert", "update", "replace") and entry.post is not None:
             self.client[entry.db][entry.coll or ""].replace_one({"_id": entry.post["_id"]}, entry.post, upsert=True)
         elif entry.op == "delete":
             self.client[entry.db][entry.coll or ""].delete_one(entry.document_key or {})
@@ -241,10 +273,46 @@ class Backend:
         entry = Entry(ts=self.oplog.next_ts(), wall=_now(), op=op, db=db, coll=coll, **fields)
         if session is not None:
             entry.lsid, entry.txn_number = session["lsid"], session["txnNumber"]
+        if coll is not None and entry.uuid is None:
+            info = self.collections.get((db, coll))
+            if info is not None:
+                entry.uuid = info.uuid
+                if info.images and op in _IMAGE_OPS:
+                    entry.images = True
+        self._catalog(entry)
         self.oplog.append(entry)
         self._journal_write({"k": "op", **entry.to_doc()})
         self.oplog.changed.notify_all()
         return entry
+
+    def _catalog(self, entry: Entry) -> None:
+        """Keep the collection catalog (UUIDs, options) in step with a DDL entry."""
+        op, key = entry.op, (entry.db, entry.coll or "")
+        if op == "create":
+            options = {k: v for k, v in (entry.description or {}).items() if k != "idIndex"}
+            self.collections[key] = _CollectionInfo(entry.uuid, options)
+        elif op == "modify":
+            info = self.collections.get(key)
+            if info is not None:
+                info.options.update(entry.description or {})
+        elif op == "drop":
+            self.collections.pop(key, None)
+        elif op == "rename" and entry.to is not None:
+            info = self.collections.pop(key, None)
+            if info is not None:
+                self.collections[(entry.to["db"], entry.to["coll"])] = info
+        elif op == "dropDatabase":
+            for k in [k for k in self.collections if k[0] == entry.db]:
+                del self.collections[k]
+
+    def ensure_collection(self, db: str, coll: str, options: dict[str, Any] | None = None, session: dict[str, Any] | None = None) -> None:
+        """Create ``db.coll`` if it does not exist (explicitly, or implicitly by a first write), with its ``create`` entry."""
+        if (db, coll) in self.collections:
+            return
+        if coll not in self.client[db].list_collection_names():
+            self.client[db].create_collection(coll)
+        description = {"idIndex": {"v": 2, "key": {"_id": 1}, "name": "_id_"}, **(options or {})}
+        self._record("create", db, coll, session, uuid=new_uuid(), description=description)
 
     def close(self) -> None:
         """Wake every waiting getMore and close the journal; bounded even if a command holds the lock."""
@@ -476,19 +544,55 @@ def _list_collections(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
     with backend.lock:
         db = backend.client[body["$db"]]
         names = db.list_collection_names()
-        docs = [{"name": n, "type": "collection", "options": {}, "info": {"readOnly": False}, "idIndex": {"v": 2, "key": {"_id": 1}, "name": "_id_"}} for n in sorted(names)]
+        docs = []
+        for n in sorted(names):
+            info = backend.collections.get((body["$db"], n))
+            options = dict(info.options) if info is not None else {}
+            details: dict[str, Any] = {"readOnly": False}
+            if info is not None:
+                details["uuid"] = info.uuid
+            docs.append({"name": n, "type": "collection", "options": options, "info": details, "idIndex": {"v": 2, "key": {"_id": 1}, "name": "_id_"}})
         flt = body.get("filter") or {}
         docs = [d for d in docs if mongomock.filtering.filter_applies(flt, d)]
     return {"cursor": {"id": Int64(0), "ns": f"{body['$db']}.$cmd.listCollections", "firstBatch": docs}}
 
 
+#: Collection options ``create`` and ``collMod`` keep (and ``listCollections`` reports); the fake enforces only
+#: ``changeStreamPreAndPostImages``.
+_COLLECTION_OPTIONS = ("changeStreamPreAndPostImages", "validator", "validationLevel", "validationAction", "capped", "size", "max", "expireAfterSeconds", "collation", "timeseries", "clusteredIndex")
+
+
+def _images_option(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict) or set(value) != {"enabled"} or not isinstance(value["enabled"], bool):
+        raise CommandError(40414 if isinstance(value, dict) and "enabled" not in value else 2, "BadValue", "changeStreamPreAndPostImages must be {enabled: <bool>}")
+    return {"enabled": value["enabled"]}
+
+
 @command("create")
 def _create(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    options = {k: body[k] for k in _COLLECTION_OPTIONS if k in body}
+    if "changeStreamPreAndPostImages" in options:
+        options["changeStreamPreAndPostImages"] = _images_option(options["changeStreamPreAndPostImages"])
     with backend.lock:
         db = backend.client[body["$db"]]
         if body["create"] in db.list_collection_names():
             raise CommandError(48, "NamespaceExists", f"Collection {body['$db']}.{body['create']} already exists.")
-        db.create_collection(body["create"])
+        backend.ensure_collection(body["$db"], body["create"], options)
+    return {}
+
+
+@command("collMod")
+def _coll_mod(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    db, name = body["$db"], body["collMod"]
+    changes = {k: body[k] for k in _COLLECTION_OPTIONS if k in body}
+    if "changeStreamPreAndPostImages" in changes:
+        changes["changeStreamPreAndPostImages"] = _images_option(changes["changeStreamPreAndPostImages"])
+    with backend.lock:
+        info = backend.collections.get((db, name))
+        if info is None:
+            raise CommandError(26, "NamespaceNotFound", f"ns does not exist: {db}.{name}")
+        before = {"uuid": info.uuid, **info.options}
+        backend._record("modify", db, name, description=changes, state_before={"collectionOptions": before})
     return {}
 
 
@@ -507,6 +611,7 @@ def _insert(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
     coll = _coll(backend, body, "insert")
     n, errors = 0, []
     with backend.lock:
+        backend.ensure_collection(coll.database.name, coll.name)
         for i, given in enumerate(body.get("documents", [])):
             doc = dict(given)
             doc.setdefault("_id", bson.ObjectId())
@@ -563,6 +668,7 @@ def _apply_update(backend: Backend, coll: Any, body: dict[str, Any], query: dict
     if not matches:
         if not upsert:
             return 0, 0, None, []
+        backend.ensure_collection(coll.database.name, coll.name)
         if _is_replacement(update):
             new = dict(update)
             if "_id" not in new:
@@ -823,15 +929,23 @@ def _get_more(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
 def _create_indexes(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
     db, coll = body["$db"], body["createIndexes"]
     with backend.lock:
-        before = len(backend.client[db][coll].index_information())
+        created = (db, coll) not in backend.collections
+        backend.ensure_collection(db, coll)
+        existing = backend.client[db][coll].index_information()
+        before = len(existing)
+        made = []
         for spec in body.get("indexes", []):
+            if spec.get("name") in existing:
+                continue  # the same index again is a no-op, as on a server
             try:
                 backend._create_index(db, coll, spec)
             except mongomock.DuplicateKeyError as exc:
                 raise CommandError(11000, "DuplicateKey", str(exc)) from exc
-            backend._journal_write({"k": "index", "db": db, "coll": coll, "spec": spec})
+            made.append({"v": 2, **{k: v for k, v in spec.items() if k not in ("v", "ns")}})
+        if made:
+            backend._record("createIndexes", db, coll, description={"indexes": made})
         after = len(backend.client[db][coll].index_information())
-    return {"numIndexesBefore": before, "numIndexesAfter": after, "createdCollectionAutomatically": before == 0}
+    return {"numIndexesBefore": before, "numIndexesAfter": after, "createdCollectionAutomatically": created}
 
 
 @command("listIndexes")
@@ -852,12 +966,26 @@ def _list_indexes(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
 def _drop_indexes(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
     coll = _coll(backend, body, "dropIndexes")
     with backend.lock:
+        info = coll.index_information()
         index = body.get("index")
         if index == "*":
-            coll.drop_indexes()
+            names = [n for n in info if n != "_id_"]
+        elif isinstance(index, str):
+            names = [index]
         else:
-            coll.drop_index(index if isinstance(index, str) else list((index or {}).items()))
-    return {"nIndexesWas": 1}
+            wanted = list((index or {}).items())
+            names = [n for n, ix in info.items() if list(ix["key"]) == wanted]
+        dropped = []
+        for name in names:
+            if name not in info:
+                raise CommandError(27, "IndexNotFound", f"index not found with name [{name}]")
+            coll.drop_index(name)
+            spec = {"v": 2, "key": dict(info[name]["key"]), "name": name}
+            spec.update({k: v for k, v in info[name].items() if k not in ("key", "v", "ns")})
+            dropped.append(spec)
+        if dropped:
+            backend._record("dropIndexes", coll.database.name, coll.name, description={"indexes": dropped})
+    return {"nIndexesWas": len(info)}
 
 
 @command("drop")
@@ -894,8 +1022,12 @@ def _rename(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
     with backend.lock:
         if scoll not in backend.client[sdb].list_collection_names():
             raise CommandError(26, "NamespaceNotFound", f"Source collection {source} does not exist")
+        target = backend.collections.get((tdb, tcoll))
         backend.client[sdb][scoll].rename(tcoll, dropTarget=bool(body.get("dropTarget")))
-        backend._record("rename", sdb, scoll, to={"db": tdb, "coll": tcoll})
+        description: dict[str, Any] = {"to": {"db": tdb, "coll": tcoll}}
+        if target is not None and body.get("dropTarget"):
+            description["dropTarget"] = target.uuid
+        backend._record("rename", sdb, scoll, to={"db": tdb, "coll": tcoll}, description=description)
     return {}
 
 

@@ -32,6 +32,10 @@ mongomock: Any = _mongomock
 __all__ = ["ChangeCursor", "open_change_stream"]
 
 _INTERNAL_DBS = {"admin", "config", "local"}
+#: DDL events a stream sees only with ``showExpandedEvents`` (MongoDB 6.0+).
+EXPANDED_OPS = frozenset({"create", "createIndexes", "dropIndexes", "modify"})
+_FULL_DOCUMENT = ("default", "updateLookup", "whenAvailable", "required")
+_BEFORE_CHANGE = ("off", "whenAvailable", "required")
 
 
 @dataclass
@@ -55,6 +59,8 @@ class ChangeCursor:
     resume_fragment: tuple[Timestamp, int] | None = None
 
     def matches(self, entry: Entry) -> bool:
+        if entry.op in EXPANDED_OPS and not self.expanded:
+            return False
         if self.level == "cluster":
             return entry.db not in _INTERNAL_DBS
         if entry.db != self.db:
@@ -118,13 +124,18 @@ class ChangeCursor:
             "wallTime": entry.wall,
         }
         op = entry.op
+        if self.expanded and entry.uuid is not None:
+            doc["collectionUUID"] = entry.uuid
         if op in ("insert", "replace"):
             doc["fullDocument"] = entry.post
         elif op == "update":
             if self.full_document == "updateLookup":
                 doc["fullDocument"] = backend.lookup(entry.db, entry.coll or "", entry.document_key or {})
             elif self.full_document in ("whenAvailable", "required"):
-                doc["fullDocument"] = entry.post
+                # A post-image exists only where the collection recorded images at the time of the write.
+                if not entry.images and self.full_document == "required":
+                    raise CommandError(47, "NoMatchingDocument", f"Change stream was configured to require a post-image for all update events, but the post-image was not found for event: {_summary(entry)}")
+                doc["fullDocument"] = entry.post if entry.images else None
         doc["ns"] = {"db": entry.db} if entry.coll is None else {"db": entry.db, "coll": entry.coll}
         if entry.document_key is not None:
             doc["documentKey"] = entry.document_key
@@ -135,8 +146,14 @@ class ChangeCursor:
             doc["updateDescription"] = desc
         if entry.to is not None:
             doc["to"] = entry.to
+        if self.expanded and entry.description is not None:
+            doc["operationDescription"] = entry.description
+            if entry.state_before is not None:
+                doc["stateBeforeChange"] = entry.state_before
         if self.before_change in ("whenAvailable", "required") and op in ("update", "replace", "delete"):
-            doc["fullDocumentBeforeChange"] = entry.pre
+            if not entry.images and self.before_change == "required":
+                raise CommandError(47, "NoMatchingDocument", f"Change stream was configured to require a pre-image for all update, delete and replace events, but the pre-image was not found for event: {_summary(entry)}")
+            doc["fullDocumentBeforeChange"] = entry.pre if entry.images else None
         if entry.lsid is not None:
             doc["lsid"] = entry.lsid
             doc["txnNumber"] = entry.txn_number
@@ -222,6 +239,11 @@ class ChangeCursor:
         return batch, pbrt
 
 
+def _summary(entry: Entry) -> str:
+    ns = f'{{db: "{entry.db}", coll: "{entry.coll}"}}' if entry.coll else f'{{db: "{entry.db}"}}'
+    return f'{{operationType: "{entry.op}", ns: {ns}, clusterTime: Timestamp({entry.ts.time}, {entry.ts.inc})}}'
+
+
 def _apply_stages(events: list[dict[str, Any]], stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     try:
         return list(mongomock.aggregate.process_pipeline(events, None, stages, None))
@@ -254,6 +276,10 @@ def open_change_stream(backend: Backend, cursor_id: int, db: str, coll: str | No
             raise CommandError(40324, "Location40324", "Unrecognized pipeline stage name: '$changeStreamSplitLargeEvent'")
         if name not in ("$match", "$project", "$addFields", "$set", "$unset", "$replaceRoot", "$replaceWith", "$redact", "$changeStreamSplitLargeEvent"):
             raise CommandError(40324, "Location40324", f"Unrecognized pipeline stage name: '{name}'")
+    if spec.get("fullDocument", "default") not in _FULL_DOCUMENT:
+        raise CommandError(2, "BadValue", f"Enumeration value '{spec.get('fullDocument')}' for field '$changeStream.fullDocument' is not a valid value.")
+    if spec.get("fullDocumentBeforeChange", "off") not in _BEFORE_CHANGE:
+        raise CommandError(2, "BadValue", f"Enumeration value '{spec.get('fullDocumentBeforeChange')}' for field '$changeStream.fullDocumentBeforeChange' is not a valid value.")
     oplog = backend.oplog
     with oplog.changed:
         token = spec.get("resumeAfter")

@@ -77,6 +77,14 @@ class Entry:
     to: dict[str, str] | None = None
     lsid: dict[str, Any] | None = None
     txn_number: int | None = None
+    #: The collection's UUID (``collectionUUID`` of expanded events), a BSON binary of subtype 4.
+    uuid: Any = None
+    #: ``operationDescription`` of DDL events (create, createIndexes, dropIndexes, modify, rename).
+    description: dict[str, Any] | None = None
+    #: ``stateBeforeChange`` of a ``modify`` event.
+    state_before: dict[str, Any] | None = None
+    #: True when the collection recorded pre- and post-images (``changeStreamPreAndPostImages``) at this write.
+    images: bool | None = None
     #: The change event of an insert, encoded once and served to every stream
     #: that has no pipeline stages (see ``ChangeCursor.render``).
     encoded: Any = field(default=None, repr=False, compare=False)

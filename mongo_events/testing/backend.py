@@ -701,7 +701,7 @@ def _apply_update(backend: Backend, coll: Any, body: dict[str, Any], query: dict
         modified += 1
         fields: dict[str, Any] = {"document_key": key, "post": after, "pre": before}
         if op == "update":
-            fields["update_description"] = update_description(before, after or {}, expanded=True)
+            fields["update_description"] = update_description(before, after or {}, update, expanded=True)
         backend._record(op, coll.database.name, coll.name, _txn(body), **fields)
         changes.append((before, after))
     return len(matches), modified, None, changes

@@ -141,67 +141,152 @@ class Oplog:
         return self.trimmed_upto is not None and _key(ts) < _key(self.trimmed_upto)
 
 
-def update_description(
-    before: dict[str, Any], after: dict[str, Any], expanded: bool = False
-) -> dict[str, Any]:
-    """Compute ``updateDescription`` from the document before and after a write."""
-    updated: dict[str, Any] = {}
-    removed: list[str] = []
-    truncated: list[dict[str, Any]] = []
-    ambiguous: dict[str, list[Any]] = {}
+#: Update operators whose paths name exactly what changed; the array operators are diffed below their path.
+_SET_OPERATORS = frozenset({"$set", "$unset", "$inc", "$mul", "$min", "$max", "$currentDate", "$bit", "$rename"})
+_ARRAY_OPERATORS = frozenset({"$push", "$addToSet", "$pull", "$pullAll", "$pop"})
+_STRICT_NUMBER = re.compile(r"^(0|[1-9][0-9]*)$")
+_MISSING = object()
 
-    def walk(old: dict[str, Any], new: dict[str, Any], path: list[Any]) -> None:
+
+def update_description(before: dict[str, Any], after: dict[str, Any], update: Any = None, expanded: bool = False) -> dict[str, Any]:
+    """Compute ``updateDescription`` as MongoDB does for an update from ``before`` to ``after``.
+
+    An operator update (``{"$set": ...}``) reports the paths it names, exactly
+    (``$set {"a.0.1": 2}`` gives ``updatedFields {"a.0.1": 2}``); an array
+    operator reports the whole array, or the appended elements of a plain
+    ``$push``. A pipeline update reports the difference of the documents,
+    element by element through arrays, with ``truncatedArrays`` where an array
+    shrank (only pipeline updates report truncations, as on the server).
+    ``disambiguatedPaths`` (expanded events) maps each path that has a dotted or
+    a numeric field name to its components, array indexes as integers.
+    """
+    diff = _Diff()
+    if isinstance(update, dict) and update and all(k.startswith("$") for k in update):
+        for operator, spec in update.items():
+            if not isinstance(spec, dict) or operator == "$setOnInsert":
+                continue
+            for path, arg in spec.items():
+                targets = [path, arg] if operator == "$rename" and isinstance(arg, str) else [path]
+                for target in targets:
+                    parts = target.split(".")
+                    positional = next((i for i, p in enumerate(parts) if p.startswith("$")), None)
+                    if positional is not None:  # "a.$.b", "a.$[].b": the server logs below the array
+                        diff.subtree(before, after, _resolve(before, after, parts[:positional]))
+                    elif operator in _ARRAY_OPERATORS:
+                        diff.array_operator(before, after, _resolve(before, after, parts))
+                    elif operator in _SET_OPERATORS:
+                        diff.exact(before, after, _resolve(before, after, parts))
+    else:
+        diff.walk(before, after, [])
+    desc: dict[str, Any] = {
+        "updatedFields": {_dotted(p): v for p, v in diff.updated},
+        "removedFields": [_dotted(p) for p in diff.removed],
+        "truncatedArrays": [{"field": _dotted(p), "newSize": n} for p, n in diff.truncated],
+    }
+    if expanded:
+        paths = [p for p, _ in diff.updated] + diff.removed + [p for p, _ in diff.truncated]
+        desc["disambiguatedPaths"] = {_dotted(p): list(p) for p in paths if _ambiguous(p)}
+    return desc
+
+
+class _Diff:
+    def __init__(self) -> None:
+        self.updated: list[tuple[list[Any], Any]] = []
+        self.removed: list[list[Any]] = []
+        self.truncated: list[tuple[list[Any], int]] = []
+
+    def exact(self, before: Any, after: Any, path: list[Any]) -> None:
+        old, new = _get(before, path), _get(after, path)
+        if new is _MISSING:
+            if old is not _MISSING:
+                self.removed.append(path)
+        elif old is _MISSING or old != new or type(old) is not type(new):
+            self.updated.append((path, new))
+
+    def array_operator(self, before: Any, after: Any, path: list[Any]) -> None:
+        """``$push`` that only appends logs each new element by index; the array operators otherwise log the array."""
+        old, new = _get(before, path), _get(after, path)
+        if isinstance(old, list) and isinstance(new, list) and len(new) > len(old) and new[: len(old)] == old:
+            self.updated.extend(([*path, i], new[i]) for i in range(len(old), len(new)))
+        else:
+            self.exact(before, after, path)
+
+    def subtree(self, before: Any, after: Any, path: list[Any]) -> None:
+        old, new = _get(before, path), _get(after, path)
+        if isinstance(old, dict) and isinstance(new, dict):
+            self.walk(old, new, path)
+        elif isinstance(old, list) and isinstance(new, list):
+            self.walk_list(old, new, path)
+        else:
+            self.exact(before, after, path)
+
+    def walk(self, old: dict[str, Any], new: dict[str, Any], path: list[Any]) -> None:
         for name, value in new.items():
             sub = [*path, name]
             if name not in old:
-                _set(sub, value)
+                self.updated.append((sub, value))
             elif old[name] != value or type(old[name]) is not type(value):
-                prev = old[name]
-                if isinstance(prev, dict) and isinstance(value, dict):
-                    walk(prev, value, sub)
-                elif isinstance(prev, list) and isinstance(value, list):
-                    walk_list(prev, value, sub)
-                else:
-                    _set(sub, value)
+                self._changed(old[name], value, sub)
         for name in old:
             if name not in new:
-                sub = [*path, name]
-                removed.append(_dotted(sub))
-                _note_ambiguous(sub)
+                self.removed.append([*path, name])
 
-    def walk_list(old: list[Any], new: list[Any], path: list[Any]) -> None:
-        common = min(len(old), len(new))
-        if len(new) < len(old) and new == old[:common]:
-            truncated.append({"field": _dotted(path), "newSize": len(new)})
-            return
-        if new[:common] != old[:common] and len(new) != len(old):
-            _set(path, new)
-            return
-        for i in range(common):
-            if old[i] != new[i]:
-                _set([*path, i], new[i])
-        for i in range(common, len(new)):
-            _set([*path, i], new[i])
+    def walk_list(self, old: list[Any], new: list[Any], path: list[Any]) -> None:
+        # As the server's array diff: changed elements by index (recursing into documents
+        # and arrays), appended ones by index, and a resize when the array shrank.
         if len(new) < len(old):
-            truncated.append({"field": _dotted(path), "newSize": len(new)})
+            self.truncated.append((path, len(new)))
+        for i, value in enumerate(new):
+            sub = [*path, i]
+            if i >= len(old):
+                self.updated.append((sub, value))
+            elif old[i] != value or type(old[i]) is not type(value):
+                self._changed(old[i], value, sub)
 
-    def _set(path: list[Any], value: Any) -> None:
-        updated[_dotted(path)] = value
-        _note_ambiguous(path)
+    def _changed(self, old: Any, new: Any, path: list[Any]) -> None:
+        if isinstance(old, dict) and isinstance(new, dict):
+            self.walk(old, new, path)
+        elif isinstance(old, list) and isinstance(new, list):
+            self.walk_list(old, new, path)
+        else:
+            self.updated.append((path, new))
 
-    def _note_ambiguous(path: list[Any]) -> None:
-        if any(isinstance(p, str) and (p.isdigit() or "." in p) for p in path):
-            ambiguous[_dotted(path)] = list(path)
 
-    walk(before, after, [])
-    desc: dict[str, Any] = {
-        "updatedFields": updated,
-        "removedFields": removed,
-        "truncatedArrays": truncated,
-    }
-    if expanded:
-        desc["disambiguatedPaths"] = ambiguous
-    return desc
+def _resolve(before: Any, after: Any, parts: list[str]) -> list[Any]:
+    """Path components with array indexes as integers, read from the document after (else before) the write."""
+    out: list[Any] = []
+    cur: Any = after
+    alt: Any = before
+    for part in parts:
+        node = cur if cur is not _MISSING else alt
+        if isinstance(node, list) and _STRICT_NUMBER.match(part):
+            out.append(int(part))
+        else:
+            out.append(part)
+        cur = _step(cur, out[-1])
+        alt = _step(alt, out[-1])
+    return out
+
+
+def _step(node: Any, key: Any) -> Any:
+    if isinstance(key, int) and isinstance(node, list):
+        return node[key] if key < len(node) else _MISSING
+    if isinstance(node, dict):
+        return node.get(key, _MISSING)
+    return _MISSING
+
+
+def _get(doc: Any, path: list[Any]) -> Any:
+    for key in path:
+        doc = _step(doc, key)
+        if doc is _MISSING:
+            break
+    return doc
+
+
+def _ambiguous(path: list[Any]) -> bool:
+    # A top-level numeric name is not ambiguous (a document's top level is never an array).
+    return any(isinstance(p, str) and ("." in p or (i > 0 and _STRICT_NUMBER.match(p) is not None)) for i, p in enumerate(path))
 
 
 def _dotted(path: list[Any]) -> str:

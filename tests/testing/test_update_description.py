@@ -24,7 +24,8 @@ def _update(coll: Any, doc: dict[str, Any], update: Any, expanded: bool = True) 
     coll.insert_one(doc)
     with coll.watch(show_expanded_events=expanded, max_await_time_ms=100) as stream:
         coll.update_one({"_id": doc["_id"]}, update)
-        (event,) = [e for e in drain(stream, 2, timeout=2) if e["operationType"] == "update"]
+        (event,) = drain(stream, 1)
+    assert event["operationType"] == "update"
     desc: dict[str, Any] = event["updateDescription"]
     return desc
 

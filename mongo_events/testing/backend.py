@@ -877,6 +877,7 @@ def _aggregate(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
     pipeline = body.get("pipeline") or []
     batch_size = (body.get("cursor") or {}).get("batchSize")
     if pipeline and "$changeStream" in pipeline[0]:
+        _check_change_stream_read_concern(body)
         with backend.lock:
             cid = backend.new_cursor_id()
             cursor = open_change_stream(backend, cid, db, coll, pipeline)
@@ -893,6 +894,15 @@ def _aggregate(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
     with backend.lock:
         docs = list(backend.client[db][coll].aggregate(pipeline))
         return _cursor_reply(backend, f"{db}.{coll}", docs, batch_size)
+
+
+def _check_change_stream_read_concern(body: dict[str, Any]) -> None:
+    """Refuse what the server refuses: a read concern other than majority, or a transaction."""
+    if body.get("autocommit") is False:
+        raise CommandError(263, "OperationNotSupportedInTransaction", "Operation not permitted in transaction :: caused by :: Aggregation stage $changeStream cannot run within a multi-document transaction.")
+    level = (body.get("readConcern") or {}).get("level")
+    if level is not None and level != "majority":
+        raise CommandError(72, "InvalidOptions", f"Aggregation stage $changeStream cannot run with a readConcern other than 'majority'. Current readConcern: {level}")
 
 
 @command("getMore")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -108,7 +109,7 @@ class ChangeCursor:
             kept = _apply_stages([e for e in events if e["operationType"] != "invalidate"], self.stages)
             for event in kept:
                 if event.get("_id") != make_token(entry.ts, KIND_EVENT):  # the pipeline changed the token
-                    raise CommandError(280, "ChangeStreamFatalError", "Encountered an event whose _id field, which contains the resume token, was modified by the pipeline.")
+                    raise CommandError(280, "ChangeStreamFatalError", "Encountered an event whose _id field, which contains the resume token, was modified by the pipeline. Modifying the _id field of an event makes it impossible to resume the stream from that point. Only transformations that retain the unmodified _id field are allowed.")
             events = kept + [e for e in events if e["operationType"] == "invalidate"]
         limit = backend.max_event_size
         if limit is not None:
@@ -246,9 +247,54 @@ def _summary(entry: Entry) -> str:
 
 def _apply_stages(events: list[dict[str, Any]], stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     try:
-        return list(mongomock.aggregate.process_pipeline(events, None, stages, None))
+        # mongomock changes documents in place; the events share their documents with the oplog.
+        return list(mongomock.aggregate.process_pipeline(copy.deepcopy(events), None, stages, None))
     except (NotImplementedError, mongomock.OperationFailure, TypeError, KeyError, ValueError) as exc:
         raise CommandError(40324, "Location40324", f"invalid change stream pipeline: {exc}") from exc
+
+
+def _normalize_stages(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rewrite the stages mongomock gets wrong into equivalents it gets right (MongoDB's semantics).
+
+    ``$project`` with computed or nested fields becomes ``$addFields`` then an
+    inclusion ``$project`` (so ``"ns.viewOn": <expr>`` nests, as on a server);
+    ``$unset`` becomes an exclusion ``$project``; ``$replaceWith`` becomes ``$replaceRoot``.
+    """
+    out: list[dict[str, Any]] = []
+    for stage in stages:
+        ((name, spec),) = stage.items()
+        if name == "$unset":
+            fields = [spec] if isinstance(spec, str) else list(spec)
+            out.append({"$project": dict.fromkeys(fields, 0)})
+        elif name == "$replaceWith":
+            out.append({"$replaceRoot": {"newRoot": spec}})
+        elif name == "$project" and isinstance(spec, dict):
+            flat = _flatten_projection(spec)
+            computed = {k: v for k, v in flat.items() if not _is_flag(v)}
+            if computed:
+                out.append({"$addFields": computed})
+                out.append({"$project": {**{k: v for k, v in flat.items() if _is_flag(v)}, **dict.fromkeys(computed, 1)}})
+            else:
+                out.append({"$project": flat})
+        else:
+            out.append(stage)
+    return out
+
+
+def _is_flag(value: Any) -> bool:
+    return isinstance(value, bool) or (isinstance(value, (int, float)) and value in (0, 1))
+
+
+def _flatten_projection(spec: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"ns": {"coll": 1}}`` -> ``{"ns.coll": 1}``; an operator document (``{"$concat": ...}``) is a value."""
+    flat: dict[str, Any] = {}
+    for key, value in spec.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value and not any(k.startswith("$") for k in value):
+            flat.update(_flatten_projection(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat
 
 
 def open_change_stream(backend: Backend, cursor_id: int, db: str, coll: str | None, pipeline: list[dict[str, Any]]) -> ChangeCursor:
@@ -321,7 +367,7 @@ def open_change_stream(backend: Backend, cursor_id: int, db: str, coll: str | No
         full_document=spec.get("fullDocument", "default"),
         before_change=spec.get("fullDocumentBeforeChange", "off"),
         expanded=bool(spec.get("showExpandedEvents", False)),
-        stages=[s for s in pipeline[1:] if "$changeStreamSplitLargeEvent" not in s],
+        stages=_normalize_stages([s for s in pipeline[1:] if "$changeStreamSplitLargeEvent" not in s]),
         split=any("$changeStreamSplitLargeEvent" in s for s in pipeline[1:]),
         resume_fragment=resume_fragment,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -118,6 +119,29 @@ def server_uri(request: pytest.FixtureRequest) -> Iterator[str]:
         return
     with FakeReplicaSet() as rs:
         yield rs.uri
+
+
+@pytest.fixture(params=["fake", pytest.param("real", marks=pytest.mark.mongodb)])
+def server_client(request: pytest.FixtureRequest) -> Iterator[pymongo.MongoClient[Any]]:
+    """A client of the fake replica set, and of a real one (with test commands) wherever it exists.
+
+    It has a unique ``appname``, so ``failCommand`` fail points can be limited to it;
+    on a real server the ``shop`` database starts empty.
+    """
+    options = {**CLIENT_OPTIONS, "appname": f"t-{uuid.uuid4().hex[:10]}"}
+    if request.param == "real":
+        from .helpers import require_fail_points
+
+        c: pymongo.MongoClient[Any] = pymongo.MongoClient(request.getfixturevalue("real_mongodb_uri"), **options)
+        require_fail_points(c)
+        c.drop_database("shop")
+        yield c
+        c.close()
+        return
+    with FakeReplicaSet() as rs:
+        c = pymongo.MongoClient(rs.uri, **options)
+        yield c
+        c.close()
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01) -> Any:

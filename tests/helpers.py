@@ -66,8 +66,13 @@ def fail_command(client: Any, mode: Any, **data: Any) -> Iterator[dict[str, Any]
     """Arm MongoDB's ``failCommand`` fail point for the block, then turn it off.
 
     Works on the fake replica set and on any server started with
-    ``--setParameter enableTestCommands=1``. Pass ``appName`` to limit it to one client.
+    ``--setParameter enableTestCommands=1``. It applies only to connections of
+    ``client``'s application name when it has one (``appName``), so tests
+    sharing a real server do not fail each other's commands.
     """
+    app = (client.options.pool_options.metadata.get("application") or {}).get("name")
+    if app is not None:
+        data.setdefault("appName", app)
     reply: dict[str, Any] = client.admin.command({"configureFailPoint": "failCommand", "mode": mode, "data": data})
     try:
         yield reply
@@ -85,3 +90,8 @@ def require_fail_points(client: Any) -> None:
         enabled = False
     if not enabled:
         pytest.skip("the server was started without --setParameter enableTestCommands=1")
+
+
+def wait_for_fail_point(client: Any, armed: dict[str, Any], times: int, timeout: float = 10.0) -> None:
+    """Block until the fail point armed with reply ``armed`` has fired ``times`` times (``waitForFailPoint``)."""
+    client.admin.command({"waitForFailPoint": "failCommand", "timesEntered": armed["count"] + times, "maxTimeMS": int(timeout * 1000)})

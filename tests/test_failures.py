@@ -12,8 +12,8 @@ from pymongo.errors import AutoReconnect, CursorNotFound, OperationFailure
 import mongo_events as me
 from mongo_events.testing import FakeReplicaSet
 
-from .conftest import CLIENT_OPTIONS
-from .helpers import QUICK, Recorder
+from .conftest import CLIENT_OPTIONS, wait_for
+from .helpers import QUICK, Recorder, fail_command, wait_for_fail_point
 
 # -- classification ---------------------------------------------------------------------
 
@@ -200,28 +200,31 @@ def test_stop_during_retries_interrupts_the_wait_and_the_event_is_redelivered(cl
 # -- stream errors ----------------------------------------------------------------------------
 
 
-def test_network_drops_reopen_and_lose_nothing(fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+@pytest.mark.parametrize(
+    ("fault", "times"),
+    [
+        # pymongo resumes once by itself, and retries a read once after a network or
+        # shutdown error: failing those too makes each error reach the watcher.
+        ({"closeConnection": True}, 3),
+        ({"errorCode": 43}, 2),  # CursorNotFound: resumed, but an aggregate failing with it is not retried
+        ({"errorCode": 91, "errorLabels": ["ResumableChangeStreamError"]}, 3),
+    ],
+    ids=["dropped-connection", "cursor-not-found", "resumable-label"],
+)
+def test_stream_errors_reopen_and_lose_nothing(server_client: pymongo.MongoClient[Any], make_bus: Any, fault: dict[str, Any], times: int) -> None:
+    client = server_client
     rec = Recorder()
     bus = make_bus(client.shop.orders, max_workers=2)
     bus.subscribe(lambda ev: rec.add(ev.document_id))
     bus.start()
     client.shop.orders.insert_many([{"_id": i} for i in range(5)])
     rec.wait(5)
-    # pymongo resumes once by itself, and retries a read once after a network or
-    # shutdown error: failing those too makes each error reach the watcher.
-    fake_rs.drop_connection("getMore")
-    fake_rs.drop_connection("aggregate", times=2)
-    client.shop.orders.insert_many([{"_id": i} for i in range(5, 10)])
-    fake_rs.fail("getMore", code=43, message="cursor not found")
-    fake_rs.fail("aggregate", code=43, message="cursor not found")
-    client.shop.orders.insert_many([{"_id": i} for i in range(10, 15)])
-    fake_rs.fail("getMore", code=91, message="shutdown", labels=["ResumableChangeStreamError"])
-    fake_rs.fail("aggregate", code=91, message="shutdown", labels=["ResumableChangeStreamError"], times=2)
-    client.shop.orders.insert_many([{"_id": i} for i in range(15, 20)])
-    got = rec.wait(20)
-    assert sorted(got) == list(range(20))
-    assert fake_rs.command_count("aggregate") >= 4
-    assert bus.reconnections == 3  # each of the three errors reached the watcher
+    with fail_command(client, {"times": times}, failCommands=["getMore", "aggregate"], **fault) as armed:
+        client.shop.orders.insert_many([{"_id": i} for i in range(5, 10)])
+        wait_for_fail_point(client, armed, times)
+    got = rec.wait(10)
+    assert sorted(got) == list(range(10))
+    assert wait_for(lambda: bus.reconnections == 1)  # the error reached the watcher, which reopened the stream
 
 
 def test_step_down_reconnects_and_loses_nothing(fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any) -> None:
@@ -330,11 +333,10 @@ def test_a_failed_token_load_is_an_error_not_a_fresh_start(client: pymongo.Mongo
     ("code", "message", "match"),
     [(18, "Authentication failed.", "authentication failed"), (13, "not authorized", "not authorised")],
 )
-def test_start_fails_fast_on_auth_errors(fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any, code: int, message: str, match: str) -> None:
-    bus = make_bus(client.shop.orders, resume=False)
+def test_start_fails_fast_on_auth_errors(server_client: pymongo.MongoClient[Any], make_bus: Any, code: int, message: str, match: str) -> None:
+    bus = make_bus(server_client.shop.orders, resume=False)
     bus.subscribe(lambda ev: None)
-    fake_rs.fail("aggregate", code=code, message=message)
-    with pytest.raises(me.ConfigurationError, match=match):
+    with fail_command(server_client, {"times": 1}, failCommands=["aggregate"], errorCode=code), pytest.raises(me.ConfigurationError, match=match):
         bus.start()
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import bson
 import mongomock as _mongomock
+from bson.binary import Binary
 from bson.int64 import Int64
 
 from .changestream import ChangeCursor, open_change_stream
@@ -104,7 +105,9 @@ def _install_id_fast_path() -> None:
             by_key = _unique_map(store, name, fields)
             ids = by_key.setdefault(key, set())
             ids.add(_store_id(new_data["_id"]))
-            live = {i for i in ids if i in store._documents and _unique_key(store._documents[i], fields) == key}
+            live = {
+                i for i in ids if i in store._documents and _unique_key(store._documents[i], fields) == key
+            }
             by_key[key] = live
             if len(live) > 1:
                 raise mongomock.DuplicateKeyError("E11000 Duplicate Key Error", 11000)
@@ -157,7 +160,12 @@ def _unique_map(store: Any, name: str, fields: tuple[str, ...]) -> dict[tuple[An
 _TTL_MONITOR_INTERVAL = 1.0
 _install_id_fast_path()
 _HANDLERS: dict[str, Handler] = {}
-_ALIASES = {"ismaster": "hello", "isMaster": "hello", "findandmodify": "findAndModify", "buildinfo": "buildInfo"}
+_ALIASES = {
+    "ismaster": "hello",
+    "isMaster": "hello",
+    "findandmodify": "findAndModify",
+    "buildinfo": "buildInfo",
+}
 
 
 def command(*names: str) -> Callable[[Handler], Handler]:
@@ -172,9 +180,10 @@ def command(*names: str) -> Callable[[Handler], Handler]:
 _IMAGE_OPS = frozenset({"update", "replace", "delete"})
 
 
-def new_uuid() -> bson.Binary:
+def new_uuid() -> Binary:
     """A collection UUID as the server sends it (BSON binary, subtype 4)."""
-    return bson.Binary(uuid.uuid4().bytes, 4)
+    value: Binary = Binary(uuid.uuid4().bytes, 4)
+    return value
 
 
 @dataclass
@@ -196,7 +205,19 @@ class _FindCursor:
 class Backend:
     """State and command handlers behind the wire server. Thread-safe."""
 
-    def __init__(self, host: str, port: int, *, oplog_size: int = 100_000, data_dir: str | None = None, standalone: bool = False, set_name: str = "rs0", max_event_size: int | None = None, supports_split: bool = True, test_commands: bool = True) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        oplog_size: int = 100_000,
+        data_dir: str | None = None,
+        standalone: bool = False,
+        set_name: str = "rs0",
+        max_event_size: int | None = None,
+        supports_split: bool = True,
+        test_commands: bool = True,
+    ) -> None:
         self.host = host
         #: Answer ``configureFailPoint`` (``enableTestCommands``).
         self.test_commands = test_commands
@@ -249,7 +270,9 @@ class Backend:
     def _apply_entry(self, entry: Entry) -> None:
         """Re-apply a journalled entry to the data (used at restart)."""
         if entry.op in ("insert", "update", "replace") and (entry.db, entry.coll) not in self.collections:
-            self._catalog(Entry(entry.ts, entry.wall, "create", entry.db, entry.coll, uuid=new_uuid()))  # an older journal
+            self._catalog(
+                Entry(entry.ts, entry.wall, "create", entry.db, entry.coll, uuid=new_uuid())
+            )  # an older journal
         if entry.op == "create" and entry.coll not in self.client[entry.db].list_collection_names():
             self.client[entry.db].create_collection(entry.coll or "")
         elif entry.op == "createIndexes":
@@ -259,7 +282,9 @@ class Backend:
             for spec in (entry.description or {}).get("indexes", []):
                 self.client[entry.db][entry.coll or ""].drop_index(spec["name"])
         elif entry.op in ("insert", "update", "replace") and entry.post is not None:
-            self.client[entry.db][entry.coll or ""].replace_one({"_id": entry.post["_id"]}, entry.post, upsert=True)
+            self.client[entry.db][entry.coll or ""].replace_one(
+                {"_id": entry.post["_id"]}, entry.post, upsert=True
+            )
         elif entry.op == "delete":
             self.client[entry.db][entry.coll or ""].delete_one(entry.document_key or {})
         elif entry.op == "drop":
@@ -269,7 +294,9 @@ class Backend:
         elif entry.op == "dropDatabase":
             self.client.drop_database(entry.db)
 
-    def _record(self, op: str, db: str, coll: str | None, session: dict[str, Any] | None = None, **fields: Any) -> Entry:
+    def _record(
+        self, op: str, db: str, coll: str | None, session: dict[str, Any] | None = None, **fields: Any
+    ) -> Entry:
         entry = Entry(ts=self.oplog.next_ts(), wall=_now(), op=op, db=db, coll=coll, **fields)
         if session is not None:
             entry.lsid, entry.txn_number = session["lsid"], session["txnNumber"]
@@ -305,7 +332,9 @@ class Backend:
             for k in [k for k in self.collections if k[0] == entry.db]:
                 del self.collections[k]
 
-    def ensure_collection(self, db: str, coll: str, options: dict[str, Any] | None = None, session: dict[str, Any] | None = None) -> None:
+    def ensure_collection(
+        self, db: str, coll: str, options: dict[str, Any] | None = None, session: dict[str, Any] | None = None
+    ) -> None:
         """Create ``db.coll`` if it does not exist (explicitly, or implicitly by a first write), with its ``create`` entry."""
         if (db, coll) in self.collections:
             return
@@ -318,7 +347,9 @@ class Backend:
         """Wake every waiting getMore and close the journal; bounded even if a command holds the lock."""
         self.stopping = True
         if not self.lock.acquire(timeout=1.0):
-            log.warning("the fake replica set is stopping while a command still holds its lock; the journal stays open")
+            log.warning(
+                "the fake replica set is stopping while a command still holds its lock; the journal stays open"
+            )
             return
         try:
             self.lock.notify_all()
@@ -337,7 +368,11 @@ class Backend:
         handler = _HANDLERS.get(name)
         try:
             if handler is None:
-                raise CommandError(59, "CommandNotFound", f"no such command: '{name}' (the fake replica set does not implement it)")
+                raise CommandError(
+                    59,
+                    "CommandNotFound",
+                    f"no such command: '{name}' (the fake replica set does not implement it)",
+                )
             reply = handler(self, body)
         except CommandError as exc:
             reply = exc.to_reply()
@@ -348,8 +383,12 @@ class Backend:
         except mongomock.OperationFailure as exc:
             reply = CommandError(exc.code or 2, "BadValue", str(exc)).to_reply()
         except NotImplementedError as exc:
-            reply = CommandError(115, "CommandNotSupported", f"the fake replica set cannot do this: {exc}").to_reply()
-        except Exception as exc:  # a bug in the fake: answer it, so a test fails loudly instead of reconnecting
+            reply = CommandError(
+                115, "CommandNotSupported", f"the fake replica set cannot do this: {exc}"
+            ).to_reply()
+        except (
+            Exception
+        ) as exc:  # a bug in the fake: answer it, so a test fails loudly instead of reconnecting
             log.exception("the fake replica set failed on %s", name)
             reply = CommandError(1, "InternalError", f"fake replica set bug on {name}: {exc!r}").to_reply()
         return self.finish(reply)
@@ -359,7 +398,10 @@ class Backend:
         reply.setdefault("ok", 1.0)
         ts = self.oplog.last
         reply["operationTime"] = ts
-        reply["$clusterTime"] = {"clusterTime": ts, "signature": {"hash": bson.Binary(b"\x00" * 20), "keyId": Int64(0)}}
+        reply["$clusterTime"] = {
+            "clusterTime": ts,
+            "signature": {"hash": bson.Binary(b"\x00" * 20), "keyId": Int64(0)},
+        }
         return reply
 
     def hello_reply(self, stepped_down: bool) -> dict[str, Any]:
@@ -444,12 +486,22 @@ def _ok(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
 
 @command("abortTransaction")
 def _abort(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
-    raise CommandError(263, "OperationNotSupportedInTransaction", "the fake replica set applies transaction writes at once and cannot roll them back")
+    raise CommandError(
+        263,
+        "OperationNotSupportedInTransaction",
+        "the fake replica set applies transaction writes at once and cannot roll them back",
+    )
 
 
 @command("buildInfo")
 def _build_info(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
-    return {"version": "7.0.0", "versionArray": [7, 0, 0, 0], "gitVersion": "fake", "maxBsonObjectSize": 16 * 1024 * 1024, "modules": ["mongo-events-fake"]}
+    return {
+        "version": "7.0.0",
+        "versionArray": [7, 0, 0, 0],
+        "gitVersion": "fake",
+        "maxBsonObjectSize": 16 * 1024 * 1024,
+        "modules": ["mongo-events-fake"],
+    }
 
 
 # -- test commands and diagnostics ---------------------------------------------
@@ -458,16 +510,26 @@ def _build_info(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
 @command("configureFailPoint")
 def _configure_fail_point(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
     if not backend.test_commands:
-        raise CommandError(59, "CommandNotFound", "no such command: 'configureFailPoint' (start the server with test commands enabled)")
+        raise CommandError(
+            59,
+            "CommandNotFound",
+            "no such command: 'configureFailPoint' (start the server with test commands enabled)",
+        )
     if body.get("$db") != "admin":
-        raise CommandError(13, "Unauthorized", "configureFailPoint may only be run against the admin database.")
+        raise CommandError(
+            13, "Unauthorized", "configureFailPoint may only be run against the admin database."
+        )
     return backend.fail_points.configure(body)
 
 
 @command("waitForFailPoint")
 def _wait_for_fail_point(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
     if not backend.test_commands:
-        raise CommandError(59, "CommandNotFound", "no such command: 'waitForFailPoint' (start the server with test commands enabled)")
+        raise CommandError(
+            59,
+            "CommandNotFound",
+            "no such command: 'waitForFailPoint' (start the server with test commands enabled)",
+        )
     return backend.fail_points.wait(body)
 
 
@@ -480,7 +542,11 @@ def _get_parameter(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
     params = _parameters(backend)
     if body.get("getParameter") == "*":
         return params
-    wanted = [k for k in body if k not in ("getParameter", "$db", "lsid", "$clusterTime", "$readPreference", "comment")]
+    wanted = [
+        k
+        for k in body
+        if k not in ("getParameter", "$db", "lsid", "$clusterTime", "$readPreference", "comment")
+    ]
     reply = {k: params[k] for k in wanted if k in params}
     if not reply:
         raise CommandError(72, "InvalidOptions", "no option found to get")
@@ -515,7 +581,13 @@ def _server_status(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
     }
     if not backend.standalone:
         me = f"{backend.host}:{backend.port}"
-        reply["repl"] = {"setName": backend.set_name, "isWritablePrimary": time.monotonic() >= backend.step_down_until, "hosts": [me], "primary": me, "me": me}
+        reply["repl"] = {
+            "setName": backend.set_name,
+            "isWritablePrimary": time.monotonic() >= backend.step_down_until,
+            "hosts": [me],
+            "primary": me,
+            "me": me,
+        }
     return reply
 
 
@@ -551,7 +623,15 @@ def _list_collections(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
             details: dict[str, Any] = {"readOnly": False}
             if info is not None:
                 details["uuid"] = info.uuid
-            docs.append({"name": n, "type": "collection", "options": options, "info": details, "idIndex": {"v": 2, "key": {"_id": 1}, "name": "_id_"}})
+            docs.append(
+                {
+                    "name": n,
+                    "type": "collection",
+                    "options": options,
+                    "info": details,
+                    "idIndex": {"v": 2, "key": {"_id": 1}, "name": "_id_"},
+                }
+            )
         flt = body.get("filter") or {}
         docs = [d for d in docs if mongomock.filtering.filter_applies(flt, d)]
     return {"cursor": {"id": Int64(0), "ns": f"{body['$db']}.$cmd.listCollections", "firstBatch": docs}}
@@ -559,12 +639,28 @@ def _list_collections(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
 
 #: Collection options ``create`` and ``collMod`` keep (and ``listCollections`` reports); the fake enforces only
 #: ``changeStreamPreAndPostImages``.
-_COLLECTION_OPTIONS = ("changeStreamPreAndPostImages", "validator", "validationLevel", "validationAction", "capped", "size", "max", "expireAfterSeconds", "collation", "timeseries", "clusteredIndex")
+_COLLECTION_OPTIONS = (
+    "changeStreamPreAndPostImages",
+    "validator",
+    "validationLevel",
+    "validationAction",
+    "capped",
+    "size",
+    "max",
+    "expireAfterSeconds",
+    "collation",
+    "timeseries",
+    "clusteredIndex",
+)
 
 
 def _images_option(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict) or set(value) != {"enabled"} or not isinstance(value["enabled"], bool):
-        raise CommandError(40414 if isinstance(value, dict) and "enabled" not in value else 2, "BadValue", "changeStreamPreAndPostImages must be {enabled: <bool>}")
+        raise CommandError(
+            40414 if isinstance(value, dict) and "enabled" not in value else 2,
+            "BadValue",
+            "changeStreamPreAndPostImages must be {enabled: <bool>}",
+        )
     return {"enabled": value["enabled"]}
 
 
@@ -576,7 +672,9 @@ def _create(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
     with backend.lock:
         db = backend.client[body["$db"]]
         if body["create"] in db.list_collection_names():
-            raise CommandError(48, "NamespaceExists", f"Collection {body['$db']}.{body['create']} already exists.")
+            raise CommandError(
+                48, "NamespaceExists", f"Collection {body['$db']}.{body['create']} already exists."
+            )
         backend.ensure_collection(body["$db"], body["create"], options)
     return {}
 
@@ -625,7 +723,14 @@ def _insert(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
             n += 1
             found = _by_id(coll, {"_id": doc["_id"]})
             stored = found[0] if found else coll.find_one({"_id": doc["_id"]})
-            backend._record("insert", coll.database.name, coll.name, _txn(body), document_key={"_id": doc["_id"]}, post=stored)
+            backend._record(
+                "insert",
+                coll.database.name,
+                coll.name,
+                _txn(body),
+                document_key={"_id": doc["_id"]},
+                post=stored,
+            )
     reply: dict[str, Any] = {"n": n}
     if errors:
         reply["writeErrors"] = errors
@@ -658,7 +763,18 @@ def _matching(coll: Any, query: dict[str, Any], sort: Any = None, limit: int = 0
     return list(cursor)
 
 
-def _apply_update(backend: Backend, coll: Any, body: dict[str, Any], query: dict[str, Any], update: Any, *, multi: bool, upsert: bool, sort: Any = None, array_filters: Any = None) -> tuple[int, int, Any, list[tuple[dict[str, Any] | None, dict[str, Any] | None]]]:
+def _apply_update(
+    backend: Backend,
+    coll: Any,
+    body: dict[str, Any],
+    query: dict[str, Any],
+    update: Any,
+    *,
+    multi: bool,
+    upsert: bool,
+    sort: Any = None,
+    array_filters: Any = None,
+) -> tuple[int, int, Any, list[tuple[dict[str, Any] | None, dict[str, Any] | None]]]:
     """Apply one update statement; return (matched, modified, upserted id, [(before, after)])."""
     matches = _matching(coll, query, sort, 0 if multi else 1)
     changes: list[tuple[dict[str, Any] | None, dict[str, Any] | None]] = []
@@ -672,14 +788,24 @@ def _apply_update(backend: Backend, coll: Any, body: dict[str, Any], query: dict
         if _is_replacement(update):
             new = dict(update)
             if "_id" not in new:
-                new["_id"] = query.get("_id", bson.ObjectId()) if not isinstance(query.get("_id"), dict) else bson.ObjectId()
+                new["_id"] = (
+                    query.get("_id", bson.ObjectId())
+                    if not isinstance(query.get("_id"), dict)
+                    else bson.ObjectId()
+                )
             coll.insert_one(new)
             upserted = new["_id"]
         else:
             result = coll.update_one(query, update, upsert=True, **kwargs)
             upserted = result.upserted_id
-        after = _matching(coll, {"_id": upserted})[0] if isinstance(upserted, _ID_TYPES) else coll.find_one({"_id": upserted})
-        backend._record("insert", coll.database.name, coll.name, _txn(body), document_key={"_id": upserted}, post=after)
+        after = (
+            _matching(coll, {"_id": upserted})[0]
+            if isinstance(upserted, _ID_TYPES)
+            else coll.find_one({"_id": upserted})
+        )
+        backend._record(
+            "insert", coll.database.name, coll.name, _txn(body), document_key={"_id": upserted}, post=after
+        )
         return 0, 0, upserted, [(None, after)]
     modified = 0
     for before in matches:
@@ -687,7 +813,9 @@ def _apply_update(backend: Backend, coll: Any, body: dict[str, Any], query: dict
         if _is_replacement(update):
             replacement = dict(update)
             if "_id" in replacement and replacement["_id"] != before["_id"]:
-                raise CommandError(66, "ImmutableField", "the (immutable) field '_id' was found to have been altered")
+                raise CommandError(
+                    66, "ImmutableField", "the (immutable) field '_id' was found to have been altered"
+                )
             replacement["_id"] = before["_id"]
             coll.replace_one(key, replacement)
             op = "replace"
@@ -715,7 +843,17 @@ def _update(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
     with backend.lock:
         for i, stmt in enumerate(body.get("updates", [])):
             try:
-                matched, mod, up_id, _ = _apply_update(backend, coll, body, stmt.get("q", {}), stmt["u"], multi=bool(stmt.get("multi")), upsert=bool(stmt.get("upsert")), sort=stmt.get("sort"), array_filters=stmt.get("arrayFilters"))
+                matched, mod, up_id, _ = _apply_update(
+                    backend,
+                    coll,
+                    body,
+                    stmt.get("q", {}),
+                    stmt["u"],
+                    multi=bool(stmt.get("multi")),
+                    upsert=bool(stmt.get("upsert")),
+                    sort=stmt.get("sort"),
+                    array_filters=stmt.get("arrayFilters"),
+                )
             except mongomock.DuplicateKeyError as exc:
                 errors.append({"index": i, "code": 11000, "errmsg": str(exc)})
                 if body.get("ordered", True):
@@ -749,7 +887,14 @@ def _delete(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
             docs = _matching(coll, stmt.get("q", {}), limit=1 if stmt.get("limit", 0) == 1 else 0)
             for doc in docs:
                 coll.delete_one({"_id": doc["_id"]})
-                backend._record("delete", coll.database.name, coll.name, _txn(body), document_key={"_id": doc["_id"]}, pre=doc)
+                backend._record(
+                    "delete",
+                    coll.database.name,
+                    coll.name,
+                    _txn(body),
+                    document_key={"_id": doc["_id"]},
+                    pre=doc,
+                )
                 n += 1
     return {"n": n}
 
@@ -771,22 +916,39 @@ def _find_and_modify(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
                 return {"lastErrorObject": {"n": 0}, "value": None}
             doc = docs[0]
             coll.delete_one({"_id": doc["_id"]})
-            backend._record("delete", coll.database.name, coll.name, _txn(body), document_key={"_id": doc["_id"]}, pre=doc)
+            backend._record(
+                "delete", coll.database.name, coll.name, _txn(body), document_key={"_id": doc["_id"]}, pre=doc
+            )
             return {"lastErrorObject": {"n": 1}, "value": _project(doc, projection)}
         try:
-            matched, _mod, up_id, changes = _apply_update(backend, coll, body, query, body["update"], multi=False, upsert=bool(body.get("upsert")), sort=sort, array_filters=body.get("arrayFilters"))
+            matched, _mod, up_id, changes = _apply_update(
+                backend,
+                coll,
+                body,
+                query,
+                body["update"],
+                multi=False,
+                upsert=bool(body.get("upsert")),
+                sort=sort,
+                array_filters=body.get("arrayFilters"),
+            )
         except mongomock.DuplicateKeyError as exc:
             raise CommandError(11000, "DuplicateKey", str(exc)) from exc
         if up_id is not None:
             after = coll.find_one({"_id": up_id})
             value = after if body.get("new") else None
-            return {"lastErrorObject": {"n": 1, "updatedExisting": False, "upserted": up_id}, "value": _project(value, projection)}
+            return {
+                "lastErrorObject": {"n": 1, "updatedExisting": False, "upserted": up_id},
+                "value": _project(value, projection),
+            }
         if not matched:
             return {"lastErrorObject": {"n": 0, "updatedExisting": False}, "value": None}
         if changes:
             before, after = changes[0]
         else:  # matched but not modified: before == after
-            before = after = coll.find(query).sort(list(sort.items())).limit(1)[0] if sort else coll.find_one(query)
+            before = after = (
+                coll.find(query).sort(list(sort.items())).limit(1)[0] if sort else coll.find_one(query)
+            )
         value = after if body.get("new") else before
         return {"lastErrorObject": {"n": 1, "updatedExisting": True}, "value": _project(value, projection)}
 
@@ -807,7 +969,14 @@ def _project(doc: dict[str, Any] | None, projection: dict[str, Any] | None) -> d
 # -- reads --------------------------------------------------------------------
 
 
-def _cursor_reply(backend: Backend, ns: str, docs: list[dict[str, Any]], batch_size: int | None, single: bool = False, key: str = "firstBatch") -> dict[str, Any]:
+def _cursor_reply(
+    backend: Backend,
+    ns: str,
+    docs: list[dict[str, Any]],
+    batch_size: int | None,
+    single: bool = False,
+    key: str = "firstBatch",
+) -> dict[str, Any]:
     size = batch_size if batch_size else 101
     first, rest = docs[:size], docs[size:]
     cid = 0
@@ -828,7 +997,12 @@ def _find_oplog(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
         entries.reverse()
     limit = abs(body.get("limit") or 0)
     docs = [
-        {"ts": e.ts, "wall": e.wall, "op": _OPLOG_OPS.get(e.op, "c"), "ns": f"{e.db}.{e.coll}" if e.coll else f"{e.db}.$cmd"}
+        {
+            "ts": e.ts,
+            "wall": e.wall,
+            "op": _OPLOG_OPS.get(e.op, "c"),
+            "ns": f"{e.db}.{e.coll}" if e.coll else f"{e.db}.$cmd",
+        }
         for e in (entries[:limit] if limit else entries)
     ]
     return _cursor_reply(backend, "local.oplog.rs", docs, body.get("batchSize"), True)
@@ -840,9 +1014,13 @@ def _find(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
         return _find_oplog(backend, body)
     coll = _coll(backend, body, "find")
     with backend.lock:
-        direct = None if body.get("projection") or body.get("skip") else _by_id(coll, body.get("filter") or {})
+        direct = (
+            None if body.get("projection") or body.get("skip") else _by_id(coll, body.get("filter") or {})
+        )
         if direct is not None:
-            return _cursor_reply(backend, f"{coll.database.name}.{coll.name}", direct, body.get("batchSize"), True)
+            return _cursor_reply(
+                backend, f"{coll.database.name}.{coll.name}", direct, body.get("batchSize"), True
+            )
         cursor = coll.find(body.get("filter") or {}, projection=body.get("projection") or None)
         if body.get("sort"):
             cursor = cursor.sort(list(body["sort"].items()))
@@ -851,7 +1029,13 @@ def _find(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
         if body.get("limit"):
             cursor = cursor.limit(abs(body["limit"]))
         docs = list(cursor)
-        return _cursor_reply(backend, f"{coll.database.name}.{coll.name}", docs, body.get("batchSize"), bool(body.get("singleBatch")))
+        return _cursor_reply(
+            backend,
+            f"{coll.database.name}.{coll.name}",
+            docs,
+            body.get("batchSize"),
+            bool(body.get("singleBatch")),
+        )
 
 
 @command("count")
@@ -885,12 +1069,23 @@ def _aggregate(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
         with backend.lock:
             if not cursor.closed:
                 backend.cursors[cid] = cursor
-        return {"cursor": {"firstBatch": batch, "postBatchResumeToken": pbrt, "id": Int64(0 if cursor.closed else cid), "ns": cursor.ns}}
+        return {
+            "cursor": {
+                "firstBatch": batch,
+                "postBatchResumeToken": pbrt,
+                "id": Int64(0 if cursor.closed else cid),
+                "ns": cursor.ns,
+            }
+        }
     if coll is None:
-        raise CommandError(115, "CommandNotSupported", "the fake replica set supports 'aggregate: 1' only for $changeStream")
+        raise CommandError(
+            115, "CommandNotSupported", "the fake replica set supports 'aggregate: 1' only for $changeStream"
+        )
     for stage in pipeline:
         if any(name in stage for name in ("$out", "$merge")):
-            raise CommandError(115, "CommandNotSupported", "the fake replica set does not support $out or $merge")
+            raise CommandError(
+                115, "CommandNotSupported", "the fake replica set does not support $out or $merge"
+            )
     with backend.lock:
         docs = list(backend.client[db][coll].aggregate(pipeline))
         return _cursor_reply(backend, f"{db}.{coll}", docs, batch_size)
@@ -899,10 +1094,18 @@ def _aggregate(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
 def _check_change_stream_read_concern(body: dict[str, Any]) -> None:
     """Refuse what the server refuses: a read concern other than majority, or a transaction."""
     if body.get("autocommit") is False:
-        raise CommandError(263, "OperationNotSupportedInTransaction", "Operation not permitted in transaction :: caused by :: Aggregation stage $changeStream cannot run within a multi-document transaction.")
+        raise CommandError(
+            263,
+            "OperationNotSupportedInTransaction",
+            "Operation not permitted in transaction :: caused by :: Aggregation stage $changeStream cannot run within a multi-document transaction.",
+        )
     level = (body.get("readConcern") or {}).get("level")
     if level is not None and level != "majority":
-        raise CommandError(72, "InvalidOptions", f"Aggregation stage $changeStream cannot run with a readConcern other than 'majority'. Current readConcern: {level}")
+        raise CommandError(
+            72,
+            "InvalidOptions",
+            f"Aggregation stage $changeStream cannot run with a readConcern other than 'majority'. Current readConcern: {level}",
+        )
 
 
 @command("getMore")
@@ -920,7 +1123,9 @@ def _get_more(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
                 backend.cursors.pop(cid, None)
             return {"cursor": {"nextBatch": batch, "id": Int64(cid if cursor.docs else 0), "ns": cursor.ns}}
     try:
-        batch, pbrt = cursor.next_batch(backend, body.get("batchSize"), wait_ms=int(body.get("maxTimeMS", 1000)))
+        batch, pbrt = cursor.next_batch(
+            backend, body.get("batchSize"), wait_ms=int(body.get("maxTimeMS", 1000))
+        )
     except CommandError:
         with backend.lock:
             backend.cursors.pop(cid, None)
@@ -929,7 +1134,14 @@ def _get_more(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
         if cursor.closed and not cursor.pending:
             backend.cursors.pop(cid, None)
         alive = cid in backend.cursors
-    return {"cursor": {"nextBatch": batch, "postBatchResumeToken": pbrt, "id": Int64(cid if alive else 0), "ns": cursor.ns}}
+    return {
+        "cursor": {
+            "nextBatch": batch,
+            "postBatchResumeToken": pbrt,
+            "id": Int64(cid if alive else 0),
+            "ns": cursor.ns,
+        }
+    }
 
 
 # -- indexes and DDL ----------------------------------------------------------
@@ -1028,7 +1240,9 @@ def _rename(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
     sdb, scoll = source.split(".", 1)
     tdb, tcoll = target.split(".", 1)
     if sdb != tdb:
-        raise CommandError(115, "CommandNotSupported", "the fake replica set renames only within one database")
+        raise CommandError(
+            115, "CommandNotSupported", "the fake replica set renames only within one database"
+        )
     with backend.lock:
         if scoll not in backend.client[sdb].list_collection_names():
             raise CommandError(26, "NamespaceNotFound", f"Source collection {source} does not exist")
@@ -1039,5 +1253,3 @@ def _rename(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
             description["dropTarget"] = target.uuid
         backend._record("rename", sdb, scoll, to={"db": tdb, "coll": tcoll}, description=description)
     return {}
-
-

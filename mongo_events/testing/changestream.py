@@ -109,7 +109,11 @@ class ChangeCursor:
             kept = _apply_stages([e for e in events if e["operationType"] != "invalidate"], self.stages)
             for event in kept:
                 if event.get("_id") != make_token(entry.ts, KIND_EVENT):  # the pipeline changed the token
-                    raise CommandError(280, "ChangeStreamFatalError", "Encountered an event whose _id field, which contains the resume token, was modified by the pipeline. Modifying the _id field of an event makes it impossible to resume the stream from that point. Only transformations that retain the unmodified _id field are allowed.")
+                    raise CommandError(
+                        280,
+                        "ChangeStreamFatalError",
+                        "Encountered an event whose _id field, which contains the resume token, was modified by the pipeline. Modifying the _id field of an event makes it impossible to resume the stream from that point. Only transformations that retain the unmodified _id field are allowed.",
+                    )
             events = kept + [e for e in events if e["operationType"] == "invalidate"]
         limit = backend.max_event_size
         if limit is not None:
@@ -135,7 +139,11 @@ class ChangeCursor:
             elif self.full_document in ("whenAvailable", "required"):
                 # A post-image exists only where the collection recorded images at the time of the write.
                 if not entry.images and self.full_document == "required":
-                    raise CommandError(47, "NoMatchingDocument", f"Change stream was configured to require a post-image for all update events, but the post-image was not found for event: {_summary(entry)}")
+                    raise CommandError(
+                        47,
+                        "NoMatchingDocument",
+                        f"Change stream was configured to require a post-image for all update events, but the post-image was not found for event: {_summary(entry)}",
+                    )
                 doc["fullDocument"] = entry.post if entry.images else None
         doc["ns"] = {"db": entry.db} if entry.coll is None else {"db": entry.db, "coll": entry.coll}
         if entry.document_key is not None:
@@ -153,7 +161,11 @@ class ChangeCursor:
                 doc["stateBeforeChange"] = entry.state_before
         if self.before_change in ("whenAvailable", "required") and op in ("update", "replace", "delete"):
             if not entry.images and self.before_change == "required":
-                raise CommandError(47, "NoMatchingDocument", f"Change stream was configured to require a pre-image for all update, delete and replace events, but the pre-image was not found for event: {_summary(entry)}")
+                raise CommandError(
+                    47,
+                    "NoMatchingDocument",
+                    f"Change stream was configured to require a pre-image for all update, delete and replace events, but the pre-image was not found for event: {_summary(entry)}",
+                )
             doc["fullDocumentBeforeChange"] = entry.pre if entry.images else None
         if entry.lsid is not None:
             doc["lsid"] = entry.lsid
@@ -166,7 +178,11 @@ class ChangeCursor:
         if size <= limit:
             return [event]
         if not self.split:
-            raise CommandError(10334, "BSONObjectTooLarge", f"BSONObj size: {size} ({size:#x}) is invalid. Size must be between 0 and {limit}")
+            raise CommandError(
+                10334,
+                "BSONObjectTooLarge",
+                f"BSONObj size: {size} ({size:#x}) is invalid. Size must be between 0 and {limit}",
+            )
         fields = [(k, v) for k, v in event.items() if k != "_id"]
         fragments: list[list[tuple[str, Any]]] = [[]]
         used = 200  # room for _id and splitEvent
@@ -179,13 +195,21 @@ class ChangeCursor:
             used += cost
         out = []
         for n, part in enumerate(fragments, start=1):
-            out.append({"_id": make_token(ts, KIND_FRAGMENT + n), "splitEvent": {"fragment": n, "of": len(fragments)}, **dict(part)})
+            out.append(
+                {
+                    "_id": make_token(ts, KIND_FRAGMENT + n),
+                    "splitEvent": {"fragment": n, "of": len(fragments)},
+                    **dict(part),
+                }
+            )
         if self.resume_fragment is not None and self.resume_fragment[0] == ts:
             out = out[self.resume_fragment[1] :]
             self.resume_fragment = None
         return out
 
-    def next_batch(self, backend: Backend, batch_size: int | None, wait_ms: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    def next_batch(
+        self, backend: Backend, batch_size: int | None, wait_ms: int
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Collect up to ``batch_size`` events, waiting up to ``wait_ms`` when there are none.
 
         Returns the batch and its post-batch resume token. Caller holds no lock.
@@ -197,7 +221,11 @@ class ChangeCursor:
         with oplog.changed:
             while True:
                 if oplog.lost(self.position):
-                    raise CommandError(286, "ChangeStreamHistoryLost", "Resume of change stream was not possible, as the resume point may no longer be in the oplog.")
+                    raise CommandError(
+                        286,
+                        "ChangeStreamHistoryLost",
+                        "Resume of change stream was not possible, as the resume point may no longer be in the oplog.",
+                    )
                 while self.pending and len(batch) < limit:
                     batch.append(self.pending.pop(0))
                 index = oplog.index_after(self.position)
@@ -211,7 +239,13 @@ class ChangeCursor:
                     index += 1
                     self.position = entry.ts
                     encoded = entry.encoded
-                    if direct and encoded is not None and entry.coll == self.coll and entry.db == self.db and len(encoded.raw) <= size_limit:
+                    if (
+                        direct
+                        and encoded is not None
+                        and entry.coll == self.coll
+                        and entry.db == self.db
+                        and len(encoded.raw) <= size_limit
+                    ):
                         batch.append(encoded)
                         continue
                     rendered = self.render(entry, backend)
@@ -242,7 +276,9 @@ class ChangeCursor:
 
 def _summary(entry: Entry) -> str:
     ns = f'{{db: "{entry.db}", coll: "{entry.coll}"}}' if entry.coll else f'{{db: "{entry.db}"}}'
-    return f'{{operationType: "{entry.op}", ns: {ns}, clusterTime: Timestamp({entry.ts.time}, {entry.ts.inc})}}'
+    return (
+        f'{{operationType: "{entry.op}", ns: {ns}, clusterTime: Timestamp({entry.ts.time}, {entry.ts.inc})}}'
+    )
 
 
 def _apply_stages(events: list[dict[str, Any]], stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -273,7 +309,14 @@ def _normalize_stages(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             computed = {k: v for k, v in flat.items() if not _is_flag(v)}
             if computed:
                 out.append({"$addFields": computed})
-                out.append({"$project": {**{k: v for k, v in flat.items() if _is_flag(v)}, **dict.fromkeys(computed, 1)}})
+                out.append(
+                    {
+                        "$project": {
+                            **{k: v for k, v in flat.items() if _is_flag(v)},
+                            **dict.fromkeys(computed, 1),
+                        }
+                    }
+                )
             else:
                 out.append({"$project": flat})
         else:
@@ -297,18 +340,26 @@ def _flatten_projection(spec: dict[str, Any], prefix: str = "") -> dict[str, Any
     return flat
 
 
-def open_change_stream(backend: Backend, cursor_id: int, db: str, coll: str | None, pipeline: list[dict[str, Any]]) -> ChangeCursor:
+def open_change_stream(
+    backend: Backend, cursor_id: int, db: str, coll: str | None, pipeline: list[dict[str, Any]]
+) -> ChangeCursor:
     """Build a cursor from an ``aggregate`` whose first stage is ``$changeStream``."""
     spec = pipeline[0]["$changeStream"]
     if backend.standalone:
-        raise CommandError(40573, "Location40573", "The $changeStream stage is only supported on replica sets")
+        raise CommandError(
+            40573, "Location40573", "The $changeStream stage is only supported on replica sets"
+        )
     if spec.get("allChangesForCluster"):
         if db != "admin" or coll is not None:
-            raise CommandError(2, "BadValue", "allChangesForCluster requires aggregate: 1 on the admin database")
+            raise CommandError(
+                2, "BadValue", "allChangesForCluster requires aggregate: 1 on the admin database"
+            )
         level = "cluster"
     elif coll is None:
         if db == "admin":
-            raise CommandError(73, "InvalidNamespace", "$changeStream on the admin database requires allChangesForCluster")
+            raise CommandError(
+                73, "InvalidNamespace", "$changeStream on the admin database requires allChangesForCluster"
+            )
         level = "database"
     else:
         level = "collection"
@@ -317,22 +368,48 @@ def open_change_stream(backend: Backend, cursor_id: int, db: str, coll: str | No
         if name in ("$changeStream", "$out", "$merge", "$lookup", "$group", "$sort", "$facet"):
             raise CommandError(40324, "Location40324", f"{name} is not permitted in a $changeStream pipeline")
         if name == "$changeStreamSplitLargeEvent" and stage is not pipeline[-1]:
-            raise CommandError(7182802, "Location7182802", "$changeStreamSplitLargeEvent must be the last stage in the pipeline")
+            raise CommandError(
+                7182802,
+                "Location7182802",
+                "$changeStreamSplitLargeEvent must be the last stage in the pipeline",
+            )
         if name == "$changeStreamSplitLargeEvent" and not backend.supports_split:
-            raise CommandError(40324, "Location40324", "Unrecognized pipeline stage name: '$changeStreamSplitLargeEvent'")
-        if name not in ("$match", "$project", "$addFields", "$set", "$unset", "$replaceRoot", "$replaceWith", "$redact", "$changeStreamSplitLargeEvent"):
+            raise CommandError(
+                40324, "Location40324", "Unrecognized pipeline stage name: '$changeStreamSplitLargeEvent'"
+            )
+        if name not in (
+            "$match",
+            "$project",
+            "$addFields",
+            "$set",
+            "$unset",
+            "$replaceRoot",
+            "$replaceWith",
+            "$redact",
+            "$changeStreamSplitLargeEvent",
+        ):
             raise CommandError(40324, "Location40324", f"Unrecognized pipeline stage name: '{name}'")
     if spec.get("fullDocument", "default") not in _FULL_DOCUMENT:
-        raise CommandError(2, "BadValue", f"Enumeration value '{spec.get('fullDocument')}' for field '$changeStream.fullDocument' is not a valid value.")
+        raise CommandError(
+            2,
+            "BadValue",
+            f"Enumeration value '{spec.get('fullDocument')}' for field '$changeStream.fullDocument' is not a valid value.",
+        )
     if spec.get("fullDocumentBeforeChange", "off") not in _BEFORE_CHANGE:
-        raise CommandError(2, "BadValue", f"Enumeration value '{spec.get('fullDocumentBeforeChange')}' for field '$changeStream.fullDocumentBeforeChange' is not a valid value.")
+        raise CommandError(
+            2,
+            "BadValue",
+            f"Enumeration value '{spec.get('fullDocumentBeforeChange')}' for field '$changeStream.fullDocumentBeforeChange' is not a valid value.",
+        )
     oplog = backend.oplog
     with oplog.changed:
         token = spec.get("resumeAfter")
         start_after = spec.get("startAfter")
         at_time = spec.get("startAtOperationTime")
         if sum(x is not None for x in (token, start_after, at_time)) > 1:
-            raise CommandError(40674, "Location40674", "Only one type of resume option is allowed, but multiple were found.")
+            raise CommandError(
+                40674, "Location40674", "Only one type of resume option is allowed, but multiple were found."
+            )
         if token is not None or start_after is not None:
             try:
                 ts, kind = parse_token(token if token is not None else start_after)
@@ -343,17 +420,33 @@ def open_change_stream(backend: Backend, cursor_id: int, db: str, coll: str | No
                 resume_fragment = (ts, kind - KIND_FRAGMENT)
                 ts = Timestamp(ts.time, ts.inc - 1) if ts.inc > 0 else Timestamp(ts.time - 1, 2**32 - 1)
             if kind == KIND_INVALIDATE and token is not None:
-                raise CommandError(260, "InvalidResumeToken", "Attempting to resume a change stream using 'resumeAfter' is not allowed from an invalidate notification.")
+                raise CommandError(
+                    260,
+                    "InvalidResumeToken",
+                    "Attempting to resume a change stream using 'resumeAfter' is not allowed from an invalidate notification.",
+                )
             if oplog.lost(ts):
-                raise CommandError(286, "ChangeStreamHistoryLost", "Resume of change stream was not possible, as the resume point may no longer be in the oplog.")
+                raise CommandError(
+                    286,
+                    "ChangeStreamHistoryLost",
+                    "Resume of change stream was not possible, as the resume point may no longer be in the oplog.",
+                )
             position = ts
         elif at_time is not None:
             resume_fragment = None
             if not isinstance(at_time, Timestamp):
                 raise CommandError(14, "TypeMismatch", "startAtOperationTime must be a timestamp")
-            position = Timestamp(at_time.time, at_time.inc - 1) if at_time.inc > 0 else Timestamp(at_time.time - 1, 2**32 - 1)
+            position = (
+                Timestamp(at_time.time, at_time.inc - 1)
+                if at_time.inc > 0
+                else Timestamp(at_time.time - 1, 2**32 - 1)
+            )
             if oplog.lost(position):
-                raise CommandError(286, "ChangeStreamHistoryLost", "Resume of change stream was not possible, as the resume point may no longer be in the oplog.")
+                raise CommandError(
+                    286,
+                    "ChangeStreamHistoryLost",
+                    "Resume of change stream was not possible, as the resume point may no longer be in the oplog.",
+                )
         else:
             resume_fragment = None
             position = oplog.last

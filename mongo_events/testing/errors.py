@@ -7,7 +7,9 @@ from typing import Any
 __all__ = ["CODE_NAMES", "CommandError", "code_name", "server_labels"]
 
 #: Codes in MongoDB's ``RetriableError`` category (``src/mongo/base/error_codes.yml``).
-RETRIABLE = frozenset({6, 7, 89, 91, 134, 189, 262, 358, 402, 406, 407, 412, 9001, 10107, 11600, 11602, 13435, 13436})
+RETRIABLE = frozenset(
+    {6, 7, 89, 91, 134, 189, 262, 358, 402, 406, 407, 412, 9001, 10107, 11600, 11602, 13435, 13436}
+)
 #: Codes in the ``NetworkError`` and ``NeedRetargettingError`` categories, plus the two named ones.
 _RESUMABLE_EXTRA = frozenset({6, 7, 89, 9001, 63, 150, 13388, 234, 133})
 #: Codes in the ``NonResumableChangeStreamError`` category.
@@ -66,7 +68,12 @@ class CommandError(Exception):
         self.labels = labels
 
     def to_reply(self) -> dict[str, Any]:
-        reply: dict[str, Any] = {"ok": 0.0, "errmsg": self.message, "code": self.code, "codeName": self.code_name}
+        reply: dict[str, Any] = {
+            "ok": 0.0,
+            "errmsg": self.message,
+            "code": self.code,
+            "codeName": self.code_name,
+        }
         if self.labels:
             reply["errorLabels"] = list(self.labels)
         return reply
@@ -74,7 +81,12 @@ class CommandError(Exception):
 
 def _is_change_stream(body: dict[str, Any]) -> bool:
     pipeline = body.get("pipeline")
-    return isinstance(pipeline, list) and bool(pipeline) and isinstance(pipeline[0], dict) and "$changeStream" in pipeline[0]
+    return (
+        isinstance(pipeline, list)
+        and bool(pipeline)
+        and isinstance(pipeline[0], dict)
+        and "$changeStream" in pipeline[0]
+    )
 
 
 def server_labels(name: str, body: dict[str, Any], code: int | None, wc_code: int | None = None) -> list[str]:
@@ -90,11 +102,19 @@ def server_labels(name: str, body: dict[str, Any], code: int | None, wc_code: in
     commit_or_abort = name in ("commitTransaction", "abortTransaction")
     if in_txn and code is not None and (code in _TRANSIENT or (code in RETRIABLE and not commit_or_abort)):
         labels.append("TransientTransactionError")
-    elif (retryable_write or (in_txn and commit_or_abort)) and ((code in RETRIABLE) or (wc_code in RETRIABLE)):
+    elif (retryable_write or (in_txn and commit_or_abort)) and (
+        (code in RETRIABLE) or (wc_code in RETRIABLE)
+    ):
         labels.append("RetryableWriteError")
     if labels:
         return labels
-    if name == "aggregate" and code is not None and wc_code is None and (code in RETRIABLE or code in _RESUMABLE_EXTRA) and _is_change_stream(body):
+    if (
+        name == "aggregate"
+        and code is not None
+        and wc_code is None
+        and (code in RETRIABLE or code in _RESUMABLE_EXTRA)
+        and _is_change_stream(body)
+    ):
         labels.append("ResumableChangeStreamError")
     elif code in NON_RESUMABLE:
         labels.append("NonResumableChangeStreamError")

@@ -64,7 +64,9 @@ class FailPoints:
         target = int(body.get("timesEntered", 1))
         timeout = float(body.get("maxTimeMS", 0)) / 1000.0
         with self._lock:
-            if not self._lock.wait_for(lambda: self._entered_total >= target, timeout if timeout > 0 else None):
+            if not self._lock.wait_for(
+                lambda: self._entered_total >= target, timeout if timeout > 0 else None
+            ):
                 raise CommandError(50, "MaxTimeMSExpired", "operation exceeded time limit")
         return {}
 
@@ -72,7 +74,9 @@ class FailPoints:
         """Answer ``{configureFailPoint: name, mode, data}``."""
         name = body.get("configureFailPoint")
         if name != "failCommand":
-            raise CommandError(2, "BadValue", f"Cannot find failpoint: {name} (the fake replica set supports failCommand)")
+            raise CommandError(
+                2, "BadValue", f"Cannot find failpoint: {name} (the fake replica set supports failCommand)"
+            )
         mode, remaining = _parse_mode(body.get("mode"))
         data = body.get("data") or {}
         if not isinstance(data, dict):
@@ -80,7 +84,9 @@ class FailPoints:
         if mode != "off":
             commands = data.get("failCommands")
             if not isinstance(commands, list) or not all(isinstance(c, str) for c in commands):
-                raise CommandError(2, "BadValue", "failCommand requires 'failCommands', an array of command names")
+                raise CommandError(
+                    2, "BadValue", "failCommand requires 'failCommands', an array of command names"
+                )
         with self._lock:
             count = self._entered_total
             self._fail_command = _FailCommand(mode, remaining, dict(data))
@@ -117,7 +123,9 @@ class FailPoints:
             close_connection=bool(data.get("closeConnection")),
             error_code=int(data["errorCode"]) if "errorCode" in data else None,
             error_labels=[str(label) for label in labels] if isinstance(labels, list) else None,
-            write_concern_error=dict(data["writeConcernError"]) if isinstance(data.get("writeConcernError"), dict) else None,
+            write_concern_error=dict(data["writeConcernError"])
+            if isinstance(data.get("writeConcernError"), dict)
+            else None,
         )
 
 
@@ -130,4 +138,8 @@ def _parse_mode(mode: Any) -> tuple[str, int]:
             if key == "times" and value == 0:
                 return "off", 0
             return key, value
-    raise CommandError(2, "BadValue", f"invalid fail point mode: {mode!r} (use 'alwaysOn', 'off', {{times: n}} or {{skip: n}})")
+    raise CommandError(
+        2,
+        "BadValue",
+        f"invalid fail point mode: {mode!r} (use 'alwaysOn', 'off', {{times: n}} or {{skip: n}})",
+    )

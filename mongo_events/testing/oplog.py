@@ -142,13 +142,17 @@ class Oplog:
 
 
 #: Update operators whose paths name exactly what changed; the array operators are diffed below their path.
-_SET_OPERATORS = frozenset({"$set", "$unset", "$inc", "$mul", "$min", "$max", "$currentDate", "$bit", "$rename"})
+_SET_OPERATORS = frozenset(
+    {"$set", "$unset", "$inc", "$mul", "$min", "$max", "$currentDate", "$bit", "$rename"}
+)
 _ARRAY_OPERATORS = frozenset({"$push", "$addToSet", "$pull", "$pullAll", "$pop"})
 _STRICT_NUMBER = re.compile(r"^(0|[1-9][0-9]*)$")
 _MISSING = object()
 
 
-def update_description(before: dict[str, Any], after: dict[str, Any], update: Any = None, expanded: bool = False) -> dict[str, Any]:
+def update_description(
+    before: dict[str, Any], after: dict[str, Any], update: Any = None, expanded: bool = False
+) -> dict[str, Any]:
     """Compute ``updateDescription`` as MongoDB does for an update from ``before`` to ``after``.
 
     An operator update (``{"$set": ...}``) reports the paths it names, exactly
@@ -286,7 +290,10 @@ def _get(doc: Any, path: list[Any]) -> Any:
 
 def _ambiguous(path: list[Any]) -> bool:
     # A top-level numeric name is not ambiguous (a document's top level is never an array).
-    return any(isinstance(p, str) and ("." in p or (i > 0 and _STRICT_NUMBER.match(p) is not None)) for i, p in enumerate(path))
+    return any(
+        isinstance(p, str) and ("." in p or (i > 0 and _STRICT_NUMBER.match(p) is not None))
+        for i, p in enumerate(path)
+    )
 
 
 def _dotted(path: list[Any]) -> str:

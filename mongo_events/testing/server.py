@@ -33,10 +33,30 @@ __all__ = ["FakeReplicaSet", "main"]
 log = logging.getLogger(__name__)
 
 #: Commands that keep working while the fake is stepped down.
-_ALWAYS_SERVED = {"hello", "ismaster", "isMaster", "ping", "buildInfo", "buildinfo", "endSessions", "killCursors", "mongoEventsFake", "configureFailPoint", "waitForFailPoint", "getParameter", "getCmdLineOpts", "serverStatus"}
+_ALWAYS_SERVED = {
+    "hello",
+    "ismaster",
+    "isMaster",
+    "ping",
+    "buildInfo",
+    "buildinfo",
+    "endSessions",
+    "killCursors",
+    "mongoEventsFake",
+    "configureFailPoint",
+    "waitForFailPoint",
+    "getParameter",
+    "getCmdLineOpts",
+    "serverStatus",
+}
 #: MongoDB's limit on a document, and so on a change event (16 MiB).
 MAX_BSON_SIZE = 16 * 1024 * 1024
-_CANONICAL = {"ismaster": "hello", "isMaster": "hello", "findandmodify": "findAndModify", "buildinfo": "buildInfo"}
+_CANONICAL = {
+    "ismaster": "hello",
+    "isMaster": "hello",
+    "findandmodify": "findAndModify",
+    "buildinfo": "buildInfo",
+}
 
 
 @dataclass
@@ -112,7 +132,18 @@ class FakeReplicaSet:
     .. versionadded:: 0.1.0
     """
 
-    def __init__(self, port: int = 0, *, data_dir: str | None = None, oplog_size: int = 100_000, standalone: bool = False, set_name: str = "rs0", max_event_size: int | None = MAX_BSON_SIZE, supports_split: bool = True, test_commands: bool = True) -> None:
+    def __init__(
+        self,
+        port: int = 0,
+        *,
+        data_dir: str | None = None,
+        oplog_size: int = 100_000,
+        standalone: bool = False,
+        set_name: str = "rs0",
+        max_event_size: int | None = MAX_BSON_SIZE,
+        supports_split: bool = True,
+        test_commands: bool = True,
+    ) -> None:
         self._requested_port = port
         self._test_commands = test_commands
         self._data_dir = data_dir
@@ -135,9 +166,24 @@ class FakeReplicaSet:
         """Bind, load the journal if any, and serve in a daemon thread."""
         server = _Server(("127.0.0.1", self._requested_port), self)
         self.port = server.server_address[1]
-        self.backend = Backend("127.0.0.1", self.port, oplog_size=self._oplog_size, data_dir=self._data_dir, standalone=self._standalone, set_name=self._set_name, max_event_size=self._max_event_size, supports_split=self._supports_split, test_commands=self._test_commands)
+        self.backend = Backend(
+            "127.0.0.1",
+            self.port,
+            oplog_size=self._oplog_size,
+            data_dir=self._data_dir,
+            standalone=self._standalone,
+            set_name=self._set_name,
+            max_event_size=self._max_event_size,
+            supports_split=self._supports_split,
+            test_commands=self._test_commands,
+        )
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=f"mongo_events.fake_rs[{self.port}]", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"mongo_events.fake_rs[{self.port}]",
+            daemon=True,
+        )
         self._thread.start()
         return self
 
@@ -167,7 +213,9 @@ class FakeReplicaSet:
     def __enter__(self) -> FakeReplicaSet:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     @property
@@ -179,7 +227,15 @@ class FakeReplicaSet:
 
     # -- fault injection ---------------------------------------------------
 
-    def fail(self, command: str, *, code: int, message: str = "injected failure", labels: tuple[str, ...] | list[str] = (), times: int = 1) -> None:
+    def fail(
+        self,
+        command: str,
+        *,
+        code: int,
+        message: str = "injected failure",
+        labels: tuple[str, ...] | list[str] = (),
+        times: int = 1,
+    ) -> None:
         """Answer the next ``times`` ``command`` requests with an error."""
         self._add(command, _Fault("error", times, code=code, message=message, labels=tuple(labels)))
 
@@ -253,7 +309,9 @@ class FakeReplicaSet:
             if fault.kind == "delay":
                 time.sleep(fault.seconds)
             elif fault.kind == "error":
-                return CommandError(fault.code, code_name(fault.code), fault.message, list(fault.labels)).to_reply()
+                return CommandError(
+                    fault.code, code_name(fault.code), fault.message, list(fault.labels)
+                ).to_reply()
         action = backend.fail_points.check(name, conn.app_name) if backend.test_commands else None
         if action is not None:
             if action.block_seconds > 0:
@@ -263,18 +321,32 @@ class FakeReplicaSet:
                 return None
             if action.error_code is not None:
                 backend.counters[name] += 1
-                labels = action.error_labels if action.error_labels is not None else server_labels(name, body, action.error_code)
+                labels = (
+                    action.error_labels
+                    if action.error_labels is not None
+                    else server_labels(name, body, action.error_code)
+                )
                 message = f"Failing command {name} via 'failCommand' failpoint"
-                return backend.finish(CommandError(action.error_code, code_name(action.error_code), message, labels).to_reply())
+                return backend.finish(
+                    CommandError(action.error_code, code_name(action.error_code), message, labels).to_reply()
+                )
         if raw_name not in _ALWAYS_SERVED and time.monotonic() < backend.step_down_until:
             backend.counters[name] += 1
-            labels = ["ResumableChangeStreamError"] if name in ("aggregate", "getMore") else ["RetryableWriteError"]
+            labels = (
+                ["ResumableChangeStreamError"]
+                if name in ("aggregate", "getMore")
+                else ["RetryableWriteError"]
+            )
             return CommandError(10107, "NotWritablePrimary", "not primary", labels).to_reply()
         reply = backend.handle(body)
         if action is not None and action.write_concern_error is not None:
             wce = action.write_concern_error
             reply["writeConcernError"] = wce
-            labels = action.error_labels if action.error_labels is not None else server_labels(name, body, None, wce.get("code"))
+            labels = (
+                action.error_labels
+                if action.error_labels is not None
+                else server_labels(name, body, None, wce.get("code"))
+            )
             if labels:
                 reply["errorLabels"] = labels
         return reply
@@ -283,11 +355,19 @@ class FakeReplicaSet:
         """``{mongoEventsFake: 1, fail|drop|delay|stepDown|resetCounters: ...}`` for a server in another process."""
         if "fail" in body:
             spec = body["fail"]
-            self.fail(spec["command"], code=spec["code"], message=spec.get("message", "injected failure"), labels=spec.get("labels", []), times=spec.get("times", 1))
+            self.fail(
+                spec["command"],
+                code=spec["code"],
+                message=spec.get("message", "injected failure"),
+                labels=spec.get("labels", []),
+                times=spec.get("times", 1),
+            )
         if "drop" in body:
             self.drop_connection(body["drop"]["command"], times=body["drop"].get("times", 1))
         if "delay" in body:
-            self.delay(body["delay"]["command"], body["delay"]["seconds"], times=body["delay"].get("times", 1))
+            self.delay(
+                body["delay"]["command"], body["delay"]["seconds"], times=body["delay"].get("times", 1)
+            )
         if "stepDown" in body:
             self.step_down(float(body["stepDown"]))
         if body.get("resetCounters"):
@@ -297,18 +377,37 @@ class FakeReplicaSet:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a fake replica set in the foreground until SIGINT or SIGTERM; exit within a second of it."""
-    parser = argparse.ArgumentParser(prog="python -m mongo_events.testing.server", description="Run the mongo-events fake replica set (a test double, not a database).")
+    parser = argparse.ArgumentParser(
+        prog="python -m mongo_events.testing.server",
+        description="Run the mongo-events fake replica set (a test double, not a database).",
+    )
     parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (0: a free one)")
     parser.add_argument("--data-dir", help="keep data and oplog here so they survive a restart")
     parser.add_argument("--oplog-size", type=int, default=100_000, help="oplog entries kept (default 100000)")
     parser.add_argument("--standalone", action="store_true", help="answer as a standalone server")
-    parser.add_argument("--max-event-size", type=int, default=MAX_BSON_SIZE, help=f"change events above this many bytes fail with 10334 unless split (default {MAX_BSON_SIZE}; 0: no limit)")
-    parser.add_argument("--disable-test-commands", action="store_true", help="refuse configureFailPoint, as a server without enableTestCommands does")
+    parser.add_argument(
+        "--max-event-size",
+        type=int,
+        default=MAX_BSON_SIZE,
+        help=f"change events above this many bytes fail with 10334 unless split (default {MAX_BSON_SIZE}; 0: no limit)",
+    )
+    parser.add_argument(
+        "--disable-test-commands",
+        action="store_true",
+        help="refuse configureFailPoint, as a server without enableTestCommands does",
+    )
     args = parser.parse_args(argv)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    rs = FakeReplicaSet(args.port, data_dir=args.data_dir, oplog_size=args.oplog_size, standalone=args.standalone, max_event_size=args.max_event_size or None, test_commands=not args.disable_test_commands).start()
+    rs = FakeReplicaSet(
+        args.port,
+        data_dir=args.data_dir,
+        oplog_size=args.oplog_size,
+        standalone=args.standalone,
+        max_event_size=args.max_event_size or None,
+        test_commands=not args.disable_test_commands,
+    ).start()
     print(rs.uri, flush=True)
     while not stop.wait(0.1):
         pass

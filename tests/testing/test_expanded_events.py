@@ -38,7 +38,14 @@ def test_ddl_events_with_operation_description_and_collection_uuid(server_uri: s
         db.orders.drop_index("sku_1")
         db.orders.drop()
         events = drain(stream, 6)
-    assert [e["operationType"] for e in events] == ["create", "createIndexes", "insert", "modify", "dropIndexes", "drop"]
+    assert [e["operationType"] for e in events] == [
+        "create",
+        "createIndexes",
+        "insert",
+        "modify",
+        "dropIndexes",
+        "drop",
+    ]
     create, created_ix, insert, modify, dropped_ix, drop = events
     uuids = {e["collectionUUID"] for e in events}
     assert len(uuids) == 1
@@ -109,17 +116,24 @@ def test_images_when_the_collection_records_them(server_uri: str, db_name: str) 
     (info,) = db.list_collections(filter={"name": "imaged"})
     assert info["options"]["changeStreamPreAndPostImages"] == {"enabled": True}
     db.imaged.insert_one({"_id": 1, "n": 1})
-    with db.imaged.watch(full_document="required", full_document_before_change="required", max_await_time_ms=100) as stream:
+    with db.imaged.watch(
+        full_document="required", full_document_before_change="required", max_await_time_ms=100
+    ) as stream:
         _write_all(db.imaged)
         update, replace, delete = drain(stream, 3)
-    assert update["fullDocument"] == {"_id": 1, "n": 2} and update["fullDocumentBeforeChange"] == {"_id": 1, "n": 1}
+    assert update["fullDocument"] == {"_id": 1, "n": 2} and update["fullDocumentBeforeChange"] == {
+        "_id": 1,
+        "n": 1,
+    }
     assert replace["fullDocumentBeforeChange"] == {"_id": 1, "n": 2}
     assert delete["fullDocumentBeforeChange"] == {"_id": 1, "n": 3}
     c.close()
 
 
 @pytest.mark.parametrize("option", ["full_document", "full_document_before_change"])
-def test_required_images_fail_where_the_collection_records_none(server_uri: str, db_name: str, option: str) -> None:
+def test_required_images_fail_where_the_collection_records_none(
+    server_uri: str, db_name: str, option: str
+) -> None:
     c = client(server_uri)
     coll = c[db_name]["plain"]
     coll.insert_one({"_id": 1, "n": 1})
@@ -132,11 +146,15 @@ def test_required_images_fail_where_the_collection_records_none(server_uri: str,
     c.close()
 
 
-def test_when_available_images_are_null_where_the_collection_records_none(server_uri: str, db_name: str) -> None:
+def test_when_available_images_are_null_where_the_collection_records_none(
+    server_uri: str, db_name: str
+) -> None:
     c = client(server_uri)
     coll = c[db_name]["plain"]
     coll.insert_one({"_id": 1, "n": 1})
-    with coll.watch(full_document="whenAvailable", full_document_before_change="whenAvailable", max_await_time_ms=100) as stream:
+    with coll.watch(
+        full_document="whenAvailable", full_document_before_change="whenAvailable", max_await_time_ms=100
+    ) as stream:
         _write_all(coll)
         update, replace, delete = drain(stream, 3)
     assert update["fullDocument"] is None and update["fullDocumentBeforeChange"] is None

@@ -31,7 +31,9 @@ def test_error_code_and_labels_for_the_next_n_commands(server_uri: str, db_name:
     require_fail_points(c)
     coll = c[db_name]["x"]
     coll.insert_one({"_id": 1})
-    with fail_command(c, {"times": 2}, failCommands=["find"], errorCode=2, errorLabels=["SomeLabel"], appName=name):
+    with fail_command(
+        c, {"times": 2}, failCommands=["find"], errorCode=2, errorLabels=["SomeLabel"], appName=name
+    ):
         for _ in range(2):
             with pytest.raises(OperationFailure) as info:
                 coll.find_one({})
@@ -98,7 +100,9 @@ def test_block_connection_delays_then_runs_the_command(server_uri: str, db_name:
     c = client(server_uri, appname=name)
     require_fail_points(c)
     c[db_name]["x"].insert_one({"_id": 1})
-    with fail_command(c, {"times": 1}, failCommands=["find"], blockConnection=True, blockTimeMS=300, appName=name):
+    with fail_command(
+        c, {"times": 1}, failCommands=["find"], blockConnection=True, blockTimeMS=300, appName=name
+    ):
         start = time.monotonic()
         assert c[db_name]["x"].find_one({}) == {"_id": 1}
         assert time.monotonic() - start >= 0.25  # it waited out the block before answering
@@ -145,7 +149,9 @@ def test_server_labels_when_the_fail_point_names_none(server_uri: str, db_name: 
             coll.watch()
     assert info.value.has_error_label("NonResumableChangeStreamError")
     # An explicit empty errorLabels suppresses them all.
-    with fail_command(c, {"times": 1}, failCommands=["aggregate"], errorCode=91, errorLabels=[], appName=name):
+    with fail_command(
+        c, {"times": 1}, failCommands=["aggregate"], errorCode=91, errorLabels=[], appName=name
+    ):
         with pytest.raises(PyMongoError) as err:
             coll.watch()
     assert not err.value.has_error_label("ResumableChangeStreamError")
@@ -156,7 +162,9 @@ def test_bad_modes_and_unknown_fail_points_are_refused(server_uri: str) -> None:
     c = client(server_uri)
     require_fail_points(c)
     with pytest.raises(OperationFailure):
-        c.admin.command({"configureFailPoint": "failCommand", "mode": "sometimes", "data": {"failCommands": ["find"]}})
+        c.admin.command(
+            {"configureFailPoint": "failCommand", "mode": "sometimes", "data": {"failCommands": ["find"]}}
+        )
     with pytest.raises(OperationFailure):
         c.admin.command({"configureFailPoint": "noSuchFailPointAnywhere", "mode": "alwaysOn"})
     c.close()
@@ -180,7 +188,9 @@ def test_without_test_commands_there_are_no_fail_points() -> None:
         c = client(rs.uri)
         assert c.admin.command({"getParameter": 1, "enableTestCommands": 1})["enableTestCommands"] is False
         with pytest.raises(OperationFailure) as info:
-            c.admin.command({"configureFailPoint": "failCommand", "mode": "alwaysOn", "data": {"failCommands": ["find"]}})
+            c.admin.command(
+                {"configureFailPoint": "failCommand", "mode": "alwaysOn", "data": {"failCommands": ["find"]}}
+            )
         assert info.value.code == 59
         assert "setParameter" not in c.admin.command("getCmdLineOpts")["parsed"]
         c.close()
@@ -193,7 +203,14 @@ def test_a_resumable_get_more_error_makes_pymongo_resume(fake_rs: FakeReplicaSet
     coll = c.db.orders
     coll.insert_one({"_id": 0})
     with coll.watch(max_await_time_ms=100) as stream:
-        with fail_command(c, {"times": 1}, failCommands=["getMore"], errorCode=91, errorLabels=["ResumableChangeStreamError"], appName=name):
+        with fail_command(
+            c,
+            {"times": 1},
+            failCommands=["getMore"],
+            errorCode=91,
+            errorLabels=["ResumableChangeStreamError"],
+            appName=name,
+        ):
             coll.insert_one({"_id": 1})
             doc: Any = None
             deadline = time.monotonic() + 5

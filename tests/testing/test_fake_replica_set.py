@@ -123,7 +123,11 @@ def test_database_and_cluster_watch(server_uri: str, db_name: str) -> None:
         db["b"].insert_one({"_id": 2})
         db["a"].rename("c")
         got = _drain(dbs, 3)
-        assert [(e["operationType"], e["ns"].get("coll")) for e in got] == [("insert", "a"), ("insert", "b"), ("rename", "a")]
+        assert [(e["operationType"], e["ns"].get("coll")) for e in got] == [
+            ("insert", "a"),
+            ("insert", "b"),
+            ("rename", "a"),
+        ]
         assert got[2]["to"] == {"db": db_name, "coll": "c"}
         c.drop_database(db_name)
         rest = _drain(dbs, 4)
@@ -226,10 +230,22 @@ def test_crud_bulk_write_find_one_and_update_and_indexes(server_uri: str, db_nam
             pymongo.InsertOne({"_id": 11, "n": 11}),
         ]
     )
-    assert (result.upserted_count, result.modified_count, result.deleted_count, result.inserted_count) == (1, 1, 1, 1)
-    doc = coll.find_one_and_update({"n": {"$gte": 10}}, {"$inc": {"n": 1}}, sort=[("n", -1)], return_document=pymongo.ReturnDocument.AFTER)
+    assert (result.upserted_count, result.modified_count, result.deleted_count, result.inserted_count) == (
+        1,
+        1,
+        1,
+        1,
+    )
+    doc = coll.find_one_and_update(
+        {"n": {"$gte": 10}},
+        {"$inc": {"n": 1}},
+        sort=[("n", -1)],
+        return_document=pymongo.ReturnDocument.AFTER,
+    )
     assert doc == {"_id": 1, "n": 101}
-    assert coll.find_one_and_update({"_id": 99}, {"$set": {"n": 0}}, upsert=True, return_document=pymongo.ReturnDocument.AFTER) == {"_id": 99, "n": 0}
+    assert coll.find_one_and_update(
+        {"_id": 99}, {"$set": {"n": 0}}, upsert=True, return_document=pymongo.ReturnDocument.AFTER
+    ) == {"_id": 99, "n": 0}
     r = coll.update_one({"_id": 50}, {"$setOnInsert": {"created": True}}, upsert=True)
     assert r.upserted_id == 50
     coll.update_many({"n": {"$lt": 5}}, [{"$set": {"small": True}}])  # a pipeline update

@@ -24,7 +24,9 @@ def _large_update(server_uri: str, pipeline: list[dict[str, Any]]) -> Any:
     db = c[f"t_{uuid.uuid4().hex[:8]}"]
     db.create_collection("big", changeStreamPreAndPostImages={"enabled": True})
     db.big.insert_one({"_id": 1, "blob": _NINE_MIB, "n": 0})
-    stream = db.big.watch(pipeline, full_document="required", full_document_before_change="required", max_await_time_ms=100)
+    stream = db.big.watch(
+        pipeline, full_document="required", full_document_before_change="required", max_await_time_ms=100
+    )
     db.big.update_one({"_id": 1}, {"$set": {"n": 1}})
     return c, stream
 
@@ -44,7 +46,9 @@ def test_split_large_event_delivers_fragments_that_reassemble(server_uri: str) -
     assert first and "splitEvent" in first[0]
     total = first[0]["splitEvent"]["of"]
     fragments = first + drain(stream, total - 1)
-    assert total >= 2 and [f["splitEvent"] for f in fragments] == [{"fragment": i, "of": total} for i in range(1, total + 1)]
+    assert total >= 2 and [f["splitEvent"] for f in fragments] == [
+        {"fragment": i, "of": total} for i in range(1, total + 1)
+    ]
     event: dict[str, Any] = {}
     for fragment in fragments:
         event.update({k: v for k, v in fragment.items() if k not in ("_id", "splitEvent")})

@@ -51,7 +51,10 @@ def test_unset_and_nested_projection(coll: Any) -> None:
 
 def test_the_pipeline_does_not_change_the_stored_event(coll: Any) -> None:
     """A stage that rewrites fullDocument must not leak into another stream's copy of the event."""
-    with coll.watch([{"$set": {"fullDocument.a": "changed"}}], max_await_time_ms=100) as changed, coll.watch(max_await_time_ms=100) as plain:
+    with (
+        coll.watch([{"$set": {"fullDocument.a": "changed"}}], max_await_time_ms=100) as changed,
+        coll.watch(max_await_time_ms=100) as plain,
+    ):
         coll.insert_one({"_id": 1, "a": 1})
         (first,) = drain(changed, 1)
         (second,) = drain(plain, 1)

@@ -17,7 +17,11 @@ from .support import app_name, client
 
 
 def _start(*args: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-m", "mongo_events.testing.server", "--port", "0", *args], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mongo_events.testing.server", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     return proc, proc.stdout.readline().strip()
 
@@ -40,8 +44,22 @@ def test_exits_within_a_second_of_the_signal_while_busy(sig: int, tmp_path: Any)
             except PyMongoError as exc:
                 errors.append(exc)
 
-        entered = c.admin.command({"configureFailPoint": "failCommand", "mode": "alwaysOn", "data": {"failCommands": ["find"], "blockConnection": True, "blockTimeMS": 30_000, "appName": name}})["count"]
-        threads = [threading.Thread(target=call, args=(fn,), daemon=True) for fn in (stream.try_next, lambda: c.db.x.find_one({}))]
+        entered = c.admin.command(
+            {
+                "configureFailPoint": "failCommand",
+                "mode": "alwaysOn",
+                "data": {
+                    "failCommands": ["find"],
+                    "blockConnection": True,
+                    "blockTimeMS": 30_000,
+                    "appName": name,
+                },
+            }
+        )["count"]
+        threads = [
+            threading.Thread(target=call, args=(fn,), daemon=True)
+            for fn in (stream.try_next, lambda: c.db.x.find_one({}))
+        ]
         for t in threads:
             t.start()
         c.admin.command({"waitForFailPoint": "failCommand", "timesEntered": entered + 1, "maxTimeMS": 10_000})

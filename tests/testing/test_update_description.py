@@ -37,13 +37,19 @@ def test_a_path_through_an_array_to_a_numeric_field_is_exact(coll: Any) -> None:
 
 
 def test_array_indexes_alone_are_not_ambiguous(coll: Any) -> None:
-    desc = _update(coll, {"_id": 1, "arr": [{"b": 1}, {"b": 2, "pad": "x" * 64}], "r": [0, 1, 2, 3]}, {"$set": {"arr.1.b": 5, "r": [0]}})
+    desc = _update(
+        coll,
+        {"_id": 1, "arr": [{"b": 1}, {"b": 2, "pad": "x" * 64}], "r": [0, 1, 2, 3]},
+        {"$set": {"arr.1.b": 5, "r": [0]}},
+    )
     assert desc["updatedFields"] == {"arr.1.b": 5, "r": [0]}
     assert desc["truncatedArrays"] == [] and desc["disambiguatedPaths"] == {}
 
 
 def test_numeric_field_names_in_documents_are_ambiguous(coll: Any) -> None:
-    desc = _update(coll, {"_id": 1, "o": {"0": {"1": "numeric", "pad": "x" * 64}}}, {"$set": {"o.0.1": "updated"}})
+    desc = _update(
+        coll, {"_id": 1, "o": {"0": {"1": "numeric", "pad": "x" * 64}}}, {"$set": {"o.0.1": "updated"}}
+    )
     assert desc["updatedFields"] == {"o.0.1": "updated"}
     assert desc["disambiguatedPaths"] == {"o.0.1": ["o", "0", "1"]}
 
@@ -67,6 +73,8 @@ def test_without_expanded_events_there_is_no_disambiguated_paths(coll: Any) -> N
 
 def test_a_pipeline_update_reports_truncated_arrays(coll: Any) -> None:
     pad = "x" * 128
-    desc = _update(coll, {"_id": 1, "arr": [pad, 1, 2], "keep": 1}, [{"$set": {"arr": {"$slice": ["$arr", 1]}}}])
+    desc = _update(
+        coll, {"_id": 1, "arr": [pad, 1, 2], "keep": 1}, [{"$set": {"arr": {"$slice": ["$arr", 1]}}}]
+    )
     assert desc["truncatedArrays"] == [{"field": "arr", "newSize": 1}]
     assert desc["updatedFields"] == {} and desc["removedFields"] == []

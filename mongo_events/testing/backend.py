@@ -222,6 +222,8 @@ class Backend:
         #: Answer ``configureFailPoint`` (``enableTestCommands``).
         self.test_commands = test_commands
         self.fail_points = FailPoints()
+        #: Open client connections (the wire server sets this; ``serverStatus`` reports it).
+        self.connection_count: Callable[[], int] = lambda: 0
         self.started = time.monotonic()
         self.port = port
         self.set_name = set_name
@@ -577,7 +579,7 @@ def _server_status(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
         "uptime": float(int(uptime)),
         "uptimeMillis": Int64(int(uptime * 1000)),
         "localTime": _now(),
-        "connections": {"current": 0, "available": 1000},
+        "connections": {"current": backend.connection_count(), "available": 1000},
     }
     if not backend.standalone:
         me = f"{backend.host}:{backend.port}"

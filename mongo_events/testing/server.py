@@ -177,6 +177,7 @@ class FakeReplicaSet:
             supports_split=self._supports_split,
             test_commands=self._test_commands,
         )
+        self.backend.connection_count = lambda: len(self._connections)
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever,

@@ -195,3 +195,19 @@ def test_catalog_and_images_survive_a_restart(tmp_path: Any) -> None:
             (event,) = drain(stream, 1)
         assert event["fullDocumentBeforeChange"] == {"_id": 1, "x": 1}
         c.close()
+
+
+def test_a_bus_subscriber_receives_ddl_events(server_client: Any, make_bus: Any) -> None:
+    """The consumer that waits for a DDL event (a barrier, a schema change) gets it rather than hanging."""
+    from ..helpers import Recorder
+
+    coll = server_client.shop.orders
+    coll.insert_one({"_id": 0})
+    seen = Recorder()
+    bus = make_bus(coll, show_expanded_events=True)
+    bus.subscribe(lambda ev: seen.add(str(ev.operation_type)))
+    bus.start()
+    coll.create_index("sku", name="sku_1")
+    coll.insert_one({"_id": 1})
+    coll.drop_index("sku_1")
+    assert seen.wait(3) == ["createIndexes", "insert", "dropIndexes"]

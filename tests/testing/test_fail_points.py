@@ -177,6 +177,7 @@ def test_diagnostic_commands_answer_minimally(server_uri: str) -> None:
     assert isinstance(opts["argv"], list) and "parsed" in opts
     status = c.admin.command("serverStatus")
     assert status["process"] in ("mongod", "mongod.exe") and status["uptime"] >= 0 and "version" in status
+    assert status["connections"]["current"] >= 1  # this client's own
     c.close()
 
 

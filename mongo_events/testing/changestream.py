@@ -312,20 +312,21 @@ def _normalize_stages(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 out.append(
                     {
                         "$project": {
-                            **{k: v for k, v in flat.items() if _is_flag(v)},
+                            **{k: int(bool(v)) for k, v in flat.items() if _is_flag(v)},
                             **dict.fromkeys(computed, 1),
                         }
                     }
                 )
             else:
-                out.append({"$project": flat})
+                out.append({"$project": {k: int(bool(v)) for k, v in flat.items()}})
         else:
             out.append(stage)
     return out
 
 
 def _is_flag(value: Any) -> bool:
-    return isinstance(value, bool) or (isinstance(value, (int, float)) and value in (0, 1))
+    # In $project any number or boolean includes (non-zero) or excludes (zero) a field.
+    return isinstance(value, (bool, int, float))
 
 
 def _flatten_projection(spec: dict[str, Any], prefix: str = "") -> dict[str, Any]:

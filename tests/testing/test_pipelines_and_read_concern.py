@@ -71,11 +71,26 @@ def test_projecting_out_the_resume_token_is_fatal_and_labelled(coll: Any) -> Non
     assert not stream.alive
 
 
-@pytest.mark.parametrize("level", ["local", "available", "linearizable", "snapshot"])
+@pytest.mark.parametrize("level", ["local", "available"])
 def test_read_concerns_other_than_majority_are_refused(coll: Any, level: str) -> None:
     with pytest.raises(OperationFailure) as info:
         coll.with_options(read_concern=ReadConcern(level)).watch()
     assert info.value.code == 72  # InvalidOptions
+
+
+@pytest.mark.parametrize("level", ["linearizable", "snapshot"])
+def test_the_fake_refuses_the_other_levels_alike(fake_rs: FakeReplicaSet, level: str) -> None:
+    # Fake-only: a real server may refuse these earlier, with another code.
+    c = client(fake_rs.uri)
+    with pytest.raises(OperationFailure) as info:
+        c.db.orders.with_options(read_concern=ReadConcern(level)).watch()
+    assert info.value.code == 72
+    c.close()
+
+
+def test_a_numeric_projection_value_includes_the_field(coll: Any) -> None:
+    event = _one(coll, [{"$project": {"operationType": 5, "ns": True}}])
+    assert set(event) == {"_id", "operationType", "ns"} and event["operationType"] == "insert"
 
 
 def test_majority_read_concern_is_accepted(coll: Any) -> None:

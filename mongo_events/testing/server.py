@@ -191,12 +191,13 @@ class FakeReplicaSet:
     def stop(self) -> None:
         """Stop serving and close every client connection (clients see a network error).
 
-        Bounded: it closes the connections first, so no handler thread holds it up,
-        and waits at most a second for the accept loop.
+        Bounded: the accept loop stops first (within its 50 ms poll), then waiting
+        getMores wake and every connection closes, so no handler thread holds it up.
         """
         server, self._server = self._server, None
         if server is None:
             return
+        server.shutdown()
         if self.backend is not None:
             self.backend.close()
         with self._faults_lock:
@@ -206,7 +207,6 @@ class FakeReplicaSet:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        server.shutdown()
         server.server_close()
         if self._thread is not None:
             self._thread.join(1)

@@ -2,8 +2,10 @@
 
 This is **not a database**. It answers a real :class:`pymongo.MongoClient` as a
 one-node replica set primary, keeps data in mongomock, and implements change
-streams over its own oplog, with fault injection so tests can drop
-connections, answer errors, delay replies and step down.
+streams over its own oplog. Faults come two ways: MongoDB's own
+``configureFailPoint``/``failCommand`` test command (see ``failpoints.py``),
+which the same tests can use against a real server, and fake-only calls for
+what no fail point expresses (step down, oplog loss).
 
 Run it as a process with ``python -m mongo_events.testing.server --port N``.
 """

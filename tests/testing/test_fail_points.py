@@ -172,7 +172,12 @@ def test_bad_modes_and_unknown_fail_points_are_refused(server_uri: str) -> None:
 
 def test_diagnostic_commands_answer_minimally(server_uri: str) -> None:
     c = client(server_uri)
-    assert c.admin.command({"getParameter": 1, "enableTestCommands": 1})["enableTestCommands"] in (True, 1)
+    assert c.admin.command({"getParameter": 1, "enableTestCommands": 1})["enableTestCommands"] in (
+        True,
+        False,
+        1,
+        0,
+    )
     opts = c.admin.command("getCmdLineOpts")
     assert isinstance(opts["argv"], list) and "parsed" in opts
     status = c.admin.command("serverStatus")
@@ -219,4 +224,11 @@ def test_a_resumable_get_more_error_makes_pymongo_resume(fake_rs: FakeReplicaSet
                 doc = stream.try_next()
     assert doc is not None and doc["documentKey"] == {"_id": 1}
     assert len(listener.of("aggregate")) == 2  # it resumed once
+    c.close()
+
+
+def test_the_fake_enables_test_commands_by_default(fake_rs: FakeReplicaSet) -> None:
+    c = client(fake_rs.uri)
+    assert c.admin.command({"getParameter": 1, "enableTestCommands": 1})["enableTestCommands"] is True
+    assert c.admin.command("getCmdLineOpts")["parsed"]["setParameter"] == {"enableTestCommands": "1"}
     c.close()

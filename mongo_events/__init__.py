@@ -30,6 +30,7 @@ from .events import ChangeEvent, FullDocument, OperationType, UpdateDescription
 from .health import Health
 from .metrics import Metrics
 from .middleware import Middleware
+from .reporting import ErrorContext, ErrorHandler
 from .retrying import RetryBackoff
 from .stores import (
     AckFilter,
@@ -63,6 +64,8 @@ __all__ = [
     "RetryBackoff",
     "Middleware",
     "DeadLetterHook",
+    "ErrorContext",
+    "ErrorHandler",
     # observability (the monitor store, middleware and HTTP API live in mongo_events.monitor)
     "Metrics",
     "Health",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from .bus import Bus, BusState
-from .deadletters import DeadLetters, ReplayOutcome, ReplayResult
+from .deadletters import DeadLetterHealth, DeadLetters, ReplayOutcome, ReplayResult
 from .decoding import CattrsDecoder, Decoder, make_converter
 from .delivery import Delivery, current_delivery
 from .dispatch import DeadLetterHook
@@ -98,6 +98,7 @@ __all__ = [
     "MongoDeadLetterStore",
     # dead letters
     "DeadLetters",
+    "DeadLetterHealth",
     "ReplayOutcome",
     "ReplayResult",
     # errors

@@ -30,6 +30,7 @@ from .events import ChangeEvent, FullDocument, OperationType, UpdateDescription
 from .health import Health
 from .metrics import Metrics
 from .middleware import Middleware
+from .pipeline import collection_filter
 from .reporting import ErrorContext, ErrorHandler
 from .retrying import RetryBackoff
 from .stores import (
@@ -74,6 +75,7 @@ __all__ = [
     "UpdateDescription",
     "OperationType",
     "FullDocument",
+    "collection_filter",
     # decoding
     "Decoder",
     "CattrsDecoder",

@@ -89,11 +89,26 @@ def _created_range(start: datetime | None, end: datetime | None) -> dict[str, An
     return {"created_at": window} if window else {}
 
 
-class MongoAckStore(AckStore):
-    """Ack records ``{_id: event id, created_at, acked_at}`` (``acked_at: null`` while pending).
+#: Go's zero ``time.Time`` (0001-01-01T00:00:00Z): the Go library's ``acked_at`` of a pending record.
+GO_ZERO_TIME = datetime(1, 1, 1, tzinfo=timezone.utc)
 
-    Indexes: ``created_at``; a TTL of ``ttl`` on ``acked_at``, limited by a partial
-    filter to acked records; and a partial index on ``created_at`` for pending ones.
+
+def _is_pending(acked_at: Any) -> bool:
+    """``acked_at`` of a pending record: missing, null (older Python builds) or Go's zero time."""
+    return acked_at is None or (isinstance(acked_at, datetime) and (acked_at.year, acked_at.month, acked_at.day) == (1, 1, 1))
+
+
+class MongoAckStore(AckStore):
+    """Ack records in the Go library's shape: ``{_id: event id, created_at, acked_at}``, with
+    ``acked_at`` set to Go's zero time (``0001-01-01T00:00:00Z``) while pending.
+
+    Go and Python services can share the collection: each reads the other's records
+    (a null ``acked_at`` also reads as pending) and counts them alike.
+
+    Indexes, as Go names them: ``created_at_1``; ``acked_at_1``, a TTL of ``ttl``
+    limited by a partial filter to acked records (``acked_at`` after the zero time;
+    not created when ``ttl`` is ``None``); and ``acked_at_pending``, a partial index
+    of the pending ones.
 
     :param ttl: how long acked records are kept (``None``: forever).
 
@@ -113,7 +128,7 @@ class MongoAckStore(AckStore):
             if record.acked_at is not None:
                 update["$set"] = {"acked_at": record.acked_at}
             else:
-                update["$setOnInsert"]["acked_at"] = None
+                update["$setOnInsert"]["acked_at"] = GO_ZERO_TIME
             ops.append(UpdateOne({"_id": record.event_id}, update, upsert=True))
         try:
             self.collection.bulk_write(ops, ordered=True)
@@ -126,10 +141,11 @@ class MongoAckStore(AckStore):
 
     def _query(self, filter: AckFilter) -> dict[str, Any]:
         query = _created_range(filter.start, filter.end)
+        # Go's queries, which its partial indexes serve (a null acked_at sorts below every date).
         if filter.status is AckStatus.PENDING:
-            query["acked_at"] = None
+            query["acked_at"] = GO_ZERO_TIME
         elif filter.status is AckStatus.ACKED:
-            query["acked_at"] = {"$ne": None}
+            query["acked_at"] = {"$gt": GO_ZERO_TIME}
         return query
 
     def list(self, filter: AckFilter = AckFilter()) -> list[AckRecord]:  # noqa: B008
@@ -140,19 +156,17 @@ class MongoAckStore(AckStore):
         return int(self._call("count", lambda: self.collection.count_documents(self._query(filter))))
 
     def ensure_indexes(self) -> None:
-        models = [
-            IndexModel([("created_at", 1)], name="created_at_1"),
-            IndexModel([("created_at", 1)], name="pending_created_at", partialFilterExpression={"acked_at": {"$type": "null"}}),
-        ]
+        models = [IndexModel([("created_at", 1)], name="created_at_1")]
         if self.ttl is not None:
             models.append(
                 IndexModel(
                     [("acked_at", 1)],
-                    name="acked_at_ttl",
+                    name="acked_at_1",
                     expireAfterSeconds=int(self.ttl.total_seconds()),
-                    partialFilterExpression={"acked_at": {"$type": "date"}},
+                    partialFilterExpression={"acked_at": {"$gt": GO_ZERO_TIME}},
                 )
             )
+        models.append(IndexModel([("acked_at", 1)], name="acked_at_pending", partialFilterExpression={"acked_at": {"$eq": GO_ZERO_TIME}}))
         _create_indexes(self.collection, models)
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
@@ -163,7 +177,8 @@ class MongoAckStore(AckStore):
 
 
 def _ack(doc: Mapping[str, Any]) -> AckRecord:
-    return AckRecord(doc["_id"], doc["created_at"], doc.get("acked_at"))
+    acked_at = doc.get("acked_at")
+    return AckRecord(doc["_id"], doc["created_at"], None if _is_pending(acked_at) else acked_at)
 
 
 class MongoDeadLetterStore(DeadLetterStore):
@@ -287,6 +302,24 @@ class MongoDeadLetterStore(DeadLetterStore):
             raise StoreError(f"dead-letter store {self.collection.full_name}: {what} failed: {exc}") from exc
 
 
+def go_metadata(metadata: Mapping[str, Any]) -> dict[str, str]:
+    """Metadata as the Go libraries store it (``map[string]string``); ``None`` values are left out.
+
+    ``document_key`` becomes the Go transport's formatted key: its ``_id`` as a hex
+    ObjectId, a string, a number, or JSON.
+    """
+    out = {}
+    for key, value in metadata.items():
+        if value is None:
+            continue
+        if key == "document_key" and isinstance(value, Mapping) and "_id" in value:
+            value = value["_id"]
+            if isinstance(value, bytes):  # Go: the lowercase hex of a binary _id
+                value = value.hex()
+        out[key] = _metadata_string(value)
+    return out
+
+
 def _metadata_string(value: Any) -> str:
     """A metadata value as Go's event-dlq stores it (``map[string]string``)."""
     if isinstance(value, str):
@@ -303,7 +336,7 @@ def _metadata_string(value: Any) -> str:
 
 
 def _letter_doc(letter: DeadLetter) -> dict[str, Any]:
-    metadata = {k: _metadata_string(v) for k, v in letter.metadata.items() if v is not None}
+    metadata = go_metadata(letter.metadata)
     return {
         "_id": letter.id,
         "event_name": letter.event_name,

@@ -124,7 +124,7 @@ class MongoMonitorStore(MonitorStore):
             if "metadata" in doc:
                 doc["metadata"] = go_metadata(doc["metadata"])
             if "duration_ms" in doc:
-                doc["duration_ms"] = int(round(doc["duration_ms"]))  # Go reads an int64
+                doc["duration_ms"] = round(doc["duration_ms"])  # Go reads an int64
             fields = {k: v for k, v in doc.items() if k not in _KEY_FIELDS}
             keys = {k: doc[k] for k in _KEY_FIELDS}
             unset = {k: "" for k in ("completed_at", "duration_ms") if k not in doc}

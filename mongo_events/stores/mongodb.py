@@ -313,10 +313,11 @@ def go_metadata(metadata: Mapping[str, Any]) -> dict[str, str]:
         if value is None:
             continue
         if key == "document_key" and isinstance(value, Mapping) and "_id" in value:
-            value = value["_id"]
-            if isinstance(value, bytes):  # Go: the lowercase hex of a binary _id
-                value = value.hex()
-        out[key] = _metadata_string(value)
+            key_id = value["_id"]
+            # Go: the lowercase hex of a binary _id
+            out[key] = key_id.hex() if isinstance(key_id, bytes) else _metadata_string(key_id)
+        else:
+            out[key] = _metadata_string(value)
     return out
 
 

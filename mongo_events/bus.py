@@ -1050,6 +1050,8 @@ class Bus:
             self._fail(StreamError(f"bus {self.name!r}: could not dead-letter oversize event {event.id}: {exc}", key=self.resume_token_key))
             return False
         log.error("bus %s: %s; dead-lettered as a stub", self.name, error)
+        if self.metrics is not None:
+            self.metrics.dead_letter_stored(f"{self.name}:oversize")
         with self._cond:
             self._tracker.begin(event.resume_token, event.cluster_time, 0, event.id)
             self._tracker.advance()

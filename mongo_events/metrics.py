@@ -301,9 +301,11 @@ class Metrics(Middleware):
         self._count(self.dlq_stored, "dlq.messages", {"event": event})
 
     def dead_letter_replayed(self, event: str) -> None:
+        """A replay of one of subscription ``event``'s dead letters succeeded."""
         self._count(self.dlq_replayed, "dlq.messages.replayed", {"event": event})
 
     def dead_letter_replay_failed(self, event: str) -> None:
+        """A replay of one of subscription ``event``'s dead letters failed."""
         self._count(self.dlq_replay_failures, "dlq.replay.failure", {"event": event})
 
     def dead_letter_quarantined(self, event: str, reason: str) -> None:

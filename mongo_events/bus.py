@@ -531,8 +531,10 @@ class Bus:
         self._flusher = Flusher(tasks, self.flush_interval, self.name)
         try:
             position = self._initial_position()
-        except BaseException:
+        except BaseException as exc:
             self._state = BusState.STOPPED
+            if isinstance(exc, StoreError):
+                self._report(exc, "store", what="read checkpoint")
             raise
         if self.metrics is not None:
             self.metrics.attach(self)

@@ -199,3 +199,39 @@ def test_a_raising_hook_is_logged_and_never_breaks_the_bus(
     assert calls.wait(1) == [1]
     assert bus.state is me.BusState.RUNNING
     assert any("on_error hook raised" in r.getMessage() for r in caplog.records)
+
+
+def test_monitor_write_and_checkpoint_read_failures_are_store_errors(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
+    from mongo_events.monitor import MemoryMonitorStore
+
+    class DownMonitor(MemoryMonitorStore):
+        def write(self, entries: Any) -> None:
+            raise me.StoreError("monitor store down")
+
+    seen, hook = _recorder()
+    bus = make_bus(client.shop.orders, on_error=hook, monitor=DownMonitor())
+    done = Recorder()
+    bus.subscribe(lambda ev: done.add(1), name="h")
+    bus.start()
+    client.shop.orders.insert_one({"_id": 1})
+    done.wait(1)
+    error, context = seen.wait(1)[0]
+    assert (context.kind, context.what, str(error)) == (
+        "store",
+        "write monitor entries",
+        "monitor store down",
+    )
+
+    class Unreadable(me.MemoryResumeTokenStore):
+        def load(self, key: str) -> Any:
+            raise me.StoreError("token store unreadable")
+
+    seen2, hook2 = _recorder()
+    other = make_bus(client.shop.orders, on_error=hook2, resume_token_store=Unreadable())
+    other.subscribe(lambda ev: None, name="h")
+    with pytest.raises(me.StoreError):
+        other.start()
+    error, context = seen2.wait(1)[0]
+    assert (context.kind, context.what) == ("store", "read checkpoint")

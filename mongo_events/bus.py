@@ -1321,7 +1321,6 @@ class Bus:
             self._tracker.persisted(checkpoint.covered)
             self._cond.notify_all()
 
-
     # -- on_error ------------------------------------------------------------------------------
 
     def _report(self, error: BaseException, kind: ErrorKindName, *, event_id: str | None = None, what: str = "") -> None:

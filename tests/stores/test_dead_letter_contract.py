@@ -141,3 +141,15 @@ def test_set_quarantine_records_the_reason_and_lifts_it(make_store: Callable[...
     assert got is not None and got.quarantined_at is None and got.quarantine_reason is None
     assert store.count(DeadLetterFilter(exclude_quarantined=True)) == 1
     assert store.set_quarantine("missing", "x") is False
+
+
+def test_the_base_set_quarantine_quarantines_through_update_and_cannot_lift() -> None:
+    store = MemoryDeadLetterStore()
+    first = letter("a")
+    store.store(first)
+    assert DeadLetterStore.set_quarantine(store, first.id, "bad data") is True  # the ABC's fallback
+    got = store.get(first.id)
+    assert got is not None and got.quarantined_at is not None
+    assert DeadLetterStore.set_quarantine(store, "missing", "x") is False
+    with pytest.raises(NotImplementedError, match="cannot lift"):
+        DeadLetterStore.set_quarantine(store, first.id, None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from .bus import Bus, BusState
-from .deadletters import DeadLetters, ReplayOutcome, ReplayResult
+from .deadletters import DeadLetterHealth, DeadLetters, ReplayOutcome, ReplayResult
 from .decoding import CattrsDecoder, Decoder, make_converter
 from .delivery import Delivery, current_delivery
 from .dispatch import DeadLetterHook
@@ -30,6 +30,8 @@ from .events import ChangeEvent, FullDocument, OperationType, UpdateDescription
 from .health import Health
 from .metrics import Metrics
 from .middleware import Middleware
+from .pipeline import collection_filter
+from .reporting import ErrorContext, ErrorHandler
 from .retrying import RetryBackoff
 from .stores import (
     AckFilter,
@@ -63,6 +65,8 @@ __all__ = [
     "RetryBackoff",
     "Middleware",
     "DeadLetterHook",
+    "ErrorContext",
+    "ErrorHandler",
     # observability (the monitor store, middleware and HTTP API live in mongo_events.monitor)
     "Metrics",
     "Health",
@@ -71,6 +75,7 @@ __all__ = [
     "UpdateDescription",
     "OperationType",
     "FullDocument",
+    "collection_filter",
     # decoding
     "Decoder",
     "CattrsDecoder",
@@ -95,6 +100,7 @@ __all__ = [
     "MongoDeadLetterStore",
     # dead letters
     "DeadLetters",
+    "DeadLetterHealth",
     "ReplayOutcome",
     "ReplayResult",
     # errors

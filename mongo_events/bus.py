@@ -50,6 +50,7 @@ from .metrics import Metrics
 from .middleware.base import Middleware
 from .monitor.middleware import MonitorMiddleware
 from .monitor.store import MonitorStore
+from .reporting import ErrorContext, ErrorHandler, ErrorKindName, ErrorReporter, report_error
 from .retrying import RetryBackoff
 from .stores.base import AckStore, DeadLetterStore, ResumeTokenStore
 from .stores.mongodb import DEFAULT_COLLECTION, MongoResumeTokenStore
@@ -157,6 +158,10 @@ class Bus:
     :param monitor: a :class:`mongo_events.monitor.MonitorStore` (or a configured
         :class:`~mongo_events.monitor.MonitorMiddleware`): one entry per event and
         subscription, written in batches by the flusher.
+    :param on_error: ``fn(error, context)`` called with every stream error, failed
+        callback attempt, store failure and dead-letter failure, next to logging, health
+        and metrics (:class:`mongo_events.ErrorContext` says what failed); what it raises
+        is logged and ignored. The counterpart of Go's ``WithErrorHandler``.
 
     .. versionadded:: 0.1.0
     """
@@ -194,6 +199,7 @@ class Bus:
         start_timeout: float = 10.0,
         metrics: Metrics | None = None,
         monitor: MonitorStore | MonitorMiddleware | None = None,
+        on_error: ErrorHandler | None = None,
     ) -> None:
         if isinstance(target, MongoCollection):
             self.level = "collection"
@@ -278,8 +284,13 @@ class Bus:
         self.monitor: MonitorMiddleware | None = MonitorMiddleware(monitor) if isinstance(monitor, MonitorStore) else monitor
         # The monitor runs outermost (it sees what every other hook sees), then metrics.
         self._middleware = [m for m in (self.monitor, metrics) if m is not None] + list(middleware)
+        self.on_error = on_error
+        if on_error is not None:
+            self._middleware.append(ErrorReporter(on_error, self.name))
         self.dead_letter_store = dead_letters if isinstance(dead_letters, DeadLetterStore) else None
         self._dead_letters: DeadLetterHook | None = self._store_dead_letter if self.dead_letter_store is not None else dead_letters  # type: ignore[assignment]
+        if on_error is not None and self._dead_letters is not None:
+            self._dead_letters = self._reporting_dead_letters(self._dead_letters)
         self.ack_store = ack_store
         self._resume_token_id = resume_token_id or _hostname()
 
@@ -488,6 +499,7 @@ class Bus:
                 store.ensure_indexes()
             except StoreError as exc:
                 log.warning("could not create indexes for %s (%s); going on without them", type(store).__name__, exc)
+                self._report(exc, "store", what=f"create indexes ({type(store).__name__})")
         self._dispatcher = Dispatcher(
             max_workers=self.max_workers,
             decoder=self._decoder,
@@ -513,14 +525,16 @@ class Bus:
         )
         tasks = [self._flush_events]
         if self.monitor is not None:
-            tasks.append(self.monitor.flush)
+            tasks.append(self._reporting_task(self.monitor.flush, "write monitor entries"))
         if self.metrics is not None:
             tasks.append(self._refresh_oplog_window)
         self._flusher = Flusher(tasks, self.flush_interval, self.name)
         try:
             position = self._initial_position()
-        except BaseException:
+        except BaseException as exc:
             self._state = BusState.STOPPED
+            if isinstance(exc, StoreError):
+                self._report(exc, "store", what="read checkpoint")
             raise
         if self.metrics is not None:
             self.metrics.attach(self)
@@ -777,6 +791,7 @@ class Bus:
         try:
             self.token_store.save(self.resume_token_key, token, None)
         except StoreError as exc:
+            self._report(exc, "store", what="write the opening position")
             self._on_connected(exc)
             self._fail(exc)
             return False
@@ -848,6 +863,7 @@ class Bus:
                     log.exception("history_lost_callback failed")
             return Position()
         error = self._translate(exc)
+        self._report(error, "stream", what=f"{kind.value} error; the bus stops")
         if not self._connected.is_set():
             self._on_connected(exc)
         self._fail(error)
@@ -1032,10 +1048,12 @@ class Bus:
             return False
         try:
             self._dead_letters(event, f"{self.name}:oversize", error, 1)
-        except Exception as exc:
+        except Exception as exc:  # (a failure is already reported to on_error by the wrapped hook)
             self._fail(StreamError(f"bus {self.name!r}: could not dead-letter oversize event {event.id}: {exc}", key=self.resume_token_key))
             return False
         log.error("bus %s: %s; dead-lettered as a stub", self.name, error)
+        if self.metrics is not None:
+            self.metrics.dead_letter_stored(f"{self.name}:oversize")
         with self._cond:
             self._tracker.begin(event.resume_token, event.cluster_time, 0, event.id)
             self._tracker.advance()
@@ -1119,6 +1137,7 @@ class Bus:
         self.reconnections += 1
         if exc is not None:
             self._last_error = (f"{type(exc).__name__}: {exc}", datetime.now(timezone.utc))
+            self._report(exc, "stream", what=f"reconnect ({reason})")
         if self.metrics is not None:
             self.metrics.reconnected(self._namespace, reason)
 
@@ -1263,6 +1282,7 @@ class Bus:
             store.write(list(batch.values()))
         except Exception as exc:
             self._last_error = (f"{type(exc).__name__}: {exc}", datetime.now(timezone.utc))
+            self._report(exc, "store", what=f"write {len(batch)} ack record(s)")
             with self._cond:  # put them back; anything newer for the same event wins
                 batch.update(self._acks)
                 self._acks = batch
@@ -1291,6 +1311,7 @@ class Bus:
             store.save(self.resume_token_key, token, cluster_time)
         except Exception as exc:
             self._last_error = (f"{type(exc).__name__}: {exc}", datetime.now(timezone.utc))
+            self._report(exc, "store", what="write checkpoint")
             raise
         self._saved_version = checkpoint.version
         self._last_save = time.monotonic()
@@ -1299,6 +1320,40 @@ class Bus:
         with self._cond:
             self._tracker.persisted(checkpoint.covered)
             self._cond.notify_all()
+
+    # -- on_error ------------------------------------------------------------------------------
+
+    def _report(self, error: BaseException, kind: ErrorKindName, *, event_id: str | None = None, what: str = "") -> None:
+        """Tell ``on_error`` (if any) about an error; see :mod:`mongo_events.reporting`."""
+        if self.on_error is not None:
+            report_error(self.on_error, error, ErrorContext(kind, self.name, None, event_id, None, what))
+
+    def _reporting_dead_letters(self, hook: DeadLetterHook) -> DeadLetterHook:
+        """``hook``, reporting its failures (kind ``dead_letter``) before they propagate."""
+        on_error = self.on_error
+
+        def store(event: ChangeEvent, subscription: str, error: BaseException, attempts: int) -> None:
+            try:
+                hook(event, subscription, error, attempts)
+            except Exception as exc:
+                report_error(on_error, exc, ErrorContext("dead_letter", self.name, subscription, event.id, attempts, "store dead letter"))
+                raise
+
+        return store
+
+    def _reporting_task(self, task: Callable[[], None], what: str) -> Callable[[], None]:
+        """A flusher task that reports its failures (kind ``store``) before they propagate."""
+        if self.on_error is None:
+            return task
+
+        def run() -> None:
+            try:
+                task()
+            except Exception as exc:
+                self._report(exc, "store", what=what)
+                raise
+
+        return run
 
 
 class _Checkpoint(NamedTuple):

@@ -68,6 +68,10 @@ class Metrics(Middleware):
     ``mongodb.stream.receive_lag`` histogram ``s``            ``namespace``
     ``mongodb.checkpoint.age``     observable gauge ``s``     ``namespace``
     ``mongodb.oplog.headroom``     observable gauge ``s``     ``namespace`` (absent when unreadable)
+    ``dlq.messages``               counter ``{message}``      ``event`` (dead letters stored)
+    ``dlq.messages.replayed``      counter ``{message}``      ``event`` (replays that succeeded)
+    ``dlq.replay.failure``         counter ``{message}``      ``event`` (replays that failed)
+    ``dlq.messages.quarantined``   counter ``{message}``      ``event``, ``reason``
     ============================== ========================== =========================================
 
     Handler metrics carry the event's own namespace (``db.coll``); stream metrics carry
@@ -76,12 +80,24 @@ class Metrics(Middleware):
     :param meter_provider: an OpenTelemetry ``MeterProvider`` (default: the global one).
     :param namespace: prefixes every name (``orders`` gives ``orders.mongodb.changes.processed``,
         which Prometheus exports as ``orders_mongodb_changes_processed_total``).
+    :param pending: ``fn() -> int`` that ``mongodb.changes.pending`` reports instead of
+        each bus's unfinished events (Go's ``SetPendingCallback``), for example the ack
+        store's count across every instance:
+        ``pending=lambda: acks.count(AckFilter(status=AckStatus.PENDING))``. Reported
+        without attributes; ``None`` from it reports nothing this time.
     :raises ConfigurationError: when ``opentelemetry-api`` is missing or the namespace is invalid.
 
     .. versionadded:: 0.1.0
+    .. versionchanged:: 0.1.0
+       ``pending=``, :meth:`close` and the ``dlq.*`` instruments.
     """
 
-    def __init__(self, meter_provider: Any = None, namespace: str | None = None) -> None:
+    def __init__(
+        self,
+        meter_provider: Any = None,
+        namespace: str | None = None,
+        pending: Callable[[], int | None] | None = None,
+    ) -> None:
         try:
             from opentelemetry import metrics as otel_metrics
         except ImportError as exc:  # pragma: no cover - the test extra installs it
@@ -97,6 +113,12 @@ class Metrics(Middleware):
         self._buses: list[Bus] = []
         self._buses_lock = threading.Lock()
         self._warned: set[str] = set()
+        if pending is not None and not callable(pending):
+            raise ConfigurationError(
+                f"pending must be a function returning a count, got {type(pending).__name__}"
+            )
+        self.pending = pending
+        self._closed = False
         name = self._name
         m = self._meter
         self.processed = m.create_counter(name("mongodb.changes.processed"), unit="{event}", description="Change events a callback handled")
@@ -113,6 +135,19 @@ class Metrics(Middleware):
         m.create_observable_gauge(name("mongodb.changes.pending"), [self._observe_pending], unit="{event}", description="Events received and not yet done")
         m.create_observable_gauge(name("mongodb.checkpoint.age"), [self._observe_checkpoint_age], unit="s", description="Now minus the cluster time of the stored checkpoint")
         m.create_observable_gauge(name("mongodb.oplog.headroom"), [self._observe_headroom], unit="s", description="Seconds of oplog between its oldest entry and the stored checkpoint")
+        # The dead-letter counters of the Go event-dlq manager (dlq_messages_total, ...).
+        self.dlq_stored = m.create_counter(
+            name("dlq.messages"), unit="{message}", description="Dead letters stored"
+        )
+        self.dlq_replayed = m.create_counter(
+            name("dlq.messages.replayed"), unit="{message}", description="Dead letters replayed successfully"
+        )
+        self.dlq_replay_failures = m.create_counter(
+            name("dlq.replay.failure"), unit="{message}", description="Dead-letter replays that failed"
+        )
+        self.dlq_quarantined = m.create_counter(
+            name("dlq.messages.quarantined"), unit="{message}", description="Dead letters quarantined"
+        )
 
     def _name(self, base: str) -> str:
         return f"{self.namespace}.{base}" if self.namespace else base
@@ -133,13 +168,25 @@ class Metrics(Middleware):
     def attach(self, bus: Bus) -> None:
         """Called by the bus at start: its gauges are reported until :meth:`detach`."""
         with self._buses_lock:
-            if bus not in self._buses:
+            if bus not in self._buses and not self._closed:
                 self._buses.append(bus)
 
     def detach(self, bus: Bus) -> None:
         with self._buses_lock:
             if bus in self._buses:
                 self._buses.remove(bus)
+
+    def close(self) -> None:
+        """Stop reporting the observable gauges (pending, checkpoint age, headroom); Go's ``Close()``.
+
+        The OpenTelemetry Python API cannot unregister an instrument's callback, so
+        after ``close()`` every callback reports nothing, ``pending`` is no longer
+        called, and buses no longer attach. Counters and histograms still record.
+        """
+        with self._buses_lock:
+            self._closed = True
+            self._buses.clear()
+            self.pending = None
 
     def _observe(self, what: str, read: Callable[[Bus], float | None]) -> Iterator[Any]:
         with self._buses_lock:
@@ -154,7 +201,15 @@ class Metrics(Middleware):
                 yield self._observation(value, {"namespace": bus.namespace})
 
     def _observe_pending(self, options: Any = None) -> Iterable[Any]:
-        return list(self._observe("mongodb.changes.pending", lambda b: b.pending_count()))
+        pending = self.pending
+        if pending is None:
+            return list(self._observe("mongodb.changes.pending", lambda b: b.pending_count()))
+        try:
+            value = pending()
+        except Exception as exc:
+            self._broken("mongodb.changes.pending (the pending callable)", exc)
+            return []
+        return [] if value is None else [self._observation(value, {})]
 
     def _observe_checkpoint_age(self, options: Any = None) -> Iterable[Any]:
         return list(self._observe("mongodb.checkpoint.age", lambda b: b.checkpoint_age()))
@@ -224,12 +279,38 @@ class Metrics(Middleware):
             self._broken("mongodb.changes.retries", exc)
 
     def after_dead_letter(self, delivery: Delivery, error: BaseException) -> None:
+        self.after_skip(delivery, error)
+        self.dead_letter_stored(delivery.subscription)
+
+    def after_skip(self, delivery: Delivery, error: BaseException) -> None:
         try:
             self.dead_lettered.add(1, self._attributes(delivery))
         except Exception as exc:
             self._broken("mongodb.changes.dead_lettered", exc)
 
-    after_skip = after_dead_letter
+    # -- dead letters (the bus on storing one, DeadLetters on replay and quarantine) -------------------
+
+    def _count(self, counter: Any, what: str, attributes: dict[str, str]) -> None:
+        try:
+            counter.add(1, attributes)
+        except Exception as exc:
+            self._broken(what, exc)
+
+    def dead_letter_stored(self, event: str) -> None:
+        """A dead letter was stored for subscription ``event``."""
+        self._count(self.dlq_stored, "dlq.messages", {"event": event})
+
+    def dead_letter_replayed(self, event: str) -> None:
+        """A replay of one of subscription ``event``'s dead letters succeeded."""
+        self._count(self.dlq_replayed, "dlq.messages.replayed", {"event": event})
+
+    def dead_letter_replay_failed(self, event: str) -> None:
+        """A replay of one of subscription ``event``'s dead letters failed."""
+        self._count(self.dlq_replay_failures, "dlq.replay.failure", {"event": event})
+
+    def dead_letter_quarantined(self, event: str, reason: str) -> None:
+        """``reason``: ``terminal_error``, ``max_replay_attempts`` or ``manual``."""
+        self._count(self.dlq_quarantined, "dlq.messages.quarantined", {"event": event, "reason": reason})
 
     def __repr__(self) -> str:
         return f"<Metrics namespace={self.namespace!r}>"

@@ -81,7 +81,7 @@ def test_entries_follow_each_delivery(client: pymongo.MongoClient[Any], make_bus
     assert wait_for(lambda: letters.count() == 1)
     seen.wait(2)
     assert bus.join(5) and bus.flush()
-    entries = {e.metadata["document_key"]["_id"]: e for e in store.list().entries}
+    entries = {int(e.metadata["document_key"]): e for e in store.list().entries}  # Go's key format
     assert entries[1].status is MonitorStatus.COMPLETED and entries[1].retry_count == 0 and entries[1].error is None
     assert entries[2].status is MonitorStatus.COMPLETED and entries[2].retry_count == 1
     assert entries[2].error == "ValueError: cannot handle 2"  # kept after the later success

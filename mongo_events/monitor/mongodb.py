@@ -13,6 +13,7 @@ from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
 from ..errors import StoreError
+from ..stores.mongodb import go_metadata
 from .records import (
     MonitorEntry,
     MonitorFilter,
@@ -71,8 +72,10 @@ def _after(cursor: str, desc: bool) -> dict[str, Any]:
 class MongoMonitorStore(MonitorStore):
     """Entries in ``monitor_entries`` (the seed's fields), with the seed's indexes.
 
-    Each document's ``_id`` is ``"<event_id>/<subscription_id>"`` so that batch upserts go
-    by primary key; the unique ``(event_id, subscription_id)`` index is there as well.
+    Documents and index names are the Go monitor store's, so Go and Python services can
+    share the collection: entries are upserted by ``(event_id, subscription_id)`` (its
+    unique index) and get an ObjectId ``_id``; ``delivery_mode`` is ``"broadcast"``,
+    ``duration_ms`` whole milliseconds and metadata values strings, as Go reads them.
 
     :param db: the database holding the collection.
     :param collection: its name.
@@ -91,15 +94,18 @@ class MongoMonitorStore(MonitorStore):
         return StoreError(f"monitor store {self.collection.full_name}: could not {what}: {exc}")
 
     def ensure_indexes(self) -> None:
+        # Go's indexes under their default names (a same-key index under another name would
+        # make the second library's createIndexes fail), plus one on subscription_id.
         t = [("started_at", 1), ("event_id", 1), ("subscription_id", 1)]
         models = [
-            IndexModel([("event_id", 1), ("subscription_id", 1)], unique=True, name="event_subscription"),
-            IndexModel([("event_name", 1), *t], name="event_name_started"),
-            IndexModel([("status", 1), *t], name="status_started"),
-            IndexModel([("event_id", 1), ("started_at", 1)], name="event_started"),
-            IndexModel([("bus_id", 1), ("started_at", 1)], name="bus_started"),
-            IndexModel([("subscription_id", 1), ("started_at", 1)], name="subscription_started"),
-            IndexModel(t, name="started_keyset"),
+            IndexModel([("event_id", 1), ("subscription_id", 1)], unique=True),
+            IndexModel([("event_name", 1), *t]),
+            IndexModel([("status", 1), *t]),
+            IndexModel([("event_id", 1), ("started_at", 1)]),
+            IndexModel([("bus_id", 1), ("started_at", 1)]),
+            IndexModel([("subscriber_name", 1), ("started_at", 1)]),
+            IndexModel([("subscription_id", 1), ("started_at", 1)]),
+            IndexModel(t),
         ]
         if self.ttl is not None:
             models.append(IndexModel([("started_at", 1)], name="started_at_ttl", expireAfterSeconds=int(self.ttl.total_seconds())))
@@ -114,13 +120,18 @@ class MongoMonitorStore(MonitorStore):
         ops = []
         for entry in entries:
             doc = entry.to_document()
+            doc.setdefault("delivery_mode", "broadcast")
+            if "metadata" in doc:
+                doc["metadata"] = go_metadata(doc["metadata"])
+            if "duration_ms" in doc:
+                doc["duration_ms"] = round(doc["duration_ms"])  # Go reads an int64
             fields = {k: v for k, v in doc.items() if k not in _KEY_FIELDS}
             keys = {k: doc[k] for k in _KEY_FIELDS}
             unset = {k: "" for k in ("completed_at", "duration_ms") if k not in doc}
             update: dict[str, Any] = {"$set": fields, "$setOnInsert": keys}
             if unset:
                 update["$unset"] = unset
-            ops.append(UpdateOne({"_id": f"{entry.event_id}/{entry.subscription_id}"}, update, upsert=True))
+            ops.append(UpdateOne(keys, update, upsert=True))
         try:
             self.collection.bulk_write(ops, ordered=False)
         except PyMongoError as exc:
@@ -128,7 +139,7 @@ class MongoMonitorStore(MonitorStore):
 
     def get(self, event_id: str, subscription_id: str) -> MonitorEntry | None:
         try:
-            doc = self.collection.find_one({"_id": f"{event_id}/{subscription_id}"})
+            doc = self.collection.find_one({"event_id": event_id, "subscription_id": subscription_id})
         except PyMongoError as exc:
             raise self._fail("read an entry", exc) from exc
         return MonitorEntry.from_document(doc) if doc else None

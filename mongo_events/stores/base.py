@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 import attrs
@@ -130,6 +130,21 @@ class DeadLetterStore(abc.ABC):
     @abc.abstractmethod
     def update(self, letter_id: str, *, retried_at: datetime | None = None, quarantined_at: datetime | None = None, replay_count: int | None = None) -> None:
         """Set the given fields of one entry."""
+
+    def set_quarantine(self, letter_id: str, reason: str | None) -> bool:
+        """Quarantine one entry now with ``reason``, or (``None``) lift its quarantine.
+
+        Returns True when the entry exists. The base class can only quarantine
+        (through :meth:`update`); stores override it to record the reason and to lift it.
+
+        .. versionadded:: 0.1.0
+        """
+        if reason is None:
+            raise NotImplementedError(f"{type(self).__name__} cannot lift a quarantine")
+        if self.get(letter_id) is None:
+            return False
+        self.update(letter_id, quarantined_at=datetime.now(timezone.utc))
+        return True
 
     @abc.abstractmethod
     def delete(self, letter_id: str) -> bool:

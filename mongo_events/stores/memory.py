@@ -138,6 +138,15 @@ class MemoryDeadLetterStore(DeadLetterStore):
                 changes["replay_count"] = replay_count
             self._letters[letter_id] = attrs.evolve(letter, **changes)
 
+    def set_quarantine(self, letter_id: str, reason: str | None) -> bool:
+        with self._lock:
+            letter = self._letters.get(letter_id)
+            if letter is None:
+                return False
+            at = datetime.now(timezone.utc) if reason is not None else None
+            self._letters[letter_id] = attrs.evolve(letter, quarantined_at=at, quarantine_reason=reason)
+            return True
+
     def delete(self, letter_id: str) -> bool:
         with self._lock:
             return self._letters.pop(letter_id, None) is not None

@@ -7,6 +7,9 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import bson
+from bson import ObjectId, json_util
+from bson.binary import Binary
 from bson.timestamp import Timestamp
 from pymongo import IndexModel, ReturnDocument, UpdateOne
 from pymongo.collection import Collection
@@ -86,11 +89,26 @@ def _created_range(start: datetime | None, end: datetime | None) -> dict[str, An
     return {"created_at": window} if window else {}
 
 
-class MongoAckStore(AckStore):
-    """Ack records ``{_id: event id, created_at, acked_at}`` (``acked_at: null`` while pending).
+#: Go's zero ``time.Time`` (0001-01-01T00:00:00Z): the Go library's ``acked_at`` of a pending record.
+GO_ZERO_TIME = datetime(1, 1, 1, tzinfo=timezone.utc)
 
-    Indexes: ``created_at``; a TTL of ``ttl`` on ``acked_at``, limited by a partial
-    filter to acked records; and a partial index on ``created_at`` for pending ones.
+
+def _is_pending(acked_at: Any) -> bool:
+    """``acked_at`` of a pending record: missing, null (older Python builds) or Go's zero time."""
+    return acked_at is None or (isinstance(acked_at, datetime) and (acked_at.year, acked_at.month, acked_at.day) == (1, 1, 1))
+
+
+class MongoAckStore(AckStore):
+    """Ack records in the Go library's shape: ``{_id: event id, created_at, acked_at}``, with
+    ``acked_at`` set to Go's zero time (``0001-01-01T00:00:00Z``) while pending.
+
+    Go and Python services can share the collection: each reads the other's records
+    (a null ``acked_at`` also reads as pending) and counts them alike.
+
+    Indexes, as Go names them: ``created_at_1``; ``acked_at_1``, a TTL of ``ttl``
+    limited by a partial filter to acked records (``acked_at`` after the zero time;
+    not created when ``ttl`` is ``None``); and ``acked_at_pending``, a partial index
+    of the pending ones.
 
     :param ttl: how long acked records are kept (``None``: forever).
 
@@ -110,7 +128,7 @@ class MongoAckStore(AckStore):
             if record.acked_at is not None:
                 update["$set"] = {"acked_at": record.acked_at}
             else:
-                update["$setOnInsert"]["acked_at"] = None
+                update["$setOnInsert"]["acked_at"] = GO_ZERO_TIME
             ops.append(UpdateOne({"_id": record.event_id}, update, upsert=True))
         try:
             self.collection.bulk_write(ops, ordered=True)
@@ -123,10 +141,11 @@ class MongoAckStore(AckStore):
 
     def _query(self, filter: AckFilter) -> dict[str, Any]:
         query = _created_range(filter.start, filter.end)
+        # Go's queries, which its partial indexes serve (a null acked_at sorts below every date).
         if filter.status is AckStatus.PENDING:
-            query["acked_at"] = None
+            query["acked_at"] = GO_ZERO_TIME
         elif filter.status is AckStatus.ACKED:
-            query["acked_at"] = {"$ne": None}
+            query["acked_at"] = {"$gt": GO_ZERO_TIME}
         return query
 
     def list(self, filter: AckFilter = AckFilter()) -> list[AckRecord]:  # noqa: B008
@@ -137,19 +156,17 @@ class MongoAckStore(AckStore):
         return int(self._call("count", lambda: self.collection.count_documents(self._query(filter))))
 
     def ensure_indexes(self) -> None:
-        models = [
-            IndexModel([("created_at", 1)], name="created_at_1"),
-            IndexModel([("created_at", 1)], name="pending_created_at", partialFilterExpression={"acked_at": {"$type": "null"}}),
-        ]
+        models = [IndexModel([("created_at", 1)], name="created_at_1")]
         if self.ttl is not None:
             models.append(
                 IndexModel(
                     [("acked_at", 1)],
-                    name="acked_at_ttl",
+                    name="acked_at_1",
                     expireAfterSeconds=int(self.ttl.total_seconds()),
-                    partialFilterExpression={"acked_at": {"$type": "date"}},
+                    partialFilterExpression={"acked_at": {"$gt": GO_ZERO_TIME}},
                 )
             )
+        models.append(IndexModel([("acked_at", 1)], name="acked_at_pending", partialFilterExpression={"acked_at": {"$eq": GO_ZERO_TIME}}))
         _create_indexes(self.collection, models)
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
@@ -160,15 +177,24 @@ class MongoAckStore(AckStore):
 
 
 def _ack(doc: Mapping[str, Any]) -> AckRecord:
-    return AckRecord(doc["_id"], doc["created_at"], doc.get("acked_at"))
+    acked_at = doc.get("acked_at")
+    return AckRecord(doc["_id"], doc["created_at"], None if _is_pending(acked_at) else acked_at)
 
 
 class MongoDeadLetterStore(DeadLetterStore):
-    """Dead letters in ``event_dlq``: ``{_id, event_name, original_id, payload, metadata, error,
-    retry_count, source, created_at, retried_at, quarantined_at, replay_count}``.
+    """Dead letters in ``event_dlq``, in the Go event-dlq document shape: ``{_id (string),
+    event_name, original_id, payload (binary), metadata (strings), error, retry_count,
+    source, created_at, retried_at, quarantined_at}`` plus ``replay_count`` and
+    ``quarantine_reason``, which Go ignores.
 
-    Indexes: ``(event_name, original_id)`` (unique with ``dedup``), ``original_id``,
-    ``created_at``, ``source``.
+    ``payload`` is the raw change document encoded as BSON bytes; metadata values are written as strings
+    (Go reads ``map[string]string``). Letters written by Go load too: their payload
+    (Go's ``ChangeEvent`` JSON) is decoded into a mapping, but holds no change
+    document, so :meth:`mongo_events.DeadLetters.replay` skips them.
+
+    Indexes: Go's ``event_name_1``, ``created_at_1``, ``retried_at_1``,
+    ``event_name_1_created_at_1`` and, with ``dedup``, the unique ``uniq_event_original``;
+    plus ``original_id_1`` and ``source_created_at``.
 
     .. versionadded:: 0.1.0
     """
@@ -215,7 +241,7 @@ class MongoDeadLetterStore(DeadLetterStore):
         if filter.source is not None:
             query["source"] = filter.source
         if filter.error is not None:
-            query["error"] = {"$regex": re.escape(filter.error)}
+            query["error"] = {"$regex": re.escape(filter.error), "$options": "i"}
         if filter.max_retries is not None:
             query["retry_count"] = {"$lte": filter.max_retries}
         if filter.exclude_retried:
@@ -236,6 +262,17 @@ class MongoDeadLetterStore(DeadLetterStore):
         if fields:
             self._call("update", lambda: self.collection.update_one({"_id": letter_id}, {"$set": fields}))
 
+    def set_quarantine(self, letter_id: str, reason: str | None) -> bool:
+        if reason is None:
+            update: dict[str, Any] = {"$set": {"quarantined_at": None, "quarantine_reason": None}}
+        else:
+            update = {"$set": {"quarantined_at": datetime.now(timezone.utc), "quarantine_reason": reason}}
+        return bool(
+            self._call(
+                "quarantine", lambda: self.collection.update_one({"_id": letter_id}, update)
+            ).matched_count
+        )
+
     def delete(self, letter_id: str) -> bool:
         return bool(self._call("delete", lambda: self.collection.delete_one({"_id": letter_id})).deleted_count)
 
@@ -243,12 +280,19 @@ class MongoDeadLetterStore(DeadLetterStore):
         return int(self._call("delete", lambda: self.collection.delete_many(self._query(filter))).deleted_count)
 
     def ensure_indexes(self) -> None:
+        # Go's event-dlq indexes by their names, so both libraries can share a collection.
         models = [
-            IndexModel([("event_name", 1), ("original_id", 1)], name="event_original", unique=self.dedup),
-            IndexModel([("original_id", 1)], name="original_id_1"),
+            IndexModel([("event_name", 1)], name="event_name_1"),
             IndexModel([("created_at", 1)], name="created_at_1"),
+            IndexModel([("retried_at", 1)], name="retried_at_1"),
+            IndexModel([("event_name", 1), ("created_at", 1)], name="event_name_1_created_at_1"),
+            IndexModel([("original_id", 1)], name="original_id_1"),
             IndexModel([("source", 1), ("created_at", 1)], name="source_created_at"),
         ]
+        if self.dedup:
+            models.append(
+                IndexModel([("event_name", 1), ("original_id", 1)], name="uniq_event_original", unique=True)
+            )
         _create_indexes(self.collection, models)
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
@@ -258,13 +302,48 @@ class MongoDeadLetterStore(DeadLetterStore):
             raise StoreError(f"dead-letter store {self.collection.full_name}: {what} failed: {exc}") from exc
 
 
+def go_metadata(metadata: Mapping[str, Any]) -> dict[str, str]:
+    """Metadata as the Go libraries store it (``map[string]string``); ``None`` values are left out.
+
+    ``document_key`` becomes the Go transport's formatted key: its ``_id`` as a hex
+    ObjectId, a string, a number, or JSON.
+    """
+    out = {}
+    for key, value in metadata.items():
+        if value is None:
+            continue
+        if key == "document_key" and isinstance(value, Mapping) and "_id" in value:
+            key_id = value["_id"]
+            # Go: the lowercase hex of a binary _id
+            out[key] = key_id.hex() if isinstance(key_id, bytes) else _metadata_string(key_id)
+        else:
+            out[key] = _metadata_string(value)
+    return out
+
+
+def _metadata_string(value: Any) -> str:
+    """A metadata value as Go's event-dlq stores it (``map[string]string``)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (ObjectId, int, float)):
+        return str(value)
+    if isinstance(value, Timestamp):  # as Go's cluster_time metadata: RFC 3339, to the second
+        return value.as_datetime().strftime("%Y-%m-%dT%H:%M:%SZ")
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return json_util.dumps(value, json_options=json_util.RELAXED_JSON_OPTIONS)
+
+
 def _letter_doc(letter: DeadLetter) -> dict[str, Any]:
+    metadata = go_metadata(letter.metadata)
     return {
         "_id": letter.id,
         "event_name": letter.event_name,
         "original_id": letter.original_id,
-        "payload": dict(letter.payload),
-        "metadata": dict(letter.metadata),
+        "payload": Binary(bson.encode(dict(letter.payload))),
+        "metadata": metadata,
         "error": letter.error,
         "retry_count": letter.retry_count,
         "source": letter.source,
@@ -272,15 +351,34 @@ def _letter_doc(letter: DeadLetter) -> dict[str, Any]:
         "replay_count": letter.replay_count,
         "retried_at": letter.retried_at,
         "quarantined_at": letter.quarantined_at,
+        "quarantine_reason": letter.quarantine_reason,
     }
+
+
+def _payload(value: Any) -> Mapping[str, Any]:
+    """A stored payload as a mapping: BSON bytes (ours), JSON bytes (Go's default), or a document."""
+    if isinstance(value, Mapping):
+        return value
+    if not isinstance(value, (bytes, bytearray)):
+        return {}
+    data = bytes(value)
+    try:
+        return bson.decode(data)
+    except Exception:  # not BSON: Go writes its ChangeEvent as JSON
+        pass
+    try:
+        decoded = json_util.loads(data.decode("utf-8"))
+    except Exception:
+        return {"data": data}
+    return decoded if isinstance(decoded, Mapping) else {"data": data}
 
 
 def _letter(doc: Mapping[str, Any]) -> DeadLetter:
     return DeadLetter(
         id=str(doc["_id"]),
         event_name=doc["event_name"],
-        original_id=doc["original_id"],
-        payload=doc.get("payload") or {},
+        original_id=doc.get("original_id", ""),
+        payload=_payload(doc.get("payload")),
         metadata=doc.get("metadata") or {},
         error=doc.get("error", ""),
         retry_count=int(doc.get("retry_count", 0)),
@@ -289,4 +387,5 @@ def _letter(doc: Mapping[str, Any]) -> DeadLetter:
         replay_count=int(doc.get("replay_count", 0)),
         retried_at=doc.get("retried_at"),
         quarantined_at=doc.get("quarantined_at"),
+        quarantine_reason=doc.get("quarantine_reason"),
     )

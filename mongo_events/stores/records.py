@@ -93,6 +93,8 @@ class DeadLetter:
     :ivar replay_count: failed replays so far.
     :ivar retried_at: when a replay succeeded.
     :ivar quarantined_at: when it was set aside for good (terminal error, or too many replays).
+    :ivar quarantine_reason: why: ``terminal_error``, ``max_replay_attempts``, or the reason
+        given to :meth:`mongo_events.DeadLetters.quarantine`.
     """
 
     id: str
@@ -107,13 +109,14 @@ class DeadLetter:
     replay_count: int = 0
     retried_at: datetime | None = None
     quarantined_at: datetime | None = None
+    quarantine_reason: str | None = None
 
 
 @attrs.frozen
 class DeadLetterFilter:
     """Which dead letters to list, count, replay or delete.
 
-    :ivar error: a substring of the error text.
+    :ivar error: a substring of the error text, matched ignoring case (as Go's event-dlq does).
     :ivar max_retries: ``retry_count`` at most this.
     :ivar exclude_retried: leave out those replayed successfully.
     :ivar exclude_quarantined: leave out quarantined ones.
@@ -138,7 +141,7 @@ class DeadLetterFilter:
         checks = (
             self.event_name is None or letter.event_name == self.event_name,
             self.source is None or letter.source == self.source,
-            self.error is None or self.error in letter.error,
+            self.error is None or self.error.casefold() in letter.error.casefold(),
             self.max_retries is None or letter.retry_count <= self.max_retries,
             not (self.exclude_retried and letter.retried_at is not None),
             not (self.exclude_quarantined and letter.quarantined_at is not None),

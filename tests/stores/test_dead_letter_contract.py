@@ -116,3 +116,40 @@ def test_delete_and_delete_by_filter(make_store: Callable[..., DeadLetterStore])
     assert store.delete(a) is True and store.delete(a) is False
     assert store.delete_by_filter(DeadLetterFilter(end=T0 + timedelta(minutes=15))) == 1
     assert [d.original_id for d in store.list()] == ["c"]
+
+
+def test_error_filter_ignores_case_as_gos_does(make_store: Callable[..., DeadLetterStore]) -> None:
+    store = make_store()
+    store.store(letter("a", error="ValueError: Connection Refused"))
+    store.store(letter("b", error="KeyError: 'sku'"))
+    assert [d.original_id for d in store.list(DeadLetterFilter(error="connection refused"))] == ["a"]
+    assert store.count(DeadLetterFilter(error="CONNECTION")) == 1
+    assert store.count(DeadLetterFilter(error="valueerror: connection refused")) == 1
+    assert store.count(DeadLetterFilter(error="timeout")) == 0
+
+
+def test_set_quarantine_records_the_reason_and_lifts_it(make_store: Callable[..., DeadLetterStore]) -> None:
+    store = make_store()
+    first = letter("a")
+    store.store(first)
+    assert store.set_quarantine(first.id, "bad data") is True
+    got = store.get(first.id)
+    assert got is not None and got.quarantined_at is not None and got.quarantine_reason == "bad data"
+    assert store.count(DeadLetterFilter(exclude_quarantined=True)) == 0
+    assert store.set_quarantine(first.id, None) is True
+    got = store.get(first.id)
+    assert got is not None and got.quarantined_at is None and got.quarantine_reason is None
+    assert store.count(DeadLetterFilter(exclude_quarantined=True)) == 1
+    assert store.set_quarantine("missing", "x") is False
+
+
+def test_the_base_set_quarantine_quarantines_through_update_and_cannot_lift() -> None:
+    store = MemoryDeadLetterStore()
+    first = letter("a")
+    store.store(first)
+    assert DeadLetterStore.set_quarantine(store, first.id, "bad data") is True  # the ABC's fallback
+    got = store.get(first.id)
+    assert got is not None and got.quarantined_at is not None
+    assert DeadLetterStore.set_quarantine(store, "missing", "x") is False
+    with pytest.raises(NotImplementedError, match="cannot lift"):
+        DeadLetterStore.set_quarantine(store, first.id, None)

@@ -51,6 +51,7 @@ from .middleware.base import Middleware
 from .monitor.middleware import MonitorMiddleware
 from .monitor.store import MonitorStore
 from .retrying import RetryBackoff
+from .runner import ensure_logging
 from .stores.base import AckStore, DeadLetterStore, ResumeTokenStore
 from .stores.mongodb import DEFAULT_COLLECTION, MongoResumeTokenStore
 from .stores.records import AckRecord, DeadLetter
@@ -564,6 +565,7 @@ class Bus:
 
         :raises MongoEventsError: the error that made the bus fail, if it did.
         """
+        ensure_logging()  # a runner: a failing bus must print why even when the app set up no logging
         self._check_pid()
         if self._state in (BusState.NEW, BusState.STOPPED):
             self.start()

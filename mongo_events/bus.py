@@ -1104,7 +1104,7 @@ class Bus:
                     "resume_token_key": self.resume_token_key,
                 },
                 error=f"{type(error).__name__}: {error}",
-                retry_count=attempts,
+                retry_count=attempts - 1,  # retries, as in the monitor entry (and Go's RetryCount)
                 source=self.name,
                 created_at=datetime.now(timezone.utc),
             )

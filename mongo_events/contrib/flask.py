@@ -124,9 +124,7 @@ class MongoEvents:
             app.before_request(self._start_on_first_request)
 
     def _start_on_first_request(self) -> None:
-        if self._autostarted:
-            return
-        with self._autostart_lock:
+        with self._autostart_lock:  # once per process: the first request starts the buses
             if self._autostarted:
                 return
             self._autostarted = True

@@ -43,9 +43,7 @@ _lock = threading.Lock()
 
 def _start_on_first_request(sender: Any = None, **kwargs: Any) -> None:
     global _started
-    if _started:
-        return
-    with _lock:
+    with _lock:  # once per process: the first request starts the buses
         if _started:
             return
         _started = True

@@ -98,7 +98,7 @@ def _int(low: int, high: int) -> Callable[[str], int]:
 def format_duration(value: timedelta) -> str:
     """``30d``, ``12h``, ``1h30m``, ``90s``, ``250ms``: the form :func:`parse_duration` reads."""
     seconds = value.total_seconds()
-    if seconds < 1:
+    if 0 < seconds < 1:
         return f"{seconds * 1000:g}ms"
     parts = []
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):

@@ -54,7 +54,7 @@ def test_demo_command_delivers_every_change() -> None:
 
 def test_cli_usage_errors_exit_2() -> None:
     result = _run("-m", "mongo_events")
-    assert result.returncode == 2 and "usage" in result.stderr
+    assert result.returncode == 2 and "required: COMMAND (see mongo-events --help)" in result.stderr
 
 
 def test_the_fake_without_mongomock_says_which_extra_to_install() -> None:

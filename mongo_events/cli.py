@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import os
 import signal
 import sys
@@ -337,7 +338,7 @@ class _Progress:
         self.total = total
         self.every = every
         self.tty = sys.stderr.isatty()
-        self._last = time.monotonic()
+        self._last = -math.inf  # the first update shows at once
 
     def update(self, done: int, counts: dict[str, int]) -> None:
         text = f"replay: {done:,}/{self.total:,} " + ", ".join(f"{k} {v:,}" for k, v in counts.items())

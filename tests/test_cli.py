@@ -586,3 +586,40 @@ def test_status_shows_each_checkpoint_with_age_headroom_and_backlog(
         and docs[0]["dead_letters"] == 1
     )
     assert docs[-1] == {"totals": {"pending_acks": 1, "dead_letters": 1}}
+
+
+def test_replay_progress_is_one_updating_line_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from mongo_events.cli import _Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    progress = _Progress(3)
+    for done in (1, 2, 3):
+        progress.update(done, {"replayed": done, "failed": 0})
+    text = terminal.getvalue()
+    assert text.startswith("\rreplay: 1/3 replayed 1, failed 0") and text.endswith(
+        "\rreplay: 3/3 replayed 3, failed 0\n"
+    )
+    assert text.count("\n") == 1  # one line, rewritten in place
+
+
+def test_durations_print_as_they_are_typed() -> None:
+    from mongo_events.cli import format_duration
+
+    assert [
+        format_duration(timedelta(**kw))
+        for kw in ({"days": 30}, {"hours": 12}, {"minutes": 90}, {"seconds": 90}, {"milliseconds": 250}, {})
+    ] == [
+        "30d",
+        "12h",
+        "1h30m",
+        "1m30s",
+        "250ms",
+        "0s",
+    ]

@@ -13,6 +13,9 @@ from typing import Any
 
 workers = 2
 preload_app = True  # fine: buses are created or started only in post_fork
+# A worker's buses stop within MONGO_EVENTS_STOP_TIMEOUT (30 s by default): keep gunicorn's
+# graceful_timeout above it, or gunicorn kills the worker before the final checkpoint is written.
+graceful_timeout = 40
 
 
 def post_fork(server: Any, worker: Any) -> None:

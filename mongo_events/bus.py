@@ -52,6 +52,7 @@ from .monitor.middleware import MonitorMiddleware
 from .monitor.store import MonitorStore
 from .reporting import ErrorContext, ErrorHandler, ErrorKindName, ErrorReporter, report_error
 from .retrying import RetryBackoff
+from .runner import ensure_logging
 from .stores.base import AckStore, DeadLetterStore, ResumeTokenStore
 from .stores.mongodb import DEFAULT_COLLECTION, MongoResumeTokenStore
 from .stores.records import AckRecord, DeadLetter
@@ -578,6 +579,7 @@ class Bus:
 
         :raises MongoEventsError: the error that made the bus fail, if it did.
         """
+        ensure_logging()  # a runner: a failing bus must print why even when the app set up no logging
         self._check_pid()
         if self._state in (BusState.NEW, BusState.STOPPED):
             self.start()
@@ -1120,7 +1122,7 @@ class Bus:
                     "resume_token_key": self.resume_token_key,
                 },
                 error=f"{type(error).__name__}: {error}",
-                retry_count=attempts,
+                retry_count=attempts - 1,  # retries, as in the monitor entry (and Go's RetryCount)
                 source=self.name,
                 created_at=datetime.now(timezone.utc),
             )

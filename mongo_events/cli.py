@@ -1,8 +1,10 @@
 """The ``mongo-events`` command line (also ``python -m mongo_events``).
 
 Output goes to stdout as one JSON document per line (relaxed Extended JSON);
-progress and errors go to stderr. Exit codes: 0 success, 1 failure (server,
-store, or a replay that failed), 2 usage error, 4 not found.
+progress, logs and errors go to stderr. Exit codes: 0 success, 1 failure
+(server, store, or a replay that failed), 2 usage error (one line on stderr),
+4 not found; 141 when the reader of stdout went away (``| head``), as for a
+process that SIGPIPE ended.
 """
 
 from __future__ import annotations
@@ -10,20 +12,30 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
-from datetime import datetime
-from typing import Any
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any, NoReturn
 
 import attrs
 from bson import json_util
 
+from . import __version__
+from .runner import ensure_logging
+
 __all__ = ["main"]
 
-OK, FAILED, USAGE, NOT_FOUND = 0, 1, 2, 4
+OK, FAILED, USAGE, NOT_FOUND, BROKEN_PIPE = 0, 1, 2, 4, 141
+
+#: Most documents one page of ``list`` commands returns (the stores' limit).
+MAX_LIMIT = 1000
+#: Page size when a command walks a whole store.
+PAGE = 500
 
 
 class _Exit(Exception):
@@ -32,9 +44,20 @@ class _Exit(Exception):
         self.code = code
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (no usage block), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _print(doc: Any) -> None:
     sys.stdout.write(json_util.dumps(doc, json_options=json_util.RELAXED_JSON_OPTIONS) + "\n")
     sys.stdout.flush()
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _time(text: str) -> datetime:
@@ -42,11 +65,13 @@ def _time(text: str) -> datetime:
 
     try:
         return parse_rfc3339(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r} (e.g. 2026-01-31T12:00:00Z)") from None
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO 8601 time: {text!r} (e.g. 2026-01-31T12:00:00Z): {exc}"
+        ) from None
 
 
-def _duration(text: str) -> Any:
+def _duration(text: str) -> timedelta:
     from .monitor.wsgi import parse_duration
 
     try:
@@ -55,13 +80,57 @@ def _duration(text: str) -> Any:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _client(args: argparse.Namespace) -> Any:
-    import pymongo
+def _int(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from ``low`` to ``high``."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low:,} to {high:,}, got {value:,}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def format_duration(value: timedelta) -> str:
+    """``30d``, ``12h``, ``1h30m``, ``90s``, ``250ms``: the form :func:`parse_duration` reads."""
+    seconds = value.total_seconds()
+    if 0 < seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(f"{int(count)}{unit}")
+    if seconds or not parts:
+        parts.append(f"{seconds:g}s")
+    return "".join(parts)
+
+
+def _uri(args: argparse.Namespace) -> str:
     uri = getattr(args, "uri", None) or os.environ.get("MONGODB_URI")
     if not uri:
         raise _Exit(USAGE, "no MongoDB URI: pass --uri or set MONGODB_URI")
-    return pymongo.MongoClient(uri, serverSelectionTimeoutMS=10_000)
+    return str(uri)
+
+
+def _client(args: argparse.Namespace) -> Any:
+    """A client for ``--uri``/``MONGODB_URI``; the URI's own ``serverSelectionTimeoutMS`` wins over our 10 s."""
+    import pymongo
+    from pymongo.errors import ConfigurationError, InvalidURI
+
+    uri = _uri(args)
+    options: dict[str, Any] = {}
+    if "serverselectiontimeoutms=" not in uri.lower():
+        options["serverSelectionTimeoutMS"] = 10_000
+    try:
+        return pymongo.MongoClient(uri, **options)
+    except (InvalidURI, ConfigurationError, ValueError) as exc:
+        raise _Exit(USAGE, f"bad MongoDB URI: {exc}") from None
 
 
 def _load_bus(spec: str) -> Any:
@@ -71,14 +140,18 @@ def _load_bus(spec: str) -> Any:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise _Exit(USAGE, f"--app must look like package.module:bus, got {spec!r}")
-    sys.path.insert(0, os.getcwd())
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise _Exit(USAGE, f"cannot load {spec}: {exc}") from exc
-    bus = obj() if callable(obj) and not isinstance(obj, Bus) else obj
+        bus = obj() if callable(obj) and not isinstance(obj, Bus) else obj
+    except Exception as exc:  # anything the application's module raises is a bad --app
+        raise _Exit(USAGE, f"cannot load --app {spec}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(bus, Bus):
-        raise _Exit(USAGE, f"{spec} is not a mongo_events.Bus (or a function returning one)")
+        raise _Exit(
+            USAGE,
+            f"--app {spec} is not a mongo_events.Bus (or a function returning one), but {type(bus).__name__}",
+        )
     return bus
 
 
@@ -91,13 +164,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.uri, args.orders)
 
 
+class _PastLimit(Exception):
+    """Raised (as a Retry) for changes past ``tail --limit``: left undone, so a resumed tail prints them."""
+
+
+class _QuietPastLimit(logging.Filter):
+    """Drops the dispatcher's "retrying" warning for :class:`_PastLimit`: it is no failure."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(
+            isinstance(arg, _PastLimit) or isinstance(getattr(arg, "__cause__", None), _PastLimit)
+            for arg in record.args or ()
+        )
+
+
 def cmd_tail(args: argparse.Namespace) -> int:
-    import pymongo
+    from pymongo.errors import PyMongoError
 
     from .bus import Bus
     from .errors import Retry
 
-    client: pymongo.MongoClient[Any] = pymongo.MongoClient(args.uri, serverSelectionTimeoutMS=10_000)
+    client = _client(args)
+    try:
+        client.admin.command("ping")
+    except PyMongoError as exc:
+        client.close()
+        raise _Exit(FAILED, f"cannot reach the server: {exc}") from None
     target: Any = client[args.db]
     if args.collection:
         target = target[args.collection]
@@ -121,20 +213,27 @@ def cmd_tail(args: argparse.Namespace) -> int:
     done = threading.Event()
     count = [0]
 
+    class PastLimit(Retry, _PastLimit):
+        pass
+
     @bus.subscribe(name="tail")
     def show(event: Any) -> None:
         if args.limit and count[0] >= args.limit:
-            raise Retry(delay=3600)  # past the limit: leave it undone, so a resumed tail prints it
+            raise PastLimit(delay=3600)  # leave it undone, so a resumed tail prints it
         sys.stdout.write(event.to_json() + "\n")
         sys.stdout.flush()
         count[0] += 1
         if args.limit and count[0] >= args.limit:
             done.set()
 
+    quiet = _QuietPastLimit()
+    logging.getLogger("mongo_events.dispatch").addFilter(quiet)
     previous = {sig: signal.signal(sig, lambda *_: done.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         bus.start()
-        print(f"tailing {bus.namespace}{' as ' + bus.resume_token_key if args.resume_id else ''}; Ctrl-C stops", file=sys.stderr)
+        _say(
+            f"tailing {bus.namespace}{' as ' + bus.resume_token_key if args.resume_id else ''}; Ctrl-C stops"
+        )
         while not done.wait(0.2):
             if bus.error is not None:
                 break
@@ -142,9 +241,10 @@ def cmd_tail(args: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        logging.getLogger("mongo_events.dispatch").removeFilter(quiet)
         client.close()
     if bus.error is not None:
-        raise _Exit(FAILED, str(bus.error))
+        raise _Exit(FAILED, f"bus tail failed: {bus.error}")
     return OK
 
 
@@ -158,13 +258,26 @@ def cmd_tokens(args: argparse.Namespace) -> int:
         if args.key and not docs:
             raise _Exit(NOT_FOUND, f"no resume token {args.key!r} in {coll.full_name}")
         for doc in docs:
-            _print({"key": doc["_id"], "cluster_time": doc.get("cluster_time"), "updated_at": doc.get("updated_at"), "token": doc.get("token")})
+            _print(
+                {
+                    "key": doc["_id"],
+                    "cluster_time": doc.get("cluster_time"),
+                    "updated_at": doc.get("updated_at"),
+                    "token": doc.get("token"),
+                }
+            )
         return OK
     if not args.yes:
-        raise _Exit(USAGE, f"tokens reset deletes {args.key!r}: the bus then starts from now (or start_from_past). Add --yes to confirm")
+        raise _Exit(
+            USAGE,
+            f"tokens reset deletes {args.key!r}: the bus then starts from now (or start_from_past). Add --yes to confirm",
+        )
     if coll.delete_one({"_id": args.key}).deleted_count == 0:
         raise _Exit(NOT_FOUND, f"no resume token {args.key!r} in {coll.full_name}")
-    print(f"deleted resume token {args.key!r} from {coll.full_name}; stop the bus before restarting it", file=sys.stderr)
+    print(
+        f"deleted resume token {args.key!r} from {coll.full_name}; stop the bus before restarting it",
+        file=sys.stderr,
+    )
     return OK
 
 
@@ -175,16 +288,27 @@ def cmd_acks(args: argparse.Namespace) -> int:
     store = MongoAckStore(_client(args)[args.db][args.collection], ttl=None)
     if args.action == "stats":
         pending = store.list(AckFilter(status=AckStatus.PENDING, limit=1))
-        _print({
-            "pending": store.count(AckFilter(status=AckStatus.PENDING)),
-            "acked": store.count(AckFilter(status=AckStatus.ACKED)),
-            "total": store.count(),
-            "oldest_pending": pending[0].created_at if pending else None,
-        })
+        _print(
+            {
+                "pending": store.count(AckFilter(status=AckStatus.PENDING)),
+                "acked": store.count(AckFilter(status=AckStatus.ACKED)),
+                "total": store.count(),
+                "oldest_pending": pending[0].created_at if pending else None,
+            }
+        )
         return OK
     status = AckStatus(args.status) if args.status else None
-    for record in store.list(AckFilter(status=status, start=args.since, end=args.until, limit=args.limit, offset=args.offset)):
-        _print({"event_id": record.event_id, "status": record.status.value, "created_at": record.created_at, "acked_at": record.acked_at})
+    for record in store.list(
+        AckFilter(status=status, start=args.since, end=args.until, limit=args.limit, offset=args.offset)
+    ):
+        _print(
+            {
+                "event_id": record.event_id,
+                "status": record.status.value,
+                "created_at": record.created_at,
+                "acked_at": record.acked_at,
+            }
+        )
     return OK
 
 
@@ -195,23 +319,61 @@ def _letter_summary(letter: Any, full: bool = False) -> dict[str, Any]:
     return doc
 
 
+def _pages(fetch: Callable[[int, int], list[Any]], limit: int | None) -> Iterator[Any]:
+    """Every document ``fetch(offset, page_size)`` returns, page by page, at most ``limit``."""
+    offset = 0
+    while limit is None or offset < limit:
+        size = PAGE if limit is None else min(PAGE, limit - offset)
+        page = fetch(offset, size)
+        yield from page
+        offset += len(page)
+        if len(page) < size:
+            return
+
+
+class _Progress:
+    """Replay progress on stderr: one updating line on a terminal, a line every ``every`` letters otherwise."""
+
+    def __init__(self, total: int, every: int = 100) -> None:
+        self.total = total
+        self.every = every
+        self.tty = sys.stderr.isatty()
+        self._last = -math.inf  # the first update shows at once
+
+    def update(self, done: int, counts: dict[str, int]) -> None:
+        text = f"replay: {done:,}/{self.total:,} " + ", ".join(f"{k} {v:,}" for k, v in counts.items())
+        if self.tty:
+            if done == self.total or time.monotonic() - self._last >= 0.2:
+                self._last = time.monotonic()
+                sys.stderr.write("\r" + text + ("\n" if done == self.total else ""))
+                sys.stderr.flush()
+        elif done % self.every == 0 and done != self.total:
+            _say(text)
+
+
 def cmd_dlq(args: argparse.Namespace) -> int:
-    from .deadletters import DeadLetters
+    from .deadletters import DeadLetters, ReplayOutcome
     from .stores.mongodb import MongoDeadLetterStore
     from .stores.records import DeadLetterFilter
 
     store = MongoDeadLetterStore(_client(args)[args.db][args.collection])
+    where = store.collection.full_name
     bus = _load_bus(args.app) if getattr(args, "app", None) else None
     letters = DeadLetters(store, bus, max_replay_attempts=getattr(args, "max_attempts", 3))
-    if args.action in ("list", "replay") and not getattr(args, "id", None):
-        query = DeadLetterFilter(
-            event_name=args.event, source=args.source, error=args.error,
+
+    def query(limit: int, offset: int) -> DeadLetterFilter:
+        return DeadLetterFilter(
+            event_name=args.event,
+            source=args.source,
+            error=args.error,
             exclude_retried=args.exclude_retried or args.action == "replay",
             exclude_quarantined=args.action == "replay",
-            limit=args.limit, offset=getattr(args, "offset", 0),
+            limit=limit,
+            offset=offset,
         )
+
     if args.action == "list":
-        for letter in letters.list(query):
+        for letter in letters.list(query(args.limit, args.offset)):
             _print(_letter_summary(letter))
         return OK
     if args.action == "stats":
@@ -220,25 +382,115 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     if args.action == "show":
         found = letters.get(args.id)
         if found is None:
-            raise _Exit(NOT_FOUND, f"no dead letter {args.id!r} in {store.collection.full_name}")
+            raise _Exit(NOT_FOUND, f"no dead letter {args.id!r} in {where}")
         _print(_letter_summary(found, full=True))
         return OK
     if args.action == "delete":
-        if not letters.delete(args.id):
-            raise _Exit(NOT_FOUND, f"no dead letter {args.id!r} in {store.collection.full_name}")
-        print(f"deleted dead letter {args.id}", file=sys.stderr)
+        found = letters.get(args.id)
+        if found is None:
+            raise _Exit(NOT_FOUND, f"no dead letter {args.id!r} in {where}")
+        if found.retried_at is None and not args.yes:
+            raise _Exit(
+                USAGE,
+                f"dead letter {args.id} was never replayed: its event would be lost. Add --yes to delete it",
+            )
+        letters.delete(args.id)
+        _say(f"deleted dead letter {args.id}")
         return OK
     if args.action == "cleanup":
-        print(f"deleted {letters.cleanup(args.older_than)} dead letters older than {args.older_than}", file=sys.stderr)
-        return OK
+        return _cleanup(args, letters, where)
     # replay
+    assert bus is not None  # --app is required
+    errors: dict[str, BaseException | None] = {}
+    replay = bus.replay
+
+    def remember(letter: Any) -> Any:  # the error of each failed replay, to print it
+        errors[letter.id] = error = replay(letter)
+        return error
+
+    bus.replay = remember
     if args.id:
+        found = letters.get(args.id)
+        if found is None:
+            raise _Exit(NOT_FOUND, f"no dead letter {args.id!r} in {where}")
         outcome = letters.replay_one(args.id)
+        if errors.get(args.id) is not None:
+            _say(f"replay of {args.id} failed: {errors[args.id]!r}")
         _print({"id": args.id, "outcome": outcome.value})
-        return OK if outcome.value == "replayed" else FAILED
-    result = letters.replay(query)
-    _print(attrs.asdict(result))
-    return OK if result.failed == 0 and result.quarantined == 0 else FAILED
+        return OK if outcome is ReplayOutcome.REPLAYED else FAILED
+    # Collect the ids first: replayed letters leave the filter, failed ones stay, so
+    # paging while replaying would skip some.
+    ids = [letter.id for letter in _pages(lambda offset, size: letters.list(query(size, offset)), args.limit)]
+    counts = {outcome.value: 0 for outcome in ReplayOutcome}
+    progress = _Progress(len(ids))
+    for done, letter_id in enumerate(ids, 1):
+        try:
+            outcome = letters.replay_one(letter_id)
+        except KeyError:  # deleted meanwhile
+            outcome = ReplayOutcome.SKIPPED
+        counts[outcome.value] += 1
+        if outcome in (ReplayOutcome.FAILED, ReplayOutcome.QUARANTINED):
+            _say(f"replay of {letter_id} {outcome.value}: {errors.get(letter_id)!r}")
+        progress.update(done, counts)
+    _print(counts)
+    _say(
+        f"replayed {counts['replayed']:,} of {len(ids):,} dead letters: {counts['failed']:,} failed, "
+        f"{counts['quarantined']:,} quarantined, {counts['skipped']:,} skipped"
+    )
+    return OK if counts["failed"] == 0 and counts["quarantined"] == 0 else FAILED
+
+
+def _cleanup(args: argparse.Namespace, letters: Any, where: str) -> int:
+    from .stores.records import DeadLetterFilter
+
+    age = format_duration(args.older_than)
+    try:
+        end = datetime.now(timezone.utc) - args.older_than
+    except OverflowError:
+        raise _Exit(USAGE, f"--older-than {age} reaches before year 1") from None
+    old = DeadLetterFilter(end=end, limit=MAX_LIMIT)
+    never = attrs.evolve(old, exclude_retried=True)
+    total, unreplayed = letters.count(old), letters.count(never)
+    if args.dry_run:
+        for letter in _pages(
+            lambda offset, size: letters.list(attrs.evolve(old, limit=size, offset=offset)), None
+        ):
+            _print(_letter_summary(letter))
+        _say(
+            f"would delete {total:,} dead letters older than {age} from {where} ({unreplayed:,} never replayed)"
+        )
+        return OK
+    if unreplayed and not args.yes:
+        raise _Exit(
+            USAGE,
+            f"{unreplayed:,} of the {total:,} dead letters older than {age} were never replayed: their events would be lost. "
+            "Add --yes to delete them, or --dry-run to list them",
+        )
+    _say(f"deleted {letters.delete_by_filter(old):,} dead letters older than {age} from {where}")
+    return OK
+
+
+def _no_health(app: Callable[..., Any]) -> Callable[..., Any]:
+    """``monitor serve`` runs no consumer, so it has no health to tell: ``/v1/health`` says so (501)."""
+    import json
+
+    body = json.dumps(
+        {
+            "error": "monitor serve runs no bus, so it cannot tell their health; "
+            "serve /v1/health from the process that runs the buses (wsgi_app(store, health=bus.health))",
+        }
+    ).encode()
+
+    def serve(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if (environ.get("PATH_INFO") or "").rstrip("/") == "/v1/health":
+            start_response(
+                "501 Not Implemented",
+                [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+            )
+            return [body]
+        return app(environ, start_response)
+
+    return serve
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
@@ -248,60 +500,165 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     from .monitor.wsgi import wsgi_app
 
     store = MongoMonitorStore(_client(args)[args.db], collection=args.collection)
-    health: Callable[[], Any] | None = None
-    if args.app:
-        health = _load_bus(args.app).health
 
     class Quiet(WSGIRequestHandler):
         def log_message(self, format: str, *a: Any) -> None:
             logging.getLogger("mongo_events.monitor").info(format, *a)
 
-    server = make_server(args.host, args.port, wsgi_app(store, health=health), handler_class=Quiet)
-    print(f"monitor API on http://{args.host}:{server.server_port}/v1/monitor/entries; Ctrl-C stops", file=sys.stderr, flush=True)
+    try:
+        server = make_server(args.host, args.port, _no_health(wsgi_app(store)), handler_class=Quiet)
+    except OSError as exc:  # a port in use, a host that does not resolve or is not ours
+        raise _Exit(USAGE, f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    _say(f"monitor API on http://{args.host}:{server.server_port}/v1/monitor/entries; Ctrl-C stops")
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, name="mongo-events-monitor-http", daemon=True)
     thread.start()
     try:
-        stop.wait()
+        while not stop.wait(1.0):
+            pass
     finally:
         server.shutdown()
+        server.server_close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return OK
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Per checkpoint key: the stored position, its age, the oplog headroom; pending acks and dead letters."""
+    from pymongo.errors import OperationFailure
+
+    from .health import token_time
+    from .stores.mongodb import DEFAULT_COLLECTION
+
+    client = _client(args)
+    db = client[args.db]
+    now = datetime.now(timezone.utc)
+    try:
+        oldest = client["local"]["oplog.rs"].find_one({}, sort=[("$natural", 1)], projection={"ts": 1})
+    except OperationFailure as exc:  # no privilege on local, or a mongos
+        logging.getLogger(__name__).info("cannot read local.oplog.rs (%s): no oplog headroom", exc)
+        oldest = None
+    oplog_start = oldest["ts"].time if oldest else None
+    dlq = db[args.dlq_collection]
+    rows = []
+    for doc in db[args.collection or DEFAULT_COLLECTION].find({}).sort("_id", 1):
+        cluster_time = doc.get("cluster_time")
+        seconds = cluster_time.time if cluster_time is not None else token_time(doc.get("token"))
+        position = datetime.fromtimestamp(seconds, timezone.utc) if seconds is not None else None
+        rows.append(
+            {
+                "key": doc["_id"],
+                "position": position,
+                "age": (now - position) if position else None,
+                "oplog_headroom": timedelta(seconds=seconds - oplog_start)
+                if seconds is not None and oplog_start is not None
+                else None,
+                "updated_at": doc.get("updated_at"),
+                "dead_letters": dlq.count_documents(
+                    {"metadata.resume_token_key": doc["_id"], "retried_at": None}
+                ),
+            }
+        )
+    acks = db[args.acks_collection]
+    totals = {
+        "pending_acks": acks.count_documents({"acked_at": None}),
+        "dead_letters": dlq.count_documents({"retried_at": None}),
+    }
+    if args.json:
+        for row in rows:
+            _print(
+                {
+                    **row,
+                    **{k: row[k].total_seconds() for k in ("age", "oplog_headroom") if row[k] is not None},
+                }
+            )
+        _print({"totals": totals})
+        return OK
+    header = ("KEY", "POSITION", "AGE", "OPLOG HEADROOM", "DEAD LETTERS")
+    table = [header] + [
+        (
+            str(row["key"]),
+            row["position"].strftime("%Y-%m-%dT%H:%M:%SZ") if row["position"] else "-",
+            format_duration(row["age"]) if row["age"] is not None else "-",
+            format_duration(row["oplog_headroom"]) if row["oplog_headroom"] is not None else "-",
+            str(row["dead_letters"]),
+        )
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for line in table:
+        sys.stdout.write(
+            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() + "\n"
+        )
+    sys.stdout.write(
+        f"\npending acks: {totals['pending_acks']:,}; dead letters not replayed: {totals['dead_letters']:,}\n"
+    )
+    if not rows:
+        _say(f"no checkpoints in {db.name}.{args.collection or DEFAULT_COLLECTION}")
+    return OK
+
+
 # -- the parser -------------------------------------------------------------------------------
+
+_LIMIT = _int(1, MAX_LIMIT)
+_OFFSET = _int(0, 2**31 - 1)
 
 
 def _store_args(parser: argparse.ArgumentParser, collection: str | None) -> None:
     parser.add_argument("--uri", help="MongoDB URI (default: MONGODB_URI)")
     parser.add_argument("--db", required=True, help="the database holding the store")
-    parser.add_argument("--collection", default=collection, help=f"the store's collection (default: {collection})")
+    parser.add_argument(
+        "--collection", default=collection, help=f"the store's collection (default: {collection})"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mongo-events", description="Reliable callbacks from MongoDB change streams.",
-                                     epilog="Exit codes: 0 ok, 1 failure, 2 usage error, 4 not found.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level to stderr")
+    parser = _Parser(
+        prog="mongo-events",
+        description="Reliable callbacks from MongoDB change streams.",
+        epilog="Exit codes: 0 ok, 1 failure, 2 usage error, 4 not found.",
+    )
+    parser.add_argument("--version", action="version", version=f"mongo-events {__version__}")
+    level = parser.add_mutually_exclusive_group()
+    level.add_argument(
+        "-v", "--verbose", action="store_true", help="log at DEBUG level to stderr (default INFO)"
+    )
+    level.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="run a bus against MONGODB_URI or a built-in fake replica set")
     demo.add_argument("--uri", help="a replica set to use (default: MONGODB_URI, else the fake)")
-    demo.add_argument("--orders", type=int, default=5, help="how many orders to write (default 5)")
+    demo.add_argument(
+        "--orders", type=_int(1, 100_000), default=5, help="how many orders to write (default 5)"
+    )
     demo.set_defaults(run=cmd_demo)
 
     tail = commands.add_parser("tail", help="print each change as one line of relaxed Extended JSON")
-    tail.add_argument("uri", help="MongoDB URI of a replica set")
+    tail.add_argument(
+        "uri_arg", nargs="?", metavar="URI", help="MongoDB URI of a replica set (or --uri, or MONGODB_URI)"
+    )
+    tail.add_argument("--uri", help="MongoDB URI (default: MONGODB_URI)")
     tail.add_argument("--db", required=True, help="database to watch")
     tail.add_argument("--collection", help="collection to watch (default: the whole database)")
-    tail.add_argument("--full-document", choices=["default", "updateLookup", "whenAvailable", "required"], help="the stream's fullDocument option")
-    tail.add_argument("--pipeline", help='extra stages as a JSON array, e.g. \'[{"$match": {"operationType": "insert"}}]\'')
+    tail.add_argument(
+        "--full-document",
+        choices=["default", "updateLookup", "whenAvailable", "required"],
+        help="the stream's fullDocument option",
+    )
+    tail.add_argument(
+        "--pipeline", help='extra stages as a JSON array, e.g. \'[{"$match": {"operationType": "insert"}}]\''
+    )
     tail.add_argument("--resume-id", help="store the position under this id and resume from it next time")
-    tail.add_argument("--limit", type=int, default=0, help="exit after this many changes")
+    tail.add_argument(
+        "--limit", type=_int(1, 2**31 - 1), help="exit after this many changes (default: until Ctrl-C)"
+    )
     tail.set_defaults(run=cmd_tail)
 
-    tokens = commands.add_parser("tokens", help="show or reset stored resume tokens").add_subparsers(dest="action", required=True)
+    tokens = commands.add_parser("tokens", help="show or reset stored resume tokens").add_subparsers(
+        dest="action", required=True
+    )
     show = tokens.add_parser("show", help="print stored resume tokens")
     _store_args(show, None)
     show.add_argument("--key", help='one key, e.g. "shop.orders:worker-1" (default: all)')
@@ -312,7 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (show, reset):
         p.set_defaults(run=cmd_tokens)
 
-    acks = commands.add_parser("acks", help="inspect the ack store").add_subparsers(dest="action", required=True)
+    acks = commands.add_parser("acks", help="inspect the ack store").add_subparsers(
+        dest="action", required=True
+    )
     stats = acks.add_parser("stats", help="pending, acked and total counts, oldest pending")
     _store_args(stats, "_event_acks")
     lst = acks.add_parser("list", help="list ack records, oldest first")
@@ -320,42 +679,71 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--status", choices=["pending", "acked"])
     lst.add_argument("--since", type=_time, help="created at or after (ISO 8601)")
     lst.add_argument("--until", type=_time, help="created before (ISO 8601)")
-    lst.add_argument("--limit", type=int, default=100, help="at most 1,000 (default 100)")
-    lst.add_argument("--offset", type=int, default=0)
+    lst.add_argument("--limit", type=_LIMIT, default=100, help=f"1 to {MAX_LIMIT:,} (default 100)")
+    lst.add_argument("--offset", type=_OFFSET, default=0)
     for p in (stats, lst):
         p.set_defaults(run=cmd_acks)
 
-    dlq = commands.add_parser("dlq", help="inspect, replay and clean up dead letters").add_subparsers(dest="action", required=True)
+    dlq = commands.add_parser("dlq", help="inspect, replay and clean up dead letters").add_subparsers(
+        dest="action", required=True
+    )
     d_list = dlq.add_parser("list", help="list dead letters (without payloads)")
     d_stats = dlq.add_parser("stats", help="totals by event and error, pending, retried, quarantined")
     d_show = dlq.add_parser("show", help="one dead letter, with its payload")
     d_show.add_argument("id")
-    d_replay = dlq.add_parser("replay", help="deliver dead letters again through the app's bus")
-    d_replay.add_argument("--app", required=True, help="package.module:bus (a Bus, or a function returning one)")
+    d_replay = dlq.add_parser("replay", help="deliver every matching dead letter again through the app's bus")
+    d_replay.add_argument(
+        "--app", required=True, help="package.module:bus (a Bus, or a function returning one)"
+    )
     d_replay.add_argument("--id", help="replay this letter only")
-    d_replay.add_argument("--max-attempts", type=int, default=3, help="failed replays before quarantine (default 3)")
+    d_replay.add_argument(
+        "--max-attempts", type=_int(1, 1000), default=3, help="failed replays before quarantine (default 3)"
+    )
+    d_replay.add_argument(
+        "--limit", type=_int(1, 2**31 - 1), help="replay at most this many (default: all that match)"
+    )
     d_delete = dlq.add_parser("delete", help="delete one dead letter")
     d_delete.add_argument("id")
+    d_delete.add_argument("--yes", action="store_true", help="confirm deleting a letter never replayed")
     d_cleanup = dlq.add_parser("cleanup", help="delete dead letters older than a duration")
     d_cleanup.add_argument("--older-than", type=_duration, required=True, help="e.g. 30d, 12h")
+    confirm = d_cleanup.add_mutually_exclusive_group()
+    confirm.add_argument("--yes", action="store_true", help="confirm deleting letters never replayed")
+    confirm.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
     for p in (d_list, d_replay):
         p.add_argument("--event", help="subscription name")
         p.add_argument("--source", help="bus name")
         p.add_argument("--error", help="error substring")
-        p.add_argument("--limit", type=int, default=100)
-    d_list.add_argument("--offset", type=int, default=0)
+    d_list.add_argument("--limit", type=_LIMIT, default=100, help=f"1 to {MAX_LIMIT:,} (default 100)")
+    d_list.add_argument("--offset", type=_OFFSET, default=0)
     d_list.add_argument("--exclude-retried", action="store_true")
     d_replay.set_defaults(exclude_retried=True)
     for p in (d_list, d_stats, d_show, d_replay, d_delete, d_cleanup):
         _store_args(p, "event_dlq")
         p.set_defaults(run=cmd_dlq)
 
-    monitor = commands.add_parser("monitor", help="the monitor HTTP API").add_subparsers(dest="action", required=True)
+    status = commands.add_parser(
+        "status", help="per checkpoint: position, age, oplog headroom; pending acks, dead letters"
+    )
+    _store_args(status, None)
+    status.add_argument(
+        "--acks-collection", default="_event_acks", help="the ack store's collection (default: _event_acks)"
+    )
+    status.add_argument(
+        "--dlq-collection", default="event_dlq", help="the dead letters' collection (default: event_dlq)"
+    )
+    status.add_argument(
+        "--json", action="store_true", help="one JSON document per checkpoint, then the totals"
+    )
+    status.set_defaults(run=cmd_status)
+
+    monitor = commands.add_parser("monitor", help="the monitor HTTP API").add_subparsers(
+        dest="action", required=True
+    )
     serve = monitor.add_parser("serve", help="serve the monitor API on a local port")
     _store_args(serve, "monitor_entries")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080, help="0 picks a free port")
-    serve.add_argument("--app", help="package.module:bus whose health /v1/health reports")
+    serve.add_argument("--port", type=_int(0, 65535), default=8080, help="0 picks a free port")
     serve.set_defaults(run=cmd_monitor)
     return parser
 
@@ -363,7 +751,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code (0 ok, 1 failure, 2 usage, 4 not found)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
+    if getattr(args, "uri_arg", None):
+        args.uri = args.uri or args.uri_arg
+    ensure_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
     from pymongo.errors import PyMongoError
 
     from .errors import MongoEventsError
@@ -371,12 +761,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.run(args)
     except _Exit as exc:
-        print(f"mongo-events: {exc}", file=sys.stderr)
+        _say(f"mongo-events: {exc}")
         return exc.code
     except (PyMongoError, MongoEventsError) as exc:
-        print(f"mongo-events: {exc}", file=sys.stderr)
+        _say(f"mongo-events: {exc}")
         return FAILED
+    except BrokenPipeError:
+        return _broken_pipe()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return _broken_pipe()
     return code
+
+
+def _broken_pipe() -> int:
+    """The reader of stdout went away (``| head``): end quietly, as ``cat`` would."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail again
+    except (OSError, ValueError):  # pragma: no cover - stdout is not a file
+        pass
+    return BROKEN_PIPE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -30,81 +30,65 @@ def flask_app(uri: str, **config: Any) -> flask.Flask:
     app = flask.Flask("contrib_test")
     app.config.update(
         MONGO_EVENTS_URI=uri,
-        MONGO_EVENTS_BUSES={"orders": {"database": "shop", "collection": "orders", "resume_token_id": "web", **FAST}},
+        MONGO_EVENTS_BUSES={
+            "orders": {"database": "shop", "collection": "orders", "resume_token_id": "web", **FAST}
+        },
         MONGO_EVENTS_STOP_TIMEOUT=5,
         **config,
     )
     return app
 
 
-def test_flask_autostart_delivers_and_stops(fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any]) -> None:
-    events = MongoEvents()
+def test_flask_autostart_starts_at_the_first_request_with_later_subscriptions_in_the_app_context(
+    fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any]
+) -> None:
+    # Given the order README.rst shows: MongoEvents(app) first, subscriptions after it.
+    app = flask_app(fake_rs.uri, MONGO_EVENTS_AUTOSTART=True, GREETING="hello")
+    app.add_url_rule("/", "index", lambda: "ok")
+    events = MongoEvents(app)
     seen = Recorder()
 
     @events.subscribe("orders")
     def on_order(ev: me.ChangeEvent) -> None:
-        seen.add(ev.document_id)
+        seen.add((ev.document_id, flask.current_app.config["GREETING"], flask.current_app.name))
 
-    app = flask_app(fake_rs.uri, MONGO_EVENTS_AUTOSTART=True)
-    events.init_app(app)
+    bus = events.bus("orders")
     try:
-        bus = events.bus("orders")
+        # A process that never serves a request (a gunicorn --preload master, the reloader's
+        # parent, `flask shell`) never starts the buses.
+        assert bus.state is me.BusState.NEW
+        assert app.test_client().get("/").status_code == 200
         assert bus.state is me.BusState.RUNNING and bus.resume_token_key == "shop.orders:web"
         assert app.extensions["mongo_events"] is events
+        app.test_client().get("/")  # later requests change nothing
         client.shop.orders.insert_one({"_id": 7})
-        assert seen.wait(1) == [7]
+        assert seen.wait(1) == [(7, "hello", "contrib_test")]
     finally:
         events.stop()
     assert bus.state is me.BusState.STOPPED
 
 
-def test_flask_does_not_autostart_by_default_or_in_the_reloader_parent(fake_rs: FakeReplicaSet, monkeypatch: pytest.MonkeyPatch) -> None:
-    events = MongoEvents(flask_app(fake_rs.uri))
+def test_flask_does_not_autostart_by_default(fake_rs: FakeReplicaSet) -> None:
+    app = flask_app(fake_rs.uri)
+    app.add_url_rule("/", "index", lambda: "ok")
+    events = MongoEvents(app)
     events.subscribe("orders")(lambda ev: None)
+    assert app.test_client().get("/").status_code == 200
     assert events.bus("orders").state is me.BusState.NEW
 
-    app = flask_app(fake_rs.uri, MONGO_EVENTS_AUTOSTART="true")
-    app.debug = True
-    monkeypatch.delenv("WERKZEUG_RUN_MAIN", raising=False)
-    events = MongoEvents()
-    events.subscribe("orders")(lambda ev: None)
-    events.init_app(app)
-    assert events.bus("orders").state is me.BusState.NEW  # the reloader's child starts them
 
-    monkeypatch.setenv("WERKZEUG_RUN_MAIN", "true")
-    events = MongoEvents()
-    events.subscribe("orders")(lambda ev: None)
-    events.init_app(app)
-    try:
-        assert events.bus("orders").state is me.BusState.RUNNING
-    finally:
-        events.stop()
-
-
-@pytest.mark.parametrize(
-    ("reload", "debug", "starts"),
-    [(None, True, False), (None, False, True), (False, True, True), (True, False, False)],
-)
-def test_flask_run_reload_option_decides_where_buses_start(
-    fake_rs: FakeReplicaSet, monkeypatch: pytest.MonkeyPatch, reload: bool | None, debug: bool, starts: bool
+def test_flask_autostart_says_which_bus_has_no_subscriptions(
+    fake_rs: FakeReplicaSet, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """``flask run --debug --no-reload`` runs one process: it must start the buses; ``--reload``
-    without debug runs a parent that only watches files: it must not."""
-    import click
-    import flask.cli
-
-    monkeypatch.delenv("WERKZEUG_RUN_MAIN", raising=False)
     app = flask_app(fake_rs.uri, MONGO_EVENTS_AUTOSTART="true")
-    app.debug = debug
-    events = MongoEvents()
-    events.subscribe("orders")(lambda ev: None)
-    ctx = click.Context(flask.cli.run_command, info_name="run")
-    ctx.params = {"reload": reload}
-    with ctx:  # what init_app sees while `flask run` loads the app
-        events.init_app(app)
+    app.add_url_rule("/", "index", lambda: "ok")
+    events = MongoEvents(app)
+    with caplog.at_level("ERROR", logger="mongo_events"):
+        assert app.test_client().get("/").status_code == 200
     try:
-        expected = me.BusState.RUNNING if starts else me.BusState.NEW
-        assert events.bus("orders").state is expected
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert any("bus 'orders' has no subscriptions" in m for m in errors), errors
+        assert events.bus("orders").state is me.BusState.NEW
     finally:
         events.stop()
 
@@ -119,7 +103,9 @@ def test_unknown_bus_names_say_which_exist(fake_rs: FakeReplicaSet) -> None:
         BusRegistry({"x": {"database": "d", "colour": "red"}}, uri=fake_rs.uri).bus("x")
 
 
-def test_flask_cli_runs_buses_in_the_foreground(fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], tmp_path: Any) -> None:
+def test_flask_cli_runs_buses_in_the_foreground(
+    fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], tmp_path: Any
+) -> None:
     (tmp_path / "flaskapp.py").write_text(
         "import flask\nfrom mongo_events.contrib.flask import MongoEvents\n"
         "app = flask.Flask(__name__)\n"
@@ -130,8 +116,14 @@ def test_flask_cli_runs_buses_in_the_foreground(fake_rs: FakeReplicaSet, client:
         "def on(ev):\n    print('got', ev.document_id, flush=True)\n"
     )
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
-    proc = subprocess.Popen([sys.executable, "-m", "flask", "--app", "flaskapp", "mongo-events", "run"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flask", "--app", "flaskapp", "mongo-events", "run"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stderr is not None and proc.stdout is not None
         for line in proc.stderr:
@@ -158,13 +150,19 @@ def django_rs() -> Iterator[FakeReplicaSet]:
         settings.configure(
             INSTALLED_APPS=["mongo_events.contrib.django"],
             DATABASES={},
-            MONGO_EVENTS={"URI": rs.uri, "BUSES": {"orders": {"database": "shop", "collection": "orders", **FAST}}, "STOP_TIMEOUT": 5},
+            MONGO_EVENTS={
+                "URI": rs.uri,
+                "BUSES": {"orders": {"database": "shop", "collection": "orders", **FAST}},
+                "STOP_TIMEOUT": 5,
+            },
         )
         django.setup()
         yield rs
 
 
-def test_django_command_runs_buses_with_connection_hygiene(django_rs: FakeReplicaSet, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_django_command_runs_buses_with_connection_hygiene(
+    django_rs: FakeReplicaSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import django.db
     from django.core.management import call_command
 
@@ -230,7 +228,9 @@ def _in_child(fn: Any) -> int:
     raise AssertionError("the forked child did not finish within 30 s")
 
 
-def test_a_started_bus_cannot_be_used_in_a_forked_child(fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_a_started_bus_cannot_be_used_in_a_forked_child(
+    fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     bus = make_bus(client.shop.orders)
     bus.subscribe(lambda ev: None)
     bus.start()
@@ -263,7 +263,9 @@ def test_a_bus_created_before_fork_and_started_after_works(fake_rs: FakeReplicaS
     c.close()
 
 
-def test_uwsgi_without_threads_is_refused(client: pymongo.MongoClient[Any], make_bus: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_uwsgi_without_threads_is_refused(
+    client: pymongo.MongoClient[Any], make_bus: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     bus = make_bus(client.shop.orders)
     bus.subscribe(lambda ev: None)
     monkeypatch.setitem(sys.modules, "uwsgi", types.SimpleNamespace(opt={"master": True}))

@@ -37,7 +37,11 @@ class Client:
 
     def request(self, method: str, url: str) -> tuple[int, Any, dict[str, str]]:
         parts = urlsplit(url)
-        environ: dict[str, Any] = {"REQUEST_METHOD": method, "PATH_INFO": parts.path, "QUERY_STRING": parts.query}
+        environ: dict[str, Any] = {
+            "REQUEST_METHOD": method,
+            "PATH_INFO": parts.path,
+            "QUERY_STRING": parts.query,
+        }
         setup_testing_defaults(environ)
         captured: dict[str, Any] = {}
 
@@ -86,9 +90,13 @@ def test_entries_follow_each_delivery(client: pymongo.MongoClient[Any], make_bus
     assert entries[2].status is MonitorStatus.COMPLETED and entries[2].retry_count == 1
     assert entries[2].error == "ValueError: cannot handle 2"  # kept after the later success
     assert entries[3].status is MonitorStatus.FAILED and entries[3].retry_count == 2
+    # retry_count means retries in both records of the event that was given up on.
+    (letter,) = letters.list()
+    assert letter.original_id == entries[3].event_id and letter.retry_count == entries[3].retry_count == 2
     for e in entries.values():
         assert e.subscription_id == "orders" and e.event_name == "shop.orders" and e.bus_id == bus.name
         assert e.completed_at is not None and e.duration_ms is not None and e.instance_id
+        assert e.duration_ms == (e.completed_at - e.started_at) / timedelta(milliseconds=1)
         assert e.metadata["operation"] == "insert"
     assert store.stuck_pending_count(timedelta(0)) == 0
     # Batched: the dozen lifecycle changes went out in the one write that flush() asked for.
@@ -116,7 +124,9 @@ def test_a_running_callback_shows_as_pending(client: pymongo.MongoClient[Any], m
     assert wait_for(lambda: (store.get_by_event_id(event_id) or [entry])[0].status is MonitorStatus.COMPLETED)
 
 
-def test_an_exhausted_event_that_stops_the_bus_is_recorded_failed(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_an_exhausted_event_that_stops_the_bus_is_recorded_failed(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     store = MemoryMonitorStore()
     bus = make_bus(client.shop.orders, monitor=store)
 
@@ -177,12 +187,37 @@ def test_replay_is_recorded_at_once(client: pymongo.MongoClient[Any], make_bus: 
 def api() -> tuple[Client, MemoryMonitorStore]:
     store = MemoryMonitorStore()
     now = now_ms()
-    store.write([
-        MonitorEntry("e1", "a", "shop.orders", "bus", MonitorStatus.COMPLETED, now - timedelta(minutes=3), "h:1", duration_ms=4.0),
-        MonitorEntry("e1", "b", "shop.orders", "bus", MonitorStatus.FAILED, now - timedelta(minutes=2), "h:1", error="boom", retry_count=5),
-        MonitorEntry("e2", "a", "shop.users", "bus", MonitorStatus.PENDING, now - timedelta(minutes=1), "h:2"),
-        MonitorEntry("old", "a", "shop.orders", "bus", MonitorStatus.COMPLETED, now - timedelta(days=3), "h:1"),
-    ])
+    store.write(
+        [
+            MonitorEntry(
+                "e1",
+                "a",
+                "shop.orders",
+                "bus",
+                MonitorStatus.COMPLETED,
+                now - timedelta(minutes=3),
+                "h:1",
+                duration_ms=4.0,
+            ),
+            MonitorEntry(
+                "e1",
+                "b",
+                "shop.orders",
+                "bus",
+                MonitorStatus.FAILED,
+                now - timedelta(minutes=2),
+                "h:1",
+                error="boom",
+                retry_count=5,
+            ),
+            MonitorEntry(
+                "e2", "a", "shop.users", "bus", MonitorStatus.PENDING, now - timedelta(minutes=1), "h:2"
+            ),
+            MonitorEntry(
+                "old", "a", "shop.orders", "bus", MonitorStatus.COMPLETED, now - timedelta(days=3), "h:1"
+            ),
+        ]
+    )
     return Client(wsgi_app(store)), store
 
 
@@ -206,7 +241,10 @@ def test_list_filters_and_pages(api: tuple[Client, MemoryMonitorStore]) -> None:
 
 def test_get_count_summary(api: tuple[Client, MemoryMonitorStore]) -> None:
     c, _ = api
-    assert c.get("/v1/monitor/entries/e1") == (200, {"entries": c.get("/v1/monitor/entries?event_id=e1")[1]["entries"]})
+    assert c.get("/v1/monitor/entries/e1") == (
+        200,
+        {"entries": c.get("/v1/monitor/entries?event_id=e1")[1]["entries"]},
+    )
     status, body = c.get("/v1/monitor/entries/e1/b")
     assert status == 200 and body["entry"]["error"] == "boom" and body["entry"]["retry_count"] == 5
     assert c.get("/v1/monitor/entries/e1/zzz") == (404, {"error": "entry not found"})
@@ -237,14 +275,27 @@ def test_delete_needs_force_under_a_day(api: tuple[Client, MemoryMonitorStore]) 
         ("/v1/monitor/entries?has_error=maybe", "has_error"),
         ("/v1/monitor/entries?status=lost", "status must be one of"),
         ("/v1/monitor/entries?limit=ten", "limit must be an integer"),
-        ("/v1/monitor/entries?limit=0", "limit must be at least 1"),
+        ("/v1/monitor/entries?limit=0", "limit must be from 1 to 1000"),
+        ("/v1/monitor/entries?limit=1001", "limit must be from 1 to 1000"),
+        ("/v1/monitor/entries?min_duration=inf", "min_duration"),
+        ("/v1/monitor/entries?min_duration=1e400", "min_duration"),
+        ("/v1/monitor/entries?min_duration=nan", "min_duration"),
+        ("/v1/monitor/entries?min_duration=1000000d", "min_duration"),
+        ("/v1/monitor/entries?start_time=9999-12-31T23:59:59-01:00", "RFC 3339"),
+        ("/v1/monitor/entries?end_time=0001-01-01T00:00:00%2B01:00", "RFC 3339"),
+        ("/v1/monitor/entries?min_retries=1234567890123456789012345", "min_retries"),
+        ("/v1/monitor/entries?statuss=failed", "unknown query parameter(s) statuss"),
+        ("/v1/monitor/entries/count?older_than=1h", "unknown query parameter"),
+        ("/v1/monitor/entries/e1?limit=5", "unknown query parameter"),
         ("/v1/monitor/entries?min_duration=fast", "min_duration"),
         ("/v1/monitor/entries?cursor=%%%", "cursor"),
         ("/v1/monitor/entries/count?min_retries=-1", "min_retries"),
         ("/v1/monitor/summary?start_time=bad", "RFC 3339"),
     ],
 )
-def test_bad_parameters_are_400_with_a_reason(api: tuple[Client, MemoryMonitorStore], url: str, needle: str) -> None:
+def test_bad_parameters_are_400_with_a_reason(
+    api: tuple[Client, MemoryMonitorStore], url: str, needle: str
+) -> None:
     status, body = api[0].get(url)
     assert status == 400 and needle in body["error"]
 
@@ -257,6 +308,30 @@ def test_wrong_method_and_unknown_route(api: tuple[Client, MemoryMonitorStore]) 
     assert c.delete("/v1/monitor/entries/e1")[0] == 405
     assert c.get("/v1/nothing")[0] == 404
     assert c.get("/v1/health") == (404, {"error": "no health source configured"})
+
+
+@pytest.mark.parametrize("older_than", ["inf", "1e400", "1000000d", "-1h"])
+def test_bad_delete_ages_are_400(api: tuple[Client, MemoryMonitorStore], older_than: str) -> None:
+    status, body = api[0].delete(f"/v1/monitor/entries?older_than={older_than}&force=true")
+    assert status == 400 and "older_than" in body["error"]
+    assert api[0].delete("/v1/monitor/entries?older_than=48h&verbose=1")[0] == 400
+
+
+def test_a_huge_min_retries_is_a_400_before_it_reaches_mongodb(client: pymongo.MongoClient[Any]) -> None:
+    # BSON has no integer this large: the store would raise OverflowError (a 500 in text/plain).
+    c = Client(wsgi_app(MongoMonitorStore(client.internal)))
+    status, body = c.get("/v1/monitor/entries?min_retries=1234567890123456789012345")
+    assert status == 400 and "min_retries" in body["error"]
+    assert c.get("/v1/monitor/entries?min_retries=2147483647")[0] == 200
+
+
+def test_a_bug_is_a_json_500() -> None:
+    class Buggy(MemoryMonitorStore):
+        def count(self, filter: Any = None) -> int:
+            raise KeyError("oops")
+
+    status, body = Client(wsgi_app(Buggy())).get("/v1/monitor/entries/count")
+    assert status == 500 and body == {"error": "internal error: KeyError"}
 
 
 def test_store_failure_is_a_500() -> None:
@@ -287,6 +362,10 @@ def test_parse_duration() -> None:
     assert parse_duration("45") == timedelta(seconds=45)
     with pytest.raises(ValueError, match="not a duration"):
         parse_duration("1h foo")
+    for text in ("inf", "-inf", "nan", "1e400", "-5s", "1000000d"):
+        with pytest.raises(ValueError):
+            parse_duration(text)
+    assert parse_duration("36500d") == timedelta(days=36500)
 
 
 def test_stores_are_interchangeable() -> None:

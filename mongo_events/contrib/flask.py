@@ -1,4 +1,4 @@
-"""Flask integration: buses from ``app.config``, optional autostart, and ``flask mongo-events run``.
+"""Flask integration: buses from ``app.config``, callbacks in the app context, ``flask mongo-events run``.
 
 .. code-block:: python
 
@@ -11,22 +11,26 @@
 
 Settings: ``MONGO_EVENTS_URI`` (default URI), ``MONGO_EVENTS_BUSES`` (name ->
 spec, see :mod:`mongo_events.contrib.registry`), ``MONGO_EVENTS_AUTOSTART``
-(default ``False``: run ``flask mongo-events run`` as its own process instead),
+(default ``False``: run ``flask mongo-events run`` as its own process instead;
+``True``: a process starts the buses when it serves its first request),
 ``MONGO_EVENTS_STOP_TIMEOUT`` (seconds, default 30).
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from ..bus import Bus
+from ..delivery import Delivery
+from ..middleware.base import Middleware
+from ..runner import ensure_logging, exit_summary
 from .registry import BusRegistry
 
-__all__ = ["MongoEvents"]
+__all__ = ["MongoEvents", "AppContext"]
 
 log = logging.getLogger(__name__)
 
@@ -35,32 +39,46 @@ def _truthy(value: Any) -> bool:
     return value is True or str(value).lower() in ("1", "true", "yes", "on")
 
 
-def _in_reloader_parent(app: Any) -> bool:
-    """Whether this is the parent process of Werkzeug's reloader (which only watches files).
+class AppContext(Middleware):
+    """Runs each callback inside ``app.app_context()``, so ``current_app``, ``g``,
+    Flask-SQLAlchemy sessions and other extensions work in callbacks (the context is
+    torn down after each attempt, as after a request).
 
-    The reloader's child has ``WERKZEUG_RUN_MAIN=true``. Under ``flask run`` the
-    ``--reload/--no-reload`` option decides (its default is the debug flag); elsewhere
-    (``app.run(debug=True)``) the reloader is on exactly when debug is.
+    :class:`MongoEvents` installs it on every bus it builds.
+
+    .. versionadded:: 0.1.0
     """
-    if os.environ.get("WERKZEUG_RUN_MAIN") == "true":
-        return False
-    import click
 
-    ctx = click.get_current_context(silent=True)
-    if ctx is not None and ctx.info_name == "run" and "reload" in ctx.params:
-        reload = ctx.params["reload"]
-        return bool(app.debug if reload is None else reload)
-    return bool(app.debug)
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._local = threading.local()
+
+    def before_delivery(self, delivery: Delivery) -> None:
+        self._pop()  # a context left by an attempt that never reached after_delivery
+        ctx = self.app.app_context()
+        ctx.push()
+        self._local.ctx = ctx
+
+    def after_delivery(self, delivery: Delivery, error: BaseException | None, duration: float) -> None:
+        self._pop(error)
+
+    def _pop(self, error: BaseException | None = None) -> None:
+        ctx = getattr(self._local, "ctx", None)
+        if ctx is not None:
+            self._local.ctx = None
+            ctx.pop(error)
 
 
 class MongoEvents:
     """The Flask extension (``MongoEvents(app)`` or ``MongoEvents()`` then ``init_app(app)``).
 
-    With ``MONGO_EVENTS_AUTOSTART`` true, ``init_app`` starts every bus that has
-    subscriptions, except in the parent process of Werkzeug's reloader (``flask run
-    --debug``, or ``--reload``; ``--no-reload`` starts them in the one process), and
-    stops them at interpreter exit. Register subscriptions before ``init_app``
-    (or before :meth:`start`).
+    Every bus built here runs its callbacks inside the app context (:class:`AppContext`).
+    With ``MONGO_EVENTS_AUTOSTART`` true, a process starts every bus that has
+    subscriptions when it serves its first request, so subscriptions registered after
+    ``MongoEvents(app)`` are included, and processes that never serve (Werkzeug's
+    reloader parent, a ``gunicorn --preload`` master, ``flask shell``, other
+    commands) never start them. The buses stop at interpreter exit.
+    Call :meth:`start` yourself to start them at another moment.
 
     .. versionadded:: 0.1.0
     """
@@ -69,6 +87,8 @@ class MongoEvents:
         self.registry = BusRegistry()
         self._subscriptions: list[tuple[str, Callable[..., Any], dict[str, Any]]] = []
         self._stop_timeout = 30.0
+        self._autostarted = False
+        self._autostart_lock = threading.Lock()
         if app is not None:
             self.init_app(app)
 
@@ -92,22 +112,34 @@ class MongoEvents:
         config = app.config
         self.registry.config.update(config.get("MONGO_EVENTS_BUSES") or {})
         self.registry.uri = config.get("MONGO_EVENTS_URI") or self.registry.uri
+        self.registry.middleware.append(AppContext(app))
         self._stop_timeout = float(config.get("MONGO_EVENTS_STOP_TIMEOUT", 30.0))
+        self.registry.stop_timeout = self._stop_timeout
         for bus_name, fn, kwargs in self._subscriptions:
             self.registry.subscribe(bus_name, **kwargs)(fn)
         self._subscriptions.clear()
         app.extensions["mongo_events"] = self
         app.cli.add_command(_cli_group(self))
         if _truthy(config.get("MONGO_EVENTS_AUTOSTART", False)):
-            if _in_reloader_parent(app):
-                log.info("mongo-events: not starting buses in the reloader's parent process; its child starts them")
+            app.before_request(self._start_on_first_request)
+
+    def _start_on_first_request(self) -> None:
+        with self._autostart_lock:  # once per process: the first request starts the buses
+            if self._autostarted:
                 return
+            self._autostarted = True
+        try:
             self.start()
+        except Exception as exc:  # the request is served; the buses' failure is said loudly
+            log.error(
+                "%s; this process (%d) consumes no events until it restarts",
+                exit_summary(self.registry.failed, exc),
+                os.getpid(),
+            )
 
     def start(self) -> None:
         """Start every bus that has subscriptions; stopped again at interpreter exit."""
         self.registry.start()
-        atexit.register(self.stop)
 
     def stop(self) -> None:
         self.registry.stop(self._stop_timeout)
@@ -120,20 +152,31 @@ def _cli_group(ext: MongoEvents) -> Any:
     def group() -> None:
         pass
 
-    @group.command("run", help="Run every configured bus in the foreground until Ctrl-C or SIGTERM.")
+    @group.command(
+        "run", help="Run every configured bus in the foreground until Ctrl-C or SIGTERM (twice: at once)."
+    )
     def run() -> None:
         from pymongo.errors import PyMongoError
 
         from ..errors import MongoEventsError
 
+        ensure_logging()
+        registry = ext.registry
+
         def ready() -> None:
-            click.echo(f"mongo-events: running {', '.join(ext.registry.names)} in process {os.getpid()}; Ctrl-C stops", err=True)
+            click.echo(
+                f"mongo-events: running {', '.join(registry.names)} in process {os.getpid()}; Ctrl-C stops",
+                err=True,
+            )
 
         try:
-            code = ext.registry.run_forever(ext._stop_timeout, ready=ready)
+            code = registry.run_forever(ext._stop_timeout, ready=ready)
         except (MongoEventsError, PyMongoError) as exc:
-            ext.registry.stop(5.0)
-            raise click.ClickException(str(exc)) from exc
+            registry.stop(5.0)
+            click.echo(exit_summary(registry.failed, exc), err=True)
+            raise SystemExit(1) from exc
+        if code and registry.failed is not None:
+            click.echo(exit_summary(registry.failed, registry.failed.error or "failed"), err=True)
         raise SystemExit(code)
 
     return group

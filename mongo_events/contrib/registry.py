@@ -40,14 +40,18 @@ log = logging.getLogger(__name__)
 _TARGET_KEYS = ("uri", "database", "collection", "client_options")
 
 
-def build_bus(name: str, spec: Mapping[str, Any], default_uri: str | None = None) -> tuple[Bus, pymongo.MongoClient[Any]]:
+def build_bus(
+    name: str, spec: Mapping[str, Any], default_uri: str | None = None
+) -> tuple[Bus, pymongo.MongoClient[Any]]:
     """Build one bus (and its client) from a spec; see the module docstring.
 
     :raises ConfigurationError: when the spec is incomplete or names an unknown option.
     """
     uri = spec.get("uri") or default_uri
     if not uri:
-        raise ConfigurationError(f"bus {name!r} has no MongoDB URI: set its 'uri' or the integration's URI setting")
+        raise ConfigurationError(
+            f"bus {name!r} has no MongoDB URI: set its 'uri' or the integration's URI setting"
+        )
     if "collection" in spec and "database" not in spec:
         raise ConfigurationError(f"bus {name!r} names a collection but no 'database'")
     options = {k: v for k, v in spec.items() if k not in _TARGET_KEYS}
@@ -81,7 +85,12 @@ class BusRegistry:
     .. versionadded:: 0.1.0
     """
 
-    def __init__(self, config: Mapping[str, Mapping[str, Any]] | None = None, uri: str | None = None, middleware: list[Any] | None = None) -> None:
+    def __init__(
+        self,
+        config: Mapping[str, Mapping[str, Any]] | None = None,
+        uri: str | None = None,
+        middleware: list[Any] | None = None,
+    ) -> None:
         self.config: dict[str, Mapping[str, Any]] = dict(config or {})
         self.uri = uri
         self.middleware = list(middleware or [])
@@ -89,6 +98,11 @@ class BusRegistry:
         self._clients: list[pymongo.MongoClient[Any]] = []
         self._pending: dict[str, list[tuple[Callable[..., Any], dict[str, Any]]]] = {}
         self._lock = threading.RLock()
+        self._stop_at_exit = False
+        #: Seconds :meth:`stop` at interpreter exit waits for running callbacks.
+        self.stop_timeout = 30.0
+        #: The bus that made :meth:`run_forever` (or :meth:`start`) end, if one did.
+        self.failed: Bus | None = None
 
     def add_bus(self, name: str, bus: Bus) -> None:
         """Register a bus built in code (its subscriptions made with :meth:`subscribe` are applied)."""
@@ -112,7 +126,9 @@ class BusRegistry:
                     bus.subscribe(**kwargs)(fn)
                 else:
                     if bus_name not in self.config:
-                        raise ConfigurationError(f"no bus named {bus_name!r} is configured (known: {', '.join(sorted(self.config)) or 'none'})")
+                        raise ConfigurationError(
+                            f"no bus named {bus_name!r} is configured (known: {', '.join(sorted(self.config)) or 'none'})"
+                        )
                     self._pending.setdefault(bus_name, []).append((fn, kwargs))
             return fn
 
@@ -130,7 +146,9 @@ class BusRegistry:
             if bus is not None:
                 return bus
             if name not in self.config:
-                raise ConfigurationError(f"no bus named {name!r} is configured (known: {', '.join(self.names) or 'none'})")
+                raise ConfigurationError(
+                    f"no bus named {name!r} is configured (known: {', '.join(self.names) or 'none'})"
+                )
             spec = dict(self.config[name])
             if self.middleware:
                 spec["middleware"] = [*self.middleware, *spec.get("middleware", [])]
@@ -142,14 +160,33 @@ class BusRegistry:
             return bus
 
     def start(self) -> None:
-        """Build and start every bus that has subscriptions (others are logged and skipped)."""
+        """Build and start every bus that has subscriptions; each is stopped again at interpreter exit.
+
+        A configured bus without subscriptions is logged as an ERROR naming it (it would
+        consume nothing) and not started. :attr:`failed` names the bus whose start raised.
+        """
         for name in self.names:
             bus = self.bus(name)
             if not bus.subscriptions:
-                log.warning("mongo-events: bus %r has no subscriptions; not started", name)
+                log.error(
+                    "mongo-events: bus %r has no subscriptions, so it is not started: subscribe before it starts",
+                    name,
+                )
                 continue
             if bus.state.value in ("new", "stopped"):
-                bus.start()
+                try:
+                    bus.start()
+                except BaseException:
+                    self.failed = bus
+                    raise
+                log.info("mongo-events: started bus %s in process %d", name, os.getpid())
+        with self._lock:
+            if not self._stop_at_exit:
+                self._stop_at_exit = True
+                _at_exit(self._stop_at_exit_hook)
+
+    def _stop_at_exit_hook(self) -> None:
+        self.stop(self.stop_timeout)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop every running bus and close the clients built here."""
@@ -157,6 +194,8 @@ class BusRegistry:
             buses = list(self._buses.values())
             clients, self._clients = self._clients, []
         for bus in buses:
+            if bus.state.value == "new":  # never started (Bus.stop would wait for a start)
+                continue
             try:
                 bus.stop(timeout)
             except MongoEventsError as exc:
@@ -167,14 +206,37 @@ class BusRegistry:
     def run_forever(self, stop_timeout: float = 30.0, ready: Callable[[], None] | None = None) -> int:
         """Start every bus and block until SIGINT/SIGTERM or one fails; returns an exit code.
 
+        The first signal stops gracefully (running callbacks get ``stop_timeout`` seconds);
+        a second one ends the process at once with status 128 + the signal number (events
+        not finished are delivered again after restart). When a bus fails, :attr:`failed`
+        is that bus and the result is 1.
+
         :param ready: called once every bus has started (to announce it).
         """
         stop = threading.Event()
         previous: dict[signal.Signals, Any] = {}
+        signals = [0]
+
+        def on_signal(signum: int, frame: Any) -> None:
+            signals[0] += 1
+            if signals[0] > 1:
+                log.warning(
+                    "mongo-events: second signal %d: exiting now without waiting for callbacks; unfinished events are delivered again after restart",
+                    signum,
+                )
+                os._exit(128 + signum)
+            log.warning(
+                "mongo-events: got signal %d; stopping gracefully (within %gs; a second signal exits at once)",
+                signum,
+                stop_timeout,
+            )
+            stop.set()
+
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, lambda *_: stop.set())
+                previous[sig] = signal.signal(sig, on_signal)
         try:
+            self.failed = None
             self.start()
             if ready is not None:
                 ready()
@@ -186,9 +248,29 @@ class BusRegistry:
                     break
             self.stop(stop_timeout)
             if failed is not None:
+                self.failed = failed
                 log.error("mongo-events: bus %s failed: %s", failed.name, failed.error)
                 return 1
             return 0
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def _at_exit(fn: Callable[[], None]) -> None:
+    """Run ``fn`` at interpreter exit *before* the dispatcher's exit hook halts running buses.
+
+    ``atexit`` hooks run after ``threading``'s, too late: the dispatcher would already have
+    halted the bus and warned that the interpreter exits while it runs. Hooks registered with
+    ``threading._register_atexit`` run in reverse order, so this one runs first.
+    """
+    register = getattr(threading, "_register_atexit", None)
+    if register is None:  # pragma: no cover - CPython has had it since 3.9
+        import atexit
+
+        atexit.register(fn)
+        return
+    try:
+        register(fn)
+    except RuntimeError:  # the interpreter is already shutting down
+        pass

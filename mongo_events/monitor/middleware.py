@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import threading
+from datetime import datetime, timedelta
 from typing import Any
 
 import attrs
@@ -35,6 +36,12 @@ def _error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"[:2000]
 
 
+def _elapsed(entry: MonitorEntry, now: datetime) -> None:
+    """``duration_ms`` from ``started_at`` to ``now`` (both in whole milliseconds, as stored), so
+    that it always equals ``completed_at - started_at`` once the entry is finished."""
+    entry.duration_ms = (now - entry.started_at) / timedelta(milliseconds=1)
+
+
 class MonitorMiddleware(Middleware):
     """Records pending → retrying → completed / failed per (event, subscription).
 
@@ -51,7 +58,9 @@ class MonitorMiddleware(Middleware):
     .. versionadded:: 0.1.0
     """
 
-    def __init__(self, store: MonitorStore, *, instance_id: str | None = None, max_buffered: int = 100_000) -> None:
+    def __init__(
+        self, store: MonitorStore, *, instance_id: str | None = None, max_buffered: int = 100_000
+    ) -> None:
         self.store = store
         self._instance_id = instance_id
         self.max_buffered = max_buffered
@@ -74,7 +83,10 @@ class MonitorMiddleware(Middleware):
             entry = self._active.get(key)
             if entry is None:
                 event = delivery.event
-                metadata: dict[str, Any] = {"operation": str(event.operation_type), "document_key": event.document_key}
+                metadata: dict[str, Any] = {
+                    "operation": str(event.operation_type),
+                    "document_key": event.document_key,
+                }
                 if delivery.replay:
                     metadata["replay"] = True
                 entry = MonitorEntry(
@@ -101,12 +113,13 @@ class MonitorMiddleware(Middleware):
             entry = self._active.get(key)
             if entry is None:
                 return
-            entry.duration_ms = round(duration * 1000, 3)
+            now = now_ms()
+            _elapsed(entry, now)
             if error is not None:
                 entry.error = _error_text(error)
             if error is None or delivery.replay:  # a replay is one attempt: it completes or fails
                 entry.status = MonitorStatus.COMPLETED if error is None else MonitorStatus.FAILED
-                entry.completed_at = now_ms()
+                entry.completed_at = now
                 del self._active[key]
             else:
                 entry.status = MonitorStatus.RETRYING
@@ -123,6 +136,7 @@ class MonitorMiddleware(Middleware):
             entry.status = MonitorStatus.FAILED
             entry.error = _error_text(error)
             entry.completed_at = now_ms()
+            _elapsed(entry, entry.completed_at)
             self._dirty[key] = entry
 
     def after_dead_letter(self, delivery: Delivery, error: BaseException) -> None:
@@ -142,7 +156,12 @@ class MonitorMiddleware(Middleware):
         try:
             self.store.write([snapshot])
         except Exception as exc:
-            log.warning("monitor: could not record replay of %s for %r: %s", entry.event_id, entry.subscription_id, exc)
+            log.warning(
+                "monitor: could not record replay of %s for %r: %s",
+                entry.event_id,
+                entry.subscription_id,
+                exc,
+            )
 
     def flush(self) -> None:
         """Write every changed entry in one batch (the bus's flusher calls this)."""
@@ -162,6 +181,10 @@ class MonitorMiddleware(Middleware):
                     for key in list(self._dirty)[:excess]:
                         del self._dirty[key]
                     self.dropped += excess
-                    log.error("monitor: store unavailable; dropped %d unwritten entries (%d so far)", excess, self.dropped)
+                    log.error(
+                        "monitor: store unavailable; dropped %d unwritten entries (%d so far)",
+                        excess,
+                        self.dropped,
+                    )
             raise
         self.writes += 1

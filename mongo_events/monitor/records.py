@@ -32,7 +32,7 @@ DEFAULT_LIMIT = 100
 class MonitorStatus(str, enum.Enum):
     """Where one subscription is with one event."""
 
-    PENDING = "pending"      #: the callback is running (first attempt)
+    PENDING = "pending"  #: the callback is running (first attempt)
     COMPLETED = "completed"  #: the callback returned
     FAILED = "failed"        #: given up: dead-lettered, skipped, rejected, or the bus stopped on it
     RETRYING = "retrying"    #: an attempt failed and another is scheduled
@@ -52,13 +52,16 @@ def rfc3339(value: datetime) -> str:
 
 
 def parse_rfc3339(text: str) -> datetime:
-    """The reverse of :func:`rfc3339`: an RFC 3339 / ISO 8601 time (``Z`` allowed); a time
-    without an offset is taken as UTC.
+    """The reverse of :func:`rfc3339`: an RFC 3339 / ISO 8601 time (``Z`` allowed), in UTC; a
+    time without an offset is taken as UTC.
 
     :raises ValueError: when ``text`` is not one.
     """
     value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    try:
+        return _utc(value)
+    except OverflowError:  # 9999-12-31T23:59:59-01:00 is past the calendar's end in UTC
+        raise ValueError(f"{text!r} is outside the years 1 to 9999 in UTC") from None
 
 
 def now_ms() -> datetime:
@@ -78,10 +81,12 @@ class MonitorEntry:
     :ivar instance_id: the process that handled it (``host:pid`` by default).
     :ivar status: a :class:`MonitorStatus`.
     :ivar error: the last attempt's error, if any (kept after a later success).
-    :ivar retry_count: attempts after the first.
-    :ivar started_at: when the first attempt started (UTC).
+    :ivar retry_count: retries: attempts after the first (a dead letter's ``retry_count`` means
+        the same).
+    :ivar started_at: when the first attempt started (UTC, whole milliseconds).
     :ivar completed_at: when it completed or failed.
-    :ivar duration_ms: the last attempt's duration in milliseconds.
+    :ivar duration_ms: milliseconds from ``started_at`` to the end of the latest attempt: once
+        finished, exactly ``completed_at - started_at`` (retries and their back-off included).
     :ivar trace_id: / :ivar span_id: of the span active around the callback, if any (hex).
     :ivar metadata: ``operation``, ``document_key`` and, for replays, ``replay``.
     """
@@ -151,7 +156,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, str, str]:
         data = json.loads(base64.urlsafe_b64decode(cursor.encode()))
         return _utc(datetime.fromisoformat(data["s"])), str(data["e"]), str(data["u"])
     except (ValueError, KeyError, TypeError, binascii.Error) as exc:
-        raise ConfigurationError(f"invalid monitor cursor {cursor!r}: pass next_cursor from the previous page") from exc
+        raise ConfigurationError(
+            f"invalid monitor cursor {cursor!r}: pass next_cursor from the previous page"
+        ) from exc
 
 
 def _statuses(values: Iterable[MonitorStatus | str]) -> tuple[MonitorStatus, ...]:
@@ -214,7 +221,10 @@ class MonitorFilter:
             return False
         if self.end_time is not None and entry.started_at >= self.end_time:
             return False
-        if self.min_duration is not None and (entry.duration_ms or 0) < self.min_duration.total_seconds() * 1000:
+        if (
+            self.min_duration is not None
+            and (entry.duration_ms or 0) < self.min_duration.total_seconds() * 1000
+        ):
             return False
         return self.min_retries is None or entry.retry_count >= self.min_retries
 
@@ -228,7 +238,11 @@ class MonitorPage:
     has_more: bool
 
     def to_json(self) -> dict[str, Any]:
-        return {"entries": [e.to_json() for e in self.entries], "next_cursor": self.next_cursor, "has_more": self.has_more}
+        return {
+            "entries": [e.to_json() for e in self.entries],
+            "next_cursor": self.next_cursor,
+            "has_more": self.has_more,
+        }
 
 
 @attrs.frozen
@@ -272,7 +286,9 @@ class MonitorSummary:
         }
 
 
-def summarize(rows: Iterable[tuple[str, str, str, int, float, int]], oldest: datetime | None, newest: datetime | None) -> MonitorSummary:
+def summarize(
+    rows: Iterable[tuple[str, str, str, int, float, int]], oldest: datetime | None, newest: datetime | None
+) -> MonitorSummary:
     """Build a summary from ``(event_name, status, instance_id, count, duration_sum_ms, durations)`` rows."""
     by_status: dict[str, int] = {}
     by_instance: dict[str, int] = {}
@@ -285,7 +301,9 @@ def summarize(rows: Iterable[tuple[str, str, str, int, float, int]], oldest: dat
         by_status[status] = by_status.get(status, 0) + n
         if instance:
             by_instance[instance] = by_instance.get(instance, 0) + n
-        acc = per_event.setdefault(event_name, {"total": 0, "dsum": 0.0, "dn": 0, **{s.value: 0 for s in MonitorStatus}})
+        acc = per_event.setdefault(
+            event_name, {"total": 0, "dsum": 0.0, "dn": 0, **{s.value: 0 for s in MonitorStatus}}
+        )
         acc["total"] += n
         acc[status] = acc.get(status, 0) + n
         acc["dsum"] += duration_sum

@@ -88,7 +88,8 @@ class DeadLetter:
     :ivar payload: the raw change document, as received.
     :ivar metadata: bus, namespace, operation, document key, cluster time.
     :ivar error: what went wrong (for decode errors, the readable paths).
-    :ivar retry_count: attempts made before giving up (grows when deduplicated).
+    :ivar retry_count: retries (attempts after the first) made before giving up, as a monitor
+        entry's ``retry_count``; with deduplication, summed over each time the event was dead-lettered.
     :ivar source: the bus's name.
     :ivar replay_count: failed replays so far.
     :ivar retried_at: when a replay succeeded.

@@ -20,6 +20,13 @@ __all__ = ["FakeReplicaSet"]
 def __getattr__(name: str) -> Any:
     # Lazy, so that ``python -m mongo_events.testing.server`` does not import itself twice.
     if name == "FakeReplicaSet":
+        try:
+            import mongomock  # noqa: F401
+        except ImportError as exc:
+            raise ImportError(
+                "FakeReplicaSet keeps its data in mongomock: pip install 'mongo-events[testing]'",
+                name=exc.name,
+            ) from exc
         from .server import FakeReplicaSet
 
         return FakeReplicaSet

@@ -9,19 +9,24 @@ from django.core.management.base import BaseCommand, CommandError
 
 
 class Command(BaseCommand):
-    help = "Run the buses configured in settings.MONGO_EVENTS until Ctrl-C or SIGTERM."
+    help = "Run the buses configured in settings.MONGO_EVENTS until Ctrl-C or SIGTERM (a second one stops at once)."
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument("--bus", action="append", dest="buses", help="run only this bus (repeatable)")
 
     def handle(self, *args: Any, **options: Any) -> None:
         from mongo_events.contrib.django import registry
+        from mongo_events.runner import ensure_logging, exit_summary
+
+        ensure_logging()
 
         conf = dict(getattr(settings, "MONGO_EVENTS", {}) or {})
         if options.get("buses"):
             unknown = set(options["buses"]) - set(registry.names)
             if unknown:
-                raise CommandError(f"unknown bus(es) {', '.join(sorted(unknown))}; configured: {', '.join(registry.names)}")
+                raise CommandError(
+                    f"unknown bus(es) {', '.join(sorted(unknown))}; configured: {', '.join(registry.names)}"
+                )
             for name in list(registry.config):
                 if name not in options["buses"]:
                     del registry.config[name]
@@ -38,6 +43,10 @@ class Command(BaseCommand):
             code = registry.run_forever(float(conf.get("STOP_TIMEOUT", 30)), ready=ready)
         except (MongoEventsError, PyMongoError) as exc:
             registry.stop(5.0)
-            raise CommandError(str(exc)) from exc
+            raise CommandError(exit_summary(registry.failed, exc)) from exc
         if code:
-            raise CommandError("a bus failed; see the log above", returncode=code)
+            failed = registry.failed
+            raise CommandError(
+                exit_summary(failed, failed.error if failed is not None and failed.error else "failed"),
+                returncode=code,
+            )

@@ -27,6 +27,7 @@ from bson import json_util
 
 from . import __version__
 from .runner import ensure_logging
+from .stores.mongodb import GO_ZERO_TIME
 
 __all__ = ["main"]
 
@@ -563,7 +564,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     acks = db[args.acks_collection]
     totals = {
-        "pending_acks": acks.count_documents({"acked_at": None}),
+        "pending_acks": acks.count_documents({"acked_at": {"$in": [None, GO_ZERO_TIME]}}),  # Go writes zero time
         "dead_letters": dlq.count_documents({"retried_at": None}),
     }
     if args.json:

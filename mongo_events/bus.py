@@ -47,6 +47,7 @@ from .events import ChangeEvent, FullDocument, OperationType
 from .flusher import Flusher
 from .health import Health, token_time
 from .metrics import Metrics
+from .options import check_callable, check_choice, check_has_method, check_int, check_number, invalid
 from .middleware.base import Middleware
 from .monitor.middleware import MonitorMiddleware
 from .monitor.store import MonitorStore
@@ -93,6 +94,61 @@ def _document_lane(key: Mapping[str, Any], event: ChangeEvent, one_namespace: bo
     if kind is str or kind is int or kind is bson.ObjectId:
         return value if one_namespace else (event.database, event.collection, value)
     return (event.database, event.collection, bson.encode(dict(key)))
+
+
+def _check_bus_options(o: Mapping[str, Any]) -> None:
+    """Refuse every bad :class:`Bus` option with a :class:`ConfigurationError` naming it."""
+    if o["name"] is not None and not isinstance(o["name"], str):
+        raise invalid("name", o["name"], "a str or None")
+    check_choice("full_document", o["full_document"], [None, *FullDocument])
+    check_choice("full_document_before_change", o["full_document_before_change"], [None, "off", "whenAvailable", "required"])
+    for flag in ("full_document_only", "update_description", "include_empty_updates", "show_expanded_events", "resume"):
+        if not isinstance(o[flag], bool):
+            raise invalid(flag, o[flag], "True or False")
+    check_int("max_updated_fields_size", o["max_updated_fields_size"], 0)
+    pipeline = o["pipeline"]
+    if pipeline is not None and (isinstance(pipeline, (str, bytes, Mapping)) or not isinstance(pipeline, Sequence)):
+        raise invalid("pipeline", pipeline, "a list of stages such as [{'$match': ...}]")
+    for stage in pipeline or ():
+        if not isinstance(stage, Mapping) or len(stage) != 1:
+            raise invalid("pipeline", pipeline, f"a list of one-key mappings such as {{'$match': ...}} (bad stage: {stage!r})")
+    check_int("batch_size", o["batch_size"], 0, allow_none=True)
+    if not isinstance(o["max_await_time"], timedelta):
+        check_number("max_await_time", o["max_await_time"])
+    elif o["max_await_time"] <= timedelta(0):
+        raise invalid("max_await_time", o["max_await_time"], "a positive number of seconds or timedelta")
+    store = o["resume_token_store"]
+    if store is not None and not isinstance(store, ResumeTokenStore):
+        raise invalid("resume_token_store", store, "a mongo_events.ResumeTokenStore (MongoResumeTokenStore, FileResumeTokenStore ...) or None")
+    coll = o["resume_token_collection"]
+    if coll is not None and not isinstance(coll, (MongoCollection, str)):
+        raise invalid("resume_token_collection", coll, "a pymongo Collection, a collection name or None")
+    if o["resume_token_id"] is not None and (not isinstance(o["resume_token_id"], str) or not o["resume_token_id"]):
+        raise invalid("resume_token_id", o["resume_token_id"], "a non-empty str or None")
+    past = o["start_from_past"]
+    if past is not None and (not isinstance(past, timedelta) or past <= timedelta(0)):
+        raise invalid("start_from_past", past, "a positive datetime.timedelta or None")
+    check_int("max_workers", o["max_workers"], 1)
+    check_int("max_in_flight", o["max_in_flight"], 1)
+    check_choice("ordering", o["ordering"], ["document", "stream", "none"])
+    check_number("flush_interval", o["flush_interval"])
+    if o["decoder"] is not None:
+        check_has_method("decoder", o["decoder"], "decode", "a mongo_events.Decoder")
+    middleware = o["middleware"]
+    if isinstance(middleware, (str, bytes, Mapping)) or not isinstance(middleware, Sequence) or not all(isinstance(m, Middleware) for m in middleware):
+        raise invalid("middleware", middleware, "a list of mongo_events.Middleware instances")
+    dead = o["dead_letters"]
+    if dead is not None and not isinstance(dead, DeadLetterStore) and not callable(dead):
+        raise invalid("dead_letters", dead, "a mongo_events.DeadLetterStore, a function (event, subscription, error, attempts) or None")
+    if o["ack_store"] is not None and not isinstance(o["ack_store"], AckStore):
+        raise invalid("ack_store", o["ack_store"], "a mongo_events.AckStore (MongoAckStore, MemoryAckStore) or None")
+    check_choice("on_history_lost", o["on_history_lost"], ["raise", "restart_from_now"])
+    check_callable("history_lost_callback", o["history_lost_callback"], "a function (key, since) or None")
+    check_number("start_timeout", o["start_timeout"])
+    if o["metrics"] is not None and not isinstance(o["metrics"], Metrics):
+        raise invalid("metrics", o["metrics"], "a mongo_events.Metrics or None")
+    if o["monitor"] is not None and not isinstance(o["monitor"], (MonitorStore, MonitorMiddleware)):
+        raise invalid("monitor", o["monitor"], "a mongo_events.monitor.MonitorStore, a MonitorMiddleware or None")
 
 
 class BusState(str, enum.Enum):
@@ -220,10 +276,9 @@ class Bus:
         self._default_db = self._db.name if self.level != "cluster" else ""
         self.name = name or self._namespace
 
+        _check_bus_options(locals())
         fd = FullDocument(full_document) if full_document is not None else None
         has_full = fd in _FULL_DOCUMENT_OPTIONS
-        if max_updated_fields_size < 0:
-            raise ConfigurationError("max_updated_fields_size must be >= 0 (0 means no limit)")
         if max_updated_fields_size and not has_full:
             raise ConfigurationError(
                 "max_updated_fields_size drops updated fields, so callbacks need the full document instead: "
@@ -234,25 +289,10 @@ class Bus:
                 "full_document_only needs the stream to carry full documents for updates: "
                 "also pass full_document=FullDocument.UPDATE_LOOKUP (or WHEN_AVAILABLE / REQUIRED)"
             )
-        if full_document_before_change not in (None, "off", "whenAvailable", "required"):
-            raise ConfigurationError("full_document_before_change must be 'off', 'whenAvailable' or 'required'")
-        if ordering not in ("document", "stream", "none"):
-            raise ConfigurationError(f"ordering must be 'document', 'stream' or 'none', got {ordering!r}")
-        if max_workers < 1 or max_in_flight < 1:
-            raise ConfigurationError("max_workers and max_in_flight must be at least 1")
-        if flush_interval <= 0:
-            raise ConfigurationError("flush_interval must be > 0 seconds")
-        if on_history_lost not in ("raise", "restart_from_now"):
-            raise ConfigurationError("on_history_lost must be 'raise' or 'restart_from_now'")
         if resume_token_store is not None and resume_token_collection is not None:
             raise ConfigurationError("pass resume_token_store or resume_token_collection, not both")
         if not resume and (resume_token_store is not None or resume_token_collection is not None):
             raise ConfigurationError("resume=False stores no position: drop resume_token_store / resume_token_collection, or resume")
-        if start_from_past is not None and (not isinstance(start_from_past, timedelta) or start_from_past <= timedelta(0)):
-            raise ConfigurationError("start_from_past must be a positive datetime.timedelta")
-        for stage in pipeline or ():
-            if not isinstance(stage, Mapping) or len(stage) != 1:
-                raise ConfigurationError(f"each pipeline stage must be a one-key mapping such as {{'$match': ...}}, got {stage!r}")
 
         self.full_document = fd
         self.full_document_before_change = full_document_before_change
@@ -442,13 +482,16 @@ class Bus:
                 fn,
                 name=name,
                 payload=payload,
-                operations=[str(o) for o in operations] if operations is not None else None,
+                operations=operations,
                 max_retries=max_retries,
                 retry_backoff=retry_backoff,
                 on_exhausted=on_exhausted,
                 full_document_only=self.full_document_only,
                 index=len(self._subscriptions),
+                show_expanded_events=self.show_expanded_events,
             )
+            if payload is not None:
+                self._check_payload(payload)
             if any(s.name == sub.name for s in self._subscriptions):
                 raise ConfigurationError(f"a subscription named {sub.name!r} already exists on bus {self.name!r}; pass name=...")
             self._subscriptions.append(sub)
@@ -457,6 +500,21 @@ class Bus:
         if callback is not None:
             return register(callback)
         return register
+
+    def _check_payload(self, payload: Any) -> None:
+        """Ask the converter for ``payload``'s structure hook now, not at the first event."""
+        decoder = self._decoder
+        if not isinstance(decoder, CattrsDecoder) or payload is dict or payload is Any:
+            return  # a custom decoder: only it knows what it can build
+        try:
+            decoder.converter.get_structure_hook(payload)
+        except Exception as exc:
+            raise invalid(
+                "payload",
+                payload,
+                f"a type the decoder's cattrs converter can structure ({exc}); use a dataclass, attrs class, "
+                "TypedDict or dict, or register a hook on make_converter() and pass decoder=CattrsDecoder(converter)",
+            ) from exc
 
     # -- lifecycle --------------------------------------------------------------------
 

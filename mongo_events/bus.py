@@ -9,6 +9,7 @@ checkpoints.
 from __future__ import annotations
 
 import enum
+import inspect
 import logging
 import os
 import signal
@@ -52,7 +53,7 @@ from .middleware.base import Middleware
 from .monitor.middleware import MonitorMiddleware
 from .monitor.store import MonitorStore
 from .retrying import RetryBackoff
-from .stores.base import AckStore, DeadLetterStore, ResumeTokenStore
+from .stores.base import AckStore, Checkpoint, DeadLetterStore, ResumeTokenStore, malformed, token_problem
 from .stores.mongodb import DEFAULT_COLLECTION, MongoResumeTokenStore
 from .stores.records import AckRecord, DeadLetter
 from .subscription import OnExhausted, Subscription
@@ -332,6 +333,10 @@ class Bus:
         else:
             self.token_store = MongoResumeTokenStore(self._db[resume_token_collection or DEFAULT_COLLECTION])
 
+        #: Stores written against the older three-argument save() do not get namespace/level.
+        self._save_kwargs: dict[str, str] = (
+            {"namespace": self._namespace, "level": self.level} if self.token_store is not None and _takes_namespace(self.token_store) else {}
+        )
         self._subscriptions: list[Subscription] = []
         self._state = BusState.NEW
         self._state_lock = threading.Lock()
@@ -718,6 +723,7 @@ class Bus:
         if self.token_store is not None:
             checkpoint = self.token_store.load(self.resume_token_key)
             if checkpoint is not None:
+                self._check_checkpoint(checkpoint)
                 with self._cond:
                     self._tracker.checkpoint = checkpoint.token
                     self._tracker.checkpoint_time = checkpoint.cluster_time
@@ -730,6 +736,23 @@ class Bus:
             log.info("bus %s has no checkpoint; starting from %s", self.name, since.isoformat())
             return Position(start_at_operation_time=Timestamp(since, 0))
         return Position()
+
+    def _check_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Refuse a stored checkpoint that is malformed or belongs to another namespace."""
+        key, where = self.resume_token_key, type(self.token_store).__name__
+        problem = token_problem(checkpoint.token)
+        if problem is not None:
+            raise malformed(key, where, problem)
+        if (checkpoint.namespace is not None and checkpoint.namespace != self._namespace) or (
+            checkpoint.level is not None and checkpoint.level != self.level
+        ):
+            raise StoreError(
+                f"bus {self.name!r}: the stored checkpoint {key!r} in {where} was written by a bus watching "
+                f"{checkpoint.namespace} ({checkpoint.level} watch), but this bus watches {self._namespace} "
+                f"({self.level} watch): resuming there would deliver another stream's changes or skip this one's. "
+                "It was left untouched. Give this bus its own resume_token_id, or reset_resume_token() if the "
+                "target was renamed on purpose"
+            )
 
     def _fail(self, exc: BaseException) -> None:
         with self._state_lock:
@@ -833,7 +856,7 @@ class Bus:
         if token is None:
             return True  # history arrived in the first batch (start_from_past): nothing to pin
         try:
-            self.token_store.save(self.resume_token_key, token, None)
+            self.token_store.save(self.resume_token_key, token, None, **self._save_kwargs)
         except StoreError as exc:
             self._on_connected(exc)
             self._fail(exc)
@@ -1346,7 +1369,7 @@ class Bus:
         assert store is not None
         token, cluster_time = checkpoint.token, checkpoint.cluster_time
         try:
-            store.save(self.resume_token_key, token, cluster_time)
+            store.save(self.resume_token_key, token, cluster_time, **self._save_kwargs)
         except Exception as exc:
             self._last_error = (f"{type(exc).__name__}: {exc}", datetime.now(timezone.utc))
             raise
@@ -1372,6 +1395,14 @@ class _Checkpoint(NamedTuple):
 def _seconds(cluster_time: Any, token: Any) -> int | None:
     """Seconds of a checkpoint's cluster time, else of the time inside its token."""
     return cluster_time.time if isinstance(cluster_time, Timestamp) else token_time(token)
+
+
+def _takes_namespace(store: ResumeTokenStore) -> bool:
+    try:
+        params = inspect.signature(store.save).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "namespace" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def _hostname() -> str:

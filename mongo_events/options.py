@@ -45,7 +45,7 @@ def check_int(option: str, value: Any, minimum: int, *, allow_none: bool = False
         return
     if type(value) is bool or not isinstance(value, int) or value < minimum:
         none = " (or None)" if allow_none else ""
-        raise invalid(option, value, f"an int >= {minimum}{none}")
+        raise invalid(option, value, f"an int of at least {minimum}{none}")
 
 
 def check_number(option: str, value: Any, *, positive: bool = True) -> None:

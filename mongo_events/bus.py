@@ -43,9 +43,11 @@ from .errors import (
     ShutdownTimeout,
     StoreError,
     StreamError,
+    ThreadFailed,
 )
 from .events import ChangeEvent, FullDocument, OperationType
 from .flusher import Flusher
+from .guard import describe
 from .health import Health, token_time
 from .metrics import Metrics
 from .options import check_callable, check_choice, check_has_method, check_int, check_number, invalid
@@ -58,7 +60,7 @@ from .stores.mongodb import DEFAULT_COLLECTION, MongoResumeTokenStore
 from .stores.records import AckRecord, DeadLetter
 from .subscription import OnExhausted, Subscription
 from .tracking import Slot, Tracker
-from .watcher import ErrorKind, Position, Watcher, classify_error, explain
+from .watcher import TOKEN_MODIFIED, ErrorKind, Position, Watcher, classify_error, explain
 
 __all__ = ["Bus", "BusState", "HistoryLostPolicy", "Ordering"]
 
@@ -73,6 +75,10 @@ _FULL_DOCUMENT_OPTIONS = {FullDocument.UPDATE_LOOKUP, FullDocument.WHEN_AVAILABL
 _LARGE_FIELDS = ("fullDocument", "fullDocumentBeforeChange", "updateDescription")
 #: An idle stream's post-batch token is written at most this often (events move it every flush).
 IDLE_CHECKPOINT_INTERVAL = 10.0
+
+#: The final checkpoint write at stop() gets at least this many seconds, even when the
+#: callbacks used the whole timeout.
+FINAL_FLUSH_MIN = 1.0
 
 #: The watcher hands collected work to the workers at least every this many items.
 _RELEASE_AT = 64
@@ -381,6 +387,8 @@ class Bus:
         self._flusher: Flusher | None = None
         self._shutdown_lock = threading.Lock()
         self._signals = 0
+        #: Set by a second SIGINT/SIGTERM in run_forever(): stop without waiting for callbacks.
+        self._hurry = threading.Event()
         #: Number of resume-token writes (for tests and the benchmark).
         self.token_writes = 0
         self.history_gaps = 0
@@ -537,13 +545,29 @@ class Bus:
         self._check_pid()
         self._check_runtime()
         with self._state_lock:
-            if self._state not in (BusState.NEW, BusState.STOPPED):
-                raise BusStateError(f"bus {self.name!r} is {self._state.value}; start() needs a new or stopped bus")
+            if self._state not in (BusState.NEW, BusState.STOPPED, BusState.FAILED):
+                raise BusStateError(f"bus {self.name!r} is {self._state.value}; start() needs a new, stopped or failed bus")
             if not self._subscriptions:
                 raise ConfigurationError(f"bus {self.name!r} has no subscriptions: call subscribe() before start()")
             self._reset_runtime()
             self._error = None
             self._state = BusState.STARTING
+        try:
+            self._start()
+        except BaseException as exc:
+            # Whatever failed, end what was started and say so: never left STARTING.
+            with self._state_lock:
+                if self._error is None:
+                    self._error = exc
+            self._shutdown(timeout=5.0, quiet=True)
+            raise
+        with self._state_lock:
+            if self._state is BusState.STARTING:
+                self._state = BusState.RUNNING
+        log.info("bus %s started: watching %s, checkpoint key %s", self.name, self._namespace, self.resume_token_key)
+        return self
+
+    def _start(self) -> None:
         for store in (self.token_store, self.ack_store, self.dead_letter_store, self.monitor.store if self.monitor else None):
             if store is None:
                 continue
@@ -572,6 +596,7 @@ class Bus:
             on_reconnect=self._on_reconnect,
             on_active=self._on_active,
             on_drained=self._on_drained,
+            on_fatal=self._fail,
             stop_event=self._stop_event,
         )
         tasks = [self._flush_events]
@@ -579,12 +604,8 @@ class Bus:
             tasks.append(self.monitor.flush)
         if self.metrics is not None:
             tasks.append(self._refresh_oplog_window)
-        self._flusher = Flusher(tasks, self.flush_interval, self.name)
-        try:
-            position = self._initial_position()
-        except BaseException:
-            self._state = BusState.STOPPED
-            raise
+        self._flusher = Flusher(tasks, self.flush_interval, self.name, on_fatal=self._fail)
+        position = self._initial_position()
         if self.metrics is not None:
             self.metrics.attach(self)
         self._dispatcher.start()
@@ -592,16 +613,13 @@ class Bus:
         self._watcher.start(position)
         if self._connected.wait(self.start_timeout):
             if self._connect_error is not None:
-                self._shutdown(timeout=5.0)
-                self._state = BusState.FAILED
                 raise self._connect_error
         else:
-            log.warning("bus %s: the change stream did not open within %.0fs; still trying in the background", self.name, self.start_timeout)
-        with self._state_lock:
-            if self._state is BusState.STARTING:
-                self._state = BusState.RUNNING
-        log.info("bus %s started: watching %s, checkpoint key %s", self.name, self._namespace, self.resume_token_key)
-        return self
+            # Web apps start at boot and must not hang on a server that is down: keep trying in
+            # the background, but loudly: ERROR here and at each retry, health "unhealthy".
+            message = f"the change stream on {self._namespace} did not open within {self.start_timeout:.0f}s; still trying in the background"
+            self._last_error = (message, datetime.now(timezone.utc))
+            log.error("bus %s: %s; health is unhealthy and nothing is delivered until it opens", self.name, message)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop gracefully: stop the watcher, let running callbacks finish, write the checkpoint.
@@ -614,8 +632,10 @@ class Bus:
         if os.getpid() != self._pid:
             log.warning("bus %s: stop() in forked process %d ignored: the bus runs in process %d", self.name, os.getpid(), self._pid)
             return
-        if self._state in (BusState.NEW, BusState.STOPPED, BusState.FAILED):
-            self._stopped.wait(timeout)
+        if self._state is BusState.NEW:
+            return  # never started: nothing to wait for
+        if self._state in (BusState.STOPPED, BusState.FAILED):
+            self._stopped.wait(timeout)  # set already, or a failure's shutdown is finishing
             return
         self._shutdown(timeout)
 
@@ -623,7 +643,11 @@ class Bus:
         """Start (if needed) and block until stopped; SIGINT/SIGTERM stop gracefully.
 
         In the main thread it installs handlers for SIGINT and SIGTERM: the first
-        signal stops gracefully, a second one stops without waiting for callbacks.
+        signal stops gracefully (waits up to ``stop_timeout`` for running callbacks), a
+        second one stops at once: no more waiting for callbacks, one checkpoint write
+        bounded to ``FINAL_FLUSH_MIN`` seconds, then it returns. Callbacks still running
+        are abandoned (workers are daemon threads, so they do not keep the process alive)
+        and their events are delivered again after restart.
 
         :raises MongoEventsError: the error that made the bus fail, if it did.
         """
@@ -646,7 +670,15 @@ class Bus:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals += 1
-        log.warning("bus %s: got signal %d; %s", self.name, signum, "stopping gracefully" if self._signals == 1 else "stopping now")
+        if self._signals > 1:
+            # Runs in the main thread, between two steps of the graceful stop it interrupts:
+            # the stop sees _hurry and skips the rest of its wait for callbacks.
+            self._hurry.set()
+        log.warning(
+            "bus %s: got signal %d; %s", self.name, signum,
+            "stopping gracefully (a second signal stops without waiting for callbacks)" if self._signals == 1
+            else "stopping now: no more waiting for callbacks, one bounded checkpoint write",
+        )
         self._stop_event.set()
 
     def join(self, timeout: float | None = None) -> bool:
@@ -755,59 +787,92 @@ class Bus:
             )
 
     def _fail(self, exc: BaseException) -> None:
+        """Stop the bus because of ``exc``: state FAILED, ``error`` set, one ERROR line."""
         with self._state_lock:
             if self._error is not None or self._state in (BusState.STOPPED, BusState.FAILED):
                 return
             self._error = exc
-        log.error("bus %s failed: %s", self.name, exc)
+        log.error("bus %s failed: %s", self.name, describe(exc), exc_info=exc if isinstance(exc, ThreadFailed) else None)
+        if not self._connected.is_set():  # start() is waiting for the stream: it raises this
+            self._connect_error = exc
+            self._connected.set()
         self._stop_event.set()
         with self._cond:
             self._cond.notify_all()
         threading.Thread(target=self._shutdown, args=(30.0,), kwargs={"quiet": True}, name=f"mongo_events.stopper[{self.name}]", daemon=True).start()
 
     def _shutdown(self, timeout: float, quiet: bool = False) -> None:
+        """Stop every thread and write the final checkpoint, within ``timeout`` (plus at most
+        ``FINAL_FLUSH_MIN`` for the final write when the callbacks used the whole timeout).
+
+        ``_hurry`` (a second signal in ``run_forever()``) cuts the waits for callbacks short.
+        """
+        running: list[str] = []
         with self._shutdown_lock:
             if self._stopped.is_set():
                 return
             with self._state_lock:
                 self._state = BusState.STOPPING
             deadline = time.monotonic() + timeout
-            # Order matters: stop reading first so nothing new is admitted; then stop
-            # handing out work and let running callbacks finish; then write the
-            # watermark, which now covers everything that finished.
-            self._stop_event.set()
-            with self._cond:
-                self._cond.notify_all()
-            if self._watcher is not None:
-                self._watcher.join(max(deadline - time.monotonic(), self.max_await_time + 1.0))
-            drained = True
-            if self._dispatcher is not None:
-                self._dispatcher.halt()
-                drained = self._dispatcher.wait_idle(deadline)
-            if self._flusher is not None:
-                self._flusher.stop(max(0.0, deadline - time.monotonic()))
-                self._flusher.flush()
-            if self._dispatcher is not None:
-                self._dispatcher.shutdown()
-            if self.metrics is not None:
-                self.metrics.detach(self)
-            for store in (self.token_store, self.ack_store, self.dead_letter_store, self.monitor.store if self.monitor else None):
-                if store is not None:
-                    try:
-                        store.close()
-                    except Exception:
-                        log.exception("closing %s failed", type(store).__name__)
-            with self._state_lock:
-                self._state = BusState.FAILED if self._error is not None else BusState.STOPPED
-            self._stopped.set()
-            with self._cond:
-                self._cond.notify_all()
+            try:
+                running = self._stop_threads(deadline)
+            finally:
+                with self._state_lock:
+                    self._state = BusState.FAILED if self._error is not None else BusState.STOPPED
+                self._stopped.set()
+                with self._cond:
+                    self._cond.notify_all()
             log.info("bus %s %s; checkpoint %s", self.name, self._state.value, self._tracker.checkpoint)
-        if not drained and not quiet:
+        if running and not quiet:
             raise ShutdownTimeout(
-                f"bus {self.name!r}: callbacks were still running after {timeout:.1f}s; "
-                "their events were not checkpointed and will be delivered again after restart"
+                f"bus {self.name!r}: callbacks were still running after {timeout:.1f}s: {'; '.join(running)}. "
+                "Their events were not checkpointed and will be delivered again after restart"
             )
+
+    def _stop_threads(self, deadline: float) -> list[str]:
+        """The shutdown steps; returns the callbacks still running at the deadline."""
+        hurry = self._hurry
+        # Order matters: stop reading first so nothing new is admitted; then stop
+        # handing out work and let running callbacks finish; then write the
+        # watermark, which now covers everything that finished.
+        self._stop_event.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._watcher is not None:
+            self._watcher.join(max(deadline - time.monotonic(), self.max_await_time + 1.0))
+        running: list[str] = []
+        if self._dispatcher is not None:
+            self._dispatcher.halt()
+            if not self._dispatcher.wait_idle(deadline, hurry):
+                running = self._dispatcher.running()
+            # Idle workers end at once (halt woke them); busy ones are daemon threads that
+            # cannot be stopped: they end when their callback returns, and never hold exit.
+            self._dispatcher.join(time.monotonic() if running else deadline)
+            self._dispatcher.shutdown()
+        if self._flusher is not None:
+            self._flusher.stop(0.0 if hurry.is_set() else max(0.0, deadline - time.monotonic()))
+            # One bounded final write: an unreachable store must not hold stop() for pymongo's
+            # default 30 s server selection (pymongo.timeout() bounds every operation in it).
+            budget = FINAL_FLUSH_MIN if hurry.is_set() else max(deadline - time.monotonic(), FINAL_FLUSH_MIN)
+            if not self._flusher.flush(timeout=budget):
+                log.error(
+                    "bus %s: the final checkpoint was not stored within %.1fs; the next start redelivers "
+                    "every event after the last stored checkpoint (%s)",
+                    self.name, budget, self._last_error[0] if self._last_error else "no error recorded",
+                )
+            self._flusher.stop(max(0.0, deadline - time.monotonic()))
+        if self.metrics is not None:
+            try:
+                self.metrics.detach(self)
+            except Exception:
+                log.exception("bus %s: detaching metrics failed", self.name)
+        for store in (self.token_store, self.ack_store, self.dead_letter_store, self.monitor.store if self.monitor else None):
+            if store is not None:
+                try:
+                    store.close()
+                except Exception:
+                    log.exception("closing %s failed", type(store).__name__)
+        return running
 
     # -- internals: watcher side ----------------------------------------------------------
 
@@ -878,8 +943,20 @@ class Bus:
         if isinstance(exc, MongoEventsError):
             return exc
         kind = classify_error(exc)
-        if kind is ErrorKind.CONFIGURATION:
-            err: MongoEventsError = ConfigurationError(f"bus {self.name!r} cannot watch {self._namespace}: {explain(exc)}")
+        if getattr(exc, "code", None) == TOKEN_MODIFIED:
+            message = (
+                f"bus {self.name!r}: the change stream on {self._namespace} failed because its pipeline modified "
+                "or removed _id, which carries each event's resume token (server said: "
+                f"{exc}). Change-stream pipelines must not modify or remove _id: keep it in every $project, "
+                "$addFields, $set, $unset or $replaceRoot stage"
+            )
+            # Before any event, it is a configuration mistake; later, the stream failed mid-way.
+            if self._tracker.last_seq == 0:
+                err: MongoEventsError = ConfigurationError(message)
+            else:
+                err = StreamError(message, key=self.resume_token_key)
+        elif kind is ErrorKind.CONFIGURATION:
+            err = ConfigurationError(f"bus {self.name!r} cannot watch {self._namespace}: {explain(exc)}")
         elif kind is ErrorKind.HISTORY_LOST:
             err = self._history_lost_error(exc)
         else:
@@ -930,7 +1007,7 @@ class Bus:
             return Position()
         error = self._translate(exc)
         if not self._connected.is_set():
-            self._on_connected(exc)
+            self._on_connected(error)
         self._fail(error)
         return None
 
@@ -1264,8 +1341,12 @@ class Bus:
         error = self._last_error
         if self._error is not None:
             error = (f"{type(self._error).__name__}: {self._error}", error[1] if error else datetime.now(timezone.utc))
-        if state is not BusState.RUNNING:
+        watcher = self._watcher
+        if state is not BusState.RUNNING or (watcher is not None and not watcher.opened):
+            # Not running, or running but its stream never opened: nothing is delivered at all.
             status: Literal["healthy", "degraded", "unhealthy"] = "unhealthy"
+            if error is None and state is BusState.RUNNING:
+                error = (f"the change stream on {self._namespace} has not opened yet", datetime.now(timezone.utc))
         elif not self._stream_active or (error is not None and (datetime.now(timezone.utc) - error[1]).total_seconds() < 60):
             status = "degraded"
         else:
@@ -1393,8 +1474,15 @@ class _Checkpoint(NamedTuple):
 
 
 def _seconds(cluster_time: Any, token: Any) -> int | None:
-    """Seconds of a checkpoint's cluster time, else of the time inside its token."""
-    return cluster_time.time if isinstance(cluster_time, Timestamp) else token_time(token)
+    """Seconds of the time inside a checkpoint's token, else of its cluster time.
+
+    The token comes first: an idle post-batch token is stored with the cluster time of
+    the last *event*, which on a quiet stream can be days old while the token is fresh.
+    """
+    seconds = token_time(token)
+    if seconds is not None:
+        return seconds
+    return cluster_time.time if isinstance(cluster_time, Timestamp) else None
 
 
 def _takes_namespace(store: ResumeTokenStore) -> bool:

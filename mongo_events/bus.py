@@ -799,7 +799,13 @@ class Bus:
         self._stop_event.set()
         with self._cond:
             self._cond.notify_all()
-        threading.Thread(target=self._shutdown, args=(30.0,), kwargs={"quiet": True}, name=f"mongo_events.stopper[{self.name}]", daemon=True).start()
+        threading.Thread(target=self._stop_after_failure, name=f"mongo_events.stopper[{self.name}]", daemon=True).start()
+
+    def _stop_after_failure(self) -> None:
+        try:
+            self._shutdown(30.0, quiet=True)
+        except BaseException as exc:  # noqa: BLE001 - the bus is FAILED already (see _shutdown); say what else broke
+            log.error("bus %s: stopping after the failure also failed: %s", self.name, describe(exc), exc_info=exc)
 
     def _shutdown(self, timeout: float, quiet: bool = False) -> None:
         """Stop every thread and write the final checkpoint, within ``timeout`` (plus at most

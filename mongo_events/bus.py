@@ -856,17 +856,20 @@ class Bus:
             self._dispatcher.join(time.monotonic() if running else deadline)
             self._dispatcher.shutdown()
         if self._flusher is not None:
-            self._flusher.stop(0.0 if hurry.is_set() else max(0.0, deadline - time.monotonic()))
-            # One bounded final write: an unreachable store must not hold stop() for pymongo's
-            # default 30 s server selection (pymongo.timeout() bounds every operation in it).
-            budget = FINAL_FLUSH_MIN if hurry.is_set() else max(deadline - time.monotonic(), FINAL_FLUSH_MIN)
+            # The flusher thread and the one final write share what is left of the timeout,
+            # and at least FINAL_FLUSH_MIN (all of it after a second signal). An unreachable
+            # store cannot hold stop() for pymongo's default 30 s server selection:
+            # pymongo.timeout() bounds every operation of the final write.
+            now = time.monotonic()
+            grace = now + FINAL_FLUSH_MIN if hurry.is_set() else max(deadline, now + FINAL_FLUSH_MIN)
+            self._flusher.stop(grace - now)
+            budget = max(0.0, grace - time.monotonic())
             if not self._flusher.flush(timeout=budget):
                 log.error(
                     "bus %s: the final checkpoint was not stored within %.1fs; the next start redelivers "
                     "every event after the last stored checkpoint (%s)",
-                    self.name, budget, self._last_error[0] if self._last_error else "no error recorded",
+                    self.name, grace - now, self._last_error[0] if self._last_error else "no error recorded",
                 )
-            self._flusher.stop(max(0.0, deadline - time.monotonic()))
         if self.metrics is not None:
             try:
                 self.metrics.detach(self)

@@ -50,10 +50,10 @@ from .flusher import Flusher
 from .guard import describe
 from .health import Health, token_time
 from .metrics import Metrics
-from .options import check_callable, check_choice, check_has_method, check_int, check_number, invalid
 from .middleware.base import Middleware
 from .monitor.middleware import MonitorMiddleware
 from .monitor.store import MonitorStore
+from .options import check_callable, check_choice, check_has_method, check_int, check_number, invalid
 from .retrying import RetryBackoff
 from .stores.base import AckStore, Checkpoint, DeadLetterStore, ResumeTokenStore, malformed, token_problem
 from .stores.mongodb import DEFAULT_COLLECTION, MongoResumeTokenStore
@@ -804,7 +804,7 @@ class Bus:
     def _stop_after_failure(self) -> None:
         try:
             self._shutdown(30.0, quiet=True)
-        except BaseException as exc:  # noqa: BLE001 - the bus is FAILED already (see _shutdown); say what else broke
+        except BaseException as exc:  # the bus is FAILED already (see _shutdown); say what else broke
             log.error("bus %s: stopping after the failure also failed: %s", self.name, describe(exc), exc_info=exc)
 
     def _shutdown(self, timeout: float, quiet: bool = False) -> None:

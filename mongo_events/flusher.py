@@ -31,7 +31,13 @@ class Flusher:
     :param on_fatal: receives the error if the thread dies (the bus then fails).
     """
 
-    def __init__(self, tasks: Sequence[Callable[[], None]], interval: float, name: str, on_fatal: Callable[[BaseException], None] = _fail_loudly) -> None:
+    def __init__(
+        self,
+        tasks: Sequence[Callable[[], None]],
+        interval: float,
+        name: str,
+        on_fatal: Callable[[BaseException], None] = _fail_loudly,
+    ) -> None:
         self._tasks = list(tasks)
         self.interval = interval
         self._name = name
@@ -44,7 +50,9 @@ class Flusher:
 
     def start(self) -> None:
         thread = f"mongo_events.flusher[{self._name}]"
-        self._thread = threading.Thread(target=run_guarded, args=(self._run, self._on_fatal, thread), name=thread, daemon=True)
+        self._thread = threading.Thread(
+            target=run_guarded, args=(self._run, self._on_fatal, thread), name=thread, daemon=True
+        )
         self._thread.start()
 
     def wake(self) -> None:
@@ -61,7 +69,11 @@ class Flusher:
         deadline = None if timeout is None else time.monotonic() + timeout
         if not self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
             self.failures += 1
-            log.error("flush of %s did not start within %.1fs: a flush already running is stuck (is the store reachable?)", self._name, timeout)
+            log.error(
+                "flush of %s did not start within %.1fs: a flush already running is stuck (is the store reachable?)",
+                self._name,
+                timeout,
+            )
             return False
         ok = True
         try:
@@ -78,7 +90,11 @@ class Flusher:
                 except Exception as exc:
                     ok = False
                     self.failures += 1
-                    log.warning("flush of %s failed (%s); it is retried, and the checkpoint stays behind meanwhile", self._name, exc)
+                    log.warning(
+                        "flush of %s failed (%s); it is retried, and the checkpoint stays behind meanwhile",
+                        self._name,
+                        exc,
+                    )
         finally:
             self._lock.release()
         return ok

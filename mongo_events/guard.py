@@ -26,7 +26,7 @@ def describe(exc: BaseException) -> str:
     name = type(exc).__name__
     try:
         text = str(exc)
-    except BaseException:  # noqa: BLE001 - a broken __str__ must not hide the failure
+    except BaseException:  # a broken __str__ must not hide the failure
         return f"{name} (its message could not be rendered)"
     return f"{name}: {text}" if text else name
 
@@ -35,7 +35,7 @@ def run_guarded(loop: Callable[[], None], on_fatal: Callable[[BaseException], No
     """Run ``loop``; if anything escapes it, fail the bus through ``on_fatal`` instead of dying silently."""
     try:
         loop()
-    except BaseException as exc:  # noqa: BLE001 - that is the point: nothing escapes unreported
+    except BaseException as exc:  # that is the point: nothing escapes unreported
         if isinstance(exc, ThreadFailed):
             error = exc
         else:
@@ -47,5 +47,5 @@ def run_guarded(loop: Callable[[], None], on_fatal: Callable[[BaseException], No
             error.__cause__ = exc
         try:
             on_fatal(error)
-        except BaseException:  # noqa: BLE001 - last resort: at least say it
+        except BaseException:  # last resort: at least say it
             log.critical("thread %s died and could not fail its bus", thread, exc_info=True)

@@ -7,6 +7,7 @@ fails later in a thread, where it can only stop the bus.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -36,7 +37,9 @@ def check_choice(option: str, value: Any, choices: Iterable[Any]) -> None:
     except TypeError:  # unhashable or odd comparisons: not one of ours
         ok = False
     if not ok:
-        raise invalid(option, value, "one of " + ", ".join("None" if c is None else repr(str(c)) for c in allowed))
+        raise invalid(
+            option, value, "one of " + ", ".join("None" if c is None else repr(str(c)) for c in allowed)
+        )
 
 
 def check_int(option: str, value: Any, minimum: int, *, allow_none: bool = False) -> None:
@@ -50,7 +53,12 @@ def check_int(option: str, value: Any, minimum: int, *, allow_none: bool = False
 
 def check_number(option: str, value: Any, *, positive: bool = True) -> None:
     """``value`` must be an ``int`` or ``float`` (not a ``bool``), > 0 when ``positive``, else >= 0."""
-    if type(value) is bool or not isinstance(value, (int, float)) or value != value or (value <= 0 if positive else value < 0):
+    if (
+        type(value) is bool
+        or not isinstance(value, (int, float))
+        or math.isnan(value)
+        or (value <= 0 if positive else value < 0)
+    ):
         raise invalid(option, value, "a number of seconds " + ("> 0" if positive else ">= 0"))
 
 
@@ -60,7 +68,9 @@ def check_has_method(option: str, value: Any, method: str, what: str) -> None:
         raise invalid(option, value, f"{what} (an object with a {method}() method)")
 
 
-def check_callable(option: str, value: Any, what: str, *, allow_none: bool = True) -> Callable[..., Any] | None:
+def check_callable(
+    option: str, value: Any, what: str, *, allow_none: bool = True
+) -> Callable[..., Any] | None:
     """``value`` must be callable (or ``None`` when allowed)."""
     if value is None and allow_none:
         return None

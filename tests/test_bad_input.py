@@ -25,7 +25,9 @@ KEY = "shop.orders:w"
 @pytest.fixture
 def offline() -> Iterator[pymongo.MongoClient[Any]]:
     """A client that never connects: construction and subscribe() need no server."""
-    client: pymongo.MongoClient[Any] = pymongo.MongoClient("mongodb://127.0.0.1:1", connect=False, serverSelectionTimeoutMS=100)
+    client: pymongo.MongoClient[Any] = pymongo.MongoClient(
+        "mongodb://127.0.0.1:1", connect=False, serverSelectionTimeoutMS=100
+    )
     yield client
     client.close()
 
@@ -70,8 +72,12 @@ BAD_BUS_OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize(("option", "value", "accepted"), BAD_BUS_OPTIONS, ids=[f"{o}={v!r}" for o, v, _ in BAD_BUS_OPTIONS])
-def test_bad_bus_options_are_refused_naming_the_option(offline: pymongo.MongoClient[Any], option: str, value: Any, accepted: str) -> None:
+@pytest.mark.parametrize(
+    ("option", "value", "accepted"), BAD_BUS_OPTIONS, ids=[f"{o}={v!r}" for o, v, _ in BAD_BUS_OPTIONS]
+)
+def test_bad_bus_options_are_refused_naming_the_option(
+    offline: pymongo.MongoClient[Any], option: str, value: Any, accepted: str
+) -> None:
     with pytest.raises(me.ConfigurationError) as info:
         me.Bus(offline.shop.orders, **{option: value})
     message = str(info.value)
@@ -126,8 +132,12 @@ BAD_SUBSCRIBE_OPTIONS: list[tuple[dict[str, Any], str, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("options", "names", "accepted"), BAD_SUBSCRIBE_OPTIONS, ids=[str(o) for o, _, _ in BAD_SUBSCRIBE_OPTIONS])
-def test_bad_subscribe_options_are_refused_naming_the_option(offline: pymongo.MongoClient[Any], options: dict[str, Any], names: str, accepted: str) -> None:
+@pytest.mark.parametrize(
+    ("options", "names", "accepted"), BAD_SUBSCRIBE_OPTIONS, ids=[str(o) for o, _, _ in BAD_SUBSCRIBE_OPTIONS]
+)
+def test_bad_subscribe_options_are_refused_naming_the_option(
+    offline: pymongo.MongoClient[Any], options: dict[str, Any], names: str, accepted: str
+) -> None:
     bus = me.Bus(offline.shop.orders)
     with pytest.raises(me.ConfigurationError) as info:
         bus.subscribe(lambda ev: None, **options)
@@ -168,8 +178,14 @@ MALFORMED_MONGO_DOCS = [
 ]
 
 
-@pytest.mark.parametrize(("doc", "problem"), MALFORMED_MONGO_DOCS, ids=[repr(d.get("token", "<missing>")) for d, _ in MALFORMED_MONGO_DOCS])
-def test_a_malformed_mongo_checkpoint_fails_start_and_is_left_untouched(offline: pymongo.MongoClient[Any], doc: dict[str, Any], problem: str) -> None:
+@pytest.mark.parametrize(
+    ("doc", "problem"),
+    MALFORMED_MONGO_DOCS,
+    ids=[repr(d.get("token", "<missing>")) for d, _ in MALFORMED_MONGO_DOCS],
+)
+def test_a_malformed_mongo_checkpoint_fails_start_and_is_left_untouched(
+    offline: pymongo.MongoClient[Any], doc: dict[str, Any], problem: str
+) -> None:
     coll = mongomock.MongoClient().db.tokens
     coll.insert_one(dict(doc))
     bus = me.Bus(offline.shop.orders, resume_token_store=me.MongoResumeTokenStore(coll), resume_token_id="w")
@@ -182,11 +198,21 @@ def test_a_malformed_mongo_checkpoint_fails_start_and_is_left_untouched(offline:
     assert bus.state is me.BusState.FAILED and bus.error is info.value
 
 
-MALFORMED_FILE_ENTRIES = [({}, "no token"), (None, "None"), ("82AB", "'82AB'"), ({"cluster_time": None}, "no token"), ({"token": {}}, "no _data")]
+MALFORMED_FILE_ENTRIES = [
+    ({}, "no token"),
+    (None, "None"),
+    ("82AB", "'82AB'"),
+    ({"cluster_time": None}, "no token"),
+    ({"token": {}}, "no _data"),
+]
 
 
-@pytest.mark.parametrize(("entry", "problem"), MALFORMED_FILE_ENTRIES, ids=[repr(e) for e, _ in MALFORMED_FILE_ENTRIES])
-def test_a_malformed_file_checkpoint_fails_start_and_is_left_untouched(offline: pymongo.MongoClient[Any], tmp_path: Path, entry: Any, problem: str) -> None:
+@pytest.mark.parametrize(
+    ("entry", "problem"), MALFORMED_FILE_ENTRIES, ids=[repr(e) for e, _ in MALFORMED_FILE_ENTRIES]
+)
+def test_a_malformed_file_checkpoint_fails_start_and_is_left_untouched(
+    offline: pymongo.MongoClient[Any], tmp_path: Path, entry: Any, problem: str
+) -> None:
     path = tmp_path / "tokens.json"
     path.write_text(json.dumps({KEY: entry}))
     before = path.read_text()

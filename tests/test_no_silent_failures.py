@@ -28,7 +28,9 @@ from .helpers import QUICK, Recorder
 # -- 2. the namespace is stored with the checkpoint; Go-shape documents still load ----------------
 
 
-def test_the_checkpoint_stores_namespace_and_level_and_go_shape_documents_still_resume(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_the_checkpoint_stores_namespace_and_level_and_go_shape_documents_still_resume(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     coll = client.shop.orders
     tokens = client.shop["_event_resume_tokens"]
     seen = Recorder()
@@ -55,7 +57,9 @@ def test_the_checkpoint_stores_namespace_and_level_and_go_shape_documents_still_
 
 
 @pytest.mark.parametrize("policy", ["raise", "restart_from_now"])
-def test_a_pipeline_that_modifies_id_stops_the_bus_with_a_configuration_error(client: pymongo.MongoClient[Any], make_bus: Any, policy: str) -> None:
+def test_a_pipeline_that_modifies_id_stops_the_bus_with_a_configuration_error(
+    client: pymongo.MongoClient[Any], make_bus: Any, policy: str
+) -> None:
     bus = make_bus(client.shop.orders, pipeline=[{"$project": {"_id": 0}}], on_history_lost=policy)
     bus.subscribe(lambda ev: None)
     bus.start()  # the stream opens; the server fails at the first event
@@ -76,19 +80,30 @@ def test_a_pipeline_that_modifies_id_stops_the_bus_with_a_configuration_error(cl
 
 
 def _fails_loudly(bus: me.Bus, caplog: pytest.LogCaptureFixture) -> me.ThreadFailed:
-    assert wait_for(lambda: bus.state is me.BusState.FAILED, 10), f"bus is {bus.state.value}: a thread died silently"
+    assert wait_for(lambda: bus.state is me.BusState.FAILED, 10), (
+        f"bus is {bus.state.value}: a thread died silently"
+    )
     error = bus.error
     assert isinstance(error, me.ThreadFailed), repr(error)
     health = bus.health()
-    assert health.status == "unhealthy" and health.last_error is not None and "ThreadFailed" in health.last_error
-    failed_lines = [r for r in caplog.records if r.levelno == logging.ERROR and "failed" in r.getMessage() and r.name == "mongo_events.bus"]
+    assert (
+        health.status == "unhealthy" and health.last_error is not None and "ThreadFailed" in health.last_error
+    )
+    failed_lines = [
+        r
+        for r in caplog.records
+        if r.levelno == logging.ERROR and "failed" in r.getMessage() and r.name == "mongo_events.bus"
+    ]
     assert len(failed_lines) == 1, [r.getMessage() for r in failed_lines]
     return error
 
 
 @pytest.mark.parametrize("exc_type", [SystemExit, KeyboardInterrupt])
 def test_a_callback_raising_systemexit_or_keyboardinterrupt_stops_the_bus_and_is_not_retried(
-    client: pymongo.MongoClient[Any], make_bus: Any, caplog: pytest.LogCaptureFixture, exc_type: type[BaseException]
+    client: pymongo.MongoClient[Any],
+    make_bus: Any,
+    caplog: pytest.LogCaptureFixture,
+    exc_type: type[BaseException],
 ) -> None:
     calls = Recorder()
 
@@ -147,7 +162,12 @@ class BrokenMiddleware(me.Middleware):
     ],
 )
 def test_a_worker_that_dies_fails_the_bus(
-    client: pymongo.MongoClient[Any], make_bus: Any, caplog: pytest.LogCaptureFixture, case: str, options: dict[str, Any], subscribe: dict[str, Any]
+    client: pymongo.MongoClient[Any],
+    make_bus: Any,
+    caplog: pytest.LogCaptureFixture,
+    case: str,
+    options: dict[str, Any],
+    subscribe: dict[str, Any],
 ) -> None:
     def callback(ev: me.ChangeEvent) -> None:
         raise Unprintable()
@@ -179,7 +199,12 @@ def test_a_watcher_that_dies_fails_the_bus(make_bus: Any, caplog: pytest.LogCapt
         seen.wait(1)
         first.stop()
         client.shop.orders.insert_many([{"_id": i} for i in range(1, 20)])  # the oplog rolls over
-        bus = make_bus(client.shop.orders, resume_token_store=store, on_history_lost="restart_from_now", history_lost_callback=quit_on_gap)
+        bus = make_bus(
+            client.shop.orders,
+            resume_token_store=store,
+            on_history_lost="restart_from_now",
+            history_lost_callback=quit_on_gap,
+        )
         bus.subscribe(lambda ev: None, name="h")
         with pytest.raises(me.ThreadFailed) as info:
             bus.start()
@@ -188,7 +213,9 @@ def test_a_watcher_that_dies_fails_the_bus(make_bus: Any, caplog: pytest.LogCapt
         client.close()
 
 
-def test_a_bad_option_pymongo_refuses_in_the_watcher_fails_start(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_a_bad_option_pymongo_refuses_in_the_watcher_fails_start(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     bus = make_bus(client.shop.orders)
     bus.subscribe(lambda ev: None)
     bus.batch_size = -1  # slipped past validation (set after construction): pymongo raises ValueError
@@ -197,7 +224,9 @@ def test_a_bad_option_pymongo_refuses_in_the_watcher_fails_start(client: pymongo
     assert bus.state is me.BusState.FAILED
 
 
-def test_a_flusher_that_dies_fails_the_bus(client: pymongo.MongoClient[Any], make_bus: Any, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_flusher_that_dies_fails_the_bus(
+    client: pymongo.MongoClient[Any], make_bus: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     class Quitting(me.MemoryResumeTokenStore):
         def save(self, key: str, token: Any, cluster_time: Any = None, **kwargs: Any) -> None:
             if self.saves:
@@ -215,7 +244,9 @@ def test_a_flusher_that_dies_fails_the_bus(client: pymongo.MongoClient[Any], mak
 # -- 6. a failed dead-letter write is retried as a write ------------------------------------------------
 
 
-def test_a_failed_dead_letter_write_is_retried_without_running_the_callback_again(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_a_failed_dead_letter_write_is_retried_without_running_the_callback_again(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     calls = Recorder()
     writes = Recorder()
     stored = Recorder()
@@ -253,7 +284,9 @@ def test_decimal128_and_binary_uuids_decode_with_the_default_converter() -> None
     ref = uuid.uuid4()
     decoded = me.CattrsDecoder().decode({"price": Decimal128("19.99"), "ref": Binary.from_uuid(ref)}, Priced)
     assert decoded == Priced(decimal.Decimal("19.99"), ref)
-    assert me.CattrsDecoder().decode({"price": "1.5", "ref": str(ref)}, Priced) == Priced(decimal.Decimal("1.5"), ref)
+    assert me.CattrsDecoder().decode({"price": "1.5", "ref": str(ref)}, Priced) == Priced(
+        decimal.Decimal("1.5"), ref
+    )
 
 
 def test_decode_errors_name_the_field_path() -> None:
@@ -269,7 +302,9 @@ class Order:
     qty: int
 
 
-def test_a_payload_that_looks_like_the_document_says_full_document_only(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_a_payload_that_looks_like_the_document_says_full_document_only(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     errors = Recorder()
     bus = make_bus(client.shop.orders, dead_letters=lambda ev, sub, err, n: errors.add(err))
     bus.subscribe(lambda order: None, payload=Order, name="orders")
@@ -283,17 +318,25 @@ def test_a_payload_that_looks_like_the_document_says_full_document_only(client: 
 # -- 13. a bus that cannot connect is unhealthy and says so at ERROR ---------------------------------------
 
 
-def test_a_bus_that_cannot_open_its_stream_is_unhealthy_and_logs_errors(make_bus: Any, caplog: pytest.LogCaptureFixture) -> None:
-    client: pymongo.MongoClient[Any] = pymongo.MongoClient("mongodb://127.0.0.1:1/?directConnection=true", serverSelectionTimeoutMS=100)
+def test_a_bus_that_cannot_open_its_stream_is_unhealthy_and_logs_errors(
+    make_bus: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    client: pymongo.MongoClient[Any] = pymongo.MongoClient(
+        "mongodb://127.0.0.1:1/?directConnection=true", serverSelectionTimeoutMS=100
+    )
     bus = make_bus(client.shop.orders, resume=False, start_timeout=0.3)
     bus.subscribe(lambda ev: None)
     with caplog.at_level(logging.WARNING, logger="mongo_events"):
         bus.start()  # web apps boot while the database is down: it keeps trying in the background
         assert bus.state is me.BusState.RUNNING
         assert bus.health().status == "unhealthy"
-        assert wait_for(lambda: bus.health().last_error and "ServerSelectionTimeoutError" in bus.health().last_error, 10), bus.health()
+        assert wait_for(
+            lambda: bus.health().last_error and "ServerSelectionTimeoutError" in bus.health().last_error, 10
+        ), bus.health()
         assert bus.health().status == "unhealthy"
-        errors = [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("mongo_events")]
+        errors = [
+            r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("mongo_events")
+        ]
         assert any("cannot open" in r.getMessage() for r in errors), [r.getMessage() for r in errors]
     bus.stop(timeout=1)
     client.close()
@@ -302,7 +345,9 @@ def test_a_bus_that_cannot_open_its_stream_is_unhealthy_and_logs_errors(make_bus
 # -- 14. checkpoint age is measured from the stored checkpoint --------------------------------------------
 
 
-def test_checkpoint_age_follows_the_stored_idle_token_not_the_last_event(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_checkpoint_age_follows_the_stored_idle_token_not_the_last_event(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     coll = client.shop.orders
     with coll.watch() as stream:
         coll.insert_one({"_id": "long ago"})

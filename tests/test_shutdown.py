@@ -47,7 +47,11 @@ def _returns_within(fn: Callable[[], Any], bound: float) -> tuple[bool, BaseExce
 
 
 def _bus_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("mongo_events.") and not t.name.startswith("mongo_events.fake_rs")]
+    return [
+        t.name
+        for t in threading.enumerate()
+        if t.name.startswith("mongo_events.") and not t.name.startswith("mongo_events.fake_rs")
+    ]
 
 
 # -- 9. stop() on a bus that never started returns at once ------------------------------------------
@@ -77,7 +81,9 @@ def test_stop_after_a_failed_start_returns_at_once(client: pymongo.MongoClient[A
 # -- 10. the final flush is bounded when the store's server is unreachable -----------------------------
 
 
-def test_stop_is_bounded_when_the_store_server_is_unreachable(client: pymongo.MongoClient[Any], make_bus: Any, caplog: pytest.LogCaptureFixture) -> None:
+def test_stop_is_bounded_when_the_store_server_is_unreachable(
+    client: pymongo.MongoClient[Any], make_bus: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     store_rs = FakeReplicaSet().start()
     try:
         # pymongo's defaults: 30 s server selection, no socket timeout.
@@ -97,7 +103,9 @@ def test_stop_is_bounded_when_the_store_server_is_unreachable(client: pymongo.Mo
         assert finished, "stop(timeout=1) waited for pymongo's default timeouts"
         assert raised is None
         assert bus.state is me.BusState.STOPPED
-        assert any("final checkpoint was not stored" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+        assert any("final checkpoint was not stored" in r.getMessage() for r in caplog.records), [
+            r.getMessage() for r in caplog.records
+        ]
         store_client.close()
     finally:
         store_rs.stop()
@@ -182,7 +190,13 @@ class _Lines:
 
 def _child(script: str, *args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def _finish(proc: subprocess.Popen[str], bound: float, why: str) -> int:
@@ -194,7 +208,9 @@ def _finish(proc: subprocess.Popen[str], bound: float, why: str) -> int:
         raise AssertionError(why) from None
 
 
-def test_a_callback_that_never_returns_does_not_keep_the_process_alive_after_stop(fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any]) -> None:
+def test_a_callback_that_never_returns_does_not_keep_the_process_alive_after_stop(
+    fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any]
+) -> None:
     proc = _child(_BLOCKED_AFTER_STOP, fake_rs.uri)
     out = _Lines(proc.stdout)
     out.wait_for("started")
@@ -202,12 +218,16 @@ def test_a_callback_that_never_returns_does_not_keep_the_process_alive_after_sto
     timeout_line = out.wait_for("timeout:")
     assert "forever" in timeout_line  # ShutdownTimeout names the callback still running
     out.wait_for("stopped")
-    code = _finish(proc, 30, "the process did not exit after stop() returned: a blocked callback kept it alive")
+    code = _finish(
+        proc, 30, "the process did not exit after stop() returned: a blocked callback kept it alive"
+    )
     assert code == 0, proc.stderr.read() if proc.stderr else ""
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_a_second_signal_in_run_forever_stops_at_once(fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], tmp_path: Path) -> None:
+def test_a_second_signal_in_run_forever_stops_at_once(
+    fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], tmp_path: Path
+) -> None:
     tokens = tmp_path / "tokens.json"
     proc = _child(_SECOND_SIGNAL, fake_rs.uri, str(tokens))
     out, err = _Lines(proc.stdout), _Lines(proc.stderr)
@@ -268,4 +288,3 @@ def test_shutdown_timeout_names_the_callbacks_still_running(client: pymongo.Mong
     (thread,) = [t for t in threading.enumerate() if t.name in left]
     thread.join(10)
     assert not thread.is_alive()
-

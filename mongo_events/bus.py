@@ -484,12 +484,14 @@ class Bus:
         :param retry_backoff: delays between retries (default 0.1 s doubling to 30 s, jittered).
         :param on_exhausted: without a dead-letter store, ``"stop"`` the bus (default) or ``"skip"``.
         :raises BusStateError: when the bus has already started.
-        :raises ConfigurationError: for a duplicate name or a callback of the wrong shape.
+        :raises ConfigurationError: for a duplicate name, a callback of the wrong shape, or an
+            option that cannot work (unknown ``operations``, a ``payload`` type the decoder's
+            cattrs converter cannot structure, a bad ``max_retries`` ...), naming the option.
         """
 
         def register(fn: F) -> F:
             self._check_pid()
-            if self._state is not BusState.NEW and self._state is not BusState.STOPPED:
+            if self._state not in (BusState.NEW, BusState.STOPPED, BusState.FAILED):
                 raise BusStateError("subscribe() before start(): this bus is already running")
             sub = Subscription(
                 fn,
@@ -536,11 +538,16 @@ class Bus:
 
         Waits up to ``start_timeout`` for the first stream so that a standalone server,
         bad credentials, an invalid pipeline or an unreadable checkpoint fail here.
-        If the server is merely unreachable, the watcher keeps retrying in the background.
+        If the server is merely unreachable, the watcher keeps retrying in the background,
+        loudly: ERROR lines at each retry and ``health()`` ``unhealthy`` until the stream
+        opens. A ``start()`` that raises leaves the bus ``FAILED`` with :attr:`error` set
+        (its threads ended); a new, stopped or failed bus can be started.
 
         :raises BusStateError: if already started, or used in a forked child.
         :raises ConfigurationError: when the deployment or the options cannot work.
-        :raises StoreError: when the stored checkpoint cannot be read.
+        :raises StoreError: when the stored checkpoint cannot be read, is malformed, or was
+            written by a bus watching another namespace.
+        :raises ThreadFailed: when a bus thread died while starting.
         """
         self._check_pid()
         self._check_runtime()
@@ -626,7 +633,13 @@ class Bus:
 
         Events that did not finish are delivered again after the next start.
 
-        :raises ShutdownTimeout: when callbacks were still running at the deadline
+        Returns at once for a bus that never started. Takes at most ``timeout`` plus
+        ``FINAL_FLUSH_MIN`` (the final checkpoint write, bounded by ``pymongo.timeout()``)
+        plus, if the watcher is inside a ``getMore``, up to ``max_await_time``. When it
+        returns, the bus's threads have ended except workers inside callbacks still
+        running at the deadline (daemon threads: they never keep the process alive).
+
+        :raises ShutdownTimeout: when callbacks were still running at the deadline, naming them
             (the checkpoint written is still correct; they will be redelivered).
         """
         if os.getpid() != self._pid:

@@ -89,11 +89,7 @@ def _fails_loudly(bus: me.Bus, caplog: pytest.LogCaptureFixture) -> me.ThreadFai
     assert (
         health.status == "unhealthy" and health.last_error is not None and "ThreadFailed" in health.last_error
     )
-    failed_lines = [
-        r
-        for r in caplog.records
-        if r.levelno == logging.ERROR and "failed" in r.getMessage() and r.name == "mongo_events.bus"
-    ]
+    failed_lines = [r for r in caplog.records if r.levelno == logging.ERROR and r.msg == "bus %s failed: %s"]
     assert len(failed_lines) == 1, [r.getMessage() for r in failed_lines]
     return error
 

@@ -521,8 +521,11 @@ class Bus:
         decoder = self._decoder
         if not isinstance(decoder, CattrsDecoder) or payload is dict or payload is Any:
             return  # a custom decoder: only it knows what it can build
+        lookup = getattr(decoder.converter, "get_structure_hook", None)  # cattrs 24+
+        if lookup is None:
+            return
         try:
-            decoder.converter.get_structure_hook(payload)
+            lookup(payload)
         except Exception as exc:
             raise invalid(
                 "payload",
@@ -866,7 +869,7 @@ class Bus:
                 running = self._dispatcher.running()
             # Idle workers end at once (halt woke them); busy ones are daemon threads that
             # cannot be stopped: they end when their callback returns, and never hold exit.
-            self._dispatcher.join(time.monotonic() if running else deadline)
+            self._dispatcher.join(max(deadline, time.monotonic() + FINAL_FLUSH_MIN / 2))
             self._dispatcher.shutdown()
         if self._flusher is not None:
             # The flusher thread and the one final write share what is left of the timeout,

@@ -169,13 +169,15 @@ class Dispatcher:
         return out
 
     def join(self, deadline: float) -> bool:
-        """Wait until every worker thread ended (after :meth:`halt`), up to ``deadline`` (monotonic).
+        """Wait until every idle worker thread ended (after :meth:`halt`), up to ``deadline``
+        (monotonic); True when all ended.
 
         A worker still inside a callback cannot be stopped; it is a daemon thread, so it
         does not keep the process alive, and it exits its loop once the callback returns.
         """
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        for index, thread in enumerate(self._threads):
+            if self._busy[index] is None:  # a busy one ends only when its callback returns
+                thread.join(max(0.0, deadline - time.monotonic()))
         return not any(t.is_alive() for t in self._threads)
 
     def shutdown(self) -> None:

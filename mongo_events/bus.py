@@ -861,7 +861,12 @@ class Bus:
         with self._cond:
             self._cond.notify_all()
         if self._watcher is not None:
-            self._watcher.join(max(deadline - time.monotonic(), self.max_await_time + 1.0))
+            # It ends within one getMore (max_await_time) unless it is stuck in the driver, for
+            # instance in server selection; a second signal stops waiting for it.
+            watcher_deadline = max(deadline, time.monotonic() + self.max_await_time + 1.0)
+            while not self._watcher.join(min(0.1, watcher_deadline - time.monotonic())):
+                if hurry.is_set() or time.monotonic() >= watcher_deadline:
+                    break
         running: list[str] = []
         if self._dispatcher is not None:
             self._dispatcher.halt()

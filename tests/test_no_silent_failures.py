@@ -363,7 +363,7 @@ def test_checkpoint_age_follows_the_stored_idle_token_not_the_last_event(
     # Changes elsewhere move the post-batch token; the bus stores it while idle.
     saves = store.saves
     client.shop.other.insert_one({"_id": 1})
-    assert wait_for(lambda: store.saves > saves, 15)
+    assert wait_for(lambda: store.saves > saves, 30)  # idle tokens are written every 10 s
     stored = store.load("shop.orders:w")
     assert stored is not None and stored.token != token
     age = bus.health().checkpoint_age

@@ -874,7 +874,8 @@ class Bus:
                 running = self._dispatcher.running()
             # Idle workers end at once (halt woke them); busy ones are daemon threads that
             # cannot be stopped: they end when their callback returns, and never hold exit.
-            self._dispatcher.join(max(deadline, time.monotonic() + FINAL_FLUSH_MIN / 2))
+            soon = time.monotonic() + FINAL_FLUSH_MIN / 2
+            self._dispatcher.join(soon if hurry.is_set() else max(deadline, soon))
             self._dispatcher.shutdown()
         if self._flusher is not None:
             # The flusher thread and the one final write share what is left of the timeout,

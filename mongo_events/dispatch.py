@@ -6,9 +6,10 @@ than one executor task per event). They are daemon threads, not a
 ``ThreadPoolExecutor``'s, on purpose: the interpreter joins an executor's
 threads at exit, so one callback that never returns would keep the process
 alive after ``stop()`` gave up on it. Each loop runs under the guard
-(:mod:`mongo_events.guard`): a worker that dies fails the bus. A failed attempt waits in a timer heap, not
-on a sleeping worker, so retries never block other documents' lanes. The lane
-of a retrying item stays busy, which keeps per-document order.
+(:mod:`mongo_events.guard`): a worker that dies fails the bus. A failed attempt
+waits in a timer heap, not on a sleeping worker, so retries never block other
+documents' lanes. The lane of a retrying item stays busy, which keeps
+per-document order.
 
 A finished item goes onto a deque without the lock and is reported (its slot
 marked done, its lane's next item released) by whoever holds the lock next:

@@ -132,6 +132,8 @@ def _check_operations(operations: Any, show_expanded_events: bool) -> frozenset[
         if not isinstance(op, str):  # OperationType is a str enum
             raise invalid("operations", operations, accepted)
         names.append(op.value if isinstance(op, OperationType) else op)
+    if not names:  # a subscription that can never receive anything is a mistake, not a choice
+        raise invalid("operations", operations, accepted + "; at least one (or None for all)")
     unknown = sorted(set(names) - known)
     if unknown:
         raise invalid("operations", operations, f"{accepted}; unknown: {', '.join(unknown)} (names are case-sensitive)")

@@ -121,6 +121,7 @@ BAD_SUBSCRIBE_OPTIONS: list[tuple[dict[str, Any], str, str]] = [
     ({"operations": "insert"}, "operations=", "{'insert'}"),  # a bare string is not a set of its letters
     ({"operations": ["createIndexes"]}, "operations=", "show_expanded_events=True"),
     ({"operations": [1]}, "operations=", "insert"),
+    ({"operations": set()}, "operations=", "at least one"),
     ({"operations": {"Insert"}}, "operations=", "case-sensitive"),
     ({"max_retries": -1}, "max_retries=", "at least 0"),
     ({"max_retries": "5"}, "max_retries=", "int"),

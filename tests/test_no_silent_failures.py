@@ -76,6 +76,23 @@ def test_a_pipeline_that_modifies_id_stops_the_bus_with_a_configuration_error(
         bus.join(5)
 
 
+def test_error_280_after_events_were_delivered_stops_the_bus_with_a_stream_error(
+    fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
+    seen = Recorder()
+    bus = make_bus(client.shop.orders, on_history_lost="restart_from_now")
+    bus.subscribe(lambda ev: seen.add(ev.document_id))
+    bus.start()
+    client.shop.orders.insert_one({"_id": 1})
+    seen.wait(1)
+    fake_rs.fail(
+        "getMore", code=280, message="Encountered an event whose _id field was modified by the pipeline."
+    )
+    assert wait_for(lambda: bus.state is me.BusState.FAILED, 10), bus.state
+    assert type(bus.error) is me.StreamError and "must not modify or remove _id" in str(bus.error)
+    assert bus.history_gaps == 0
+
+
 # -- 5. every owned thread runs under a guard -------------------------------------------------------
 
 
@@ -360,6 +377,8 @@ def test_checkpoint_age_follows_the_stored_idle_token_not_the_last_event(
     bus.start()
     age = bus.checkpoint_age()
     assert age is not None and age < 3600, age
+    headroom = bus.health().oplog_headroom  # the fake serves local.oplog.rs
+    assert headroom is not None and headroom >= 0, headroom
     # Changes elsewhere move the post-batch token; the bus stores it while idle.
     saves = store.saves
     client.shop.other.insert_one({"_id": 1})

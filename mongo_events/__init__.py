@@ -25,6 +25,7 @@ from .errors import (
     ShutdownTimeout,
     StoreError,
     StreamError,
+    ThreadFailed,
 )
 from .events import ChangeEvent, FullDocument, OperationType, UpdateDescription
 from .health import Health
@@ -113,6 +114,7 @@ __all__ = [
     "StoreError",
     "HandlerFailed",
     "ShutdownTimeout",
+    "ThreadFailed",
     "Retry",
     "Reject",
     "ErrorKind",

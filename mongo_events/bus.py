@@ -9,6 +9,7 @@ checkpoints.
 from __future__ import annotations
 
 import enum
+import inspect
 import logging
 import os
 import signal
@@ -42,23 +43,26 @@ from .errors import (
     ShutdownTimeout,
     StoreError,
     StreamError,
+    ThreadFailed,
 )
 from .events import ChangeEvent, FullDocument, OperationType
 from .flusher import Flusher
+from .guard import describe
 from .health import Health, token_time
 from .metrics import Metrics
 from .middleware.base import Middleware
 from .monitor.middleware import MonitorMiddleware
 from .monitor.store import MonitorStore
+from .options import check_callable, check_choice, check_has_method, check_int, check_number, invalid
 from .reporting import ErrorContext, ErrorHandler, ErrorKindName, ErrorReporter, report_error
 from .retrying import RetryBackoff
 from .runner import ensure_logging
-from .stores.base import AckStore, DeadLetterStore, ResumeTokenStore
+from .stores.base import AckStore, Checkpoint, DeadLetterStore, ResumeTokenStore, malformed, token_problem
 from .stores.mongodb import DEFAULT_COLLECTION, MongoResumeTokenStore
 from .stores.records import AckRecord, DeadLetter
 from .subscription import OnExhausted, Subscription
 from .tracking import Slot, Tracker
-from .watcher import ErrorKind, Position, Watcher, classify_error, explain
+from .watcher import TOKEN_MODIFIED, ErrorKind, Position, Watcher, classify_error, explain
 
 __all__ = ["Bus", "BusState", "HistoryLostPolicy", "Ordering"]
 
@@ -73,6 +77,10 @@ _FULL_DOCUMENT_OPTIONS = {FullDocument.UPDATE_LOOKUP, FullDocument.WHEN_AVAILABL
 _LARGE_FIELDS = ("fullDocument", "fullDocumentBeforeChange", "updateDescription")
 #: An idle stream's post-batch token is written at most this often (events move it every flush).
 IDLE_CHECKPOINT_INTERVAL = 10.0
+
+#: The final checkpoint write at stop() gets at least this many seconds, even when the
+#: callbacks used the whole timeout.
+FINAL_FLUSH_MIN = 1.0
 
 #: The watcher hands collected work to the workers at least every this many items.
 _RELEASE_AT = 64
@@ -95,6 +103,61 @@ def _document_lane(key: Mapping[str, Any], event: ChangeEvent, one_namespace: bo
     if kind is str or kind is int or kind is bson.ObjectId:
         return value if one_namespace else (event.database, event.collection, value)
     return (event.database, event.collection, bson.encode(dict(key)))
+
+
+def _check_bus_options(o: Mapping[str, Any]) -> None:
+    """Refuse every bad :class:`Bus` option with a :class:`ConfigurationError` naming it."""
+    if o["name"] is not None and not isinstance(o["name"], str):
+        raise invalid("name", o["name"], "a str or None")
+    check_choice("full_document", o["full_document"], [None, *FullDocument])
+    check_choice("full_document_before_change", o["full_document_before_change"], [None, "off", "whenAvailable", "required"])
+    for flag in ("full_document_only", "update_description", "include_empty_updates", "show_expanded_events", "resume"):
+        if not isinstance(o[flag], bool):
+            raise invalid(flag, o[flag], "True or False")
+    check_int("max_updated_fields_size", o["max_updated_fields_size"], 0)
+    pipeline = o["pipeline"]
+    if pipeline is not None and (isinstance(pipeline, (str, bytes, Mapping)) or not isinstance(pipeline, Sequence)):
+        raise invalid("pipeline", pipeline, "a list of stages such as [{'$match': ...}]")
+    for stage in pipeline or ():
+        if not isinstance(stage, Mapping) or len(stage) != 1:
+            raise invalid("pipeline", pipeline, f"a list of one-key mappings such as {{'$match': ...}} (bad stage: {stage!r})")
+    check_int("batch_size", o["batch_size"], 0, allow_none=True)
+    if not isinstance(o["max_await_time"], timedelta):
+        check_number("max_await_time", o["max_await_time"])
+    elif o["max_await_time"] <= timedelta(0):
+        raise invalid("max_await_time", o["max_await_time"], "a positive number of seconds or timedelta")
+    store = o["resume_token_store"]
+    if store is not None and not isinstance(store, ResumeTokenStore):
+        raise invalid("resume_token_store", store, "a mongo_events.ResumeTokenStore (MongoResumeTokenStore, FileResumeTokenStore ...) or None")
+    coll = o["resume_token_collection"]
+    if coll is not None and not isinstance(coll, (MongoCollection, str)):
+        raise invalid("resume_token_collection", coll, "a pymongo Collection, a collection name or None")
+    if o["resume_token_id"] is not None and (not isinstance(o["resume_token_id"], str) or not o["resume_token_id"]):
+        raise invalid("resume_token_id", o["resume_token_id"], "a non-empty str or None")
+    past = o["start_from_past"]
+    if past is not None and (not isinstance(past, timedelta) or past <= timedelta(0)):
+        raise invalid("start_from_past", past, "a positive datetime.timedelta or None")
+    check_int("max_workers", o["max_workers"], 1)
+    check_int("max_in_flight", o["max_in_flight"], 1)
+    check_choice("ordering", o["ordering"], ["document", "stream", "none"])
+    check_number("flush_interval", o["flush_interval"])
+    if o["decoder"] is not None:
+        check_has_method("decoder", o["decoder"], "decode", "a mongo_events.Decoder")
+    middleware = o["middleware"]
+    if isinstance(middleware, (str, bytes, Mapping)) or not isinstance(middleware, Sequence) or not all(isinstance(m, Middleware) for m in middleware):
+        raise invalid("middleware", middleware, "a list of mongo_events.Middleware instances")
+    dead = o["dead_letters"]
+    if dead is not None and not isinstance(dead, DeadLetterStore) and not callable(dead):
+        raise invalid("dead_letters", dead, "a mongo_events.DeadLetterStore, a function (event, subscription, error, attempts) or None")
+    if o["ack_store"] is not None and not isinstance(o["ack_store"], AckStore):
+        raise invalid("ack_store", o["ack_store"], "a mongo_events.AckStore (MongoAckStore, MemoryAckStore) or None")
+    check_choice("on_history_lost", o["on_history_lost"], ["raise", "restart_from_now"])
+    check_callable("history_lost_callback", o["history_lost_callback"], "a function (key, since) or None")
+    check_number("start_timeout", o["start_timeout"])
+    if o["metrics"] is not None and not isinstance(o["metrics"], Metrics):
+        raise invalid("metrics", o["metrics"], "a mongo_events.Metrics or None")
+    if o["monitor"] is not None and not isinstance(o["monitor"], (MonitorStore, MonitorMiddleware)):
+        raise invalid("monitor", o["monitor"], "a mongo_events.monitor.MonitorStore, a MonitorMiddleware or None")
 
 
 class BusState(str, enum.Enum):
@@ -227,10 +290,9 @@ class Bus:
         self._default_db = self._db.name if self.level != "cluster" else ""
         self.name = name or self._namespace
 
+        _check_bus_options(locals())
         fd = FullDocument(full_document) if full_document is not None else None
         has_full = fd in _FULL_DOCUMENT_OPTIONS
-        if max_updated_fields_size < 0:
-            raise ConfigurationError("max_updated_fields_size must be >= 0 (0 means no limit)")
         if max_updated_fields_size and not has_full:
             raise ConfigurationError(
                 "max_updated_fields_size drops updated fields, so callbacks need the full document instead: "
@@ -241,25 +303,10 @@ class Bus:
                 "full_document_only needs the stream to carry full documents for updates: "
                 "also pass full_document=FullDocument.UPDATE_LOOKUP (or WHEN_AVAILABLE / REQUIRED)"
             )
-        if full_document_before_change not in (None, "off", "whenAvailable", "required"):
-            raise ConfigurationError("full_document_before_change must be 'off', 'whenAvailable' or 'required'")
-        if ordering not in ("document", "stream", "none"):
-            raise ConfigurationError(f"ordering must be 'document', 'stream' or 'none', got {ordering!r}")
-        if max_workers < 1 or max_in_flight < 1:
-            raise ConfigurationError("max_workers and max_in_flight must be at least 1")
-        if flush_interval <= 0:
-            raise ConfigurationError("flush_interval must be > 0 seconds")
-        if on_history_lost not in ("raise", "restart_from_now"):
-            raise ConfigurationError("on_history_lost must be 'raise' or 'restart_from_now'")
         if resume_token_store is not None and resume_token_collection is not None:
             raise ConfigurationError("pass resume_token_store or resume_token_collection, not both")
         if not resume and (resume_token_store is not None or resume_token_collection is not None):
             raise ConfigurationError("resume=False stores no position: drop resume_token_store / resume_token_collection, or resume")
-        if start_from_past is not None and (not isinstance(start_from_past, timedelta) or start_from_past <= timedelta(0)):
-            raise ConfigurationError("start_from_past must be a positive datetime.timedelta")
-        for stage in pipeline or ():
-            if not isinstance(stage, Mapping) or len(stage) != 1:
-                raise ConfigurationError(f"each pipeline stage must be a one-key mapping such as {{'$match': ...}}, got {stage!r}")
 
         self.full_document = fd
         self.full_document_before_change = full_document_before_change
@@ -304,6 +351,10 @@ class Bus:
         else:
             self.token_store = MongoResumeTokenStore(self._db[resume_token_collection or DEFAULT_COLLECTION])
 
+        #: Stores written against the older three-argument save() do not get namespace/level.
+        self._save_kwargs: dict[str, str] = (
+            {"namespace": self._namespace, "level": self.level} if self.token_store is not None and _takes_namespace(self.token_store) else {}
+        )
         self._subscriptions: list[Subscription] = []
         self._state = BusState.NEW
         self._state_lock = threading.Lock()
@@ -348,6 +399,8 @@ class Bus:
         self._flusher: Flusher | None = None
         self._shutdown_lock = threading.Lock()
         self._signals = 0
+        #: Set by a second SIGINT/SIGTERM in run_forever(): stop without waiting for callbacks.
+        self._hurry = threading.Event()
         #: Number of resume-token writes (for tests and the benchmark).
         self.token_writes = 0
         self.history_gaps = 0
@@ -443,24 +496,29 @@ class Bus:
         :param retry_backoff: delays between retries (default 0.1 s doubling to 30 s, jittered).
         :param on_exhausted: without a dead-letter store, ``"stop"`` the bus (default) or ``"skip"``.
         :raises BusStateError: when the bus has already started.
-        :raises ConfigurationError: for a duplicate name or a callback of the wrong shape.
+        :raises ConfigurationError: for a duplicate name, a callback of the wrong shape, or an
+            option that cannot work (unknown ``operations``, a ``payload`` type the decoder's
+            cattrs converter cannot structure, a bad ``max_retries`` ...), naming the option.
         """
 
         def register(fn: F) -> F:
             self._check_pid()
-            if self._state is not BusState.NEW and self._state is not BusState.STOPPED:
+            if self._state not in (BusState.NEW, BusState.STOPPED, BusState.FAILED):
                 raise BusStateError("subscribe() before start(): this bus is already running")
             sub = Subscription(
                 fn,
                 name=name,
                 payload=payload,
-                operations=[str(o) for o in operations] if operations is not None else None,
+                operations=operations,
                 max_retries=max_retries,
                 retry_backoff=retry_backoff,
                 on_exhausted=on_exhausted,
                 full_document_only=self.full_document_only,
                 index=len(self._subscriptions),
+                show_expanded_events=self.show_expanded_events,
             )
+            if payload is not None:
+                self._check_payload(payload)
             if any(s.name == sub.name for s in self._subscriptions):
                 raise ConfigurationError(f"a subscription named {sub.name!r} already exists on bus {self.name!r}; pass name=...")
             self._subscriptions.append(sub)
@@ -470,6 +528,24 @@ class Bus:
             return register(callback)
         return register
 
+    def _check_payload(self, payload: Any) -> None:
+        """Ask the converter for ``payload``'s structure hook now, not at the first event."""
+        decoder = self._decoder
+        if not isinstance(decoder, CattrsDecoder) or payload is dict or payload is Any:
+            return  # a custom decoder: only it knows what it can build
+        lookup = getattr(decoder.converter, "get_structure_hook", None)  # cattrs 24+
+        if lookup is None:
+            return
+        try:
+            lookup(payload)
+        except Exception as exc:
+            raise invalid(
+                "payload",
+                payload,
+                f"a type the decoder's cattrs converter can structure ({exc}); use a dataclass, attrs class, "
+                "TypedDict or dict, or register a hook on make_converter() and pass decoder=CattrsDecoder(converter)",
+            ) from exc
+
     # -- lifecycle --------------------------------------------------------------------
 
     def start(self) -> Bus:
@@ -477,22 +553,43 @@ class Bus:
 
         Waits up to ``start_timeout`` for the first stream so that a standalone server,
         bad credentials, an invalid pipeline or an unreadable checkpoint fail here.
-        If the server is merely unreachable, the watcher keeps retrying in the background.
+        If the server is merely unreachable, the watcher keeps retrying in the background,
+        loudly: ERROR lines at each retry and ``health()`` ``unhealthy`` until the stream
+        opens. A ``start()`` that raises leaves the bus ``FAILED`` with :attr:`error` set
+        (its threads ended); a new, stopped or failed bus can be started.
 
         :raises BusStateError: if already started, or used in a forked child.
         :raises ConfigurationError: when the deployment or the options cannot work.
-        :raises StoreError: when the stored checkpoint cannot be read.
+        :raises StoreError: when the stored checkpoint cannot be read, is malformed, or was
+            written by a bus watching another namespace.
+        :raises ThreadFailed: when a bus thread died while starting.
         """
         self._check_pid()
         self._check_runtime()
         with self._state_lock:
-            if self._state not in (BusState.NEW, BusState.STOPPED):
-                raise BusStateError(f"bus {self.name!r} is {self._state.value}; start() needs a new or stopped bus")
+            if self._state not in (BusState.NEW, BusState.STOPPED, BusState.FAILED):
+                raise BusStateError(f"bus {self.name!r} is {self._state.value}; start() needs a new, stopped or failed bus")
             if not self._subscriptions:
                 raise ConfigurationError(f"bus {self.name!r} has no subscriptions: call subscribe() before start()")
             self._reset_runtime()
             self._error = None
             self._state = BusState.STARTING
+        try:
+            self._start()
+        except BaseException as exc:
+            # Whatever failed, end what was started and say so: never left STARTING.
+            with self._state_lock:
+                if self._error is None:
+                    self._error = exc
+            self._shutdown(timeout=5.0, quiet=True)
+            raise
+        with self._state_lock:
+            if self._state is BusState.STARTING:
+                self._state = BusState.RUNNING
+        log.info("bus %s started: watching %s, checkpoint key %s", self.name, self._namespace, self.resume_token_key)
+        return self
+
+    def _start(self) -> None:
         for store in (self.token_store, self.ack_store, self.dead_letter_store, self.monitor.store if self.monitor else None):
             if store is None:
                 continue
@@ -522,6 +619,7 @@ class Bus:
             on_reconnect=self._on_reconnect,
             on_active=self._on_active,
             on_drained=self._on_drained,
+            on_fatal=self._fail,
             stop_event=self._stop_event,
         )
         tasks = [self._flush_events]
@@ -529,13 +627,11 @@ class Bus:
             tasks.append(self._reporting_task(self.monitor.flush, "write monitor entries"))
         if self.metrics is not None:
             tasks.append(self._refresh_oplog_window)
-        self._flusher = Flusher(tasks, self.flush_interval, self.name)
+        self._flusher = Flusher(tasks, self.flush_interval, self.name, on_fatal=self._fail)
         try:
             position = self._initial_position()
-        except BaseException as exc:
-            self._state = BusState.STOPPED
-            if isinstance(exc, StoreError):
-                self._report(exc, "store", what="read checkpoint")
+        except StoreError as exc:
+            self._report(exc, "store", what="read checkpoint")
             raise
         if self.metrics is not None:
             self.metrics.attach(self)
@@ -544,30 +640,35 @@ class Bus:
         self._watcher.start(position)
         if self._connected.wait(self.start_timeout):
             if self._connect_error is not None:
-                self._shutdown(timeout=5.0)
-                self._state = BusState.FAILED
                 raise self._connect_error
         else:
-            log.warning("bus %s: the change stream did not open within %.0fs; still trying in the background", self.name, self.start_timeout)
-        with self._state_lock:
-            if self._state is BusState.STARTING:
-                self._state = BusState.RUNNING
-        log.info("bus %s started: watching %s, checkpoint key %s", self.name, self._namespace, self.resume_token_key)
-        return self
+            # Web apps start at boot and must not hang on a server that is down: keep trying in
+            # the background, but loudly: ERROR here and at each retry, health "unhealthy".
+            message = f"the change stream on {self._namespace} did not open within {self.start_timeout:.0f}s; still trying in the background"
+            self._last_error = (message, datetime.now(timezone.utc))
+            log.error("bus %s: %s; health is unhealthy and nothing is delivered until it opens", self.name, message)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop gracefully: stop the watcher, let running callbacks finish, write the checkpoint.
 
         Events that did not finish are delivered again after the next start.
 
-        :raises ShutdownTimeout: when callbacks were still running at the deadline
+        Returns at once for a bus that never started. Takes at most ``timeout`` plus
+        ``FINAL_FLUSH_MIN`` (the final checkpoint write, bounded by ``pymongo.timeout()``)
+        plus, if the watcher is inside a ``getMore``, up to ``max_await_time``. When it
+        returns, the bus's threads have ended except workers inside callbacks still
+        running at the deadline (daemon threads: they never keep the process alive).
+
+        :raises ShutdownTimeout: when callbacks were still running at the deadline, naming them
             (the checkpoint written is still correct; they will be redelivered).
         """
         if os.getpid() != self._pid:
             log.warning("bus %s: stop() in forked process %d ignored: the bus runs in process %d", self.name, os.getpid(), self._pid)
             return
-        if self._state in (BusState.NEW, BusState.STOPPED, BusState.FAILED):
-            self._stopped.wait(timeout)
+        if self._state is BusState.NEW:
+            return  # never started: nothing to wait for
+        if self._state in (BusState.STOPPED, BusState.FAILED):
+            self._stopped.wait(timeout)  # set already, or a failure's shutdown is finishing
             return
         self._shutdown(timeout)
 
@@ -575,7 +676,11 @@ class Bus:
         """Start (if needed) and block until stopped; SIGINT/SIGTERM stop gracefully.
 
         In the main thread it installs handlers for SIGINT and SIGTERM: the first
-        signal stops gracefully, a second one stops without waiting for callbacks.
+        signal stops gracefully (waits up to ``stop_timeout`` for running callbacks), a
+        second one stops at once: no more waiting for callbacks, one checkpoint write
+        bounded to ``FINAL_FLUSH_MIN`` seconds, then it returns. Callbacks still running
+        are abandoned (workers are daemon threads, so they do not keep the process alive)
+        and their events are delivered again after restart.
 
         :raises MongoEventsError: the error that made the bus fail, if it did.
         """
@@ -599,7 +704,15 @@ class Bus:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals += 1
-        log.warning("bus %s: got signal %d; %s", self.name, signum, "stopping gracefully" if self._signals == 1 else "stopping now")
+        if self._signals > 1:
+            # Runs in the main thread, between two steps of the graceful stop it interrupts:
+            # the stop sees _hurry and skips the rest of its wait for callbacks.
+            self._hurry.set()
+        log.warning(
+            "bus %s: got signal %d; %s", self.name, signum,
+            "stopping gracefully (a second signal stops without waiting for callbacks)" if self._signals == 1
+            else "stopping now: no more waiting for callbacks, one bounded checkpoint write",
+        )
         self._stop_event.set()
 
     def join(self, timeout: float | None = None) -> bool:
@@ -676,6 +789,7 @@ class Bus:
         if self.token_store is not None:
             checkpoint = self.token_store.load(self.resume_token_key)
             if checkpoint is not None:
+                self._check_checkpoint(checkpoint)
                 with self._cond:
                     self._tracker.checkpoint = checkpoint.token
                     self._tracker.checkpoint_time = checkpoint.cluster_time
@@ -689,60 +803,125 @@ class Bus:
             return Position(start_at_operation_time=Timestamp(since, 0))
         return Position()
 
+    def _check_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Refuse a stored checkpoint that is malformed or belongs to another namespace."""
+        key, where = self.resume_token_key, type(self.token_store).__name__
+        problem = token_problem(checkpoint.token)
+        if problem is not None:
+            raise malformed(key, where, problem)
+        if (checkpoint.namespace is not None and checkpoint.namespace != self._namespace) or (
+            checkpoint.level is not None and checkpoint.level != self.level
+        ):
+            raise StoreError(
+                f"bus {self.name!r}: the stored checkpoint {key!r} in {where} was written by a bus watching "
+                f"{checkpoint.namespace} ({checkpoint.level} watch), but this bus watches {self._namespace} "
+                f"({self.level} watch): resuming there would deliver another stream's changes or skip this one's. "
+                "It was left untouched. Give this bus its own resume_token_id, or reset_resume_token() if the "
+                "target was renamed on purpose"
+            )
+
     def _fail(self, exc: BaseException) -> None:
+        """Stop the bus because of ``exc``: state FAILED, ``error`` set, one ERROR line."""
         with self._state_lock:
             if self._error is not None or self._state in (BusState.STOPPED, BusState.FAILED):
                 return
             self._error = exc
-        log.error("bus %s failed: %s", self.name, exc)
+        log.error("bus %s failed: %s", self.name, describe(exc), exc_info=exc if isinstance(exc, ThreadFailed) else None)
+        if not self._connected.is_set():  # start() is waiting for the stream: it raises this
+            self._connect_error = exc
+            self._connected.set()
         self._stop_event.set()
         with self._cond:
             self._cond.notify_all()
-        threading.Thread(target=self._shutdown, args=(30.0,), kwargs={"quiet": True}, name=f"mongo_events.stopper[{self.name}]", daemon=True).start()
+        threading.Thread(target=self._stop_after_failure, name=f"mongo_events.stopper[{self.name}]", daemon=True).start()
+
+    def _stop_after_failure(self) -> None:
+        try:
+            self._shutdown(30.0, quiet=True)
+        except BaseException as exc:  # the bus is FAILED already (see _shutdown); say what else broke
+            log.error("bus %s: stopping after the failure also failed: %s", self.name, describe(exc), exc_info=exc)
 
     def _shutdown(self, timeout: float, quiet: bool = False) -> None:
+        """Stop every thread and write the final checkpoint, within ``timeout`` (plus at most
+        ``FINAL_FLUSH_MIN`` for the final write when the callbacks used the whole timeout).
+
+        ``_hurry`` (a second signal in ``run_forever()``) cuts the waits for callbacks short.
+        """
+        running: list[str] = []
         with self._shutdown_lock:
             if self._stopped.is_set():
                 return
             with self._state_lock:
                 self._state = BusState.STOPPING
             deadline = time.monotonic() + timeout
-            # Order matters: stop reading first so nothing new is admitted; then stop
-            # handing out work and let running callbacks finish; then write the
-            # watermark, which now covers everything that finished.
-            self._stop_event.set()
-            with self._cond:
-                self._cond.notify_all()
-            if self._watcher is not None:
-                self._watcher.join(max(deadline - time.monotonic(), self.max_await_time + 1.0))
-            drained = True
-            if self._dispatcher is not None:
-                self._dispatcher.halt()
-                drained = self._dispatcher.wait_idle(deadline)
-            if self._flusher is not None:
-                self._flusher.stop(max(0.0, deadline - time.monotonic()))
-                self._flusher.flush()
-            if self._dispatcher is not None:
-                self._dispatcher.shutdown()
-            if self.metrics is not None:
-                self.metrics.detach(self)
-            for store in (self.token_store, self.ack_store, self.dead_letter_store, self.monitor.store if self.monitor else None):
-                if store is not None:
-                    try:
-                        store.close()
-                    except Exception:
-                        log.exception("closing %s failed", type(store).__name__)
-            with self._state_lock:
-                self._state = BusState.FAILED if self._error is not None else BusState.STOPPED
-            self._stopped.set()
-            with self._cond:
-                self._cond.notify_all()
+            try:
+                running = self._stop_threads(deadline)
+            finally:
+                with self._state_lock:
+                    self._state = BusState.FAILED if self._error is not None else BusState.STOPPED
+                self._stopped.set()
+                with self._cond:
+                    self._cond.notify_all()
             log.info("bus %s %s; checkpoint %s", self.name, self._state.value, self._tracker.checkpoint)
-        if not drained and not quiet:
+        if running and not quiet:
             raise ShutdownTimeout(
-                f"bus {self.name!r}: callbacks were still running after {timeout:.1f}s; "
-                "their events were not checkpointed and will be delivered again after restart"
+                f"bus {self.name!r}: callbacks were still running after {timeout:.1f}s: {'; '.join(running)}. "
+                "Their events were not checkpointed and will be delivered again after restart"
             )
+
+    def _stop_threads(self, deadline: float) -> list[str]:
+        """The shutdown steps; returns the callbacks still running at the deadline."""
+        hurry = self._hurry
+        # Order matters: stop reading first so nothing new is admitted; then stop
+        # handing out work and let running callbacks finish; then write the
+        # watermark, which now covers everything that finished.
+        self._stop_event.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._watcher is not None:
+            # It ends within one getMore (max_await_time) unless it is stuck in the driver, for
+            # instance in server selection; a second signal stops waiting for it.
+            watcher_deadline = max(deadline, time.monotonic() + self.max_await_time + 1.0)
+            while not self._watcher.join(min(0.1, watcher_deadline - time.monotonic())):
+                if hurry.is_set() or time.monotonic() >= watcher_deadline:
+                    break
+        running: list[str] = []
+        if self._dispatcher is not None:
+            self._dispatcher.halt()
+            if not self._dispatcher.wait_idle(deadline, hurry):
+                running = self._dispatcher.running()
+            # Idle workers end at once (halt woke them); busy ones are daemon threads that
+            # cannot be stopped: they end when their callback returns, and never hold exit.
+            soon = time.monotonic() + FINAL_FLUSH_MIN / 2
+            self._dispatcher.join(soon if hurry.is_set() else max(deadline, soon))
+            self._dispatcher.shutdown()
+        if self._flusher is not None:
+            # The flusher thread and the one final write share what is left of the timeout,
+            # and at least FINAL_FLUSH_MIN (all of it after a second signal). An unreachable
+            # store cannot hold stop() for pymongo's default 30 s server selection:
+            # pymongo.timeout() bounds every operation of the final write.
+            now = time.monotonic()
+            grace = now + FINAL_FLUSH_MIN if hurry.is_set() else max(deadline, now + FINAL_FLUSH_MIN)
+            self._flusher.stop(grace - now)
+            budget = max(0.0, grace - time.monotonic())
+            if not self._flusher.flush(timeout=budget):
+                log.error(
+                    "bus %s: the final checkpoint was not stored within %.1fs; the next start redelivers "
+                    "every event after the last stored checkpoint (%s)",
+                    self.name, grace - now, self._last_error[0] if self._last_error else "no error recorded",
+                )
+        if self.metrics is not None:
+            try:
+                self.metrics.detach(self)
+            except Exception:
+                log.exception("bus %s: detaching metrics failed", self.name)
+        for store in (self.token_store, self.ack_store, self.dead_letter_store, self.monitor.store if self.monitor else None):
+            if store is not None:
+                try:
+                    store.close()
+                except Exception:
+                    log.exception("closing %s failed", type(store).__name__)
+        return running
 
     # -- internals: watcher side ----------------------------------------------------------
 
@@ -791,7 +970,7 @@ class Bus:
         if token is None:
             return True  # history arrived in the first batch (start_from_past): nothing to pin
         try:
-            self.token_store.save(self.resume_token_key, token, None)
+            self.token_store.save(self.resume_token_key, token, None, **self._save_kwargs)
         except StoreError as exc:
             self._report(exc, "store", what="write the opening position")
             self._on_connected(exc)
@@ -814,8 +993,20 @@ class Bus:
         if isinstance(exc, MongoEventsError):
             return exc
         kind = classify_error(exc)
-        if kind is ErrorKind.CONFIGURATION:
-            err: MongoEventsError = ConfigurationError(f"bus {self.name!r} cannot watch {self._namespace}: {explain(exc)}")
+        if getattr(exc, "code", None) == TOKEN_MODIFIED:
+            message = (
+                f"bus {self.name!r}: the change stream on {self._namespace} failed because its pipeline modified "
+                "or removed _id, which carries each event's resume token (server said: "
+                f"{exc}). Change-stream pipelines must not modify or remove _id: keep it in every $project, "
+                "$addFields, $set, $unset or $replaceRoot stage"
+            )
+            # Before any event, it is a configuration mistake; later, the stream failed mid-way.
+            if self._tracker.last_seq == 0:
+                err: MongoEventsError = ConfigurationError(message)
+            else:
+                err = StreamError(message, key=self.resume_token_key)
+        elif kind is ErrorKind.CONFIGURATION:
+            err = ConfigurationError(f"bus {self.name!r} cannot watch {self._namespace}: {explain(exc)}")
         elif kind is ErrorKind.HISTORY_LOST:
             err = self._history_lost_error(exc)
         else:
@@ -867,7 +1058,7 @@ class Bus:
         error = self._translate(exc)
         self._report(error, "stream", what=f"{kind.value} error; the bus stops")
         if not self._connected.is_set():
-            self._on_connected(exc)
+            self._on_connected(error)
         self._fail(error)
         return None
 
@@ -1204,8 +1395,12 @@ class Bus:
         error = self._last_error
         if self._error is not None:
             error = (f"{type(self._error).__name__}: {self._error}", error[1] if error else datetime.now(timezone.utc))
-        if state is not BusState.RUNNING:
+        watcher = self._watcher
+        if state is not BusState.RUNNING or (watcher is not None and not watcher.opened):
+            # Not running, or running but its stream never opened: nothing is delivered at all.
             status: Literal["healthy", "degraded", "unhealthy"] = "unhealthy"
+            if error is None and state is BusState.RUNNING:
+                error = (f"the change stream on {self._namespace} has not opened yet", datetime.now(timezone.utc))
         elif not self._stream_active or (error is not None and (datetime.now(timezone.utc) - error[1]).total_seconds() < 60):
             status = "degraded"
         else:
@@ -1310,7 +1505,7 @@ class Bus:
         assert store is not None
         token, cluster_time = checkpoint.token, checkpoint.cluster_time
         try:
-            store.save(self.resume_token_key, token, cluster_time)
+            store.save(self.resume_token_key, token, cluster_time, **self._save_kwargs)
         except Exception as exc:
             self._last_error = (f"{type(exc).__name__}: {exc}", datetime.now(timezone.utc))
             self._report(exc, "store", what="write checkpoint")
@@ -1369,8 +1564,23 @@ class _Checkpoint(NamedTuple):
 
 
 def _seconds(cluster_time: Any, token: Any) -> int | None:
-    """Seconds of a checkpoint's cluster time, else of the time inside its token."""
-    return cluster_time.time if isinstance(cluster_time, Timestamp) else token_time(token)
+    """Seconds of the time inside a checkpoint's token, else of its cluster time.
+
+    The token comes first: an idle post-batch token is stored with the cluster time of
+    the last *event*, which on a quiet stream can be days old while the token is fresh.
+    """
+    seconds = token_time(token)
+    if seconds is not None:
+        return seconds
+    return cluster_time.time if isinstance(cluster_time, Timestamp) else None
+
+
+def _takes_namespace(store: ResumeTokenStore) -> bool:
+    try:
+        params = inspect.signature(store.save).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "namespace" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def _hostname() -> str:

@@ -1,10 +1,15 @@
 """The dispatcher: worker pool, per-key lanes, retries and the dead-letter hand-off.
 
-Workers are long-running loops submitted to one ``ThreadPoolExecutor``; they
+Workers are long-running loops on named daemon threads (one pool per bus); they
 pull ready items from a ``SimpleQueue`` (a sub-microsecond hand-off, cheaper
-than one executor task per event). A failed attempt waits in a timer heap, not
-on a sleeping worker, so retries never block other documents' lanes. The lane
-of a retrying item stays busy, which keeps per-document order.
+than one executor task per event). They are daemon threads, not a
+``ThreadPoolExecutor``'s, on purpose: the interpreter joins an executor's
+threads at exit, so one callback that never returns would keep the process
+alive after ``stop()`` gave up on it. Each loop runs under the guard
+(:mod:`mongo_events.guard`): a worker that dies fails the bus. A failed attempt
+waits in a timer heap, not on a sleeping worker, so retries never block other
+documents' lanes. The lane of a retrying item stays busy, which keeps
+per-document order.
 
 A finished item goes onto a deque without the lock and is reported (its slot
 marked done, its lane's next item released) by whoever holds the lock next:
@@ -15,6 +20,7 @@ Waiting for a contended lock would cost a thread switch per event.
 
 from __future__ import annotations
 
+import atexit
 import heapq
 import itertools
 import logging
@@ -24,15 +30,14 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import thread as _futures_thread
 from functools import partial
 from typing import Any, Protocol, cast
 
 from .decoding import Decoder
 from .delivery import Delivery, _current
-from .errors import DecodeError, HandlerFailed, Reject, Retry
+from .errors import DecodeError, HandlerFailed, Reject, Retry, ThreadFailed
 from .events import ChangeEvent
+from .guard import describe, run_guarded
 from .middleware.base import Middleware, run_after, run_before
 from .subscription import Subscription
 from .tracking import Lanes, Slot
@@ -51,7 +56,7 @@ class DeadLetterHook(Protocol):
 class WorkItem:
     """One event for one subscription."""
 
-    __slots__ = ("attempt", "event", "lane", "slot", "sub", "update_description")
+    __slots__ = ("attempt", "dead_letter_tries", "event", "failure", "lane", "slot", "sub", "update_description")
 
     def __init__(self, sub: Subscription, event: ChangeEvent, slot: Slot, lane: Hashable | None, update_description: Any) -> None:
         self.sub = sub
@@ -60,6 +65,9 @@ class WorkItem:
         self.lane = lane
         self.attempt = 1
         self.update_description = update_description
+        #: Set when the subscription gave up but the dead-letter write failed: only the write is retried.
+        self.failure: BaseException | None = None
+        self.dead_letter_tries = 0
 
 
 #: A worker reports its finished items (taking the lock) once this many wait, or when it
@@ -121,41 +129,60 @@ class Dispatcher:
         #: Finished items not yet reported (appended without the lock; see drain()).
         self._done: deque[WorkItem] = deque()
         self._halt = threading.Event()
-        self._executor: ThreadPoolExecutor | None = None
-        # One flag per worker, set while it runs an attempt: plain list stores, no lock per event.
-        self._busy = [False] * max_workers
+        self._threads: list[threading.Thread] = []
+        # Per worker, the item whose attempt it runs (else None): plain list stores, no lock per event.
+        self._busy: list[WorkItem | None] = [None] * max_workers
 
     # -- lifecycle -----------------------------------------------------------
 
     def start(self) -> None:
         _running.add(self)
-        self._executor = ThreadPoolExecutor(self.max_workers, thread_name_prefix="mongo_events.worker")
         for index in range(self.max_workers):
-            self._executor.submit(self._work, index)
+            name = f"mongo_events.worker[{self._bus_name}]-{index}"
+            thread = threading.Thread(target=run_guarded, args=(partial(self._work, index), self._on_fatal, name), name=name, daemon=True)
+            self._threads.append(thread)
+            thread.start()
 
     def halt(self) -> None:
         """Stop taking new items and cancel pending retries; running callbacks finish."""
         self._halt.set()
         with self._lock:
             self._timers.clear()
-        # Wake every worker waiting for an item rather than rely on its get() timeout alone:
-        # in a full test run a timed SimpleQueue.get was seen never to return, which left a
-        # worker behind and hung interpreter exit in concurrent.futures' join.
+        # Wake every worker waiting for an item rather than rely on its get() timeout alone.
         for _ in range(self.max_workers):
             self._ready.put(None)
 
-    def wait_idle(self, deadline: float) -> bool:
-        """Wait until no callback is running or ``deadline`` (monotonic) passes."""
+    def wait_idle(self, deadline: float, hurry: threading.Event | None = None) -> bool:
+        """Wait until no callback is running, ``deadline`` (monotonic) passes or ``hurry`` is set."""
         while any(self._busy):
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or (hurry is not None and hurry.is_set()):
                 return False
             time.sleep(0.005)
         return True
 
+    def running(self) -> list[str]:
+        """What the workers still run: ``"subscription 'x' on event <id> (thread)"`` per busy worker."""
+        out = []
+        for index, item in enumerate(list(self._busy)):
+            if item is not None:
+                thread = self._threads[index].name if index < len(self._threads) else f"worker {index}"
+                out.append(f"subscription {item.sub.name!r} on event {item.event.id} ({thread})")
+        return out
+
+    def join(self, deadline: float) -> bool:
+        """Wait until every idle worker thread ended (after :meth:`halt`), up to ``deadline``
+        (monotonic); True when all ended.
+
+        A worker still inside a callback cannot be stopped; it is a daemon thread, so it
+        does not keep the process alive, and it exits its loop once the callback returns.
+        """
+        for index, thread in enumerate(self._threads):
+            if self._busy[index] is None:  # a busy one ends only when its callback returns
+                thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
+
     def shutdown(self) -> None:
         _running.discard(self)
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- feeding ---------------------------------------------------------------
 
@@ -216,18 +243,30 @@ class Dispatcher:
                 if done:  # idle: waiting for the lock costs nothing now
                     with lock:
                         self.drain()
-                if _interpreter_exiting():  # checked when idle: three flag reads per event add up
+                if _EXITING.is_set():  # checked when idle only
                     return
                 continue
             if halt.is_set():
                 return
             if len(done) >= _REPORT_AT:  # many unreported items: try before a callback that may be long
                 self._try_drain()
-            busy[index] = True
+            busy[index] = item
             try:
                 outcome, delay = self._attempt(item)
+            except BaseException as exc:
+                # Not an Exception (a callback's SystemExit or KeyboardInterrupt), or a failure
+                # outside the callback (middleware, retry_backoff, an error whose repr() raises):
+                # the bus stops; retrying would only hide it. The event stays undone.
+                thread = threading.current_thread().name
+                error = ThreadFailed(
+                    f"worker {thread} stopped on event {item.event.id} for subscription {item.sub.name!r}: "
+                    f"{describe(exc)} escaped the callback or its middleware, decoder or retry_backoff. The bus "
+                    "stops without retrying it; the event is delivered again after restart",
+                    thread=thread,
+                )
+                raise error from exc
             finally:
-                busy[index] = False
+                busy[index] = None
             if outcome == _RETRY:
                 with lock:
                     heapq.heappush(self._timers, (time.monotonic() + delay, next(self._counter), item))
@@ -260,6 +299,8 @@ class Dispatcher:
         )
 
     def _attempt(self, item: WorkItem) -> tuple[int, float]:
+        if item.failure is not None:  # only its dead-letter write failed: retry the write, not the callback
+            return self._give_up(item, self._delivery(item), item.failure)
         sub = item.sub
         delivery: Delivery | None = None
         error: BaseException | None = None
@@ -302,10 +343,13 @@ class Dispatcher:
             try:
                 self._dead_letters(item.event, sub.name, error, attempts)
             except Exception as exc:
-                delay = sub.retry_backoff.delay(attempts)
+                item.failure = error
+                item.dead_letter_tries += 1
+                delay = sub.retry_backoff.delay(item.dead_letter_tries)
                 log.error(
-                    "could not dead-letter event %s for %r (%r); it stays undone and is retried in %.2fs",
-                    item.event.id, sub.name, exc, delay,
+                    "could not dead-letter event %s for %r (%s); it stays undone, the checkpoint stays before it, "
+                    "and the write (not the callback) is retried in %.2fs",
+                    item.event.id, sub.name, describe(exc), delay,
                 )
                 return _RETRY, delay
             log.error("event %s dead-lettered for %r after %d attempt(s): %r", item.event.id, sub.name, attempts, error)
@@ -334,27 +378,13 @@ class Dispatcher:
 _running: weakref.WeakSet[Dispatcher] = weakref.WeakSet()
 
 
-def _interpreter_exiting() -> bool:
-    """True once interpreter shutdown began: our hook ran, ``threading`` started shutting
-    down, or ``concurrent.futures`` is about to join its workers (private flags, read-only,
-    each with a safe default)."""
-    return (
-        _EXITING.is_set()
-        or bool(getattr(threading, "_SHUTTING_DOWN", False))
-        or bool(getattr(_futures_thread, "_shutdown", False))
-    )
-
-
-#: Set at interpreter exit: every worker loop ends (after the callback it is running, if any).
-#: The loops also watch ``concurrent.futures.thread._shutdown``, which that module sets just
-#: before it joins its workers, in case this hook has not run.
+#: Set at interpreter exit: every idle worker loop ends. Workers are daemon threads, so
+#: exit never waits for them (nor for a callback that never returns).
 _EXITING = threading.Event()
 
 
 def _halt_at_exit() -> None:
-    """At interpreter exit concurrent.futures joins its worker threads: a bus that was never
-    stopped must not keep its workers looping, or exit would hang. Its unfinished events
-    are simply delivered again after restart."""
+    """Say that a bus was never stopped: its unfinished events are delivered again after restart."""
     _EXITING.set()
     for dispatcher in list(_running):
         if not dispatcher._halt.is_set():
@@ -362,11 +392,7 @@ def _halt_at_exit() -> None:
             dispatcher.halt()
 
 
-# Registered after concurrent.futures' own hook, so it runs before that hook joins the workers
-# (threading runs these in reverse order, before joining non-daemon threads).
-_register_atexit = getattr(threading, "_register_atexit", None)
-if _register_atexit is not None:
-    _register_atexit(_halt_at_exit)
+atexit.register(_halt_at_exit)
 
 
 def call_subscription(

@@ -16,6 +16,7 @@ __all__ = [
     "ShutdownTimeout",
     "StoreError",
     "StreamError",
+    "ThreadFailed",
 ]
 
 
@@ -79,6 +80,21 @@ class HandlerFailed(MongoEventsError):
         super().__init__(message)
         self.subscription = subscription
         self.event_id = event_id
+
+
+class ThreadFailed(MongoEventsError):
+    """A thread the bus owns (watcher, worker, flusher) died from an unexpected exception, so the bus failed.
+
+    The cause (``__cause__``) is the exception, for instance a callback's ``SystemExit``.
+
+    :ivar thread: the thread's name.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(self, message: str, *, thread: str) -> None:
+        super().__init__(message)
+        self.thread = thread
 
 
 class ShutdownTimeout(MongoEventsError, TimeoutError):

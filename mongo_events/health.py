@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Literal
 
@@ -20,7 +21,7 @@ def token_time(token: Any) -> int | None:
     Resume tokens are KeyStrings whose first value is the event's cluster timestamp
     (type byte ``0x82``, then 4 bytes of seconds and 4 of increment).
     """
-    data = token.get("_data") if isinstance(token, dict) else None
+    data = token.get("_data") if isinstance(token, Mapping) else None
     if not isinstance(data, str) or len(data) < 18 or not data.startswith("82"):
         return None
     try:

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Literal
 
-from .decoding import Decoder
+from .decoding import Decoder, document_hint
 from .delivery import Delivery
-from .errors import ConfigurationError
+from .errors import ConfigurationError, DecodeError
 from .events import ChangeEvent, OperationType
+from .options import check_choice, check_has_method, check_int, invalid
 from .retrying import RetryBackoff
 
-__all__ = ["DATA_OPERATIONS", "OnExhausted", "Subscription"]
+__all__ = ["DATA_OPERATIONS", "EXPANDED_OPERATIONS", "OnExhausted", "Subscription"]
 
 OnExhausted = Literal["stop", "skip"]
 
 #: Operations a typed (``payload=``) subscription receives unless it names others.
 DATA_OPERATIONS = frozenset({"insert", "update", "replace", "delete"})
 _KNOWN_OPERATIONS = frozenset(o.value for o in OperationType)
+#: DDL events a stream carries only with ``show_expanded_events=True`` (MongoDB 6.0+).
+EXPANDED_OPERATIONS = frozenset(
+    {"create", "createIndexes", "dropIndexes", "modify", "shardCollection", "reshardCollection", "refineCollectionShardKey"}
+)
 
 
 class Subscription:
@@ -52,21 +57,21 @@ class Subscription:
         on_exhausted: OnExhausted = "stop",
         full_document_only: bool = False,
         index: int = 0,
+        show_expanded_events: bool = False,
     ) -> None:
         if not callable(callback):
             raise ConfigurationError(f"subscribe() needs a callable, got {callback!r}")
-        if max_retries < 0:
-            raise ConfigurationError(f"max_retries must be >= 0, got {max_retries}")
-        if on_exhausted not in ("stop", "skip"):
-            raise ConfigurationError(f"on_exhausted must be 'stop' or 'skip', got {on_exhausted!r}")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise invalid("name", name, "a non-empty str or None")
+        check_int("max_retries", max_retries, 0)
+        if retry_backoff is not None:
+            check_has_method("retry_backoff", retry_backoff, "delay", "a mongo_events.RetryBackoff")
+        check_choice("on_exhausted", on_exhausted, ["stop", "skip"])
         ops: frozenset[str] | None
         if operations is None:
             ops = DATA_OPERATIONS if payload is not None else None
         else:
-            ops = frozenset(str(o) for o in operations)
-            unknown = ops - _KNOWN_OPERATIONS
-            if unknown and all(o.lower() in {k.lower() for k in _KNOWN_OPERATIONS} for o in unknown):
-                raise ConfigurationError(f"operation names are case-sensitive: {sorted(unknown)}; use {sorted(_KNOWN_OPERATIONS)}")
+            ops = _check_operations(operations, show_expanded_events)
         self.callback = callback
         self.name = name or getattr(callback, "__qualname__", None) or repr(callback)
         self.payload = payload
@@ -95,7 +100,14 @@ class Subscription:
             return event.full_document if self.payload is None else decoder.decode(event.full_document, self.payload)
         if self.payload is None:
             return event
-        return decoder.decode(event.to_dict(), self.payload)
+        raw = event.to_dict()
+        try:
+            return decoder.decode(raw, self.payload)
+        except DecodeError as exc:
+            hinted = document_hint(exc, self.payload, raw, event.full_document)
+            if hinted is exc:
+                raise
+            raise hinted from exc.__cause__
 
     def call(self, argument: Any, delivery: Delivery) -> Any:
         if self.wants_delivery:
@@ -104,6 +116,28 @@ class Subscription:
 
     def __repr__(self) -> str:
         return f"<Subscription {self.name!r}>"
+
+
+def _check_operations(operations: Any, show_expanded_events: bool) -> frozenset[str]:
+    """The operation names a subscription asked for, refused unless the bus can receive each."""
+    known = _KNOWN_OPERATIONS | EXPANDED_OPERATIONS if show_expanded_events else _KNOWN_OPERATIONS
+    accepted = "a collection of operation names from " + ", ".join(sorted(known))
+    if not show_expanded_events:
+        accepted += " (DDL events such as createIndexes need show_expanded_events=True)"
+    # A bare string is a collection of its letters: "insert" would mean {"i", "n", ...}.
+    if isinstance(operations, (str, bytes, Mapping)) or not isinstance(operations, Collection):
+        raise invalid("operations", operations, accepted + "; for one operation write {'insert'}")
+    names = []
+    for op in operations:
+        if not isinstance(op, str):  # OperationType is a str enum
+            raise invalid("operations", operations, accepted)
+        names.append(op.value if isinstance(op, OperationType) else op)
+    if not names:  # a subscription that can never receive anything is a mistake, not a choice
+        raise invalid("operations", operations, accepted + "; at least one (or None for all)")
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise invalid("operations", operations, f"{accepted}; unknown: {', '.join(unknown)} (names are case-sensitive)")
+    return frozenset(names)
 
 
 def _takes_two(fn: Callable[..., Any]) -> bool:

@@ -11,12 +11,15 @@ from __future__ import annotations
 import enum
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import backoff
 from pymongo.change_stream import ChangeStream
 from pymongo.errors import ConnectionFailure, CursorNotFound, OperationFailure, PyMongoError
+
+from .guard import run_guarded
 
 __all__ = ["ErrorKind", "Position", "Watcher", "classify_error"]
 
@@ -33,7 +36,10 @@ class ErrorKind(enum.Enum):
     FATAL = "fatal"                  #: anything else: the bus stops with the error
 
 
-_HISTORY_LOST = {286, 260, 280}
+_HISTORY_LOST = {286, 260}
+#: ChangeStreamFatalError: the pipeline modified or removed ``_id`` (the resume token). Not
+#: history loss: resetting the token or restarting from now would fail at the next event again.
+TOKEN_MODIFIED = 280
 _NOT_PRIMARY = {10107, 13435, 13436, 11600, 11602, 189, 91, 6, 7, 89, 9001, 262, 150, 133, 234}
 _CONFIGURATION = {
     40573: "change streams need a replica set or a sharded cluster, and this server is standalone: "
@@ -59,6 +65,8 @@ def classify_error(exc: BaseException) -> ErrorKind:
             return ErrorKind.HISTORY_LOST
         if code == 10334:
             return ErrorKind.OVERSIZE
+        if code == TOKEN_MODIFIED:
+            return ErrorKind.FATAL
         if exc.has_error_label("ResumableChangeStreamError") or code in _NOT_PRIMARY:
             return ErrorKind.RESUMABLE
         if code in _CONFIGURATION:
@@ -108,6 +116,14 @@ def _nothing() -> None:
     pass
 
 
+def _log_fatal(exc: BaseException) -> None:
+    log.error("watcher died: %s", exc)
+
+
+#: While the first stream cannot open, the ERROR line is repeated at most this often (seconds).
+ERROR_LOG_INTERVAL = 30.0
+
+
 def reassemble(fragments: list[Mapping[str, Any]]) -> dict[str, Any]:
     """Merge the fragments of a split event; the last fragment's token resumes after it."""
     merged: dict[str, Any] = {"_id": fragments[-1]["_id"]}
@@ -150,6 +166,7 @@ class Watcher:
         on_reconnect: Callable[[str, BaseException | None], None] | None = None,
         on_active: Callable[[bool], None] | None = None,
         on_drained: Callable[[], None] | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
         stop_event: threading.Event,
         min_backoff: float = 0.1,
         max_backoff: float = 30.0,
@@ -164,6 +181,7 @@ class Watcher:
         self._on_reconnect = on_reconnect
         self._on_active = on_active
         self._on_drained = on_drained or _nothing
+        self._on_fatal = on_fatal or _log_fatal
         self._stop = stop_event
         self._min_backoff = min_backoff
         self._max_backoff = max_backoff
@@ -171,10 +189,13 @@ class Watcher:
         self.active = False
         self._reopen = False
         self._thread: threading.Thread | None = None
+        self.opened = False  # a stream opened at least once
+        self._error_logged_at = -ERROR_LOG_INTERVAL
 
     def start(self, position: Position) -> None:
         self.position = position
-        self._thread = threading.Thread(target=self._run, name=f"mongo_events.watcher[{self.name}]", daemon=True)
+        thread = f"mongo_events.watcher[{self.name}]"
+        self._thread = threading.Thread(target=run_guarded, args=(self._run, self._on_fatal, thread), name=thread, daemon=True)
         self._thread.start()
 
     def join(self, timeout: float) -> bool:
@@ -206,6 +227,7 @@ class Watcher:
                 self.position = Position(resume_after=stream.resume_token)
             if first:
                 first = False
+                self.opened = True
                 self._on_connected(None)
             self._set_active(True)
             try:
@@ -304,7 +326,16 @@ class Watcher:
         kind = classify_error(exc)
         if kind is ErrorKind.RESUMABLE:
             delay = next(delays)
-            log.warning("change stream %s failed (%r); reopening at %r in %.2fs", self.name, exc, self.position, delay)
+            now = time.monotonic()
+            if not self.opened and now - self._error_logged_at >= ERROR_LOG_INTERVAL:
+                # Never connected: nothing is delivered at all. Say so loudly, but not at every retry.
+                self._error_logged_at = now
+                log.error(
+                    "change stream %s cannot open (%r): no change is delivered until it does; retrying at %r in %.2fs",
+                    self.name, exc, self.position, delay,
+                )
+            else:
+                log.warning("change stream %s failed (%r); reopening at %r in %.2fs", self.name, exc, self.position, delay)
             if self._on_reconnect is not None:
                 self._on_reconnect("error", exc)
             return not self._stop.wait(delay)

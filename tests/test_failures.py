@@ -27,7 +27,7 @@ from .helpers import QUICK, Recorder, fail_command, wait_for_fail_point
         (OperationFailure("not primary", 10107), me.ErrorKind.RESUMABLE),
         (OperationFailure("lost", 286), me.ErrorKind.HISTORY_LOST),
         (OperationFailure("bad token", 260), me.ErrorKind.HISTORY_LOST),
-        (OperationFailure("fatal", 280), me.ErrorKind.HISTORY_LOST),
+        (OperationFailure("fatal", 280), me.ErrorKind.FATAL),  # the pipeline modified _id: not history loss
         (OperationFailure("too large", 10334), me.ErrorKind.OVERSIZE),
         (OperationFailure("standalone", 40573), me.ErrorKind.CONFIGURATION),
         (OperationFailure("auth", 18), me.ErrorKind.CONFIGURATION),

@@ -10,6 +10,7 @@ from typing import Any
 import attrs
 from bson.timestamp import Timestamp
 
+from ..errors import StoreError
 from .records import AckFilter, AckRecord, DeadLetter, DeadLetterFilter, DeadLetterStats
 
 __all__ = ["Checkpoint", "ResumeTokenStore", "AckStore", "DeadLetterStore"]
@@ -22,11 +23,50 @@ class Checkpoint:
     :ivar token: the resume token document (``{"_data": ...}``).
     :ivar cluster_time: cluster time of the newest finished event, when known.
     :ivar updated_at: when it was written (UTC).
+    :ivar namespace: what the bus that wrote it watched (``db.coll``, ``db.*``, ``*.*``);
+        ``None`` in checkpoints written by the Go library or before 0.1.
+    :ivar level: ``collection``, ``database`` or ``cluster``, when stored.
     """
 
     token: Mapping[str, Any]
     cluster_time: Timestamp | None = None
     updated_at: datetime | None = None
+    namespace: str | None = None
+    level: str | None = None
+
+
+def token_problem(token: Any) -> str | None:
+    """What is wrong with a stored resume token, or ``None`` when it looks usable.
+
+    A resume token is a document with a ``_data`` field (a hex string, or binary on
+    servers before 4.2). Anything else stored under a key is damage, not "no checkpoint".
+    """
+    if token is None:
+        return "it has no token"
+    if not isinstance(token, Mapping):
+        return f"its token is a {type(token).__name__} ({_short(token)}), not a resume-token document"
+    data = token.get("_data")
+    if data is None:
+        return f"its token {_short(token)} has no _data field"
+    if isinstance(data, str):
+        return None if data else "its token's _data is empty"
+    if isinstance(data, (bytes, bytearray)):  # bson Binary is a bytes subclass
+        return None if data else "its token's _data is empty"
+    return f"its token's _data is a {type(data).__name__}, not a string"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def malformed(key: str, where: str, problem: str) -> StoreError:
+    """The error for a stored checkpoint that exists but cannot be used."""
+    return StoreError(
+        f"the stored checkpoint {key!r} in {where} is malformed: {problem}. It was left untouched; the bus "
+        "will not start from now over it, which would skip every change since. Repair or delete it "
+        "(Bus.reset_resume_token() or the CLI) once you know where to resume"
+    )
 
 
 class ResumeTokenStore(abc.ABC):
@@ -41,11 +81,27 @@ class ResumeTokenStore(abc.ABC):
 
     @abc.abstractmethod
     def load(self, key: str) -> Checkpoint | None:
-        """The stored checkpoint, or ``None`` when there is none."""
+        """The stored checkpoint, or ``None`` when there is none.
+
+        :raises StoreError: when the backend fails, or an entry exists under ``key`` but is
+            malformed (see :func:`token_problem`): only a missing entry means "no checkpoint".
+        """
 
     @abc.abstractmethod
-    def save(self, key: str, token: Mapping[str, Any], cluster_time: Timestamp | None = None) -> None:
-        """Store ``token`` as the position for ``key``."""
+    def save(
+        self,
+        key: str,
+        token: Mapping[str, Any],
+        cluster_time: Timestamp | None = None,
+        *,
+        namespace: str | None = None,
+        level: str | None = None,
+    ) -> None:
+        """Store ``token`` as the position for ``key``, with what the bus watches.
+
+        A store written before ``namespace`` and ``level`` existed still works: the bus
+        passes them only when ``save`` accepts them.
+        """
 
     @abc.abstractmethod
     def delete(self, key: str) -> None:

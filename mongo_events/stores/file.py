@@ -13,7 +13,7 @@ from bson import json_util
 from bson.timestamp import Timestamp
 
 from ..errors import StoreError
-from .base import Checkpoint, ResumeTokenStore
+from .base import Checkpoint, ResumeTokenStore, malformed, token_problem
 
 __all__ = ["FileResumeTokenStore"]
 
@@ -60,21 +60,49 @@ class FileResumeTokenStore(ResumeTokenStore):
 
     def load(self, key: str) -> Checkpoint | None:
         with self._lock:
-            entry = self._read().get(key)
-        if not entry:
+            data = self._read()
+        if key not in data:
             return None
-        return Checkpoint(entry["token"], entry.get("cluster_time"), entry.get("updated_at"))
+        entry = data[key]
+        if not isinstance(entry, dict):
+            raise malformed(key, self.path, f"its entry is {entry!r}, not an object with a token")
+        problem = token_problem(entry.get("token"))
+        if problem is not None:
+            raise malformed(key, self.path, problem)
+        cluster_time = entry.get("cluster_time")
+        namespace, level = entry.get("namespace"), entry.get("level")
+        return Checkpoint(
+            entry["token"],
+            cluster_time if isinstance(cluster_time, Timestamp) else None,
+            entry.get("updated_at"),
+            namespace if isinstance(namespace, str) else None,
+            level if isinstance(level, str) else None,
+        )
 
-    def save(self, key: str, token: Mapping[str, Any], cluster_time: Timestamp | None = None) -> None:
+    def save(
+        self,
+        key: str,
+        token: Mapping[str, Any],
+        cluster_time: Timestamp | None = None,
+        *,
+        namespace: str | None = None,
+        level: str | None = None,
+    ) -> None:
+        entry: dict[str, Any] = {"token": dict(token), "cluster_time": cluster_time, "updated_at": datetime.now(timezone.utc)}
+        if namespace is not None:
+            entry["namespace"] = namespace
+        if level is not None:
+            entry["level"] = level
         with self._lock:
             data = self._read()
-            data[key] = {"token": dict(token), "cluster_time": cluster_time, "updated_at": datetime.now(timezone.utc)}
+            data[key] = entry
             self._write(data)
 
     def delete(self, key: str) -> None:
         with self._lock:
             data = self._read()
-            if data.pop(key, None) is not None:
+            if key in data:  # a malformed (null) entry too: deleting is how an operator repairs it
+                del data[key]
                 self._write(data)
 
 

@@ -33,9 +33,17 @@ class MemoryResumeTokenStore(ResumeTokenStore):
         with self._lock:
             return self._data.get(key)
 
-    def save(self, key: str, token: Mapping[str, Any], cluster_time: Timestamp | None = None) -> None:
+    def save(
+        self,
+        key: str,
+        token: Mapping[str, Any],
+        cluster_time: Timestamp | None = None,
+        *,
+        namespace: str | None = None,
+        level: str | None = None,
+    ) -> None:
         with self._lock:
-            self._data[key] = Checkpoint(dict(token), cluster_time, datetime.now(timezone.utc))
+            self._data[key] = Checkpoint(dict(token), cluster_time, datetime.now(timezone.utc), namespace, level)
             self.saves += 1
 
     def delete(self, key: str) -> None:

@@ -16,7 +16,7 @@ from pymongo.collection import Collection
 from pymongo.errors import PyMongoError
 
 from ..errors import StoreError
-from .base import AckStore, Checkpoint, DeadLetterStore, ResumeTokenStore
+from .base import AckStore, Checkpoint, DeadLetterStore, ResumeTokenStore, malformed, token_problem
 from .records import AckFilter, AckRecord, AckStatus, DeadLetter, DeadLetterFilter
 
 __all__ = ["MongoResumeTokenStore", "MongoAckStore", "MongoDeadLetterStore", "DEFAULT_COLLECTION"]
@@ -25,7 +25,8 @@ DEFAULT_COLLECTION = "_event_resume_tokens"
 
 
 class MongoResumeTokenStore(ResumeTokenStore):
-    """Documents ``{_id: key, token, cluster_time, updated_at}`` with an index on ``updated_at``.
+    """Documents ``{_id: key, token, cluster_time, namespace, level, updated_at}`` with an index on
+    ``updated_at``; documents of the Go library's shape (``{_id, token, updated_at}``) load too.
 
     :param collection: by default the bus uses ``_event_resume_tokens`` in the watched
         database (``admin`` for a cluster watch).
@@ -43,14 +44,37 @@ class MongoResumeTokenStore(ResumeTokenStore):
             doc = self.collection.find_one({"_id": key})
         except PyMongoError as exc:
             raise StoreError(f"could not load resume token {key!r} from {self.collection.full_name}: {exc}") from exc
-        if not doc or not doc.get("token"):
+        if doc is None:
             return None
-        return Checkpoint(doc["token"], doc.get("cluster_time"), doc.get("updated_at"))
+        problem = token_problem(doc.get("token"))
+        if problem is not None:
+            raise malformed(key, self.collection.full_name, problem)
+        cluster_time = doc.get("cluster_time")
+        namespace, level = doc.get("namespace"), doc.get("level")
+        return Checkpoint(
+            doc["token"],
+            cluster_time if isinstance(cluster_time, Timestamp) else None,
+            doc.get("updated_at"),
+            namespace if isinstance(namespace, str) else None,
+            level if isinstance(level, str) else None,
+        )
 
-    def save(self, key: str, token: Mapping[str, Any], cluster_time: Timestamp | None = None) -> None:
+    def save(
+        self,
+        key: str,
+        token: Mapping[str, Any],
+        cluster_time: Timestamp | None = None,
+        *,
+        namespace: str | None = None,
+        level: str | None = None,
+    ) -> None:
         fields: dict[str, Any] = {"token": dict(token), "updated_at": datetime.now(timezone.utc)}
         if cluster_time is not None:
             fields["cluster_time"] = cluster_time
+        if namespace is not None:
+            fields["namespace"] = namespace
+        if level is not None:
+            fields["level"] = level
         try:
             self.collection.update_one({"_id": key}, {"$set": fields}, upsert=True)
         except PyMongoError as exc:

@@ -1,0 +1,79 @@
+"""Checks for the options of :class:`mongo_events.Bus` and ``subscribe()``.
+
+Every bad option is refused where it is given, with a :class:`ConfigurationError`
+naming the option, the value and what is accepted: an option that slips through
+fails later in a thread, where it can only stop the bus.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from .errors import ConfigurationError
+
+__all__ = ["invalid", "check_choice", "check_int", "check_number", "check_has_method", "check_callable"]
+
+
+def invalid(option: str, value: Any, accepted: str) -> ConfigurationError:
+    """The error for ``option=value``: says what is accepted instead."""
+    return ConfigurationError(f"{option}={_show(value)} is not valid: {option} must be {accepted}")
+
+
+def _show(value: Any) -> str:
+    try:
+        text = repr(value)
+    except Exception:  # a value whose repr() raises must not hide the real error
+        text = f"<{type(value).__name__} object>"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def check_choice(option: str, value: Any, choices: Iterable[Any]) -> None:
+    """``value`` must be one of ``choices`` (compared by equality)."""
+    allowed = list(choices)
+    try:
+        ok = value in allowed
+    except TypeError:  # unhashable or odd comparisons: not one of ours
+        ok = False
+    if not ok:
+        raise invalid(
+            option, value, "one of " + ", ".join("None" if c is None else repr(str(c)) for c in allowed)
+        )
+
+
+def check_int(option: str, value: Any, minimum: int, *, allow_none: bool = False) -> None:
+    """``value`` must be an ``int`` (not a ``bool``) of at least ``minimum``."""
+    if value is None and allow_none:
+        return
+    if type(value) is bool or not isinstance(value, int) or value < minimum:
+        none = " (or None)" if allow_none else ""
+        raise invalid(option, value, f"an int of at least {minimum}{none}")
+
+
+def check_number(option: str, value: Any, *, positive: bool = True) -> None:
+    """``value`` must be an ``int`` or ``float`` (not a ``bool``), > 0 when ``positive``, else >= 0."""
+    if (
+        type(value) is bool
+        or not isinstance(value, (int, float))
+        or math.isnan(value)
+        or (value <= 0 if positive else value < 0)
+    ):
+        raise invalid(option, value, "a number of seconds " + ("> 0" if positive else ">= 0"))
+
+
+def check_has_method(option: str, value: Any, method: str, what: str) -> None:
+    """``value`` must have a callable ``method`` (a duck-typed hook such as a decoder)."""
+    if not callable(getattr(value, method, None)):
+        raise invalid(option, value, f"{what} (an object with a {method}() method)")
+
+
+def check_callable(
+    option: str, value: Any, what: str, *, allow_none: bool = True
+) -> Callable[..., Any] | None:
+    """``value`` must be callable (or ``None`` when allowed)."""
+    if value is None and allow_none:
+        return None
+    if not callable(value):
+        raise invalid(option, value, what)
+    return value  # type: ignore[no-any-return]

@@ -1,11 +1,11 @@
 """The dispatcher: worker pool, per-key lanes, retries and the dead-letter hand-off.
 
-Workers are long-running loops on named daemon threads (one pool per bus); they
-pull ready items from a ``SimpleQueue`` (a sub-microsecond hand-off, cheaper
-than one executor task per event). They are daemon threads, not a
-``ThreadPoolExecutor``'s, on purpose: the interpreter joins an executor's
-threads at exit, so one callback that never returns would keep the process
-alive after ``stop()`` gave up on it. Each loop runs under the guard
+Workers are long-running loops submitted to one ``ThreadPoolExecutor`` per bus;
+they pull ready items from a ``SimpleQueue`` (a sub-microsecond hand-off,
+cheaper than one executor task per event). The executor's threads are made
+daemon threads and are left out of the interpreter's exit-time join (see
+:func:`_start_daemon_workers`), so one callback that never returns cannot keep
+the process alive after ``stop()`` gave up on it. Each loop runs under the guard
 (:mod:`mongo_events.guard`): a worker that dies fails the bus. A failed attempt
 waits in a timer heap, not on a sleeping worker, so retries never block other
 documents' lanes. The lane of a retrying item stays busy, which keeps
@@ -21,6 +21,7 @@ Waiting for a contended lock would cost a thread switch per event.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures.thread
 import heapq
 import itertools
 import logging
@@ -30,6 +31,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, Protocol, cast
 
@@ -50,15 +52,33 @@ log = logging.getLogger(__name__)
 class DeadLetterHook(Protocol):
     """Receives an event a subscription gave up on; raising means "not stored, try again later"."""
 
-    def __call__(self, event: ChangeEvent, subscription: str, error: BaseException, attempts: int) -> None: ...
+    def __call__(
+        self, event: ChangeEvent, subscription: str, error: BaseException, attempts: int
+    ) -> None: ...
 
 
 class WorkItem:
     """One event for one subscription."""
 
-    __slots__ = ("attempt", "dead_letter_tries", "event", "failure", "lane", "slot", "sub", "update_description")
+    __slots__ = (
+        "attempt",
+        "dead_letter_tries",
+        "event",
+        "failure",
+        "lane",
+        "slot",
+        "sub",
+        "update_description",
+    )
 
-    def __init__(self, sub: Subscription, event: ChangeEvent, slot: Slot, lane: Hashable | None, update_description: Any) -> None:
+    def __init__(
+        self,
+        sub: Subscription,
+        event: ChangeEvent,
+        slot: Slot,
+        lane: Hashable | None,
+        update_description: Any,
+    ) -> None:
         self.sub = sub
         self.event = event
         self.slot = slot
@@ -130,6 +150,7 @@ class Dispatcher:
         self._done: deque[WorkItem] = deque()
         self._halt = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._executor: ThreadPoolExecutor | None = None
         # Per worker, the item whose attempt it runs (else None): plain list stores, no lock per event.
         self._busy: list[WorkItem | None] = [None] * max_workers
 
@@ -137,11 +158,19 @@ class Dispatcher:
 
     def start(self) -> None:
         _running.add(self)
-        for index in range(self.max_workers):
-            name = f"mongo_events.worker[{self._bus_name}]-{index}"
-            thread = threading.Thread(target=run_guarded, args=(partial(self._work, index), self._on_fatal, name), name=name, daemon=True)
-            self._threads.append(thread)
-            thread.start()
+        self._executor = ThreadPoolExecutor(
+            self.max_workers, thread_name_prefix=f"mongo_events.worker[{self._bus_name}]"
+        )
+        loops = [
+            partial(
+                run_guarded,
+                partial(self._work, index),
+                self._on_fatal,
+                f"mongo_events.worker[{self._bus_name}] {index}",
+            )
+            for index in range(self.max_workers)
+        ]
+        self._threads = _start_daemon_workers(self._executor, loops)
 
     def halt(self) -> None:
         """Stop taking new items and cancel pending retries; running callbacks finish."""
@@ -151,6 +180,8 @@ class Dispatcher:
         # Wake every worker waiting for an item rather than rely on its get() timeout alone.
         for _ in range(self.max_workers):
             self._ready.put(None)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)  # each thread ends once its loop returns
 
     def wait_idle(self, deadline: float, hurry: threading.Event | None = None) -> bool:
         """Wait until no callback is running, ``deadline`` (monotonic) passes or ``hurry`` is set."""
@@ -330,7 +361,12 @@ class Dispatcher:
             delay = sub.retry_backoff.delay(item.attempt)
         log.warning(
             "subscription %r failed on event %s (attempt %d of %d): %r; retrying in %.2fs",
-            sub.name, item.event.id, item.attempt, sub.max_retries + 1, error, delay,
+            sub.name,
+            item.event.id,
+            item.attempt,
+            sub.max_retries + 1,
+            error,
+            delay,
         )
         run_after(self._middleware, "after_retry_scheduled", delivery, error, delay)
         item.attempt += 1
@@ -349,16 +385,28 @@ class Dispatcher:
                 log.error(
                     "could not dead-letter event %s for %r (%s); it stays undone, the checkpoint stays before it, "
                     "and the write (not the callback) is retried in %.2fs",
-                    item.event.id, sub.name, describe(exc), delay,
+                    item.event.id,
+                    sub.name,
+                    describe(exc),
+                    delay,
                 )
                 return _RETRY, delay
-            log.error("event %s dead-lettered for %r after %d attempt(s): %r", item.event.id, sub.name, attempts, error)
+            log.error(
+                "event %s dead-lettered for %r after %d attempt(s): %r",
+                item.event.id,
+                sub.name,
+                attempts,
+                error,
+            )
             run_after(self._middleware, "after_dead_letter", delivery, error)
             return _DONE, 0.0
         if sub.on_exhausted == "skip":
             log.error(
                 "event %s skipped by %r after %d attempt(s) (on_exhausted='skip', no dead-letter store): %r",
-                item.event.id, sub.name, attempts, error,
+                item.event.id,
+                sub.name,
+                attempts,
+                error,
             )
             run_after(self._middleware, "after_skip", delivery, error)
             return _DONE, 0.0
@@ -378,6 +426,43 @@ class Dispatcher:
 _running: weakref.WeakSet[Dispatcher] = weakref.WeakSet()
 
 
+def _start_daemon_workers(
+    executor: ThreadPoolExecutor, loops: Sequence[Callable[[], None]]
+) -> list[threading.Thread]:
+    """Run each loop on its own thread of ``executor``; those threads never hold up exit.
+
+    A thread inherits ``daemon`` from the thread that creates it (threading's documented
+    default), and the executor creates its threads inside ``submit``: submitting from a
+    daemon thread makes daemon workers. concurrent.futures also joins every executor thread
+    at interpreter exit (its ``_threads_queues`` registry), which would wait forever for a
+    callback that never returns; our threads leave that registry, since ``stop()`` joins them
+    itself, with a deadline. Returns the worker threads, in the order of ``loops``.
+    """
+    threads: list[threading.Thread | None] = [None] * len(loops)
+    started = threading.Semaphore(0)
+
+    def run(index: int, loop: Callable[[], None]) -> None:
+        threads[index] = threading.current_thread()
+        started.release()
+        loop()
+
+    def submit_all() -> None:
+        for index, loop in enumerate(loops):
+            executor.submit(run, index, loop)
+
+    submitter = threading.Thread(target=submit_all, name="mongo_events.worker-starter", daemon=True)
+    submitter.start()
+    submitter.join()
+    for _ in loops:
+        # Thread.start() inside submit() returned, so each run() is under way: this is brief.
+        started.acquire(timeout=10.0)
+    registry = getattr(concurrent.futures.thread, "_threads_queues", None)
+    for thread in threads:
+        if registry is not None:
+            registry.pop(thread, None)
+    return [t for t in threads if t is not None]
+
+
 #: Set at interpreter exit: every idle worker loop ends. Workers are daemon threads, so
 #: exit never waits for them (nor for a callback that never returns).
 _EXITING = threading.Event()
@@ -388,7 +473,10 @@ def _halt_at_exit() -> None:
     _EXITING.set()
     for dispatcher in list(_running):
         if not dispatcher._halt.is_set():
-            log.warning("interpreter exiting while bus %s still runs; call stop() for a final checkpoint", dispatcher._bus_name)
+            log.warning(
+                "interpreter exiting while bus %s still runs; call stop() for a final checkpoint",
+                dispatcher._bus_name,
+            )
             dispatcher.halt()
 
 

@@ -6,6 +6,7 @@ its full (long) timeout, or never ends, fails the test instead of hanging it.
 
 from __future__ import annotations
 
+import concurrent.futures.thread
 import logging
 import os
 import queue
@@ -263,6 +264,23 @@ def test_when_stop_returns_every_bus_thread_has_ended(client: pymongo.MongoClien
     seen.wait(20)
     bus.stop()
     assert set(_bus_threads()) - before == set()
+
+
+def test_workers_are_daemon_executor_threads_left_out_of_the_exit_join(client: pymongo.MongoClient[Any]) -> None:
+    # The workers run on a ThreadPoolExecutor (the product's shape). concurrent.futures joins
+    # the threads in this registry at exit; ours must not be there, or a callback that never
+    # returns would hold the process. This fails loudly if the stdlib renames the registry.
+    registry = concurrent.futures.thread._threads_queues
+    bus = me.Bus(client.shop.orders, max_workers=3, max_await_time=0.05)
+    bus.subscribe(lambda ev: None)
+    bus.start()
+    try:
+        workers = [t for t in threading.enumerate() if t.name.startswith("mongo_events.worker[shop.orders]")]
+        assert len(workers) == 3
+        assert all(t.daemon for t in workers)
+        assert not any(t in registry for t in workers)
+    finally:
+        bus.stop()
 
 
 def test_shutdown_timeout_names_the_callbacks_still_running(client: pymongo.MongoClient[Any]) -> None:

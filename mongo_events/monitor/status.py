@@ -9,6 +9,7 @@ A TTL on the heartbeat makes the documents of dead processes fade out.
 from __future__ import annotations
 
 import abc
+import builtins
 import collections
 import logging
 import os
@@ -193,7 +194,7 @@ class ConsumerStatusStore(abc.ABC):
     def close(self) -> None:  # noqa: B027
         """Release resources."""
 
-    def _fresh(self, statuses: list[ConsumerStatus], bus: str | None) -> list[ConsumerStatus]:
+    def _fresh(self, statuses: Sequence[ConsumerStatus], bus: str | None) -> builtins.list[ConsumerStatus]:
         horizon = datetime.now(timezone.utc) - timedelta(seconds=self.ttl)
         kept = [s for s in statuses if s.heartbeat_at >= horizon and (bus is None or s.bus == bus)]
         return sorted(kept, key=lambda s: (s.bus, s.host, s.pid))

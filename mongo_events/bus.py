@@ -49,8 +49,8 @@ from .health import Health, token_time
 from .metrics import Metrics
 from .middleware.base import Middleware
 from .monitor.middleware import MonitorMiddleware
-from .monitor.store import MonitorStore
 from .monitor.status import ConsumerStatusStore, StatusPublisher
+from .monitor.store import MonitorStore
 from .reporting import ErrorContext, ErrorHandler, ErrorKindName, ErrorReporter, report_error
 from .retrying import RetryBackoff
 from .runner import ensure_logging

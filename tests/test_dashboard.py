@@ -76,7 +76,17 @@ def test_pages_escape_every_stored_value() -> None:
     letters.store(_letter("d1", error=EVIL))
     monitor = MemoryMonitorStore()
     monitor.write(
-        [MonitorEntry("ev1", EVIL, "shop.orders", "orders", MonitorStatus.FAILED, datetime.now(timezone.utc), error=EVIL)]
+        [
+            MonitorEntry(
+                "ev1",
+                EVIL,
+                "shop.orders",
+                "orders",
+                MonitorStatus.FAILED,
+                datetime.now(timezone.utc),
+                error=EVIL,
+            )
+        ]
     )
     c = Client(wsgi_app(monitor, status=status, dead_letters=letters))
     for path in ("/", "/events", "/events/ev1", "/dead-letters", "/dead-letters/d1"):
@@ -85,7 +95,9 @@ def test_pages_escape_every_stored_value() -> None:
         assert response.status_code == 200 and response.mimetype == "text/html", path
         assert "<script" not in text.lower(), path
         assert "&lt;script&gt;window.__pwned = 1&lt;/script&gt;" in text, path
-        assert "script-src" not in response.headers["Content-Security-Policy"]  # default-src 'none' covers scripts
+        assert (
+            "script-src" not in response.headers["Content-Security-Policy"]
+        )  # default-src 'none' covers scripts
         assert "default-src 'none'" in response.headers["Content-Security-Policy"]
 
 
@@ -137,7 +149,9 @@ def test_dead_letter_and_ack_endpoints() -> None:
     acks.write([AckRecord("e1", now), AckRecord("e2", now, now)])
     c = Client(wsgi_app(MemoryMonitorStore(), dead_letters=letters, acks=acks))
     body = c.get("/v1/dead-letters?error=amount").json
-    assert [d["id"] for d in body["dead_letters"]] == ["d1"] and body["dead_letters"][0]["created_at"].endswith("Z")
+    assert [d["id"] for d in body["dead_letters"]] == ["d1"] and body["dead_letters"][0][
+        "created_at"
+    ].endswith("Z")
     assert c.get("/v1/dead-letters/count").json == {"count": 2}
     assert c.get("/v1/dead-letters/stats").json["pending"] == 2
     assert c.get("/v1/dead-letters/d2").json["dead_letter"]["error"] == "KeyError: sku"
@@ -186,7 +200,9 @@ def test_replay_over_http_runs_the_callback(client: pymongo.MongoClient[Any], ma
     assert c.post(f"/dead-letters/{one.id}/replay", data={"csrf_token": "forged"}).status_code == 403
     assert seen.items == []
     response = c.post(f"/dead-letters/{one.id}/replay", data={"csrf_token": token.group(1)})
-    assert response.status_code == 303 and response.headers["Location"].endswith("/dead-letters?done=replayed")
+    assert response.status_code == 303 and response.headers["Location"].endswith(
+        "/dead-letters?done=replayed"
+    )
     assert seen.wait(1) == [one.payload["documentKey"]["_id"]]
     assert letters.get(one.id).retried_at is not None  # type: ignore[union-attr]
     # JSON: replay one
@@ -203,7 +219,12 @@ def test_bulk_replay_of_a_filter(client: pymongo.MongoClient[Any], make_bus: Any
     bus.subscribe(lambda ev: seen.add(ev.document_id), name="orders")
     for i, error in enumerate(["ValueError: a", "ValueError: b", "KeyError: c"]):
         letter = _letter(f"d{i}", error=error)
-        payload = {**letter.payload, "_id": {"_data": f"82{i:016d}"}, "documentKey": {"_id": i}, "ns": {"db": "shop", "coll": "orders"}}
+        payload = {
+            **letter.payload,
+            "_id": {"_data": f"82{i:016d}"},
+            "documentKey": {"_id": i},
+            "ns": {"db": "shop", "coll": "orders"},
+        }
         letters.store(_with_payload(letter, payload))
     c = Client(wsgi_app(MemoryMonitorStore(), replay=bus))
     confirm = c.get("/dead-letters/replay?error=valueerror").get_data(as_text=True)
@@ -266,7 +287,14 @@ def test_events_page_filters_and_pages() -> None:
     now = datetime.now(timezone.utc)
     store.write(
         [
-            MonitorEntry(f"e{i}", "orders" if i % 2 else "users", "shop.x", "bus", MonitorStatus.COMPLETED if i % 3 else MonitorStatus.FAILED, now - timedelta(seconds=i))
+            MonitorEntry(
+                f"e{i}",
+                "orders" if i % 2 else "users",
+                "shop.x",
+                "bus",
+                MonitorStatus.COMPLETED if i % 3 else MonitorStatus.FAILED,
+                now - timedelta(seconds=i),
+            )
             for i in range(120)
         ]
     )

@@ -760,14 +760,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="address to bind (default 127.0.0.1; another needs --basic-auth or --read-only)",
     )
     serve.add_argument("--basic-auth", metavar="USER:SECRET", help="require HTTP basic authentication")
-    serve.add_argument("--read-only", action="store_true", help="hide and refuse every write (replay, delete)")
+    serve.add_argument(
+        "--read-only", action="store_true", help="hide and refuse every write (replay, delete)"
+    )
     serve.add_argument(
         "--status-collection",
         default="_event_consumers",
         help="where consumers publish their status (default: _event_consumers)",
     )
     serve.add_argument("--dlq-collection", default="event_dlq", help="the dead letters (default: event_dlq)")
-    serve.add_argument("--acks-collection", default="_event_acks", help="the ack records (default: _event_acks)")
+    serve.add_argument(
+        "--acks-collection", default="_event_acks", help="the ack records (default: _event_acks)"
+    )
     serve.add_argument("--port", type=_int(0, 65535), default=8080, help="0 picks a free port")
     serve.set_defaults(run=cmd_monitor)
     return parser

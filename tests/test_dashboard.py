@@ -19,7 +19,6 @@ from mongo_events.monitor import (
     MemoryMonitorStore,
     MonitorEntry,
     MonitorStatus,
-    StatusPublisher,
     wsgi_app,
 )
 from mongo_events.stores.records import AckRecord, DeadLetter

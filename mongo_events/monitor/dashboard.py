@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from ..stores.records import DeadLetter, DeadLetterStats
-from .records import MonitorEntry, MonitorPage, MonitorStatus, MonitorSummary, rfc3339
+from .records import MonitorEntry, MonitorPage, MonitorStatus, MonitorSummary
 from .status import ConsumerStatus
 
 __all__: list[str] = []
@@ -30,7 +30,7 @@ header a{color:#cfe3ff;text-decoration:none}header a.on{color:#fff;font-weight:6
 header b{font-size:1.1em;margin-right:1em}main{padding:1em 1.5em}
 table{border-collapse:collapse;width:100%;background:#fff;margin:.5em 0 1.5em}
 th,td{padding:.35em .6em;border-bottom:1px solid #e3e6ea;text-align:left;vertical-align:top}
-th{background:#eef1f5;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#eef1f5;font-weight:600}td.time,td.actions{white-space:nowrap}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .healthy{color:#17803d}.degraded{color:#b26b00}.unhealthy{color:#c62828}.warn{background:#fff4d6}
 .err{color:#c62828;max-width:40em;word-break:break-word}
 .tiles{display:flex;gap:1em;margin:.5em 0 1em}.tile{background:#fff;padding:.6em 1em;border:1px solid #e3e6ea}
@@ -51,8 +51,8 @@ def _e(value: Any) -> str:
     """Escaped text of ``value`` (``—`` for None)."""
     if value is None:
         return "—"
-    if isinstance(value, datetime):
-        return escape(rfc3339(value))
+    if isinstance(value, datetime):  # to the second: enough for an operator, and it fits a cell
+        return escape(value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ"))
     return escape(str(value), quote=True)
 
 
@@ -244,7 +244,7 @@ def _entry_row(base: str, e: MonitorEntry) -> str:
     css = {"completed": "healthy", "failed": "unhealthy", "retrying": "degraded"}.get(status, "")
     duration = f"{e.duration_ms:,.0f} ms" if e.duration_ms is not None else "—"
     return (
-        f'<tr class="entry"><td>{_e(e.started_at)}</td>'
+        f'<tr class="entry"><td class="time">{_e(e.started_at)}</td>'
         f'<td><a href="{_link(base, "/events/" + quote(e.event_id, safe=""))}">{_e(e.event_id[:24])}…</a></td>'
         f"<td>{_e(e.subscription_id)}</td><td>{_e(e.event_name)}</td>"
         f'<td class="{css}">{_e(status)}</td><td class="num">{e.retry_count}</td>'
@@ -340,10 +340,10 @@ def dead_letters(
                     f'<a class="button danger delete" href="{_link(base, path + "/delete")}">Delete</a>'
                 )
             rows.append(
-                f'<tr class="dead-letter" data-id="{_e(d.id)}"><td>{_e(d.created_at)}</td>'
+                f'<tr class="dead-letter" data-id="{_e(d.id)}"><td class="time">{_e(d.created_at)}</td>'
                 f'<td><a href="{_link(base, path)}">{_e(d.event_name)}</a></td><td>{_e(d.source)}</td>'
                 f'<td class="err">{_e(d.error)}</td><td class="num">{d.retry_count}</td>'
-                f'<td class="num">{d.replay_count}</td><td>{state}</td><td>{actions}</td></tr>'
+                f'<td class="num">{d.replay_count}</td><td>{state}</td><td class="actions">{actions}</td></tr>'
             )
         body.append(
             '<table id="dead-letters"><tr><th>Created</th><th>Subscription</th><th>Bus</th><th>Error</th>'

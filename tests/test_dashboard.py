@@ -309,3 +309,43 @@ def test_events_page_filters_and_pages() -> None:
     assert len(re.findall(r'<tr class="entry">', second)) == 50 and second != first
     assert c.get("/events?status=nope").status_code == 400
     assert c.get("/nowhere").status_code == 404
+
+
+def test_mounted_in_django_with_its_csrf_middleware_on() -> None:
+    # Django's settings can be configured once per process: the project runs in its own.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    result = subprocess.run(
+        [sys.executable, str(root / "tests" / "django_dashboard_app.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0 and "django ok" in result.stdout, result.stderr
+
+
+def test_mounted_in_flask_under_a_prefix() -> None:
+    from flask import Flask
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+    letters = me.MemoryDeadLetterStore()
+    letters.store(_letter("d1"))
+    app = Flask(__name__)
+    app.wsgi_app = DispatcherMiddleware(  # type: ignore[method-assign]
+        app.wsgi_app, {"/ops/events": wsgi_app(MemoryMonitorStore(), dead_letters=letters)}
+    )
+    c = app.test_client()
+    page = c.get("/ops/events/dead-letters").get_data(as_text=True)
+    assert 'href="/ops/events/dead-letters/d1/delete"' in page
+    confirm = c.get("/ops/events/dead-letters/d1/delete").get_data(as_text=True)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', confirm)
+    assert token
+    done = c.post("/ops/events/dead-letters/d1/delete", data={"csrf_token": token.group(1)})
+    assert done.status_code == 303 and letters.count() == 0

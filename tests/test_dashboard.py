@@ -349,3 +349,45 @@ def test_mounted_in_flask_under_a_prefix() -> None:
     assert token
     done = c.post("/ops/events/dead-letters/d1/delete", data={"csrf_token": token.group(1)})
     assert done.status_code == 303 and letters.count() == 0
+
+
+def test_served_by_gunicorn_with_two_workers(tmp_path: Any) -> None:
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    (tmp_path / "dashboard.py").write_text(
+        "from mongo_events.monitor import MemoryMonitorStore, wsgi_app\n"
+        "app = wsgi_app(MemoryMonitorStore(), read_only=True)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "--workers", "2", "--bind", "127.0.0.1:0", "dashboard:app"],
+        env=env,
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        port = None
+        for line in proc.stderr:  # ends when gunicorn exits: bounded by the test timeout
+            found = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", line)
+            if found:
+                port = found.group(1)
+                break
+        assert port, "gunicorn did not start"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/monitor/entries/count", timeout=10) as resp:
+            assert resp.read() == b'{"count": 0}'
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as resp:
+            assert resp.status == 200 and b"Overview" in resp.read()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -1,6 +1,7 @@
-"""The monitor's HTTP API as a WSGI application (mount it in Flask, Django or any WSGI server).
+"""The monitor's HTTP API and the operator's dashboard, as one WSGI application
+(mount it in Flask, Django or any WSGI server).
 
-Routes (the seed's, under ``/v1``)::
+JSON routes (the seed's, under ``/v1``, and the dashboard's)::
 
     GET    /v1/monitor/entries                          list (filters, keyset cursor)
     DELETE /v1/monitor/entries?older_than=24h[&force=true]
@@ -8,10 +9,21 @@ Routes (the seed's, under ``/v1``)::
     GET    /v1/monitor/entries/{event_id}
     GET    /v1/monitor/entries/{event_id}/{subscription_id}
     GET    /v1/monitor/summary
-    GET    /v1/health                                   (when given ``health``)
+    GET    /v1/health[?bus=]                            ``health``, or the published statuses
+    GET    /v1/consumers[?bus=]                         the published statuses
+    GET    /v1/dead-letters[/count|/stats|/{id}]
+    POST   /v1/dead-letters/{id}/replay, /v1/dead-letters/replay (needs ``replay``)
+    DELETE /v1/dead-letters/{id}
+    GET    /v1/acks[/count|/{event_id}]
+    GET    /v1/csrf                                     a CSRF token for API clients
 
-Responses are JSON; errors are ``{"error": "..."}`` with 400 (bad parameter),
-404, 405 (wrong method), 500 (store failure) or 503 (unhealthy).
+HTML pages (:mod:`mongo_events.monitor.dashboard`): ``/``, ``/events``,
+``/events/{event_id}``, ``/dead-letters``, ``/dead-letters/{id}`` and the
+confirmation pages of ``/dead-letters/{id}/replay|delete`` and ``/dead-letters/replay``.
+
+JSON errors are ``{"error": "..."}`` with 400 (bad parameter), 401/403 (auth, CSRF,
+read-only), 404, 405 (wrong method), 500 (store failure), 501 (no replay here) or 503
+(unhealthy); pages show the same as HTML.
 """
 
 from __future__ import annotations
@@ -381,7 +393,7 @@ def wsgi_app(
     cookie's value as the ``csrf_token`` form field or the ``X-CSRF-Token`` header
     (``GET /v1/csrf`` hands one out). Mount it in Flask with
     ``werkzeug.middleware.dispatcher.DispatcherMiddleware``, in Django with
-    :func:`mongo_events.contrib.django.dashboard_urls` style views, or run it under
+    :func:`mongo_events.contrib.django.dashboard.dashboard_urls`, or run it under
     gunicorn; ``mongo-events monitor serve`` runs it standalone.
 
     .. versionadded:: 0.1.0

@@ -161,3 +161,35 @@ def test_bad_options_are_refused() -> None:
         MemoryConsumerStatusStore(ttl=0)
     with pytest.raises(me.ConfigurationError):
         StatusPublisher(MemoryConsumerStatusStore(), interval=0)
+
+
+class _Hanging(ConsumerStatusStore):
+    """A status store whose writes block until released (a server that stopped answering)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def publish(self, status: ConsumerStatus) -> None:
+        self.entered.set()
+        self.release.wait(600)  # longer than the test timeout: an unbounded stop fails the test
+
+    def list(self, bus: str | None = None) -> list[ConsumerStatus]:
+        return []
+
+
+def test_a_hanging_status_store_does_not_hold_up_stop(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
+    store = _Hanging()
+    bus = make_bus(client.shop.orders, status=store)
+    bus.subscribe(lambda ev: None)
+    bus.start()
+    try:
+        assert store.entered.wait(5)
+        # The publisher thread is stuck in a write; stop waits for it no longer than its timeout.
+        bus.stop(timeout=0.5)
+        assert bus.state is me.BusState.STOPPED
+    finally:
+        store.release.set()

@@ -52,6 +52,7 @@ from .health import Health, token_time
 from .metrics import Metrics
 from .middleware.base import Middleware
 from .monitor.middleware import MonitorMiddleware
+from .monitor.status import ConsumerStatusStore, StatusPublisher
 from .monitor.store import MonitorStore
 from .options import check_callable, check_choice, check_has_method, check_int, check_number, invalid
 from .reporting import ErrorContext, ErrorHandler, ErrorKindName, ErrorReporter, report_error
@@ -226,6 +227,9 @@ class Bus:
         callback attempt, store failure and dead-letter failure, next to logging, health
         and metrics (:class:`mongo_events.ErrorContext` says what failed); what it raises
         is logged and ignored. The counterpart of Go's ``WithErrorHandler``.
+    :param status: a :class:`mongo_events.monitor.ConsumerStatusStore` (or a configured
+        :class:`~mongo_events.monitor.StatusPublisher`): the bus publishes its status there
+        every few seconds and at stop, for dashboards in other processes.
 
     .. versionadded:: 0.1.0
     """
@@ -264,6 +268,7 @@ class Bus:
         metrics: Metrics | None = None,
         monitor: MonitorStore | MonitorMiddleware | None = None,
         on_error: ErrorHandler | None = None,
+        status: ConsumerStatusStore | StatusPublisher | None = None,
     ) -> None:
         if isinstance(target, MongoCollection):
             self.level = "collection"
@@ -340,6 +345,9 @@ class Bus:
         if on_error is not None and self._dead_letters is not None:
             self._dead_letters = self._reporting_dead_letters(self._dead_letters)
         self.ack_store = ack_store
+        self.status: StatusPublisher | None = StatusPublisher(status) if isinstance(status, ConsumerStatusStore) else status
+        if self.status is not None:
+            self._middleware.append(self.status)  # it counts deliveries for the dashboard
         self._resume_token_id = resume_token_id or _hostname()
 
         if not resume:
@@ -637,6 +645,8 @@ class Bus:
             self.metrics.attach(self)
         self._dispatcher.start()
         self._flusher.start()
+        if self.status is not None:
+            self.status.attach(self)
         self._watcher.start(position)
         if self._connected.wait(self.start_timeout):
             if self._connect_error is not None:
@@ -859,6 +869,8 @@ class Bus:
             finally:
                 with self._state_lock:
                     self._state = BusState.FAILED if self._error is not None else BusState.STOPPED
+                if self.status is not None:  # its final write says stopped (or failed)
+                    self.status.detach(max(0.0, deadline - time.monotonic()))
                 self._stopped.set()
                 with self._cond:
                     self._cond.notify_all()

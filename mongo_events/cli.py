@@ -471,46 +471,57 @@ def _cleanup(args: argparse.Namespace, letters: Any, where: str) -> int:
     return OK
 
 
-def _no_health(app: Callable[..., Any]) -> Callable[..., Any]:
-    """``monitor serve`` runs no consumer, so it has no health to tell: ``/v1/health`` says so (501)."""
-    import json
+def _loopback(host: str) -> bool:
+    import ipaddress
 
-    body = json.dumps(
-        {
-            "error": "monitor serve runs no bus, so it cannot tell their health; "
-            "serve /v1/health from the process that runs the buses (wsgi_app(store, health=bus.health))",
-        }
-    ).encode()
-
-    def serve(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        if (environ.get("PATH_INFO") or "").rstrip("/") == "/v1/health":
-            start_response(
-                "501 Not Implemented",
-                [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
-            )
-            return [body]
-        return app(environ, start_response)
-
-    return serve
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
     from wsgiref.simple_server import WSGIRequestHandler, make_server
 
     from .monitor.mongodb import MongoMonitorStore
+    from .monitor.status import MongoConsumerStatusStore
     from .monitor.wsgi import wsgi_app
+    from .stores.mongodb import MongoAckStore, MongoDeadLetterStore
 
-    store = MongoMonitorStore(_client(args)[args.db], collection=args.collection)
+    basic_auth = None
+    if args.basic_auth is not None:
+        user, _, secret = args.basic_auth.partition(":")
+        if not user or not secret:
+            raise _Exit(USAGE, "--basic-auth must be USER:SECRET")
+        basic_auth = (user, secret)
+    if not _loopback(args.host) and basic_auth is None and not args.read_only:
+        raise _Exit(
+            USAGE,
+            f"refusing to serve the dashboard on {args.host}: anyone who reaches it could replay and delete dead letters. "
+            "Add --basic-auth USER:SECRET or --read-only, or keep the default --host 127.0.0.1",
+        )
+    db = _client(args)[args.db]
+    app = wsgi_app(
+        MongoMonitorStore(db, collection=args.collection),
+        status=MongoConsumerStatusStore(db, args.status_collection),
+        dead_letters=MongoDeadLetterStore(db[args.dlq_collection]),
+        acks=MongoAckStore(db[args.acks_collection], ttl=None),
+        basic_auth=basic_auth,
+        read_only=args.read_only,
+    )
 
     class Quiet(WSGIRequestHandler):
         def log_message(self, format: str, *a: Any) -> None:
             logging.getLogger("mongo_events.monitor").info(format, *a)
 
     try:
-        server = make_server(args.host, args.port, _no_health(wsgi_app(store)), handler_class=Quiet)
+        server = make_server(args.host, args.port, app, handler_class=Quiet)
     except OSError as exc:  # a port in use, a host that does not resolve or is not ours
         raise _Exit(USAGE, f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
-    _say(f"monitor API on http://{args.host}:{server.server_port}/v1/monitor/entries; Ctrl-C stops")
+    url = f"http://{args.host}:{server.server_port}"
+    _say(f"dashboard on {url}/ and monitor API on {url}/v1/monitor/entries; Ctrl-C stops")
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     thread = threading.Thread(target=server.serve_forever, name="mongo-events-monitor-http", daemon=True)
@@ -741,9 +752,26 @@ def build_parser() -> argparse.ArgumentParser:
     monitor = commands.add_parser("monitor", help="the monitor HTTP API").add_subparsers(
         dest="action", required=True
     )
-    serve = monitor.add_parser("serve", help="serve the monitor API on a local port")
+    serve = monitor.add_parser("serve", help="serve the dashboard and the monitor API on a local port")
     _store_args(serve, "monitor_entries")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1; another needs --basic-auth or --read-only)",
+    )
+    serve.add_argument("--basic-auth", metavar="USER:SECRET", help="require HTTP basic authentication")
+    serve.add_argument(
+        "--read-only", action="store_true", help="hide and refuse every write (replay, delete)"
+    )
+    serve.add_argument(
+        "--status-collection",
+        default="_event_consumers",
+        help="where consumers publish their status (default: _event_consumers)",
+    )
+    serve.add_argument("--dlq-collection", default="event_dlq", help="the dead letters (default: event_dlq)")
+    serve.add_argument(
+        "--acks-collection", default="_event_acks", help="the ack records (default: _event_acks)"
+    )
     serve.add_argument("--port", type=_int(0, 65535), default=8080, help="0 picks a free port")
     serve.set_defaults(run=cmd_monitor)
     return parser

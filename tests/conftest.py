@@ -154,3 +154,11 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float
             return value
         with cond:
             cond.wait(interval)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--screenshots",
+        action="store_true",
+        help="the browser tests save the dashboard's screenshots under docs/ (for README.rst)",
+    )

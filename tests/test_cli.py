@@ -277,10 +277,12 @@ def test_monitor_serve_answers_http_and_stops_on_sigterm(
             f"http://127.0.0.1:{port.group(1)}/v1/monitor/entries/count", timeout=10
         ) as resp:
             assert json.loads(resp.read()) == {"count": 1}
-        # It runs no bus, so it tells no health of its own (it used to answer 503 "new").
+        # It runs no bus: health comes from the statuses consumers publish, and none did.
         with pytest.raises(urllib.error.HTTPError) as health:
-            urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/v1/health", timeout=10)
-        assert health.value.code == 501 and "runs no bus" in json.loads(health.value.read())["error"]
+            urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/v1/health?bus=orders", timeout=10)
+        assert health.value.code == 503 and "no consumer of bus 'orders'" in json.loads(health.value.read())["error"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/", timeout=10) as resp:
+            assert resp.headers["Content-Type"].startswith("text/html") and b"Overview" in resp.read()
         assert stop_gracefully(proc) == 0
     finally:
         if proc.poll() is None:
@@ -375,8 +377,19 @@ def test_monitor_serve_on_a_port_in_use_or_a_bad_host_is_a_usage_error() -> None
             f"cannot serve on 127.0.0.1:{port}",
         )
     _one_line_usage_error(
-        cli("monitor", "serve", "--uri", DEAD, "--db", "x", "--host", "no-such-host.invalid"),
+        cli("monitor", "serve", "--uri", DEAD, "--db", "x", "--host", "no-such-host.invalid", "--read-only"),
         "cannot serve on no-such-host.invalid",
+    )
+
+
+def test_monitor_serve_refuses_a_public_address_without_auth_or_read_only() -> None:
+    _one_line_usage_error(
+        cli("monitor", "serve", "--uri", DEAD, "--db", "x", "--host", "0.0.0.0"),
+        "refusing to serve the dashboard on 0.0.0.0",
+    )
+    _one_line_usage_error(
+        cli("monitor", "serve", "--uri", DEAD, "--db", "x", "--host", "0.0.0.0", "--basic-auth", "ops"),
+        "--basic-auth must be USER:SECRET",
     )
 
 

@@ -35,13 +35,15 @@ class Client:
     def __init__(self, app: Any) -> None:
         self.app = app
 
-    def request(self, method: str, url: str) -> tuple[int, Any, dict[str, str]]:
+    def request(self, method: str, url: str, csrf: bool = True) -> tuple[int, Any, dict[str, str]]:
         parts = urlsplit(url)
         environ: dict[str, Any] = {
             "REQUEST_METHOD": method,
             "PATH_INFO": parts.path,
             "QUERY_STRING": parts.query,
         }
+        if csrf and method not in ("GET", "HEAD"):  # as an API client does: the cookie's value in a header
+            environ.update(HTTP_COOKIE="mongo_events_csrf=t0ken", HTTP_X_CSRF_TOKEN="t0ken")
         setup_testing_defaults(environ)
         captured: dict[str, Any] = {}
 
@@ -86,7 +88,11 @@ def test_entries_follow_each_delivery(client: pymongo.MongoClient[Any], make_bus
     seen.wait(2)
     assert bus.join(5) and bus.flush()
     entries = {int(e.metadata["document_key"]): e for e in store.list().entries}  # Go's key format
-    assert entries[1].status is MonitorStatus.COMPLETED and entries[1].retry_count == 0 and entries[1].error is None
+    assert (
+        entries[1].status is MonitorStatus.COMPLETED
+        and entries[1].retry_count == 0
+        and entries[1].error is None
+    )
     assert entries[2].status is MonitorStatus.COMPLETED and entries[2].retry_count == 1
     assert entries[2].error == "ValueError: cannot handle 2"  # kept after the later success
     assert entries[3].status is MonitorStatus.FAILED and entries[3].retry_count == 2
@@ -262,6 +268,9 @@ def test_delete_needs_force_under_a_day(api: tuple[Client, MemoryMonitorStore]) 
     assert status == 400 and "force=true" in body["error"]
     assert c.delete("/v1/monitor/entries?older_than=-5s")[0] == 400
     assert c.delete("/v1/monitor/entries?older_than=soon")[0] == 400
+    # A write without the CSRF token (or with a wrong one) is refused.
+    status, body, _ = c.request("DELETE", "/v1/monitor/entries", csrf=False)
+    assert status == 403 and "CSRF" in body["error"]
     assert c.delete("/v1/monitor/entries") == (200, {"deleted": 1})  # default 24h
     assert c.delete("/v1/monitor/entries?older_than=90s&force=true") == (200, {"deleted": 2})
     assert store.count() == 1  # the entry one minute old stays

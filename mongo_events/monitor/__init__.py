@@ -1,10 +1,18 @@
-"""The monitor: one entry per (event, subscription), its stores, middleware and HTTP API."""
+"""The monitor: one entry per (event, subscription), its stores, middleware, consumer
+statuses, and the HTTP API and dashboard."""
 
 from __future__ import annotations
 
 from .middleware import MonitorMiddleware
 from .mongodb import MongoMonitorStore
 from .records import EventSummary, MonitorEntry, MonitorFilter, MonitorPage, MonitorStatus, MonitorSummary
+from .status import (
+    ConsumerStatus,
+    ConsumerStatusStore,
+    MemoryConsumerStatusStore,
+    MongoConsumerStatusStore,
+    StatusPublisher,
+)
 from .store import MemoryMonitorStore, MonitorStore
 from .wsgi import parse_duration, wsgi_app
 
@@ -19,6 +27,11 @@ __all__ = [
     "MonitorStatus",
     "MonitorSummary",
     "EventSummary",
+    "ConsumerStatus",
+    "ConsumerStatusStore",
+    "MemoryConsumerStatusStore",
+    "MongoConsumerStatusStore",
+    "StatusPublisher",
     "wsgi_app",
     "parse_duration",
 ]

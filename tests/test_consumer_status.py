@@ -1,0 +1,195 @@
+"""Consumers publish their status (the numbers of ``Bus.health()``) for dashboards in other processes."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pymongo
+import pytest
+
+import mongo_events as me
+from mongo_events.errors import StoreError
+from mongo_events.monitor import (
+    ConsumerStatus,
+    ConsumerStatusStore,
+    MemoryConsumerStatusStore,
+    MongoConsumerStatusStore,
+    StatusPublisher,
+)
+
+from .conftest import wait_for
+from .helpers import QUICK, Recorder
+
+
+def _status(**values: Any) -> ConsumerStatus:
+    defaults: dict[str, Any] = {
+        "id": "h:1:orders",
+        "bus": "orders",
+        "host": "h",
+        "pid": 1,
+        "status": "healthy",
+        "state": "running",
+        "namespace": "shop.orders",
+        "checkpoint_key": "shop.orders::h",
+        "heartbeat_at": datetime.now(timezone.utc),
+        "interval": 5.0,
+    }
+    return ConsumerStatus(**{**defaults, **values})
+
+
+def test_a_running_bus_publishes_the_numbers_of_its_health(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
+    store = MongoConsumerStatusStore(client.internal)
+    letters = me.MemoryDeadLetterStore()
+    bus = make_bus(
+        client.shop.orders, name="orders", status=StatusPublisher(store, interval=0.05), dead_letters=letters
+    )
+    seen = Recorder()
+
+    @bus.subscribe(max_retries=1, retry_backoff=QUICK)
+    def handle(ev: me.ChangeEvent) -> None:
+        if ev.document_id == 2:
+            raise ValueError("<b>bad</b> order")
+        seen.add(ev.document_id)
+
+    bus.start()
+    client.shop.orders.insert_many([{"_id": 1}, {"_id": 2}, {"_id": 3}])
+    seen.wait(2)
+    assert wait_for(lambda: letters.count() == 1)
+    # Then the next heartbeat carries the counts: 2 processed, 2 failed attempts, 1 dead letter.
+    (status,) = wait_for(lambda: [s for s in store.list() if s.processed == 2 and s.dead_lettered == 1])
+    assert status.bus == "orders" and status.state == "running" and status.status in ("healthy", "degraded")
+    assert status.failed == 2 and status.group is None and list(status.partitions) == []
+    assert status.checkpoint_key == bus.resume_token_key and status.namespace == "shop.orders"
+    assert status.pid > 0 and status.host and status.interval == 0.05
+    assert status.checkpoint_time is not None and status.checkpoint_age is not None
+    assert sum(h[1] for h in status.history) == 2 and sum(h[2] for h in status.history) == 2
+    assert status.to_json()["processed_per_minute"] >= 1
+    health = bus.health()
+    assert status.in_flight <= max(health.in_flight, 3) and status.reconnections == health.reconnections
+    # The TTL index makes dead processes fade out.
+    ttl = [i for i in client.internal["_event_consumers"].list_indexes() if "expireAfterSeconds" in i]
+    assert ttl and dict(ttl[0]["key"]) == {"heartbeat_at": 1} and ttl[0]["expireAfterSeconds"] == 120
+
+    bus.stop(timeout=5)
+    (final,) = store.list("orders")
+    assert final.state == "stopped" and final.status == "unhealthy"
+
+
+def test_a_stopped_bus_writes_its_final_status_even_with_a_long_interval(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
+    store = MemoryConsumerStatusStore()
+    bus = make_bus(client.shop.orders, status=StatusPublisher(store, interval=3600))
+    bus.subscribe(lambda ev: None)
+    bus.start()
+    assert wait_for(lambda: store.list())  # the first write comes at once
+    bus.stop(timeout=5)
+    (final,) = store.list()
+    assert final.state == "stopped"
+    assert bus.status is not None and bus.status.failures == 0
+
+
+class _Broken(ConsumerStatusStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tried = threading.Event()
+
+    def publish(self, status: ConsumerStatus) -> None:
+        self.tried.set()
+        raise StoreError("status collection is down")
+
+    def list(self, bus: str | None = None) -> list[ConsumerStatus]:
+        return []
+
+
+def test_a_status_outage_never_touches_events(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    store = _Broken()
+    bus = make_bus(client.shop.orders, status=store)
+    seen = Recorder()
+    bus.subscribe(lambda ev: seen.add(ev.document_id))
+    bus.start()
+    assert store.tried.wait(5)
+    client.shop.orders.insert_one({"_id": 1})
+    assert seen.wait(1) == [1]
+    assert bus.state is me.BusState.RUNNING and bus.status is not None and bus.status.failures >= 1
+    bus.stop(timeout=5)
+    assert bus.state is me.BusState.STOPPED
+
+
+def test_stale_and_expired_statuses() -> None:
+    store = MemoryConsumerStatusStore(ttl=60)
+    now = datetime.now(timezone.utc)
+    store.publish(_status(id="a", heartbeat_at=now))
+    store.publish(_status(id="b", heartbeat_at=now - timedelta(seconds=30)))  # 3 intervals missed
+    store.publish(_status(id="c", heartbeat_at=now - timedelta(seconds=61)))  # past the TTL: gone
+    store.publish(_status(id="d", bus="other", heartbeat_at=now))
+    assert [s.id for s in store.list("orders")] == ["a", "b"]
+    fresh, stale = store.list("orders")
+    assert not fresh.is_stale() and fresh.effective_status() == "healthy"
+    assert stale.is_stale() and stale.effective_status() == "unhealthy" and stale.to_json()["stale"] is True
+    assert len(store.list()) == 3
+
+
+def test_mongo_store_round_trips_a_status(client: pymongo.MongoClient[Any]) -> None:
+    store = MongoConsumerStatusStore(client.internal, ttl=30)
+    store.ensure_indexes()
+    status = _status(
+        history=((60, 1, 2),),
+        partitions=(),
+        last_error="E: x",
+        last_error_at=datetime(2026, 1, 1, tzinfo=timezone.utc),
+    )
+    store.publish(status)
+    (back,) = store.list()
+    # BSON dates keep milliseconds
+    assert back == attrs_evolve_ms(status)
+
+
+def attrs_evolve_ms(status: ConsumerStatus) -> ConsumerStatus:
+    import attrs
+
+    hb = status.heartbeat_at
+    return attrs.evolve(status, heartbeat_at=hb.replace(microsecond=hb.microsecond // 1000 * 1000))
+
+
+def test_bad_options_are_refused() -> None:
+    with pytest.raises(me.ConfigurationError):
+        MemoryConsumerStatusStore(ttl=0)
+    with pytest.raises(me.ConfigurationError):
+        StatusPublisher(MemoryConsumerStatusStore(), interval=0)
+
+
+class _Hanging(ConsumerStatusStore):
+    """A status store whose writes block until released (a server that stopped answering)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def publish(self, status: ConsumerStatus) -> None:
+        self.entered.set()
+        self.release.wait(600)  # longer than the test timeout: an unbounded stop fails the test
+
+    def list(self, bus: str | None = None) -> list[ConsumerStatus]:
+        return []
+
+
+def test_a_hanging_status_store_does_not_hold_up_stop(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
+    store = _Hanging()
+    bus = make_bus(client.shop.orders, status=store)
+    bus.subscribe(lambda ev: None)
+    bus.start()
+    try:
+        assert store.entered.wait(5)
+        # The publisher thread is stuck in a write; stop waits for it no longer than its timeout.
+        bus.stop(timeout=0.5)
+        assert bus.state is me.BusState.STOPPED
+    finally:
+        store.release.set()

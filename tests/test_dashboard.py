@@ -1,0 +1,393 @@
+"""The dashboard and its JSON endpoints through a WSGI test client (the browser tests are in
+tests/test_dashboard_browser.py)."""
+
+from __future__ import annotations
+
+import base64
+import re
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pymongo
+import pytest
+from werkzeug.test import Client
+
+import mongo_events as me
+from mongo_events.monitor import (
+    ConsumerStatus,
+    MemoryConsumerStatusStore,
+    MemoryMonitorStore,
+    MonitorEntry,
+    MonitorStatus,
+    wsgi_app,
+)
+from mongo_events.stores.records import AckRecord, DeadLetter
+
+from .conftest import wait_for
+from .helpers import QUICK, Recorder
+
+EVIL = "<script>window.__pwned = 1</script>"
+
+
+def _status(**values: Any) -> ConsumerStatus:
+    defaults: dict[str, Any] = {
+        "id": "h:1:orders",
+        "bus": "orders",
+        "host": "h",
+        "pid": 1,
+        "status": "healthy",
+        "state": "running",
+        "namespace": "shop.orders",
+        "checkpoint_key": "shop.orders::h",
+        "heartbeat_at": datetime.now(timezone.utc),
+        "interval": 5.0,
+    }
+    return ConsumerStatus(**{**defaults, **values})
+
+
+def _letter(letter_id: str, error: str = "ValueError: bad", **values: Any) -> DeadLetter:
+    payload = {"_id": {"_data": "82" + "0" * 16}, "operationType": "insert", "fullDocument": {"note": EVIL}}
+    return DeadLetter(
+        id=letter_id,
+        event_name="orders",
+        original_id="82" + letter_id,
+        payload=payload,
+        metadata={"bus": "orders"},
+        error=error,
+        retry_count=2,
+        source="orders",
+        created_at=datetime.now(timezone.utc),
+        **values,
+    )
+
+
+def _csrf(client: Client, path: str = "/") -> str:
+    response = client.get(path)
+    cookie = client.get_cookie("mongo_events_csrf")
+    assert response.status_code in (200, 404) and cookie is not None
+    return cookie.value
+
+
+def test_pages_escape_every_stored_value() -> None:
+    status = MemoryConsumerStatusStore()
+    status.publish(_status(bus=EVIL, last_error=EVIL, history=((0, 1, 1),)))
+    letters = me.MemoryDeadLetterStore()
+    letters.store(_letter("d1", error=EVIL))
+    monitor = MemoryMonitorStore()
+    monitor.write(
+        [
+            MonitorEntry(
+                "ev1",
+                EVIL,
+                "shop.orders",
+                "orders",
+                MonitorStatus.FAILED,
+                datetime.now(timezone.utc),
+                error=EVIL,
+            )
+        ]
+    )
+    c = Client(wsgi_app(monitor, status=status, dead_letters=letters))
+    for path in ("/", "/events", "/events/ev1", "/dead-letters", "/dead-letters/d1"):
+        response = c.get(path)
+        text = response.get_data(as_text=True)
+        assert response.status_code == 200 and response.mimetype == "text/html", path
+        assert "<script" not in text.lower(), path
+        assert "&lt;script&gt;window.__pwned = 1&lt;/script&gt;" in text, path
+        assert (
+            "script-src" not in response.headers["Content-Security-Policy"]
+        )  # default-src 'none' covers scripts
+        assert "default-src 'none'" in response.headers["Content-Security-Policy"]
+
+
+def test_overview_shows_consumers_and_warns_on_low_oplog_headroom() -> None:
+    status = MemoryConsumerStatusStore()
+    now = datetime.now(timezone.utc)
+    minute = int(now.timestamp() // 60 * 60)
+    status.publish(_status(id="a", oplog_headroom=1800.0, history=((minute, 7, 2),), lag=0.25, pending=3))
+    status.publish(_status(id="b", host="other", oplog_headroom=86400.0 * 3))
+    text = Client(wsgi_app(MemoryMonitorStore(), status=status)).get("/").get_data(as_text=True)
+    rows = re.findall(r'<tr class="consumer".*?</tr>', text)
+    assert len(rows) == 2
+    assert '<td class="num warn">30m</td>' in rows[0] and "warn" not in rows[1]
+    assert "<svg" in text and text.count('class="ok"') == 1 and text.count('class="bad"') == 1
+    assert "7 processed, 2 failed" in text
+    assert 'id="groups"' not in text  # no consumer groups yet: the table stays hidden
+    assert '<meta http-equiv="refresh"' in text
+
+
+def test_health_and_consumers_come_from_published_statuses() -> None:
+    status = MemoryConsumerStatusStore(ttl=60)
+    c = Client(wsgi_app(MemoryMonitorStore(), status=status))
+    response = c.get("/v1/health?bus=orders")
+    assert response.status_code == 503 and "no consumer of bus 'orders'" in response.json["error"]
+    status.publish(_status(id="a"))
+    status.publish(_status(id="b", status="degraded"))
+    response = c.get("/v1/health?bus=orders")
+    assert response.status_code == 200 and response.json["status"] == "degraded"
+    # A consumer that stopped cleanly does not make the bus unhealthy while another runs...
+    status.publish(_status(id="b", status="unhealthy", state="stopped"))
+    assert c.get("/v1/health?bus=orders").json["status"] == "healthy"
+    # ...but a silent one (no heartbeat for three intervals) does.
+    status.publish(_status(id="c", heartbeat_at=datetime.now(timezone.utc) - timedelta(seconds=20)))
+    response = c.get("/v1/health")
+    assert response.status_code == 503 and response.json["status"] == "unhealthy"
+    consumers = c.get("/v1/consumers").json
+    assert [s["id"] for s in consumers["consumers"]] == ["a", "b", "c"] and consumers["groups"] == []
+    assert consumers["consumers"][2]["stale"] is True and consumers["consumers"][0]["group"] is None
+    assert c.get("/v1/consumers?bus=nope").json["consumers"] == []
+    assert c.get("/v1/consumers?bsu=orders").status_code == 400
+
+
+def test_dead_letter_and_ack_endpoints() -> None:
+    letters = me.MemoryDeadLetterStore()
+    letters.store(_letter("d1", error="ValueError: bad amount"))
+    letters.store(_letter("d2", error="KeyError: sku"))
+    acks = me.MemoryAckStore()
+    now = datetime.now(timezone.utc)
+    acks.write([AckRecord("e1", now), AckRecord("e2", now, now)])
+    c = Client(wsgi_app(MemoryMonitorStore(), dead_letters=letters, acks=acks))
+    body = c.get("/v1/dead-letters?error=amount").json
+    assert [d["id"] for d in body["dead_letters"]] == ["d1"] and body["dead_letters"][0][
+        "created_at"
+    ].endswith("Z")
+    assert c.get("/v1/dead-letters/count").json == {"count": 2}
+    assert c.get("/v1/dead-letters/stats").json["pending"] == 2
+    assert c.get("/v1/dead-letters/d2").json["dead_letter"]["error"] == "KeyError: sku"
+    assert c.get("/v1/dead-letters/nope").status_code == 404
+    assert c.get("/v1/dead-letters?limit=0").status_code == 400
+    # No replay function: replay is refused with where to run it.
+    token = _csrf(c, "/v1/csrf")
+    response = c.post("/v1/dead-letters/d1/replay", headers={"X-CSRF-Token": token})
+    assert response.status_code == 501 and "mongo-events dlq replay" in response.json["error"]
+    # Delete needs the token.
+    assert c.delete("/v1/dead-letters/d2").status_code == 403
+    assert c.delete("/v1/dead-letters/d2", headers={"X-CSRF-Token": token}).json == {"deleted": "d2"}
+    assert c.delete("/v1/dead-letters/d2", headers={"X-CSRF-Token": token}).status_code == 404
+    assert [a["event_id"] for a in c.get("/v1/acks?status=pending").json["acks"]] == ["e1"]
+    assert c.get("/v1/acks/count").json == {"count": 2, "pending": 1}
+    assert c.get("/v1/acks/e2").json["ack"]["status"] == "acked"
+    assert c.get("/v1/acks?status=done").status_code == 400
+
+
+def test_replay_over_http_runs_the_callback(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    letters = me.MemoryDeadLetterStore()
+    bus = make_bus(client.shop.orders, name="orders", dead_letters=letters)
+    broken = {"on": True}
+    seen = Recorder()
+
+    @bus.subscribe(name="orders", max_retries=0, retry_backoff=QUICK)
+    def handle(ev: me.ChangeEvent) -> None:
+        if broken["on"]:
+            raise ValueError("not yet")
+        seen.add(ev.document_id)
+
+    bus.start()
+    client.shop.orders.insert_many([{"_id": 1}, {"_id": 2}])
+    assert wait_for(lambda: letters.count() == 2)
+    broken["on"] = False
+    c = Client(wsgi_app(MemoryMonitorStore(), replay=bus))
+    one, two = letters.list()
+    # The page offers Replay; its confirmation page holds a form with the CSRF token.
+    page = c.get("/dead-letters").get_data(as_text=True)
+    assert f"/dead-letters/{one.id}/replay" in page
+    confirm = c.get(f"/dead-letters/{one.id}/replay").get_data(as_text=True)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', confirm)
+    assert token and token.group(1) == c.get_cookie("mongo_events_csrf").value  # type: ignore[union-attr]
+    # A POST without it (a cross-site form) is refused, and nothing ran.
+    assert c.post(f"/dead-letters/{one.id}/replay", data={}).status_code == 403
+    assert c.post(f"/dead-letters/{one.id}/replay", data={"csrf_token": "forged"}).status_code == 403
+    assert seen.items == []
+    response = c.post(f"/dead-letters/{one.id}/replay", data={"csrf_token": token.group(1)})
+    assert response.status_code == 303 and response.headers["Location"].endswith(
+        "/dead-letters?done=replayed"
+    )
+    assert seen.wait(1) == [one.payload["documentKey"]["_id"]]
+    assert letters.get(one.id).retried_at is not None  # type: ignore[union-attr]
+    # JSON: replay one
+    body = c.post(f"/v1/dead-letters/{two.id}/replay", headers={"X-CSRF-Token": token.group(1)}).json
+    assert body == {"id": two.id, "outcome": "replayed"} and len(seen.wait(2)) == 2
+    # the list now shows none waiting
+    assert 'id="empty"' in c.get("/dead-letters").get_data(as_text=True)
+
+
+def test_bulk_replay_of_a_filter(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    letters = me.MemoryDeadLetterStore()
+    bus = make_bus(client.shop.orders, name="orders", dead_letters=letters)
+    seen = Recorder()
+    bus.subscribe(lambda ev: seen.add(ev.document_id), name="orders")
+    for i, error in enumerate(["ValueError: a", "ValueError: b", "KeyError: c"]):
+        letter = _letter(f"d{i}", error=error)
+        payload = {
+            **letter.payload,
+            "_id": {"_data": f"82{i:016d}"},
+            "documentKey": {"_id": i},
+            "ns": {"db": "shop", "coll": "orders"},
+        }
+        letters.store(_with_payload(letter, payload))
+    c = Client(wsgi_app(MemoryMonitorStore(), replay=bus))
+    confirm = c.get("/dead-letters/replay?error=valueerror").get_data(as_text=True)
+    assert "Replay the 2 dead letters" in confirm
+    token = re.search(r'name="csrf_token" value="([^"]+)"', confirm)
+    assert token
+    response = c.post("/dead-letters/replay", data={"csrf_token": token.group(1), "error": "valueerror"})
+    assert response.status_code == 303 and "replayed=2" in response.headers["Location"]
+    assert sorted(seen.wait(2)) == [0, 1]
+    assert "2 replayed" in c.get(response.headers["Location"]).get_data(as_text=True)
+
+
+def _with_payload(letter: DeadLetter, payload: dict[str, Any]) -> DeadLetter:
+    import attrs
+
+    return attrs.evolve(letter, payload=payload)
+
+
+def test_read_only_hides_and_refuses_writes() -> None:
+    letters = me.MemoryDeadLetterStore()
+    letters.store(_letter("d1"))
+    c = Client(wsgi_app(MemoryMonitorStore(), dead_letters=letters, read_only=True))
+    page = c.get("/dead-letters").get_data(as_text=True)
+    assert "/dead-letters/d1/delete" not in page and "Delete" not in page
+    assert c.get("/dead-letters/d1/delete").status_code == 403
+    token = _csrf(c)
+    assert c.post("/dead-letters/d1/delete", data={"csrf_token": token}).status_code == 403
+    assert c.delete("/v1/dead-letters/d1", headers={"X-CSRF-Token": token}).status_code == 403
+    assert letters.count() == 1
+
+
+def test_basic_auth_and_auth_callable() -> None:
+    c = Client(wsgi_app(MemoryMonitorStore(), basic_auth=("ops", "s3cret")))
+    response = c.get("/")
+    assert response.status_code == 401 and response.headers["WWW-Authenticate"].startswith("Basic")
+    wrong = base64.b64encode(b"ops:nope").decode()
+    assert c.get("/v1/monitor/entries", headers={"Authorization": f"Basic {wrong}"}).status_code == 401
+    assert c.get("/", headers={"Authorization": "Basic !!!"}).status_code == 401
+    good = base64.b64encode(b"ops:s3cret").decode()
+    assert c.get("/", headers={"Authorization": f"Basic {good}"}).status_code == 200
+    gated = Client(wsgi_app(MemoryMonitorStore(), auth=lambda environ: environ.get("HTTP_X_USER") == "ann"))
+    assert gated.get("/v1/monitor/entries").status_code == 403
+    assert gated.get("/v1/monitor/entries", headers={"X-User": "ann"}).status_code == 200
+    with pytest.raises(me.ConfigurationError):
+        wsgi_app(MemoryMonitorStore(), basic_auth=("ops", ""))
+
+
+def test_links_follow_the_mount_point() -> None:
+    letters = me.MemoryDeadLetterStore()
+    letters.store(_letter("d1"))
+    c = Client(wsgi_app(MemoryMonitorStore(), dead_letters=letters))
+    text = c.get("/dead-letters", environ_overrides={"SCRIPT_NAME": "/ops/events"}).get_data(as_text=True)
+    assert 'href="/ops/events/dead-letters/d1"' in text and 'href="/ops/events/events"' in text
+    cookie = c.get_cookie("mongo_events_csrf", path="/ops/events")
+    assert cookie is not None and cookie.http_only and cookie.same_site == "Strict"
+
+
+def test_events_page_filters_and_pages() -> None:
+    store = MemoryMonitorStore()
+    now = datetime.now(timezone.utc)
+    store.write(
+        [
+            MonitorEntry(
+                f"e{i}",
+                "orders" if i % 2 else "users",
+                "shop.x",
+                "bus",
+                MonitorStatus.COMPLETED if i % 3 else MonitorStatus.FAILED,
+                now - timedelta(seconds=i),
+            )
+            for i in range(120)
+        ]
+    )
+    c = Client(wsgi_app(store))
+    text = c.get("/events?status=failed&subscription_id=orders").get_data(as_text=True)
+    rows = re.findall(r'<tr class="entry">', text)
+    assert len(rows) == 20  # i odd and divisible by 3: 3, 9, ..., 117
+    first = c.get("/events").get_data(as_text=True)
+    assert len(re.findall(r'<tr class="entry">', first)) == 50
+    cursor = re.search(r'id="next" href="([^"]+)"', first)
+    assert cursor
+    second = c.get(cursor.group(1).replace("&amp;", "&")).get_data(as_text=True)
+    assert len(re.findall(r'<tr class="entry">', second)) == 50 and second != first
+    assert c.get("/events?status=nope").status_code == 400
+    assert c.get("/nowhere").status_code == 404
+
+
+def test_mounted_in_django_with_its_csrf_middleware_on() -> None:
+    # Django's settings can be configured once per process: the project runs in its own.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    result = subprocess.run(
+        [sys.executable, str(root / "tests" / "django_dashboard_app.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0 and "django ok" in result.stdout, result.stderr
+
+
+def test_mounted_in_flask_under_a_prefix() -> None:
+    from flask import Flask
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+    letters = me.MemoryDeadLetterStore()
+    letters.store(_letter("d1"))
+    app = Flask(__name__)
+    app.wsgi_app = DispatcherMiddleware(  # type: ignore[method-assign]
+        app.wsgi_app, {"/ops/events": wsgi_app(MemoryMonitorStore(), dead_letters=letters)}
+    )
+    c = app.test_client()
+    page = c.get("/ops/events/dead-letters").get_data(as_text=True)
+    assert 'href="/ops/events/dead-letters/d1/delete"' in page
+    confirm = c.get("/ops/events/dead-letters/d1/delete").get_data(as_text=True)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', confirm)
+    assert token
+    done = c.post("/ops/events/dead-letters/d1/delete", data={"csrf_token": token.group(1)})
+    assert done.status_code == 303 and letters.count() == 0
+
+
+def test_served_by_gunicorn_with_two_workers(tmp_path: Any) -> None:
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    (tmp_path / "dashboard.py").write_text(
+        "from mongo_events.monitor import MemoryMonitorStore, wsgi_app\n"
+        "app = wsgi_app(MemoryMonitorStore(), read_only=True)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "--workers", "2", "--bind", "127.0.0.1:0", "dashboard:app"],
+        env=env,
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        port = None
+        for line in proc.stderr:  # ends when gunicorn exits: bounded by the test timeout
+            found = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", line)
+            if found:
+                port = found.group(1)
+                break
+        assert port, "gunicorn did not start"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/monitor/entries/count", timeout=10) as resp:
+            assert resp.read() == b'{"count": 0}'
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as resp:
+            assert resp.status == 200 and b"Overview" in resp.read()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -17,17 +17,29 @@ from .errors import (
     BusStateError,
     ConfigurationError,
     DecodeError,
+    Duplicate,
     HandlerFailed,
     MongoEventsError,
     Reject,
     ResumeTokenLost,
     Retry,
     ShutdownTimeout,
+    Skip,
     StoreError,
     StreamError,
 )
 from .events import ChangeEvent, FullDocument, OperationType, UpdateDescription
 from .health import Health
+from .idempotency import (
+    Claim,
+    ClaimStatus,
+    Idempotency,
+    IdempotencyStore,
+    MemoryIdempotencyStore,
+    MongoIdempotencyStore,
+    PoisonEvent,
+    RedisIdempotencyStore,
+)
 from .metrics import Metrics
 from .middleware import Middleware
 from .retrying import RetryBackoff
@@ -93,6 +105,14 @@ __all__ = [
     "DeadLetterStats",
     "MemoryDeadLetterStore",
     "MongoDeadLetterStore",
+    # exactly-once effects
+    "Idempotency",
+    "IdempotencyStore",
+    "Claim",
+    "ClaimStatus",
+    "MemoryIdempotencyStore",
+    "MongoIdempotencyStore",
+    "RedisIdempotencyStore",
     # dead letters
     "DeadLetters",
     "ReplayOutcome",
@@ -109,6 +129,9 @@ __all__ = [
     "ShutdownTimeout",
     "Retry",
     "Reject",
+    "Skip",
+    "Duplicate",
+    "PoisonEvent",
     "ErrorKind",
     "classify_error",
     "__version__",

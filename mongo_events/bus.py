@@ -40,12 +40,15 @@ from .errors import (
     MongoEventsError,
     ResumeTokenLost,
     ShutdownTimeout,
+    Skip,
     StoreError,
     StreamError,
 )
 from .events import ChangeEvent, FullDocument, OperationType
 from .flusher import Flusher
 from .health import Health, token_time
+from .idempotency.base import IdempotencyStore
+from .idempotency.guard import Idempotency
 from .metrics import Metrics
 from .middleware.base import Middleware
 from .monitor.middleware import MonitorMiddleware
@@ -157,6 +160,9 @@ class Bus:
     :param monitor: a :class:`mongo_events.monitor.MonitorStore` (or a configured
         :class:`~mongo_events.monitor.MonitorMiddleware`): one entry per event and
         subscription, written in batches by the flusher.
+    :param idempotency: an :class:`IdempotencyStore` (or a configured :class:`Idempotency`)
+        for every subscription that does not pass its own: each event's key is claimed
+        before the callback and completed after it succeeded (see "Exactly-once effects").
 
     .. versionadded:: 0.1.0
     """
@@ -194,6 +200,7 @@ class Bus:
         start_timeout: float = 10.0,
         metrics: Metrics | None = None,
         monitor: MonitorStore | MonitorMiddleware | None = None,
+        idempotency: IdempotencyStore | Idempotency | None = None,
     ) -> None:
         if isinstance(target, MongoCollection):
             self.level = "collection"
@@ -281,6 +288,7 @@ class Bus:
         self.dead_letter_store = dead_letters if isinstance(dead_letters, DeadLetterStore) else None
         self._dead_letters: DeadLetterHook | None = self._store_dead_letter if self.dead_letter_store is not None else dead_letters  # type: ignore[assignment]
         self.ack_store = ack_store
+        self.idempotency = _idempotency(idempotency)
         self._resume_token_id = resume_token_id or _hostname()
 
         if not resume:
@@ -403,6 +411,7 @@ class Bus:
         max_retries: int = 5,
         retry_backoff: RetryBackoff | None = None,
         on_exhausted: OnExhausted = "stop",
+        idempotency: IdempotencyStore | Idempotency | None = None,
     ) -> Callable[[F], F]: ...
 
     def subscribe(
@@ -416,6 +425,7 @@ class Bus:
         max_retries: int = 5,
         retry_backoff: RetryBackoff | None = None,
         on_exhausted: OnExhausted = "stop",
+        idempotency: IdempotencyStore | Idempotency | None = None,
     ) -> Any:
         """Register a callback; use as ``bus.subscribe(fn)`` or ``@bus.subscribe(...)``.
 
@@ -430,6 +440,8 @@ class Bus:
         :param max_retries: retries after the first attempt before giving up.
         :param retry_backoff: delays between retries (default 0.1 s doubling to 30 s, jittered).
         :param on_exhausted: without a dead-letter store, ``"stop"`` the bus (default) or ``"skip"``.
+        :param idempotency: an :class:`IdempotencyStore` or :class:`Idempotency` (default: the
+            bus's): a redelivered event whose key was completed is skipped as a duplicate.
         :raises BusStateError: when the bus has already started.
         :raises ConfigurationError: for a duplicate name or a callback of the wrong shape.
         """
@@ -448,6 +460,7 @@ class Bus:
                 on_exhausted=on_exhausted,
                 full_document_only=self.full_document_only,
                 index=len(self._subscriptions),
+                idempotency=_idempotency(idempotency) or self.idempotency,
             )
             if any(s.name == sub.name for s in self._subscriptions):
                 raise ConfigurationError(f"a subscription named {sub.name!r} already exists on bus {self.name!r}; pass name=...")
@@ -481,7 +494,7 @@ class Bus:
             self._reset_runtime()
             self._error = None
             self._state = BusState.STARTING
-        for store in (self.token_store, self.ack_store, self.dead_letter_store, self.monitor.store if self.monitor else None):
+        for store in (self.token_store, self.ack_store, self.dead_letter_store, self.monitor.store if self.monitor else None, *self._idempotency_stores()):
             if store is None:
                 continue
             try:
@@ -1205,6 +1218,14 @@ class Bus:
             last_error_at=error[1] if error else None,
         )
 
+    def _idempotency_stores(self) -> list[IdempotencyStore]:
+        """Each distinct idempotency store the subscriptions use (their indexes are made at start)."""
+        stores: list[IdempotencyStore] = []
+        for sub in self._subscriptions:
+            if sub.idempotency is not None and all(s is not sub.idempotency.store for s in stores):
+                stores.append(sub.idempotency.store)
+        return stores
+
     def has_subscription(self, name: str) -> bool:
         """Whether a subscription called ``name`` is registered."""
         return any(s.name == name for s in self._subscriptions)
@@ -1232,7 +1253,8 @@ class Bus:
             replay=True,
             original_error=letter.error,
         )
-        return call_subscription(sub, event, delivery, self._decoder, self._middleware)
+        error = call_subscription(sub, event, delivery, self._decoder, self._middleware)
+        return None if isinstance(error, Skip) else error  # a skipped replay (a duplicate) is done
 
     def _flush_events(self) -> None:
         """Write ack records, then the checkpoint, both taken in one snapshot.
@@ -1314,6 +1336,14 @@ class _Checkpoint(NamedTuple):
 def _seconds(cluster_time: Any, token: Any) -> int | None:
     """Seconds of a checkpoint's cluster time, else of the time inside its token."""
     return cluster_time.time if isinstance(cluster_time, Timestamp) else token_time(token)
+
+
+def _idempotency(value: IdempotencyStore | Idempotency | None) -> Idempotency | None:
+    if value is None or isinstance(value, Idempotency):
+        return value
+    if isinstance(value, IdempotencyStore):
+        return Idempotency(value)
+    raise ConfigurationError(f"idempotency must be an IdempotencyStore or an Idempotency, got {type(value).__name__}")
 
 
 def _hostname() -> str:

@@ -10,6 +10,7 @@ from .decoding import Decoder
 from .delivery import Delivery
 from .errors import ConfigurationError
 from .events import ChangeEvent, OperationType
+from .idempotency.guard import Idempotency
 from .retrying import RetryBackoff
 
 __all__ = ["DATA_OPERATIONS", "OnExhausted", "Subscription"]
@@ -30,6 +31,7 @@ class Subscription:
     __slots__ = (
         "callback",
         "full_document_only",
+        "idempotency",
         "index",
         "max_retries",
         "name",
@@ -52,6 +54,7 @@ class Subscription:
         on_exhausted: OnExhausted = "stop",
         full_document_only: bool = False,
         index: int = 0,
+        idempotency: Idempotency | None = None,
     ) -> None:
         if not callable(callback):
             raise ConfigurationError(f"subscribe() needs a callable, got {callback!r}")
@@ -77,6 +80,8 @@ class Subscription:
         self.full_document_only = full_document_only
         self.wants_delivery = _takes_two(callback)
         self.index = index
+        #: Claims each event's key before the callback, completes or releases it after.
+        self.idempotency = idempotency
 
     def wants(self, event: ChangeEvent) -> bool:
         """Whether this subscription handles ``event`` at all (filtered events count as done)."""

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from pymongo import ReturnDocument
 from pymongo.collection import Collection
+from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from ..errors import StoreError
@@ -62,7 +63,7 @@ class MongoIdempotencyStore(IdempotencyStore):
         super().__init__(ttl)
         if collection is None:
             raise TypeError("MongoIdempotencyStore needs a pymongo Collection (or Database)")
-        if not isinstance(collection, Collection) and hasattr(collection, "list_collection_names"):
+        if isinstance(collection, Database):
             collection = collection[DEFAULT_COLLECTION]
         self.collection: Collection[Any] = collection
         self.owner = owner_id()

@@ -50,9 +50,17 @@ def main() -> int:
         def consume(label: str) -> int:
             """One consumer life reading the orders from the start of the hour; returns its duplicates."""
             finished = Finished(label)
-            bus = me.Bus(orders, resume=False, start_from_past=timedelta(hours=1), idempotency=store, middleware=[finished])
+            bus = me.Bus(
+                orders,
+                resume=False,
+                start_from_past=timedelta(hours=1),
+                idempotency=store,
+                middleware=[finished],
+            )
 
-            @bus.subscribe(name="charge", operations={"insert"}, retry_backoff=me.RetryBackoff(min=0.01, max=0.05))
+            @bus.subscribe(
+                name="charge", operations={"insert"}, retry_backoff=me.RetryBackoff(min=0.01, max=0.05)
+            )
             def charge(event: me.ChangeEvent, delivery: me.Delivery) -> None:
                 with lock:
                     if event.document_id == 2 and event.document_id not in failed_once:

@@ -19,7 +19,9 @@ def test_workloads_read_every_preloaded_change(client: pymongo.MongoClient[Any])
     assert client["bench_internal"]["_event_acks"].count_documents({}) == 300
 
 
-def test_idempotency_workloads_claim_and_complete_each_event_once(client: pymongo.MongoClient[Any], redis_url: str) -> None:
+def test_idempotency_workloads_claim_and_complete_each_event_once(
+    client: pymongo.MongoClient[Any], redis_url: str
+) -> None:
     at, _ = run.preload(client, 200)
     rate, trips = run.idempotency_run(client, 200, at, run.mongo_idempotency_store(client), workers=4)
     assert rate > 0

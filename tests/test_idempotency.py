@@ -50,7 +50,9 @@ class Plain(me.Middleware):
         self.after.append((delivery.event.document_id, error))
 
 
-def test_middleware_skip_finishes_the_delivery_without_the_callback(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_middleware_skip_finishes_the_delivery_without_the_callback(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     outer, skipper, inner = Plain(), SkipOdd(), Plain()
     letters = me.MemoryDeadLetterStore()
     bus = make_bus(client.shop.orders, middleware=[outer, skipper, inner], dead_letters=letters)
@@ -69,7 +71,9 @@ def test_middleware_skip_finishes_the_delivery_without_the_callback(client: pymo
     assert bus.flush() and bus.in_flight == 0  # skipped events are done: the checkpoint passes them
 
 
-def _two_buses_on_one_store(client: pymongo.MongoClient[Any], make_bus: Any, **options: Any) -> tuple[me.Bus, me.Bus]:
+def _two_buses_on_one_store(
+    client: pymongo.MongoClient[Any], make_bus: Any, **options: Any
+) -> tuple[me.Bus, me.Bus]:
     return tuple(  # type: ignore[return-value]
         make_bus(
             client.shop.orders,
@@ -87,7 +91,9 @@ def test_a_replayed_stream_runs_each_effect_once(client: pymongo.MongoClient[Any
     store = me.MemoryIdempotencyStore()
     client.shop.orders.insert_many([{"_id": i} for i in range(5)])
     effects = Recorder()
-    first, second = _two_buses_on_one_store(client, make_bus, idempotency=store, metrics=me.Metrics(meter_provider=provider))
+    first, second = _two_buses_on_one_store(
+        client, make_bus, idempotency=store, metrics=me.Metrics(meter_provider=provider)
+    )
     for bus in (first, second):
         bus.subscribe(lambda ev: effects.add(ev.document_id), name="effect")
     first.start()
@@ -106,7 +112,9 @@ def test_a_replayed_stream_runs_each_effect_once(client: pymongo.MongoClient[Any
     provider.shutdown()
 
 
-def test_a_failed_attempt_releases_its_claim_so_the_retry_runs(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_a_failed_attempt_releases_its_claim_so_the_retry_runs(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     store = me.MemoryIdempotencyStore()
     bus = make_bus(client.shop.orders)
     calls = Recorder()
@@ -126,7 +134,9 @@ def test_a_failed_attempt_releases_its_claim_so_the_retry_runs(client: pymongo.M
     assert store.try_claim(f"flaky:{ids[0]}", timedelta(minutes=1)).status is me.ClaimStatus.COMPLETED
 
 
-def test_a_key_held_elsewhere_waits_without_spending_attempts(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_a_key_held_elsewhere_waits_without_spending_attempts(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     store = me.MemoryIdempotencyStore()
     bus = make_bus(client.shop.orders)
     calls = Recorder()
@@ -155,7 +165,9 @@ class BrokenStore(me.MemoryIdempotencyStore):
         raise me.StoreError("store down")
 
 
-def test_a_failed_claim_fails_open_by_default(client: pymongo.MongoClient[Any], make_bus: Any, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_failed_claim_fails_open_by_default(
+    client: pymongo.MongoClient[Any], make_bus: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     guard = me.Idempotency(BrokenStore())
     bus = make_bus(client.shop.orders)
     calls = Recorder()
@@ -168,12 +180,20 @@ def test_a_failed_claim_fails_open_by_default(client: pymongo.MongoClient[Any], 
     assert "failing open" in caplog.text
 
 
-def test_a_failed_claim_with_fail_closed_is_a_failed_attempt(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_a_failed_claim_with_fail_closed_is_a_failed_attempt(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     letters = me.MemoryDeadLetterStore()
     guard = me.Idempotency(BrokenStore(), fail_closed=True)
     bus = make_bus(client.shop.orders, dead_letters=letters)
     calls = Recorder()
-    bus.subscribe(lambda ev: calls.add(ev.document_id), idempotency=guard, name="closed", max_retries=2, retry_backoff=QUICK)
+    bus.subscribe(
+        lambda ev: calls.add(ev.document_id),
+        idempotency=guard,
+        name="closed",
+        max_retries=2,
+        retry_backoff=QUICK,
+    )
     bus.start()
     client.shop.orders.insert_one({"_id": 1})
     assert wait_for(lambda: letters.count() == 1, 10)
@@ -182,7 +202,9 @@ def test_a_failed_claim_with_fail_closed_is_a_failed_attempt(client: pymongo.Mon
     assert letter.event_name == "closed" and "StoreError" in letter.error and letter.retry_count == 3
 
 
-def test_the_bus_store_applies_to_every_subscription_unless_one_brings_its_own(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_the_bus_store_applies_to_every_subscription_unless_one_brings_its_own(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     shared, own = me.MemoryIdempotencyStore(), me.MemoryIdempotencyStore()
     bus = make_bus(client.shop.orders, idempotency=shared)
     bus.subscribe(lambda ev: None, name="a")

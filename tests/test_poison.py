@@ -16,7 +16,21 @@ from .crash.harness import ROOT, _start_server
 
 def _consumer(uri: str, log: str, run: int, expect: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.crash.poison", "--uri", uri, "--log", log, "--run", str(run), "--expect", str(expect), "--deadline", "60"],
+        [
+            sys.executable,
+            "-m",
+            "tests.crash.poison",
+            "--uri",
+            uri,
+            "--log",
+            log,
+            "--run",
+            str(run),
+            "--expect",
+            str(expect),
+            "--deadline",
+            "60",
+        ],
         cwd=ROOT,
         stderr=subprocess.PIPE,
     )
@@ -44,7 +58,9 @@ def test_an_event_that_kills_the_process_is_dead_lettered_after_three_restarts()
                     _, err = proc.communicate(timeout=10)
                 exits.append(proc.returncode)
                 if proc.returncode not in (0, 1):
-                    raise AssertionError(f"seed={seed}: run {run} exited {proc.returncode}:\n{err.decode()[-3000:]}")
+                    raise AssertionError(
+                        f"seed={seed}: run {run} exited {proc.returncode}:\n{err.decode()[-3000:]}"
+                    )
                 if proc.returncode == 0:
                     break
             context = f"seed={seed} (rerun with POISON_SEED={seed}); exits={exits}"
@@ -53,11 +69,17 @@ def test_an_event_that_kills_the_process_is_dead_lettered_after_three_restarts()
                 handled = {line.split()[1] for line in fh}
             assert handled == set(ids) - {"poison"}, context  # the others are all handled
             (letter,) = client["poison_internal"]["event_dlq"].find()
-            assert letter["event_name"] == "handle" and letter["payload"]["documentKey"] == {"_id": "poison"}, context
+            assert letter["event_name"] == "handle" and letter["payload"]["documentKey"] == {
+                "_id": "poison"
+            }, context
             assert "crashed the process 3 times" in letter["error"], (context, letter["error"])
             # A checkpoint was stored and nothing stays claimed (events after the poison one were handled above).
-            assert client["poison"]["_event_resume_tokens"].find_one({"_id": "poison.orders:poison"}) is not None, context
-            assert client["poison_internal"]["event_idempotency"].count_documents({"status": "processing"}) == 0, context
+            assert (
+                client["poison"]["_event_resume_tokens"].find_one({"_id": "poison.orders:poison"}) is not None
+            ), context
+            assert (
+                client["poison_internal"]["event_idempotency"].count_documents({"status": "processing"}) == 0
+            ), context
         finally:
             client.close()
             server.terminate()

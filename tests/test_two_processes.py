@@ -19,10 +19,16 @@ from .crash.harness import ROOT, _start_server
 
 
 @pytest.mark.parametrize("backend", ["mongo", "redis"])
-def test_two_consumers_of_the_same_changes_run_each_effect_once(backend: str, request: pytest.FixtureRequest) -> None:
+def test_two_consumers_of_the_same_changes_run_each_effect_once(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
     seed = int(os.environ.get("TWINS_SEED", "0")) or random.randrange(2**32)
     n = 200
-    extra = ["--redis", request.getfixturevalue("redis_url"), "--prefix", f"twins-{uuid.uuid4().hex[:8]}:"] if backend == "redis" else []
+    extra = (
+        ["--redis", request.getfixturevalue("redis_url"), "--prefix", f"twins-{uuid.uuid4().hex[:8]}:"]
+        if backend == "redis"
+        else []
+    )
     with tempfile.TemporaryDirectory() as tmp:
         server, uri = _start_server(os.path.join(tmp, "data"))
         client: pymongo.MongoClient[Any] = pymongo.MongoClient(uri, serverSelectionTimeoutMS=10000)
@@ -31,9 +37,26 @@ def test_two_consumers_of_the_same_changes_run_each_effect_once(backend: str, re
             log = os.path.join(tmp, "effects.log")
             procs = [
                 subprocess.Popen(
-                    [sys.executable, "-m", "tests.crash.twins", "--uri", uri, "--log", log, "--name", name,
-                     "--expect", str(n), "--seed", str(seed), *extra],
-                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                    [
+                        sys.executable,
+                        "-m",
+                        "tests.crash.twins",
+                        "--uri",
+                        uri,
+                        "--log",
+                        log,
+                        "--name",
+                        name,
+                        "--expect",
+                        str(n),
+                        "--seed",
+                        str(seed),
+                        *extra,
+                    ],
+                    cwd=ROOT,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
                 )
                 for name in ("a", "b")
             ]
@@ -50,7 +73,10 @@ def test_two_consumers_of_the_same_changes_run_each_effect_once(backend: str, re
             with open(log) as fh:
                 effects = Counter(int(line.split()[1]) for line in fh)
             assert sorted(effects) == list(range(n)), context  # every change had its effect ...
-            assert max(effects.values()) == 1, (context, [k for k, v in effects.items() if v > 1][:10])  # ... once
+            assert max(effects.values()) == 1, (
+                context,
+                [k for k, v in effects.items() if v > 1][:10],
+            )  # ... once
             with open(log) as fh:
                 by_process = Counter(line.split()[0] for line in fh)
             print(f"{context}; effects by process: {dict(by_process)}")

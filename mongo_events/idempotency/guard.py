@@ -128,9 +128,17 @@ class Idempotency:
             with self._lock:
                 self.claim_failures += 1
             if self.fail_closed:
-                log.error("idempotency claim of %s failed (%r); fail_closed: the attempt counts as failed and is retried", key, exc)
+                log.error(
+                    "idempotency claim of %s failed (%r); fail_closed: the attempt counts as failed and is retried",
+                    key,
+                    exc,
+                )
                 raise StoreError(f"could not claim idempotency key {key!r}: {exc}") from exc
-            log.error("idempotency claim of %s failed (%r); failing open: the handler runs unguarded (it may run twice)", key, exc)
+            log.error(
+                "idempotency claim of %s failed (%r); failing open: the handler runs unguarded (it may run twice)",
+                key,
+                exc,
+            )
             return None
         if claim.status is ClaimStatus.COMPLETED:
             with self._lock:
@@ -166,7 +174,9 @@ class Idempotency:
                     self.finish_failures += 1
                 log.error(
                     "the handler succeeded but completing idempotency key %s failed (%r); "
-                    "a redelivery after its claim expires would run it again", key, exc,
+                    "a redelivery after its claim expires would run it again",
+                    key,
+                    exc,
                 )
             return
         try:
@@ -175,7 +185,9 @@ class Idempotency:
             with self._lock:
                 self.finish_failures += 1
                 self._held.add(key)
-            log.error("releasing idempotency key %s failed (%r); this process keeps it for its retry", key, exc)
+            log.error(
+                "releasing idempotency key %s failed (%r); this process keeps it for its retry", key, exc
+            )
 
     def __repr__(self) -> str:
         return f"<Idempotency {self.store!r} processing_ttl={self.processing_ttl} fail_closed={self.fail_closed}>"

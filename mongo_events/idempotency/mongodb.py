@@ -72,7 +72,13 @@ class MongoIdempotencyStore(IdempotencyStore):
         hold = check_processing_ttl(processing_ttl)
         for _ in range(3):  # a key that vanishes between the upsert and the read is tried again
             now = _now()
-            claimable = {"_id": key, "$or": [{"expires_at": {"$lte": now}}, {"status": {"$ne": "completed"}, "claimed_until": {"$lte": now}}]}
+            claimable = {
+                "_id": key,
+                "$or": [
+                    {"expires_at": {"$lte": now}},
+                    {"status": {"$ne": "completed"}, "claimed_until": {"$lte": now}},
+                ],
+            }
             update = {
                 "$set": {
                     "status": "processing",
@@ -87,18 +93,28 @@ class MongoIdempotencyStore(IdempotencyStore):
                 doc = self._call(
                     "claim",
                     key,
-                    lambda: self.collection.find_one_and_update(
-                        claimable, update, upsert=True, return_document=ReturnDocument.AFTER, projection={"starts": 1}
+                    lambda claimable=claimable, update=update: self.collection.find_one_and_update(  # type: ignore[misc]
+                        claimable,
+                        update,
+                        upsert=True,
+                        return_document=ReturnDocument.AFTER,
+                        projection={"starts": 1},
                     ),
                 )
                 return Claim(ClaimStatus.CLAIMED, int((doc or {}).get("starts", 1)))
             except DuplicateKeyError:
                 pass
-            found = self._call("claim", key, lambda: self.collection.find_one({"_id": key}, projection={"status": 1, "starts": 1}))
+            found = self._call(
+                "claim",
+                key,
+                lambda: self.collection.find_one({"_id": key}, projection={"status": 1, "starts": 1}),
+            )
             if found is not None:
                 status = ClaimStatus.COMPLETED if found.get("status") == "completed" else ClaimStatus.BUSY
                 return Claim(status, int(found.get("starts", 0)))
-        raise StoreError(f"idempotency store {self.collection.full_name}: could not claim {key!r}: it keeps changing")
+        raise StoreError(
+            f"idempotency store {self.collection.full_name}: could not claim {key!r}: it keeps changing"
+        )
 
     def complete(self, key: str) -> None:
         now = _now()
@@ -108,7 +124,12 @@ class MongoIdempotencyStore(IdempotencyStore):
             lambda: self.collection.update_one(
                 {"_id": key},
                 {
-                    "$set": {"status": "completed", "expires_at": now + self.ttl, "updated_at": now, "starts": 0},
+                    "$set": {
+                        "status": "completed",
+                        "expires_at": now + self.ttl,
+                        "updated_at": now,
+                        "starts": 0,
+                    },
                     "$unset": {"owner": "", "claimed_until": ""},
                 },
                 upsert=True,
@@ -122,7 +143,10 @@ class MongoIdempotencyStore(IdempotencyStore):
             key,
             lambda: self.collection.update_one(
                 {"_id": key, "owner": self.owner, "status": "processing"},
-                {"$set": {"status": "released", "claimed_until": now, "updated_at": now}, "$inc": {"starts": -1}},
+                {
+                    "$set": {"status": "released", "claimed_until": now, "updated_at": now},
+                    "$inc": {"starts": -1},
+                },
             ),
         )
 
@@ -141,7 +165,9 @@ class MongoIdempotencyStore(IdempotencyStore):
         except DuplicateKeyError:
             raise
         except PyMongoError as exc:
-            raise StoreError(f"idempotency store {self.collection.full_name}: {what} {key!r} failed: {exc}") from exc
+            raise StoreError(
+                f"idempotency store {self.collection.full_name}: {what} {key!r} failed: {exc}"
+            ) from exc
 
     def __repr__(self) -> str:
         return f"<MongoIdempotencyStore {self.collection.full_name} ttl={self.ttl}>"

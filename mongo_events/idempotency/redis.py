@@ -62,7 +62,9 @@ class RedisIdempotencyStore(IdempotencyStore):
         try:
             import redis
         except ImportError as exc:  # pragma: no cover - the test extra installs it
-            raise ConfigurationError("RedisIdempotencyStore needs redis-py: pip install 'mongo-events[redis]'") from exc
+            raise ConfigurationError(
+                "RedisIdempotencyStore needs redis-py: pip install 'mongo-events[redis]'"
+            ) from exc
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError,)
         if client is None:
             raise TypeError("RedisIdempotencyStore needs a redis.Redis client")
@@ -79,14 +81,20 @@ class RedisIdempotencyStore(IdempotencyStore):
     def try_claim(self, key: str, processing_ttl: timedelta) -> Claim:
         hold = check_processing_ttl(processing_ttl)
         status, starts = self._call(
-            "claim", key, lambda: self._claim(keys=[self.prefix + key], args=[self.owner, max(1, int(hold * 1000)), self._ms(self.ttl)])
+            "claim",
+            key,
+            lambda: self._claim(
+                keys=[self.prefix + key], args=[self.owner, max(1, int(hold * 1000)), self._ms(self.ttl)]
+            ),
         )
         if isinstance(status, bytes):
             status = status.decode()
         return Claim(ClaimStatus(status), int(starts))
 
     def complete(self, key: str) -> None:
-        self._call("complete", key, lambda: self._complete(keys=[self.prefix + key], args=[self._ms(self.ttl)]))
+        self._call(
+            "complete", key, lambda: self._complete(keys=[self.prefix + key], args=[self._ms(self.ttl)])
+        )
 
     def release(self, key: str) -> None:
         self._call("release", key, lambda: self._release(keys=[self.prefix + key], args=[self.owner]))

@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.exists(args.log):
         with open(args.log) as fh:
             handled = {line.split()[1] for line in fh if line.strip()}
-    client: pymongo.MongoClient[dict[str, object]] = pymongo.MongoClient(args.uri, serverSelectionTimeoutMS=10000)
+    client: pymongo.MongoClient[dict[str, object]] = pymongo.MongoClient(
+        args.uri, serverSelectionTimeoutMS=10000
+    )
     internal = client["poison_internal"]
     letters = me.MongoDeadLetterStore(internal["event_dlq"])
     guard = me.Idempotency(

@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     rng = random.Random(f"{args.seed}-{args.name}")
-    client: pymongo.MongoClient[dict[str, object]] = pymongo.MongoClient(args.uri, serverSelectionTimeoutMS=10000)
+    client: pymongo.MongoClient[dict[str, object]] = pymongo.MongoClient(
+        args.uri, serverSelectionTimeoutMS=10000
+    )
     store: me.IdempotencyStore
     if args.redis:
         import redis

@@ -131,7 +131,14 @@ def test_eight_threads_claiming_one_key_have_exactly_one_winner(make_store: Fact
 
 def test_a_failed_handler_is_run_again_by_its_redelivery(make_store: Factory) -> None:
     guard = me.Idempotency(make_store())
-    event = me.ChangeEvent.from_raw({"_id": {"_data": "82AA"}, "operationType": "insert", "ns": {"db": "d", "coll": "c"}, "documentKey": {"_id": 1}})
+    event = me.ChangeEvent.from_raw(
+        {
+            "_id": {"_data": "82AA"},
+            "operationType": "insert",
+            "ns": {"db": "d", "coll": "c"},
+            "documentKey": {"_id": 1},
+        }
+    )
     key = guard.claim(event, "sub")
     assert key == "sub:82AA"
     guard.finish(key, RuntimeError("handler failed"))
@@ -160,7 +167,10 @@ def test_only_the_holder_releases_a_mongo_claim(mongo_collection: Callable[[str]
 
 def test_only_the_holder_releases_a_redis_claim(redis_client: Any) -> None:
     prefix = f"test-{uuid.uuid4().hex[:8]}:"
-    _only_the_holder_releases(me.RedisIdempotencyStore(redis_client, prefix=prefix), me.RedisIdempotencyStore(redis_client, prefix=prefix))
+    _only_the_holder_releases(
+        me.RedisIdempotencyStore(redis_client, prefix=prefix),
+        me.RedisIdempotencyStore(redis_client, prefix=prefix),
+    )
 
 
 def test_mongo_store_document_and_ttl_index(mongo_collection: Callable[[str], Any]) -> None:
@@ -170,7 +180,12 @@ def test_mongo_store_document_and_ttl_index(mongo_collection: Callable[[str], An
     assert coll.index_information()["expires_at_ttl"]["expireAfterSeconds"] == 0
     store.claim("k1", HOLD)
     doc = coll.find_one({"_id": "k1"})
-    assert doc is not None and doc["status"] == "processing" and doc["owner"] == store.owner and doc["starts"] == 1
+    assert (
+        doc is not None
+        and doc["status"] == "processing"
+        and doc["owner"] == store.owner
+        and doc["starts"] == 1
+    )
     store.complete("k1")
     doc = coll.find_one({"_id": "k1"})
     assert doc is not None and doc["status"] == "completed" and "owner" not in doc

@@ -12,6 +12,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 import mongo_events as me
+from mongo_events.idempotency.guard import ClaimedElsewhere
 
 from .conftest import wait_for
 from .helpers import QUICK, Recorder
@@ -214,3 +215,32 @@ def test_the_bus_store_applies_to_every_subscription_unless_one_brings_its_own(
     assert b.idempotency is not None and b.idempotency.store is own
     with pytest.raises(me.ConfigurationError, match="idempotency"):
         bus.subscribe(lambda ev: None, name="c", idempotency="redis://")
+
+
+def test_a_key_started_max_crashes_times_without_finishing_is_a_poison_event() -> None:
+    store = me.MemoryIdempotencyStore()
+    guard = me.Idempotency(store, processing_ttl=timedelta(milliseconds=20), max_crashes=2)
+    event = me.ChangeEvent.from_raw(
+        {
+            "_id": {"_data": "82BB"},
+            "operationType": "insert",
+            "ns": {"db": "d", "coll": "c"},
+            "documentKey": {"_id": 1},
+        }
+    )
+    for _ in range(2):  # two lives that died inside the handler: claimed, never finished
+        assert wait_for(lambda: store.claim("sub:82BB", timedelta(milliseconds=20)), 5)
+
+    def attempt() -> object:
+        try:
+            return guard.claim(event, "sub")  # a key: the handler would run
+        except ClaimedElsewhere:
+            return None  # the last dead life's claim has not expired yet
+        except me.PoisonEvent as exc:
+            return exc
+
+    poison = wait_for(attempt, 5)
+    assert isinstance(poison, me.PoisonEvent) and isinstance(poison, me.Reject), poison
+    assert poison.crashes == 2 and "crashed the process 2 times" in str(poison)
+    assert guard.poisoned == 1
+    assert store.try_claim("sub:82BB", timedelta(minutes=1)).starts == 1  # reset: a replay starts afresh

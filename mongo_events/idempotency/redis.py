@@ -17,6 +17,7 @@ T = TypeVar("T")
 # Times are the Redis server's clock (TIME), in milliseconds, so hosts' clocks never meet.
 # KEYS[1] = key; ARGV = owner, processing ttl (ms), record ttl (ms).
 _CLAIM = """
+if redis.replicate_commands then redis.replicate_commands() end  -- Redis < 5: allow writes after TIME
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local s = redis.call('HMGET', KEYS[1], 'status', 'until', 'starts')

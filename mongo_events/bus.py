@@ -48,7 +48,7 @@ from .events import ChangeEvent, FullDocument, OperationType
 from .flusher import Flusher
 from .health import Health, token_time
 from .idempotency.base import IdempotencyStore
-from .idempotency.guard import Idempotency
+from .idempotency.guard import CrashCounter, Idempotency
 from .metrics import Metrics
 from .middleware.base import Middleware
 from .monitor.middleware import MonitorMiddleware
@@ -163,6 +163,9 @@ class Bus:
     :param idempotency: an :class:`IdempotencyStore` (or a configured :class:`Idempotency`)
         for every subscription that does not pass its own: each event's key is claimed
         before the callback and completed after it succeeded (see "Exactly-once effects").
+    :param crash_store: an :class:`IdempotencyStore` where subscriptions without
+        ``idempotency`` count each event's starts (two round trips per delivery), so that
+        an event that crashed the process 3 times is dead-lettered (see "Poison events").
 
     .. versionadded:: 0.1.0
     """
@@ -201,6 +204,7 @@ class Bus:
         metrics: Metrics | None = None,
         monitor: MonitorStore | MonitorMiddleware | None = None,
         idempotency: IdempotencyStore | Idempotency | None = None,
+        crash_store: IdempotencyStore | None = None,
     ) -> None:
         if isinstance(target, MongoCollection):
             self.level = "collection"
@@ -289,6 +293,9 @@ class Bus:
         self._dead_letters: DeadLetterHook | None = self._store_dead_letter if self.dead_letter_store is not None else dead_letters  # type: ignore[assignment]
         self.ack_store = ack_store
         self.idempotency = _idempotency(idempotency)
+        if crash_store is not None and not isinstance(crash_store, IdempotencyStore):
+            raise ConfigurationError(f"crash_store must be an IdempotencyStore, got {type(crash_store).__name__}")
+        self._crash_counter = CrashCounter(crash_store) if crash_store is not None else None
         self._resume_token_id = resume_token_id or _hostname()
 
         if not resume:
@@ -460,7 +467,7 @@ class Bus:
                 on_exhausted=on_exhausted,
                 full_document_only=self.full_document_only,
                 index=len(self._subscriptions),
-                idempotency=_idempotency(idempotency) or self.idempotency,
+                idempotency=_idempotency(idempotency) or self.idempotency or self._crash_counter,
             )
             if any(s.name == sub.name for s in self._subscriptions):
                 raise ConfigurationError(f"a subscription named {sub.name!r} already exists on bus {self.name!r}; pass name=...")

@@ -10,11 +10,12 @@ import tempfile
 from typing import Any
 
 import pymongo
+import pytest
 
 from .crash.harness import ROOT, _start_server
 
 
-def _consumer(uri: str, log: str, run: int, expect: int) -> subprocess.Popen[bytes]:
+def _consumer(uri: str, log: str, run: int, expect: int, mode: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
             sys.executable,
@@ -29,14 +30,17 @@ def _consumer(uri: str, log: str, run: int, expect: int) -> subprocess.Popen[byt
             "--expect",
             str(expect),
             "--deadline",
-            "60",
+            "30",
+            "--mode",
+            mode,
         ],
         cwd=ROOT,
         stderr=subprocess.PIPE,
     )
 
 
-def test_an_event_that_kills_the_process_is_dead_lettered_after_three_restarts() -> None:
+@pytest.mark.parametrize("mode", ["idempotency", "crash_store"])
+def test_an_event_that_kills_the_process_is_dead_lettered_after_three_restarts(mode: str) -> None:
     seed = int(os.environ.get("POISON_SEED", "0")) or random.randrange(2**32)
     rng = random.Random(seed)
     n = rng.randint(5, 20)
@@ -50,25 +54,30 @@ def test_an_event_that_kills_the_process_is_dead_lettered_after_three_restarts()
             client["poison"]["orders"].insert_many([{"_id": i} for i in ids])
             log = os.path.join(tmp, "handled.log")
             for run in range(1, 7):  # bounded: 3 crashes, then the run that dead-letters it
-                proc = _consumer(uri, log, run, expect=n)
+                proc = _consumer(uri, log, run, expect=n, mode=mode)
                 try:
-                    _, err = proc.communicate(timeout=90)
+                    _, err = proc.communicate(timeout=60)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     _, err = proc.communicate(timeout=10)
                 exits.append(proc.returncode)
                 if proc.returncode not in (0, 1):
                     raise AssertionError(
-                        f"seed={seed}: run {run} exited {proc.returncode}:\n{err.decode()[-3000:]}"
+                        f"{mode}: seed={seed}: run {run} exited {proc.returncode}:\n{err.decode()[-3000:]}"
                     )
                 if proc.returncode == 0:
                     break
-            context = f"seed={seed} (rerun with POISON_SEED={seed}); exits={exits}"
+            context = f"{mode}: seed={seed} (rerun with POISON_SEED={seed}); exits={exits}"
             assert exits == [1, 1, 1, 0], context  # three crashes, then it is dead-lettered
             with open(log) as fh:
                 handled = {line.split()[1] for line in fh}
             assert handled == set(ids) - {"poison"}, context  # the others are all handled
-            (letter,) = client["poison_internal"]["event_dlq"].find()
+            letters = list(client["poison_internal"]["event_dlq"].find())
+            assert len(letters) == 1, (
+                context,
+                [(x["payload"].get("documentKey"), x["error"]) for x in letters],
+            )
+            (letter,) = letters
             assert letter["event_name"] == "handle" and letter["payload"]["documentKey"] == {
                 "_id": "poison"
             }, context

@@ -17,7 +17,7 @@ from ..errors import Duplicate, MongoEventsError, Reject, StoreError
 from ..events import ChangeEvent
 from .base import ClaimStatus, IdempotencyStore, check_processing_ttl
 
-__all__ = ["ClaimedElsewhere", "Idempotency", "PoisonEvent"]
+__all__ = ["ClaimedElsewhere", "CrashCounter", "Idempotency", "PoisonEvent"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,49 @@ class ClaimedElsewhere(MongoEventsError):
         super().__init__(f"{key} is being handled elsewhere; trying again in {delay:.2f}s")
         self.key = key
         self.delay = delay
+
+
+class _Isolation:
+    """A process-wide readers-writer gate: a suspect (an event that was in flight when the
+    process died) runs alone, so that a later crash is its own and not a bystander's.
+
+    Without it, events that merely ran beside a poison event would count its crashes too
+    and be dead-lettered with it. Writers (suspects) go first: new deliveries wait while
+    one waits. Every wait is a bounded wait in a loop.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._alone = False
+        self._waiting = 0
+
+    def enter(self, alone: bool) -> None:
+        with self._cond:
+            if alone:
+                self._waiting += 1
+                try:
+                    while self._alone or self._shared:
+                        self._cond.wait(0.1)
+                finally:
+                    self._waiting -= 1
+                self._alone = True
+            else:
+                while self._alone or self._waiting:
+                    self._cond.wait(0.1)
+                self._shared += 1
+
+    def leave(self, alone: bool) -> None:
+        with self._cond:
+            if alone:
+                self._alone = False
+            else:
+                self._shared -= 1
+            self._cond.notify_all()
+
+
+#: One per process: a crash takes every bus of the process with it.
+_ISOLATION = _Isolation()
 
 
 class Idempotency:
@@ -104,6 +147,8 @@ class Idempotency:
         #: Keys this process still holds because their release failed: a retry must not
         #: take its own claim for someone else's.
         self._held: set[str] = set()
+        #: Keys whose callback runs now, and whether alone (see _Isolation).
+        self._running: dict[str, bool] = {}
 
     def key_for(self, event: ChangeEvent, subscription: str) -> str:
         """The stored key of ``event`` for ``subscription``."""
@@ -112,6 +157,11 @@ class Idempotency:
     def claim(self, event: ChangeEvent, subscription: str) -> str | None:
         """Claim before the callback; returns the key to :meth:`finish`, or None when unclaimed.
 
+        A key that was in flight when the process died before (its claim counts more than
+        one unfinished start) runs alone in this process: its start is uncounted while it
+        waits for the others to finish, then counted again, so a crash while it runs is
+        its own, and bystanders never inherit a poison event's crashes.
+
         :raises Duplicate: the key was completed: the delivery is done.
         :raises ClaimedElsewhere: another holder has it: try again later.
         :raises PoisonEvent: it started ``max_crashes`` times without finishing.
@@ -119,9 +169,43 @@ class Idempotency:
         """
         key = self.key_for(event, subscription)
         with self._lock:
-            if key in self._held:
-                self._held.discard(key)
-                return key
+            held = key in self._held
+            self._held.discard(key)
+        _ISOLATION.enter(False)  # while a suspect runs alone, nothing else starts (or counts)
+        try:
+            starts = 1 if held else self._take(event, subscription, key)
+        except BaseException:
+            _ISOLATION.leave(False)
+            raise
+        if starts is None:  # unguarded (the store failed, fail open)
+            _ISOLATION.leave(False)
+            return None
+        if not self.max_crashes or starts <= 1:
+            with self._lock:
+                self._running[key] = False
+            return key
+        # A suspect: give its start back while it waits to run alone, then count it again.
+        _ISOLATION.leave(False)
+        log.warning("%s was in flight when the process died %d time(s): running it alone", key, starts - 1)
+        try:
+            self.store.release(key)
+        except Exception as exc:
+            log.error("could not uncount the start of %s while it waits (%r)", key, exc)
+        _ISOLATION.enter(True)
+        try:
+            again = self._take(event, subscription, key)
+        except BaseException:
+            _ISOLATION.leave(True)
+            raise
+        if again is None:
+            _ISOLATION.leave(True)
+            return None
+        with self._lock:
+            self._running[key] = True
+        return key
+
+    def _take(self, event: ChangeEvent, subscription: str, key: str) -> int | None:
+        """One claim: the number of unfinished starts (this one included), or None to run unguarded."""
         try:
             claim = self.store.try_claim(key, self.processing_ttl)
         except Exception as exc:
@@ -147,25 +231,37 @@ class Idempotency:
             raise Duplicate(key)
         if claim.status is ClaimStatus.BUSY:
             raise ClaimedElsewhere(key, min(1.0, self._hold / 2))
-        crashes = claim.starts - 1
-        if self.max_crashes and crashes >= self.max_crashes:
-            with self._lock:
-                self.poisoned += 1
-            try:
-                self.store.remove(key)  # a replay of the dead letter starts counting afresh
-            except Exception as exc:
-                log.error("could not reset the crash count of %s (%r)", key, exc)
-            raise PoisonEvent(
-                f"event {event.id} crashed the process {crashes} times for {subscription!r} "
-                f"(started {crashes} times without finishing; max_crashes={self.max_crashes})",
-                crashes,
-            )
-        return key
+        self._check_crashes(event, subscription, key, claim.starts)
+        return claim.starts
+
+    def _leave(self, key: str) -> None:
+        with self._lock:
+            alone = self._running.pop(key, None)
+        if alone is not None:
+            _ISOLATION.leave(alone)
+
+    def _check_crashes(self, event: ChangeEvent, subscription: str, key: str, starts: int) -> None:
+        """Raise :class:`PoisonEvent` when ``key`` started ``max_crashes`` times before without finishing."""
+        crashes = starts - 1
+        if not self.max_crashes or crashes < self.max_crashes:
+            return
+        with self._lock:
+            self.poisoned += 1
+        try:
+            self.store.remove(key)  # a replay of the dead letter starts counting afresh
+        except Exception as exc:
+            log.error("could not reset the crash count of %s (%r)", key, exc)
+        raise PoisonEvent(
+            f"event {event.id} crashed the process {crashes} times for {subscription!r} "
+            f"(started {crashes} times without finishing; max_crashes={self.max_crashes})",
+            crashes,
+        )
 
     def finish(self, key: str | None, error: BaseException | None) -> None:
         """After the callback: complete on success, release on failure; log and count store errors."""
         if key is None:
             return
+        self._leave(key)
         if error is None:
             try:
                 self.store.complete(key)
@@ -191,3 +287,56 @@ class Idempotency:
 
     def __repr__(self) -> str:
         return f"<Idempotency {self.store!r} processing_ttl={self.processing_ttl} fail_closed={self.fail_closed}>"
+
+
+#: A crash counter's claim holds only long enough to count the start: it never makes
+#: another consumer of the same event wait (it does not deduplicate).
+_COUNT_ONLY = timedelta(milliseconds=1)
+
+
+class CrashCounter(Idempotency):
+    """Counts each (event, subscription) start in a store, to dead-letter poison events, without
+    deduplicating: what ``Bus(crash_store=store)`` gives subscriptions without ``idempotency=``.
+
+    Before each call it claims ``"crash:<subscription>:<event id>"`` (one round trip, which
+    counts the start); after it, it removes the key on success or releases it on failure
+    (a second round trip). A store failure never stops the handler: it runs uncounted.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(self, store: IdempotencyStore, *, max_crashes: int = 3) -> None:
+        super().__init__(store, processing_ttl=_COUNT_ONLY, max_crashes=max_crashes)
+
+    def key_for(self, event: ChangeEvent, subscription: str) -> str:
+        return f"crash:{subscription}:{event.id}"
+
+    def _take(self, event: ChangeEvent, subscription: str, key: str) -> int | None:
+        try:
+            claim = self.store.try_claim(key, self.processing_ttl)
+        except Exception as exc:
+            with self._lock:
+                self.claim_failures += 1
+            log.error("counting the start of %s failed (%r); the handler runs uncounted", key, exc)
+            return None
+        if not claim.claimed:  # another consumer counted it this very millisecond: run uncounted
+            return None
+        self._check_crashes(event, subscription, key, claim.starts)
+        return claim.starts
+
+    def finish(self, key: str | None, error: BaseException | None) -> None:
+        if key is None:
+            return
+        self._leave(key)
+        try:
+            if error is None:
+                self.store.remove(key)
+            else:
+                self.store.release(key)
+        except Exception as exc:
+            with self._lock:
+                self.finish_failures += 1
+            log.error("finishing the start of %s failed (%r); it may count as a crash", key, exc)
+
+    def __repr__(self) -> str:
+        return f"<CrashCounter {self.store!r} max_crashes={self.max_crashes}>"

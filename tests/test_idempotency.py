@@ -244,3 +244,59 @@ def test_a_key_started_max_crashes_times_without_finishing_is_a_poison_event() -
     assert poison.crashes == 2 and "crashed the process 2 times" in str(poison)
     assert guard.poisoned == 1
     assert store.try_claim("sub:82BB", timedelta(minutes=1)).starts == 1  # reset: a replay starts afresh
+
+
+def test_an_event_in_flight_during_a_crash_runs_alone(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
+    store = me.MemoryIdempotencyStore()
+    bus = make_bus(
+        client.shop.orders,
+        max_workers=4,
+        idempotency=me.Idempotency(store, processing_ttl=timedelta(seconds=5)),
+    )
+    running: set[Any] = set()
+    overlaps: list[tuple[Any, frozenset[Any]]] = []
+    lock = threading.Lock()
+    ids: dict[Any, str] = {}
+    done = Recorder()
+    pause = threading.Event()  # never set: a timed wait makes handlers overlap
+
+    @bus.subscribe(name="h")
+    def handle(ev: me.ChangeEvent) -> None:
+        with lock:
+            ids[ev.document_id] = ev.id
+            if running and (ev.document_id == 3 or 3 in running):
+                overlaps.append((ev.document_id, frozenset(running)))
+            running.add(ev.document_id)
+        pause.wait(0.02)
+        with lock:
+            running.discard(ev.document_id)
+        done.add(ev.document_id)
+
+    bus.start()
+    client.shop.orders.insert_many([{"_id": i} for i in range(6)])
+    done.wait(6)
+    assert bus.join(10)
+    bus.stop()
+    # Given: every key forgotten, and event 3 in flight when the process died (claimed, never finished).
+    for i in range(6):
+        store.remove(f"h:{ids[i]}")
+    assert store.claim(f"h:{ids[3]}", timedelta(milliseconds=1))
+    running.clear()
+    overlaps.clear()
+    # When: the same events are delivered again (a replay).
+    replay = make_bus(
+        client.shop.orders,
+        max_workers=4,
+        resume_token_store=me.MemoryResumeTokenStore(),
+        start_from_past=timedelta(hours=1),
+        idempotency=me.Idempotency(store),
+    )
+    replay.subscribe(handle, name="h")
+    replay.start()
+    done.wait(12)
+    # Then: event 3 ran with nothing beside it, and everything ran again.
+    assert sorted(done.items[6:]) == list(range(6))
+    assert overlaps == []
+    assert store.try_claim(f"h:{ids[3]}", timedelta(minutes=1)).status is me.ClaimStatus.COMPLETED

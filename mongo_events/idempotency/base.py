@@ -12,7 +12,10 @@ __all__ = ["Claim", "ClaimStatus", "IdempotencyStore"]
 
 
 class ClaimStatus(str, enum.Enum):
-    """What :meth:`IdempotencyStore.try_claim` found."""
+    """What :meth:`IdempotencyStore.try_claim` found.
+
+    .. versionadded:: 0.1.0
+    """
 
     #: The caller now holds the key: run the handler, then complete or release it.
     CLAIMED = "claimed"
@@ -30,6 +33,8 @@ class Claim:
     :ivar starts: how many claims of this key started and never finished (neither
         completed nor released), this one included when ``status`` is ``CLAIMED``.
         A number above 1 means earlier holders died while handling it.
+
+    .. versionadded:: 0.1.0
     """
 
     status: ClaimStatus

@@ -300,3 +300,21 @@ def test_an_event_in_flight_during_a_crash_runs_alone(
     assert sorted(done.items[6:]) == list(range(6))
     assert overlaps == []
     assert store.try_claim(f"h:{ids[3]}", timedelta(minutes=1)).status is me.ClaimStatus.COMPLETED
+
+
+def test_a_suspect_waits_a_bounded_time_to_run_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mongo_events.idempotency import guard as guard_module
+
+    monkeypatch.setattr(guard_module, "ALONE_WAIT", 0.2)
+    gate = guard_module._Isolation()
+    assert gate.enter(False) is False  # a long callback is running
+    outcome: list[bool] = []
+    suspect = threading.Thread(target=lambda: outcome.append(gate.enter(True)))
+    suspect.start()
+    suspect.join(10)
+    assert outcome == [False]  # it gave up waiting and runs beside the long one
+    assert gate.enter(False) is False  # nobody is left waiting: new deliveries go on
+    for _ in range(3):
+        gate.leave(False)
+    assert gate.enter(True) is True  # with nothing running, a suspect runs alone
+    gate.leave(True)

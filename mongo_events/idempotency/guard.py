@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import thread as _futures_thread
 from datetime import timedelta
 from typing import Any
 
@@ -54,8 +56,10 @@ class _Isolation:
     process died) runs alone, so that a later crash is its own and not a bystander's.
 
     Without it, events that merely ran beside a poison event would count its crashes too
-    and be dead-lettered with it. Writers (suspects) go first: new deliveries wait while
-    one waits. Every wait is a bounded wait in a loop.
+    and be dead-lettered with it. Suspects go first: new deliveries wait while one waits,
+    but a suspect waits at most ``ALONE_WAIT`` seconds for the running callbacks, then runs
+    beside them (logged), so a stuck callback never stalls the others for good. Nothing
+    waits once the interpreter is exiting.
     """
 
     def __init__(self) -> None:
@@ -64,20 +68,28 @@ class _Isolation:
         self._alone = False
         self._waiting = 0
 
-    def enter(self, alone: bool) -> None:
+    def enter(self, alone: bool) -> bool:
+        """Wait for a turn; returns whether it runs alone (pass that to :meth:`leave`)."""
         with self._cond:
             if alone:
                 self._waiting += 1
+                deadline = time.monotonic() + ALONE_WAIT
                 try:
                     while self._alone or self._shared:
-                        self._cond.wait(0.1)
+                        left = deadline - time.monotonic()
+                        if left <= 0 or _exiting():
+                            self._shared += 1
+                            return False
+                        self._cond.wait(min(0.1, left))
                 finally:
                     self._waiting -= 1
+                    self._cond.notify_all()
                 self._alone = True
-            else:
-                while self._alone or self._waiting:
-                    self._cond.wait(0.1)
-                self._shared += 1
+                return True
+            while (self._alone or self._waiting) and not _exiting():
+                self._cond.wait(0.1)
+            self._shared += 1
+            return False
 
     def leave(self, alone: bool) -> None:
         with self._cond:
@@ -88,8 +100,18 @@ class _Isolation:
             self._cond.notify_all()
 
 
+#: A suspect waits at most this many seconds for the running callbacks before it runs beside them.
+ALONE_WAIT = 30.0
+
 #: One per process: a crash takes every bus of the process with it.
 _ISOLATION = _Isolation()
+
+
+def _exiting() -> bool:
+    """Interpreter shutdown began (the flags the dispatcher's workers watch too)."""
+    return bool(getattr(threading, "_SHUTTING_DOWN", False)) or bool(
+        getattr(_futures_thread, "_shutdown", False)
+    )
 
 
 class Idempotency:
@@ -147,8 +169,9 @@ class Idempotency:
         #: Keys this process still holds because their release failed: a retry must not
         #: take its own claim for someone else's.
         self._held: set[str] = set()
-        #: Keys whose callback runs now, and whether alone (see _Isolation).
-        self._running: dict[str, bool] = {}
+        #: Keys whose callback runs now, and whether alone (see _Isolation); a list, in
+        #: case two deliveries of one key run here at once (a failed claim, fail open).
+        self._running: dict[str, list[bool]] = {}
 
     def key_for(self, event: ChangeEvent, subscription: str) -> str:
         """The stored key of ``event`` for ``subscription``."""
@@ -181,8 +204,7 @@ class Idempotency:
             _ISOLATION.leave(False)
             return None
         if not self.max_crashes or starts <= 1:
-            with self._lock:
-                self._running[key] = False
+            self._note_running(key, False)
             return key
         # A suspect: give its start back while it waits to run alone, then count it again.
         _ISOLATION.leave(False)
@@ -191,18 +213,27 @@ class Idempotency:
             self.store.release(key)
         except Exception as exc:
             log.error("could not uncount the start of %s while it waits (%r)", key, exc)
-        _ISOLATION.enter(True)
+        alone = _ISOLATION.enter(True)
+        if not alone:
+            log.warning(
+                "%s could not run alone within %.0fs (callbacks still running); it runs beside them",
+                key,
+                ALONE_WAIT,
+            )
         try:
             again = self._take(event, subscription, key)
         except BaseException:
-            _ISOLATION.leave(True)
+            _ISOLATION.leave(alone)
             raise
         if again is None:
-            _ISOLATION.leave(True)
+            _ISOLATION.leave(alone)
             return None
-        with self._lock:
-            self._running[key] = True
+        self._note_running(key, alone)
         return key
+
+    def _note_running(self, key: str, alone: bool) -> None:
+        with self._lock:
+            self._running.setdefault(key, []).append(alone)
 
     def _take(self, event: ChangeEvent, subscription: str, key: str) -> int | None:
         """One claim: the number of unfinished starts (this one included), or None to run unguarded."""
@@ -236,9 +267,13 @@ class Idempotency:
 
     def _leave(self, key: str) -> None:
         with self._lock:
-            alone = self._running.pop(key, None)
-        if alone is not None:
-            _ISOLATION.leave(alone)
+            entries = self._running.get(key)
+            if not entries:
+                return
+            alone = entries.pop()
+            if not entries:
+                del self._running[key]
+        _ISOLATION.leave(alone)
 
     def _check_crashes(self, event: ChangeEvent, subscription: str, key: str, starts: int) -> None:
         """Raise :class:`PoisonEvent` when ``key`` started ``max_crashes`` times before without finishing."""

@@ -411,6 +411,10 @@ def call_subscription(
                 sub.call(sub.argument(event, decoder), built)
             except Exception as exc:
                 error = exc
+            except BaseException as exc:  # SystemExit, KeyboardInterrupt: give the claim back first
+                if guard is not None:
+                    guard.finish(held, exc)
+                raise
             if guard is not None:
                 guard.finish(held, error)
         if chain:

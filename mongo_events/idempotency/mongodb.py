@@ -30,13 +30,26 @@ def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
-def owner_id() -> str:
-    """Names a store instance in the claims it holds: host, process and a random suffix."""
-    try:
-        host = socket.gethostname() or "host"
-    except OSError:
-        host = "host"
-    return f"{host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+class OwnerId:
+    """Names a store instance in the claims it holds: host, process and a random suffix.
+
+    Computed again in a forked child, so web-server workers that inherit one store
+    never release each other's claims.
+    """
+
+    def __init__(self) -> None:
+        self._pid = -1
+        self._value = ""
+
+    def get(self) -> str:
+        pid = os.getpid()
+        if pid != self._pid:
+            try:
+                host = socket.gethostname() or "host"
+            except OSError:
+                host = "host"
+            self._value, self._pid = f"{host}:{pid}:{uuid.uuid4().hex[:8]}", pid
+        return self._value
 
 
 class MongoIdempotencyStore(IdempotencyStore):
@@ -66,7 +79,12 @@ class MongoIdempotencyStore(IdempotencyStore):
         if isinstance(collection, Database):
             collection = collection[DEFAULT_COLLECTION]
         self.collection: Collection[Any] = collection
-        self.owner = owner_id()
+        self._owner = OwnerId()
+
+    @property
+    def owner(self) -> str:
+        """This process's name in the claims it holds."""
+        return self._owner.get()
 
     def try_claim(self, key: str, processing_ttl: timedelta) -> Claim:
         hold = check_processing_ttl(processing_ttl)

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 from ..errors import ConfigurationError, StoreError
 from .base import Claim, ClaimStatus, IdempotencyStore, check_processing_ttl
-from .mongodb import owner_id
+from .mongodb import OwnerId
 
 __all__ = ["RedisIdempotencyStore"]
 
@@ -71,10 +71,15 @@ class RedisIdempotencyStore(IdempotencyStore):
             raise TypeError("RedisIdempotencyStore needs a redis.Redis client")
         self.client = client
         self.prefix = prefix
-        self.owner = owner_id()
+        self._owner = OwnerId()
         self._claim = client.register_script(_CLAIM)
         self._complete = client.register_script(_COMPLETE)
         self._release = client.register_script(_RELEASE)
+
+    @property
+    def owner(self) -> str:
+        """This process's name in the claims it holds."""
+        return self._owner.get()
 
     def _ms(self, delta: timedelta) -> int:
         return max(1, int(delta.total_seconds() * 1000))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -215,3 +216,18 @@ def test_ttls_must_be_positive(bad: timedelta) -> None:
         me.MemoryIdempotencyStore(bad)
     with pytest.raises(ValueError, match="processing_ttl"):
         me.MemoryIdempotencyStore().claim("k", bad)
+
+
+def test_a_forked_worker_holds_claims_under_its_own_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A store built before a web server forks is shared by its workers: they must never
+    # release each other's claims. (A fork is seen as a change of process id.)
+    store = me.MongoIdempotencyStore(mongomock.MongoClient().db.event_idempotency)
+    parent = store.owner
+    assert store.owner == parent  # stable within a process
+    monkeypatch.setattr(os, "getpid", lambda: 424242)
+    child = store.owner
+    assert child != parent and child.split(":")[1] == "424242"
+    assert store.claim("k1", HOLD)
+    monkeypatch.undo()
+    store.release("k1")  # the parent does not release the child's claim
+    assert not store.claim("k1", HOLD)

@@ -112,8 +112,89 @@ def raw_loop(client: pymongo.MongoClient[Any], n: int, at: Timestamp) -> float:
     return n / (time.perf_counter() - t0)
 
 
+class CountingStore(me.IdempotencyStore):
+    """Counts calls to an idempotency store: each is one round trip to its server."""
+
+    def __init__(self, inner: me.IdempotencyStore) -> None:
+        super().__init__(inner.ttl)
+        self.inner = inner
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def _count(self) -> None:
+        with self._lock:
+            self.calls += 1
+
+    def try_claim(self, key: str, processing_ttl: timedelta) -> me.Claim:
+        self._count()
+        claim = self.inner.try_claim(key, processing_ttl)
+        if not claim.claimed and isinstance(self.inner, me.MongoIdempotencyStore):
+            self._count()  # the MongoDB store reads the document to say why
+        return claim
+
+    def complete(self, key: str) -> None:
+        self._count()
+        self.inner.complete(key)
+
+    def release(self, key: str) -> None:
+        self._count()
+        self.inner.release(key)
+
+    def remove(self, key: str) -> None:
+        self._count()
+        self.inner.remove(key)
+
+    def ensure_indexes(self) -> None:
+        self.inner.ensure_indexes()
+
+
+class RedisServer:
+    """``REDIS_URL``, or a ``redis-server`` on a free loopback port, or nothing (``url`` is None)."""
+
+    def __init__(self) -> None:
+        import shutil
+        import socket
+
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = os.environ.get("REDIS_URL")
+        binary = shutil.which("redis-server") or ("/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
+        if self.url or binary is None:
+            return
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        import redis
+
+        client = redis.Redis(port=port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.RedisError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not answer within 10 s") from None
+                threading.Event().wait(0.05)
+        client.close()
+        self.url = f"redis://127.0.0.1:{port}/0"
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
 def bus_run(
-    client: pymongo.MongoClient[Any], n: int, at: Timestamp, *, typed: bool = False, workers: int = 1, acks: bool = False, monitor: bool = True
+    client: pymongo.MongoClient[Any],
+    n: int,
+    at: Timestamp,
+    *,
+    typed: bool = False,
+    workers: int = 1,
+    acks: bool = False,
+    monitor: bool = True,
+    idempotency: me.IdempotencyStore | None = None,
 ) -> tuple[float, me.Bus]:
     """(b)-(e): a bus reading the same changes; returns events/s and the stopped bus."""
     done = threading.Event()
@@ -129,6 +210,7 @@ def bus_run(
         max_workers=workers,
         ack_store=me.MongoAckStore(client["bench_internal"]["_event_acks"]) if acks else None,
         monitor=MongoMonitorStore(client["bench_internal"], collection=f"monitor_{uuid.uuid4().hex[:8]}") if acks and monitor else None,
+        idempotency=idempotency,
     )
 
     def tick(_: Any) -> None:
@@ -152,6 +234,23 @@ def bus_run(
     elapsed = time.perf_counter() - t0
     bus.stop()
     return n / elapsed, bus
+
+
+def idempotency_run(client: pymongo.MongoClient[Any], n: int, at: Timestamp, store: me.IdempotencyStore, workers: int = 8) -> tuple[float, float]:
+    """A bus with ``idempotency=store`` over n fresh events; returns (events/s, store round trips per event)."""
+    counting = CountingStore(store)
+    rate, _ = bus_run(client, n, at, workers=workers, idempotency=counting)
+    return rate, counting.calls / n
+
+
+def mongo_idempotency_store(client: pymongo.MongoClient[Any]) -> me.IdempotencyStore:
+    return me.MongoIdempotencyStore(client["bench_internal"][f"idempotency_{uuid.uuid4().hex[:8]}"])
+
+
+def redis_idempotency_store(url: str) -> me.IdempotencyStore:
+    import redis
+
+    return me.RedisIdempotencyStore(redis.Redis.from_url(url), prefix=f"bench-{uuid.uuid4().hex[:8]}:")
 
 
 def latency(client: pymongo.MongoClient[Any], rate: int, seconds: float) -> tuple[float, float]:
@@ -292,6 +391,21 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(0, burst, 10_000):
             client["bench"]["burst"].insert_many([document(j) for j in range(i, i + 10_000)], ordered=False)
         rss, held = rss_growth(server.uri, burst)
+        # Idempotency: fresh keys each run (a new collection or prefix), so every event claims
+        # and completes. The MongoDB store writes through the fake's mongomock (about 1,000
+        # upserts/s), so it reads as many changes as the ack workload.
+        idem_mongo, trips_mongo = idempotency_run(client, n_acks, at, mongo_idempotency_store(client))
+        log(f"  idempotency (MongoDB) {idem_mongo:>10,.0f} events/s, {trips_mongo:.2f} store round trips per event")
+        redis_server = RedisServer()
+        idem_redis = trips_redis = None
+        try:
+            if redis_server.url is not None:
+                idem_redis, trips_redis = idempotency_run(client, n, at, redis_idempotency_store(redis_server.url))
+                log(f"  idempotency (Redis)   {idem_redis:>10,.0f} events/s, {trips_redis:.2f} store round trips per event")
+            else:
+                log("  idempotency (Redis): no REDIS_URL and no redis-server binary; not measured")
+        finally:
+            redis_server.close()
         report = {
             "changes": n,
             "repetitions": reps,
@@ -314,6 +428,10 @@ def main(argv: list[str] | None = None) -> int:
             "rss_growth_mb": round(rss, 1),
             "burst_changes": burst,
             "burst_in_flight": held,
+            "idempotency_mongo_events_per_s": round(idem_mongo),
+            "idempotency_mongo_round_trips_per_event": round(trips_mongo, 3),
+            "idempotency_redis_events_per_s": round(idem_redis) if idem_redis is not None else None,
+            "idempotency_redis_round_trips_per_event": round(trips_redis, 3) if trips_redis is not None else None,
         }
         log("")
         log(f"{'measure':<36}{'value':>14}")

@@ -17,18 +17,30 @@ from .errors import (
     BusStateError,
     ConfigurationError,
     DecodeError,
+    Duplicate,
     HandlerFailed,
     MongoEventsError,
     Reject,
     ResumeTokenLost,
     Retry,
     ShutdownTimeout,
+    Skip,
     StoreError,
     StreamError,
     ThreadFailed,
 )
 from .events import ChangeEvent, FullDocument, OperationType, UpdateDescription
 from .health import Health
+from .idempotency import (
+    Claim,
+    ClaimStatus,
+    Idempotency,
+    IdempotencyStore,
+    MemoryIdempotencyStore,
+    MongoIdempotencyStore,
+    PoisonEvent,
+    RedisIdempotencyStore,
+)
 from .metrics import Metrics
 from .middleware import Middleware
 from .pipeline import collection_filter
@@ -99,6 +111,14 @@ __all__ = [
     "DeadLetterStats",
     "MemoryDeadLetterStore",
     "MongoDeadLetterStore",
+    # exactly-once effects
+    "Idempotency",
+    "IdempotencyStore",
+    "Claim",
+    "ClaimStatus",
+    "MemoryIdempotencyStore",
+    "MongoIdempotencyStore",
+    "RedisIdempotencyStore",
     # dead letters
     "DeadLetters",
     "DeadLetterHealth",
@@ -117,6 +137,9 @@ __all__ = [
     "ThreadFailed",
     "Retry",
     "Reject",
+    "Skip",
+    "Duplicate",
+    "PoisonEvent",
     "ErrorKind",
     "classify_error",
     "__version__",

@@ -41,6 +41,7 @@ from .errors import (
     MongoEventsError,
     ResumeTokenLost,
     ShutdownTimeout,
+    Skip,
     StoreError,
     StreamError,
     ThreadFailed,
@@ -49,6 +50,8 @@ from .events import ChangeEvent, FullDocument, OperationType
 from .flusher import Flusher
 from .guard import describe
 from .health import Health, token_time
+from .idempotency.base import IdempotencyStore
+from .idempotency.guard import CrashCounter, Idempotency
 from .metrics import Metrics
 from .middleware.base import Middleware
 from .monitor.middleware import MonitorMiddleware
@@ -230,6 +233,12 @@ class Bus:
     :param status: a :class:`mongo_events.monitor.ConsumerStatusStore` (or a configured
         :class:`~mongo_events.monitor.StatusPublisher`): the bus publishes its status there
         every few seconds and at stop, for dashboards in other processes.
+    :param idempotency: an :class:`IdempotencyStore` (or a configured :class:`Idempotency`)
+        for every subscription that does not pass its own: each event's key is claimed
+        before the callback and completed after it succeeded (see "Exactly-once effects").
+    :param crash_store: an :class:`IdempotencyStore` where subscriptions without
+        ``idempotency`` count each event's starts (two round trips per delivery), so that
+        an event that crashed the process 3 times is dead-lettered (see "Poison events").
 
     .. versionadded:: 0.1.0
     """
@@ -269,6 +278,8 @@ class Bus:
         monitor: MonitorStore | MonitorMiddleware | None = None,
         on_error: ErrorHandler | None = None,
         status: ConsumerStatusStore | StatusPublisher | None = None,
+        idempotency: IdempotencyStore | Idempotency | None = None,
+        crash_store: IdempotencyStore | None = None,
     ) -> None:
         if isinstance(target, MongoCollection):
             self.level = "collection"
@@ -348,6 +359,10 @@ class Bus:
         self.status: StatusPublisher | None = StatusPublisher(status) if isinstance(status, ConsumerStatusStore) else status
         if self.status is not None:
             self._middleware.append(self.status)  # it counts deliveries for the dashboard
+        self.idempotency = _idempotency(idempotency)
+        if crash_store is not None and not isinstance(crash_store, IdempotencyStore):
+            raise ConfigurationError(f"crash_store must be an IdempotencyStore, got {type(crash_store).__name__}")
+        self._crash_counter = CrashCounter(crash_store) if crash_store is not None else None
         self._resume_token_id = resume_token_id or _hostname()
 
         if not resume:
@@ -476,6 +491,7 @@ class Bus:
         max_retries: int = 5,
         retry_backoff: RetryBackoff | None = None,
         on_exhausted: OnExhausted = "stop",
+        idempotency: IdempotencyStore | Idempotency | None = None,
     ) -> Callable[[F], F]: ...
 
     def subscribe(
@@ -489,6 +505,7 @@ class Bus:
         max_retries: int = 5,
         retry_backoff: RetryBackoff | None = None,
         on_exhausted: OnExhausted = "stop",
+        idempotency: IdempotencyStore | Idempotency | None = None,
     ) -> Any:
         """Register a callback; use as ``bus.subscribe(fn)`` or ``@bus.subscribe(...)``.
 
@@ -503,6 +520,8 @@ class Bus:
         :param max_retries: retries after the first attempt before giving up.
         :param retry_backoff: delays between retries (default 0.1 s doubling to 30 s, jittered).
         :param on_exhausted: without a dead-letter store, ``"stop"`` the bus (default) or ``"skip"``.
+        :param idempotency: an :class:`IdempotencyStore` or :class:`Idempotency` (default: the
+            bus's): a redelivered event whose key was completed is skipped as a duplicate.
         :raises BusStateError: when the bus has already started.
         :raises ConfigurationError: for a duplicate name, a callback of the wrong shape, or an
             option that cannot work (unknown ``operations``, a ``payload`` type the decoder's
@@ -524,6 +543,7 @@ class Bus:
                 full_document_only=self.full_document_only,
                 index=len(self._subscriptions),
                 show_expanded_events=self.show_expanded_events,
+                idempotency=_idempotency(idempotency) or self.idempotency or self._crash_counter,
             )
             if payload is not None:
                 self._check_payload(payload)
@@ -598,7 +618,7 @@ class Bus:
         return self
 
     def _start(self) -> None:
-        for store in (self.token_store, self.ack_store, self.dead_letter_store, self.monitor.store if self.monitor else None):
+        for store in (self.token_store, self.ack_store, self.dead_letter_store, self.monitor.store if self.monitor else None, *self._idempotency_stores()):
             if store is None:
                 continue
             try:
@@ -1433,6 +1453,14 @@ class Bus:
             last_error_at=error[1] if error else None,
         )
 
+    def _idempotency_stores(self) -> list[IdempotencyStore]:
+        """Each distinct idempotency store the subscriptions use (their indexes are made at start)."""
+        stores: list[IdempotencyStore] = []
+        for sub in self._subscriptions:
+            if sub.idempotency is not None and all(s is not sub.idempotency.store for s in stores):
+                stores.append(sub.idempotency.store)
+        return stores
+
     def has_subscription(self, name: str) -> bool:
         """Whether a subscription called ``name`` is registered."""
         return any(s.name == name for s in self._subscriptions)
@@ -1460,7 +1488,8 @@ class Bus:
             replay=True,
             original_error=letter.error,
         )
-        return call_subscription(sub, event, delivery, self._decoder, self._middleware)
+        error = call_subscription(sub, event, delivery, self._decoder, self._middleware)
+        return None if isinstance(error, Skip) else error  # a skipped replay (a duplicate) is done
 
     def _flush_events(self) -> None:
         """Write ack records, then the checkpoint, both taken in one snapshot.
@@ -1593,6 +1622,14 @@ def _takes_namespace(store: ResumeTokenStore) -> bool:
     except (TypeError, ValueError):
         return False
     return any(p.name == "namespace" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _idempotency(value: IdempotencyStore | Idempotency | None) -> Idempotency | None:
+    if value is None or isinstance(value, Idempotency):
+        return value
+    if isinstance(value, IdempotencyStore):
+        return Idempotency(value)
+    raise ConfigurationError(f"idempotency must be an IdempotencyStore or an Idempotency, got {type(value).__name__}")
 
 
 def _hostname() -> str:

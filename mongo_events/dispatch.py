@@ -37,9 +37,10 @@ from typing import Any, Protocol, cast
 
 from .decoding import Decoder
 from .delivery import Delivery, _current
-from .errors import DecodeError, HandlerFailed, Reject, Retry, ThreadFailed
+from .errors import DecodeError, HandlerFailed, Reject, Retry, Skip, ThreadFailed
 from .events import ChangeEvent
 from .guard import describe, run_guarded
+from .idempotency.guard import ClaimedElsewhere
 from .middleware.base import Middleware, run_after, run_before
 from .subscription import Subscription
 from .tracking import Lanes, Slot
@@ -335,7 +336,7 @@ class Dispatcher:
         sub = item.sub
         delivery: Delivery | None = None
         error: BaseException | None = None
-        if self._middleware or sub.wants_delivery:
+        if self._middleware or sub.wants_delivery or sub.idempotency is not None:
             delivery = built = self._delivery(item)
             error = call_subscription(sub, item.event, built, self._decoder, self._middleware)
         else:
@@ -349,8 +350,11 @@ class Dispatcher:
                 error = exc
             finally:
                 _current.reset(token)
-        if error is None:
+        if error is None or isinstance(error, Skip):  # skipped (or a duplicate): done, not an error
             return _DONE, 0.0
+        if isinstance(error, ClaimedElsewhere):  # not an attempt: try again once its holder is done
+            log.debug("subscription %r: %s", sub.name, error)
+            return _RETRY, error.delay
         if delivery is None:
             delivery = self._delivery(item)
         if isinstance(error, (DecodeError, Reject)) or item.attempt > sub.max_retries:
@@ -490,7 +494,9 @@ def call_subscription(
     decoder: Decoder,
     chain: Sequence[Middleware],
 ) -> BaseException | None:
-    """One attempt: middleware, decode, callback. Returns the exception, if any.
+    """One attempt: middleware, idempotency claim, decode, callback. Returns the exception, if any:
+    a ``Skip`` (or ``Duplicate``) when the delivery is done without the callback, a
+    ``ClaimedElsewhere`` when another holder has its idempotency key (not an attempt).
 
     ``delivery`` may be a function that builds it, only when ``chain`` is empty and the
     callback does not take a delivery: then only ``current_delivery()`` builds it.
@@ -499,13 +505,32 @@ def call_subscription(
     built = cast(Delivery, delivery)  # a Delivery whenever chain is not empty or the callback takes one
     error: BaseException | None = None
     start = time.perf_counter() if chain else 0.0
+    guard = sub.idempotency
     try:
-        if chain:
-            run_before(chain, built)
         try:
-            sub.call(sub.argument(event, decoder), built)
-        except Exception as exc:
+            if chain:
+                run_before(chain, built)
+            # Claimed after the chain's before-hooks (the monitor sees duplicates), before the callback.
+            held = guard.claim(event, sub.name) if guard is not None else None
+        except Skip as skip:
+            if chain:
+                run_after(chain, "after_delivery_skipped", built, skip)
+            return skip
+        except ClaimedElsewhere as busy:
+            return busy  # not an attempt: no after-hook; before_delivery runs again next time
+        except Exception as exc:  # the claim failed (fail_closed) or found a poison event
             error = exc
+        else:
+            try:
+                sub.call(sub.argument(event, decoder), built)
+            except Exception as exc:
+                error = exc
+            except BaseException as exc:  # SystemExit, KeyboardInterrupt: give the claim back first
+                if guard is not None:
+                    guard.finish(held, exc)
+                raise
+            if guard is not None:
+                guard.finish(held, error)
         if chain:
             run_after(chain, "after_delivery", built, error, time.perf_counter() - start)
     finally:

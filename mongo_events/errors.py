@@ -8,12 +8,14 @@ __all__ = [
     "BusStateError",
     "ConfigurationError",
     "DecodeError",
+    "Duplicate",
     "HandlerFailed",
     "MongoEventsError",
     "Reject",
     "ResumeTokenLost",
     "Retry",
     "ShutdownTimeout",
+    "Skip",
     "StoreError",
     "StreamError",
     "ThreadFailed",
@@ -115,3 +117,30 @@ class Reject(MongoEventsError):
     def __init__(self, reason: str = "rejected by the handler") -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class Skip(MongoEventsError):
+    """Raise from a middleware's ``before_delivery`` to finish the delivery without calling the callback.
+
+    A skipped delivery is done: not an error, not retried, not dead-lettered. The
+    middleware chain hears of it through ``after_delivery_skipped``.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(self, reason: str = "skipped by middleware") -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Duplicate(Skip):
+    """The delivery was skipped because its idempotency key was already processed.
+
+    :ivar key: the idempotency key, as stored.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"duplicate: {key} was already processed")
+        self.key = key

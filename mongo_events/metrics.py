@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from .delivery import Delivery
-from .errors import ConfigurationError
+from .errors import ConfigurationError, Duplicate, Skip
 from .middleware.base import Middleware
 
 if TYPE_CHECKING:
@@ -60,6 +60,8 @@ class Metrics(Middleware):
     ``mongodb.changes.failed``     counter ``{event}``        same (each failed attempt)
     ``mongodb.changes.retries``    counter ``{event}``        same (each retry scheduled)
     ``mongodb.changes.dead_lettered`` counter ``{event}``     same (dead-lettered or skipped)
+    ``mongodb.changes.duplicates`` counter ``{event}``        same (skipped: idempotency key completed)
+    ``mongodb.changes.skipped``    counter ``{event}``        same (a middleware raised ``Skip``)
     ``mongodb.oplog.lag``          histogram ``s``            ``event``, ``namespace``
     ``mongodb.handler.duration``   histogram ``s``            ``event``, ``operation``, ``namespace``
     ``mongodb.changes.pending``    observable gauge           ``namespace`` (this process's unfinished events)
@@ -127,6 +129,10 @@ class Metrics(Middleware):
         self.dead_lettered = m.create_counter(
             name("mongodb.changes.dead_lettered"), unit="{event}", description="Events given up on (dead-lettered or skipped)"
         )
+        self.duplicates = m.create_counter(
+            name("mongodb.changes.duplicates"), unit="{event}", description="Deliveries skipped as duplicates of processed events"
+        )
+        self.skipped = m.create_counter(name("mongodb.changes.skipped"), unit="{event}", description="Deliveries a middleware skipped")
         self.oplog_lag = self._histogram(name("mongodb.oplog.lag"), "Time from the change's cluster time to its callback starting", LAG_BUCKETS)
         self.handler_duration = self._histogram(name("mongodb.handler.duration"), "Callback duration", DURATION_BUCKETS)
         self.receive_lag = self._histogram(name("mongodb.stream.receive_lag"), "Time from the change's cluster time to the bus receiving it", LAG_BUCKETS)
@@ -311,6 +317,13 @@ class Metrics(Middleware):
     def dead_letter_quarantined(self, event: str, reason: str) -> None:
         """``reason``: ``terminal_error``, ``max_replay_attempts`` or ``manual``."""
         self._count(self.dlq_quarantined, "dlq.messages.quarantined", {"event": event, "reason": reason})
+
+    def after_delivery_skipped(self, delivery: Delivery, skip: Skip) -> None:
+        counter, what = (self.duplicates, "mongodb.changes.duplicates") if isinstance(skip, Duplicate) else (self.skipped, "mongodb.changes.skipped")
+        try:
+            counter.add(1, self._attributes(delivery))
+        except Exception as exc:
+            self._broken(what, exc)
 
     def __repr__(self) -> str:
         return f"<Metrics namespace={self.namespace!r}>"

@@ -10,6 +10,7 @@ from .decoding import Decoder, document_hint
 from .delivery import Delivery
 from .errors import ConfigurationError, DecodeError
 from .events import ChangeEvent, OperationType
+from .idempotency.guard import Idempotency
 from .options import check_choice, check_has_method, check_int, invalid
 from .retrying import RetryBackoff
 
@@ -35,6 +36,7 @@ class Subscription:
     __slots__ = (
         "callback",
         "full_document_only",
+        "idempotency",
         "index",
         "max_retries",
         "name",
@@ -58,6 +60,8 @@ class Subscription:
         full_document_only: bool = False,
         index: int = 0,
         show_expanded_events: bool = False,
+
+        idempotency: Idempotency | None = None,
     ) -> None:
         if not callable(callback):
             raise ConfigurationError(f"subscribe() needs a callable, got {callback!r}")
@@ -82,6 +86,8 @@ class Subscription:
         self.full_document_only = full_document_only
         self.wants_delivery = _takes_two(callback)
         self.index = index
+        #: Claims each event's key before the callback, completes or releases it after.
+        self.idempotency = idempotency
 
     def wants(self, event: ChangeEvent) -> bool:
         """Whether this subscription handles ``event`` at all (filtered events count as done)."""

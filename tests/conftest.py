@@ -162,3 +162,73 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="the browser tests save the dashboard's screenshots under docs/ (for README.rst)",
     )
+
+def _redis_server_binary() -> str | None:
+    import shutil
+
+    return shutil.which("redis-server") or next(
+        (p for p in ("/usr/bin/redis-server", "/usr/sbin/redis-server", "/usr/local/bin/redis-server") if os.path.exists(p)), None
+    )
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real Redis: ``REDIS_URL`` when set, else a ``redis-server`` started on a free loopback
+    port (never 6379) for the session; skips only when no ``redis-server`` binary exists."""
+    import socket
+    import subprocess
+    import tempfile
+
+    import redis
+
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    binary = _redis_server_binary()
+    if binary is None:
+        pytest.skip("no redis-server binary (apt-get install redis-server, or set REDIS_URL)")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        url = f"redis://127.0.0.1:{port}/0"
+        client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                return True
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+        try:
+            wait_for(up, 10, 0.05)
+            if proc.poll() is not None:
+                pytest.fail(f"redis-server exited with {proc.returncode}: {proc.stderr.read().decode() if proc.stderr else ''}")
+            assert client.ping(), f"redis-server on port {port} did not answer within 10 s"
+            client.close()
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[Any]:
+    """A redis-py client (tests use a fresh key prefix each: REDIS_URL may be a shared server)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()

@@ -17,3 +17,14 @@ def test_workloads_read_every_preloaded_change(client: pymongo.MongoClient[Any])
     assert rate > 0
     assert bus.ack_writes >= 1 and bus.token_writes >= 1  # (e) wrote acks and checkpoints
     assert client["bench_internal"]["_event_acks"].count_documents({}) == 300
+
+
+def test_idempotency_workloads_claim_and_complete_each_event_once(
+    client: pymongo.MongoClient[Any], redis_url: str
+) -> None:
+    at, _ = run.preload(client, 200)
+    rate, trips = run.idempotency_run(client, 200, at, run.mongo_idempotency_store(client), workers=4)
+    assert rate > 0
+    assert trips == 2.0  # one claim and one complete per event: no batching yet
+    rate, trips = run.idempotency_run(client, 200, at, run.redis_idempotency_store(redis_url), workers=4)
+    assert rate > 0 and trips == 2.0

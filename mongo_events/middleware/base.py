@@ -6,6 +6,7 @@ import logging
 from collections.abc import Sequence
 
 from ..delivery import Delivery
+from ..errors import Skip
 
 __all__ = ["Middleware", "run_after", "run_before"]
 
@@ -16,16 +17,34 @@ class Middleware:
     """Override any hook. ``before_*`` hooks run in order, ``after_*`` hooks in reverse.
 
     A hook that raises is logged and skipped: a broken middleware never stops
-    event handling.
+    event handling. The one exception is :class:`mongo_events.Skip` raised by
+    ``before_delivery``: it finishes the delivery without calling the callback.
 
     .. versionadded:: 0.1.0
     """
 
     def before_delivery(self, delivery: Delivery) -> None:
-        """Called on the worker thread before each attempt."""
+        """Called on the worker thread before each attempt.
+
+        Raise :class:`mongo_events.Skip` to finish the delivery without calling the
+        callback (and without the ``before_delivery`` of later middleware): it is done,
+        not an error, not retried, not dead-lettered. ``after_delivery_skipped`` follows.
+        """
 
     def after_delivery(self, delivery: Delivery, error: BaseException | None, duration: float) -> None:
         """Called after each attempt with the callback's exception (or ``None``) and its duration in seconds."""
+
+    def after_delivery_skipped(self, delivery: Delivery, skip: Skip) -> None:
+        """Called instead of ``after_delivery`` when the delivery finished without the callback:
+        a middleware raised :class:`mongo_events.Skip`, or the event is a
+        :class:`mongo_events.Duplicate` of one already processed (``idempotency=``).
+
+        By default it calls ``after_delivery(delivery, None, 0.0)``: to a middleware that
+        does not know about skipping, a skipped delivery is a successful one.
+
+        .. versionadded:: 0.1.0
+        """
+        self.after_delivery(delivery, None, 0.0)
 
     def after_retry_scheduled(self, delivery: Delivery, error: BaseException, delay: float) -> None:
         """Called when a failed attempt will be retried after ``delay`` seconds."""
@@ -41,10 +60,15 @@ class Middleware:
 
 
 def run_before(chain: Sequence[Middleware], delivery: Delivery) -> None:
-    """Call each middleware's ``before_delivery``, outermost first; log, never raise, failures."""
+    """Call each middleware's ``before_delivery``, outermost first; log, never raise, failures.
+
+    :raises Skip: when a middleware skips the delivery (the rest of the chain is not called).
+    """
     for mw in chain:
         try:
             mw.before_delivery(delivery)
+        except Skip:
+            raise
         except Exception:
             log.exception("middleware %r failed in before_delivery; handling goes on", mw)
 

@@ -1,0 +1,320 @@
+"""Exactly-once effects on a bus: Skip from middleware, idempotency= with its claim protocol."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from typing import Any
+
+import pymongo
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+import mongo_events as me
+from mongo_events.idempotency.guard import ClaimedElsewhere
+
+from .conftest import wait_for
+from .helpers import QUICK, Recorder
+from .test_metrics_and_health import points
+
+
+class SkipOdd(me.Middleware):
+    """Skips deliveries of odd document ids; records what it saw."""
+
+    def __init__(self) -> None:
+        self.skipped: list[tuple[Any, str]] = []
+        self.after: list[Any] = []
+
+    def before_delivery(self, delivery: me.Delivery) -> None:
+        if delivery.event.document_id % 2:
+            raise me.Skip("odd")
+
+    def after_delivery(self, delivery: me.Delivery, error: BaseException | None, duration: float) -> None:
+        self.after.append(delivery.event.document_id)
+
+    def after_delivery_skipped(self, delivery: me.Delivery, skip: me.Skip) -> None:
+        self.skipped.append((delivery.event.document_id, skip.reason))
+
+
+class Plain(me.Middleware):
+    """Knows nothing of skipping: its before and after hooks are recorded."""
+
+    def __init__(self) -> None:
+        self.before: list[Any] = []
+        self.after: list[tuple[Any, Any]] = []
+
+    def before_delivery(self, delivery: me.Delivery) -> None:
+        self.before.append(delivery.event.document_id)
+
+    def after_delivery(self, delivery: me.Delivery, error: BaseException | None, duration: float) -> None:
+        self.after.append((delivery.event.document_id, error))
+
+
+def test_middleware_skip_finishes_the_delivery_without_the_callback(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
+    outer, skipper, inner = Plain(), SkipOdd(), Plain()
+    letters = me.MemoryDeadLetterStore()
+    bus = make_bus(client.shop.orders, middleware=[outer, skipper, inner], dead_letters=letters)
+    rec = Recorder()
+    bus.subscribe(lambda ev: rec.add(ev.document_id), name="handle", max_retries=3, retry_backoff=QUICK)
+    bus.start()
+    client.shop.orders.insert_many([{"_id": i} for i in range(6)])
+    wait_for(lambda: len(outer.after) == 6, 10)
+    assert bus.join(10)
+    assert sorted(rec.items) == [0, 2, 4]  # odd ones never reached the callback
+    assert sorted(skipper.skipped) == [(1, "odd"), (3, "odd"), (5, "odd")]  # once each: not retried
+    assert sorted(inner.before) == [0, 2, 4]  # later middleware never saw the skipped ones
+    # A middleware that knows nothing of skipping sees a skipped delivery as a successful one.
+    assert sorted(outer.after) == [(i, None) for i in range(6)]
+    assert letters.count() == 0 and bus.state is me.BusState.RUNNING
+    assert bus.flush() and bus.in_flight == 0  # skipped events are done: the checkpoint passes them
+
+
+def _two_buses_on_one_store(
+    client: pymongo.MongoClient[Any], make_bus: Any, **options: Any
+) -> tuple[me.Bus, me.Bus]:
+    return tuple(  # type: ignore[return-value]
+        make_bus(
+            client.shop.orders,
+            resume_token_store=me.MemoryResumeTokenStore(),
+            start_from_past=timedelta(hours=1),
+            **options,
+        )
+        for _ in range(2)
+    )
+
+
+def test_a_replayed_stream_runs_each_effect_once(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    store = me.MemoryIdempotencyStore()
+    client.shop.orders.insert_many([{"_id": i} for i in range(5)])
+    effects = Recorder()
+    first, second = _two_buses_on_one_store(
+        client, make_bus, idempotency=store, metrics=me.Metrics(meter_provider=provider)
+    )
+    for bus in (first, second):
+        bus.subscribe(lambda ev: effects.add(ev.document_id), name="effect")
+    first.start()
+    effects.wait(5)
+    assert first.join(10)
+    first.stop()
+    # The second bus reads the same five events (a replay): every one is a duplicate.
+    second.start()
+    guard = second.subscriptions[0].idempotency
+    assert guard is not None
+    assert wait_for(lambda: guard.duplicates == 5, 10), guard.duplicates
+    assert second.join(10)
+    assert sorted(effects.items) == [0, 1, 2, 3, 4]
+    dup = points(reader)["mongodb.changes.duplicates"]
+    assert sum(v for _, v, _ in dup) == 5 and dup[0][0]["event"] == "effect"
+    provider.shutdown()
+
+
+def test_a_failed_attempt_releases_its_claim_so_the_retry_runs(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
+    store = me.MemoryIdempotencyStore()
+    bus = make_bus(client.shop.orders)
+    calls = Recorder()
+    ids: list[str] = []
+
+    @bus.subscribe(name="flaky", idempotency=store, max_retries=3, retry_backoff=QUICK)
+    def flaky(ev: me.ChangeEvent, delivery: me.Delivery) -> None:
+        ids.append(ev.id)
+        calls.add(delivery.attempt)
+        if delivery.attempt == 1:
+            raise ConnectionError("down")
+
+    bus.start()
+    client.shop.orders.insert_one({"_id": 1})
+    assert calls.wait(2) == [1, 2]
+    assert bus.join(10)
+    assert store.try_claim(f"flaky:{ids[0]}", timedelta(minutes=1)).status is me.ClaimStatus.COMPLETED
+
+
+def test_a_key_held_elsewhere_waits_without_spending_attempts(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
+    store = me.MemoryIdempotencyStore()
+    bus = make_bus(client.shop.orders)
+    calls = Recorder()
+    asked = threading.Event()
+
+    class Key:
+        def __call__(self, event: me.ChangeEvent) -> str:
+            asked.set()
+            return f"order-{event.document_id}"
+
+    guard = me.Idempotency(store, key=Key(), processing_ttl=timedelta(milliseconds=100))
+    bus.subscribe(lambda ev, d: calls.add(d.attempt), name="held", idempotency=guard, max_retries=0)
+    assert store.claim("held:order-7", timedelta(minutes=5))  # another process is on it
+    bus.start()
+    client.shop.orders.insert_one({"_id": 7})
+    assert asked.wait(10)
+    assert len(calls) == 0
+    store.release("held:order-7")  # ... and failed: the redelivery here must run it
+    assert calls.wait(1, timeout=10) == [1]  # not counted as attempts: max_retries=0 was no obstacle
+    assert bus.join(10)
+    assert not store.claim("held:order-7", timedelta(minutes=1))
+
+
+class BrokenStore(me.MemoryIdempotencyStore):
+    def try_claim(self, key: str, processing_ttl: timedelta) -> me.Claim:
+        raise me.StoreError("store down")
+
+
+def test_a_failed_claim_fails_open_by_default(
+    client: pymongo.MongoClient[Any], make_bus: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    guard = me.Idempotency(BrokenStore())
+    bus = make_bus(client.shop.orders)
+    calls = Recorder()
+    bus.subscribe(lambda ev: calls.add(ev.document_id), idempotency=guard, name="open")
+    bus.start()
+    client.shop.orders.insert_one({"_id": 1})
+    assert calls.wait(1) == [1]
+    assert bus.join(10)
+    assert guard.claim_failures == 1
+    assert "failing open" in caplog.text
+
+
+def test_a_failed_claim_with_fail_closed_is_a_failed_attempt(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
+    letters = me.MemoryDeadLetterStore()
+    guard = me.Idempotency(BrokenStore(), fail_closed=True)
+    bus = make_bus(client.shop.orders, dead_letters=letters)
+    calls = Recorder()
+    bus.subscribe(
+        lambda ev: calls.add(ev.document_id),
+        idempotency=guard,
+        name="closed",
+        max_retries=2,
+        retry_backoff=QUICK,
+    )
+    bus.start()
+    client.shop.orders.insert_one({"_id": 1})
+    assert wait_for(lambda: letters.count() == 1, 10)
+    assert len(calls) == 0 and guard.claim_failures == 3  # first attempt and two retries
+    (letter,) = letters.list()
+    assert letter.event_name == "closed" and "StoreError" in letter.error and letter.retry_count == 3
+
+
+def test_the_bus_store_applies_to_every_subscription_unless_one_brings_its_own(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
+    shared, own = me.MemoryIdempotencyStore(), me.MemoryIdempotencyStore()
+    bus = make_bus(client.shop.orders, idempotency=shared)
+    bus.subscribe(lambda ev: None, name="a")
+    bus.subscribe(lambda ev: None, name="b", idempotency=own)
+    a, b = bus.subscriptions
+    assert a.idempotency is not None and a.idempotency.store is shared
+    assert b.idempotency is not None and b.idempotency.store is own
+    with pytest.raises(me.ConfigurationError, match="idempotency"):
+        bus.subscribe(lambda ev: None, name="c", idempotency="redis://")
+
+
+def test_a_key_started_max_crashes_times_without_finishing_is_a_poison_event() -> None:
+    store = me.MemoryIdempotencyStore()
+    guard = me.Idempotency(store, processing_ttl=timedelta(milliseconds=20), max_crashes=2)
+    event = me.ChangeEvent.from_raw(
+        {
+            "_id": {"_data": "82BB"},
+            "operationType": "insert",
+            "ns": {"db": "d", "coll": "c"},
+            "documentKey": {"_id": 1},
+        }
+    )
+    for _ in range(2):  # two lives that died inside the handler: claimed, never finished
+        assert wait_for(lambda: store.claim("sub:82BB", timedelta(milliseconds=20)), 5)
+
+    def attempt() -> object:
+        try:
+            return guard.claim(event, "sub")  # a key: the handler would run
+        except ClaimedElsewhere:
+            return None  # the last dead life's claim has not expired yet
+        except me.PoisonEvent as exc:
+            return exc
+
+    poison = wait_for(attempt, 5)
+    assert isinstance(poison, me.PoisonEvent) and isinstance(poison, me.Reject), poison
+    assert poison.crashes == 2 and "crashed the process 2 times" in str(poison)
+    assert guard.poisoned == 1
+    assert store.try_claim("sub:82BB", timedelta(minutes=1)).starts == 1  # reset: a replay starts afresh
+
+
+def test_an_event_in_flight_during_a_crash_runs_alone(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
+    store = me.MemoryIdempotencyStore()
+    bus = make_bus(
+        client.shop.orders,
+        max_workers=4,
+        idempotency=me.Idempotency(store, processing_ttl=timedelta(seconds=5)),
+    )
+    running: set[Any] = set()
+    overlaps: list[tuple[Any, frozenset[Any]]] = []
+    lock = threading.Lock()
+    ids: dict[Any, str] = {}
+    done = Recorder()
+    pause = threading.Event()  # never set: a timed wait makes handlers overlap
+
+    @bus.subscribe(name="h")
+    def handle(ev: me.ChangeEvent) -> None:
+        with lock:
+            ids[ev.document_id] = ev.id
+            if running and (ev.document_id == 3 or 3 in running):
+                overlaps.append((ev.document_id, frozenset(running)))
+            running.add(ev.document_id)
+        pause.wait(0.02)
+        with lock:
+            running.discard(ev.document_id)
+        done.add(ev.document_id)
+
+    bus.start()
+    client.shop.orders.insert_many([{"_id": i} for i in range(6)])
+    done.wait(6)
+    assert bus.join(10)
+    bus.stop()
+    # Given: every key forgotten, and event 3 in flight when the process died (claimed, never finished).
+    for i in range(6):
+        store.remove(f"h:{ids[i]}")
+    assert store.claim(f"h:{ids[3]}", timedelta(milliseconds=1))
+    running.clear()
+    overlaps.clear()
+    # When: the same events are delivered again (a replay).
+    replay = make_bus(
+        client.shop.orders,
+        max_workers=4,
+        resume_token_store=me.MemoryResumeTokenStore(),
+        start_from_past=timedelta(hours=1),
+        idempotency=me.Idempotency(store),
+    )
+    replay.subscribe(handle, name="h")
+    replay.start()
+    done.wait(12)
+    # Then: event 3 ran with nothing beside it, and everything ran again.
+    assert sorted(done.items[6:]) == list(range(6))
+    assert overlaps == []
+    assert store.try_claim(f"h:{ids[3]}", timedelta(minutes=1)).status is me.ClaimStatus.COMPLETED
+
+
+def test_a_suspect_waits_a_bounded_time_to_run_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mongo_events.idempotency import guard as guard_module
+
+    monkeypatch.setattr(guard_module, "ALONE_WAIT", 0.2)
+    gate = guard_module._Isolation()
+    assert gate.enter(False) is False  # a long callback is running
+    outcome: list[bool] = []
+    suspect = threading.Thread(target=lambda: outcome.append(gate.enter(True)))
+    suspect.start()
+    suspect.join(10)
+    assert outcome == [False]  # it gave up waiting and runs beside the long one
+    assert gate.enter(False) is False  # nobody is left waiting: new deliveries go on
+    for _ in range(3):
+        gate.leave(False)
+    assert gate.enter(True) is True  # with nothing running, a suspect runs alone
+    gate.leave(True)

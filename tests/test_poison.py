@@ -9,6 +9,7 @@ import sys
 import tempfile
 from typing import Any
 
+import bson
 import pymongo
 import pytest
 
@@ -75,10 +76,10 @@ def test_an_event_that_kills_the_process_is_dead_lettered_after_three_restarts(m
             letters = list(client["poison_internal"]["event_dlq"].find())
             assert len(letters) == 1, (
                 context,
-                [(x["payload"].get("documentKey"), x["error"]) for x in letters],
+                [(bson.decode(x["payload"]).get("documentKey"), x["error"]) for x in letters],
             )
             (letter,) = letters
-            assert letter["event_name"] == "handle" and letter["payload"]["documentKey"] == {
+            assert letter["event_name"] == "handle" and bson.decode(letter["payload"])["documentKey"] == {  # Go's binary payload
                 "_id": "poison"
             }, context
             assert "crashed the process 3 times" in letter["error"], (context, letter["error"])

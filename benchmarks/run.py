@@ -245,11 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a run of about a minute")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
-    parser.add_argument("--changes", type=int, help="changes per workload (default 200,000; --quick 30,000)")
+    parser.add_argument("--changes", type=int, help="changes per workload (default 200,000; --quick 20,000)")
     parser.add_argument("--repeat", type=int, help="repetitions per workload (default 3; --quick 2)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    n = args.changes or (30_000 if args.quick else 200_000)
+    n = args.changes or (20_000 if args.quick else 200_000)
     reps = args.repeat or (2 if args.quick else 3)
     n_slow = 6_000 if args.quick else 40_000
     n_compare = 2_000 if args.quick else 10_000

@@ -31,7 +31,7 @@ from mongo_events.monitor import MongoMonitorStore
 from . import regimes
 from .regimes import Run, per_repetition, regime_report, regime_table
 
-#: Changes the ack and monitor workload reads from the fake (it is bounded by mongomock; 1,000 with --quick).
+#: Changes the ack and monitor workload reads from the fake (it is bounded by mongomock; 500 with --quick).
 ACKS_ON_FAKE = 20_000
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTE = "x" * 700
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     n_slow = 6_000 if args.quick else 40_000
     n_compare = 2_000 if args.quick else 10_000
     burst = 50_000 if args.quick else 1_000_000
-    acks_on_fake = 1_000 if args.quick else ACKS_ON_FAKE
+    acks_on_fake = 500 if args.quick else ACKS_ON_FAKE
     # Every write is an oplog entry, the ack and monitor upserts included (about four
     # per event): the burst must still be in the oplog when its bus starts.
     server = Server(oplog_size=n + burst + 4 * acks_on_fake * (reps + 1) + 100_000)

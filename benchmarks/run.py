@@ -28,7 +28,10 @@ from bson.timestamp import Timestamp
 import mongo_events as me
 from mongo_events.monitor import MongoMonitorStore
 
-#: Changes the ack and monitor workload reads from the fake (it is bounded by mongomock; 5,000 with --quick).
+from . import regimes
+from .regimes import Run, per_repetition, regime_report, regime_table
+
+#: Changes the ack and monitor workload reads from the fake (it is bounded by mongomock; 500 with --quick).
 ACKS_ON_FAKE = 20_000
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTE = "x" * 700
@@ -341,13 +344,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a run of about a minute")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
-    parser.add_argument("--changes", type=int, help="changes per workload (default 200,000; --quick 30,000)")
+    parser.add_argument("--changes", type=int, help="changes per workload (default 200,000; --quick 20,000)")
     parser.add_argument("--repeat", type=int, help="repetitions per workload (default 3; --quick 2)")
     args = parser.parse_args(argv)
-    n = args.changes or (30_000 if args.quick else 200_000)
+    started = time.perf_counter()
+    n = args.changes or (20_000 if args.quick else 200_000)
     reps = args.repeat or (2 if args.quick else 3)
+    n_slow = 6_000 if args.quick else 40_000
+    n_compare = 2_000 if args.quick else 10_000
     burst = 50_000 if args.quick else 1_000_000
-    acks_on_fake = 5_000 if args.quick else ACKS_ON_FAKE
+    acks_on_fake = 500 if args.quick else ACKS_ON_FAKE
     # Every write is an oplog entry, the ack and monitor upserts included (about four
     # per event): the burst must still be in the oplog when its bus starts.
     server = Server(oplog_size=n + burst + 4 * acks_on_fake * (reps + 1) + 100_000)
@@ -361,23 +367,37 @@ def main(argv: list[str] | None = None) -> int:
         # fake it reads fewer changes. A real server (MONGODB_URI) reads them all.
         n_acks = n if server.proc is None else min(n, acks_on_fake)
         raw_loop(client, n, at)  # warm-up: the fake encodes each change once, on first read
-        workloads: dict[str, Callable[[], float]] = {
+        workloads: dict[str, Callable[[], float | Run]] = {
             "raw": lambda: raw_loop(client, n, at),
             "bus_noop": lambda: bus_run(client, n, at)[0],
             "bus_typed": lambda: bus_run(client, n, at, typed=True)[0],
             "bus_8_workers": lambda: bus_run(client, n, at, workers=8)[0],
             "bus_8_workers_acks_monitor": lambda: bus_run(client, n_acks, at, workers=8, acks=True)[0],
         }
-        results: dict[str, list[float]] = {k: [] for k in workloads}
+        pairs = {name: "raw" for name in workloads if name != "raw"}
+        extra, extra_pairs = regimes.regime_workloads(
+            client, n, at, n_slow=n_slow, n_acks=n_slow, n_compare=n_compare
+        )
+        workloads.update(extra)
+        pairs.update(extra_pairs)
+        runs: dict[str, list[Run]] = {k: [] for k in workloads}
         for rep in range(reps):
             for name, fn in workloads.items():
-                results[name].append(fn())
-                log(f"  rep {rep + 1} {name:<20} {results[name][-1]:>10,.0f} events/s")
+                t0 = time.perf_counter()
+                result = fn()
+                runs[name].append(result if isinstance(result, Run) else Run(result, n))
+                log(f"  rep {rep + 1} {name:<32} {runs[name][-1].events_per_s:>10,.0f} events/s  ({time.perf_counter() - t0:.1f} s)")
+        results = {k: [r.events_per_s for r in v] for k, v in runs.items()}
         med = {k: statistics.median(v) for k, v in results.items()}
+        # Each ratio is the median of per-repetition ratios (both runs from the same
+        # repetition), with its min and max: a ratio of medians can pair a fast bus run
+        # with a slow raw run of another repetition.
+        ratios = {name: per_repetition(results[name], results[pair]) for name, pair in pairs.items()}
+        ratios.update({key: per_repetition(results[bus], results[hand]) for key, (bus, hand) in regimes.COMPARISONS.items()})
         if med["raw"] < 50_000:
             log(
                 f"WARNING: the raw pymongo loop reached only {med['raw']:,.0f} events/s (< 50,000): the ceiling "
-                "itself is low here (the server, or this machine's decoding); ratios are not reported"
+                "itself is low here (the server, or this machine's decoding); the ratios below are given but may flatter"
             )
         # Round trips: a bus with an ack store (no monitor, whose writes are not checkpoint
         # or ack writes), counted by the bus and, on the fake, by the server's write commands.
@@ -387,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         round_trips = (bus.token_writes + bus.ack_writes) / n_acks * 1000
         writes = sum(after.get(c, 0) - before.get(c, 0) for c in ("insert", "update", "delete", "findAndModify"))
         p50, p99 = latency(client, rate=1000, seconds=5 if args.quick else 10)
-        log(f"pre-loading a burst of {burst} changes ...")
+        log(f"pre-loading a burst of {burst} changes ({time.perf_counter() - started:.0f} s so far) ...")
         for i in range(0, burst, 10_000):
             client["bench"]["burst"].insert_many([document(j) for j in range(i, i + 10_000)], ordered=False)
         rss, held = rss_growth(server.uri, burst)
@@ -417,8 +437,12 @@ def main(argv: list[str] | None = None) -> int:
             "acks_monitor_changes": n_acks,
             "token_writes": bus.token_writes,
             "ack_writes": bus.ack_writes,
-            "ratio_noop": round(med["bus_noop"] / med["raw"], 3) if med["raw"] >= 50_000 else None,
-            "ratio_typed": round(med["bus_typed"] / med["raw"], 3) if med["raw"] >= 50_000 else None,
+            "ratio_noop": ratios["bus_noop"][0],
+            "ratio_noop_min": ratios["bus_noop"][1],
+            "ratio_noop_max": ratios["bus_noop"][2],
+            "ratio_typed": ratios["bus_typed"][0],
+            "ratio_typed_min": ratios["bus_typed"][1],
+            "ratio_typed_max": ratios["bus_typed"][2],
             "store_round_trips_per_1000": round(round_trips, 3),
             "token_round_trips_per_10000": round(bus.token_writes / n_acks * 10_000, 1),
             "ack_round_trips_per_10000": round(bus.ack_writes / n_acks * 10_000, 1),
@@ -432,11 +456,18 @@ def main(argv: list[str] | None = None) -> int:
             "idempotency_mongo_round_trips_per_event": round(trips_mongo, 3),
             "idempotency_redis_events_per_s": round(idem_redis) if idem_redis is not None else None,
             "idempotency_redis_round_trips_per_event": round(trips_redis, 3) if trips_redis is not None else None,
+
+            "load_average_1m": round(os.getloadavg()[0], 2),
         }
+        report.update(regime_report(runs, ratios, med))
         log("")
-        log(f"{'measure':<36}{'value':>14}")
+        log(f"{'measure':<48}{'value':>14}")
         for key, value in report.items():
-            log(f"{key:<36}{value!s:>14}")
+            log(f"{key:<48}{value!s:>14}")
+        log("")
+        for line in regime_table(runs, ratios, med, pairs):
+            log(line)
+        log(f"\nthe benchmark took {time.perf_counter() - started:.0f} s; load average {os.getloadavg()[0]:.2f}")
         if args.json:
             print(json.dumps(report))
     finally:

@@ -97,6 +97,8 @@ class MongoLeaseStore(LeaseStore):
                 {"_id": key}, {"$setOnInsert": fields}, upsert=True, return_document=ReturnDocument.AFTER
             ),
         )
+        if doc is None:  # an upsert returning the new document always finds one
+            raise StoreError(f"group {config.name!r} in {self.collection.full_name}: the server returned no document")
         try:
             stored = GroupConfig(config.name, int(doc["partitions"]), PartitionMode(doc["mode"]))
         except (KeyError, TypeError, ValueError) as exc:

@@ -6,7 +6,8 @@ bytes, numbers squashed to a 64-bit integer), so :func:`partition_of` on the cli
 :func:`server_match_stage` evaluated by a server with ``$toHashedIndexKey`` put every
 document in the same partition. The hash depends on no process state (no ``PYTHONHASHSEED``)
 and no Python version. It is checked against MongoDB's documented example (``"string to
-hash"`` -> ``763543691661428748``) and a fixed table in ``tests/groups/test_partitioning.py``.
+hash"`` -> ``763543691661428748``) and the server's own hasher test vectors, in
+``tests/groups/test_partitioning.py``.
 
 A document belongs to ``hash(documentKey._id) mod K`` (``K`` partitions, the remainder taken
 with the sign of the hash like the server's ``$mod``, then made positive). Events without a
@@ -20,17 +21,18 @@ from __future__ import annotations
 import datetime
 import hashlib
 import math
+import re
 import struct
 import uuid
 from collections.abc import Mapping, Sequence
 from enum import Enum
 from typing import Any
 
+import bson
 from bson import ObjectId
 from bson.binary import Binary
 from bson.int64 import Int64
 from bson.regex import Regex
-from bson.timestamp import Timestamp
 
 __all__ = ["PartitionMode", "hashed_index_key", "partition_of", "server_match_stage", "event_partition"]
 
@@ -49,7 +51,7 @@ class PartitionMode(str, Enum):
 
 
 # MongoDB's canonical type order (BSONElement::canonicalType).
-_NULL, _NUMBER, _STRING, _OBJECT, _ARRAY, _BINARY, _OBJECTID, _BOOL, _DATE, _TIMESTAMP, _REGEX = (
+_NULL, _NUMBER, _STRING, _OBJECT, _ARRAY, _BINARY, _OBJECTID, _BOOL, _DATE, _REGEX = (
     5,
     10,
     15,
@@ -59,9 +61,9 @@ _NULL, _NUMBER, _STRING, _OBJECT, _ARRAY, _BINARY, _OBJECTID, _BOOL, _DATE, _TIM
     35,
     40,
     45,
-    47,
     50,
 )
+_END_OF_OBJECT = struct.pack("<i", 0)  # its canonical type; it has no name and no value
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
@@ -70,10 +72,10 @@ def hashed_index_key(value: Any) -> int:
     """MongoDB's hashed-index key of ``value`` (what ``$toHashedIndexKey`` returns), a signed 64-bit int.
 
     Supported: ``None``, ``bool``, ``int``, ``float``, ``str``, ``ObjectId``, ``datetime``,
-    ``Binary``/``bytes``, ``uuid.UUID`` (as standard binary subtype 4), ``Timestamp``, ``Regex``,
+    ``Binary``/``bytes``, ``uuid.UUID`` (as standard binary subtype 4), ``Regex``,
     mappings and sequences of these.
 
-    :raises TypeError: for another type (``Decimal128``, code, min/max keys): such keys cannot be
+    :raises TypeError: for another type (``Decimal128``, ``Timestamp``, code, min/max keys): such keys cannot be
         split on the client; use one partition or the server mode.
     """
     digest = hashlib.md5(struct.pack("<i", 0), usedforsecurity=False)
@@ -91,6 +93,7 @@ def _hash_element(digest: Any, value: Any, name: str | None) -> None:
         return
     for child_name, child in children:
         _hash_element(digest, child, child_name)
+    digest.update(_END_OF_OBJECT)  # the server iterates up to and including the end-of-object element
 
 
 def _canonical(value: Any) -> tuple[int, bytes, list[tuple[str, Any]] | None]:
@@ -117,11 +120,9 @@ def _canonical(value: Any) -> tuple[int, bytes, list[tuple[str, Any]] | None]:
         return _BINARY, struct.pack("<i", len(value)) + bytes([value.subtype]) + bytes(value), None
     if isinstance(value, (bytes, bytearray)):
         return _BINARY, struct.pack("<i", len(value)) + b"\x00" + bytes(value), None
-    if isinstance(value, Timestamp):
-        return _TIMESTAMP, struct.pack("<II", value.inc, value.time), None
-    if isinstance(value, Regex):
-        flags = value.flags if isinstance(value.flags, str) else ""
-        return _REGEX, value.pattern.encode() + b"\x00" + flags.encode() + b"\x00", None
+    if isinstance(value, (Regex, re.Pattern)):
+        encoded = bson.encode({"r": value})  # int32 size, type, "r\0", the value's bytes, "\0"
+        return _REGEX, encoded[7:-1], None
     if isinstance(value, Mapping):
         return _OBJECT, b"", [(str(k), v) for k, v in value.items()]
     if isinstance(value, Sequence):

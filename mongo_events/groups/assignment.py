@@ -21,20 +21,35 @@ def max_share(partitions: int, members: int) -> int:
     return math.ceil(partitions / max(1, members))
 
 
-def assign(partitions: int, members: Iterable[str]) -> dict[str, frozenset[int]]:
-    """The target: partition ``p`` goes to the ``p mod n``-th member in sorted order of id.
+def assign(partitions: int, members: Iterable[str], current: Mapping[int, str] | None = None) -> dict[str, frozenset[int]]:
+    """The target share of every member: even and sticky.
 
-    Every member that sees the same live members computes the same map, so no one
-    coordinates it. Each holds ``floor`` or ``ceil(partitions / n)`` partitions; with one
-    partition, the lowest id is active and the others stand by.
+    ``partitions mod n`` members get ``ceil(partitions / n)`` partitions and the others
+    ``floor``: those holding the most now (then by id) get the larger quotas. Every member
+    keeps what it holds (``current``: partition -> holder id) up to its quota, lowest
+    partitions first; the rest go, lowest partition first, to the member furthest under its
+    quota (then by id). A member that joins takes only the surplus, and with one partition the
+    holder stays active while the others stand by. Every member that sees the same members and
+    holders computes the same map, so nothing else coordinates it.
     """
     ordered = sorted(set(members))
     if not ordered:
         return {}
-    shares: dict[str, set[int]] = {member: set() for member in ordered}
+    held: dict[str, list[int]] = {m: [] for m in ordered}
+    for p, holder in sorted((current or {}).items()):
+        if holder in held and 0 <= p < partitions:
+            held[holder].append(p)
+    base, extra = divmod(partitions, len(ordered))
+    by_holding = sorted(ordered, key=lambda m: (-len(held[m]), m))
+    quota = {m: base + (1 if i < extra else 0) for i, m in enumerate(by_holding)}
+    shares: dict[str, set[int]] = {m: set(held[m][: quota[m]]) for m in ordered}
+    taken = set().union(*shares.values())
     for p in range(partitions):
-        shares[ordered[p % len(ordered)]].add(p)
-    return {member: frozenset(share) for member, share in shares.items()}
+        if p in taken:
+            continue
+        member = min(ordered, key=lambda m: (len(shares[m]) - quota[m], m))
+        shares[member].add(p)
+    return {m: frozenset(share) for m, share in shares.items()}
 
 
 @attrs.define

@@ -120,8 +120,19 @@ class GroupMember:
         with self._lock:
             return {p: lease.fence for p, lease in self._leases.items()}
 
+    def holds(self, partition: int) -> bool:
+        """True while ``partition``'s lease is held and not past its give-up time, by this
+        member's clock, without I/O: check it before delivering an event of the partition,
+        so that a process that wakes up from a pause delivers nothing once its lease is overdue
+        (even before its thread has run ``on_revoked``)."""
+        timer = self._timers.get(partition)  # no lock: the thread may be inside a store call
+        return timer is not None and not timer.must_give_up(self._clock())
+
     def key(self, partition: int) -> str:
         return partition_key(self.config.name, self.namespace, partition)
+
+    def _partition_prefix(self) -> str:
+        return partition_key(self.config.name, self.namespace, 0)[:-1]
 
     def _member_prefix(self) -> str:
         return f"{self.config.name}/members/"
@@ -140,13 +151,17 @@ class GroupMember:
             try:
                 with self._bounded():
                     live = self.store.live(self._member_prefix())
+                with self._bounded():
+                    holders = self.store.live(self._partition_prefix())
             except StoreError as exc:
                 log.warning("group %s: could not read the members: %s", self.config.name, describe(exc))
                 self._give_up_overdue()
                 return
             ids = {owner.id for owner in live.values()} | {self.owner.id}
             self.members = tuple(sorted(ids))
-            share = assign(self.config.partitions, ids)[self.owner.id]
+            suffixes = {key.rsplit("#", 1)[1]: owner.id for key, owner in holders.items()}
+            current = {int(p): holder for p, holder in suffixes.items() if p.isdigit()}
+            share = assign(self.config.partitions, ids, current)[self.owner.id]
             if share != self._share:
                 self.rebalances += 1
                 self._share = share

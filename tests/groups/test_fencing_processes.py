@@ -1,0 +1,115 @@
+"""Leases and fences across processes: the fake replica set and each member in its own process.
+
+A member paused (SIGSTOP) past its lease wakes up to find its partition taken over: its fenced
+checkpoint write is refused, it delivers nothing more, and the new owner's checkpoint stands.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pymongo
+import pytest
+
+from ..conftest import CLIENT_OPTIONS, wait_for
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP/SIGCONT are POSIX signals")
+
+TTL = 1.0
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def server_uri() -> Iterator[str]:
+    proc = subprocess.Popen([sys.executable, "-m", "mongo_events.testing.server", "--port", "0"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    uri = proc.stdout.readline().strip()
+    try:
+        yield uri
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _member(uri: str, name: str, log: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.groups.member_process", uri, name, str(TTL), str(log)],
+        stdin=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+    )
+
+
+def _lines(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def _finish(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGCONT)
+        assert proc.stdin is not None
+        proc.stdin.close()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_a_paused_owner_is_fenced_out_and_delivers_nothing_more(server_uri: str, tmp_path: Path) -> None:
+    client: pymongo.MongoClient[Any] = pymongo.MongoClient(server_uri, **CLIENT_OPTIONS)
+    tokens = client.db["_event_resume_tokens"]
+    key = "g:db.orders#0"
+    log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
+    a = _member(server_uri, "A", log_a)
+    b: subprocess.Popen[str] | None = None
+    try:
+        assert wait_for(lambda: any(line.startswith("wrote") for line in _lines(log_a)), timeout=30), _lines(log_a)
+        assert _lines(log_a)[0] == "assigned 0 1"
+        os.kill(a.pid, signal.SIGSTOP)
+        writes_before_pause = [line for line in _lines(log_a) if line.startswith("wrote")]
+
+        b = _member(server_uri, "B", log_b)
+        # B takes over only after A's lease expired on the server's clock, with the next fence.
+        assert wait_for(lambda: "assigned 0 2" in _lines(log_b), timeout=30), _lines(log_b)
+        assert wait_for(lambda: (tokens.find_one({"_id": key}) or {}).get("fence") == 2, timeout=30)
+
+        os.kill(a.pid, signal.SIGCONT)
+        assert wait_for(lambda: "revoked 0" in _lines(log_a), timeout=30), _lines(log_a)
+        after = _lines(log_a)[len(writes_before_pause) + 1 :]
+        # Not one write of A succeeded after the pause: each attempt was skipped by holds() or refused.
+        assert not [line for line in after if line.startswith("wrote")], after
+        doc = tokens.find_one({"_id": key})
+        assert doc is not None and doc["fence"] == 2 and doc["token"]["_data"].startswith("B-")
+        # B keeps writing; A never again.
+        n = int(doc["token"]["_data"].split("-")[1])
+        assert wait_for(lambda: int(tokens.find_one({"_id": key})["token"]["_data"].split("-")[1]) > n, timeout=30)
+        assert tokens.find_one({"_id": key})["token"]["_data"].startswith("B-")
+    finally:
+        _finish(a)
+        if b is not None:
+            _finish(b)
+        client.close()
+
+
+def test_a_clean_stop_hands_over_at_once(server_uri: str, tmp_path: Path) -> None:
+    log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
+    a = _member(server_uri, "A", log_a)
+    b: subprocess.Popen[str] | None = None
+    try:
+        assert wait_for(lambda: "assigned 0 1" in _lines(log_a), timeout=30), _lines(log_a)
+        b = _member(server_uri, "B", log_b)
+        assert wait_for(lambda: _lines(log_b) == [] and b is not None and b.poll() is None, timeout=5)
+        _finish(a)
+        assert _lines(log_a)[-2:] == ["revoked 0", "stopped"]
+        # Released, not expired: B takes it at its next poll (ttl / 12), with the next fence.
+        assert wait_for(lambda: "assigned 0 2" in _lines(log_b), timeout=30), _lines(log_b)
+    finally:
+        _finish(a)
+        if b is not None:
+            _finish(b)

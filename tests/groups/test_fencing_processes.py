@@ -104,7 +104,12 @@ def test_a_clean_stop_hands_over_at_once(server_uri: str, tmp_path: Path) -> Non
     try:
         assert wait_for(lambda: "assigned 0 1" in _lines(log_a), timeout=30), _lines(log_a)
         b = _member(server_uri, "B", log_b)
-        assert wait_for(lambda: _lines(log_b) == [] and b is not None and b.poll() is None, timeout=5)
+        members = pymongo.MongoClient(server_uri, **CLIENT_OPTIONS).db["_event_leases"]
+        assert wait_for(lambda: members.count_documents({"_id": {"$regex": "^g/members/"}, "owner": {"$ne": None}}) == 2, timeout=30)
+        heartbeats_seen = members.find_one({"_id": "g:db.orders#0"})
+        assert heartbeats_seen is not None and heartbeats_seen["fence"] == 1  # active/standby: B waits, A keeps it
+        assert _lines(log_b) == []
+        members.database.client.close()
         _finish(a)
         assert _lines(log_a)[-2:] == ["revoked 0", "stopped"]
         # Released, not expired: B takes it at its next poll (ttl / 12), with the next fence.

@@ -21,7 +21,9 @@ def max_share(partitions: int, members: int) -> int:
     return math.ceil(partitions / max(1, members))
 
 
-def assign(partitions: int, members: Iterable[str], current: Mapping[int, str] | None = None) -> dict[str, frozenset[int]]:
+def assign(
+    partitions: int, members: Iterable[str], current: Mapping[int, str] | None = None
+) -> dict[str, frozenset[int]]:
     """The target share of every member: even and sticky.
 
     ``partitions mod n`` members get ``ceil(partitions / n)`` partitions and the others

@@ -48,7 +48,9 @@ class MemoryFencedResumeTokenStore(MemoryResumeTokenStore):
             if stored > fence:
                 raise _fenced_out(key, fence, stored, "memory")
             self.fences[key] = fence
-            self._data[key] = Checkpoint(dict(token), cluster_time, datetime.now(timezone.utc), namespace, level)
+            self._data[key] = Checkpoint(
+                dict(token), cluster_time, datetime.now(timezone.utc), namespace, level
+            )
             self.saves += 1
 
 

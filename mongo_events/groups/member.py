@@ -228,7 +228,9 @@ class GroupMember:
                 with self._bounded():
                     self.store.release(lease)
             except StoreError as exc:  # it expires by itself
-                log.warning("group %s: could not release partition %d: %s", self.config.name, p, describe(exc))
+                log.warning(
+                    "group %s: could not release partition %d: %s", self.config.name, p, describe(exc)
+                )
 
     def _lose(self, p: int, why: str) -> None:
         self._forget(p)
@@ -256,7 +258,9 @@ class GroupMember:
         if self._thread is not None:
             raise RuntimeError("this GroupMember was started already")
         self.tick()
-        self._thread = threading.Thread(target=self._run, name=f"mongo-events-group-{self.config.name}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"mongo-events-group-{self.config.name}", daemon=True
+        )
         self._thread.start()
 
     def _run(self) -> None:
@@ -302,7 +306,9 @@ class GroupMember:
                     with self._bounded():
                         self.store.release(self._heartbeat)
                 except StoreError as exc:
-                    log.warning("group %s: could not release the heartbeat: %s", self.config.name, describe(exc))
+                    log.warning(
+                        "group %s: could not release the heartbeat: %s", self.config.name, describe(exc)
+                    )
                 self._heartbeat = None
                 self._heartbeat_timer = None
             self._share = frozenset()

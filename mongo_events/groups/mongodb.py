@@ -49,7 +49,10 @@ class MongoLeaseStore(LeaseStore):
         ttl_ms = int(ttl * 1000)
         mine = {"_id": key, "owner.id": owner.id, **_UNEXPIRED}
         renew = {"$set": {"ttl_ms": ttl_ms}, "$currentDate": {"renewed_at": True}}
-        doc = self._call(f"acquire lease {key!r}", lambda: self.collection.find_one_and_update(mine, renew, return_document=ReturnDocument.AFTER))
+        doc = self._call(
+            f"acquire lease {key!r}",
+            lambda: self.collection.find_one_and_update(mine, renew, return_document=ReturnDocument.AFTER),
+        )
         if doc is not None:
             return Lease(key, owner, int(doc["fence"]))
         free = {"_id": key, "$or": [{"owner": None}, _EXPIRED]}
@@ -59,11 +62,15 @@ class MongoLeaseStore(LeaseStore):
             "$currentDate": {"renewed_at": True},
         }
         try:
-            doc = self.collection.find_one_and_update(free, take, upsert=True, return_document=ReturnDocument.AFTER)
+            doc = self.collection.find_one_and_update(
+                free, take, upsert=True, return_document=ReturnDocument.AFTER
+            )
         except DuplicateKeyError:
             return None  # it exists and is held: the upsert collided with it
         except PyMongoError as exc:
-            raise StoreError(f"could not acquire lease {key!r} in {self.collection.full_name}: {exc}") from exc
+            raise StoreError(
+                f"could not acquire lease {key!r} in {self.collection.full_name}: {exc}"
+            ) from exc
         if doc is None:  # an upsert returning the new document always finds one
             raise StoreError(f"lease {key!r} in {self.collection.full_name}: the server returned no document")
         return Lease(key, owner, int(doc["fence"]))
@@ -77,7 +84,10 @@ class MongoLeaseStore(LeaseStore):
 
     def release(self, lease: Lease) -> None:
         query = {"_id": lease.key, "owner.id": lease.owner.id, "fence": lease.fence}
-        self._call(f"release lease {lease.key!r}", lambda: self.collection.update_one(query, {"$set": {"owner": None}}))
+        self._call(
+            f"release lease {lease.key!r}",
+            lambda: self.collection.update_one(query, {"$set": {"owner": None}}),
+        )
 
     def live(self, prefix: str) -> dict[str, Owner]:
         query = {"_id": {"$regex": "^" + _escape(prefix)}, "owner": {"$ne": None}, **_UNEXPIRED}
@@ -98,11 +108,15 @@ class MongoLeaseStore(LeaseStore):
             ),
         )
         if doc is None:  # an upsert returning the new document always finds one
-            raise StoreError(f"group {config.name!r} in {self.collection.full_name}: the server returned no document")
+            raise StoreError(
+                f"group {config.name!r} in {self.collection.full_name}: the server returned no document"
+            )
         try:
             stored = GroupConfig(config.name, int(doc["partitions"]), PartitionMode(doc["mode"]))
         except (KeyError, TypeError, ValueError) as exc:
-            raise StoreError(f"the group document {key!r} in {self.collection.full_name} is malformed: {doc!r}") from exc
+            raise StoreError(
+                f"the group document {key!r} in {self.collection.full_name} is malformed: {doc!r}"
+            ) from exc
         problem = mismatch(stored, config)
         if problem is not None:
             raise problem

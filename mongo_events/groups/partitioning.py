@@ -171,7 +171,11 @@ def server_match_stage(partition: int, partitions: int) -> dict[str, Any]:
     _check_partitions(partitions)
     if not 0 <= partition < partitions:
         raise ValueError(f"partition must be in 0..{partitions - 1}, not {partition!r}")
-    in_partition = {"$expr": {"$eq": [{"$abs": {"$mod": [{"$toHashedIndexKey": "$documentKey._id"}, partitions]}}, partition]}}
+    in_partition = {
+        "$expr": {
+            "$eq": [{"$abs": {"$mod": [{"$toHashedIndexKey": "$documentKey._id"}, partitions]}}, partition]
+        }
+    }
     has_key = {"documentKey._id": {"$exists": True}}
     if partition == 0:
         return {"$match": {"$or": [{"documentKey._id": {"$exists": False}}, in_partition]}}

@@ -59,8 +59,13 @@ def main() -> None:
         say(f"revoked {p}")
 
     member = GroupMember(
-        MongoLeaseStore(client.db["_event_leases"]), "g", "db.orders", partitions=1, ttl=ttl,
-        on_assigned=on_assigned, on_revoked=on_revoked,
+        MongoLeaseStore(client.db["_event_leases"]),
+        "g",
+        "db.orders",
+        partitions=1,
+        ttl=ttl,
+        on_assigned=on_assigned,
+        on_revoked=on_revoked,
     )
     member.start()
     sys.stdin.read()  # until the test closes our stdin

@@ -20,7 +20,9 @@ def test_every_partition_has_one_owner_and_shares_are_even(k: int, n: int) -> No
 
 def test_the_same_view_gives_the_same_map_in_any_order() -> None:
     current = {0: "b", 1: "b", 2: "a"}
-    assert assign(6, ["c", "a", "b"], current) == assign(6, ["b", "c", "a", "a"], dict(reversed(current.items())))
+    assert assign(6, ["c", "a", "b"], current) == assign(
+        6, ["b", "c", "a", "a"], dict(reversed(current.items()))
+    )
 
 
 def test_a_joining_member_takes_only_the_surplus() -> None:
@@ -69,7 +71,12 @@ def test_lease_timer_renews_at_a_third_and_gives_up_at_two_thirds() -> None:
 
 
 def test_plan_gives_up_releases_renews_and_acquires() -> None:
-    held = {0: LeaseTimer(9.0, 100.0), 1: LeaseTimer(9.0, 95.0), 2: LeaseTimer(9.0, 101.0), 3: LeaseTimer(9.0, 103.5)}
+    held = {
+        0: LeaseTimer(9.0, 100.0),
+        1: LeaseTimer(9.0, 95.0),
+        2: LeaseTimer(9.0, 101.0),
+        3: LeaseTimer(9.0, 103.5),
+    }
     step = plan(104.0, held, {0, 1, 3, 5})
     # 1 is overdue (9 s ttl, sent 9 s ago): given up, not renewed; 2 was rebalanced away;
     # 0 is due (4 s > 3 s); 3 is fresh; 5 is missing.

@@ -33,7 +33,7 @@ def store(request: pytest.FixtureRequest) -> Iterator[ResumeTokenStore]:
 def test_a_lower_fence_is_refused_and_the_stored_checkpoint_stands(store: ResumeTokenStore) -> None:
     save_fenced(store, "g:db.c#0", {"_data": "01"}, Timestamp(5, 1), 1, namespace="db.c", level="collection")
     save_fenced(store, "g:db.c#0", {"_data": "02"}, Timestamp(6, 1), 2)
-    with pytest.raises(FencedOut, match="fence 1 .* stored fence is 2"):
+    with pytest.raises(FencedOut, match=r"fence 1 .* stored fence is 2"):
         save_fenced(store, "g:db.c#0", {"_data": "03"}, Timestamp(7, 1), 1)
     loaded = store.load("g:db.c#0")
     assert loaded is not None and loaded.token == {"_data": "02"} and loaded.cluster_time == Timestamp(6, 1)
@@ -63,7 +63,15 @@ def test_the_wrapper_is_a_resume_token_store_bound_to_a_fence(store: ResumeToken
 
 def test_mongo_documents_keep_their_shape_plus_the_fence() -> None:
     coll = mongomock.MongoClient().db["_event_resume_tokens"]
-    save_fenced(MongoResumeTokenStore(coll), "k", {"_data": "01"}, Timestamp(5, 1), 4, namespace="db.c", level="collection")
+    save_fenced(
+        MongoResumeTokenStore(coll),
+        "k",
+        {"_data": "01"},
+        Timestamp(5, 1),
+        4,
+        namespace="db.c",
+        level="collection",
+    )
     doc = coll.find_one({"_id": "k"})
     assert doc is not None
     assert {k: doc[k] for k in ("token", "cluster_time", "namespace", "level", "fence")} == {

@@ -27,7 +27,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def server_uri() -> Iterator[str]:
-    proc = subprocess.Popen([sys.executable, "-m", "mongo_events.testing.server", "--port", "0"], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mongo_events.testing.server", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     uri = proc.stdout.readline().strip()
     try:
@@ -41,7 +45,10 @@ def _member(uri: str, name: str, log: Path) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
         [sys.executable, "-m", "tests.groups.member_process", uri, name, str(TTL), str(log)],
-        stdin=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+        stdin=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
     )
 
 
@@ -69,7 +76,9 @@ def test_a_paused_owner_is_fenced_out_and_delivers_nothing_more(server_uri: str,
     a = _member(server_uri, "A", log_a)
     b: subprocess.Popen[str] | None = None
     try:
-        assert wait_for(lambda: any(line.startswith("wrote") for line in _lines(log_a)), timeout=30), _lines(log_a)
+        assert wait_for(lambda: any(line.startswith("wrote") for line in _lines(log_a)), timeout=30), _lines(
+            log_a
+        )
         assert _lines(log_a)[0] == "assigned 0 1"
         os.kill(a.pid, signal.SIGSTOP)
         writes_before_pause = [line for line in _lines(log_a) if line.startswith("wrote")]
@@ -88,7 +97,9 @@ def test_a_paused_owner_is_fenced_out_and_delivers_nothing_more(server_uri: str,
         assert doc is not None and doc["fence"] == 2 and doc["token"]["_data"].startswith("B-")
         # B keeps writing; A never again.
         n = int(doc["token"]["_data"].split("-")[1])
-        assert wait_for(lambda: int(tokens.find_one({"_id": key})["token"]["_data"].split("-")[1]) > n, timeout=30)
+        assert wait_for(
+            lambda: int(tokens.find_one({"_id": key})["token"]["_data"].split("-")[1]) > n, timeout=30
+        )
         assert tokens.find_one({"_id": key})["token"]["_data"].startswith("B-")
     finally:
         _finish(a)
@@ -105,9 +116,14 @@ def test_a_clean_stop_hands_over_at_once(server_uri: str, tmp_path: Path) -> Non
         assert wait_for(lambda: "assigned 0 1" in _lines(log_a), timeout=30), _lines(log_a)
         b = _member(server_uri, "B", log_b)
         members = pymongo.MongoClient(server_uri, **CLIENT_OPTIONS).db["_event_leases"]
-        assert wait_for(lambda: members.count_documents({"_id": {"$regex": "^g/members/"}, "owner": {"$ne": None}}) == 2, timeout=30)
+        assert wait_for(
+            lambda: members.count_documents({"_id": {"$regex": "^g/members/"}, "owner": {"$ne": None}}) == 2,
+            timeout=30,
+        )
         heartbeats_seen = members.find_one({"_id": "g:db.orders#0"})
-        assert heartbeats_seen is not None and heartbeats_seen["fence"] == 1  # active/standby: B waits, A keeps it
+        assert (
+            heartbeats_seen is not None and heartbeats_seen["fence"] == 1
+        )  # active/standby: B waits, A keeps it
         assert _lines(log_b) == []
         members.database.client.close()
         _finish(a)

@@ -177,7 +177,9 @@ def test_mongo_lease_documents_and_server_clock(mongo_subject: Subject) -> None:
 
 
 def test_a_failing_backend_raises_store_error() -> None:
-    client: pymongo.MongoClient[Any] = pymongo.MongoClient("mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=100")
+    client: pymongo.MongoClient[Any] = pymongo.MongoClient(
+        "mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=100"
+    )
     store = MongoLeaseStore(client.db["_event_leases"])
     with pytest.raises(StoreError, match="acquire lease"):
         store.acquire("k", A, 10.0)

@@ -44,11 +44,21 @@ class Recorder:
         self.calls.append(("revoked", p))
 
 
-def member(store: MemoryLeaseStore, clock: Clock, name: str, partitions: int = 4, **kw: Any) -> tuple[GroupMember, Recorder]:
+def member(
+    store: MemoryLeaseStore, clock: Clock, name: str, partitions: int = 4, **kw: Any
+) -> tuple[GroupMember, Recorder]:
     rec = Recorder()
     m = GroupMember(
-        store, "g", "db.c", partitions=partitions, ttl=TTL, owner=Owner("h", 1, name), clock=clock,
-        on_assigned=rec.assigned, on_revoked=rec.revoked, **kw,
+        store,
+        "g",
+        "db.c",
+        partitions=partitions,
+        ttl=TTL,
+        owner=Owner("h", 1, name),
+        clock=clock,
+        on_assigned=rec.assigned,
+        on_revoked=rec.revoked,
+        **kw,
     )
     return m, rec
 
@@ -63,7 +73,10 @@ def test_join_rebalance_and_leave() -> None:
     b.tick()  # b's share is 2 partitions still held by a
     assert b.owned == {}
     a.tick()  # a sees b and releases the surplus (revoking first)
-    assert len(a.owned) == 2 and [c for c in ra.calls if c[0] == "revoked"] == [("revoked", 2), ("revoked", 3)]
+    assert len(a.owned) == 2 and [c for c in ra.calls if c[0] == "revoked"] == [
+        ("revoked", 2),
+        ("revoked", 3),
+    ]
     b.tick()
     assert b.owned == {2: 2, 3: 2}  # taken from a: the fence grew
     assert a.rebalances == 2 and b.rebalances == 1
@@ -91,7 +104,7 @@ def test_a_dead_member_s_partitions_are_taken_after_its_lease_expires() -> None:
 def test_active_standby_with_one_partition() -> None:
     clock = Clock()
     store = MemoryLeaseStore(clock)
-    a, ra = member(store, clock, "z", partitions=1)
+    a, _ = member(store, clock, "z", partitions=1)
     b, rb = member(store, clock, "a", partitions=1)
     a.tick(), b.tick(), a.tick(), b.tick()
     assert a.owned == {0: 1} and b.owned == {}  # sticky: the lower id waits

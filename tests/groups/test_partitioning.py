@@ -64,7 +64,9 @@ def test_the_hash_is_mongodbs_hashed_index_hash(value: Any, expected: int) -> No
 
 
 def test_recursive_squashing_of_ints_and_doubles_as_the_server_does() -> None:
-    assert hashed_index_key({"a": 3, "b": [3.1, {"c": 3}]}) == hashed_index_key({"a": 3.1, "b": [3, {"c": 3.0}]})
+    assert hashed_index_key({"a": 3, "b": [3.1, {"c": 3}]}) == hashed_index_key(
+        {"a": 3.1, "b": [3, {"c": 3.0}]}
+    )
 
 
 def test_types_the_client_cannot_hash_are_refused_not_guessed() -> None:
@@ -95,7 +97,9 @@ def test_partition_table(key: Any, partition: int) -> None:
 def test_the_hash_is_the_same_in_another_process_with_another_hash_seed() -> None:
     code = "from mongo_events.groups import partition_of; print([partition_of(k, 6) for k in ('order-1', 'string to hash', 0, 1, -1, 42)])"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True
+    )
     assert out.stdout.strip() == str([p for _, p in TABLE[:6]])
 
 
@@ -122,7 +126,9 @@ def test_events_without_a_document_key_belong_to_partition_0() -> None:
 def test_the_server_stage_splits_a_change_stream_like_the_client(client: pymongo.MongoClient[Any]) -> None:
     """The fake evaluates ``$toHashedIndexKey`` and the server's ``$mod``: K streams see every change once."""
     coll = client.shop.orders
-    keys: list[Any] = [f"order-{i}" for i in range(30)] + list(range(-10, 10)) + [ObjectId() for _ in range(10)]
+    keys: list[Any] = (
+        [f"order-{i}" for i in range(30)] + list(range(-10, 10)) + [ObjectId() for _ in range(10)]
+    )
     k = 4
     streams = [coll.watch([server_match_stage(p, k)]) for p in range(k)]
     for key in keys:

@@ -50,8 +50,9 @@ class GroupMember:
     the member never dies silently. A store that fails is not fatal: the leases it cannot
     renew are given up in time and the member keeps trying.
 
-    Every store call runs under ``pymongo.timeout(poll_interval)``, so one slow call cannot
-    hold a lease past its give-up time by more than one poll.
+    Every store call runs under ``pymongo.timeout()``, at most ``ttl / 6`` and never past the
+    earliest give-up time of a held lease, and overdue leases are given up before each call:
+    a slow or unreachable store cannot keep a partition past ``ttl * 2 / 3`` plus one poll.
 
     :param store: the lease store (``MongoLeaseStore`` on ``_event_leases``).
     :param group: the group's name.
@@ -191,6 +192,7 @@ class GroupMember:
             self._heartbeat_timer = LeaseTimer(self.ttl, now)
 
     def _acquire(self, p: int) -> None:
+        self._give_up_overdue()
         sent = self._clock()
         try:
             with self._bounded():
@@ -206,10 +208,14 @@ class GroupMember:
         self.on_assigned(p, lease.fence)
 
     def _renew(self, p: int) -> None:
+        self._give_up_overdue()
+        lease = self._leases.get(p)
+        if lease is None:
+            return  # given up just now
         sent = self._clock()
         try:
             with self._bounded():
-                kept = self.store.renew(self._leases[p], self.ttl)
+                kept = self.store.renew(lease, self.ttl)
         except StoreError as exc:
             log.warning("group %s: could not renew partition %d: %s", self.config.name, p, describe(exc))
             return  # _give_up_overdue stops it if this goes on
@@ -219,7 +225,9 @@ class GroupMember:
             self._lose(p, "another member holds its lease")
 
     def _release(self, p: int) -> None:
-        lease = self._leases[p]
+        lease = self._leases.get(p)
+        if lease is None:
+            return  # given up already
         self._forget(p)
         try:
             self.on_revoked(p)
@@ -248,7 +256,13 @@ class GroupMember:
 
     @contextlib.contextmanager
     def _bounded(self) -> Iterator[None]:
-        with pymongo.timeout(self.poll_interval):
+        """Bound a store call by ``ttl / 6`` and by the earliest give-up time of a held lease, so
+        that no call can keep a partition past it (pymongo raises, the store says StoreError)."""
+        now = self._clock()
+        limit = self.ttl / 6
+        for timer in list(self._timers.values()):
+            limit = min(limit, timer.sent_at + self.ttl * 2 / 3 - now)
+        with pymongo.timeout(max(0.001, limit)):
             yield
 
     # -- the thread ------------------------------------------------------

@@ -221,3 +221,25 @@ def test_the_thread_assigns_and_a_failing_callback_fails_the_member_loudly() -> 
     assert done.wait(10) and assigned.is_set()
     assert "cannot start partition 1" in repr(failed[0].__cause__) and late.error is failed[0]
     assert late.owned == {} and store.live("g") == {}  # it released what it held
+
+
+class SlowRenewals(MemoryLeaseStore):
+    """A renewal that succeeds, but only after a whole ttl (a stalled network, a slow primary)."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.clock = clock
+
+    def renew(self, lease: Lease, ttl: float) -> bool:
+        self.clock.now += TTL
+        return super().renew(lease, ttl)
+
+
+def test_a_renewal_that_succeeds_too_late_does_not_keep_the_partition() -> None:
+    clock = Clock()
+    store = SlowRenewals(clock)
+    a, ra = member(store, clock, "a", partitions=1)
+    a.tick()
+    clock.now += TTL / 3
+    a.tick()  # the renewal is measured from when it was sent: a whole ttl ago when it returns
+    assert ("revoked", 0) in ra.calls and not a.holds(0)

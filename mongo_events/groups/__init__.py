@@ -15,7 +15,14 @@ from .fencing import FencedResumeTokenStore, MemoryFencedResumeTokenStore, save_
 from .member import GroupMember, partition_key
 from .memory import MemoryLeaseStore
 from .mongodb import DEFAULT_LEASE_COLLECTION, MongoLeaseStore
-from .partitioning import PartitionMode, event_partition, hashed_index_key, partition_of, server_match_stage
+from .partitioning import (
+    PartitionMode,
+    event_partition,
+    hashed_index_key,
+    partition_of,
+    server_match_stage,
+    server_supports_hashed_keys,
+)
 
 __all__ = [
     "DEFAULT_LEASE_COLLECTION",
@@ -42,4 +49,5 @@ __all__ = [
     "plan",
     "save_fenced",
     "server_match_stage",
+    "server_supports_hashed_keys",
 ]

@@ -34,7 +34,14 @@ from bson.binary import Binary
 from bson.int64 import Int64
 from bson.regex import Regex
 
-__all__ = ["PartitionMode", "hashed_index_key", "partition_of", "server_match_stage", "event_partition"]
+__all__ = [
+    "PartitionMode",
+    "hashed_index_key",
+    "partition_of",
+    "server_match_stage",
+    "event_partition",
+    "server_supports_hashed_keys",
+]
 
 
 class PartitionMode(str, Enum):
@@ -185,3 +192,24 @@ def server_match_stage(partition: int, partitions: int) -> dict[str, Any]:
 def _check_partitions(partitions: int) -> None:
     if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
         raise ValueError(f"partitions must be a positive int, not {partitions!r}")
+
+
+def server_supports_hashed_keys(collection: Any) -> bool:
+    """Whether the server evaluates ``$toHashedIndexKey`` (then use :attr:`PartitionMode.SERVER`).
+
+    A probe rather than a version check: the operator was added for resharding
+    (SERVER-49214) before the manual documented it. It runs one aggregation that parses
+    the expression on ``collection`` (the lease collection will do) and reads nothing.
+
+    :raises pymongo.errors.PyMongoError: when the server fails for another reason than an
+        unknown expression (code 168 ``InvalidPipelineOperator``, or 31325).
+    """
+    from pymongo.errors import OperationFailure
+
+    try:
+        list(collection.aggregate([{"$limit": 1}, {"$project": {"h": {"$toHashedIndexKey": "$_id"}}}]))
+    except OperationFailure as exc:
+        if exc.code in (168, 31325, 15999) or "toHashedIndexKey" in str(exc):
+            return False
+        raise
+    return True

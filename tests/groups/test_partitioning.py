@@ -15,8 +15,15 @@ from bson import Int64, ObjectId
 from bson.binary import Binary
 from bson.regex import Regex
 from bson.timestamp import Timestamp
+from pymongo.errors import OperationFailure
 
-from mongo_events.groups import event_partition, hashed_index_key, partition_of, server_match_stage
+from mongo_events.groups import (
+    event_partition,
+    hashed_index_key,
+    partition_of,
+    server_match_stage,
+    server_supports_hashed_keys,
+)
 
 # (value, MongoDB's hash): the manual's $toHashedIndexKey example, then the server's own
 # hasher unit-test vectors (src/mongo/db/hasher_test.cpp), "determined experimentally" there.
@@ -153,3 +160,30 @@ def test_the_server_stage_splits_a_change_stream_like_the_client(client: pymongo
         assert seen[p][-1]["operationType"] == "invalidate"
     assert [c["operationType"] for c in seen[0] if "documentKey" not in c] == ["drop", "invalidate"]
     assert all("documentKey" in c for p in range(1, k) for c in seen[p][:-1])
+
+
+def test_the_probe_finds_server_side_hashing_on_the_fake(client: pymongo.MongoClient[Any]) -> None:
+    client.shop["_event_leases"].insert_one({"_id": "x"})
+    assert server_supports_hashed_keys(client.shop["_event_leases"]) is True
+
+
+class _OldServer:
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def aggregate(self, pipeline: Any) -> Any:
+        raise OperationFailure(
+            "Invalid $project :: caused by :: Unrecognized expression '$toHashedIndexKey'", self.code
+        )
+
+
+def test_the_probe_reports_an_old_server_and_raises_other_failures() -> None:
+    assert server_supports_hashed_keys(_OldServer(168)) is False
+    assert server_supports_hashed_keys(_OldServer(31325)) is False
+    with pytest.raises(OperationFailure, match="not primary"):
+        server_supports_hashed_keys(_Down())
+
+
+class _Down:
+    def aggregate(self, pipeline: Any) -> Any:
+        raise OperationFailure("not primary", 10107)

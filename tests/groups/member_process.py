@@ -1,16 +1,18 @@
 """A group member in its own process, for the multi-process tests.
 
-Usage: ``python -m tests.groups.member_process URI NAME TTL LOG``. It joins group ``g``
-(one partition). While it holds the partition, a writer thread "delivers" an event (if
+Usage: ``python -m tests.groups.member_process URI NAME TTL LOG [PARTITIONS]``. It joins
+group ``g`` (one partition unless told). While it holds the partition, a writer thread "delivers" an event (if
 ``holds()`` says the lease is still good) and writes a fenced checkpoint every 20 ms.
 Every step is appended to LOG as a line: ``assigned P FENCE``, ``wrote N FENCE``,
-``fenced-out N``, ``skipped N``, ``revoked P``.
+``fenced-out N``, ``skipped N``, ``revoked P``; ``assigned`` and ``revoked`` lines end with
+the wall-clock time, for the owner log of the multi-member test.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
+import time
 from typing import Any
 
 import pymongo
@@ -21,6 +23,7 @@ from mongo_events.groups import FencedResumeTokenStore, GroupMember, MongoLeaseS
 
 def main() -> None:
     uri, name, ttl, log_path = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+    partitions = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     client: pymongo.MongoClient[Any] = pymongo.MongoClient(uri, serverSelectionTimeoutMS=2000)
     tokens = MongoResumeTokenStore(client.db["_event_resume_tokens"])
     log = open(log_path, "a", buffering=1)  # noqa: SIM115 - line-buffered for the whole process
@@ -46,7 +49,7 @@ def main() -> None:
             say(f"wrote {n} {fence}")
 
     def on_assigned(p: int, fence: int) -> None:
-        say(f"assigned {p} {fence}")
+        say(f"assigned {p} {fence}" + (f" {time.time()}" if partitions > 1 else ""))
         stop = threading.Event()
         thread = threading.Thread(target=write_loop, args=(p, fence, stop), daemon=True)
         writers[p] = (stop, thread)
@@ -56,13 +59,13 @@ def main() -> None:
         stop, thread = writers.pop(p)
         stop.set()
         thread.join(5)
-        say(f"revoked {p}")
+        say(f"revoked {p}" + (f" {time.time()}" if partitions > 1 else ""))
 
     member = GroupMember(
         MongoLeaseStore(client.db["_event_leases"]),
         "g",
         "db.orders",
-        partitions=1,
+        partitions=partitions,
         ttl=ttl,
         on_assigned=on_assigned,
         on_revoked=on_revoked,

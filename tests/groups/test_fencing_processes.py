@@ -10,7 +10,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,3 +135,71 @@ def test_a_clean_stop_hands_over_at_once(server_uri: str, tmp_path: Path) -> Non
         _finish(a)
         if b is not None:
             _finish(b)
+
+
+def _owner_log(logs: dict[str, Path]) -> list[tuple[float, str, str, int]]:
+    """(time, "assigned" | "revoked", member, partition), in time order, from every member's log."""
+    entries = []
+    for name, log in logs.items():
+        for line in _lines(log):
+            word, *rest = line.split()
+            if word == "assigned":
+                entries.append((float(rest[2]), word, name, int(rest[0])))
+            elif word == "revoked":
+                entries.append((float(rest[1]), word, name, int(rest[0])))
+    return sorted(entries)
+
+
+def _held(logs: dict[str, Path]) -> dict[str, set[int]]:
+    held: dict[str, set[int]] = {name: set() for name in logs}
+    for _, word, name, p in _owner_log(logs):
+        (held[name].add if word == "assigned" else held[name].discard)(p)
+    return held
+
+
+def test_three_members_share_six_partitions_and_survive_a_kill(server_uri: str, tmp_path: Path) -> None:
+    """At most one live owner per partition at any moment (from the owner log), an even spread
+    after every change, and a killed member's partitions taken over."""
+    k = 6
+    logs = {name: tmp_path / f"{name}.log" for name in ("A", "B", "C", "D")}
+    procs = {name: _member_k(server_uri, name, logs[name], k) for name in ("A", "B", "C")}
+    killed_at: dict[str, float] = {}
+
+    def even(names: list[str]) -> Callable[[], bool]:
+        return lambda: sorted(len(_held(logs)[n]) for n in names) == [k // len(names)] * len(names)
+
+    try:
+        assert wait_for(even(["A", "B", "C"]), timeout=30), _held(logs)
+        procs["B"].kill()
+        procs["B"].wait(10)
+        killed_at["B"] = time.time()
+        assert wait_for(even(["A", "C"]), timeout=30), _held(logs)
+        procs["D"] = _member_k(server_uri, "D", logs["D"], k)
+        assert wait_for(even(["A", "C", "D"]), timeout=30), _held(logs)
+    finally:
+        for proc in procs.values():
+            _finish(proc)
+    # Replay the owner log: a partition is taken only when nobody holds it (a killed member holds
+    # nothing after its kill; its leases expire on the server before anyone else can take them).
+    owner: dict[int, str | None] = dict.fromkeys(range(k))
+    for when, word, name, p in _owner_log(logs):
+        for dead, at in killed_at.items():
+            if at <= when:
+                owner = {q: (None if o == dead else o) for q, o in owner.items()}
+        if word == "assigned":
+            assert owner[p] is None, f"partition {p} assigned to {name} while {owner[p]} held it"
+            owner[p] = name
+        else:
+            assert owner[p] == name
+            owner[p] = None
+
+
+def _member_k(uri: str, name: str, log: Path, partitions: int) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.groups.member_process", uri, name, str(TTL), str(log), str(partitions)],
+        stdin=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )

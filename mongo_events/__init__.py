@@ -30,6 +30,16 @@ from .errors import (
     ThreadFailed,
 )
 from .events import ChangeEvent, FullDocument, OperationType, UpdateDescription
+from .groups import (  # consumer groups (issue 18): building blocks until the bus integration
+    FencedOut,
+    FencedResumeTokenStore,
+    GroupMember,
+    GroupMismatch,
+    LeaseStore,
+    MemoryLeaseStore,
+    MongoLeaseStore,
+    PartitionMode,
+)
 from .health import Health
 from .idempotency import (
     Claim,
@@ -143,6 +153,15 @@ __all__ = [
     "ErrorKind",
     "classify_error",
     "__version__",
+    # consumer groups (issue 18)
+    "LeaseStore",
+    "MemoryLeaseStore",
+    "MongoLeaseStore",
+    "GroupMember",
+    "PartitionMode",
+    "FencedResumeTokenStore",
+    "FencedOut",
+    "GroupMismatch",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

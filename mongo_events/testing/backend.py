@@ -25,6 +25,7 @@ import mongomock as _mongomock
 from bson.binary import Binary
 from bson.int64 import Int64
 
+from . import expressions as _expressions
 from .changestream import ChangeCursor, open_change_stream
 from .errors import CommandError, server_labels
 from .failpoints import FailPoints
@@ -159,6 +160,7 @@ def _unique_map(store: Any, name: str, fields: tuple[str, ...]) -> dict[tuple[An
 
 _TTL_MONITOR_INTERVAL = 1.0
 _install_id_fast_path()
+_expressions.install()  # $$NOW, $toHashedIndexKey and the server's $mod (consumer groups)
 _HANDLERS: dict[str, Handler] = {}
 _ALIASES = {
     "ismaster": "hello",

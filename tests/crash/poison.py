@@ -20,6 +20,7 @@ from datetime import timedelta
 import pymongo
 
 import mongo_events as me
+from mongo_events.idempotency import guard
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     letters = me.MongoDeadLetterStore(internal["event_dlq"])
     store = me.MongoIdempotencyStore(internal["event_idempotency"])
     options: dict[str, object] = {"crash_store": store}  # counts starts, does not deduplicate
+    # A dead process's start counts as a crash once its claim expired: short here.
+    guard.CRASH_LEASE = timedelta(milliseconds=300)
     if args.mode == "idempotency":
         # A dead process's claim blocks its event's redelivery this long: short here.
         options = {

@@ -26,6 +26,7 @@ from bson.binary import Binary
 from bson.int64 import Int64
 
 from .changestream import ChangeCursor, open_change_stream
+from . import expressions as _expressions
 from .errors import CommandError, server_labels
 from .failpoints import FailPoints
 from .oplog import Entry, Oplog, update_description
@@ -159,6 +160,7 @@ def _unique_map(store: Any, name: str, fields: tuple[str, ...]) -> dict[tuple[An
 
 _TTL_MONITOR_INTERVAL = 1.0
 _install_id_fast_path()
+_expressions.install()  # $$NOW, $toHashedIndexKey and the server's $mod (consumer groups)
 _HANDLERS: dict[str, Handler] = {}
 _ALIASES = {
     "ismaster": "hello",

@@ -436,8 +436,8 @@ def cmd_dlq(args: argparse.Namespace) -> int:
             _say(f"replay of {letter_id} skipped: it was deleted meanwhile")
         else:
             if outcome is ReplayOutcome.SKIPPED:
-                letter = letters.get(letter_id)
-                _say(f"replay of {letter_id} skipped: {_skip_reason(letter, bus) if letter else 'deleted'}")
+                skipped = letters.get(letter_id)
+                _say(f"replay of {letter_id} skipped: {_skip_reason(skipped, bus) if skipped else 'deleted'}")
         counts[outcome.value] += 1
         if outcome in (ReplayOutcome.FAILED, ReplayOutcome.QUARANTINED):
             _say(f"replay of {letter_id} {outcome.value}: {errors.get(letter_id)!r}")

@@ -366,7 +366,7 @@ def test_replicas_running_one_event_at_once_are_not_crashes() -> None:
     assert errors == []  # no replica dead-letters a healthy event as "crashed the process"
     counted = [k for k in keys if k is not None]
     assert counted == ["crash:handle:evt1"]  # one holds the live claim, the others run uncounted
-    for r, k in zip(replicas, keys):
+    for r, k in zip(replicas, keys, strict=True):
         if k is not None:
             r.finish(k, None)
     # A finished run forgets the key: the next start is the first again.
@@ -385,5 +385,9 @@ def test_a_crash_counter_counts_a_start_whose_claim_expired_unfinished() -> None
         except me.PoisonEvent as exc:
             return exc
 
-    poison = wait_for(lambda: (lambda r: r if isinstance(r, me.PoisonEvent) else None)(attempt()), 5)
+    def poisoned() -> object:
+        outcome = attempt()
+        return outcome if isinstance(outcome, me.PoisonEvent) else None
+
+    poison = wait_for(poisoned, 5)
     assert isinstance(poison, me.PoisonEvent) and poison.crashes == 3

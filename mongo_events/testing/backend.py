@@ -25,8 +25,8 @@ import mongomock as _mongomock
 from bson.binary import Binary
 from bson.int64 import Int64
 
-from .changestream import ChangeCursor, open_change_stream
 from . import expressions as _expressions
+from .changestream import ChangeCursor, open_change_stream
 from .errors import CommandError, server_labels
 from .failpoints import FailPoints
 from .oplog import Entry, Oplog, update_description

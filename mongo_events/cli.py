@@ -2,7 +2,8 @@
 
 Output goes to stdout as one JSON document per line (relaxed Extended JSON);
 progress, logs and errors go to stderr. Exit codes: 0 success, 1 failure
-(server, store, or a replay that failed), 2 usage error (one line on stderr),
+(server, store, or a replay that failed or was quarantined; a skipped replay, said
+on stderr, is not a failure), 2 usage error (one line on stderr),
 4 not found; 141 when the reader of stdout went away (``| head``), as for a
 process that SIGPIPE ended.
 """
@@ -417,8 +418,11 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         outcome = letters.replay_one(args.id)
         if errors.get(args.id) is not None:
             _say(f"replay of {args.id} failed: {errors[args.id]!r}")
+        if outcome is ReplayOutcome.SKIPPED:
+            _say(f"replay of {args.id} skipped: {_skip_reason(found, bus)}")
         _print({"id": args.id, "outcome": outcome.value})
-        return OK if outcome is ReplayOutcome.REPLAYED else FAILED
+        # As for many letters: a skip (nothing to do, or nothing here can replay it) is said, not a failure.
+        return OK if outcome in (ReplayOutcome.REPLAYED, ReplayOutcome.SKIPPED) else FAILED
     # Collect the ids first: replayed letters leave the filter, failed ones stay, so
     # paging while replaying would skip some.
     ids = [letter.id for letter in _pages(lambda offset, size: letters.list(query(size, offset)), args.limit)]
@@ -429,6 +433,11 @@ def cmd_dlq(args: argparse.Namespace) -> int:
             outcome = letters.replay_one(letter_id)
         except KeyError:  # deleted meanwhile
             outcome = ReplayOutcome.SKIPPED
+            _say(f"replay of {letter_id} skipped: it was deleted meanwhile")
+        else:
+            if outcome is ReplayOutcome.SKIPPED:
+                skipped = letters.get(letter_id)
+                _say(f"replay of {letter_id} skipped: {_skip_reason(skipped, bus) if skipped else 'deleted'}")
         counts[outcome.value] += 1
         if outcome in (ReplayOutcome.FAILED, ReplayOutcome.QUARANTINED):
             _say(f"replay of {letter_id} {outcome.value}: {errors.get(letter_id)!r}")
@@ -439,6 +448,17 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         f"{counts['quarantined']:,} quarantined, {counts['skipped']:,} skipped"
     )
     return OK if counts["failed"] == 0 and counts["quarantined"] == 0 else FAILED
+
+
+def _skip_reason(letter: Any, bus: Any) -> str:
+    """Why :meth:`DeadLetters.replay_one` skipped ``letter`` (the cases it skips)."""
+    if letter.retried_at is not None:
+        return "it was already replayed"
+    if letter.quarantined_at is not None:
+        return "it is quarantined"
+    if not bus.has_subscription(letter.event_name):
+        return f"bus {bus.name!r} has no subscription {letter.event_name!r} to replay it"
+    return "it holds no change document (written by the Go library?)"
 
 
 def _cleanup(args: argparse.Namespace, letters: Any, where: str) -> int:
@@ -575,7 +595,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     acks = db[args.acks_collection]
     totals = {
-        "pending_acks": acks.count_documents({"acked_at": {"$in": [None, GO_ZERO_TIME]}}),  # Go writes zero time
+        "pending_acks": acks.count_documents(
+            {"acked_at": {"$in": [None, GO_ZERO_TIME]}}
+        ),  # Go writes zero time
         "dead_letters": dlq.count_documents({"retried_at": None}),
     }
     if args.json:

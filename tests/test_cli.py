@@ -280,7 +280,10 @@ def test_monitor_serve_answers_http_and_stops_on_sigterm(
         # It runs no bus: health comes from the statuses consumers publish, and none did.
         with pytest.raises(urllib.error.HTTPError) as health:
             urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/v1/health?bus=orders", timeout=10)
-        assert health.value.code == 503 and "no consumer of bus 'orders'" in json.loads(health.value.read())["error"]
+        assert (
+            health.value.code == 503
+            and "no consumer of bus 'orders'" in json.loads(health.value.read())["error"]
+        )
         with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/", timeout=10) as resp:
             assert resp.headers["Content-Type"].startswith("text/html") and b"Overview" in resp.read()
         assert stop_gracefully(proc) == 0
@@ -636,3 +639,27 @@ def test_durations_print_as_they_are_typed() -> None:
         "250ms",
         "0s",
     ]
+
+
+def test_dlq_replay_counts_a_skip_the_same_for_one_letter_and_many(
+    fake_rs: FakeReplicaSet,
+    client: pymongo.MongoClient[Any],
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = me.MongoDeadLetterStore(client.internal["event_dlq"])
+    orphan = _letter(store, "ev1", event="gone")  # no subscription of the app's bus replays it
+    (tmp_path / "cli_skip_app.py").write_text(
+        "import pymongo, mongo_events as me\n"
+        f"bus = me.Bus(pymongo.MongoClient({fake_rs.uri!r}).shop.orders)\n"
+        "bus.subscribe(name='orders')(lambda ev: None)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    base = ["--uri", fake_rs.uri, "--db", "internal", "--app", "cli_skip_app:bus"]
+    code, (result,), err = run(capsys, "dlq", "replay", *base)
+    assert code == 0 and result["skipped"] == 1, err
+    assert f"replay of {orphan} skipped: bus" in err and "no subscription 'gone'" in err
+    code, (result,), err = run(capsys, "dlq", "replay", *base, "--id", orphan)
+    assert code == 0 and result == {"id": orphan, "outcome": "skipped"}, err
+    assert f"replay of {orphan} skipped: bus" in err and "no subscription 'gone'" in err

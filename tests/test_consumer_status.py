@@ -193,3 +193,19 @@ def test_a_hanging_status_store_does_not_hold_up_stop(
         assert bus.state is me.BusState.STOPPED
     finally:
         store.release.set()
+
+
+def test_one_publisher_serves_one_bus(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    store = MemoryConsumerStatusStore()
+    publisher = StatusPublisher(store, interval=3600)
+    first = make_bus(client.shop.orders, name="first", status=publisher)
+    first.subscribe(lambda ev: None)
+    second = make_bus(client.shop.invoices, name="second", status=publisher)
+    second.subscribe(lambda ev: None)
+    first.start()
+    assert wait_for(lambda: [s.bus for s in store.list()] == ["first"])
+    with pytest.raises(me.ConfigurationError, match="already publishes bus 'first'"):
+        second.start()
+    first.stop(timeout=5)
+    # The first bus's heartbeats were never taken over: its final status says stopped.
+    assert [(s.bus, s.state) for s in store.list()] == [("first", "stopped")]

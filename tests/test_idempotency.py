@@ -12,7 +12,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 import mongo_events as me
-from mongo_events.idempotency.guard import ClaimedElsewhere
+from mongo_events.idempotency.guard import ClaimedElsewhere, CrashCounter
 
 from .conftest import wait_for
 from .helpers import QUICK, Recorder
@@ -200,7 +200,9 @@ def test_a_failed_claim_with_fail_closed_is_a_failed_attempt(
     assert wait_for(lambda: letters.count() == 1, 10)
     assert len(calls) == 0 and guard.claim_failures == 3  # first attempt and two retries
     (letter,) = letters.list()
-    assert letter.event_name == "closed" and "StoreError" in letter.error and letter.retry_count == 2  # retries after the first
+    assert (
+        letter.event_name == "closed" and "StoreError" in letter.error and letter.retry_count == 2
+    )  # retries after the first
 
 
 def test_the_bus_store_applies_to_every_subscription_unless_one_brings_its_own(
@@ -318,3 +320,74 @@ def test_a_suspect_waits_a_bounded_time_to_run_alone(monkeypatch: pytest.MonkeyP
         gate.leave(False)
     assert gate.enter(True) is True  # with nothing running, a suspect runs alone
     gate.leave(True)
+
+
+def test_a_hung_suspect_holds_other_deliveries_back_a_bounded_time(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mongo_events.idempotency import guard as guard_module
+
+    monkeypatch.setattr(guard_module, "ALONE_WAIT", 0.2)
+    gate = guard_module._Isolation()
+    assert gate.enter(True) is True  # a suspect runs alone, and hangs (never leaves)
+    passed = threading.Event()
+
+    def bystander() -> None:
+        gate.enter(False)
+        passed.set()
+
+    with caplog.at_level("WARNING", logger="mongo_events.idempotency.guard"):
+        threading.Thread(target=bystander, daemon=True).start()
+        assert passed.wait(10), "a bystander waited for a hung suspect with no bound"
+    assert "runs beside it" in caplog.text or "run beside it" in caplog.text
+    # The hold is bounded too: once it is over, new deliveries do not wait at all.
+    assert gate.enter(False) is False
+    gate.leave(True)
+
+
+class _Id:
+    def __init__(self, id: str) -> None:
+        self.id = id
+
+
+def test_replicas_running_one_event_at_once_are_not_crashes() -> None:
+    store = me.MemoryIdempotencyStore()
+    replicas = [CrashCounter(store, max_crashes=3) for _ in range(5)]
+    event: Any = _Id("evt1")
+    keys: list[object] = []
+    errors: list[BaseException] = []
+    gap = threading.Event()  # never set: the time between the replicas' deliveries
+    for counter in replicas:  # one after another, while the first still runs
+        try:
+            keys.append(counter.claim(event, "handle"))
+        except BaseException as exc:
+            errors.append(exc)
+        gap.wait(0.01)
+    assert errors == []  # no replica dead-letters a healthy event as "crashed the process"
+    counted = [k for k in keys if k is not None]
+    assert counted == ["crash:handle:evt1"]  # one holds the live claim, the others run uncounted
+    for r, k in zip(replicas, keys, strict=True):
+        if k is not None:
+            r.finish(k, None)
+    # A finished run forgets the key: the next start is the first again.
+    assert store.try_claim("crash:handle:evt1", timedelta(minutes=1)).starts == 1
+
+
+def test_a_crash_counter_counts_a_start_whose_claim_expired_unfinished() -> None:
+    store = me.MemoryIdempotencyStore()
+    for _ in range(3):  # three lives died inside the handler: their claims expired unfinished
+        assert wait_for(lambda: store.claim("crash:handle:evt1", timedelta(milliseconds=20)), 5)
+    counter = CrashCounter(store, max_crashes=3)
+
+    def attempt() -> object:
+        try:
+            return counter.claim(_Id("evt1"), "handle")  # type: ignore[arg-type]
+        except me.PoisonEvent as exc:
+            return exc
+
+    def poisoned() -> object:
+        outcome = attempt()
+        return outcome if isinstance(outcome, me.PoisonEvent) else None
+
+    poison = wait_for(poisoned, 5)
+    assert isinstance(poison, me.PoisonEvent) and poison.crashes == 3

@@ -34,6 +34,7 @@ class Client:
 
     def __init__(self, app: Any) -> None:
         self.app = app
+        self.token = ""
 
     def request(self, method: str, url: str, csrf: bool = True) -> tuple[int, Any, dict[str, str]]:
         parts = urlsplit(url)
@@ -43,7 +44,9 @@ class Client:
             "QUERY_STRING": parts.query,
         }
         if csrf and method not in ("GET", "HEAD"):  # as an API client does: the cookie's value in a header
-            environ.update(HTTP_COOKIE="mongo_events_csrf=t0ken", HTTP_X_CSRF_TOKEN="t0ken")
+            if not self.token:
+                self.token = self.get("/v1/csrf")[1]["token"]
+            environ.update(HTTP_COOKIE=f"mongo_events_csrf={self.token}", HTTP_X_CSRF_TOKEN=self.token)
         setup_testing_defaults(environ)
         captured: dict[str, Any] = {}
 
@@ -388,3 +391,31 @@ def test_times_are_parsed_as_they_are_served() -> None:
     assert parse_rfc3339("2026-01-31T13:00:00+01:00") == parse_rfc3339("2026-01-31T12:00:00Z")
     with pytest.raises(ValueError):
         parse_rfc3339("yesterday")
+
+
+def test_a_planted_csrf_cookie_is_refused() -> None:
+    store = MemoryMonitorStore()
+    app = wsgi_app(store)
+
+    def delete(token: str) -> int:
+        environ: dict[str, Any] = {
+            "REQUEST_METHOD": "DELETE",
+            "PATH_INFO": "/v1/monitor/entries",
+            "HTTP_COOKIE": f"mongo_events_csrf={token}",
+            "HTTP_X_CSRF_TOKEN": token,
+        }
+        setup_testing_defaults(environ)
+        captured: list[str] = []
+        b"".join(app(environ, lambda status, headers: captured.append(status)))  # type: ignore[arg-type,func-returns-value]
+        return int(captured[0].split()[0])
+
+    # A cookie set from a sibling subdomain, sent back with the same value as the token:
+    assert delete("planted-by-evil.example") == 403
+    assert delete("nonce.c2lnbmVkIGJ5IHNvbWVvbmUgZWxzZQ") == 403  # signed with another secret
+    other = Client(wsgi_app(store))  # another app object: another random secret
+    assert delete(other.get("/v1/csrf")[1]["token"]) == 403
+    assert delete(Client(app).get("/v1/csrf")[1]["token"]) == 200  # this app's own token
+    # Worker processes sharing csrf_secret accept each other's tokens.
+    first, second = wsgi_app(store, csrf_secret="s3cret"), wsgi_app(store, csrf_secret="s3cret")
+    app = second
+    assert delete(Client(first).get("/v1/csrf")[1]["token"]) == 200

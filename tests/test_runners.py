@@ -21,6 +21,7 @@ from typing import Any
 import pymongo
 import pytest
 
+import mongo_events as me
 from mongo_events.runner import ensure_logging, exit_summary
 from mongo_events.testing import FakeReplicaSet
 
@@ -424,3 +425,42 @@ def test_django_command_exits_non_zero_naming_the_bus_and_the_error(tmp_path: Pa
     )
     # With no LOGGING of the project's own for mongo_events, the runner printed the log too.
     assert "WARNING mongo_events" in result.stderr or "ERROR mongo_events" in result.stderr, result.stderr
+
+
+# -- nothing subscribed ---------------------------------------------------------------------------------------
+
+
+def test_run_forever_refuses_to_run_when_no_bus_has_subscriptions() -> None:
+    from mongo_events.contrib.registry import BusRegistry
+
+    registry = BusRegistry({"orders": {"database": "shop", "collection": "orders"}}, uri=DEAD_URI)
+    announced: list[list[str]] = []
+    with pytest.raises(me.ConfigurationError, match=r"no bus has subscriptions.*orders.*imported"):
+        registry.run_forever(1.0, ready=lambda: announced.append(registry.started))
+    assert announced == []  # never announced as running
+    assert registry.started == []
+    registry.stop(1.0)
+
+
+def test_flask_run_exits_1_when_the_subscriptions_were_not_imported(tmp_path: Path) -> None:
+    (tmp_path / "flaskapp.py").write_text(
+        "import flask\n"
+        "from mongo_events.contrib.flask import MongoEvents\n"
+        "app = flask.Flask(__name__)\n"
+        f"app.config['MONGO_EVENTS_URI'] = {DEAD_URI!r}\n"
+        "app.config['MONGO_EVENTS_BUSES'] = {'orders': {'database': 'shop', 'collection': 'orders'}}\n"
+        "events = MongoEvents(app)\n"  # the module with @events.subscribe('orders') is never imported
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "flaskapp", "mongo-events", "run"],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "running" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("mongo-events: no bus has subscriptions") and "orders" in last, result.stderr

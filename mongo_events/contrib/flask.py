@@ -165,7 +165,7 @@ def _cli_group(ext: MongoEvents) -> Any:
 
         def ready() -> None:
             click.echo(
-                f"mongo-events: running {', '.join(registry.names)} in process {os.getpid()}; Ctrl-C stops",
+                f"mongo-events: running {', '.join(registry.started)} in process {os.getpid()}; Ctrl-C stops",
                 err=True,
             )
 

@@ -139,6 +139,13 @@ class BusRegistry:
         with self._lock:
             return sorted(set(self.config) | set(self._buses))
 
+    @property
+    def started(self) -> list[str]:
+        """The names of the buses built here that started (starting, running or stopping)."""
+        with self._lock:
+            buses = dict(self._buses)
+        return sorted(n for n, b in buses.items() if b.state.value not in ("new", "stopped"))
+
     def bus(self, name: str) -> Bus:
         """The bus called ``name``, built on first use in this process."""
         with self._lock:
@@ -211,7 +218,10 @@ class BusRegistry:
         not finished are delivered again after restart). When a bus fails, :attr:`failed`
         is that bus and the result is 1.
 
-        :param ready: called once every bus has started (to announce it).
+        :raises ConfigurationError: no configured bus has subscriptions (typically the
+            module that subscribes was not imported), so nothing started.
+
+        :param ready: called once every bus with subscriptions has started (to announce :attr:`started`).
         """
         stop = threading.Event()
         previous: dict[signal.Signals, Any] = {}
@@ -238,9 +248,14 @@ class BusRegistry:
         try:
             self.failed = None
             self.start()
+            if not self.started:
+                raise ConfigurationError(
+                    f"no bus has subscriptions, nothing to run (configured: {', '.join(self.names) or 'none'}); "
+                    "is the module with the @subscribe functions imported in this process?"
+                )
             if ready is not None:
                 ready()
-            log.info("mongo-events: running %s in process %d", ", ".join(self.names), os.getpid())
+            log.info("mongo-events: running %s in process %d", ", ".join(self.started), os.getpid())
             failed = None
             while not stop.wait(0.2):
                 failed = next((b for b in self._buses.values() if b.error is not None), None)

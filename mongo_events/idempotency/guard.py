@@ -58,7 +58,10 @@ class _Isolation:
     Without it, events that merely ran beside a poison event would count its crashes too
     and be dead-lettered with it. Suspects go first: new deliveries wait while one waits,
     but a suspect waits at most ``ALONE_WAIT`` seconds for the running callbacks, then runs
-    beside them (logged), so a stuck callback never stalls the others for good. Nothing
+    beside them (logged), so a stuck callback never stalls the others for good. Bystanders
+    are bounded the same way: a delivery waits at most ``ALONE_WAIT`` for a suspect (and
+    nothing waits once a suspect has held the gate alone for ``ALONE_WAIT``), then runs
+    beside it (logged at WARNING), so a hung suspect never stalls the process. Nothing
     waits once the interpreter is exiting.
     """
 
@@ -67,6 +70,9 @@ class _Isolation:
         self._shared = 0
         self._alone = False
         self._waiting = 0
+        #: When the suspect running alone stops holding the others back (monotonic).
+        self._alone_until = 0.0
+        self._hold_warned = False
 
     def enter(self, alone: bool) -> bool:
         """Wait for a turn; returns whether it runs alone (pass that to :meth:`leave`)."""
@@ -85,9 +91,28 @@ class _Isolation:
                     self._waiting -= 1
                     self._cond.notify_all()
                 self._alone = True
+                self._alone_until = time.monotonic() + ALONE_WAIT
+                self._hold_warned = False
                 return True
+            deadline = time.monotonic() + ALONE_WAIT
             while (self._alone or self._waiting) and not _exiting():
-                self._cond.wait(0.1)
+                now = time.monotonic()
+                if self._alone and now >= self._alone_until:
+                    if not self._hold_warned:
+                        self._hold_warned = True
+                        log.warning(
+                            "a suspect event has run alone for %.0fs (hung?); other deliveries run beside it",
+                            ALONE_WAIT,
+                        )
+                    break
+                left = deadline - now
+                if left <= 0:
+                    log.warning(
+                        "a delivery waited %.0fs for a suspect event running alone; it runs beside it",
+                        ALONE_WAIT,
+                    )
+                    break
+                self._cond.wait(min(0.1, left))
             self._shared += 1
             return False
 
@@ -324,24 +349,40 @@ class Idempotency:
         return f"<Idempotency {self.store!r} processing_ttl={self.processing_ttl} fail_closed={self.fail_closed}>"
 
 
-#: A crash counter's claim holds only long enough to count the start: it never makes
-#: another consumer of the same event wait (it does not deduplicate).
-_COUNT_ONLY = timedelta(milliseconds=1)
+#: How long a crash counter's claim holds by default (``Bus(crash_store=...)`` uses it). A
+#: start counts as a crash only once its claim expired unfinished; a live claim makes other
+#: consumers of the same event run uncounted. Lower it to count a crash loop faster; a
+#: callback running longer than it may count as a crash when another consumer starts the
+#: same event after the claim expired.
+CRASH_LEASE = timedelta(minutes=1)
 
 
 class CrashCounter(Idempotency):
     """Counts each (event, subscription) start in a store, to dead-letter poison events, without
     deduplicating: what ``Bus(crash_store=store)`` gives subscriptions without ``idempotency=``.
 
-    Before each call it claims ``"crash:<subscription>:<event id>"`` (one round trip, which
-    counts the start); after it, it removes the key on success or releases it on failure
-    (a second round trip). A store failure never stops the handler: it runs uncounted.
+    Before each call it claims ``"crash:<subscription>:<event id>"`` for ``processing_ttl``
+    (one round trip, which counts the start); after it, it removes the key on success or
+    releases it on failure (a second round trip). A start counts as a crash only when its
+    claim expired unfinished: while another consumer (a replica without a consumer group)
+    holds a live claim on the same event, this one runs uncounted. So a crash loop is counted
+    at most once per ``processing_ttl``. A store failure never stops the handler: it runs
+    uncounted.
+
+    :param processing_ttl: how long a start's claim holds (default :data:`CRASH_LEASE`, read
+        when the counter is made).
 
     .. versionadded:: 0.1.0
     """
 
-    def __init__(self, store: IdempotencyStore, *, max_crashes: int = 3) -> None:
-        super().__init__(store, processing_ttl=_COUNT_ONLY, max_crashes=max_crashes)
+    def __init__(
+        self, store: IdempotencyStore, *, max_crashes: int = 3, processing_ttl: timedelta | None = None
+    ) -> None:
+        super().__init__(
+            store,
+            processing_ttl=CRASH_LEASE if processing_ttl is None else processing_ttl,
+            max_crashes=max_crashes,
+        )
 
     def key_for(self, event: ChangeEvent, subscription: str) -> str:
         return f"crash:{subscription}:{event.id}"
@@ -354,7 +395,8 @@ class CrashCounter(Idempotency):
                 self.claim_failures += 1
             log.error("counting the start of %s failed (%r); the handler runs uncounted", key, exc)
             return None
-        if not claim.claimed:  # another consumer counted it this very millisecond: run uncounted
+        if not claim.claimed:  # another consumer's live start: not a crash, run uncounted
+            log.debug("%s is running in another consumer; this start runs uncounted", key)
             return None
         self._check_crashes(event, subscription, key, claim.starts)
         return claim.starts

@@ -6,7 +6,7 @@ import os
 import socket
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from pymongo import ReturnDocument
@@ -25,9 +25,21 @@ DEFAULT_COLLECTION = "event_idempotency"
 T = TypeVar("T")
 
 
-def _now() -> datetime:
-    # Naive UTC, as pymongo returns dates by default (and mongomock compares them).
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+def _later(ms: int) -> dict[str, Any]:
+    """The server's clock plus ``ms`` milliseconds, a date (``$subtract`` of a negative
+    number: ``$add`` of a date is the same on a server but mongomock only adds numbers)."""
+    return {"$subtract": ["$$NOW", -ms]}
+
+
+#: A key may be claimed when it is new, its record expired, or it is not completed and its
+#: claim expired: judged by the server's clock (``$$NOW``), never a client's.
+_CLAIMABLE: dict[str, Any] = {
+    "$or": [
+        {"$eq": [{"$ifNull": ["$status", None]}, None]},
+        {"$lte": ["$expires_at", "$$NOW"]},
+        {"$and": [{"$ne": ["$status", "completed"]}, {"$lte": ["$claimed_until", "$$NOW"]}]},
+    ]
+}
 
 
 class OwnerId:
@@ -53,17 +65,19 @@ class OwnerId:
 
 
 class MongoIdempotencyStore(IdempotencyStore):
-    """Documents ``{_id: key, status, owner, claimed_until, starts, expires_at, updated_at}``.
+    """Documents ``{_id: key, status, owner, claim, claimed_until, starts, expires_at, updated_at}``.
 
     ``status`` is ``processing``, ``completed`` or ``released``. A claim is one
-    ``find_one_and_update`` (upsert) that matches only a claimable document (released, or
-    its claim or record expired); a live one makes the upsert hit the unique ``_id``, which
-    is how two processes racing for a key get exactly one winner. A TTL index on
+    ``find_one_and_update`` (upsert) by ``_id`` whose update pipeline takes the key only
+    when it is claimable (new, released, or its claim or record expired) and otherwise
+    leaves it as it was; single-document atomicity gives two processes racing for a key
+    exactly one winner. A TTL index on
     ``expires_at`` deletes completed keys ``ttl`` after completion; claims are kept at least
     as long, so their count of unfinished starts survives a crash loop.
 
-    Times are the client's clock: keep hosts in NTP sync, and ``processing_ttl`` well above
-    the clock skew between them.
+    Every time is the server's clock (``$$NOW`` in pipeline updates, MongoDB 4.2+): the
+    clients' clocks are never compared, so a host whose clock is off cannot take a live
+    claim. ``claim`` is a nonce naming the claim that took the key.
 
     :param collection: a pymongo collection, or a pymongo ``Database`` to use
         ``event_idempotency`` in.
@@ -88,83 +102,84 @@ class MongoIdempotencyStore(IdempotencyStore):
 
     def try_claim(self, key: str, processing_ttl: timedelta) -> Claim:
         hold = check_processing_ttl(processing_ttl)
-        for _ in range(3):  # a key that vanishes between the upsert and the read is tried again
-            now = _now()
-            claimable = {
-                "_id": key,
-                "$or": [
-                    {"expires_at": {"$lte": now}},
-                    {"status": {"$ne": "completed"}, "claimed_until": {"$lte": now}},
-                ],
+        hold_ms = max(1, round(hold * 1000))
+        keep_ms = max(round(self.ttl.total_seconds() * 1000), hold_ms)
+        for _ in range(3):  # two clients inserting a new key at once: the loser looks again
+            nonce = uuid.uuid4().hex
+            fresh = {
+                "status": "processing",
+                "owner": self.owner,
+                "claim": nonce,
+                "claimed_until": _later(hold_ms),
+                "expires_at": _later(keep_ms),
+                "updated_at": "$$NOW",
+                "starts": {"$add": [{"$ifNull": ["$starts", 0]}, 1]},
             }
-            update = {
-                "$set": {
-                    "status": "processing",
-                    "owner": self.owner,
-                    "claimed_until": now + timedelta(seconds=hold),
-                    "expires_at": now + max(self.ttl, timedelta(seconds=hold)),
-                    "updated_at": now,
-                },
-                "$inc": {"starts": 1},
-            }
+            # One pipeline update judges expiry by the server's clock ($$NOW) and takes the
+            # key only when it is claimable; otherwise it leaves the document as it was.
+            update = [{"$set": {f: {"$cond": [_CLAIMABLE, v, f"${f}"]} for f, v in fresh.items()}}]
             try:
                 doc = self._call(
                     "claim",
                     key,
-                    lambda claimable=claimable, update=update: self.collection.find_one_and_update(  # type: ignore[misc]
-                        claimable,
+                    lambda update=update: self.collection.find_one_and_update(  # type: ignore[misc]
+                        {"_id": key},
                         update,
                         upsert=True,
                         return_document=ReturnDocument.AFTER,
-                        projection={"starts": 1},
+                        projection={"status": 1, "starts": 1, "claim": 1},
                     ),
                 )
-                return Claim(ClaimStatus.CLAIMED, int((doc or {}).get("starts", 1)))
             except DuplicateKeyError:
-                pass
-            found = self._call(
-                "claim",
-                key,
-                lambda: self.collection.find_one({"_id": key}, projection={"status": 1, "starts": 1}),
-            )
-            if found is not None:
-                status = ClaimStatus.COMPLETED if found.get("status") == "completed" else ClaimStatus.BUSY
-                return Claim(status, int(found.get("starts", 0)))
+                continue
+            doc = doc or {}
+            if doc.get("claim") == nonce:
+                return Claim(ClaimStatus.CLAIMED, int(doc.get("starts", 1)))
+            status = ClaimStatus.COMPLETED if doc.get("status") == "completed" else ClaimStatus.BUSY
+            return Claim(status, int(doc.get("starts") or 0))
         raise StoreError(
             f"idempotency store {self.collection.full_name}: could not claim {key!r}: it keeps changing"
         )
 
     def complete(self, key: str) -> None:
-        now = _now()
+        ttl_ms = round(self.ttl.total_seconds() * 1000)
         self._call(
             "complete",
             key,
             lambda: self.collection.update_one(
                 {"_id": key},
-                {
-                    "$set": {
-                        "status": "completed",
-                        "expires_at": now + self.ttl,
-                        "updated_at": now,
-                        "starts": 0,
+                [
+                    # $project rather than $unset, which mongomock's pipelines lack
+                    {"$project": {"owner": 0, "claim": 0, "claimed_until": 0}},
+                    {
+                        "$set": {
+                            "status": "completed",
+                            "expires_at": _later(ttl_ms),
+                            "updated_at": "$$NOW",
+                            "starts": 0,
+                        }
                     },
-                    "$unset": {"owner": "", "claimed_until": ""},
-                },
+                ],
                 upsert=True,
             ),
         )
 
     def release(self, key: str) -> None:
-        now = _now()
         self._call(
             "release",
             key,
             lambda: self.collection.update_one(
                 {"_id": key, "owner": self.owner, "status": "processing"},
-                {
-                    "$set": {"status": "released", "claimed_until": now, "updated_at": now},
-                    "$inc": {"starts": -1},
-                },
+                [
+                    {
+                        "$set": {
+                            "status": "released",
+                            "claimed_until": "$$NOW",
+                            "updated_at": "$$NOW",
+                            "starts": {"$subtract": [{"$ifNull": ["$starts", 1]}, 1]},
+                        }
+                    }
+                ],
             ),
         )
 

@@ -337,8 +337,18 @@ class StatusPublisher(Middleware):
     # -- lifecycle (called by the bus) --------------------------------------------------
 
     def attach(self, bus: Bus) -> None:
-        """Start publishing ``bus``'s status (``Bus.start`` calls this)."""
-        self.detach(0.0, final=False)
+        """Start publishing ``bus``'s status (``Bus.start`` calls this).
+
+        :raises ConfigurationError: it publishes another bus's status now: one publisher
+            serves one bus (give each bus its own, or pass the store as ``status=``).
+        """
+        other = self._bus
+        if other is not None and other is not bus and self._thread is not None:
+            raise ConfigurationError(
+                f"this StatusPublisher already publishes bus {other.name!r}'s status; bus {bus.name!r} needs "
+                "its own (pass the ConsumerStatusStore as status= and each bus makes one)"
+            )
+        self._end(0.0, final=False)
         self._bus = bus
         self._started_at = datetime.now(timezone.utc)
         with self._lock:
@@ -354,8 +364,16 @@ class StatusPublisher(Middleware):
     def detach(self, timeout: float, final: bool = True) -> None:
         """Stop publishing; the thread writes one final status first (the bus's stop calls this).
 
-        Waits at most ``timeout`` seconds for that write.
+        Waits at most ``timeout`` seconds for that write. Only the bus it publishes can
+        detach it: a call while that bus still runs (from a bus that :meth:`attach`
+        refused, cleaning up its failed start) changes nothing.
         """
+        bus = self._bus
+        if bus is not None and bus.state.value not in ("stopped", "failed"):
+            return
+        self._end(timeout, final)
+
+    def _end(self, timeout: float, final: bool) -> None:
         thread = self._thread
         if thread is None:
             return

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 import json
 import logging
@@ -371,6 +372,7 @@ def wsgi_app(
     auth: Callable[[dict[str, Any]], bool] | None = None,
     basic_auth: tuple[str, str] | None = None,
     read_only: bool = False,
+    csrf_secret: str | bytes | None = None,
 ) -> WSGIApp:
     """The monitor HTTP API over ``store``, and the dashboard (HTML pages under ``/``).
 
@@ -388,10 +390,15 @@ def wsgi_app(
     :param auth: ``fn(environ) -> bool``; False answers 403 to every request.
     :param basic_auth: ``("user", "secret")``: HTTP basic authentication on every request.
     :param read_only: hide and refuse (403) every write.
+    :param csrf_secret: signs the CSRF tokens (HMAC-SHA256). Default: random, made with the
+        app, so tokens are valid only for this app object; give the same secret to every
+        worker process serving one dashboard (e.g. gunicorn without ``--preload``, or
+        Django's ``SECRET_KEY``).
 
     Every write (``POST``, ``DELETE``) needs the CSRF token: the ``mongo_events_csrf``
     cookie's value as the ``csrf_token`` form field or the ``X-CSRF-Token`` header
-    (``GET /v1/csrf`` hands one out). Mount it in Flask with
+    (``GET /v1/csrf`` hands one out). The token is signed with ``csrf_secret``: a cookie
+    the app did not make (planted from a sibling subdomain, say) is refused and replaced. Mount it in Flask with
     ``werkzeug.middleware.dispatcher.DispatcherMiddleware``, in Django with
     :func:`mongo_events.contrib.django.dashboard.dashboard_urls`, or run it under
     gunicorn; ``mongo-events monitor serve`` runs it standalone.
@@ -412,6 +419,31 @@ def wsgi_app(
     if basic_auth is not None and (len(basic_auth) != 2 or not all(basic_auth)):
         raise ConfigurationError("basic_auth must be a (user, secret) pair of non-empty strings")
 
+    if csrf_secret is not None and not csrf_secret:
+        raise ConfigurationError("csrf_secret must not be empty")
+    csrf_key = (
+        (csrf_secret.encode() if isinstance(csrf_secret, str) else csrf_secret)
+        if csrf_secret is not None
+        else secrets.token_bytes(32)
+    )
+
+    def csrf_sign(nonce: str) -> str:
+        digest = hmac.new(csrf_key, nonce.encode(), hashlib.sha256).digest()[:18]
+        return base64.urlsafe_b64encode(digest).decode()
+
+    def csrf_mint() -> str:
+        nonce = secrets.token_urlsafe(18)
+        return f"{nonce}.{csrf_sign(nonce)}"
+
+    def csrf_genuine(token: str) -> bool:
+        """A token this app signed (not merely any cookie value)."""
+        nonce, dot, mac = token.partition(".")
+        return (
+            bool(dot and nonce)
+            and len(token) <= 100
+            and hmac.compare_digest(csrf_sign(nonce).encode(), mac.encode())
+        )
+
     def need_letters() -> DeadLetterStore:
         if letters is None:
             raise _HTTPError(404, "no dead-letter store configured (wsgi_app(..., dead_letters=store))")
@@ -431,7 +463,7 @@ def wsgi_app(
             raise _HTTPError(403, "this dashboard is read-only")
         cookie = req.cookies.get(CSRF_COOKIE, "")
         sent = req.environ.get("HTTP_X_CSRF_TOKEN") or _one(req.form(), "csrf_token") or ""
-        if not cookie or not hmac.compare_digest(cookie.encode(), sent.encode()):
+        if not csrf_genuine(cookie) or not hmac.compare_digest(cookie.encode(), sent.encode()):
             raise _HTTPError(
                 403,
                 f"missing or wrong CSRF token: send the {CSRF_COOKIE} cookie's value as csrf_token or X-CSRF-Token "
@@ -739,9 +771,9 @@ def wsgi_app(
         req = _Request(environ)
         is_api = req.path.startswith("/v1/") or req.path == "/v1"
         csrf = req.cookies.get(CSRF_COOKIE, "")
-        new_cookie = not csrf or len(csrf) > 100
+        new_cookie = not csrf_genuine(csrf)
         if new_cookie:
-            csrf = secrets.token_urlsafe(24)
+            csrf = csrf_mint()
         try:
             response = authorized(environ)
             if response is None:

@@ -20,6 +20,7 @@ from datetime import timedelta
 import pymongo
 
 import mongo_events as me
+from mongo_events.idempotency import guard
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     letters = me.MongoDeadLetterStore(internal["event_dlq"])
     store = me.MongoIdempotencyStore(internal["event_idempotency"])
     options: dict[str, object] = {"crash_store": store}  # counts starts, does not deduplicate
+    # A dead process's start counts as a crash once its claim expired: shorter here than
+    # a restart takes (a restart within the lease would run uncounted, as documented).
+    guard.CRASH_LEASE = timedelta(milliseconds=50)
     if args.mode == "idempotency":
         # A dead process's claim blocks its event's redelivery this long: short here.
         options = {

@@ -231,3 +231,31 @@ def test_a_forked_worker_holds_claims_under_its_own_name(monkeypatch: pytest.Mon
     monkeypatch.undo()
     store.release("k1")  # the parent does not release the child's claim
     assert not store.claim("k1", HOLD)
+
+
+@pytest.mark.parametrize("backend", ["mongomock", "fake_rs"])
+def test_a_client_whose_clock_is_ahead_cannot_steal_a_live_claim(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datetime as dt
+
+    from mongo_events.idempotency import mongodb as mongodb_module
+
+    with contextlib.ExitStack() as stack:
+        if backend == "mongomock":
+            collection: Any = mongomock.MongoClient().db.event_idempotency
+        else:
+            rs = stack.enter_context(FakeReplicaSet())
+            collection = stack.enter_context(
+                pymongo.MongoClient(rs.uri, **CLIENT_OPTIONS)
+            ).db.event_idempotency
+        a, b = me.MongoIdempotencyStore(collection), me.MongoIdempotencyStore(collection)  # two hosts
+        assert a.try_claim("k", timedelta(minutes=1)).claimed
+        real = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+        # Host b's clock runs an hour ahead: expiry is the server's business, not b's.
+        monkeypatch.setattr(mongodb_module, "_now", lambda: real + timedelta(hours=1), raising=False)
+        assert b.try_claim("k", timedelta(minutes=1)).status is ClaimStatus.BUSY
+        b.release("k")  # not b's claim: a no-op
+        assert b.try_claim("k", timedelta(minutes=1)).status is ClaimStatus.BUSY
+        a.complete("k")
+        assert b.try_claim("k", timedelta(minutes=1)).status is ClaimStatus.COMPLETED

@@ -37,7 +37,7 @@ class Command(BaseCommand):
         from mongo_events.errors import MongoEventsError
 
         def ready() -> None:
-            self.stderr.write(f"mongo-events: running {', '.join(registry.names)}; Ctrl-C stops")
+            self.stderr.write(f"mongo-events: running {', '.join(registry.started)}; Ctrl-C stops")
 
         try:
             code = registry.run_forever(float(conf.get("STOP_TIMEOUT", 30)), ready=ready)

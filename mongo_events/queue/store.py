@@ -85,11 +85,19 @@ class MessageStore:
         after ``acked_at`` (a TTL index, created by :meth:`ensure_indexes`).
     """
 
-    def __init__(self, collection: Collection[Any], *, visibility_timeout: float = 300.0, ttl: float | None = None) -> None:
+    def __init__(
+        self, collection: Collection[Any], *, visibility_timeout: float = 300.0, ttl: float | None = None
+    ) -> None:
         if collection is None:
             raise ConfigurationError("MessageStore needs a collection")
-        if isinstance(visibility_timeout, bool) or not isinstance(visibility_timeout, (int, float)) or visibility_timeout <= 0:
-            raise ConfigurationError(f"visibility_timeout must be a positive number of seconds, got {visibility_timeout!r}")
+        if (
+            isinstance(visibility_timeout, bool)
+            or not isinstance(visibility_timeout, (int, float))
+            or visibility_timeout <= 0
+        ):
+            raise ConfigurationError(
+                f"visibility_timeout must be a positive number of seconds, got {visibility_timeout!r}"
+            )
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0):
             raise ConfigurationError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
         self.collection = collection
@@ -123,7 +131,9 @@ class MessageStore:
     # -- publishing ------------------------------------------------------------
 
     @staticmethod
-    def _document(event: str, payload: Mapping[str, Any], key: str | None, headers: Mapping[str, Any] | None) -> dict[str, Any]:
+    def _document(
+        event: str, payload: Mapping[str, Any], key: str | None, headers: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
         if not isinstance(event, str) or not event:
             raise ConfigurationError(f"event must be a non-empty str, got {event!r}")
         if not isinstance(payload, Mapping):
@@ -186,7 +196,9 @@ class MessageStore:
             "$or": [{"status": PENDING}, {"status": INFLIGHT, "inflight_at": {"$lt": expired}}],
         }
 
-    def claim(self, event: str, *, owner: str = "", limit: int = 1, ordered: bool = False) -> list[StoredMessage]:
+    def claim(
+        self, event: str, *, owner: str = "", limit: int = 1, ordered: bool = False
+    ) -> list[StoredMessage]:
         """Claim up to ``limit`` claimable messages of ``event``, oldest first.
 
         Claimable: pending, or in flight past the visibility timeout. With
@@ -206,7 +218,9 @@ class MessageStore:
                     return_document=pymongo.ReturnDocument.AFTER,
                 )
                 return [] if doc is None else [self._message(doc)]
-            candidates = list(self.collection.find(filt, {"_id": 1, "key": 1}, sort=[("_id", 1)], limit=limit))
+            candidates = list(
+                self.collection.find(filt, {"_id": 1, "key": 1}, sort=[("_id", 1)], limit=limit)
+            )
             if ordered:
                 candidates = self._heads(event, candidates)
             if not candidates:
@@ -217,7 +231,9 @@ class MessageStore:
                 {**filt, "_id": {"$in": ids}},
                 {"$set": {"status": INFLIGHT, "inflight_at": now, "owner": owner, "claim": token}},
             )
-            docs = self.collection.find({"_id": {"$in": ids}, "claim": token, "status": INFLIGHT}, sort=[("_id", 1)])
+            docs = self.collection.find(
+                {"_id": {"$in": ids}, "claim": token, "status": INFLIGHT}, sort=[("_id", 1)]
+            )
             return [self._message(d) for d in docs]
         except PyMongoError as exc:
             raise StoreError(f"claim messages of {event!r}: {exc}") from exc
@@ -262,7 +278,10 @@ class MessageStore:
         try:
             result = self.collection.update_many(
                 {"_id": {"$in": ids}, "event_name": event},
-                {"$set": {"status": ACKED, "acked_at": _now()}, "$unset": {"inflight_at": "", "owner": "", "claim": ""}},
+                {
+                    "$set": {"status": ACKED, "acked_at": _now()},
+                    "$unset": {"inflight_at": "", "owner": "", "claim": ""},
+                },
             )
         except PyMongoError as exc:
             raise StoreError(f"ack messages of {event!r}: {exc}") from exc
@@ -273,7 +292,11 @@ class MessageStore:
         try:
             result = self.collection.update_one(
                 {"_id": _oid(message_id), "event_name": event, "status": INFLIGHT},
-                {"$set": {"status": PENDING}, "$inc": {"retry_count": 1}, "$unset": {"inflight_at": "", "owner": "", "claim": ""}},
+                {
+                    "$set": {"status": PENDING},
+                    "$inc": {"retry_count": 1},
+                    "$unset": {"inflight_at": "", "owner": "", "claim": ""},
+                },
             )
         except PyMongoError as exc:
             raise StoreError(f"nack message {message_id} of {event!r}: {exc}") from exc
@@ -285,7 +308,12 @@ class MessageStore:
             return 0
         try:
             result = self.collection.update_many(
-                {"_id": {"$in": [_oid(m) for m in message_ids]}, "event_name": event, "status": INFLIGHT, "owner": owner},
+                {
+                    "_id": {"$in": [_oid(m) for m in message_ids]},
+                    "event_name": event,
+                    "status": INFLIGHT,
+                    "owner": owner,
+                },
                 {"$set": {"status": PENDING}, "$unset": {"inflight_at": "", "owner": "", "claim": ""}},
             )
         except PyMongoError as exc:

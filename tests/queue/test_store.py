@@ -30,7 +30,12 @@ def test_lifecycle_pending_inflight_acked(coll: Any) -> None:
     assert doc["data"] == {"order": 1} and isinstance(doc["timestamp"], datetime)
 
     (msg,) = store.claim("order.placed", owner="c1")
-    assert msg.id == seq and msg.payload == {"order": 1} and msg.headers == {"trace": "t1"} and msg.retry_count == 0
+    assert (
+        msg.id == seq
+        and msg.payload == {"order": 1}
+        and msg.headers == {"trace": "t1"}
+        and msg.retry_count == 0
+    )
     doc = coll.find_one()
     assert doc["status"] == "inflight" and isinstance(doc["inflight_at"], datetime)
     assert store.claim("order.placed", owner="c2") == []  # claimed once only
@@ -107,7 +112,9 @@ def test_batch_claim_and_ordered_keys(coll: Any) -> None:
 
 def test_append_many_and_stats(coll: Any) -> None:
     store = MessageStore(coll)
-    ids = store.append_many([("a", {"n": i}, None, None) for i in range(3)] + [("b", {"n": 9}, "k", {"h": 1})])
+    ids = store.append_many(
+        [("a", {"n": i}, None, None) for i in range(3)] + [("b", {"n": 9}, "k", {"h": 1})]
+    )
     assert len(ids) == 4 and [str(d["_id"]) for d in coll.find(sort=[("_id", 1)])] == ids
     store.claim("a", owner="x")
     store.ack("b", ids[3:])
@@ -117,9 +124,12 @@ def test_append_many_and_stats(coll: Any) -> None:
 
 def test_purge_deletes_old_acked_only(coll: Any) -> None:
     store = MessageStore(coll)
-    old, recent, pending = (store.append("e", {"n": i}) for i in range(3))
+    old, recent, _pending = (store.append("e", {"n": i}) for i in range(3))
     store.ack("e", [old, recent])
-    coll.update_one({"_id": coll.find_one({"data.n": 0})["_id"]}, {"$set": {"acked_at": datetime.now(timezone.utc) - timedelta(hours=2)}})
+    coll.update_one(
+        {"_id": coll.find_one({"data.n": 0})["_id"]},
+        {"$set": {"acked_at": datetime.now(timezone.utc) - timedelta(hours=2)}},
+    )
     assert store.purge(3600) == 1
     assert sorted(d["data"]["n"] for d in coll.find()) == [1, 2]
     coll.update_one({"data.n": 1}, {"$set": {"acked_at": datetime.now(timezone.utc) - timedelta(minutes=1)}})

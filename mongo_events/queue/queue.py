@@ -253,6 +253,14 @@ class Queue:
                 self._ring(event, ids[-1])
         return ids
 
+    def notify(self, event: str) -> None:
+        """Ring the signal for ``event`` (after committing a transaction that published to it).
+
+        A publish inside a transaction rings nothing, since its message is not visible
+        before the commit; without this call consumers find it at their next poll.
+        """
+        self._ring(event, "")
+
     def _ring(self, event: str, message_id: str) -> None:
         if event in self._consumers:
             self._wake.set()  # a consumer in this process needs no Redis

@@ -28,6 +28,8 @@ from bson.timestamp import Timestamp
 import mongo_events as me
 from mongo_events.monitor import MongoMonitorStore
 
+from . import queue as queue_bench
+
 #: Changes the ack and monitor workload reads from the fake (it is bounded by mongomock; 5,000 with --quick).
 ACKS_ON_FAKE = 20_000
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -404,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"  idempotency (Redis)   {idem_redis:>10,.0f} events/s, {trips_redis:.2f} store round trips per event")
             else:
                 log("  idempotency (Redis): no REDIS_URL and no redis-server binary; not measured")
+            queue_figures = queue_bench.run(client, redis_server.url, quick=args.quick)  # benchmarks/queue.py
+            log("  queue: " + ", ".join(f"{k} {v}" for k, v in queue_figures.items()))
         finally:
             redis_server.close()
         report = {
@@ -433,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
             "idempotency_redis_events_per_s": round(idem_redis) if idem_redis is not None else None,
             "idempotency_redis_round_trips_per_event": round(trips_redis, 3) if trips_redis is not None else None,
         }
+        report.update(queue_figures)
         log("")
         log(f"{'measure':<36}{'value':>14}")
         for key, value in report.items():

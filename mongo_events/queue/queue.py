@@ -345,7 +345,11 @@ class Queue:
             with self._lock:
                 dispatcher.drain()
             dispatcher.shutdown()
-        self._flush_acks()
+        try:
+            self._flush_acks()
+        except StoreError:  # logged; unacked messages are redelivered after the visibility timeout
+            with self._lock:
+                self._to_ack.clear()
         with self._lock:
             # A callback still running keeps its message (redelivered after the visibility timeout).
             unfinished = [m for m in self._held.values() if not any(f"on event {m.id} " in r for r in late)]

@@ -103,7 +103,7 @@ def test_attempts_continue_from_the_stored_retry_count(coll: Any, queues: list[Q
 
     def fail(p: dict[str, Any], d: me.Delivery) -> None:
         seen.add(d.attempt)
-        raise me.Retry("again", delay=0.001)
+        raise me.Retry(0.001, "again")
 
     q.subscribe(fail, event="e", max_retries=3)
     q.start()
@@ -205,3 +205,42 @@ def test_context_manager_starts_and_stops(coll: Any) -> None:
         assert q2.health().status == "healthy" and q2.health().signal == "none"
         assert got.wait(1) == [1]
     assert q2.health().running is False
+
+
+def test_idempotency_skips_a_message_already_completed_and_acks_it(coll: Any, queues: list[Queue]) -> None:
+    """A message redelivered after its consumer died between callback and ack runs no second effect."""
+    from datetime import timedelta
+
+    store = me.MemoryIdempotencyStore()
+    got = Recorder()
+    q = make(coll, queues)
+    q.subscribe(lambda p: got.add(p["n"]), event="e", idempotency=store)
+    first = q.publish("e", {"n": 1})
+    store.try_claim(f"e:{first}", timedelta(seconds=60))
+    store.complete(f"e:{first}")  # as if an earlier consumer handled it and died before its ack
+    q.publish("e", {"n": 2})
+    q.start()
+    assert got.wait(1) == [2]
+    assert wait_for(lambda: q.stats("e").acked == 2)
+    assert got.items == [2]
+
+
+def test_middleware_sees_every_attempt(coll: Any, queues: list[Queue]) -> None:
+    seen = Recorder()
+
+    class Spy(me.Middleware):
+        def after_delivery(self, delivery: me.Delivery, error: BaseException | None, duration: float) -> None:
+            seen.add((delivery.bus, delivery.subscription, delivery.attempt, type(error).__name__))
+
+    calls = []
+
+    def flaky(p: dict[str, Any]) -> None:
+        calls.append(p)
+        if len(calls) == 1:
+            raise me.Retry(0.001, "once")
+
+    q = make(coll, queues, name="jobs", middleware=[Spy()])
+    q.subscribe(flaky, event="e")
+    q.start()
+    q.publish("e", {"n": 1})
+    assert seen.wait(2) == [("jobs", "e", 1, "Retry"), ("jobs", "e", 2, "NoneType")]

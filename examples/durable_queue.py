@@ -71,10 +71,9 @@ def main() -> int:
                 order = OrderPlaced(order_id, customer=f"customer-{order_id % 2}", total=10.0 * order_id)
                 # The outbox: the order and its job are written together (on a real server, in one
                 # transaction: the job exists if and only if the order does).
-                with client.start_session() as session:
-                    with session.start_transaction():
-                        db["orders"].insert_one(dataclasses.asdict(order), session=session)
-                        publisher.publish("order.placed", order, key=order.customer, session=session)
+                with client.start_session() as session, session.start_transaction():
+                    db["orders"].insert_one(dataclasses.asdict(order), session=session)
+                    publisher.publish("order.placed", order, key=order.customer, session=session)
                 publisher.notify("order.placed")
             for _ in range(6):
                 if not done.acquire(timeout=30):

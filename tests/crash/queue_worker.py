@@ -40,7 +40,14 @@ def main() -> None:
             publisher.publish_many(batch)
         return
     fd = os.open(args.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    queue = Queue(coll, name=args.name, poll_interval=0.05, visibility_timeout=args.visibility, max_workers=4)
+    queue = Queue(
+        coll,
+        name=args.name,
+        poll_interval=0.05,
+        visibility_timeout=args.visibility,
+        max_workers=4,
+        prefetch=50,
+    )
 
     @queue.subscribe(event="job", ordered=True, max_retries=0, on_exhausted="skip")
     def handle(payload: dict[str, Any]) -> None:

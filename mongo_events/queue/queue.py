@@ -37,7 +37,10 @@ from ..events import ChangeEvent
 from ..guard import run_guarded
 from ..idempotency.base import IdempotencyStore
 from ..idempotency.guard import Idempotency
+from ..metrics import Metrics
 from ..middleware.base import Middleware
+from ..monitor.middleware import MonitorMiddleware
+from ..monitor.store import MonitorStore
 from ..retrying import RetryBackoff
 from ..stores.base import DeadLetterStore
 from ..stores.records import DeadLetter
@@ -99,6 +102,11 @@ class Queue:
     :param dead_letters: a :class:`DeadLetterStore` or ``fn(event, subscription, error, attempts)``.
     :param middleware: :class:`Middleware` around every attempt.
     :param decoder: decodes payloads into ``payload=`` types (default: cattrs).
+    :param metrics: a :class:`~mongo_events.Metrics`: handler counters and durations,
+        retries and dead letters, attributed to the subscription (its per-bus gauges,
+        such as pending and checkpoint age, are not reported for a queue).
+    :param monitor: a :class:`~mongo_events.monitor.MonitorStore` (or its middleware):
+        one entry per message and subscription, written in batches from the fetcher.
     """
 
     def __init__(
@@ -115,6 +123,8 @@ class Queue:
         dead_letters: DeadLetterStore | DeadLetterHook | None = None,
         middleware: Sequence[Middleware] = (),
         decoder: Decoder | None = None,
+        metrics: Metrics | None = None,
+        monitor: MonitorStore | MonitorMiddleware | None = None,
     ) -> None:
         if (
             isinstance(poll_interval, bool)
@@ -140,7 +150,11 @@ class Queue:
         self._dead_letters: DeadLetterHook | None = (
             self._store_dead_letter if self.dead_letter_store is not None else dead_letters  # type: ignore[assignment]
         )
-        self._middleware = list(middleware)
+        self.monitor: MonitorMiddleware | None = (
+            MonitorMiddleware(monitor) if isinstance(monitor, MonitorStore) else monitor
+        )
+        self._middleware = [m for m in (self.monitor, metrics) if m is not None] + list(middleware)
+        self._monitor_flushed = 0.0
         self._decoder = decoder or CattrsDecoder()
         #: This process's consumer id: claims and visibility renewals carry it.
         self.consumer_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -367,6 +381,7 @@ class Queue:
                     len(ids),
                     exc,
                 )
+        self._flush_monitor(force=True)
         self._stopped.set()
         log.info("queue %s stopped", self.name)
         if late:
@@ -489,6 +504,7 @@ class Queue:
             self._wake.clear()
             try:
                 self._flush_acks()
+                self._flush_monitor()
                 if time.monotonic() - renewed >= renew_every:
                     self._renew()
                     renewed = time.monotonic()
@@ -504,7 +520,21 @@ class Queue:
             backoff = self.poll_interval
             if claimed:
                 continue  # drain: claim again until the store has nothing (or we hold enough)
-            self._wake.wait(min(self.poll_interval, renew_every))
+            self._wake.wait(
+                min(self.poll_interval, renew_every, 0.5 if self.monitor is not None else renew_every)
+            )
+
+    def _flush_monitor(self, force: bool = False) -> None:
+        """Write the monitor's entries, at most every half second (best effort, as in the bus)."""
+        if self.monitor is None or (not force and time.monotonic() - self._monitor_flushed < 0.5):
+            return
+        self._monitor_flushed = time.monotonic()
+        try:
+            self.monitor.flush()
+        except Exception as exc:
+            log.warning(
+                "queue %s: could not write monitor entries (%s); retried with the next batch", self.name, exc
+            )
 
     def _renew(self) -> None:
         with self._lock:

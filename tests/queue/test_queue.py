@@ -244,3 +244,35 @@ def test_middleware_sees_every_attempt(coll: Any, queues: list[Queue]) -> None:
     q.start()
     q.publish("e", {"n": 1})
     assert seen.wait(2) == [("jobs", "e", 1, "Retry"), ("jobs", "e", 2, "NoneType")]
+
+
+def test_metrics_and_monitor_see_queue_deliveries(coll: Any, queues: list[Queue]) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from mongo_events.monitor import MemoryMonitorStore
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    monitor = MemoryMonitorStore()
+    got = Recorder()
+    q = make(coll, queues, metrics=me.Metrics(meter_provider=provider), monitor=monitor)
+    q.subscribe(lambda p: got.add(p["n"]), event="e")
+    q.start()
+    seq = q.publish("e", {"n": 1})
+    got.wait(1)
+    q.stop()
+    entry = monitor.get(seq, "e")
+    assert entry is not None and str(entry.status) == "completed"
+    data = reader.get_metrics_data()
+    processed = [
+        p.value
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name == "mongodb.changes.processed"
+        for p in m.data.data_points
+        if dict(p.attributes or {}).get("event") == "e"
+    ]
+    provider.shutdown()
+    assert processed == [1]

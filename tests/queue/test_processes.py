@@ -98,6 +98,12 @@ def test_three_consumers_one_publisher_two_sigkills() -> None:
             for key, ns in per_key.items():
                 assert ns == sorted(ns), f"seed={seed}: key {key} out of order: {ns[:20]}"
             assert len({name for name, _, _ in entries}) >= 3, f"seed={seed}: work was not shared"
+            # run_forever() ends on SIGTERM with a clean stop (exit status 0).
+            for name, proc in consumers.items():
+                proc.terminate()
+                assert proc.wait(20) == 0, (
+                    f"seed={seed}: consumer {name}: {proc.stderr.read() if proc.stderr else ''}"
+                )
             print(f"seed={seed} handled={len(entries)} unique={len(handled)} killed={killed}")
         finally:
             for proc in consumers.values():

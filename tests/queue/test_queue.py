@@ -276,3 +276,33 @@ def test_metrics_and_monitor_see_queue_deliveries(coll: Any, queues: list[Queue]
     ]
     provider.shutdown()
     assert processed == [1]
+
+
+def test_a_long_callback_keeps_its_message_by_renewing_visibility(coll: Any, queues: list[Queue]) -> None:
+    release = threading.Event()
+    got = Recorder()
+
+    def slow(p: dict[str, Any], d: me.Delivery) -> None:
+        got.add(d.bus)
+        release.wait(20)
+
+    a = make(coll, queues, name="a", visibility_timeout=0.6)
+    a.subscribe(slow, event="e")
+    a.start()
+    a.publish("e", {"n": 1})
+    got.wait(1)
+    b = make(coll, queues, name="b", visibility_timeout=0.6)
+    b.subscribe(slow, event="e")
+    b.start()
+    seen: set[Any] = set()
+
+    def renewed_three_times() -> bool:
+        doc = coll.find_one()
+        seen.add(doc.get("inflight_at"))
+        return len(seen) >= 4  # the claim's inflight_at and three renewals: well past 0.6 s
+
+    assert wait_for(renewed_three_times, 10)
+    assert got.items == ["a"] and coll.find_one()["owner"] == a.consumer_id
+    release.set()
+    assert wait_for(lambda: a.stats("e").acked == 1)
+    assert got.items == ["a"]

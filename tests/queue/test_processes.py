@@ -25,14 +25,16 @@ KEYS = 50
 BOUND = 60 + COUNT * 0.1
 
 
-def _worker(uri: str, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.crash.queue_worker", *args, "--uri", uri, "--keys", str(KEYS)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def _worker(uri: str, errors: str, *args: str) -> subprocess.Popen[str]:
+    """A worker process; its stderr goes to the file ``errors`` (a pipe nobody reads could fill and block it)."""
+    with open(errors, "a") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tests.crash.queue_worker", *args, "--uri", uri, "--keys", str(KEYS)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
 
 
 def _read(path: str) -> list[tuple[str, int, str]]:
@@ -48,19 +50,25 @@ def test_three_consumers_one_publisher_two_sigkills() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         server, uri = _start_server(os.path.join(tmp, "data"))
         log = os.path.join(tmp, "handled.log")
+        errors = os.path.join(tmp, "stderr.log")
+
+        def stderr() -> str:
+            with open(errors) as fh:
+                return fh.read()[-3000:]
+
         consumers: dict[str, subprocess.Popen[str]] = {}
         killed: list[str] = []
         client: pymongo.MongoClient[Any] = pymongo.MongoClient(uri, serverSelectionTimeoutMS=10000)
         try:
 
             def start(name: str) -> None:
-                proc = _worker(uri, "consume", "--log", log, "--name", name)
+                proc = _worker(uri, errors, "consume", "--log", log, "--name", name)
                 assert proc.stdout is not None and proc.stdout.readline().strip() == "ready", f"seed={seed}"
                 consumers[name] = proc
 
             for name in ("a", "b", "c"):
                 start(name)
-            publisher = _worker(uri, "publish", "--count", str(COUNT))
+            publisher = _worker(uri, errors, "publish", "--count", str(COUNT))
             for round_ in range(2):
                 # Let some work happen, then SIGKILL a consumer mid-stream and start a new one.
                 target = (round_ + 1) * COUNT // 4
@@ -73,9 +81,7 @@ def test_three_consumers_one_publisher_two_sigkills() -> None:
                 killed.append(victim)
                 start(f"{victim}{round_}")
                 del consumers[victim]
-            assert publisher.wait(BOUND) == 0, (
-                f"seed={seed}: publisher failed: {publisher.stderr.read() if publisher.stderr else ''}"
-            )
+            assert publisher.wait(BOUND) == 0, f"seed={seed}: publisher failed: {stderr()}"
 
             def all_handled() -> bool:
                 return len({n for _, n, _ in _read(log)}) >= COUNT
@@ -101,9 +107,7 @@ def test_three_consumers_one_publisher_two_sigkills() -> None:
             # run_forever() ends on SIGTERM with a clean stop (exit status 0).
             for name, proc in consumers.items():
                 proc.terminate()
-                assert proc.wait(20) == 0, (
-                    f"seed={seed}: consumer {name}: {proc.stderr.read() if proc.stderr else ''}"
-                )
+                assert proc.wait(20) == 0, f"seed={seed}: consumer {name}: {stderr()}"
             print(f"seed={seed} handled={len(entries)} unique={len(handled)} killed={killed}")
         finally:
             for proc in consumers.values():

@@ -28,6 +28,7 @@ from bson.timestamp import Timestamp
 import mongo_events as me
 from mongo_events.monitor import MongoMonitorStore
 
+from . import queue as queue_bench
 from . import regimes
 from .regimes import Run, per_repetition, regime_report, regime_table
 
@@ -424,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"  idempotency (Redis)   {idem_redis:>10,.0f} events/s, {trips_redis:.2f} store round trips per event")
             else:
                 log("  idempotency (Redis): no REDIS_URL and no redis-server binary; not measured")
+            queue_figures = queue_bench.run(client, redis_server.url, quick=args.quick)  # benchmarks/queue.py
+            log("  queue: " + ", ".join(f"{k} {v}" for k, v in queue_figures.items()))
         finally:
             redis_server.close()
         report = {
@@ -456,10 +459,10 @@ def main(argv: list[str] | None = None) -> int:
             "idempotency_mongo_round_trips_per_event": round(trips_mongo, 3),
             "idempotency_redis_events_per_s": round(idem_redis) if idem_redis is not None else None,
             "idempotency_redis_round_trips_per_event": round(trips_redis, 3) if trips_redis is not None else None,
-
             "load_average_1m": round(os.getloadavg()[0], 2),
         }
         report.update(regime_report(runs, ratios, med))
+        report.update(queue_figures)
         log("")
         log(f"{'measure':<48}{'value':>14}")
         for key, value in report.items():

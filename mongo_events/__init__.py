@@ -54,6 +54,9 @@ from .idempotency import (
 from .metrics import Metrics
 from .middleware import Middleware
 from .pipeline import collection_filter
+
+# The durable queue (last: it builds on the dispatcher and the stores above).
+from .queue import MessageStore, Queue, QueueHealth, QueueStats, RedisSignal, StoredMessage
 from .reporting import ErrorContext, ErrorHandler
 from .retrying import RetryBackoff
 from .stores import (
@@ -134,6 +137,13 @@ __all__ = [
     "DeadLetterHealth",
     "ReplayOutcome",
     "ReplayResult",
+    # the durable queue (mongo_events.queue)
+    "Queue",
+    "QueueHealth",
+    "QueueStats",
+    "RedisSignal",
+    "MessageStore",
+    "StoredMessage",
     # errors
     "MongoEventsError",
     "ConfigurationError",

@@ -143,12 +143,15 @@ class Dispatcher:
         self._dead_letters = dead_letters
         self._bus_name = bus_name
         self._ready: queue.SimpleQueue[WorkItem | None] = queue.SimpleQueue()  # None wakes a worker
-        self._lanes: Lanes[WorkItem] = Lanes()
+        #: Per-key lanes (guarded by ``lock``). Public for the stream consumer's hot path,
+        #: which pushes a single subscription's item here without :meth:`admit`'s extra call.
+        self.lanes: Lanes[WorkItem] = Lanes()
         self._timers: list[tuple[float, int, WorkItem]] = []
         self._counter = itertools.count()
         self._lock = lock
-        #: Finished items not yet reported (appended without the lock; see drain()).
-        self._done: deque[WorkItem] = deque()
+        #: Finished items not yet reported (appended without the lock; see drain()). Read-only
+        #: outside: a lock holder tests it before calling drain(), as drain() itself does.
+        self.finished: deque[WorkItem] = deque()
         self._halt = threading.Event()
         self._threads: list[threading.Thread] = []
         self._executor: ThreadPoolExecutor | None = None
@@ -225,7 +228,7 @@ class Dispatcher:
         """
         if item.lane is None:
             return item
-        return self._lanes.push(item.lane, item)
+        return self.lanes.push(item.lane, item)
 
     def enqueue(self, item: WorkItem) -> None:
         """Hand a runnable item (from :meth:`admit`) to the workers."""
@@ -249,10 +252,10 @@ class Dispatcher:
 
     def drain(self) -> None:
         """Report finished items and queue their lanes' successors (caller holds the lock)."""
-        done = self._done
+        done = self.finished
         if not done:
             return
-        lanes = self._lanes
+        lanes = self.lanes
         put = self._ready.put
         slots = []
         while done:
@@ -267,7 +270,7 @@ class Dispatcher:
     def _work(self, index: int) -> None:
         busy = self._busy
         lock = self._lock
-        done = self._done
+        done = self.finished
         halt = self._halt
         while not halt.is_set():
             item = self._next()

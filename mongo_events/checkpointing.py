@@ -12,7 +12,6 @@ import inspect
 import threading
 import time
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
 from bson.timestamp import Timestamp

@@ -834,17 +834,20 @@ def test_the_private_pymongo_attributes_the_watcher_reads_still_exist(client: py
     event) and ``CommandCursor._data`` (what pymongo holds without I/O). A pymongo that
     renames them only sends the watcher down its slower fallbacks, so nothing else would
     notice: this test fails instead, on every interpreter and pymongo of the tox matrix."""
+    from mongo_events.watcher import pymongo_peek  # the one adapter that reads them
+
+    read_token, read_buffered = pymongo_peek()
     coll = client.shop.orders
     with coll.watch(max_await_time_ms=50) as stream:
         coll.insert_many([{"_id": i} for i in range(3)])
         first = None
         while first is None:
             first = stream.try_next()
-        assert stream._resume_token == stream.resume_token == first["_id"]
-        buffered = stream._cursor._data
+        assert read_token(stream) == stream.resume_token == first["_id"]
+        buffered = read_buffered(stream)
         assert isinstance(buffered, collections.deque)
         assert len(buffered) == 2  # the getMore brought all three inserts
         get_mores = fake_rs.command_count("getMore")
         rest = [stream.try_next() for _ in range(len(buffered))]
-        assert all(raw is not None for raw in rest) and not stream._cursor._data
+        assert all(raw is not None for raw in rest) and not read_buffered(stream)
         assert fake_rs.command_count("getMore") == get_mores  # what it held came without I/O

@@ -285,7 +285,7 @@ def latency(client: pymongo.MongoClient[Any], rate: int, seconds: float) -> tupl
         if len(samples) >= total:
             got.set()
 
-    StreamConsumer._open_stream = timed_open  # type: ignore[method-assign]
+    StreamConsumer._open_stream = timed_open  # type: ignore[method-assign,assignment]
     try:
         bus.start()
     finally:

@@ -28,3 +28,9 @@ def test_idempotency_workloads_claim_and_complete_each_event_once(
     assert trips == 2.0  # one claim and one complete per event: no batching yet
     rate, trips = run.idempotency_run(client, 200, at, run.redis_idempotency_store(redis_url), workers=4)
     assert rate > 0 and trips == 2.0
+
+
+def test_the_latency_workload_times_every_event(client: pymongo.MongoClient[Any]) -> None:
+    # It times try_next() inside the stream consumer; if that seam moves, no event is timed.
+    p50, p99 = run.latency(client, rate=200, seconds=0.5)
+    assert 0 < p50 <= p99

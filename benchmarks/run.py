@@ -263,21 +263,25 @@ def latency(client: pymongo.MongoClient[Any], rate: int, seconds: float) -> tupl
     got = threading.Event()
     total = int(rate * seconds)
 
-    class Timed(me.Bus):
-        def _open_stream(self, position: Any) -> Any:
-            stream = super()._open_stream(position)
-            inner = stream.try_next
+    # The stream consumer opens the stream (mongo_events.consumer); time each try_next() there.
+    from mongo_events.consumer import StreamConsumer
 
-            def try_next() -> Any:
-                doc = inner()
-                if doc is not None:
-                    doc["_bench_t"] = time.perf_counter()
-                return doc
+    open_stream = StreamConsumer._open_stream
 
-            stream.try_next = try_next  # type: ignore[method-assign]
-            return stream
+    def timed_open(consumer: StreamConsumer, position: Any) -> Any:
+        stream = open_stream(consumer, position)
+        inner = stream.try_next
 
-    bus = Timed(client["bench"]["latency"], resume=False, max_await_time=0.05, max_workers=8)
+        def try_next() -> Any:
+            doc = inner()
+            if doc is not None:
+                doc["_bench_t"] = time.perf_counter()
+            return doc
+
+        stream.try_next = try_next  # type: ignore[method-assign]
+        return stream
+
+    bus = me.Bus(client["bench"]["latency"], resume=False, max_await_time=0.05, max_workers=8)
 
     @bus.subscribe
     def on(event: me.ChangeEvent) -> None:
@@ -285,7 +289,11 @@ def latency(client: pymongo.MongoClient[Any], rate: int, seconds: float) -> tupl
         if len(samples) >= total:
             got.set()
 
-    bus.start()
+    StreamConsumer._open_stream = timed_open  # type: ignore[method-assign,assignment]
+    try:
+        bus.start()
+    finally:
+        StreamConsumer._open_stream = open_stream  # type: ignore[method-assign]
     pace = threading.Event()
     interval = 1.0 / rate
     next_at = time.perf_counter()

@@ -1,15 +1,15 @@
-"""The bus: one change stream, its subscriptions, and their lifecycle.
+"""The bus: the facade over one stream consumer, its subscriptions and their lifecycle.
 
-The bus only wires the parts together and runs the lifecycle; each part has
-its own module: the watcher pulls the stream, the tracker keeps the in-flight
-window and the watermark, the dispatcher runs callbacks, the flusher writes
-checkpoints.
+The bus holds options and their validation, ``subscribe``, the lifecycle
+(``start``/``stop``/``run_forever``/``join``) and the public queries. It holds no
+per-event logic: the stream consumer (:mod:`mongo_events.consumer`) owns the
+watcher, the window and the checkpoint writing; the dispatcher runs callbacks; the
+flusher runs the write tasks. See README.rst, "Architecture".
 """
 
 from __future__ import annotations
 
 import enum
-import inspect
 import logging
 import os
 import signal
@@ -17,39 +17,33 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from types import FrameType, TracebackType
-from typing import Any, Literal, NamedTuple, TypeVar, overload
+from typing import Any, Literal, TypeVar, overload
 
-import attrs
-import bson
-from bson import ObjectId
 from bson.timestamp import Timestamp
 from pymongo import MongoClient
-from pymongo.change_stream import ChangeStream
 from pymongo.collection import Collection as MongoCollection
 from pymongo.database import Database
-from pymongo.errors import PyMongoError
 
+from .consumer import StreamConsumer, StreamSpec
+from .deadlettering import dead_letter_hook
 from .decoding import CattrsDecoder, Decoder
 from .delivery import Delivery
-from .dispatch import DeadLetterHook, Dispatcher, WorkItem, call_subscription
+from .dispatch import DeadLetterHook, Dispatcher, call_subscription
 from .errors import (
     BusStateError,
     ConfigurationError,
-    MongoEventsError,
-    ResumeTokenLost,
     ShutdownTimeout,
     Skip,
     StoreError,
-    StreamError,
     ThreadFailed,
 )
 from .events import ChangeEvent, FullDocument, OperationType
 from .flusher import Flusher
 from .guard import describe
-from .health import Health, token_time
+from .health import Health, assess
 from .idempotency.base import IdempotencyStore
 from .idempotency.guard import CrashCounter, Idempotency
 from .metrics import Metrics
@@ -61,12 +55,11 @@ from .options import check_callable, check_choice, check_has_method, check_int, 
 from .reporting import ErrorContext, ErrorHandler, ErrorKindName, ErrorReporter, report_error
 from .retrying import RetryBackoff
 from .runner import ensure_logging
-from .stores.base import AckStore, Checkpoint, DeadLetterStore, ResumeTokenStore, malformed, token_problem
+from .stores.base import AckStore, DeadLetterStore, ResumeTokenStore
 from .stores.mongodb import DEFAULT_COLLECTION, MongoResumeTokenStore
-from .stores.records import AckRecord, DeadLetter
+from .stores.records import DeadLetter
 from .subscription import OnExhausted, Subscription
-from .tracking import Slot, Tracker
-from .watcher import TOKEN_MODIFIED, ErrorKind, Position, Watcher, classify_error, explain
+from .watcher import Position
 
 __all__ = ["Bus", "BusState", "HistoryLostPolicy", "Ordering"]
 
@@ -77,36 +70,10 @@ Ordering = Literal["document", "stream", "none"]
 HistoryLostPolicy = Literal["raise", "restart_from_now"]
 
 _FULL_DOCUMENT_OPTIONS = {FullDocument.UPDATE_LOOKUP, FullDocument.WHEN_AVAILABLE, FullDocument.REQUIRED}
-#: Fields dropped when fetching an event too large to send or split.
-_LARGE_FIELDS = ("fullDocument", "fullDocumentBeforeChange", "updateDescription")
-#: An idle stream's post-batch token is written at most this often (events move it every flush).
-IDLE_CHECKPOINT_INTERVAL = 10.0
 
 #: The final checkpoint write at stop() gets at least this many seconds, even when the
 #: callbacks used the whole timeout.
 FINAL_FLUSH_MIN = 1.0
-
-#: The watcher hands collected work to the workers at least every this many items.
-_RELEASE_AT = 64
-
-_UPDATE = OperationType.UPDATE
-_REPLACE = OperationType.REPLACE
-_INVALIDATE = OperationType.INVALIDATE
-
-
-def _document_lane(key: Mapping[str, Any], event: ChangeEvent, one_namespace: bool) -> Hashable:
-    """What names ``event``'s document (its ``documentKey``, ``key``) in lane keys.
-
-    A subscription's lane is ``(subscription index, this)``, or this alone when the bus
-    has one subscription. A plain ``_id`` (str, int or ObjectId, exact types: never a
-    bool) stands for itself on a collection bus, which sees one namespace; values of
-    different types never compare equal, and the other forms are a tuple or bytes.
-    """
-    value = key.get("_id") if len(key) == 1 else None
-    kind = type(value)
-    if kind is str or kind is int or kind is bson.ObjectId:
-        return value if one_namespace else (event.database, event.collection, value)
-    return (event.database, event.collection, bson.encode(dict(key)))
 
 
 def _check_bus_options(o: Mapping[str, Any]) -> None:
@@ -301,8 +268,7 @@ class Bus:
                 f"Bus needs a pymongo Collection, Database or MongoClient to watch, got {type(target).__name__}"
             )
         self._target = target
-        #: A collection bus: every event is of one namespace, so lane keys need not name it.
-        self._one_namespace = self.level == "collection"
+        self._resume_token_id = resume_token_id or _hostname()
         self._default_db = self._db.name if self.level != "cluster" else ""
         self.name = name or self._namespace
 
@@ -352,9 +318,7 @@ class Bus:
         if on_error is not None:
             self._middleware.append(ErrorReporter(on_error, self.name))
         self.dead_letter_store = dead_letters if isinstance(dead_letters, DeadLetterStore) else None
-        self._dead_letters: DeadLetterHook | None = self._store_dead_letter if self.dead_letter_store is not None else dead_letters  # type: ignore[assignment]
-        if on_error is not None and self._dead_letters is not None:
-            self._dead_letters = self._reporting_dead_letters(self._dead_letters)
+        self._dead_letters = dead_letter_hook(dead_letters, bus_name=self.name, resume_token_key=self.resume_token_key, on_error=on_error)
         self.ack_store = ack_store
         self.status: StatusPublisher | None = StatusPublisher(status) if isinstance(status, ConsumerStatusStore) else status
         if self.status is not None:
@@ -363,7 +327,6 @@ class Bus:
         if crash_store is not None and not isinstance(crash_store, IdempotencyStore):
             raise ConfigurationError(f"crash_store must be an IdempotencyStore, got {type(crash_store).__name__}")
         self._crash_counter = CrashCounter(crash_store) if crash_store is not None else None
-        self._resume_token_id = resume_token_id or _hostname()
 
         if not resume:
             self.token_store: ResumeTokenStore | None = None
@@ -374,10 +337,6 @@ class Bus:
         else:
             self.token_store = MongoResumeTokenStore(self._db[resume_token_collection or DEFAULT_COLLECTION])
 
-        #: Stores written against the older three-argument save() do not get namespace/level.
-        self._save_kwargs: dict[str, str] = (
-            {"namespace": self._namespace, "level": self.level} if self.token_store is not None and _takes_namespace(self.token_store) else {}
-        )
         self._subscriptions: list[Subscription] = []
         self._state = BusState.NEW
         self._state_lock = threading.Lock()
@@ -385,57 +344,55 @@ class Bus:
         self._pid = os.getpid()
         self._reset_runtime()
 
+
     def _reset_runtime(self) -> None:
         self._stop_event = threading.Event()
         self._stopped = threading.Event()
-        # The Condition's own lock, used directly on hot paths: `with self._mutex` runs in C,
-        # `with self._cond` goes through two Python-level methods. Holding either is the same.
-        self._mutex = threading.RLock()
-        self._cond = threading.Condition(self._mutex)
-        #: While the watcher waits for room: the window size that wakes it (else -1).
-        self._room_low = -1
-        #: Threads in _wait_for_done (join(), a barrier): workers notify them on every step.
-        self._joining = 0
-        #: Runnable items the watcher has not handed to the workers yet (watcher thread only).
-        self._runnable: list[WorkItem] = []
-        #: No subscription filters events: every event goes to all of them.
-        self._unfiltered = all(s.operations is None and not s.full_document_only for s in self._subscriptions)
-        #: One subscription: its lanes are keyed by the document alone.
-        self._single = len(self._subscriptions) == 1
-        self._tracker = Tracker(self.max_in_flight, durable=self.token_store is not None)
-        self._connected = threading.Event()
-        self._connect_error: BaseException | None = None
-        self._saved_version = 0
-        self._last_save = 0.0
-        self._initial_save = False
-        self._acks: dict[str, AckRecord] = {}
-        #: Number of ack-store batch writes (for tests and the benchmark).
-        self.ack_writes = 0
-        self._split = False  # append $changeStreamSplitLargeEvent (after a 10334)
-        self._narrow = False  # the server cannot split: read one event per batch to find the big one
-        self._stub_next = False  # ... then fetch that event alone, without its documents
-        self.oversize_events = 0
-        #: Updates that full_document_only subscriptions skipped: their document was gone.
-        self.missing_documents = 0
+        self._consumer = StreamConsumer(
+            self._spec(),
+            self._subscriptions,
+            token_store=self.token_store,
+            ack_store=self.ack_store,
+            dead_letters=self._dead_letters,
+            metrics=self.metrics,
+            stop_event=self._stop_event,
+            fail=self._fail,
+            report=self._report,
+        )
         self._dispatcher: Dispatcher | None = None
-        self._watcher: Watcher | None = None
         self._flusher: Flusher | None = None
         self._shutdown_lock = threading.Lock()
         self._signals = 0
         #: Set by a second SIGINT/SIGTERM in run_forever(): stop without waiting for callbacks.
         self._hurry = threading.Event()
-        #: Number of resume-token writes (for tests and the benchmark).
-        self.token_writes = 0
-        self.history_gaps = 0
-        #: Streams reopened since start (errors, invalidations, lost history).
-        self.reconnections = 0
-        self._stream_active = False
-        self._persisted_time: int | None = None  # cluster time (s) of the stored checkpoint
-        self._last_event: tuple[float, Any, Any] | None = None  # (received at, wall time, cluster time)
-        self._newest: ChangeEvent | None = None  # the newest event, until _on_drained notes it
-        self._last_error: tuple[str, datetime] | None = None
-        self._oplog_oldest: int | None = None
-        self._oplog_checked = 0.0
+
+    def _spec(self) -> StreamSpec:
+        return StreamSpec(
+            name=self.name,
+            target=self._target,
+            level=self.level,
+            namespace=self._namespace,
+            default_db=self._default_db,
+            default_coll=self._default_coll,
+            db_name=self._db.name,
+            client=self._db.client,
+            resume_token_key=self.resume_token_key,
+            full_document=self.full_document,
+            full_document_before_change=self.full_document_before_change,
+            full_document_only=self.full_document_only,
+            update_description=self.update_description,
+            include_empty_updates=self.include_empty_updates,
+            max_updated_fields_size=self.max_updated_fields_size,
+            pipeline=self.pipeline,
+            batch_size=self.batch_size,
+            max_await_time=self.max_await_time,
+            show_expanded_events=self.show_expanded_events,
+            start_from_past=self.start_from_past,
+            max_in_flight=self.max_in_flight,
+            ordering=self.ordering,
+            on_history_lost=self.on_history_lost,
+            history_lost_callback=self.history_lost_callback,
+        )
 
     # -- properties ---------------------------------------------------------------
 
@@ -465,14 +422,44 @@ class Bus:
     @property
     def checkpoint(self) -> Mapping[str, Any] | None:
         """The in-memory checkpoint: the token the flusher writes next."""
-        with self._cond:
-            return self._tracker.checkpoint  # type: ignore[no-any-return]
+        return self._consumer.window.checkpoint()  # type: ignore[return-value]
 
     @property
     def in_flight(self) -> int:
         """Events held after the checkpoint, finished or not (at most ``max_in_flight``)."""
-        with self._cond:
-            return len(self._tracker)
+        return self._consumer.window.size()
+
+    # Counters of the stream consumer (read by tests, the benchmark and dashboards).
+
+    @property
+    def token_writes(self) -> int:
+        """Resume-token writes since start."""
+        return self._consumer.checkpointer.token_writes
+
+    @property
+    def ack_writes(self) -> int:
+        """Ack-store batch writes since start."""
+        return self._consumer.checkpointer.ack_writes
+
+    @property
+    def reconnections(self) -> int:
+        """Streams reopened since start (errors, invalidations, lost history)."""
+        return self._consumer.reconnections
+
+    @property
+    def history_gaps(self) -> int:
+        """Gaps skipped with ``on_history_lost="restart_from_now"`` since start."""
+        return self._consumer.history_gaps
+
+    @property
+    def oversize_events(self) -> int:
+        """Events over 16 MB dead-lettered as stubs since start."""
+        return self._consumer.oversize_events
+
+    @property
+    def missing_documents(self) -> int:
+        """Updates that ``full_document_only`` subscriptions skipped: their document was gone."""
+        return self._consumer.missing_documents
 
     # -- subscriptions --------------------------------------------------------------
 
@@ -626,36 +613,25 @@ class Bus:
             except StoreError as exc:
                 log.warning("could not create indexes for %s (%s); going on without them", type(store).__name__, exc)
                 self._report(exc, "store", what=f"create indexes ({type(store).__name__})")
+        consumer = self._consumer
+        # One pool per bus, on the consumer's window lock: finishing costs one acquisition.
         self._dispatcher = Dispatcher(
             max_workers=self.max_workers,
             decoder=self._decoder,
             middleware=self._middleware,
-            on_done=self._on_done,
+            on_done=consumer.window.finish,
             on_fatal=self._fail,
             dead_letters=self._dead_letters,
             bus_name=self.name,
-            lock=self._mutex,
+            lock=consumer.window.mutex,
         )
-        self._watcher = Watcher(
-            name=self.name,
-            open_stream=self._open_stream,
-            on_event=self._on_event,
-            on_resume_token=self._on_resume_token,
-            on_error=self._on_stream_error,
-            on_connected=self._on_connected,
-            on_opened=self._on_opened,
-            on_reconnect=self._on_reconnect,
-            on_active=self._on_active,
-            on_drained=self._on_drained,
-            on_fatal=self._fail,
-            stop_event=self._stop_event,
-        )
-        tasks = [self._flush_events]
+        tasks = [consumer.checkpointer.flush]
         if self.monitor is not None:
             tasks.append(self._reporting_task(self.monitor.flush, "write monitor entries"))
         if self.metrics is not None:
-            tasks.append(self._refresh_oplog_window)
+            tasks.append(consumer.oplog.refresh)
         self._flusher = Flusher(tasks, self.flush_interval, self.name, on_fatal=self._fail)
+        consumer.attach(self._dispatcher, self._flusher.wake)
         try:
             position = self._initial_position()
         except StoreError as exc:
@@ -667,15 +643,15 @@ class Bus:
         self._flusher.start()
         if self.status is not None:
             self.status.attach(self)
-        self._watcher.start(position)
-        if self._connected.wait(self.start_timeout):
-            if self._connect_error is not None:
-                raise self._connect_error
+        consumer.start(position)
+        if consumer.connected.wait(self.start_timeout):
+            if consumer.connect_error is not None:
+                raise consumer.connect_error
         else:
             # Web apps start at boot and must not hang on a server that is down: keep trying in
             # the background, but loudly: ERROR here and at each retry, health "unhealthy".
             message = f"the change stream on {self._namespace} did not open within {self.start_timeout:.0f}s; still trying in the background"
-            self._last_error = (message, datetime.now(timezone.utc))
+            consumer.last_error = (message, datetime.now(timezone.utc))
             log.error("bus %s: %s; health is unhealthy and nothing is delivered until it opens", self.name, message)
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -752,8 +728,9 @@ class Bus:
         """
         self._check_pid()
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            if not self._wait_for_done(self._tracker.last_seq, deadline, lambda: self._error is not None or self._stopped.is_set()):
+        window = self._consumer.window
+        with window.cond:
+            if not window.wait_for_done(window.tracker.last_seq, deadline, lambda: self._error is not None or self._stopped.is_set()):
                 return False
         if self._error is not None:
             raise self._error
@@ -815,40 +792,11 @@ class Bus:
                 "lazy-apps = true so buses start after the fork"
             )
 
-    def _initial_position(self) -> Position:
-        if self.token_store is not None:
-            checkpoint = self.token_store.load(self.resume_token_key)
-            if checkpoint is not None:
-                self._check_checkpoint(checkpoint)
-                with self._cond:
-                    self._tracker.checkpoint = checkpoint.token
-                    self._tracker.checkpoint_time = checkpoint.cluster_time
-                self._persisted_time = _seconds(checkpoint.cluster_time, checkpoint.token)
-                log.info("bus %s resumes after its checkpoint (cluster time %s)", self.name, checkpoint.cluster_time)
-                return Position(resume_after=checkpoint.token)
-            self._initial_save = True
-        if self.start_from_past is not None:
-            since = datetime.now(timezone.utc) - self.start_from_past
-            log.info("bus %s has no checkpoint; starting from %s", self.name, since.isoformat())
-            return Position(start_at_operation_time=Timestamp(since, 0))
-        return Position()
 
-    def _check_checkpoint(self, checkpoint: Checkpoint) -> None:
-        """Refuse a stored checkpoint that is malformed or belongs to another namespace."""
-        key, where = self.resume_token_key, type(self.token_store).__name__
-        problem = token_problem(checkpoint.token)
-        if problem is not None:
-            raise malformed(key, where, problem)
-        if (checkpoint.namespace is not None and checkpoint.namespace != self._namespace) or (
-            checkpoint.level is not None and checkpoint.level != self.level
-        ):
-            raise StoreError(
-                f"bus {self.name!r}: the stored checkpoint {key!r} in {where} was written by a bus watching "
-                f"{checkpoint.namespace} ({checkpoint.level} watch), but this bus watches {self._namespace} "
-                f"({self.level} watch): resuming there would deliver another stream's changes or skip this one's. "
-                "It was left untouched. Give this bus its own resume_token_id, or reset_resume_token() if the "
-                "target was renamed on purpose"
-            )
+    def _initial_position(self) -> Position:
+        """Where the stream starts (the consumer decides; a seam for the benchmark)."""
+        return self._consumer.initial_position()
+
 
     def _fail(self, exc: BaseException) -> None:
         """Stop the bus because of ``exc``: state FAILED, ``error`` set, one ERROR line."""
@@ -857,12 +805,11 @@ class Bus:
                 return
             self._error = exc
         log.error("bus %s failed: %s", self.name, describe(exc), exc_info=exc if isinstance(exc, ThreadFailed) else None)
-        if not self._connected.is_set():  # start() is waiting for the stream: it raises this
-            self._connect_error = exc
-            self._connected.set()
+        self._consumer.failed_to_start(exc)  # if start() is waiting for the stream: it raises this
         self._stop_event.set()
-        with self._cond:
-            self._cond.notify_all()
+        window = self._consumer.window
+        with window.cond:
+            window.cond.notify_all()
         threading.Thread(target=self._stop_after_failure, name=f"mongo_events.stopper[{self.name}]", daemon=True).start()
 
     def _stop_after_failure(self) -> None:
@@ -892,9 +839,10 @@ class Bus:
                 if self.status is not None:  # its final write says stopped (or failed)
                     self.status.detach(max(0.0, deadline - time.monotonic()))
                 self._stopped.set()
-                with self._cond:
-                    self._cond.notify_all()
-            log.info("bus %s %s; checkpoint %s", self.name, self._state.value, self._tracker.checkpoint)
+                window = self._consumer.window
+                with window.cond:
+                    window.cond.notify_all()
+            log.info("bus %s %s; checkpoint %s", self.name, self._state.value, self._consumer.window.checkpoint())
         if running and not quiet:
             raise ShutdownTimeout(
                 f"bus {self.name!r}: callbacks were still running after {timeout:.1f}s: {'; '.join(running)}. "
@@ -908,15 +856,10 @@ class Bus:
         # handing out work and let running callbacks finish; then write the
         # watermark, which now covers everything that finished.
         self._stop_event.set()
-        with self._cond:
-            self._cond.notify_all()
-        if self._watcher is not None:
-            # It ends within one getMore (max_await_time) unless it is stuck in the driver, for
-            # instance in server selection; a second signal stops waiting for it.
-            watcher_deadline = max(deadline, time.monotonic() + self.max_await_time + 1.0)
-            while not self._watcher.join(min(0.1, watcher_deadline - time.monotonic())):
-                if hurry.is_set() or time.monotonic() >= watcher_deadline:
-                    break
+        consumer = self._consumer
+        with consumer.window.cond:
+            consumer.window.cond.notify_all()
+        consumer.stop_watcher(deadline, hurry)  # a second signal stops waiting for it
         running: list[str] = []
         if self._dispatcher is not None:
             self._dispatcher.halt()
@@ -940,7 +883,7 @@ class Bus:
                 log.error(
                     "bus %s: the final checkpoint was not stored within %.1fs; the next start redelivers "
                     "every event after the last stored checkpoint (%s)",
-                    self.name, grace - now, self._last_error[0] if self._last_error else "no error recorded",
+                    self.name, grace - now, consumer.last_error[0] if consumer.last_error else "no error recorded",
                 )
         if self.metrics is not None:
             try:
@@ -955,416 +898,8 @@ class Bus:
                     log.exception("closing %s failed", type(store).__name__)
         return running
 
-    # -- internals: watcher side ----------------------------------------------------------
-
-    def _open_stream(self, position: Position) -> ChangeStream[Any]:
-        kwargs: dict[str, Any] = position.kwargs()
-        if self.full_document is not None:
-            kwargs["full_document"] = self.full_document.value
-        if self.full_document_before_change is not None:
-            kwargs["full_document_before_change"] = self.full_document_before_change
-        if self.show_expanded_events:
-            kwargs["show_expanded_events"] = True
-        pipeline = self._own_filter() + self.pipeline
-        batch_size = self.batch_size
-        if self._stub_next:
-            pipeline.append({"$project": dict.fromkeys(_LARGE_FIELDS, 0)})
-        elif self._split:
-            pipeline.append({"$changeStreamSplitLargeEvent": {}})
-        if self._narrow:
-            batch_size = 1
-        return self._target.watch(
-            pipeline or None,
-            batch_size=batch_size,
-            max_await_time_ms=int(self.max_await_time * 1000),
-            **kwargs,
-        )
-
-    def _own_filter(self) -> list[dict[str, Any]]:
-        """A database or cluster watch must not see the bus's own checkpoint writes."""
-        store = self.token_store
-        if self.level == "collection" or not isinstance(store, MongoResumeTokenStore):
-            return []
-        coll = store.collection
-        if self.level == "database" and coll.database.name != self._db.name:
-            return []
-        return [{"$match": {"$nor": [{"ns.db": coll.database.name, "ns.coll": coll.name}]}}]
-
-    def _on_opened(self, stream: ChangeStream[Any]) -> bool:
-        """Persist where a first-ever stream opened, before ``start()`` returns.
-
-        Without this, a bus that fails before its first checkpoint write would
-        restart "from now" and skip what happened in between.
-        """
-        if not self._initial_save or self.token_store is None:
-            return True
-        token = stream.resume_token  # the post-batch token of an empty first batch, else None
-        if token is None:
-            return True  # history arrived in the first batch (start_from_past): nothing to pin
-        try:
-            self.token_store.save(self.resume_token_key, token, None, **self._save_kwargs)
-        except StoreError as exc:
-            self._report(exc, "store", what="write the opening position")
-            self._on_connected(exc)
-            self._fail(exc)
-            return False
-        self._initial_save = False
-        self.token_writes += 1
-        self._persisted_time = token_time(token)
-        with self._cond:
-            self._tracker.note_resume_token(token)
-            self._saved_version = self._tracker.version
-        return True
-
-    def _on_connected(self, error: BaseException | None) -> None:
-        if error is not None:
-            self._connect_error = self._translate(error)
-        self._connected.set()
-
-    def _translate(self, exc: BaseException) -> BaseException:
-        if isinstance(exc, MongoEventsError):
-            return exc
-        kind = classify_error(exc)
-        if getattr(exc, "code", None) == TOKEN_MODIFIED:
-            message = (
-                f"bus {self.name!r}: the change stream on {self._namespace} failed because its pipeline modified "
-                "or removed _id, which carries each event's resume token (server said: "
-                f"{exc}). Change-stream pipelines must not modify or remove _id: keep it in every $project, "
-                "$addFields, $set, $unset or $replaceRoot stage"
-            )
-            # Before any event, it is a configuration mistake; later, the stream failed mid-way.
-            if self._tracker.last_seq == 0:
-                err: MongoEventsError = ConfigurationError(message)
-            else:
-                err = StreamError(message, key=self.resume_token_key)
-        elif kind is ErrorKind.CONFIGURATION:
-            err = ConfigurationError(f"bus {self.name!r} cannot watch {self._namespace}: {explain(exc)}")
-        elif kind is ErrorKind.HISTORY_LOST:
-            err = self._history_lost_error(exc)
-        else:
-            err = StreamError(f"bus {self.name!r}: change stream on {self._namespace} failed: {exc}", key=self.resume_token_key)
-        err.__cause__ = exc
-        return err
-
-    def _history_lost_error(self, exc: BaseException) -> ResumeTokenLost:
-        since = self._tracker.checkpoint_time
-        return ResumeTokenLost(
-            f"bus {self.name!r}: the resume point {self.resume_token_key} (checkpoint cluster time {since}) "
-            f"can no longer be resumed: {exc}. Events after it may be gone from the oplog. Decide, then either "
-            f"reset_resume_token() to start from now, or pass on_history_lost='restart_from_now'",
-            key=self.resume_token_key,
-            since=since,
-        )
-
-    def _on_stream_error(self, kind: ErrorKind, exc: BaseException, position: Position) -> Position | None:
-        if kind is ErrorKind.OVERSIZE and not (self._split or self._narrow or self._stub_next):
-            log.warning(
-                "bus %s: an event on %s exceeds 16 MB (%s); reopening with $changeStreamSplitLargeEvent to receive it in fragments",
-                self.name, self._namespace, exc,
-            )
-            self._split = True
-            return position
-        if kind is ErrorKind.CONFIGURATION and self._split and getattr(exc, "code", None) == 40324:
-            # The failed batch may also hold ordinary events before the big one: read one
-            # event per batch until the big one fails again, so we know exactly which it is.
-            log.warning("bus %s: the server cannot split large events (needs MongoDB 6.0.9+ or 7.0); finding the oversize event", self.name)
-            self._split = False
-            self._narrow = True
-            return position
-        if kind is ErrorKind.OVERSIZE and self._narrow:
-            self._stub_next = True  # the very next event is the oversize one: fetch it without documents
-            return position
-        if kind is ErrorKind.HISTORY_LOST and self.on_history_lost == "restart_from_now" and position.kwargs():
-            since = self._tracker.checkpoint_time
-            self.history_gaps += 1
-            log.error(
-                "bus %s: resume point %s lost (%s); restarting from now: changes since %s are skipped",
-                self.name, self.resume_token_key, exc, since,
-            )
-            if self.history_lost_callback is not None:
-                try:
-                    self.history_lost_callback(self.resume_token_key, since)
-                except Exception:
-                    log.exception("history_lost_callback failed")
-            return Position()
-        error = self._translate(exc)
-        self._report(error, "stream", what=f"{kind.value} error; the bus stops")
-        if not self._connected.is_set():
-            self._on_connected(error)
-        self._fail(error)
-        return None
-
-    def _on_event(self, raw: Mapping[str, Any]) -> bool:
-        # The hot path: one call per event on the watcher thread. Written to do little
-        # beyond what the semantics need (attribute reads hoisted, helpers inlined), since
-        # each call or allocation here is a visible share of the per-event cost.
-        event = ChangeEvent.from_raw(raw, self._default_db, self._default_coll)
-        self._newest = event  # health() learns of it once per batch (see _on_drained)
-        if self.metrics is not None:
-            self.metrics.received(self._namespace, event.wall_time, event.cluster_time)
-        if self._stub_next:
-            return self._on_oversize_stub(event)
-        desc = event.update_description
-        op = event.operation_type
-        if (
-            desc is not None
-            and self.max_updated_fields_size
-            and desc.updated_fields
-            and len(bson.encode(dict(desc.updated_fields))) > self.max_updated_fields_size
-        ):
-            desc = attrs.evolve(desc, updated_fields={}, updated_fields_dropped=True)
-            event = attrs.evolve(event, update_description=desc)
-        subs: Sequence[Subscription]
-        if op is _UPDATE and not self.include_empty_updates and (desc is None or desc.is_empty):
-            subs = ()
-        elif self._unfiltered:
-            subs = self._subscriptions  # nobody filters: no list per event
-        else:
-            subs = [s for s in self._subscriptions if s.wants(event)]
-            if self.full_document_only and event.full_document is None and (op is _UPDATE or op is _REPLACE):
-                # updateLookup found no document (deleted since): nothing to hand over. Say so.
-                self.missing_documents += 1
-                log.warning(
-                    "bus %s: %s of %s %s has no full document (deleted before the lookup); "
-                    "full_document_only subscriptions skip it (%d so far)",
-                    self.name, op, event.namespace, event.document_key, self.missing_documents,
-                )
-        token = None if op is _INVALIDATE else raw["_id"]
-        ordering = self.ordering
-        doc_lane: Hashable | None = None
-        lane: Hashable | None
-        barrier = False
-        if subs and ordering == "document":
-            key = event.document_key
-            if not key:
-                # A namespace-wide event (drop, rename, dropDatabase, invalidate, DDL) concerns
-                # every document: it runs after all earlier events and before any later one.
-                barrier = True
-                doc_lane = (event.database, event.collection)
-            else:
-                doc_lane = _document_lane(key, event, self._one_namespace)
-        dispatcher = self._dispatcher
-        assert dispatcher is not None
-        tracker = self._tracker
-        with self._mutex:
-            if dispatcher._done:  # drain()'s own test, read here: most events find nothing done
-                dispatcher.drain()
-            if barrier and not self._wait_until_idle():
-                return False
-            if tracker.full and not self._wait_for_room():
-                return False
-            slot = tracker.begin(token, event.cluster_time, len(subs), event.id)
-            if not subs:
-                tracker.advance()
-                if self._joining:
-                    self._cond.notify_all()
-                return True
-            if self.ack_store is not None:
-                self._acks[event.id] = AckRecord(event.id, datetime.now(timezone.utc))
-            delivered_desc = desc if self.update_description else None
-            runnable = self._runnable  # read after any wait for room: that wait releases it
-            if self._single:  # the common case, spelled out: its document alone names its lane
-                sub = subs[0]
-                lane = doc_lane if doc_lane is not None else (sub.index if ordering == "stream" else None)
-                work = WorkItem(sub, event, slot, lane, delivered_desc)
-                if lane is None or dispatcher._lanes.push(lane, work) is not None:
-                    runnable.append(work)
-            else:
-                for sub in subs:
-                    if doc_lane is not None:
-                        lane = (sub.index, doc_lane)
-                    else:
-                        lane = sub.index if ordering == "stream" else None
-                    item = dispatcher.admit(WorkItem(sub, event, slot, lane, delivered_desc))
-                    if item is not None:
-                        runnable.append(item)
-            if barrier and not self._wait_until_idle():  # later events wait for it to finish
-                return False
-        if len(runnable) >= _RELEASE_AT:
-            self._release_runnable()
-        return True
-
-    def _on_drained(self) -> None:
-        """The watcher read all it holds: hand the collected items on; note the newest event."""
-        self._release_runnable()
-        event = self._newest
-        if event is not None:
-            self._newest = None
-            self._last_event = (time.time(), event.wall_time, event.cluster_time)
-
-    def _release_runnable(self) -> None:
-        """Hand the runnable items the watcher collected to the workers.
-
-        The watcher collects them while pymongo holds more events in memory and releases
-        them when its batch is drained (or every ``_RELEASE_AT`` items, or before waiting
-        for room): a worker is then woken once per run of events, not once per event,
-        which is most of the cost of a thread hand-off in CPython.
-        """
-        items = self._runnable
-        if items:
-            self._runnable = []
-            dispatcher = self._dispatcher
-            assert dispatcher is not None
-            for item in items:
-                dispatcher.enqueue(item)
-
-    def _wait_for_room(self) -> bool:
-        """The window is full: wait (holding ``_cond``) until a quarter of it is free again.
-
-        Waking at every single free slot would cost a thread switch per event; the
-        low-water mark lets the watcher admit a run of events per wake-up. Done events
-        that only wait on a checkpoint write are freed by a flush, so the flusher is
-        woken here, when the window is truly full, and not earlier: that keeps checkpoint
-        writes to about one per ``max_in_flight`` events. False when stopping.
-        """
-        tracker = self._tracker
-        self._release_runnable()  # the window can only drain if the workers have its items
-        self._room_low = tracker.capacity - max(1, min(tracker.capacity // 4, 256))
-        try:
-            while self._drained() > self._room_low:
-                if self._stop_event.is_set():
-                    return False
-                if tracker.unflushed and len(tracker) - tracker.unflushed <= self._room_low and self._flusher is not None:
-                    self._flusher.wake()  # a write frees enough room now (else _on_done wakes it later)
-                self._cond.wait(0.1)
-        finally:
-            self._room_low = -1
-        return True
-
-    def _wait_until_idle(self) -> bool:
-        """Wait (holding ``_cond``) until every admitted event is done; False when stopping.
-
-        The barrier around a namespace-wide event under ``ordering="document"``. Such
-        events are rare (DDL), so the watcher simply waits; retries and slow callbacks
-        hold it as a full window would.
-        """
-        self._release_runnable()  # the workers need the items the watcher still holds
-        self._wait_for_done(self._tracker.last_seq, None, self._stop_event.is_set)
-        return not self._stop_event.is_set()
-
-    def _wait_for_done(self, target: int, deadline: float | None, give_up: Callable[[], bool]) -> bool:
-        """Wait (holding ``_cond``) until every event up to sequence ``target`` is done, or
-        ``give_up()``; False only when ``deadline`` (a ``time.monotonic()`` value) passed."""
-        self._joining += 1  # workers notify on every step while someone waits here
-        try:
-            while True:
-                self._drained()
-                first = self._tracker.first_seq()
-                if first is None or first > target or give_up():
-                    return True
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._cond.wait(0.1 if remaining is None else min(0.1, remaining))
-        finally:
-            self._joining -= 1
-
-    def _on_oversize_stub(self, event: ChangeEvent) -> bool:
-        """The event the server could neither send nor split, without its documents: dead-letter it."""
-        self._stub_next = self._narrow = False
-        self.oversize_events += 1
-        error = StreamError(
-            f"change event {event.id} ({event.operation_type} {event.namespace} {event.document_key}) exceeds 16 MB "
-            "and the server cannot split it; only its key and token were kept",
-            key=self.resume_token_key,
-        )
-        if self._dead_letters is None:
-            self._fail(StreamError(f"bus {self.name!r}: {error}; configure dead_letters to record it and go on", key=self.resume_token_key))
-            return False
-        try:
-            self._dead_letters(event, f"{self.name}:oversize", error, 1)
-        except Exception as exc:  # (a failure is already reported to on_error by the wrapped hook)
-            self._fail(StreamError(f"bus {self.name!r}: could not dead-letter oversize event {event.id}: {exc}", key=self.resume_token_key))
-            return False
-        log.error("bus %s: %s; dead-lettered as a stub", self.name, error)
-        if self.metrics is not None:
-            self.metrics.dead_letter_stored(f"{self.name}:oversize")
-        with self._cond:
-            self._tracker.begin(event.resume_token, event.cluster_time, 0, event.id)
-            self._tracker.advance()
-            self._cond.notify_all()
-        if self._watcher is not None:
-            self._watcher.request_reopen()  # back to full events after it
-        return True
-
-    def _on_resume_token(self, token: Mapping[str, Any] | None) -> None:
-        with self._mutex:
-            self._drained()
-            self._tracker.note_resume_token(token)
-
-    def _drained(self) -> int:
-        """Report what workers finished but could not report yet; returns the window size.
-
-        Caller holds ``_cond``. Workers report without waiting for the lock (see
-        ``Dispatcher.drain``), so whoever holds it next does it for them.
-        """
-        if self._dispatcher is not None:
-            self._dispatcher.drain()
-        return len(self._tracker)
-
-    # -- internals: worker and flusher side ---------------------------------------------------
-
-    def _on_done(self, slots: list[Slot]) -> None:
-        """Subscriptions finished these slots; the dispatcher calls this holding ``_cond``."""
-        tracker = self._tracker
-        acks = self._acks if self.ack_store is not None else None
-        finish = tracker.finish
-        for slot in slots:
-            finish(slot)
-            if acks is not None and slot.remaining <= 0:
-                pending = acks.get(slot.event_id)
-                now = datetime.now(timezone.utc)
-                acks[slot.event_id] = AckRecord(slot.event_id, pending.created_at if pending else now, now)
-        if tracker.head_done:
-            tracker.advance()
-            if self._joining:
-                self._cond.notify_all()
-            elif self._room_low >= 0:  # the watcher waits for room
-                size = len(tracker)
-                if size <= self._room_low:
-                    self._cond.notify_all()
-                elif size - tracker.unflushed <= self._room_low and self._flusher is not None:
-                    # Only a checkpoint write can free the room it waits for: write now.
-                    self._flusher.wake()
-
-    def _store_dead_letter(self, event: ChangeEvent, subscription: str, error: BaseException, attempts: int) -> None:
-        store = self.dead_letter_store
-        assert store is not None
-        store.store(
-            DeadLetter(
-                id=str(ObjectId()),
-                event_name=subscription,
-                original_id=event.id,
-                payload=dict(event.raw),
-                metadata={
-                    "bus": self.name,
-                    "namespace": event.namespace,
-                    "operation": str(event.operation_type),
-                    "document_key": event.document_key,
-                    "cluster_time": event.cluster_time,
-                    "resume_token_key": self.resume_token_key,
-                },
-                error=f"{type(error).__name__}: {error}",
-                retry_count=attempts - 1,  # retries, as in the monitor entry (and Go's RetryCount)
-                source=self.name,
-                created_at=datetime.now(timezone.utc),
-            )
-        )
 
     # -- observability ----------------------------------------------------------------------
-
-    def _on_active(self, active: bool) -> None:
-        self._stream_active = active
-        if self.metrics is not None:
-            (self.metrics.stream_opened if active else self.metrics.stream_closed)(self._namespace)
-
-    def _on_reconnect(self, reason: str, exc: BaseException | None) -> None:
-        self.reconnections += 1
-        if exc is not None:
-            self._last_error = (f"{type(exc).__name__}: {exc}", datetime.now(timezone.utc))
-            self._report(exc, "stream", what=f"reconnect ({reason})")
-        if self.metrics is not None:
-            self.metrics.reconnected(self._namespace, reason)
 
     def pending_count(self) -> int:
         """Events this bus received and has not finished yet (some subscription still owes them).
@@ -1372,85 +907,43 @@ class Bus:
         Process-local, like the Go library's gauge, so summing it over instances is right.
         Across processes, ask the ack store: ``bus.ack_store.pending_count()``.
         """
-        with self._mutex:
-            self._drained()
-            return self._tracker.unfinished
+        return self._consumer.window.pending()
 
     def checkpoint_age(self) -> float | None:
         """Seconds from the cluster time of the stored checkpoint to now (``None`` before one)."""
-        if self._persisted_time is None:
-            return None
-        return max(0.0, time.time() - self._persisted_time)
+        return self._consumer.checkpoint_age()
 
     def oplog_headroom(self) -> float | None:
         """Seconds of oplog between its oldest entry and the stored checkpoint: roughly how long
         the bus may stay down before it cannot resume. ``None`` when the oplog cannot be read
         (no permission on ``local``, a mongos) or before the first checkpoint."""
-        if self._oplog_oldest is None or self._persisted_time is None:
-            return None
-        return float(self._persisted_time - self._oplog_oldest)
+        return self._consumer.oplog_headroom()
 
-    def _refresh_oplog_window(self, max_age: float = 30.0) -> None:
-        """Read the oldest oplog entry's time, at most every ``max_age`` seconds."""
-        now = time.monotonic()
-        if now - self._oplog_checked < max_age:
-            return
-        self._oplog_checked = now
-        try:
-            oldest = self._db.client["local"]["oplog.rs"].find_one({}, sort=[("$natural", 1)], projection={"ts": 1})
-        except PyMongoError as exc:
-            log.info("bus %s: cannot read local.oplog.rs (%s); oplog headroom is not reported (next try in 10 min)", self.name, exc)
-            self._oplog_oldest = None
-            self._oplog_checked = now + 600.0  # not allowed now is unlikely to change soon
-            return
-        ts = oldest.get("ts") if oldest else None
-        self._oplog_oldest = ts.time if isinstance(ts, Timestamp) else None
 
     def health(self) -> Health:
         """A snapshot for health probes (also served as ``GET /v1/health`` by the monitor app)."""
         self._check_pid()
         state = self._state
+        consumer = self._consumer
         if self.metrics is None:
             try:
-                self._refresh_oplog_window()
+                consumer.oplog.refresh()
             except Exception:  # a health probe must answer
                 log.exception("bus %s: oplog window check failed", self.name)
-        last_event_at = lag = None
-        if self._last_event is not None:
-            received, wall, cluster_time = self._last_event
-            last_event_at = datetime.fromtimestamp(received, timezone.utc)
-            if wall is not None:
-                wall = wall if wall.tzinfo else wall.replace(tzinfo=timezone.utc)
-                lag = max(0.0, received - wall.timestamp())
-            elif isinstance(cluster_time, Timestamp):
-                lag = max(0.0, received - cluster_time.time)
-        error = self._last_error
-        if self._error is not None:
-            error = (f"{type(self._error).__name__}: {self._error}", error[1] if error else datetime.now(timezone.utc))
-        watcher = self._watcher
-        if state is not BusState.RUNNING or (watcher is not None and not watcher.opened):
-            # Not running, or running but its stream never opened: nothing is delivered at all.
-            status: Literal["healthy", "degraded", "unhealthy"] = "unhealthy"
-            if error is None and state is BusState.RUNNING:
-                error = (f"the change stream on {self._namespace} has not opened yet", datetime.now(timezone.utc))
-        elif not self._stream_active or (error is not None and (datetime.now(timezone.utc) - error[1]).total_seconds() < 60):
-            status = "degraded"
-        else:
-            status = "healthy"
-        return Health(
-            status=status,
+        return assess(
             state=state.value,
-            stream_active=self._stream_active,
+            running=state is BusState.RUNNING,
+            opened=consumer.opened,
+            stream_active=consumer.stream_active,
             namespace=self._namespace,
-            last_event_at=last_event_at,
-            lag=lag,
+            last_event=consumer.last_event,
+            last_error=consumer.last_error,
+            failure=self._error,
             checkpoint_age=self.checkpoint_age(),
             oplog_headroom=self.oplog_headroom(),
             pending=self.pending_count(),
             in_flight=self.in_flight,
-            reconnections=self.reconnections,
-            last_error=error[0] if error else None,
-            last_error_at=error[1] if error else None,
+            reconnections=consumer.reconnections,
         )
 
     def _idempotency_stores(self) -> list[IdempotencyStore]:
@@ -1491,93 +984,12 @@ class Bus:
         error = call_subscription(sub, event, delivery, self._decoder, self._middleware)
         return None if isinstance(error, Skip) else error  # a skipped replay (a duplicate) is done
 
-    def _flush_events(self) -> None:
-        """Write ack records, then the checkpoint, both taken in one snapshot.
-
-        Taking both under one lock hold means every event the written checkpoint covers
-        has its ack record in the batch written before it: a crash between the two
-        writes leaves acks ahead of the checkpoint (harmless), never behind it.
-        """
-        with self._cond:
-            checkpoint = self._checkpoint_to_write()
-            acks = self._acks
-            self._acks = {}
-        try:
-            if acks:
-                self._write_acks(acks)
-            if checkpoint is not None:
-                self._write_checkpoint(checkpoint)
-        except Exception:
-            if checkpoint is not None:  # not stored: the next flush writes it
-                with self._cond:
-                    self._tracker.moved_by_events = self._tracker.moved_by_events or checkpoint.moved_by_events
-            raise
-
-    def _write_acks(self, batch: dict[str, AckRecord]) -> None:
-        store = self.ack_store
-        assert store is not None
-        try:
-            store.write(list(batch.values()))
-        except Exception as exc:
-            self._last_error = (f"{type(exc).__name__}: {exc}", datetime.now(timezone.utc))
-            self._report(exc, "store", what=f"write {len(batch)} ack record(s)")
-            with self._cond:  # put them back; anything newer for the same event wins
-                batch.update(self._acks)
-                self._acks = batch
-            raise
-        self.ack_writes += 1
-
-    def _checkpoint_to_write(self) -> _Checkpoint | None:
-        """The checkpoint a flush should write now, or None (caller holds ``_cond``)."""
-        self._drained()
-        if self.token_store is None:
-            return None
-        tracker = self._tracker
-        if tracker.version == self._saved_version or tracker.checkpoint is None:
-            return None
-        by_events = tracker.moved_by_events
-        if not by_events and time.monotonic() - self._last_save < IDLE_CHECKPOINT_INTERVAL and not self._stop_event.is_set():
-            return None  # only the idle post-batch token moved: write it now and then, not every flush
-        tracker.moved_by_events = False
-        return _Checkpoint(tracker.checkpoint, tracker.checkpoint_time, tracker.version, tracker.unflushed, by_events)
-
-    def _write_checkpoint(self, checkpoint: _Checkpoint) -> None:
-        store = self.token_store
-        assert store is not None
-        token, cluster_time = checkpoint.token, checkpoint.cluster_time
-        try:
-            store.save(self.resume_token_key, token, cluster_time, **self._save_kwargs)
-        except Exception as exc:
-            self._last_error = (f"{type(exc).__name__}: {exc}", datetime.now(timezone.utc))
-            self._report(exc, "store", what="write checkpoint")
-            raise
-        self._saved_version = checkpoint.version
-        self._last_save = time.monotonic()
-        self._persisted_time = _seconds(cluster_time, token)
-        self.token_writes += 1
-        with self._cond:
-            self._tracker.persisted(checkpoint.covered)
-            self._cond.notify_all()
-
     # -- on_error ------------------------------------------------------------------------------
 
     def _report(self, error: BaseException, kind: ErrorKindName, *, event_id: str | None = None, what: str = "") -> None:
         """Tell ``on_error`` (if any) about an error; see :mod:`mongo_events.reporting`."""
         if self.on_error is not None:
             report_error(self.on_error, error, ErrorContext(kind, self.name, None, event_id, None, what))
-
-    def _reporting_dead_letters(self, hook: DeadLetterHook) -> DeadLetterHook:
-        """``hook``, reporting its failures (kind ``dead_letter``) before they propagate."""
-        on_error = self.on_error
-
-        def store(event: ChangeEvent, subscription: str, error: BaseException, attempts: int) -> None:
-            try:
-                hook(event, subscription, error, attempts)
-            except Exception as exc:
-                report_error(on_error, exc, ErrorContext("dead_letter", self.name, subscription, event.id, attempts, "store dead letter"))
-                raise
-
-        return store
 
     def _reporting_task(self, task: Callable[[], None], what: str) -> Callable[[], None]:
         """A flusher task that reports its failures (kind ``store``) before they propagate."""
@@ -1594,34 +1006,6 @@ class Bus:
         return run
 
 
-class _Checkpoint(NamedTuple):
-    """A checkpoint taken for writing: what the store gets, and what to book once it is stored."""
-
-    token: Any
-    cluster_time: Any
-    version: int  # the tracker's version it was taken at
-    covered: int  # events it stores past the previous stored checkpoint
-    moved_by_events: bool  # finished events moved it (not only an idle post-batch token)
-
-
-def _seconds(cluster_time: Any, token: Any) -> int | None:
-    """Seconds of the time inside a checkpoint's token, else of its cluster time.
-
-    The token comes first: an idle post-batch token is stored with the cluster time of
-    the last *event*, which on a quiet stream can be days old while the token is fresh.
-    """
-    seconds = token_time(token)
-    if seconds is not None:
-        return seconds
-    return cluster_time.time if isinstance(cluster_time, Timestamp) else None
-
-
-def _takes_namespace(store: ResumeTokenStore) -> bool:
-    try:
-        params = inspect.signature(store.save).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.name == "namespace" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def _idempotency(value: IdempotencyStore | Idempotency | None) -> Idempotency | None:

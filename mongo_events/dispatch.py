@@ -2,10 +2,7 @@
 
 Workers are long-running loops submitted to one ``ThreadPoolExecutor`` per bus;
 they pull ready items from a ``SimpleQueue`` (a sub-microsecond hand-off,
-cheaper than one executor task per event). The executor's threads are made
-daemon threads and are left out of the interpreter's exit-time join (see
-:func:`_start_daemon_workers`), so one callback that never returns cannot keep
-the process alive after ``stop()`` gave up on it. Each loop runs under the guard
+cheaper than one executor task per event). Each loop runs under the guard
 (:mod:`mongo_events.guard`): a worker that dies fails the bus. A failed attempt
 waits in a timer heap, not on a sleeping worker, so retries never block other
 documents' lanes. The lane of a retrying item stays busy, which keeps
@@ -16,6 +13,26 @@ marked done, its lane's next item released) by whoever holds the lock next:
 the worker itself when the lock is free, else the watcher admitting an event, a
 flush, another worker, or this worker before its next callback or when idle.
 Waiting for a contended lock would cost a thread switch per event.
+
+Shutdown (the one mechanism, documented here)
+---------------------------------------------
+``stop()`` ends the workers: :meth:`Dispatcher.halt` sets the halt flag and puts
+one wake-up per worker on the ready queue, so idle loops return at once; busy
+ones return when their callback does, and ``stop()`` waits for them only until
+its deadline. The process exit never waits for a worker: the executor's threads
+are daemon threads and are left out of concurrent.futures' exit-time join (see
+:func:`_start_daemon_workers`).
+
+Why a blocked callback used to hang the exit: ``ThreadPoolExecutor`` threads are
+non-daemon, and concurrent.futures registers a ``threading`` exit hook that joins
+every executor thread. ``threading``'s exit hooks and its join of non-daemon
+threads run *before* ``atexit`` hooks, and our loops only return once halted, so
+the interpreter waited forever in that join: for an idle loop nobody halted (no
+``stop()``), or for a callback that never returns (after ``stop()`` gave up on
+it). An ``atexit`` hook that halted the loops, and an "exiting" flag the idle loops
+checked, ran too late to help; they are gone. What remains at exit is a warning
+only (:func:`_warn_at_exit`): a bus that was never stopped writes no final
+checkpoint, so its unfinished events are delivered again after restart.
 """
 
 from __future__ import annotations
@@ -143,12 +160,15 @@ class Dispatcher:
         self._dead_letters = dead_letters
         self._bus_name = bus_name
         self._ready: queue.SimpleQueue[WorkItem | None] = queue.SimpleQueue()  # None wakes a worker
-        self._lanes: Lanes[WorkItem] = Lanes()
+        #: Per-key lanes (guarded by ``lock``). Public for the stream consumer's hot path,
+        #: which pushes a single subscription's item here without :meth:`admit`'s extra call.
+        self.lanes: Lanes[WorkItem] = Lanes()
         self._timers: list[tuple[float, int, WorkItem]] = []
         self._counter = itertools.count()
         self._lock = lock
-        #: Finished items not yet reported (appended without the lock; see drain()).
-        self._done: deque[WorkItem] = deque()
+        #: Finished items not yet reported (appended without the lock; see drain()). Read-only
+        #: outside: a lock holder tests it before calling drain(), as drain() itself does.
+        self.finished: deque[WorkItem] = deque()
         self._halt = threading.Event()
         self._threads: list[threading.Thread] = []
         self._executor: ThreadPoolExecutor | None = None
@@ -214,7 +234,18 @@ class Dispatcher:
         return not any(t.is_alive() for t in self._threads)
 
     def shutdown(self) -> None:
+        """Forget this dispatcher at exit (``stop()`` calls it last): no exit warning for it."""
         _running.discard(self)
+
+    @property
+    def halted(self) -> bool:
+        """:meth:`halt` was called: no new items are taken."""
+        return self._halt.is_set()
+
+    @property
+    def bus_name(self) -> str:
+        """The name of the bus this dispatcher works for (thread names, deliveries, logs)."""
+        return self._bus_name
 
     # -- feeding ---------------------------------------------------------------
 
@@ -225,7 +256,7 @@ class Dispatcher:
         """
         if item.lane is None:
             return item
-        return self._lanes.push(item.lane, item)
+        return self.lanes.push(item.lane, item)
 
     def enqueue(self, item: WorkItem) -> None:
         """Hand a runnable item (from :meth:`admit`) to the workers."""
@@ -249,10 +280,10 @@ class Dispatcher:
 
     def drain(self) -> None:
         """Report finished items and queue their lanes' successors (caller holds the lock)."""
-        done = self._done
+        done = self.finished
         if not done:
             return
-        lanes = self._lanes
+        lanes = self.lanes
         put = self._ready.put
         slots = []
         while done:
@@ -267,7 +298,7 @@ class Dispatcher:
     def _work(self, index: int) -> None:
         busy = self._busy
         lock = self._lock
-        done = self._done
+        done = self.finished
         halt = self._halt
         while not halt.is_set():
             item = self._next()
@@ -275,8 +306,6 @@ class Dispatcher:
                 if done:  # idle: waiting for the lock costs nothing now
                     with lock:
                         self.drain()
-                if _EXITING.is_set():  # checked when idle only
-                    return
                 continue
             if halt.is_set():
                 return
@@ -467,24 +496,20 @@ def _start_daemon_workers(
     return [t for t in threads if t is not None]
 
 
-#: Set at interpreter exit: every idle worker loop ends. Workers are daemon threads, so
-#: exit never waits for them (nor for a callback that never returns).
-_EXITING = threading.Event()
+def _warn_at_exit() -> None:
+    """Say that a bus was never stopped: its unfinished events are delivered again after restart.
 
-
-def _halt_at_exit() -> None:
-    """Say that a bus was never stopped: its unfinished events are delivered again after restart."""
-    _EXITING.set()
+    A warning only: it stops nothing (the workers are daemon threads; exit never waits for them).
+    """
     for dispatcher in list(_running):
-        if not dispatcher._halt.is_set():
+        if not dispatcher.halted:
             log.warning(
                 "interpreter exiting while bus %s still runs; call stop() for a final checkpoint",
-                dispatcher._bus_name,
+                dispatcher.bus_name,
             )
-            dispatcher.halt()
 
 
-atexit.register(_halt_at_exit)
+atexit.register(_warn_at_exit)
 
 
 def call_subscription(

@@ -17,16 +17,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .delivery import Delivery
 from .errors import ConfigurationError, Duplicate, Skip
 from .middleware.base import Middleware
 
-if TYPE_CHECKING:
-    from .bus import Bus
-
-__all__ = ["Metrics", "LAG_BUCKETS", "DURATION_BUCKETS"]
+__all__ = ["Metrics", "LAG_BUCKETS", "DURATION_BUCKETS", "Observed"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +45,22 @@ def _seconds_since(wall: datetime | None, cluster_time: Any) -> float | None:
     if isinstance(seconds, int) and seconds > 0:
         return max(0.0, time.time() - seconds)
     return None
+
+
+class Observed(Protocol):
+    """What the observable gauges read from an attached stream (a :class:`~mongo_events.Bus`).
+
+    Metrics depends on this shape only, not on the bus module.
+    """
+
+    @property
+    def namespace(self) -> str: ...
+
+    def pending_count(self) -> int: ...
+
+    def checkpoint_age(self) -> float | None: ...
+
+    def oplog_headroom(self) -> float | None: ...
 
 
 class Metrics(Middleware):
@@ -112,7 +125,7 @@ class Metrics(Middleware):
         provider = meter_provider if meter_provider is not None else otel_metrics.get_meter_provider()
         self._meter = provider.get_meter("mongo_events", __version__)
         self._observation = otel_metrics.Observation
-        self._buses: list[Bus] = []
+        self._buses: list[Observed] = []
         self._buses_lock = threading.Lock()
         self._warned: set[str] = set()
         if pending is not None and not callable(pending):
@@ -171,13 +184,13 @@ class Metrics(Middleware):
 
     # -- the bus attaches itself; observable gauges read from attached buses ---------------------
 
-    def attach(self, bus: Bus) -> None:
+    def attach(self, bus: Observed) -> None:
         """Called by the bus at start: its gauges are reported until :meth:`detach`."""
         with self._buses_lock:
             if bus not in self._buses and not self._closed:
                 self._buses.append(bus)
 
-    def detach(self, bus: Bus) -> None:
+    def detach(self, bus: Observed) -> None:
         with self._buses_lock:
             if bus in self._buses:
                 self._buses.remove(bus)
@@ -194,7 +207,7 @@ class Metrics(Middleware):
             self._buses.clear()
             self.pending = None
 
-    def _observe(self, what: str, read: Callable[[Bus], float | None]) -> Iterator[Any]:
+    def _observe(self, what: str, read: Callable[[Observed], float | None]) -> Iterator[Any]:
         with self._buses_lock:
             buses = list(self._buses)
         for bus in buses:

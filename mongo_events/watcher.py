@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from operator import attrgetter
 from typing import Any
 
 import backoff
@@ -98,18 +99,18 @@ class Position:
         return f"Position({self.kwargs()!r})" if self.kwargs() else "Position(now)"
 
 
-def _resume_token(stream: ChangeStream[Any]) -> Mapping[str, Any] | None:
-    """The stream's cached resume token without ``ChangeStream.resume_token``'s deep copy.
+def pymongo_peek() -> tuple[Callable[[ChangeStream[Any]], Mapping[str, Any] | None], Callable[[ChangeStream[Any]], Any]]:
+    """The one deliberate read of pymongo's private state, in one place (tested in test_bus.py).
 
-    The public property deep-copies on every call, which was a visible share of the
-    per-event cost; the watcher never mutates tokens, so reading the cached value is safe.
-    Falls back to the property if a pymongo version renames the attribute.
+    Returns two getters for a ``ChangeStream``: its cached resume token
+    (``ChangeStream._resume_token``: the public ``resume_token`` property deep-copies on
+    every call, a visible share of the per-event cost, and the watcher never mutates
+    tokens) and the events pymongo already holds without I/O (``CommandCursor._data``,
+    there since pymongo 3). They are ``operator.attrgetter`` objects, run in C: no Python
+    frame per event. A pymongo that renames either raises ``AttributeError``; the watcher
+    then falls back to the public property, and to handing work on event by event.
     """
-    try:
-        token: Mapping[str, Any] | None = stream._resume_token
-    except AttributeError:  # pragma: no cover - a future pymongo
-        return stream.resume_token
-    return token
+    return attrgetter("_resume_token"), attrgetter("_cursor._data")
 
 
 def _nothing() -> None:
@@ -258,6 +259,7 @@ class Watcher:
         on_drained = self._on_drained
         on_event = self._on_event
         stopped = self._stop.is_set
+        read_token, read_buffered = pymongo_peek()  # hoisted: two C-level getters, no call per event
         fragments: list[Mapping[str, Any]] = []
         self._reopen = False
         # Where to reopen: the newest token, kept in a local and made self.position on the
@@ -266,10 +268,10 @@ class Watcher:
         try:
             while not stopped():
                 raw = stream.try_next()
-                try:  # _resume_token(stream), inlined: this runs once per event
-                    token = stream._resume_token
+                try:
+                    token = read_token(stream)
                 except AttributeError:  # pragma: no cover - a future pymongo
-                    token = _resume_token(stream)
+                    token = stream.resume_token
                 if raw is None:
                     if not fragments:
                         self._on_resume_token(token)
@@ -299,11 +301,10 @@ class Watcher:
                     resume_after = token
                 if not on_event(raw) or self._reopen:
                     return got_any
-                # Events pymongo already holds (handed out without I/O), from the private
-                # CommandCursor._data deque (there since pymongo 3). Without it the stream
-                # counts as drained, which only means work is handed on event by event.
+                # Events pymongo already holds (handed out without I/O). Without them the
+                # stream counts as drained, which only means work is handed on event by event.
                 try:
-                    more = stream._cursor._data
+                    more = read_buffered(stream)
                 except AttributeError:  # pragma: no cover - a future pymongo
                     more = None
                 if not more:

@@ -80,3 +80,9 @@ def test_report_and_table_name_every_workload() -> None:
     assert report["vs_token_per_event_ratio"] == 1.0
     table = "\n".join(regimes.regime_table(runs, ratios, med, pairs))
     assert all(name in table for name in runs) and "vs_pool_token_after_submit" in table
+
+
+def test_the_latency_workload_times_every_event(client: pymongo.MongoClient[Any]) -> None:
+    # It times try_next() inside the stream consumer; if that seam moves, no event is timed.
+    p50, p99 = run.latency(client, rate=200, seconds=0.5)
+    assert 0 < p50 <= p99

@@ -306,7 +306,7 @@ def test_look_alike_document_keys_get_lanes_of_their_own(client: pymongo.MongoCl
 
 
 def test_a_bool_id_is_not_the_int_id() -> None:
-    from mongo_events.bus import _document_lane
+    from mongo_events.consumer import _document_lane
 
     ev = me.ChangeEvent.from_raw({"_id": {"_data": "00"}, "operationType": "insert", "ns": {"db": "d", "coll": "c"}})
     for one_namespace in (True, False):
@@ -332,20 +332,22 @@ def test_ordering_none_runs_one_document_in_parallel(client: pymongo.MongoClient
     assert len(rec.wait(3)) == 3
 
 
-def _spy_on_received(bus: me.Bus) -> Recorder:
+def _spy_on_received(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     """Records each change's operationType as the watcher receives it (before admission)."""
+    from mongo_events.consumer import StreamConsumer
+
     received = Recorder()
-    on_event = bus._on_event
+    on_event = StreamConsumer.on_event
 
-    def spy(raw: Any) -> bool:
+    def spy(consumer: StreamConsumer, raw: Any) -> bool:
         received.add(raw.get("operationType"))
-        return on_event(raw)
+        return on_event(consumer, raw)
 
-    bus._on_event = spy  # type: ignore[method-assign]
+    monkeypatch.setattr(StreamConsumer, "on_event", spy)
     return received
 
 
-def test_a_namespace_wide_event_waits_for_earlier_events_and_holds_later_ones(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_a_namespace_wide_event_waits_for_earlier_events_and_holds_later_ones(client: pymongo.MongoClient[Any], make_bus: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Under per-document order a drop has no document lane: it must still run after every
     earlier event (a handler clearing a cache must not be overtaken by an earlier insert
     re-filling it) and before any later one."""
@@ -353,7 +355,7 @@ def test_a_namespace_wide_event_waits_for_earlier_events_and_holds_later_ones(cl
     gate = threading.Event()
     started, log = Recorder(), Recorder()
     bus = make_bus(coll, max_workers=4)
-    received = _spy_on_received(bus)
+    received = _spy_on_received(monkeypatch)
 
     @bus.subscribe
     def handle(ev: me.ChangeEvent) -> None:
@@ -378,13 +380,13 @@ def test_a_namespace_wide_event_waits_for_earlier_events_and_holds_later_ones(cl
     assert bus.join(5)
 
 
-def test_stop_while_a_namespace_wide_event_waits_leaves_it_undelivered(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_stop_while_a_namespace_wide_event_waits_leaves_it_undelivered(client: pymongo.MongoClient[Any], make_bus: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     coll = client.shop.orders
     gate = threading.Event()
     tokens = me.MemoryResumeTokenStore()
     log = Recorder()
     bus = make_bus(coll, max_workers=2, resume_token_store=tokens)
-    received = _spy_on_received(bus)
+    received = _spy_on_received(monkeypatch)
 
     running = threading.Event()
 
@@ -402,7 +404,7 @@ def test_stop_while_a_namespace_wide_event_waits_leaves_it_undelivered(client: p
     assert running.wait(5)  # the insert is in its callback (a queued one would not start after stop)
     stopper = threading.Thread(target=bus.stop, kwargs={"timeout": 10})
     stopper.start()
-    assert bus._watcher is not None and bus._watcher.join(5)  # the watcher left the barrier
+    assert bus._consumer.watcher is not None and bus._consumer.watcher.join(5)  # the watcher left the barrier
     gate.set()
     stopper.join(10)
     assert not stopper.is_alive()
@@ -517,9 +519,9 @@ def test_an_event_finished_while_the_lock_was_busy_still_frees_its_lane(client: 
     coll.insert_one({"_id": "slow"})
     coll.update_one({"_id": "x"}, {"$set": {"n": 1}})
     assert wait_for(lambda: bus.in_flight == 3, 5)  # all three admitted, x's update in its lane
-    with bus._mutex:
+    with bus._consumer.window.mutex:
         held.set()
-        assert wait_for(lambda: len(bus._dispatcher._done) == 1, 5)  # x finished, unreported
+        assert wait_for(lambda: len(bus._dispatcher.finished) == 1, 5)  # x finished, unreported
     assert slow_started.wait(5)
     got = rec.wait(2)  # x's update ran although one worker is stuck in the slow callback
     assert got == [("x", "insert"), ("x", "update")]
@@ -832,17 +834,20 @@ def test_the_private_pymongo_attributes_the_watcher_reads_still_exist(client: py
     event) and ``CommandCursor._data`` (what pymongo holds without I/O). A pymongo that
     renames them only sends the watcher down its slower fallbacks, so nothing else would
     notice: this test fails instead, on every interpreter and pymongo of the tox matrix."""
+    from mongo_events.watcher import pymongo_peek  # the one adapter that reads them
+
+    read_token, read_buffered = pymongo_peek()
     coll = client.shop.orders
     with coll.watch(max_await_time_ms=50) as stream:
         coll.insert_many([{"_id": i} for i in range(3)])
         first = None
         while first is None:
             first = stream.try_next()
-        assert stream._resume_token == stream.resume_token == first["_id"]
-        buffered = stream._cursor._data
+        assert read_token(stream) == stream.resume_token == first["_id"]
+        buffered = read_buffered(stream)
         assert isinstance(buffered, collections.deque)
         assert len(buffered) == 2  # the getMore brought all three inserts
         get_mores = fake_rs.command_count("getMore")
         rest = [stream.try_next() for _ in range(len(buffered))]
-        assert all(raw is not None for raw in rest) and not stream._cursor._data
+        assert all(raw is not None for raw in rest) and not read_buffered(stream)
         assert fake_rs.command_count("getMore") == get_mores  # what it held came without I/O

@@ -273,10 +273,10 @@ class BusRegistry:
 
 
 def _at_exit(fn: Callable[[], None]) -> None:
-    """Run ``fn`` at interpreter exit *before* the dispatcher's exit hook halts running buses.
+    """Run ``fn`` at interpreter exit *before* the dispatcher's exit hook warns about running buses.
 
     ``atexit`` hooks run after ``threading``'s, too late: the dispatcher would already have
-    halted the bus and warned that the interpreter exits while it runs. Hooks registered with
+    warned that the interpreter exits while the bus runs. Hooks registered with
     ``threading._register_atexit`` run in reverse order, so this one runs first.
     """
     register = getattr(threading, "_register_atexit", None)

@@ -1,0 +1,89 @@
+"""Dead-lettering beside the dispatcher: the hook it calls when a subscription gives up.
+
+The dispatcher calls a :class:`~mongo_events.dispatch.DeadLetterHook`; this module builds
+the one a bus passes: a :class:`DeadLetter` record written to a :class:`DeadLetterStore`
+(or the user's own function), reporting its failures to ``on_error``. The stream consumer
+uses the same hook for an oversize event it could only fetch as a stub.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from bson import ObjectId
+
+from .dispatch import DeadLetterHook
+from .events import ChangeEvent
+from .reporting import ErrorContext, ErrorHandler, report_error
+from .stores.base import DeadLetterStore
+from .stores.records import DeadLetter
+
+__all__ = ["dead_letter_hook"]
+
+
+def dead_letter_hook(
+    target: DeadLetterStore | DeadLetterHook | None,
+    *,
+    bus_name: str,
+    resume_token_key: str,
+    on_error: ErrorHandler | None,
+) -> DeadLetterHook | None:
+    """The hook that dead-letters for a bus: into ``target`` (a store or a function), or ``None``.
+
+    With ``on_error``, a failure to store is reported (kind ``dead_letter``) before it
+    propagates to the dispatcher, which retries the write.
+    """
+    if target is None:
+        return None
+    hook: DeadLetterHook
+    if isinstance(target, DeadLetterStore):
+        hook = _StoreDeadLetter(target, bus_name, resume_token_key)
+    else:
+        hook = target
+    if on_error is None:
+        return hook
+    inner = hook
+
+    def store(event: ChangeEvent, subscription: str, error: BaseException, attempts: int) -> None:
+        try:
+            inner(event, subscription, error, attempts)
+        except Exception as exc:
+            report_error(
+                on_error,
+                exc,
+                ErrorContext("dead_letter", bus_name, subscription, event.id, attempts, "store dead letter"),
+            )
+            raise
+
+    return store
+
+
+class _StoreDeadLetter:
+    """Writes a :class:`DeadLetter` (Go's shape) for each event given up on."""
+
+    def __init__(self, store: DeadLetterStore, bus_name: str, resume_token_key: str) -> None:
+        self._store = store
+        self._bus_name = bus_name
+        self._key = resume_token_key
+
+    def __call__(self, event: ChangeEvent, subscription: str, error: BaseException, attempts: int) -> None:
+        self._store.store(
+            DeadLetter(
+                id=str(ObjectId()),
+                event_name=subscription,
+                original_id=event.id,
+                payload=dict(event.raw),
+                metadata={
+                    "bus": self._bus_name,
+                    "namespace": event.namespace,
+                    "operation": str(event.operation_type),
+                    "document_key": event.document_key,
+                    "cluster_time": event.cluster_time,
+                    "resume_token_key": self._key,
+                },
+                error=f"{type(error).__name__}: {error}",
+                retry_count=attempts - 1,  # retries, as in the monitor entry (and Go's RetryCount)
+                source=self._bus_name,
+                created_at=datetime.now(timezone.utc),
+            )
+        )

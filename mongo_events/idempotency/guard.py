@@ -232,12 +232,16 @@ class Idempotency:
             self._note_running(key, False)
             return key
         # A suspect: give its start back while it waits to run alone, then count it again.
-        _ISOLATION.leave(False)
         log.warning("%s was in flight when the process died %d time(s): running it alone", key, starts - 1)
         try:
             self.store.release(key)
         except Exception as exc:
             log.error("could not uncount the start of %s while it waits (%r)", key, exc)
+        finally:
+            # Keep the shared turn until the start is given back: another suspect (the poison
+            # event) could otherwise run alone and kill the process first, and this bystander
+            # would keep a crash that was not its own.
+            _ISOLATION.leave(False)
         alone = _ISOLATION.enter(True)
         if not alone:
             log.warning(

@@ -22,7 +22,10 @@ def main() -> int:
 
         @bus.subscribe(operations={"insert", "update"})
         def on_order(event: me.ChangeEvent) -> None:
-            print(f"{event.operation_type} {event.document_id} {(event.full_document or {}).get('status')}", flush=True)
+            print(
+                f"{event.operation_type} {event.document_id} {(event.full_document or {}).get('status')}",
+                flush=True,
+            )
             seen.release()
 
         with bus:  # start() now, stop() (with a final checkpoint) on exit

@@ -1,6 +1,6 @@
 """Dead letters: a failing callback's events are stored after its retries, then replayed once fixed.
 
-    python examples/dead_letters.py
+python examples/dead_letters.py
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ def main() -> int:
         def invoice(event: me.ChangeEvent, delivery: me.Delivery) -> None:
             if broken.is_set():
                 raise ConnectionError("invoice service unreachable")
-            print(f"invoiced order {event.document_id} (replay={delivery.replay}, was: {delivery.original_error})", flush=True)
+            print(
+                f"invoiced order {event.document_id} (replay={delivery.replay}, was: {delivery.original_error})",
+                flush=True,
+            )
 
         with bus:
             orders.insert_one({"_id": 1, "total": 12})
@@ -32,7 +35,10 @@ def main() -> int:
                 pass
         letters = me.DeadLetters(store, bus)
         for letter in letters.list():
-            print(f"dead letter {letter.id}: {letter.event_name} gave up after {letter.retry_count} attempts: {letter.error}", flush=True)
+            print(
+                f"dead letter {letter.id}: {letter.event_name} gave up after {letter.retry_count} attempts: {letter.error}",
+                flush=True,
+            )
         broken.clear()  # the service is back
         result = letters.replay()
         print(f"replayed {result.replayed}, failed {result.failed}", flush=True)

@@ -38,7 +38,16 @@ def main() -> int:
         settings.configure(
             INSTALLED_APPS=["mongo_events.contrib.django"],
             DATABASES={},
-            MONGO_EVENTS={"URI": uri, "BUSES": {"orders": {"database": "shop", "collection": "orders", "resume_token_id": "django-example"}}},
+            MONGO_EVENTS={
+                "URI": uri,
+                "BUSES": {
+                    "orders": {
+                        "database": "shop",
+                        "collection": "orders",
+                        "resume_token_id": "django-example",
+                    }
+                },
+            },
         )
         django.setup()
 

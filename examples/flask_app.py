@@ -38,7 +38,14 @@ def create_app(uri: str) -> flask.Flask:
     app = flask.Flask(__name__)
     app.config.update(
         MONGO_EVENTS_URI=uri,
-        MONGO_EVENTS_BUSES={"orders": {"database": "shop", "collection": "orders", "resume_token_id": "flask-example", "monitor": monitor}},
+        MONGO_EVENTS_BUSES={
+            "orders": {
+                "database": "shop",
+                "collection": "orders",
+                "resume_token_id": "flask-example",
+                "monitor": monitor,
+            }
+        },
         MONGO_EVENTS_AUTOSTART=False,
     )
     events.init_app(app)
@@ -49,7 +56,9 @@ def create_app(uri: str) -> flask.Flask:
         result = orders.insert_one(dict(flask.request.get_json()))
         return {"id": str(result.inserted_id)}, 201
 
-    app.wsgi_app = DispatcherMiddleware(app.wsgi_app, {"/monitor": wsgi_app(monitor, health=events.bus("orders").health)})  # type: ignore[method-assign]
+    app.wsgi_app = DispatcherMiddleware(
+        app.wsgi_app, {"/monitor": wsgi_app(monitor, health=events.bus("orders").health)}
+    )  # type: ignore[method-assign]
     return app
 
 

@@ -1,6 +1,6 @@
 """full_document_only: callbacks get the document itself (a delete hands over its key).
 
-    python examples/full_document_only.py
+python examples/full_document_only.py
 """
 
 from __future__ import annotations
@@ -15,7 +15,13 @@ from mongo_events.demo import demo_client
 def main() -> int:
     with demo_client() as client:
         users = client["app"]["users"]
-        bus = me.Bus(users, full_document=me.FullDocument.UPDATE_LOOKUP, full_document_only=True, resume=False, ordering="stream")
+        bus = me.Bus(
+            users,
+            full_document=me.FullDocument.UPDATE_LOOKUP,
+            full_document_only=True,
+            resume=False,
+            ordering="stream",
+        )
         done = threading.Semaphore(0)
 
         @bus.subscribe(payload=dict)

@@ -1,6 +1,6 @@
 """OpenTelemetry metrics, read with the SDK's in-memory reader (use an OTLP or Prometheus exporter in production).
 
-    python examples/metrics.py
+python examples/metrics.py
 """
 
 from __future__ import annotations
@@ -19,7 +19,12 @@ def main() -> int:
     provider = MeterProvider(metric_readers=[reader])
     with demo_client() as client:
         orders = client["shop"]["orders"]
-        bus = me.Bus(orders, resume=False, metrics=me.Metrics(meter_provider=provider, namespace="shop"), flush_interval=0.1)
+        bus = me.Bus(
+            orders,
+            resume=False,
+            metrics=me.Metrics(meter_provider=provider, namespace="shop"),
+            flush_interval=0.1,
+        )
         done = threading.Semaphore(0)
         bus.subscribe(name="orders")(lambda event: done.release())
         with bus:

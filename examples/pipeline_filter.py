@@ -1,6 +1,6 @@
 """A server-side $match: only paid orders reach the callback; the position still moves.
 
-    python examples/pipeline_filter.py
+python examples/pipeline_filter.py
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ def main() -> int:
         bus = me.Bus(
             orders,
             full_document=me.FullDocument.UPDATE_LOOKUP,
-            pipeline=[{"$match": {"operationType": "update", "updateDescription.updatedFields.status": "paid"}}],
+            pipeline=[
+                {"$match": {"operationType": "update", "updateDescription.updatedFields.status": "paid"}}
+            ],
             update_description=True,
             resume=False,
         )

@@ -81,17 +81,33 @@ def _check_bus_options(o: Mapping[str, Any]) -> None:
     if o["name"] is not None and not isinstance(o["name"], str):
         raise invalid("name", o["name"], "a str or None")
     check_choice("full_document", o["full_document"], [None, *FullDocument])
-    check_choice("full_document_before_change", o["full_document_before_change"], [None, "off", "whenAvailable", "required"])
-    for flag in ("full_document_only", "update_description", "include_empty_updates", "show_expanded_events", "resume"):
+    check_choice(
+        "full_document_before_change",
+        o["full_document_before_change"],
+        [None, "off", "whenAvailable", "required"],
+    )
+    for flag in (
+        "full_document_only",
+        "update_description",
+        "include_empty_updates",
+        "show_expanded_events",
+        "resume",
+    ):
         if not isinstance(o[flag], bool):
             raise invalid(flag, o[flag], "True or False")
     check_int("max_updated_fields_size", o["max_updated_fields_size"], 0)
     pipeline = o["pipeline"]
-    if pipeline is not None and (isinstance(pipeline, (str, bytes, Mapping)) or not isinstance(pipeline, Sequence)):
+    if pipeline is not None and (
+        isinstance(pipeline, (str, bytes, Mapping)) or not isinstance(pipeline, Sequence)
+    ):
         raise invalid("pipeline", pipeline, "a list of stages such as [{'$match': ...}]")
     for stage in pipeline or ():
         if not isinstance(stage, Mapping) or len(stage) != 1:
-            raise invalid("pipeline", pipeline, f"a list of one-key mappings such as {{'$match': ...}} (bad stage: {stage!r})")
+            raise invalid(
+                "pipeline",
+                pipeline,
+                f"a list of one-key mappings such as {{'$match': ...}} (bad stage: {stage!r})",
+            )
     check_int("batch_size", o["batch_size"], 0, allow_none=True)
     if not isinstance(o["max_await_time"], timedelta):
         check_number("max_await_time", o["max_await_time"])
@@ -99,11 +115,17 @@ def _check_bus_options(o: Mapping[str, Any]) -> None:
         raise invalid("max_await_time", o["max_await_time"], "a positive number of seconds or timedelta")
     store = o["resume_token_store"]
     if store is not None and not isinstance(store, ResumeTokenStore):
-        raise invalid("resume_token_store", store, "a mongo_events.ResumeTokenStore (MongoResumeTokenStore, FileResumeTokenStore ...) or None")
+        raise invalid(
+            "resume_token_store",
+            store,
+            "a mongo_events.ResumeTokenStore (MongoResumeTokenStore, FileResumeTokenStore ...) or None",
+        )
     coll = o["resume_token_collection"]
     if coll is not None and not isinstance(coll, (MongoCollection, str)):
         raise invalid("resume_token_collection", coll, "a pymongo Collection, a collection name or None")
-    if o["resume_token_id"] is not None and (not isinstance(o["resume_token_id"], str) or not o["resume_token_id"]):
+    if o["resume_token_id"] is not None and (
+        not isinstance(o["resume_token_id"], str) or not o["resume_token_id"]
+    ):
         raise invalid("resume_token_id", o["resume_token_id"], "a non-empty str or None")
     past = o["start_from_past"]
     if past is not None and (not isinstance(past, timedelta) or past <= timedelta(0)):
@@ -115,20 +137,32 @@ def _check_bus_options(o: Mapping[str, Any]) -> None:
     if o["decoder"] is not None:
         check_has_method("decoder", o["decoder"], "decode", "a mongo_events.Decoder")
     middleware = o["middleware"]
-    if isinstance(middleware, (str, bytes, Mapping)) or not isinstance(middleware, Sequence) or not all(isinstance(m, Middleware) for m in middleware):
+    if (
+        isinstance(middleware, (str, bytes, Mapping))
+        or not isinstance(middleware, Sequence)
+        or not all(isinstance(m, Middleware) for m in middleware)
+    ):
         raise invalid("middleware", middleware, "a list of mongo_events.Middleware instances")
     dead = o["dead_letters"]
     if dead is not None and not isinstance(dead, DeadLetterStore) and not callable(dead):
-        raise invalid("dead_letters", dead, "a mongo_events.DeadLetterStore, a function (event, subscription, error, attempts) or None")
+        raise invalid(
+            "dead_letters",
+            dead,
+            "a mongo_events.DeadLetterStore, a function (event, subscription, error, attempts) or None",
+        )
     if o["ack_store"] is not None and not isinstance(o["ack_store"], AckStore):
-        raise invalid("ack_store", o["ack_store"], "a mongo_events.AckStore (MongoAckStore, MemoryAckStore) or None")
+        raise invalid(
+            "ack_store", o["ack_store"], "a mongo_events.AckStore (MongoAckStore, MemoryAckStore) or None"
+        )
     check_choice("on_history_lost", o["on_history_lost"], ["raise", "restart_from_now"])
     check_callable("history_lost_callback", o["history_lost_callback"], "a function (key, since) or None")
     check_number("start_timeout", o["start_timeout"])
     if o["metrics"] is not None and not isinstance(o["metrics"], Metrics):
         raise invalid("metrics", o["metrics"], "a mongo_events.Metrics or None")
     if o["monitor"] is not None and not isinstance(o["monitor"], (MonitorStore, MonitorMiddleware)):
-        raise invalid("monitor", o["monitor"], "a mongo_events.monitor.MonitorStore, a MonitorMiddleware or None")
+        raise invalid(
+            "monitor", o["monitor"], "a mongo_events.monitor.MonitorStore, a MonitorMiddleware or None"
+        )
 
 
 class BusState(str, enum.Enum):
@@ -288,7 +322,9 @@ class Bus:
         if resume_token_store is not None and resume_token_collection is not None:
             raise ConfigurationError("pass resume_token_store or resume_token_collection, not both")
         if not resume and (resume_token_store is not None or resume_token_collection is not None):
-            raise ConfigurationError("resume=False stores no position: drop resume_token_store / resume_token_collection, or resume")
+            raise ConfigurationError(
+                "resume=False stores no position: drop resume_token_store / resume_token_collection, or resume"
+            )
 
         self.full_document = fd
         self.full_document_before_change = full_document_before_change
@@ -298,7 +334,9 @@ class Bus:
         self.max_updated_fields_size = max_updated_fields_size
         self.pipeline = [dict(s) for s in pipeline or ()]
         self.batch_size = batch_size
-        self.max_await_time = max_await_time.total_seconds() if isinstance(max_await_time, timedelta) else float(max_await_time)
+        self.max_await_time = (
+            max_await_time.total_seconds() if isinstance(max_await_time, timedelta) else float(max_await_time)
+        )
         self.show_expanded_events = show_expanded_events
         self.resume = resume
         self.start_from_past = start_from_past
@@ -311,21 +349,29 @@ class Bus:
         self.start_timeout = start_timeout
         self._decoder: Decoder = decoder or CattrsDecoder()
         self.metrics = metrics
-        self.monitor: MonitorMiddleware | None = MonitorMiddleware(monitor) if isinstance(monitor, MonitorStore) else monitor
+        self.monitor: MonitorMiddleware | None = (
+            MonitorMiddleware(monitor) if isinstance(monitor, MonitorStore) else monitor
+        )
         # The monitor runs outermost (it sees what every other hook sees), then metrics.
         self._middleware = [m for m in (self.monitor, metrics) if m is not None] + list(middleware)
         self.on_error = on_error
         if on_error is not None:
             self._middleware.append(ErrorReporter(on_error, self.name))
         self.dead_letter_store = dead_letters if isinstance(dead_letters, DeadLetterStore) else None
-        self._dead_letters = dead_letter_hook(dead_letters, bus_name=self.name, resume_token_key=self.resume_token_key, on_error=on_error)
+        self._dead_letters = dead_letter_hook(
+            dead_letters, bus_name=self.name, resume_token_key=self.resume_token_key, on_error=on_error
+        )
         self.ack_store = ack_store
-        self.status: StatusPublisher | None = StatusPublisher(status) if isinstance(status, ConsumerStatusStore) else status
+        self.status: StatusPublisher | None = (
+            StatusPublisher(status) if isinstance(status, ConsumerStatusStore) else status
+        )
         if self.status is not None:
             self._middleware.append(self.status)  # it counts deliveries for the dashboard
         self.idempotency = _idempotency(idempotency)
         if crash_store is not None and not isinstance(crash_store, IdempotencyStore):
-            raise ConfigurationError(f"crash_store must be an IdempotencyStore, got {type(crash_store).__name__}")
+            raise ConfigurationError(
+                f"crash_store must be an IdempotencyStore, got {type(crash_store).__name__}"
+            )
         self._crash_counter = CrashCounter(crash_store) if crash_store is not None else None
 
         if not resume:
@@ -343,7 +389,6 @@ class Bus:
         self._error: BaseException | None = None
         self._pid = os.getpid()
         self._reset_runtime()
-
 
     def _reset_runtime(self) -> None:
         self._stop_event = threading.Event()
@@ -535,7 +580,9 @@ class Bus:
             if payload is not None:
                 self._check_payload(payload)
             if any(s.name == sub.name for s in self._subscriptions):
-                raise ConfigurationError(f"a subscription named {sub.name!r} already exists on bus {self.name!r}; pass name=...")
+                raise ConfigurationError(
+                    f"a subscription named {sub.name!r} already exists on bus {self.name!r}; pass name=..."
+                )
             self._subscriptions.append(sub)
             return fn
 
@@ -583,9 +630,13 @@ class Bus:
         self._check_runtime()
         with self._state_lock:
             if self._state not in (BusState.NEW, BusState.STOPPED, BusState.FAILED):
-                raise BusStateError(f"bus {self.name!r} is {self._state.value}; start() needs a new, stopped or failed bus")
+                raise BusStateError(
+                    f"bus {self.name!r} is {self._state.value}; start() needs a new, stopped or failed bus"
+                )
             if not self._subscriptions:
-                raise ConfigurationError(f"bus {self.name!r} has no subscriptions: call subscribe() before start()")
+                raise ConfigurationError(
+                    f"bus {self.name!r} has no subscriptions: call subscribe() before start()"
+                )
             self._reset_runtime()
             self._error = None
             self._state = BusState.STARTING
@@ -601,17 +652,30 @@ class Bus:
         with self._state_lock:
             if self._state is BusState.STARTING:
                 self._state = BusState.RUNNING
-        log.info("bus %s started: watching %s, checkpoint key %s", self.name, self._namespace, self.resume_token_key)
+        log.info(
+            "bus %s started: watching %s, checkpoint key %s",
+            self.name,
+            self._namespace,
+            self.resume_token_key,
+        )
         return self
 
     def _start(self) -> None:
-        for store in (self.token_store, self.ack_store, self.dead_letter_store, self.monitor.store if self.monitor else None, *self._idempotency_stores()):
+        for store in (
+            self.token_store,
+            self.ack_store,
+            self.dead_letter_store,
+            self.monitor.store if self.monitor else None,
+            *self._idempotency_stores(),
+        ):
             if store is None:
                 continue
             try:
                 store.ensure_indexes()
             except StoreError as exc:
-                log.warning("could not create indexes for %s (%s); going on without them", type(store).__name__, exc)
+                log.warning(
+                    "could not create indexes for %s (%s); going on without them", type(store).__name__, exc
+                )
                 self._report(exc, "store", what=f"create indexes ({type(store).__name__})")
         consumer = self._consumer
         # One pool per bus, on the consumer's window lock: finishing costs one acquisition.
@@ -652,7 +716,9 @@ class Bus:
             # the background, but loudly: ERROR here and at each retry, health "unhealthy".
             message = f"the change stream on {self._namespace} did not open within {self.start_timeout:.0f}s; still trying in the background"
             consumer.last_error = (message, datetime.now(timezone.utc))
-            log.error("bus %s: %s; health is unhealthy and nothing is delivered until it opens", self.name, message)
+            log.error(
+                "bus %s: %s; health is unhealthy and nothing is delivered until it opens", self.name, message
+            )
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop gracefully: stop the watcher, let running callbacks finish, write the checkpoint.
@@ -669,7 +735,12 @@ class Bus:
             (the checkpoint written is still correct; they will be redelivered).
         """
         if os.getpid() != self._pid:
-            log.warning("bus %s: stop() in forked process %d ignored: the bus runs in process %d", self.name, os.getpid(), self._pid)
+            log.warning(
+                "bus %s: stop() in forked process %d ignored: the bus runs in process %d",
+                self.name,
+                os.getpid(),
+                self._pid,
+            )
             return
         if self._state is BusState.NEW:
             return  # never started: nothing to wait for
@@ -715,8 +786,11 @@ class Bus:
             # the stop sees _hurry and skips the rest of its wait for callbacks.
             self._hurry.set()
         log.warning(
-            "bus %s: got signal %d; %s", self.name, signum,
-            "stopping gracefully (a second signal stops without waiting for callbacks)" if self._signals == 1
+            "bus %s: got signal %d; %s",
+            self.name,
+            signum,
+            "stopping gracefully (a second signal stops without waiting for callbacks)"
+            if self._signals == 1
             else "stopping now: no more waiting for callbacks, one bounded checkpoint write",
         )
         self._stop_event.set()
@@ -730,7 +804,9 @@ class Bus:
         deadline = None if timeout is None else time.monotonic() + timeout
         window = self._consumer.window
         with window.cond:
-            if not window.wait_for_done(window.tracker.last_seq, deadline, lambda: self._error is not None or self._stopped.is_set()):
+            if not window.wait_for_done(
+                window.tracker.last_seq, deadline, lambda: self._error is not None or self._stopped.is_set()
+            ):
                 return False
         if self._error is not None:
             raise self._error
@@ -749,7 +825,9 @@ class Bus:
         :raises BusStateError: while the bus runs (it would write its position again).
         """
         if self._state in (BusState.STARTING, BusState.RUNNING, BusState.STOPPING):
-            raise BusStateError("stop the bus before reset_resume_token(): a running bus writes its position again")
+            raise BusStateError(
+                "stop the bus before reset_resume_token(): a running bus writes its position again"
+            )
         if self.token_store is not None:
             self.token_store.delete(self.resume_token_key)
             log.info("bus %s: resume token %s reset", self.name, self.resume_token_key)
@@ -757,7 +835,9 @@ class Bus:
     def __enter__(self) -> Bus:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     def __repr__(self) -> str:
@@ -792,11 +872,9 @@ class Bus:
                 "lazy-apps = true so buses start after the fork"
             )
 
-
     def _initial_position(self) -> Position:
         """Where the stream starts (the consumer decides; a seam for the benchmark)."""
         return self._consumer.initial_position()
-
 
     def _fail(self, exc: BaseException) -> None:
         """Stop the bus because of ``exc``: state FAILED, ``error`` set, one ERROR line."""
@@ -804,19 +882,28 @@ class Bus:
             if self._error is not None or self._state in (BusState.STOPPED, BusState.FAILED):
                 return
             self._error = exc
-        log.error("bus %s failed: %s", self.name, describe(exc), exc_info=exc if isinstance(exc, ThreadFailed) else None)
+        log.error(
+            "bus %s failed: %s",
+            self.name,
+            describe(exc),
+            exc_info=exc if isinstance(exc, ThreadFailed) else None,
+        )
         self._consumer.failed_to_start(exc)  # if start() is waiting for the stream: it raises this
         self._stop_event.set()
         window = self._consumer.window
         with window.cond:
             window.cond.notify_all()
-        threading.Thread(target=self._stop_after_failure, name=f"mongo_events.stopper[{self.name}]", daemon=True).start()
+        threading.Thread(
+            target=self._stop_after_failure, name=f"mongo_events.stopper[{self.name}]", daemon=True
+        ).start()
 
     def _stop_after_failure(self) -> None:
         try:
             self._shutdown(30.0, quiet=True)
         except BaseException as exc:  # the bus is FAILED already (see _shutdown); say what else broke
-            log.error("bus %s: stopping after the failure also failed: %s", self.name, describe(exc), exc_info=exc)
+            log.error(
+                "bus %s: stopping after the failure also failed: %s", self.name, describe(exc), exc_info=exc
+            )
 
     def _shutdown(self, timeout: float, quiet: bool = False) -> None:
         """Stop every thread and write the final checkpoint, within ``timeout`` (plus at most
@@ -842,7 +929,9 @@ class Bus:
                 window = self._consumer.window
                 with window.cond:
                     window.cond.notify_all()
-            log.info("bus %s %s; checkpoint %s", self.name, self._state.value, self._consumer.window.checkpoint())
+            log.info(
+                "bus %s %s; checkpoint %s", self.name, self._state.value, self._consumer.window.checkpoint()
+            )
         if running and not quiet:
             raise ShutdownTimeout(
                 f"bus {self.name!r}: callbacks were still running after {timeout:.1f}s: {'; '.join(running)}. "
@@ -883,21 +972,27 @@ class Bus:
                 log.error(
                     "bus %s: the final checkpoint was not stored within %.1fs; the next start redelivers "
                     "every event after the last stored checkpoint (%s)",
-                    self.name, grace - now, consumer.last_error[0] if consumer.last_error else "no error recorded",
+                    self.name,
+                    grace - now,
+                    consumer.last_error[0] if consumer.last_error else "no error recorded",
                 )
         if self.metrics is not None:
             try:
                 self.metrics.detach(self)
             except Exception:
                 log.exception("bus %s: detaching metrics failed", self.name)
-        for store in (self.token_store, self.ack_store, self.dead_letter_store, self.monitor.store if self.monitor else None):
+        for store in (
+            self.token_store,
+            self.ack_store,
+            self.dead_letter_store,
+            self.monitor.store if self.monitor else None,
+        ):
             if store is not None:
                 try:
                     store.close()
                 except Exception:
                     log.exception("closing %s failed", type(store).__name__)
         return running
-
 
     # -- observability ----------------------------------------------------------------------
 
@@ -918,7 +1013,6 @@ class Bus:
         the bus may stay down before it cannot resume. ``None`` when the oplog cannot be read
         (no permission on ``local``, a mongos) or before the first checkpoint."""
         return self._consumer.oplog_headroom()
-
 
     def health(self) -> Health:
         """A snapshot for health probes (also served as ``GET /v1/health`` by the monitor app)."""
@@ -969,8 +1063,12 @@ class Bus:
         """
         sub = next((s for s in self._subscriptions if s.name == letter.event_name), None)
         if sub is None:
-            raise ConfigurationError(f"bus {self.name!r} has no subscription {letter.event_name!r} to replay dead letter {letter.id}")
-        event = ChangeEvent.from_raw(letter.payload, self._db.name if self.level != "cluster" else "", self._default_coll)
+            raise ConfigurationError(
+                f"bus {self.name!r} has no subscription {letter.event_name!r} to replay dead letter {letter.id}"
+            )
+        event = ChangeEvent.from_raw(
+            letter.payload, self._db.name if self.level != "cluster" else "", self._default_coll
+        )
         delivery = Delivery(
             event=event,
             subscription=sub.name,
@@ -986,7 +1084,9 @@ class Bus:
 
     # -- on_error ------------------------------------------------------------------------------
 
-    def _report(self, error: BaseException, kind: ErrorKindName, *, event_id: str | None = None, what: str = "") -> None:
+    def _report(
+        self, error: BaseException, kind: ErrorKindName, *, event_id: str | None = None, what: str = ""
+    ) -> None:
         """Tell ``on_error`` (if any) about an error; see :mod:`mongo_events.reporting`."""
         if self.on_error is not None:
             report_error(self.on_error, error, ErrorContext(kind, self.name, None, event_id, None, what))
@@ -1006,14 +1106,14 @@ class Bus:
         return run
 
 
-
-
 def _idempotency(value: IdempotencyStore | Idempotency | None) -> Idempotency | None:
     if value is None or isinstance(value, Idempotency):
         return value
     if isinstance(value, IdempotencyStore):
         return Idempotency(value)
-    raise ConfigurationError(f"idempotency must be an IdempotencyStore or an Idempotency, got {type(value).__name__}")
+    raise ConfigurationError(
+        f"idempotency must be an IdempotencyStore or an Idempotency, got {type(value).__name__}"
+    )
 
 
 def _hostname() -> str:

@@ -26,10 +26,10 @@ log = logging.getLogger(__name__)
 class ReplayOutcome(str, enum.Enum):
     """What happened to one dead letter on replay."""
 
-    REPLAYED = "replayed"        #: the callback succeeded; ``retried_at`` is set
-    FAILED = "failed"            #: the callback failed again; ``replay_count`` grew
+    REPLAYED = "replayed"  #: the callback succeeded; ``retried_at`` is set
+    FAILED = "failed"  #: the callback failed again; ``replay_count`` grew
     QUARANTINED = "quarantined"  #: set aside: a terminal error, or too many failed replays
-    SKIPPED = "skipped"          #: already replayed or quarantined, or no subscription to replay it
+    SKIPPED = "skipped"  #: already replayed or quarantined, or no subscription to replay it
 
 
 @attrs.frozen
@@ -175,7 +175,10 @@ class DeadLetters:
             raise KeyError(f"no dead letter {letter_id!r}")
         return self._replay(letter)
 
-    def replay(self, filter: DeadLetterFilter = DeadLetterFilter(exclude_retried=True, exclude_quarantined=True)) -> ReplayResult:  # noqa: B008
+    def replay(
+        self,
+        filter: DeadLetterFilter = DeadLetterFilter(exclude_retried=True, exclude_quarantined=True),  # noqa: B008
+    ) -> ReplayResult:
         """Replay every dead letter matching ``filter`` (by default: not yet replayed or quarantined)."""
         self._require_bus()
         counts = dict.fromkeys(ReplayOutcome, 0)
@@ -190,7 +193,9 @@ class DeadLetters:
 
     def _require_bus(self) -> Bus:
         if self.bus is None:
-            raise ConfigurationError("replay needs the bus whose subscriptions handle the letters: DeadLetters(store, bus)")
+            raise ConfigurationError(
+                "replay needs the bus whose subscriptions handle the letters: DeadLetters(store, bus)"
+            )
         return self.bus
 
     def _replay(self, letter: DeadLetter) -> ReplayOutcome:
@@ -198,7 +203,12 @@ class DeadLetters:
         if letter.retried_at is not None or letter.quarantined_at is not None:
             return ReplayOutcome.SKIPPED
         if not bus.has_subscription(letter.event_name):
-            log.warning("dead letter %s: bus %r has no subscription %r to replay it", letter.id, bus.name, letter.event_name)
+            log.warning(
+                "dead letter %s: bus %r has no subscription %r to replay it",
+                letter.id,
+                bus.name,
+                letter.event_name,
+            )
             return ReplayOutcome.SKIPPED
         if "_id" not in letter.payload or "operationType" not in letter.payload:
             log.warning(

@@ -67,7 +67,9 @@ def _structure_uuid(value: Any, _: Any) -> uuid.UUID:
             return uuid.UUID(value)
         except ValueError:
             pass
-    raise ValueError(f"expected a binary UUID (subtype 4) or a UUID string, got {type(value).__name__} {value!r}")
+    raise ValueError(
+        f"expected a binary UUID (subtype 4) or a UUID string, got {type(value).__name__} {value!r}"
+    )
 
 
 class CattrsDecoder:
@@ -88,7 +90,9 @@ class CattrsDecoder:
         fast = self._fast
         if fast is None:
             conv = self.converter
-            fast = conv.copy(detailed_validation=False) if getattr(conv, "detailed_validation", False) else conv
+            fast = (
+                conv.copy(detailed_validation=False) if getattr(conv, "detailed_validation", False) else conv
+            )
             self._fast = fast
         return fast
 
@@ -118,7 +122,9 @@ class CattrsDecoder:
         except Exception as exc:
             errors = _readable(exc)
             name = getattr(type_, "__name__", repr(type_))
-            raise DecodeError(f"cannot decode into {name}: {'; '.join(errors)}", errors=errors, raw=value) from exc
+            raise DecodeError(
+                f"cannot decode into {name}: {'; '.join(errors)}", errors=errors, raw=value
+            ) from exc
 
 
 def _readable(exc: Exception) -> list[str]:
@@ -134,7 +140,8 @@ def required_fields(type_: Any) -> frozenset[str] | None:
         return frozenset(f.alias or f.name for f in attrs.fields(type_) if f.default is attrs.NOTHING)
     if dataclasses.is_dataclass(type_) and isinstance(type_, type):
         return frozenset(
-            f.name for f in dataclasses.fields(type_)
+            f.name
+            for f in dataclasses.fields(type_)
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.init
         )
     keys = getattr(type_, "__required_keys__", None)

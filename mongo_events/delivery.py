@@ -60,4 +60,3 @@ def current_delivery() -> Delivery | None:
     delivery = value()
     _current.set(delivery)  # undone with the rest when the attempt resets the variable
     return delivery
-

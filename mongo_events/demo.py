@@ -32,7 +32,9 @@ def demo_uri(uri: str | None = None, out: TextIO = sys.stderr) -> Iterator[str]:
     try:
         from .testing import FakeReplicaSet
     except ImportError as exc:  # pragma: no cover - mongomock missing
-        raise SystemExit("the demo needs MONGODB_URI or the fake replica set: pip install 'mongo-events[testing]'") from exc
+        raise SystemExit(
+            "the demo needs MONGODB_URI or the fake replica set: pip install 'mongo-events[testing]'"
+        ) from exc
     with FakeReplicaSet() as rs:
         print(f"MONGODB_URI is not set: using the built-in fake replica set at {rs.uri}", file=out)
         yield rs.uri
@@ -60,7 +62,9 @@ def run_demo(uri: str | None = None, orders: int = 5, out: TextIO = sys.stdout, 
         def show(event: ChangeEvent, delivery: Delivery) -> None:
             doc = event.full_document or {}
             # one write per line: callbacks run on several worker threads at once
-            out.write(f"{event.operation_type:<8} {event.namespace} _id={event.document_id} status={doc.get('status')} (attempt {delivery.attempt})\n")
+            out.write(
+                f"{event.operation_type:<8} {event.namespace} _id={event.document_id} status={doc.get('status')} (attempt {delivery.attempt})\n"
+            )
             out.flush()
             received.release()
 

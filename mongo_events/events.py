@@ -80,7 +80,9 @@ class UpdateDescription:
     @property
     def is_empty(self) -> bool:
         """No field was set, removed or truncated."""
-        return not (self.updated_fields or self.removed_fields or self.truncated_arrays or self.updated_fields_dropped)
+        return not (
+            self.updated_fields or self.removed_fields or self.truncated_arrays or self.updated_fields_dropped
+        )
 
     def has_field(self, path: str) -> bool:
         """Whether ``path`` (or a path below it) was updated."""
@@ -200,7 +202,9 @@ class ChangeEvent:
         return self.document_key.get("_id") if self.document_key else None
 
     @classmethod
-    def from_raw(cls, raw: Mapping[str, Any], default_db: str = "", default_coll: str | None = None) -> ChangeEvent:
+    def from_raw(
+        cls, raw: Mapping[str, Any], default_db: str = "", default_coll: str | None = None
+    ) -> ChangeEvent:
         """Build an event from a raw change document."""
         token = raw["_id"]
         data = token.get("_data") if type(token) is dict or isinstance(token, Mapping) else None
@@ -213,31 +217,47 @@ class ChangeEvent:
         description = UpdateDescription.from_raw(desc) if desc is not None else None
         if cls is not ChangeEvent:  # a subclass may validate or add fields: use its __init__
             return cls(
-                event_id, token, operation_type, ns.get("db") or default_db, ns.get("coll") or default_coll,
-                get("documentKey"), get("fullDocument"), get("fullDocumentBeforeChange"), description,
-                get("clusterTime"), get("wallTime"), get("txnNumber"), get("lsid"), get("to"), raw,
+                event_id,
+                token,
+                operation_type,
+                ns.get("db") or default_db,
+                ns.get("coll") or default_coll,
+                get("documentKey"),
+                get("fullDocument"),
+                get("fullDocumentBeforeChange"),
+                description,
+                get("clusterTime"),
+                get("wallTime"),
+                get("txnNumber"),
+                get("lsid"),
+                get("to"),
+                raw,
             )
         # This runs once per event: one dict as the instance's __dict__ skips the frozen
         # class's per-field __setattr__ indirection (slots filled one by one cost half again
         # as much). tests/test_events.py checks that these are exactly the fields, in order.
         event = _new(cls)
-        _set_attr(event, "__dict__", {
-            "id": event_id,
-            "resume_token": token,
-            "operation_type": operation_type,
-            "database": ns.get("db") or default_db,
-            "collection": ns.get("coll") or default_coll,
-            "document_key": get("documentKey"),
-            "full_document": get("fullDocument"),
-            "full_document_before_change": get("fullDocumentBeforeChange"),
-            "update_description": description,
-            "cluster_time": get("clusterTime"),
-            "wall_time": get("wallTime"),
-            "txn_number": get("txnNumber"),
-            "lsid": get("lsid"),
-            "to": get("to"),
-            "raw": raw,
-        })
+        _set_attr(
+            event,
+            "__dict__",
+            {
+                "id": event_id,
+                "resume_token": token,
+                "operation_type": operation_type,
+                "database": ns.get("db") or default_db,
+                "collection": ns.get("coll") or default_coll,
+                "document_key": get("documentKey"),
+                "full_document": get("fullDocument"),
+                "full_document_before_change": get("fullDocumentBeforeChange"),
+                "update_description": description,
+                "cluster_time": get("clusterTime"),
+                "wall_time": get("wallTime"),
+                "txn_number": get("txnNumber"),
+                "lsid": get("lsid"),
+                "to": get("to"),
+                "raw": raw,
+            },
+        )
         return event
 
     def to_dict(self) -> dict[str, Any]:

@@ -116,9 +116,13 @@ class Metrics(Middleware):
         try:
             from opentelemetry import metrics as otel_metrics
         except ImportError as exc:  # pragma: no cover - the test extra installs it
-            raise ConfigurationError("Metrics needs the OpenTelemetry API: pip install 'mongo-events[otel]'") from exc
+            raise ConfigurationError(
+                "Metrics needs the OpenTelemetry API: pip install 'mongo-events[otel]'"
+            ) from exc
         if namespace is not None and not _NAMESPACE_RE.match(namespace):
-            raise ConfigurationError(f"metrics namespace must be a letter then letters, digits or _, got {namespace!r}")
+            raise ConfigurationError(
+                f"metrics namespace must be a letter then letters, digits or _, got {namespace!r}"
+            )
         from . import __version__
 
         self.namespace = namespace
@@ -136,24 +140,67 @@ class Metrics(Middleware):
         self._closed = False
         name = self._name
         m = self._meter
-        self.processed = m.create_counter(name("mongodb.changes.processed"), unit="{event}", description="Change events a callback handled")
-        self.failed = m.create_counter(name("mongodb.changes.failed"), unit="{event}", description="Callback attempts that raised")
-        self.retries = m.create_counter(name("mongodb.changes.retries"), unit="{event}", description="Retries scheduled after a failed attempt")
+        self.processed = m.create_counter(
+            name("mongodb.changes.processed"), unit="{event}", description="Change events a callback handled"
+        )
+        self.failed = m.create_counter(
+            name("mongodb.changes.failed"), unit="{event}", description="Callback attempts that raised"
+        )
+        self.retries = m.create_counter(
+            name("mongodb.changes.retries"),
+            unit="{event}",
+            description="Retries scheduled after a failed attempt",
+        )
         self.dead_lettered = m.create_counter(
-            name("mongodb.changes.dead_lettered"), unit="{event}", description="Events given up on (dead-lettered or skipped)"
+            name("mongodb.changes.dead_lettered"),
+            unit="{event}",
+            description="Events given up on (dead-lettered or skipped)",
         )
         self.duplicates = m.create_counter(
-            name("mongodb.changes.duplicates"), unit="{event}", description="Deliveries skipped as duplicates of processed events"
+            name("mongodb.changes.duplicates"),
+            unit="{event}",
+            description="Deliveries skipped as duplicates of processed events",
         )
-        self.skipped = m.create_counter(name("mongodb.changes.skipped"), unit="{event}", description="Deliveries a middleware skipped")
-        self.oplog_lag = self._histogram(name("mongodb.oplog.lag"), "Time from the change's cluster time to its callback starting", LAG_BUCKETS)
-        self.handler_duration = self._histogram(name("mongodb.handler.duration"), "Callback duration", DURATION_BUCKETS)
-        self.receive_lag = self._histogram(name("mongodb.stream.receive_lag"), "Time from the change's cluster time to the bus receiving it", LAG_BUCKETS)
-        self.stream_active = m.create_up_down_counter(name("mongodb.stream.active"), unit="{stream}", description="Open change streams")
-        self.reconnections = m.create_counter(name("mongodb.stream.reconnections"), unit="{reconnection}", description="Change streams reopened")
-        m.create_observable_gauge(name("mongodb.changes.pending"), [self._observe_pending], unit="{event}", description="Events received and not yet done")
-        m.create_observable_gauge(name("mongodb.checkpoint.age"), [self._observe_checkpoint_age], unit="s", description="Now minus the cluster time of the stored checkpoint")
-        m.create_observable_gauge(name("mongodb.oplog.headroom"), [self._observe_headroom], unit="s", description="Seconds of oplog between its oldest entry and the stored checkpoint")
+        self.skipped = m.create_counter(
+            name("mongodb.changes.skipped"), unit="{event}", description="Deliveries a middleware skipped"
+        )
+        self.oplog_lag = self._histogram(
+            name("mongodb.oplog.lag"),
+            "Time from the change's cluster time to its callback starting",
+            LAG_BUCKETS,
+        )
+        self.handler_duration = self._histogram(
+            name("mongodb.handler.duration"), "Callback duration", DURATION_BUCKETS
+        )
+        self.receive_lag = self._histogram(
+            name("mongodb.stream.receive_lag"),
+            "Time from the change's cluster time to the bus receiving it",
+            LAG_BUCKETS,
+        )
+        self.stream_active = m.create_up_down_counter(
+            name("mongodb.stream.active"), unit="{stream}", description="Open change streams"
+        )
+        self.reconnections = m.create_counter(
+            name("mongodb.stream.reconnections"), unit="{reconnection}", description="Change streams reopened"
+        )
+        m.create_observable_gauge(
+            name("mongodb.changes.pending"),
+            [self._observe_pending],
+            unit="{event}",
+            description="Events received and not yet done",
+        )
+        m.create_observable_gauge(
+            name("mongodb.checkpoint.age"),
+            [self._observe_checkpoint_age],
+            unit="s",
+            description="Now minus the cluster time of the stored checkpoint",
+        )
+        m.create_observable_gauge(
+            name("mongodb.oplog.headroom"),
+            [self._observe_headroom],
+            unit="s",
+            description="Seconds of oplog between its oldest entry and the stored checkpoint",
+        )
         # The dead-letter counters of the Go event-dlq manager (dlq_messages_total, ...).
         self.dlq_stored = m.create_counter(
             name("dlq.messages"), unit="{message}", description="Dead letters stored"
@@ -173,14 +220,20 @@ class Metrics(Middleware):
 
     def _histogram(self, name: str, description: str, buckets: tuple[float, ...]) -> Any:
         try:
-            return self._meter.create_histogram(name, unit="s", description=description, explicit_bucket_boundaries_advisory=list(buckets))
+            return self._meter.create_histogram(
+                name, unit="s", description=description, explicit_bucket_boundaries_advisory=list(buckets)
+            )
         except TypeError:  # opentelemetry-api < 1.23 has no bucket advice
             return self._meter.create_histogram(name, unit="s", description=description)
 
     def _broken(self, what: str, exc: BaseException) -> None:
         if what not in self._warned:
             self._warned.add(what)
-            log.warning("metrics: recording %s failed (%r); event handling goes on, further failures are not logged", what, exc)
+            log.warning(
+                "metrics: recording %s failed (%r); event handling goes on, further failures are not logged",
+                what,
+                exc,
+            )
 
     # -- the bus attaches itself; observable gauges read from attached buses ---------------------
 
@@ -270,7 +323,11 @@ class Metrics(Middleware):
     @staticmethod
     def _attributes(delivery: Delivery) -> dict[str, str]:
         event = delivery.event
-        return {"event": delivery.subscription, "operation": str(event.operation_type), "namespace": event.namespace}
+        return {
+            "event": delivery.subscription,
+            "operation": str(event.operation_type),
+            "namespace": event.namespace,
+        }
 
     def before_delivery(self, delivery: Delivery) -> None:
         if delivery.replay:
@@ -279,7 +336,9 @@ class Metrics(Middleware):
         if lag is None:
             return
         try:
-            self.oplog_lag.record(lag, {"event": delivery.subscription, "namespace": delivery.event.namespace})
+            self.oplog_lag.record(
+                lag, {"event": delivery.subscription, "namespace": delivery.event.namespace}
+            )
         except Exception as exc:
             self._broken("mongodb.oplog.lag", exc)
 
@@ -332,7 +391,11 @@ class Metrics(Middleware):
         self._count(self.dlq_quarantined, "dlq.messages.quarantined", {"event": event, "reason": reason})
 
     def after_delivery_skipped(self, delivery: Delivery, skip: Skip) -> None:
-        counter, what = (self.duplicates, "mongodb.changes.duplicates") if isinstance(skip, Duplicate) else (self.skipped, "mongodb.changes.skipped")
+        counter, what = (
+            (self.duplicates, "mongodb.changes.duplicates")
+            if isinstance(skip, Duplicate)
+            else (self.skipped, "mongodb.changes.skipped")
+        )
         try:
             counter.add(1, self._attributes(delivery))
         except Exception as exc:

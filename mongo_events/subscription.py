@@ -23,7 +23,15 @@ DATA_OPERATIONS = frozenset({"insert", "update", "replace", "delete"})
 _KNOWN_OPERATIONS = frozenset(o.value for o in OperationType)
 #: DDL events a stream carries only with ``show_expanded_events=True`` (MongoDB 6.0+).
 EXPANDED_OPERATIONS = frozenset(
-    {"create", "createIndexes", "dropIndexes", "modify", "shardCollection", "reshardCollection", "refineCollectionShardKey"}
+    {
+        "create",
+        "createIndexes",
+        "dropIndexes",
+        "modify",
+        "shardCollection",
+        "reshardCollection",
+        "refineCollectionShardKey",
+    }
 )
 
 
@@ -60,7 +68,6 @@ class Subscription:
         full_document_only: bool = False,
         index: int = 0,
         show_expanded_events: bool = False,
-
         idempotency: Idempotency | None = None,
     ) -> None:
         if not callable(callback):
@@ -103,7 +110,11 @@ class Subscription:
         if self.full_document_only:
             if event.full_document is None:  # a delete: the key is all there is
                 return event.document_key
-            return event.full_document if self.payload is None else decoder.decode(event.full_document, self.payload)
+            return (
+                event.full_document
+                if self.payload is None
+                else decoder.decode(event.full_document, self.payload)
+            )
         if self.payload is None:
             return event
         raw = event.to_dict()
@@ -142,7 +153,9 @@ def _check_operations(operations: Any, show_expanded_events: bool) -> frozenset[
         raise invalid("operations", operations, accepted + "; at least one (or None for all)")
     unknown = sorted(set(names) - known)
     if unknown:
-        raise invalid("operations", operations, f"{accepted}; unknown: {', '.join(unknown)} (names are case-sensitive)")
+        raise invalid(
+            "operations", operations, f"{accepted}; unknown: {', '.join(unknown)} (names are case-sensitive)"
+        )
     return frozenset(names)
 
 

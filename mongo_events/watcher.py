@@ -30,11 +30,11 @@ log = logging.getLogger(__name__)
 class ErrorKind(enum.Enum):
     """What the watcher does about a change-stream error."""
 
-    RESUMABLE = "resumable"          #: reopen with backoff
-    HISTORY_LOST = "history_lost"    #: the resume point is gone: on_history_lost policy
-    OVERSIZE = "oversize"            #: an event exceeded 16 MB
+    RESUMABLE = "resumable"  #: reopen with backoff
+    HISTORY_LOST = "history_lost"  #: the resume point is gone: on_history_lost policy
+    OVERSIZE = "oversize"  #: an event exceeded 16 MB
     CONFIGURATION = "configuration"  #: fix the deployment or the options; never retried
-    FATAL = "fatal"                  #: anything else: the bus stops with the error
+    FATAL = "fatal"  #: anything else: the bus stops with the error
 
 
 _HISTORY_LOST = {286, 260}
@@ -87,7 +87,12 @@ class Position:
 
     __slots__ = ("resume_after", "start_after", "start_at_operation_time")
 
-    def __init__(self, resume_after: Mapping[str, Any] | None = None, start_after: Mapping[str, Any] | None = None, start_at_operation_time: Any = None) -> None:
+    def __init__(
+        self,
+        resume_after: Mapping[str, Any] | None = None,
+        start_after: Mapping[str, Any] | None = None,
+        start_at_operation_time: Any = None,
+    ) -> None:
         self.resume_after = resume_after
         self.start_after = start_after
         self.start_at_operation_time = start_at_operation_time
@@ -99,7 +104,9 @@ class Position:
         return f"Position({self.kwargs()!r})" if self.kwargs() else "Position(now)"
 
 
-def pymongo_peek() -> tuple[Callable[[ChangeStream[Any]], Mapping[str, Any] | None], Callable[[ChangeStream[Any]], Any]]:
+def pymongo_peek() -> tuple[
+    Callable[[ChangeStream[Any]], Mapping[str, Any] | None], Callable[[ChangeStream[Any]], Any]
+]:
     """The one deliberate read of pymongo's private state, in one place (tested in test_bus.py).
 
     Returns two getters for a ``ChangeStream``: its cached resume token
@@ -196,7 +203,9 @@ class Watcher:
     def start(self, position: Position) -> None:
         self.position = position
         thread = f"mongo_events.watcher[{self.name}]"
-        self._thread = threading.Thread(target=run_guarded, args=(self._run, self._on_fatal, thread), name=thread, daemon=True)
+        self._thread = threading.Thread(
+            target=run_guarded, args=(self._run, self._on_fatal, thread), name=thread, daemon=True
+        )
         self._thread.start()
 
     def join(self, timeout: float) -> bool:
@@ -312,7 +321,11 @@ class Watcher:
                 if token is not None and token is not raw["_id"] and token != raw["_id"]:
                     self._on_resume_token(token)  # the last event of a batch: the post-batch token
                 if invalidate:
-                    log.warning("change stream %s invalidated (%s); continuing after it with startAfter", self.name, raw.get("_id"))
+                    log.warning(
+                        "change stream %s invalidated (%s); continuing after it with startAfter",
+                        self.name,
+                        raw.get("_id"),
+                    )
                     if self._on_reconnect is not None:
                         self._on_reconnect("invalidate", None)
                     return got_any
@@ -333,10 +346,19 @@ class Watcher:
                 self._error_logged_at = now
                 log.error(
                     "change stream %s cannot open (%r): no change is delivered until it does; retrying at %r in %.2fs",
-                    self.name, exc, self.position, delay,
+                    self.name,
+                    exc,
+                    self.position,
+                    delay,
                 )
             else:
-                log.warning("change stream %s failed (%r); reopening at %r in %.2fs", self.name, exc, self.position, delay)
+                log.warning(
+                    "change stream %s failed (%r); reopening at %r in %.2fs",
+                    self.name,
+                    exc,
+                    self.position,
+                    delay,
+                )
             if self._on_reconnect is not None:
                 self._on_reconnect("error", exc)
             return not self._stop.wait(delay)

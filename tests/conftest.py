@@ -26,7 +26,11 @@ for _name in ("add_update", "add_replace"):
 
     setattr(_builder, _name, _shim)
 
-CLIENT_OPTIONS: dict[str, Any] = {"serverSelectionTimeoutMS": 5000, "connectTimeoutMS": 2000, "heartbeatFrequencyMS": 500}
+CLIENT_OPTIONS: dict[str, Any] = {
+    "serverSelectionTimeoutMS": 5000,
+    "connectTimeoutMS": 2000,
+    "heartbeatFrequencyMS": 500,
+}
 
 
 @pytest.fixture
@@ -90,10 +94,16 @@ def real_mongodb_uri() -> Iterator[str]:
 
         docker.from_env(timeout=3).ping()
     except Exception as exc:
-        pytest.skip(f"no real MongoDB: MONGODB_URI is unset and no Docker engine answers ({type(exc).__name__})")
+        pytest.skip(
+            f"no real MongoDB: MONGODB_URI is unset and no Docker engine answers ({type(exc).__name__})"
+        )
     from testcontainers.core.container import DockerContainer
 
-    container = DockerContainer("mongo:7.0").with_command("--replSet rs0 --bind_ip_all --setParameter enableTestCommands=1").with_exposed_ports(27017)
+    container = (
+        DockerContainer("mongo:7.0")
+        .with_command("--replSet rs0 --bind_ip_all --setParameter enableTestCommands=1")
+        .with_exposed_ports(27017)
+    )
     container.start()
     try:
         port = container.get_exposed_port(27017)
@@ -101,10 +111,14 @@ def real_mongodb_uri() -> Iterator[str]:
         direct = f"mongodb://{host}:{port}/?directConnection=true"
         c: pymongo.MongoClient[Any] = pymongo.MongoClient(direct, serverSelectionTimeoutMS=20000)
         try:
-            c.admin.command("replSetInitiate", {"_id": "rs0", "members": [{"_id": 0, "host": "localhost:27017"}]})
+            c.admin.command(
+                "replSetInitiate", {"_id": "rs0", "members": [{"_id": 0, "host": "localhost:27017"}]}
+            )
         except pymongo.errors.OperationFailure:
             pass
-        assert wait_for(lambda: c.admin.command("hello").get("isWritablePrimary"), 60), "replica set did not elect a primary"
+        assert wait_for(lambda: c.admin.command("hello").get("isWritablePrimary"), 60), (
+            "replica set did not elect a primary"
+        )
         c.close()
         yield direct
     finally:
@@ -132,7 +146,9 @@ def server_client(request: pytest.FixtureRequest) -> Iterator[pymongo.MongoClien
     if request.param == "real":
         from .helpers import require_fail_points
 
-        c: pymongo.MongoClient[Any] = pymongo.MongoClient(request.getfixturevalue("real_mongodb_uri"), **options)
+        c: pymongo.MongoClient[Any] = pymongo.MongoClient(
+            request.getfixturevalue("real_mongodb_uri"), **options
+        )
         require_fail_points(c)
         c.drop_database("shop")
         yield c
@@ -163,11 +179,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="the browser tests save the dashboard's screenshots under docs/ (for README.rst)",
     )
 
+
 def _redis_server_binary() -> str | None:
     import shutil
 
     return shutil.which("redis-server") or next(
-        (p for p in ("/usr/bin/redis-server", "/usr/sbin/redis-server", "/usr/local/bin/redis-server") if os.path.exists(p)), None
+        (
+            p
+            for p in ("/usr/bin/redis-server", "/usr/sbin/redis-server", "/usr/local/bin/redis-server")
+            if os.path.exists(p)
+        ),
+        None,
     )
 
 
@@ -193,7 +215,19 @@ def redis_url() -> Iterator[str]:
         port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp],
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                tmp,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
@@ -211,7 +245,9 @@ def redis_url() -> Iterator[str]:
         try:
             wait_for(up, 10, 0.05)
             if proc.poll() is not None:
-                pytest.fail(f"redis-server exited with {proc.returncode}: {proc.stderr.read().decode() if proc.stderr else ''}")
+                pytest.fail(
+                    f"redis-server exited with {proc.returncode}: {proc.stderr.read().decode() if proc.stderr else ''}"
+                )
             assert client.ping(), f"redis-server on port {port} did not answer within 10 s"
             client.close()
             yield url

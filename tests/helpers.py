@@ -73,7 +73,9 @@ def fail_command(client: Any, mode: Any, **data: Any) -> Iterator[dict[str, Any]
     app = (client.options.pool_options.metadata.get("application") or {}).get("name")
     if app is not None:
         data.setdefault("appName", app)
-    reply: dict[str, Any] = client.admin.command({"configureFailPoint": "failCommand", "mode": mode, "data": data})
+    reply: dict[str, Any] = client.admin.command(
+        {"configureFailPoint": "failCommand", "mode": mode, "data": data}
+    )
     try:
         yield reply
     finally:
@@ -94,4 +96,10 @@ def require_fail_points(client: Any) -> None:
 
 def wait_for_fail_point(client: Any, armed: dict[str, Any], times: int, timeout: float = 10.0) -> None:
     """Block until the fail point armed with reply ``armed`` has fired ``times`` times (``waitForFailPoint``)."""
-    client.admin.command({"waitForFailPoint": "failCommand", "timesEntered": armed["count"] + times, "maxTimeMS": int(timeout * 1000)})
+    client.admin.command(
+        {
+            "waitForFailPoint": "failCommand",
+            "timesEntered": armed["count"] + times,
+            "maxTimeMS": int(timeout * 1000),
+        }
+    )

@@ -51,12 +51,16 @@ def test_ack_records_go_pending_then_acked(client: pymongo.MongoClient[Any], mak
     assert "acked_at_1" in client.internal["_event_acks"].index_information()  # start() made the indexes
 
 
-def test_ack_writes_are_batched(fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_ack_writes_are_batched(
+    fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     acks = me.MemoryAckStore()
     rec = Recorder()
     # The window never fills, so only the flusher's ticks (at most one per interval) and the final
     # flush at stop write: the bound comes from the elapsed time, not from a speed guess.
-    bus = make_bus(client.shop.orders, ack_store=acks, flush_interval=0.5, batch_size=1000, max_in_flight=10_000)
+    bus = make_bus(
+        client.shop.orders, ack_store=acks, flush_interval=0.5, batch_size=1000, max_in_flight=10_000
+    )
     bus.subscribe(lambda ev: rec.add(1))
     bus.start()
     began = time.monotonic()
@@ -70,7 +74,9 @@ def test_ack_writes_are_batched(fake_rs: FakeReplicaSet, client: pymongo.MongoCl
     assert bus.ack_writes < 500  # batched: nowhere near one write per event
 
 
-def test_a_failed_ack_write_holds_the_checkpoint_back(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_a_failed_ack_write_holds_the_checkpoint_back(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     """The checkpoint never covers events whose ack records are not stored yet."""
 
     class Down(me.MemoryAckStore):
@@ -100,7 +106,9 @@ def test_a_failed_ack_write_holds_the_checkpoint_back(client: pymongo.MongoClien
     assert all((r := acks.get(i)) is not None and r.status is me.AckStatus.ACKED for i in ids)
 
 
-def test_poison_event_is_retried_dead_lettered_and_the_stream_moves_on(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_poison_event_is_retried_dead_lettered_and_the_stream_moves_on(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     dlq = me.MongoDeadLetterStore(client.internal["event_dlq"])
     ok = Recorder()
     bus = make_bus(client.shop.orders, dead_letters=dlq, name="orders-bus")
@@ -118,15 +126,24 @@ def test_poison_event_is_retried_dead_lettered_and_the_stream_moves_on(client: p
     assert bus.join(5)
     (letter,) = dlq.list()
     assert letter.event_name == "orders" and letter.source == "orders-bus"
-    assert letter.error == "ValueError: cannot ship to the moon" and letter.retry_count == 2  # retries: 3 attempts
+    assert (
+        letter.error == "ValueError: cannot ship to the moon" and letter.retry_count == 2
+    )  # retries: 3 attempts
     assert letter.payload["documentKey"] == {"_id": "poison"} and letter.payload["operationType"] == "insert"
     assert letter.metadata["namespace"] == "shop.orders"
     assert dlq.get_by_original_id(letter.original_id) == letter
 
 
-def test_decode_errors_are_dead_lettered_with_readable_paths(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_decode_errors_are_dead_lettered_with_readable_paths(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     dlq = me.MemoryDeadLetterStore()
-    bus = make_bus(client.shop.orders, dead_letters=dlq, full_document=me.FullDocument.UPDATE_LOOKUP, full_document_only=True)
+    bus = make_bus(
+        client.shop.orders,
+        dead_letters=dlq,
+        full_document=me.FullDocument.UPDATE_LOOKUP,
+        full_document_only=True,
+    )
     calls = Recorder()
     bus.subscribe(payload=Order, name="orders")(calls.add)
     bus.start()
@@ -166,7 +183,9 @@ def test_replay_delivers_again_and_marks_retried(client: pymongo.MongoClient[Any
     assert manager.replay_one(original.id) is me.ReplayOutcome.SKIPPED
 
 
-def test_failed_replays_quarantine_after_max_attempts_and_terminal_errors_at_once(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_failed_replays_quarantine_after_max_attempts_and_terminal_errors_at_once(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     dlq = me.MemoryDeadLetterStore()
     bus = make_bus(client.shop.orders, dead_letters=dlq)
 
@@ -177,7 +196,9 @@ def test_failed_replays_quarantine_after_max_attempts_and_terminal_errors_at_onc
     bus.start()
     client.shop.orders.insert_many([{"_id": "flaky"}, {"_id": "forbidden"}])
     assert wait_for(lambda: dlq.count() == 2)
-    manager = me.DeadLetters(dlq, bus, max_replay_attempts=2, is_terminal=lambda e: isinstance(e, PermissionError))
+    manager = me.DeadLetters(
+        dlq, bus, max_replay_attempts=2, is_terminal=lambda e: isinstance(e, PermissionError)
+    )
     assert manager.replay() == me.ReplayResult(failed=1, quarantined=1)
     assert manager.replay() == me.ReplayResult(quarantined=1)
     assert all(d.quarantined_at is not None for d in dlq.list())
@@ -187,7 +208,9 @@ def test_failed_replays_quarantine_after_max_attempts_and_terminal_errors_at_onc
     assert manager.count(me.DeadLetterFilter(exclude_quarantined=True)) == 0
 
 
-def test_dead_letter_store_failures_keep_the_event_undone_and_the_checkpoint_behind(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_dead_letter_store_failures_keep_the_event_undone_and_the_checkpoint_behind(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     class Flaky(me.MemoryDeadLetterStore):
         def __init__(self) -> None:
             super().__init__()
@@ -204,7 +227,12 @@ def test_dead_letter_store_failures_keep_the_event_undone_and_the_checkpoint_beh
     dlq = Flaky()
     tokens = me.MemoryResumeTokenStore()
     bus = make_bus(client.shop.orders, dead_letters=dlq, resume_token_store=tokens)
-    bus.subscribe(lambda ev: (_ for _ in ()).throw(ValueError("boom")), name="orders", max_retries=0, retry_backoff=QUICK)
+    bus.subscribe(
+        lambda ev: (_ for _ in ()).throw(ValueError("boom")),
+        name="orders",
+        max_retries=0,
+        retry_backoff=QUICK,
+    )
     bus.start()
     bus.flush()
     before = tokens.load(bus.resume_token_key)

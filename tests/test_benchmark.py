@@ -30,6 +30,7 @@ def test_idempotency_workloads_claim_and_complete_each_event_once(
     rate, trips = run.idempotency_run(client, 200, at, run.redis_idempotency_store(redis_url), workers=4)
     assert rate > 0 and trips == 2.0
 
+
 def test_ratios_are_medians_of_per_repetition_ratios() -> None:
     # The ratio of medians here would be 40/100 = 0.4; the per-repetition ratios are 0.5, 0.2, 0.8.
     assert regimes.per_repetition([50.0, 40.0, 40.0], [100.0, 200.0, 50.0]) == (0.5, 0.2, 0.8)

@@ -45,7 +45,9 @@ class OrderDict(TypedDict):
 # -- 1. watch levels, options, event types, payloads ----------------------------------
 
 
-def test_collection_watch_delivers_each_event_type_with_fields(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_collection_watch_delivers_each_event_type_with_fields(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     coll = client.shop.orders
     coll.insert_one({"_id": 0})
     rec = Recorder()
@@ -59,7 +61,12 @@ def test_collection_watch_delivers_each_event_type_with_fields(client: pymongo.M
     coll.delete_one({"_id": 1})
     got = rec.wait(4)
     ops = [ev.operation_type for ev, _ in got]
-    assert ops == [me.OperationType.INSERT, me.OperationType.UPDATE, me.OperationType.REPLACE, me.OperationType.DELETE]
+    assert ops == [
+        me.OperationType.INSERT,
+        me.OperationType.UPDATE,
+        me.OperationType.REPLACE,
+        me.OperationType.DELETE,
+    ]
     ins, upd, rep, dele = (ev for ev, _ in got)
     assert ins.full_document == {"_id": 1, "sku": "a", "qty": 1} and ins.namespace == "shop.orders"
     assert upd.update_description is not None and upd.update_description.updated_fields == {"qty": 2}
@@ -89,7 +96,9 @@ def test_database_and_cluster_watch(client: pymongo.MongoClient[Any], make_bus: 
     client.other.things.insert_one({"_id": 3})
     got = db_rec.wait(2)
     assert [e.collection for e in got] == ["orders", "customers"]
-    seen = cluster_rec.wait_until(lambda items: {e.namespace for e in items} >= {"shop.orders", "shop.customers", "other.things"})
+    seen = cluster_rec.wait_until(
+        lambda items: {e.namespace for e in items} >= {"shop.orders", "shop.customers", "other.things"}
+    )
     # Each bus's own checkpoint writes are not delivered to it. (The cluster bus may see the
     # database bus's writes to shop._event_resume_tokens: another consumer's data, no loop.)
     assert not any(e.namespace == "shop._event_resume_tokens" for e in db_rec.items)
@@ -100,7 +109,9 @@ def test_database_and_cluster_watch(client: pymongo.MongoClient[Any], make_bus: 
     assert client.admin["_event_resume_tokens"].find_one({"_id": cluster_bus.resume_token_key}) is not None
 
 
-def test_database_watch_does_not_loop_on_its_own_checkpoints(fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_database_watch_does_not_loop_on_its_own_checkpoints(
+    fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     rec = Recorder()
     bus = make_bus(client.shop)
     bus.subscribe(rec.add)
@@ -119,7 +130,9 @@ def test_database_watch_does_not_loop_on_its_own_checkpoints(fake_rs: FakeReplic
     assert len(rec) == 4
 
 
-def test_typed_payloads_decode_into_dataclass_attrs_typeddict_and_dict(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_typed_payloads_decode_into_dataclass_attrs_typeddict_and_dict(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     coll = client.shop.orders
     docs, events, dicts, raws = Recorder(), Recorder(), Recorder(), Recorder()
     bus = make_bus(coll, full_document=me.FullDocument.UPDATE_LOOKUP)
@@ -136,7 +149,9 @@ def test_typed_payloads_decode_into_dataclass_attrs_typeddict_and_dict(client: p
     assert raws.wait(1)[0]["operation_type"] == "insert"
     bus.stop()
 
-    only = make_bus(client.shop.orders, full_document=me.FullDocument.UPDATE_LOOKUP, full_document_only=True, resume=False)
+    only = make_bus(
+        client.shop.orders, full_document=me.FullDocument.UPDATE_LOOKUP, full_document_only=True, resume=False
+    )
     only.subscribe(payload=Order, name="dc")(docs.add)
     only.subscribe(payload=OrderDict, name="td")(dicts.add)
     only.start()
@@ -148,7 +163,9 @@ def test_typed_payloads_decode_into_dataclass_attrs_typeddict_and_dict(client: p
     assert dicts.wait(2)[0] == {"_id": 2, "sku": "b", "qty": 3}
 
 
-def test_an_undecodable_document_is_reported_with_its_path_and_not_retried(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_an_undecodable_document_is_reported_with_its_path_and_not_retried(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     dead = Recorder()
     calls = Recorder()
     bus = make_bus(
@@ -169,7 +186,9 @@ def test_an_undecodable_document_is_reported_with_its_path_and_not_retried(clien
     assert calls.wait(1) == [Order(2, "b", 1)]  # the stream moved on
 
 
-def test_undecodable_without_dead_letters_stops_the_bus(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_undecodable_without_dead_letters_stops_the_bus(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     bus = make_bus(client.shop.orders, full_document=me.FullDocument.UPDATE_LOOKUP, full_document_only=True)
     bus.subscribe(payload=Order, name="orders")(lambda o: None)
     bus.start()
@@ -200,7 +219,12 @@ def test_operations_filter_and_empty_updates(client: pymongo.MongoClient[Any], m
     bus.stop()
 
     keep = Recorder()
-    bus2 = make_bus(coll, include_empty_updates=True, resume=False, pipeline=[{"$addFields": {"updateDescription.updatedFields": {"$literal": {}}}}])
+    bus2 = make_bus(
+        coll,
+        include_empty_updates=True,
+        resume=False,
+        pipeline=[{"$addFields": {"updateDescription.updatedFields": {"$literal": {}}}}],
+    )
     bus2.subscribe(keep.add)
     bus2.start()
     coll.insert_one({"_id": 2})
@@ -208,7 +232,9 @@ def test_operations_filter_and_empty_updates(client: pymongo.MongoClient[Any], m
     assert [e.operation_type for e in keep.wait(2)] == ["insert", "update"]
 
 
-def test_max_updated_fields_size_drops_big_updated_fields_and_keeps_removed(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_max_updated_fields_size_drops_big_updated_fields_and_keeps_removed(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     coll = client.shop.orders
     coll.insert_one({"_id": 1, "x": 1})
     rec = Recorder()
@@ -230,7 +256,15 @@ def test_current_delivery_is_set_inside_callbacks(client: pymongo.MongoClient[An
     @bus.subscribe(name="probe")
     def probe(event: me.ChangeEvent) -> None:
         d = me.current_delivery()  # built on demand: a one-argument callback without middleware
-        rec.add((d.subscription if d else None, d.event.id if d else None, event.id, d.attempt if d else None, me.current_delivery() is d))
+        rec.add(
+            (
+                d.subscription if d else None,
+                d.event.id if d else None,
+                event.id,
+                d.attempt if d else None,
+                me.current_delivery() is d,
+            )
+        )
 
     bus.start()
     client.shop.orders.insert_one({"_id": 1})
@@ -243,7 +277,9 @@ def test_current_delivery_is_set_inside_callbacks(client: pymongo.MongoClient[An
 # -- 2. ordering ----------------------------------------------------------------------
 
 
-def test_slow_document_keeps_its_order_while_others_proceed(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_slow_document_keeps_its_order_while_others_proceed(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     coll = client.shop.orders
     release = threading.Event()
     rec = Recorder()
@@ -270,7 +306,9 @@ def test_slow_document_keeps_its_order_while_others_proceed(client: pymongo.Mong
 
 
 @pytest.mark.parametrize("level", ["collection", "database"])
-def test_look_alike_document_keys_get_lanes_of_their_own(client: pymongo.MongoClient[Any], make_bus: Any, level: str) -> None:
+def test_look_alike_document_keys_get_lanes_of_their_own(
+    client: pymongo.MongoClient[Any], make_bus: Any, level: str
+) -> None:
     """Lanes name the document exactly: ``"1"``, ``1.5``, an ObjectId, a sub-document and
     the same ``_id`` in another collection are other documents, so they must not wait
     behind a slow ``_id: 1`` (whose own later events must). (``True``, which Python finds
@@ -308,7 +346,9 @@ def test_look_alike_document_keys_get_lanes_of_their_own(client: pymongo.MongoCl
 def test_a_bool_id_is_not_the_int_id() -> None:
     from mongo_events.consumer import _document_lane
 
-    ev = me.ChangeEvent.from_raw({"_id": {"_data": "00"}, "operationType": "insert", "ns": {"db": "d", "coll": "c"}})
+    ev = me.ChangeEvent.from_raw(
+        {"_id": {"_data": "00"}, "operationType": "insert", "ns": {"db": "d", "coll": "c"}}
+    )
     for one_namespace in (True, False):
         lanes = {_document_lane({"_id": k}, ev, one_namespace) for k in (1, True, 1.5, "1")}
         assert len(lanes) == 4  # a set: lanes that compare equal would merge
@@ -347,7 +387,9 @@ def _spy_on_received(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     return received
 
 
-def test_a_namespace_wide_event_waits_for_earlier_events_and_holds_later_ones(client: pymongo.MongoClient[Any], make_bus: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_namespace_wide_event_waits_for_earlier_events_and_holds_later_ones(
+    client: pymongo.MongoClient[Any], make_bus: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Under per-document order a drop has no document lane: it must still run after every
     earlier event (a handler clearing a cache must not be overtaken by an earlier insert
     re-filling it) and before any later one."""
@@ -380,7 +422,9 @@ def test_a_namespace_wide_event_waits_for_earlier_events_and_holds_later_ones(cl
     assert bus.join(5)
 
 
-def test_stop_while_a_namespace_wide_event_waits_leaves_it_undelivered(client: pymongo.MongoClient[Any], make_bus: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stop_while_a_namespace_wide_event_waits_leaves_it_undelivered(
+    client: pymongo.MongoClient[Any], make_bus: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     coll = client.shop.orders
     gate = threading.Event()
     tokens = me.MemoryResumeTokenStore()
@@ -454,7 +498,9 @@ def test_checkpoint_never_passes_an_unfinished_event(client: pymongo.MongoClient
     assert final.cluster_time == last.cluster_time
 
 
-def test_filtered_stream_still_advances_its_stored_token(fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_filtered_stream_still_advances_its_stored_token(
+    fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     coll = client.shop.orders
     store = me.MemoryResumeTokenStore()
     bus = make_bus(coll, resume_token_store=store, pipeline=[{"$match": {"operationType": "delete"}}])
@@ -474,26 +520,35 @@ def test_filtered_stream_still_advances_its_stored_token(fake_rs: FakeReplicaSet
     assert caught_up() or wait_for(caught_up, 5)
 
 
-def test_a_small_window_freed_only_by_checkpoint_writes_delivers_everything_in_order(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_a_small_window_freed_only_by_checkpoint_writes_delivers_everything_in_order(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     """Batched hand-off under a full window: the watcher collects work per batch and
     waits for room that only a checkpoint write frees (the timed flush is far away)."""
     coll = client.shop.orders
     rec = Recorder()
     store = me.MemoryResumeTokenStore()
-    bus = make_bus(coll, resume_token_store=store, max_workers=4, max_in_flight=20, batch_size=500, flush_interval=60)
+    bus = make_bus(
+        coll, resume_token_store=store, max_workers=4, max_in_flight=20, batch_size=500, flush_interval=60
+    )
     bus.subscribe(lambda ev: rec.add((ev.document_key["_id"], ev.operation_type)))
     bus.start()
     coll.insert_many([{"_id": i, "n": 0} for i in range(300)])
     coll.update_many({}, {"$set": {"n": 1}})
     got = rec.wait(600, timeout=60)
-    assert sorted(got) == sorted([(i, me.OperationType.INSERT) for i in range(300)] + [(i, me.OperationType.UPDATE) for i in range(300)])
+    assert sorted(got) == sorted(
+        [(i, me.OperationType.INSERT) for i in range(300)]
+        + [(i, me.OperationType.UPDATE) for i in range(300)]
+    )
     for i in range(300):  # per-document order held
         assert got.index((i, me.OperationType.INSERT)) < got.index((i, me.OperationType.UPDATE))
     assert bus.join(10)
     assert bus.token_writes >= 600 // 20 - 1  # the window (20) was freed by writes, not by the 60 s timer
 
 
-def test_an_event_finished_while_the_lock_was_busy_still_frees_its_lane(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_an_event_finished_while_the_lock_was_busy_still_frees_its_lane(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     """A worker reports without waiting for the lock; if the lock is busy and the worker
     then sits in a slow callback, the finished event must still be reported (by an idle
     worker or the watcher), or the next event of its document would wait for the slow one."""
@@ -529,7 +584,9 @@ def test_an_event_finished_while_the_lock_was_busy_still_frees_its_lane(client: 
     assert rec.wait(3)[-1] == ("slow", "insert")
 
 
-def test_finished_events_are_reported_while_every_worker_sits_in_a_slow_callback(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_finished_events_are_reported_while_every_worker_sits_in_a_slow_callback(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     """A worker with more work queued defers reporting what it finished (it reports in
     runs). If it then blocks in a slow callback, as every other worker does, the watcher
     or the flusher must report the finished event: the checkpoint still reaches it."""
@@ -562,7 +619,9 @@ def test_finished_events_are_reported_while_every_worker_sits_in_a_slow_callback
     assert bus.join(5)
 
 
-def test_max_in_flight_bounds_the_window_behind_a_blocked_event(fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_max_in_flight_bounds_the_window_behind_a_blocked_event(
+    fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     coll = client.shop.orders
     release = threading.Event()
     rec = Recorder()
@@ -592,7 +651,9 @@ def test_max_in_flight_bounds_the_window_behind_a_blocked_event(fake_rs: FakeRep
 # -- 6. restart redelivers exactly what was unfinished ---------------------------------------
 
 
-def test_stop_with_events_in_flight_then_restart_redelivers_only_unfinished(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_stop_with_events_in_flight_then_restart_redelivers_only_unfinished(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     coll = client.shop.orders
     store = me.MemoryResumeTokenStore()
     gate = threading.Event()
@@ -628,7 +689,9 @@ def test_stop_with_events_in_flight_then_restart_redelivers_only_unfinished(clie
 # -- 7. resume options -------------------------------------------------------------------------
 
 
-def test_start_from_past_replays_history_only_without_a_token(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_start_from_past_replays_history_only_without_a_token(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     coll = client.shop.orders
     coll.insert_one({"_id": "old"})
     store = me.MemoryResumeTokenStore()
@@ -646,7 +709,9 @@ def test_start_from_past_replays_history_only_without_a_token(client: pymongo.Mo
     assert again.wait(1) == ["new"]
 
 
-def test_resume_false_starts_from_now_and_reset_clears_the_token(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_resume_false_starts_from_now_and_reset_clears_the_token(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     coll = client.shop.orders
     rec = Recorder()
     bus = make_bus(coll, resume=False)
@@ -689,7 +754,9 @@ def test_resume_token_collection_option(client: pymongo.MongoClient[Any], make_b
 # -- 8. batched token writes -------------------------------------------------------------------
 
 
-def _token_writes_for_10_000_inserts(fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any, **options: Any) -> tuple[int, float]:
+def _token_writes_for_10_000_inserts(
+    fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any, **options: Any
+) -> tuple[int, float]:
     """Token writes a bus made for 10,000 inserts (after start()'s opening write), and the seconds
     from the inserts to its stop; the fake's update count must agree with the bus's."""
     coll = client.shop.orders
@@ -709,18 +776,26 @@ def _token_writes_for_10_000_inserts(fake_rs: FakeReplicaSet, client: pymongo.Mo
     return writes, time.monotonic() - began
 
 
-def test_token_writes_are_batched_by_the_flush_interval(fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_token_writes_are_batched_by_the_flush_interval(
+    fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     # The window never fills here, so only the flusher's ticks (at most one per interval) and the
     # final write at stop can write: the bound comes from the elapsed time, not from a speed guess.
-    writes, elapsed = _token_writes_for_10_000_inserts(fake_rs, client, make_bus, flush_interval=0.5, max_in_flight=20_000)
+    writes, elapsed = _token_writes_for_10_000_inserts(
+        fake_rs, client, make_bus, flush_interval=0.5, max_in_flight=20_000
+    )
     assert 1 <= writes <= elapsed / 0.5 + 2
     assert writes < 1000  # batched: nowhere near one write per event
 
 
-def test_a_full_window_writes_about_once_per_window(fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_a_full_window_writes_about_once_per_window(
+    fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     # No flusher ticks during the test: every write is one the full window asked for. Each frees at
     # most the window (1000) and is asked for only when it frees at least a quarter of it (250).
-    writes, _ = _token_writes_for_10_000_inserts(fake_rs, client, make_bus, flush_interval=3600, max_in_flight=1000)
+    writes, _ = _token_writes_for_10_000_inserts(
+        fake_rs, client, make_bus, flush_interval=3600, max_in_flight=1000
+    )
     assert 9 <= writes <= 10_000 // 250 + 2
 
 
@@ -741,7 +816,9 @@ def test_a_full_window_writes_about_once_per_window(fake_rs: FakeReplicaSet, cli
         ({"on_history_lost": "ignore"}, "on_history_lost"),
     ],
 )
-def test_invalid_options_raise_configuration_error(client: pymongo.MongoClient[Any], options: dict[str, Any], message: str) -> None:
+def test_invalid_options_raise_configuration_error(
+    client: pymongo.MongoClient[Any], options: dict[str, Any], message: str
+) -> None:
     with pytest.raises(me.ConfigurationError, match=message):
         me.Bus(client.shop.orders, **options)
 
@@ -806,16 +883,22 @@ def test_a_script_that_never_stops_its_bus_still_exits() -> None:
         "bus.start()\n"
         "print(bus.state.value)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "running"
 
 
-def test_full_document_only_says_when_an_update_lost_its_document(client: pymongo.MongoClient[Any], make_bus: Any, caplog: pytest.LogCaptureFixture) -> None:
+def test_full_document_only_says_when_an_update_lost_its_document(
+    client: pymongo.MongoClient[Any], make_bus: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     """updateLookup returns null for a document deleted before the lookup: logged and counted, never silent."""
     coll = client.shop.users
     rec = Recorder()
-    bus = make_bus(coll, full_document=me.FullDocument.UPDATE_LOOKUP, full_document_only=True, ordering="stream")
+    bus = make_bus(
+        coll, full_document=me.FullDocument.UPDATE_LOOKUP, full_document_only=True, ordering="stream"
+    )
     bus.subscribe(lambda doc: rec.add(doc))
     coll.insert_one({"_id": 1, "name": "a"})
     coll.update_one({"_id": 1}, {"$set": {"name": "b"}})
@@ -829,7 +912,9 @@ def test_full_document_only_says_when_an_update_lost_its_document(client: pymong
     assert "has no full document" in caplog.text
 
 
-def test_the_private_pymongo_attributes_the_watcher_reads_still_exist(client: pymongo.MongoClient[Any], fake_rs: FakeReplicaSet) -> None:
+def test_the_private_pymongo_attributes_the_watcher_reads_still_exist(
+    client: pymongo.MongoClient[Any], fake_rs: FakeReplicaSet
+) -> None:
     """The watcher reads ``ChangeStream._resume_token`` (the public property deep-copies per
     event) and ``CommandCursor._data`` (what pymongo holds without I/O). A pymongo that
     renames them only sends the watcher down its slower fallbacks, so nothing else would

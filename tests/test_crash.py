@@ -32,7 +32,9 @@ def test_server_killed_and_restarted_under_a_running_bus() -> None:
         data = os.path.join(tmp, "data")
         server, uri = _start_server(data)
         port = int(uri.split(":")[2].split("/")[0])
-        client: pymongo.MongoClient[Any] = pymongo.MongoClient(uri, serverSelectionTimeoutMS=20000, heartbeatFrequencyMS=500)
+        client: pymongo.MongoClient[Any] = pymongo.MongoClient(
+            uri, serverSelectionTimeoutMS=20000, heartbeatFrequencyMS=500
+        )
         rec = Recorder()
         bus = me.Bus(client.shop.orders, max_await_time=0.05, flush_interval=0.05)
         bus.subscribe(lambda ev: rec.add(ev.document_id))
@@ -58,7 +60,11 @@ def test_server_killed_and_restarted_under_a_running_bus() -> None:
 def test_the_long_crash_script_runs(script: str) -> None:
     result = subprocess.run(
         [sys.executable, "-m", script, "--kills", "3", "--changes", "100", "--seed", "7"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "seed=7" in result.stdout and ": OK" in result.stdout

@@ -20,7 +20,12 @@ RAW = {
     "ns": {"db": "shop", "coll": "orders"},
     "documentKey": {"_id": "order-7"},
     "updateDescription": {
-        "updatedFields": {"status": "shipped", "qty": Int64(3), "price": Decimal128("9.50"), "meta": {"a": {"b": 1}}},
+        "updatedFields": {
+            "status": "shipped",
+            "qty": Int64(3),
+            "price": Decimal128("9.50"),
+            "meta": {"a": {"b": 1}},
+        },
         "removedFields": ["hold"],
         "truncatedArrays": [],
     },
@@ -72,7 +77,9 @@ def test_update_description_helpers() -> None:
 
 def test_to_json_is_relaxed_extended_json() -> None:
     oid = ObjectId()
-    ev = ChangeEvent.from_raw({**RAW, "documentKey": {"_id": oid}, "fullDocument": {"_id": oid, "n": Int64(1)}})
+    ev = ChangeEvent.from_raw(
+        {**RAW, "documentKey": {"_id": oid}, "fullDocument": {"_id": oid, "n": Int64(1)}}
+    )
     data = json.loads(ev.to_json())
     assert data["document_key"] == {"_id": {"$oid": str(oid)}}
     assert data["full_document"]["n"] == 1

@@ -82,7 +82,10 @@ def test_retries_do_not_block_other_documents(client: pymongo.MongoClient[Any], 
 def test_retry_with_delay_and_reject(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
     dead = Recorder()
     seen = Recorder()
-    bus = make_bus(client.shop.orders, dead_letters=lambda ev, sub, err, n: dead.add((ev.document_id, sub, type(err).__name__, n)))
+    bus = make_bus(
+        client.shop.orders,
+        dead_letters=lambda ev, sub, err, n: dead.add((ev.document_id, sub, type(err).__name__, n)),
+    )
 
     @bus.subscribe(name="h", max_retries=5, retry_backoff=QUICK)
     def handle(ev: me.ChangeEvent, d: me.Delivery) -> None:
@@ -100,10 +103,16 @@ def test_retry_with_delay_and_reject(client: pymongo.MongoClient[Any], make_bus:
     assert ("bad", 2) not in seen.items
 
 
-def test_exhausted_retries_go_to_the_dead_letter_hook_and_count_as_done(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_exhausted_retries_go_to_the_dead_letter_hook_and_count_as_done(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     dead = Recorder()
-    bus = make_bus(client.shop.orders, dead_letters=lambda ev, sub, err, n: dead.add((ev.document_id, str(err), n)))
-    bus.subscribe(lambda ev: (_ for _ in ()).throw(ValueError("boom")), name="h", max_retries=2, retry_backoff=QUICK)
+    bus = make_bus(
+        client.shop.orders, dead_letters=lambda ev, sub, err, n: dead.add((ev.document_id, str(err), n))
+    )
+    bus.subscribe(
+        lambda ev: (_ for _ in ()).throw(ValueError("boom")), name="h", max_retries=2, retry_backoff=QUICK
+    )
     bus.start()
     client.shop.orders.insert_one({"_id": 1})
     assert dead.wait(1) == [(1, "boom", 3)]
@@ -112,7 +121,9 @@ def test_exhausted_retries_go_to_the_dead_letter_hook_and_count_as_done(client: 
     assert bus.in_flight == 0  # done, and the stored checkpoint covers it
 
 
-def test_dead_letter_hook_failure_keeps_the_event_undone(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_dead_letter_hook_failure_keeps_the_event_undone(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     calls = Recorder()
     stored = Recorder()
     store = me.MemoryResumeTokenStore()
@@ -124,7 +135,9 @@ def test_dead_letter_hook_failure_keeps_the_event_undone(client: pymongo.MongoCl
         stored.add(ev.document_id)
 
     bus = make_bus(client.shop.orders, dead_letters=hook, resume_token_store=store)
-    bus.subscribe(lambda ev: (_ for _ in ()).throw(ValueError("boom")), name="h", max_retries=0, retry_backoff=QUICK)
+    bus.subscribe(
+        lambda ev: (_ for _ in ()).throw(ValueError("boom")), name="h", max_retries=0, retry_backoff=QUICK
+    )
     bus.start()
     bus.flush()
     before = store.load(bus.resume_token_key)
@@ -136,7 +149,9 @@ def test_dead_letter_hook_failure_keeps_the_event_undone(client: pymongo.MongoCl
     assert bus.join(5)
 
 
-def test_on_exhausted_skip_goes_on(client: pymongo.MongoClient[Any], make_bus: Any, caplog: pytest.LogCaptureFixture) -> None:
+def test_on_exhausted_skip_goes_on(
+    client: pymongo.MongoClient[Any], make_bus: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     ok = Recorder()
     bus = make_bus(client.shop.orders)
 
@@ -153,10 +168,14 @@ def test_on_exhausted_skip_goes_on(client: pymongo.MongoClient[Any], make_bus: A
     assert any("skipped" in r.message and r.levelname == "ERROR" for r in caplog.records)
 
 
-def test_on_exhausted_stop_fails_the_bus_and_keeps_the_checkpoint_before_the_event(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_on_exhausted_stop_fails_the_bus_and_keeps_the_checkpoint_before_the_event(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     store = me.MemoryResumeTokenStore()
     bus = make_bus(client.shop.orders, resume_token_store=store)
-    bus.subscribe(lambda ev: (_ for _ in ()).throw(ValueError("boom")), name="h", max_retries=1, retry_backoff=QUICK)
+    bus.subscribe(
+        lambda ev: (_ for _ in ()).throw(ValueError("boom")), name="h", max_retries=1, retry_backoff=QUICK
+    )
     bus.start()
     bus.flush()
     before = store.load(bus.resume_token_key)
@@ -175,7 +194,9 @@ def test_on_exhausted_stop_fails_the_bus_and_keeps_the_checkpoint_before_the_eve
     assert again.wait(1) == [1]
 
 
-def test_stop_during_retries_interrupts_the_wait_and_the_event_is_redelivered(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_stop_during_retries_interrupts_the_wait_and_the_event_is_redelivered(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     store = me.MemoryResumeTokenStore()
     failed = threading.Event()
     bus = make_bus(client.shop.orders, resume_token_store=store)
@@ -211,7 +232,9 @@ def test_stop_during_retries_interrupts_the_wait_and_the_event_is_redelivered(cl
     ],
     ids=["dropped-connection", "cursor-not-found", "resumable-label"],
 )
-def test_stream_errors_reopen_and_lose_nothing(server_client: pymongo.MongoClient[Any], make_bus: Any, fault: dict[str, Any], times: int) -> None:
+def test_stream_errors_reopen_and_lose_nothing(
+    server_client: pymongo.MongoClient[Any], make_bus: Any, fault: dict[str, Any], times: int
+) -> None:
     client = server_client
     rec = Recorder()
     bus = make_bus(client.shop.orders, max_workers=2)
@@ -224,10 +247,14 @@ def test_stream_errors_reopen_and_lose_nothing(server_client: pymongo.MongoClien
         wait_for_fail_point(client, armed, times)
     got = rec.wait(10)
     assert sorted(got) == list(range(10))
-    assert wait_for(lambda: bus.reconnections == 1)  # the error reached the watcher, which reopened the stream
+    assert wait_for(
+        lambda: bus.reconnections == 1
+    )  # the error reached the watcher, which reopened the stream
 
 
-def test_step_down_reconnects_and_loses_nothing(fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_step_down_reconnects_and_loses_nothing(
+    fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     rec = Recorder()
     bus = make_bus(client.shop.orders)
     bus.subscribe(lambda ev: rec.add(ev.document_id))
@@ -242,7 +269,9 @@ def test_step_down_reconnects_and_loses_nothing(fake_rs: FakeReplicaSet, client:
 
 
 @pytest.mark.parametrize("ordering", ["stream", "document"])
-def test_invalidate_is_delivered_then_the_stream_continues(client: pymongo.MongoClient[Any], make_bus: Any, ordering: str) -> None:
+def test_invalidate_is_delivered_then_the_stream_continues(
+    client: pymongo.MongoClient[Any], make_bus: Any, ordering: str
+) -> None:
     coll = client.shop.orders
     coll.insert_one({"_id": 0})
     everything, data = Recorder(), Recorder()
@@ -316,7 +345,9 @@ def test_history_lost_restart_from_now_reports_the_gap_once(make_bus: Any) -> No
         client.close()
 
 
-def test_a_failed_token_load_is_an_error_not_a_fresh_start(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+def test_a_failed_token_load_is_an_error_not_a_fresh_start(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
     class Broken(me.MemoryResumeTokenStore):
         def load(self, key: str) -> me.Checkpoint | None:
             raise me.StoreError("token store unreachable")
@@ -333,10 +364,15 @@ def test_a_failed_token_load_is_an_error_not_a_fresh_start(client: pymongo.Mongo
     ("code", "message", "match"),
     [(18, "Authentication failed.", "authentication failed"), (13, "not authorized", "not authorised")],
 )
-def test_start_fails_fast_on_auth_errors(server_client: pymongo.MongoClient[Any], make_bus: Any, code: int, message: str, match: str) -> None:
+def test_start_fails_fast_on_auth_errors(
+    server_client: pymongo.MongoClient[Any], make_bus: Any, code: int, message: str, match: str
+) -> None:
     bus = make_bus(server_client.shop.orders, resume=False)
     bus.subscribe(lambda ev: None)
-    with fail_command(server_client, {"times": 1}, failCommands=["aggregate"], errorCode=code), pytest.raises(me.ConfigurationError, match=match):
+    with (
+        fail_command(server_client, {"times": 1}, failCommands=["aggregate"], errorCode=code),
+        pytest.raises(me.ConfigurationError, match=match),
+    ):
         bus.start()
 
 

@@ -50,7 +50,9 @@ def points(reader: InMemoryMetricReader) -> dict[str, list[tuple[dict[str, Any],
     return out
 
 
-def test_metrics_after_real_events(client: pymongo.MongoClient[Any], make_bus: Any, reader: InMemoryMetricReader, fake_rs: FakeReplicaSet) -> None:
+def test_metrics_after_real_events(
+    client: pymongo.MongoClient[Any], make_bus: Any, reader: InMemoryMetricReader, fake_rs: FakeReplicaSet
+) -> None:
     metrics = me.Metrics(meter_provider=_provider(reader))
     seen = Recorder()
     failed_once: set[Any] = set()
@@ -71,13 +73,22 @@ def test_metrics_after_real_events(client: pymongo.MongoClient[Any], make_bus: A
     assert bus.flush()
     got = points(reader)
 
-    processed = {(a["operation"], a["event"], a["namespace"]): v for a, v, _ in got["mongodb.changes.processed"]}
+    processed = {
+        (a["operation"], a["event"], a["namespace"]): v for a, v, _ in got["mongodb.changes.processed"]
+    }
     assert processed == {("insert", "orders", "shop.orders"): 3, ("update", "orders", "shop.orders"): 1}
-    assert [(a, v) for a, v, _ in got["mongodb.changes.failed"]] == [({"event": "orders", "operation": "insert", "namespace": "shop.orders"}, 1)]
+    assert [(a, v) for a, v, _ in got["mongodb.changes.failed"]] == [
+        ({"event": "orders", "operation": "insert", "namespace": "shop.orders"}, 1)
+    ]
     assert sum(v for _, v, _ in got["mongodb.changes.retries"]) == 1
     units = {name: rows[0][2] for name, rows in got.items()}
     assert units["mongodb.changes.processed"] == "{event}"
-    assert units["mongodb.oplog.lag"] == units["mongodb.handler.duration"] == units["mongodb.stream.receive_lag"] == "s"
+    assert (
+        units["mongodb.oplog.lag"]
+        == units["mongodb.handler.duration"]
+        == units["mongodb.stream.receive_lag"]
+        == "s"
+    )
 
     lag = got["mongodb.oplog.lag"]
     assert {tuple(sorted(a)) for a, _, _ in lag} == {("event", "namespace")}
@@ -90,9 +101,9 @@ def test_metrics_after_real_events(client: pymongo.MongoClient[Any], make_bus: A
 
     assert got["mongodb.stream.active"] == [({"namespace": "shop.orders"}, 1, "{stream}")]
     assert got["mongodb.changes.pending"] == [({"namespace": "shop.orders"}, 0, "{event}")]
-    (age_attrs, age, _), = got["mongodb.checkpoint.age"]
+    ((age_attrs, age, _),) = got["mongodb.checkpoint.age"]
     assert age_attrs == {"namespace": "shop.orders"} and 0 <= age < 60
-    (_, headroom, _), = got["mongodb.oplog.headroom"]
+    ((_, headroom, _),) = got["mongodb.oplog.headroom"]
     assert headroom >= 0  # the fake keeps its whole oplog: the checkpoint is inside it
 
     bus.stop()
@@ -101,14 +112,21 @@ def test_metrics_after_real_events(client: pymongo.MongoClient[Any], make_bus: A
     assert "mongodb.checkpoint.age" not in after  # a stopped bus is no longer observed
 
 
-def test_pending_counts_this_process_unfinished_events_only(client: pymongo.MongoClient[Any], make_bus: Any, reader: InMemoryMetricReader) -> None:
+def test_pending_counts_this_process_unfinished_events_only(
+    client: pymongo.MongoClient[Any], make_bus: Any, reader: InMemoryMetricReader
+) -> None:
     """The gauge is process-local, like the Go library's: events this bus holds unfinished,
     not done events waiting for a checkpoint, and not other processes' pending ack records."""
     acks = me.MongoAckStore(client.internal["_event_acks"])
     acks.write([me.AckRecord("from-another-process", datetime.now(timezone.utc))])
     gate = threading.Event()
     started = Recorder()
-    bus = make_bus(client.shop.orders, ack_store=acks, metrics=me.Metrics(meter_provider=_provider(reader)), flush_interval=3600)
+    bus = make_bus(
+        client.shop.orders,
+        ack_store=acks,
+        metrics=me.Metrics(meter_provider=_provider(reader)),
+        flush_interval=3600,
+    )
 
     @bus.subscribe
     def handle(ev: me.ChangeEvent) -> None:
@@ -128,7 +146,9 @@ def test_pending_counts_this_process_unfinished_events_only(client: pymongo.Mong
     assert bus.pending_count() == 0 and bus.health().pending == 0
 
 
-def test_reconnections_count_with_their_reason(client: pymongo.MongoClient[Any], make_bus: Any, reader: InMemoryMetricReader, fake_rs: FakeReplicaSet) -> None:
+def test_reconnections_count_with_their_reason(
+    client: pymongo.MongoClient[Any], make_bus: Any, reader: InMemoryMetricReader, fake_rs: FakeReplicaSet
+) -> None:
     bus = make_bus(client.shop.orders, metrics=me.Metrics(meter_provider=_provider(reader)))
     seen = Recorder()
     bus.subscribe(lambda ev: seen.add(ev.document_id))
@@ -144,8 +164,12 @@ def test_reconnections_count_with_their_reason(client: pymongo.MongoClient[Any],
     assert bus.health().reconnections == 1
 
 
-def test_namespace_prefixes_every_instrument(client: pymongo.MongoClient[Any], make_bus: Any, reader: InMemoryMetricReader) -> None:
-    bus = make_bus(client.shop.orders, metrics=me.Metrics(meter_provider=_provider(reader), namespace="orders"))
+def test_namespace_prefixes_every_instrument(
+    client: pymongo.MongoClient[Any], make_bus: Any, reader: InMemoryMetricReader
+) -> None:
+    bus = make_bus(
+        client.shop.orders, metrics=me.Metrics(meter_provider=_provider(reader), namespace="orders")
+    )
     seen = Recorder()
     bus.subscribe(lambda ev: seen.add(1))
     bus.start()
@@ -172,13 +196,17 @@ class _Broken:
         if name.startswith("create_"):
             return lambda *a, **k: self
         if name in ("add", "record"):
+
             def fail(*a: Any, **k: Any) -> None:
                 raise RuntimeError("exporter is down")
+
             return fail
         raise AttributeError(name)
 
 
-def test_a_broken_metrics_backend_never_stops_event_handling(client: pymongo.MongoClient[Any], make_bus: Any, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_broken_metrics_backend_never_stops_event_handling(
+    client: pymongo.MongoClient[Any], make_bus: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     bus = make_bus(client.shop.orders, metrics=me.Metrics(meter_provider=_Broken()))
     seen = Recorder()
     bus.subscribe(lambda ev: seen.add(ev.document_id))
@@ -213,7 +241,9 @@ def test_health_reports_the_running_bus(client: pymongo.MongoClient[Any], make_b
     assert bus.health().status == "unhealthy"
 
 
-def test_health_without_oplog_access_omits_headroom(client: pymongo.MongoClient[Any], make_bus: Any, fake_rs: FakeReplicaSet) -> None:
+def test_health_without_oplog_access_omits_headroom(
+    client: pymongo.MongoClient[Any], make_bus: Any, fake_rs: FakeReplicaSet
+) -> None:
     bus = make_bus(client.shop.orders)
     bus.subscribe(lambda ev: None)
     bus.start()

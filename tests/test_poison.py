@@ -79,7 +79,9 @@ def test_an_event_that_kills_the_process_is_dead_lettered_after_three_restarts(m
                 [(bson.decode(x["payload"]).get("documentKey"), x["error"]) for x in letters],
             )
             (letter,) = letters
-            assert letter["event_name"] == "handle" and bson.decode(letter["payload"])["documentKey"] == {  # Go's binary payload
+            assert letter["event_name"] == "handle" and bson.decode(letter["payload"])[
+                "documentKey"
+            ] == {  # Go's binary payload
                 "_id": "poison"
             }, context
             assert "crashed the process 3 times" in letter["error"], (context, letter["error"])

@@ -266,7 +266,9 @@ def test_when_stop_returns_every_bus_thread_has_ended(client: pymongo.MongoClien
     assert set(_bus_threads()) - before == set()
 
 
-def test_workers_are_daemon_executor_threads_left_out_of_the_exit_join(client: pymongo.MongoClient[Any]) -> None:
+def test_workers_are_daemon_executor_threads_left_out_of_the_exit_join(
+    client: pymongo.MongoClient[Any],
+) -> None:
     # The workers run on a ThreadPoolExecutor (the product's shape). concurrent.futures joins
     # the threads in this registry at exit; ours must not be there, or a callback that never
     # returns would hold the process. This fails loudly if the stdlib renames the registry.

@@ -84,7 +84,9 @@ class MongoMonitorStore(MonitorStore):
     .. versionadded:: 0.1.0
     """
 
-    def __init__(self, db: Database[Any], collection: str = "monitor_entries", ttl: timedelta | None = None) -> None:
+    def __init__(
+        self, db: Database[Any], collection: str = "monitor_entries", ttl: timedelta | None = None
+    ) -> None:
         if ttl is not None and ttl <= timedelta(0):
             raise ValueError("ttl must be positive (or None for no expiry)")
         self.collection: Collection[Any] = db[collection]
@@ -108,7 +110,13 @@ class MongoMonitorStore(MonitorStore):
             IndexModel(t),
         ]
         if self.ttl is not None:
-            models.append(IndexModel([("started_at", 1)], name="started_at_ttl", expireAfterSeconds=int(self.ttl.total_seconds())))
+            models.append(
+                IndexModel(
+                    [("started_at", 1)],
+                    name="started_at_ttl",
+                    expireAfterSeconds=int(self.ttl.total_seconds()),
+                )
+            )
         try:
             self.collection.create_indexes(models)
         except PyMongoError as exc:
@@ -147,7 +155,11 @@ class MongoMonitorStore(MonitorStore):
     def list(self, filter: MonitorFilter = MonitorFilter()) -> MonitorPage:  # noqa: B008
         query = _query(filter)
         if filter.cursor:
-            query = {"$and": [query, _after(filter.cursor, filter.order_desc)]} if query else _after(filter.cursor, filter.order_desc)
+            query = (
+                {"$and": [query, _after(filter.cursor, filter.order_desc)]}
+                if query
+                else _after(filter.cursor, filter.order_desc)
+            )
         direction = pymongo.DESCENDING if filter.order_desc else pymongo.ASCENDING
         limit = filter.effective_limit
         try:
@@ -188,7 +200,14 @@ class MongoMonitorStore(MonitorStore):
         except PyMongoError as exc:
             raise self._fail("summarise entries", exc) from exc
         rows = [
-            (g["_id"].get("e", ""), g["_id"].get("s", ""), g["_id"].get("i", ""), int(g["n"]), float(g["d"] or 0), int(g["dn"]))
+            (
+                g["_id"].get("e", ""),
+                g["_id"].get("s", ""),
+                g["_id"].get("i", ""),
+                int(g["n"]),
+                float(g["d"] or 0),
+                int(g["dn"]),
+            )
             for g in groups
         ]
 

@@ -34,9 +34,11 @@ class MonitorStatus(str, enum.Enum):
 
     PENDING = "pending"  #: the callback is running (first attempt)
     COMPLETED = "completed"  #: the callback returned
-    FAILED = "failed"        #: given up: dead-lettered, skipped, rejected, or the bus stopped on it
-    RETRYING = "retrying"    #: an attempt failed and another is scheduled
-    PUBLISHED = "published"  #: Go's publish-audit entries (``subscription_id="$publish"``); never written here
+    FAILED = "failed"  #: given up: dead-lettered, skipped, rejected, or the bus stopped on it
+    RETRYING = "retrying"  #: an attempt failed and another is scheduled
+    PUBLISHED = (
+        "published"  #: Go's publish-audit entries (``subscription_id="$publish"``); never written here
+    )
 
     def __str__(self) -> str:
         return self.value

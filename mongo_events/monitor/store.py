@@ -68,7 +68,9 @@ class MonitorStore(abc.ABC):
     def stuck_pending(self, older_than: timedelta, limit: int = 10) -> builtins.list[MonitorEntry]:
         """Entries still pending that started more than ``older_than`` ago, oldest first."""
         cutoff = datetime.now(timezone.utc) - older_than
-        return self.list(MonitorFilter(statuses=[MonitorStatus.PENDING], end_time=cutoff, limit=limit)).entries
+        return self.list(
+            MonitorFilter(statuses=[MonitorStatus.PENDING], end_time=cutoff, limit=limit)
+        ).entries
 
     def stuck_pending_count(self, older_than: timedelta) -> int:
         cutoff = datetime.now(timezone.utc) - older_than
@@ -129,7 +131,14 @@ class MemoryMonitorStore(MonitorStore):
     def summary(self, filter: MonitorFilter = MonitorFilter()) -> MonitorSummary:  # noqa: B008
         found = self._matching(summary_range(filter))
         rows = [
-            (e.event_name, e.status.value, e.instance_id, 1, e.duration_ms or 0.0, int(e.duration_ms is not None))
+            (
+                e.event_name,
+                e.status.value,
+                e.instance_id,
+                1,
+                e.duration_ms or 0.0,
+                int(e.duration_ms is not None),
+            )
             for e in found
         ]
         times = [e.started_at for e in found]

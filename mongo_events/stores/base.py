@@ -184,7 +184,14 @@ class DeadLetterStore(abc.ABC):
         """How many entries match (``limit`` and ``offset`` are ignored)."""
 
     @abc.abstractmethod
-    def update(self, letter_id: str, *, retried_at: datetime | None = None, quarantined_at: datetime | None = None, replay_count: int | None = None) -> None:
+    def update(
+        self,
+        letter_id: str,
+        *,
+        retried_at: datetime | None = None,
+        quarantined_at: datetime | None = None,
+        replay_count: int | None = None,
+    ) -> None:
         """Set the given fields of one entry."""
 
     def set_quarantine(self, letter_id: str, reason: str | None) -> bool:
@@ -236,7 +243,9 @@ class DeadLetterStore(abc.ABC):
                 oldest = letter.created_at if oldest is None or letter.created_at < oldest else oldest
                 newest = letter.created_at if newest is None or letter.created_at > newest else newest
             offset += len(page)
-        return DeadLetterStats(total, pending, retried, quarantined, dict(by_event), dict(by_error), oldest, newest)
+        return DeadLetterStats(
+            total, pending, retried, quarantined, dict(by_event), dict(by_error), oldest, newest
+        )
 
     def ensure_indexes(self) -> None:  # noqa: B027
         """Create the indexes the store needs."""

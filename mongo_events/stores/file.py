@@ -88,7 +88,11 @@ class FileResumeTokenStore(ResumeTokenStore):
         namespace: str | None = None,
         level: str | None = None,
     ) -> None:
-        entry: dict[str, Any] = {"token": dict(token), "cluster_time": cluster_time, "updated_at": datetime.now(timezone.utc)}
+        entry: dict[str, Any] = {
+            "token": dict(token),
+            "cluster_time": cluster_time,
+            "updated_at": datetime.now(timezone.utc),
+        }
         if namespace is not None:
             entry["namespace"] = namespace
         if level is not None:
@@ -104,5 +108,3 @@ class FileResumeTokenStore(ResumeTokenStore):
             if key in data:  # a malformed (null) entry too: deleting is how an operator repairs it
                 del data[key]
                 self._write(data)
-
-

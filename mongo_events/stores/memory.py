@@ -43,7 +43,9 @@ class MemoryResumeTokenStore(ResumeTokenStore):
         level: str | None = None,
     ) -> None:
         with self._lock:
-            self._data[key] = Checkpoint(dict(token), cluster_time, datetime.now(timezone.utc), namespace, level)
+            self._data[key] = Checkpoint(
+                dict(token), cluster_time, datetime.now(timezone.utc), namespace, level
+            )
             self.saves += 1
 
     def delete(self, key: str) -> None:
@@ -104,9 +106,14 @@ class MemoryDeadLetterStore(DeadLetterStore):
         with self._lock:
             if self.dedup:
                 for existing in self._letters.values():
-                    if existing.event_name == letter.event_name and existing.original_id == letter.original_id:
+                    if (
+                        existing.event_name == letter.event_name
+                        and existing.original_id == letter.original_id
+                    ):
                         self._letters[existing.id] = attrs.evolve(
-                            existing, retry_count=existing.retry_count + letter.retry_count, error=letter.error
+                            existing,
+                            retry_count=existing.retry_count + letter.retry_count,
+                            error=letter.error,
                         )
                         return existing.id
             self._letters[letter.id] = letter
@@ -132,7 +139,14 @@ class MemoryDeadLetterStore(DeadLetterStore):
     def count(self, filter: DeadLetterFilter = DeadLetterFilter()) -> int:  # noqa: B008
         return len(self._matching(filter))
 
-    def update(self, letter_id: str, *, retried_at: datetime | None = None, quarantined_at: datetime | None = None, replay_count: int | None = None) -> None:
+    def update(
+        self,
+        letter_id: str,
+        *,
+        retried_at: datetime | None = None,
+        quarantined_at: datetime | None = None,
+        replay_count: int | None = None,
+    ) -> None:
         with self._lock:
             letter = self._letters.get(letter_id)
             if letter is None:

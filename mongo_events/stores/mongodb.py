@@ -43,7 +43,9 @@ class MongoResumeTokenStore(ResumeTokenStore):
         try:
             doc = self.collection.find_one({"_id": key})
         except PyMongoError as exc:
-            raise StoreError(f"could not load resume token {key!r} from {self.collection.full_name}: {exc}") from exc
+            raise StoreError(
+                f"could not load resume token {key!r} from {self.collection.full_name}: {exc}"
+            ) from exc
         if doc is None:
             return None
         problem = token_problem(doc.get("token"))
@@ -78,13 +80,17 @@ class MongoResumeTokenStore(ResumeTokenStore):
         try:
             self.collection.update_one({"_id": key}, {"$set": fields}, upsert=True)
         except PyMongoError as exc:
-            raise StoreError(f"could not save resume token {key!r} to {self.collection.full_name}: {exc}") from exc
+            raise StoreError(
+                f"could not save resume token {key!r} to {self.collection.full_name}: {exc}"
+            ) from exc
 
     def delete(self, key: str) -> None:
         try:
             self.collection.delete_one({"_id": key})
         except PyMongoError as exc:
-            raise StoreError(f"could not delete resume token {key!r} from {self.collection.full_name}: {exc}") from exc
+            raise StoreError(
+                f"could not delete resume token {key!r} from {self.collection.full_name}: {exc}"
+            ) from exc
 
     def ensure_indexes(self) -> None:
         try:
@@ -101,7 +107,9 @@ def _create_indexes(collection: Collection[Any], models: Sequence[IndexModel]) -
         try:
             collection.create_index(keys, **spec)
         except PyMongoError as exc:
-            raise StoreError(f"could not create index {spec.get('name')} on {collection.full_name}: {exc}") from exc
+            raise StoreError(
+                f"could not create index {spec.get('name')} on {collection.full_name}: {exc}"
+            ) from exc
 
 
 def _created_range(start: datetime | None, end: datetime | None) -> dict[str, Any]:
@@ -119,7 +127,9 @@ GO_ZERO_TIME = datetime(1, 1, 1, tzinfo=timezone.utc)
 
 def _is_pending(acked_at: Any) -> bool:
     """``acked_at`` of a pending record: missing, null (older Python builds) or Go's zero time."""
-    return acked_at is None or (isinstance(acked_at, datetime) and (acked_at.year, acked_at.month, acked_at.day) == (1, 1, 1))
+    return acked_at is None or (
+        isinstance(acked_at, datetime) and (acked_at.year, acked_at.month, acked_at.day) == (1, 1, 1)
+    )
 
 
 class MongoAckStore(AckStore):
@@ -157,7 +167,9 @@ class MongoAckStore(AckStore):
         try:
             self.collection.bulk_write(ops, ordered=True)
         except PyMongoError as exc:
-            raise StoreError(f"could not write {len(ops)} ack record(s) to {self.collection.full_name}: {exc}") from exc
+            raise StoreError(
+                f"could not write {len(ops)} ack record(s) to {self.collection.full_name}: {exc}"
+            ) from exc
 
     def get(self, event_id: str) -> AckRecord | None:
         doc = self._call("read", lambda: self.collection.find_one({"_id": event_id}))
@@ -173,7 +185,12 @@ class MongoAckStore(AckStore):
         return query
 
     def list(self, filter: AckFilter = AckFilter()) -> list[AckRecord]:  # noqa: B008
-        cursor = self.collection.find(self._query(filter)).sort([("created_at", 1), ("_id", 1)]).skip(filter.offset).limit(filter.limit)
+        cursor = (
+            self.collection.find(self._query(filter))
+            .sort([("created_at", 1), ("_id", 1)])
+            .skip(filter.offset)
+            .limit(filter.limit)
+        )
         return [_ack(d) for d in self._call("list", lambda: list(cursor))]
 
     def count(self, filter: AckFilter = AckFilter()) -> int:  # noqa: B008
@@ -190,7 +207,13 @@ class MongoAckStore(AckStore):
                     partialFilterExpression={"acked_at": {"$gt": GO_ZERO_TIME}},
                 )
             )
-        models.append(IndexModel([("acked_at", 1)], name="acked_at_pending", partialFilterExpression={"acked_at": {"$eq": GO_ZERO_TIME}}))
+        models.append(
+            IndexModel(
+                [("acked_at", 1)],
+                name="acked_at_pending",
+                partialFilterExpression={"acked_at": {"$eq": GO_ZERO_TIME}},
+            )
+        )
         _create_indexes(self.collection, models)
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
@@ -247,7 +270,9 @@ class MongoDeadLetterStore(DeadLetterStore):
                 return str(found["_id"])
             self.collection.insert_one(doc)
         except PyMongoError as exc:
-            raise StoreError(f"could not store dead letter for event {letter.original_id} in {self.collection.full_name}: {exc}") from exc
+            raise StoreError(
+                f"could not store dead letter for event {letter.original_id} in {self.collection.full_name}: {exc}"
+            ) from exc
         return letter.id
 
     def get(self, letter_id: str) -> DeadLetter | None:
@@ -255,7 +280,9 @@ class MongoDeadLetterStore(DeadLetterStore):
         return _letter(doc) if doc else None
 
     def get_by_original_id(self, original_id: str) -> DeadLetter | None:
-        doc = self._call("read", lambda: self.collection.find_one({"original_id": original_id}, sort=[("created_at", -1)]))
+        doc = self._call(
+            "read", lambda: self.collection.find_one({"original_id": original_id}, sort=[("created_at", -1)])
+        )
         return _letter(doc) if doc else None
 
     def _query(self, filter: DeadLetterFilter) -> dict[str, Any]:
@@ -275,14 +302,34 @@ class MongoDeadLetterStore(DeadLetterStore):
         return query
 
     def list(self, filter: DeadLetterFilter = DeadLetterFilter()) -> list[DeadLetter]:  # noqa: B008
-        cursor = self.collection.find(self._query(filter)).sort([("created_at", 1), ("_id", 1)]).skip(filter.offset).limit(filter.limit)
+        cursor = (
+            self.collection.find(self._query(filter))
+            .sort([("created_at", 1), ("_id", 1)])
+            .skip(filter.offset)
+            .limit(filter.limit)
+        )
         return [_letter(d) for d in self._call("list", lambda: list(cursor))]
 
     def count(self, filter: DeadLetterFilter = DeadLetterFilter()) -> int:  # noqa: B008
         return int(self._call("count", lambda: self.collection.count_documents(self._query(filter))))
 
-    def update(self, letter_id: str, *, retried_at: datetime | None = None, quarantined_at: datetime | None = None, replay_count: int | None = None) -> None:
-        fields = {k: v for k, v in (("retried_at", retried_at), ("quarantined_at", quarantined_at), ("replay_count", replay_count)) if v is not None}
+    def update(
+        self,
+        letter_id: str,
+        *,
+        retried_at: datetime | None = None,
+        quarantined_at: datetime | None = None,
+        replay_count: int | None = None,
+    ) -> None:
+        fields = {
+            k: v
+            for k, v in (
+                ("retried_at", retried_at),
+                ("quarantined_at", quarantined_at),
+                ("replay_count", replay_count),
+            )
+            if v is not None
+        }
         if fields:
             self._call("update", lambda: self.collection.update_one({"_id": letter_id}, {"$set": fields}))
 
@@ -298,10 +345,14 @@ class MongoDeadLetterStore(DeadLetterStore):
         )
 
     def delete(self, letter_id: str) -> bool:
-        return bool(self._call("delete", lambda: self.collection.delete_one({"_id": letter_id})).deleted_count)
+        return bool(
+            self._call("delete", lambda: self.collection.delete_one({"_id": letter_id})).deleted_count
+        )
 
     def delete_by_filter(self, filter: DeadLetterFilter) -> int:
-        return int(self._call("delete", lambda: self.collection.delete_many(self._query(filter))).deleted_count)
+        return int(
+            self._call("delete", lambda: self.collection.delete_many(self._query(filter))).deleted_count
+        )
 
     def ensure_indexes(self) -> None:
         # Go's event-dlq indexes by their names, so both libraries can share a collection.

@@ -24,14 +24,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", required=True)
     parser.add_argument("--run", type=int, required=True)
     parser.add_argument("--max-in-flight", type=int, default=50)
-    parser.add_argument("--expect", type=int, default=0, help="exit 0 once this many distinct ids are handled")
+    parser.add_argument(
+        "--expect", type=int, default=0, help="exit 0 once this many distinct ids are handled"
+    )
     args = parser.parse_args(argv)
 
     handled: set[str] = set()
     if args.expect and os.path.exists(args.log):
         with open(args.log) as fh:
             handled = {line.split()[1] for line in fh if line.strip()}
-    client: pymongo.MongoClient[dict[str, object]] = pymongo.MongoClient(args.uri, serverSelectionTimeoutMS=10000)
+    client: pymongo.MongoClient[dict[str, object]] = pymongo.MongoClient(
+        args.uri, serverSelectionTimeoutMS=10000
+    )
     bus = me.Bus(
         client["crash"]["orders"],
         resume_token_id="crash",

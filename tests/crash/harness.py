@@ -64,8 +64,21 @@ def _start_server(data_dir: str, port: int = 0) -> tuple[subprocess.Popen[str], 
 
 def _consumer(uri: str, log: str, run: int, max_in_flight: int, expect: int = 0) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.crash.consumer", "--uri", uri, "--log", log, "--run", str(run),
-         "--max-in-flight", str(max_in_flight), "--expect", str(expect)],
+        [
+            sys.executable,
+            "-m",
+            "tests.crash.consumer",
+            "--uri",
+            uri,
+            "--log",
+            log,
+            "--run",
+            str(run),
+            "--max-in-flight",
+            str(max_in_flight),
+            "--expect",
+            str(expect),
+        ],
         cwd=ROOT,
         stderr=subprocess.DEVNULL,
     )
@@ -143,7 +156,9 @@ def run(kills: int = 20, changes: int = 2000, seed: int | None = None, max_in_fl
                 handled_then = {key for _, key in entries[:log_len]}
                 behind = [k for k, ts in when.items() if ts <= cp_time and k not in handled_then]
                 if behind:
-                    report.problems.append(f"checkpoint {cp_time} passed {len(behind)} unhandled change(s), e.g. {behind[:3]}")
+                    report.problems.append(
+                        f"checkpoint {cp_time} passed {len(behind)} unhandled change(s), e.g. {behind[:3]}"
+                    )
                 report.checkpoints_checked += 1
             missing = set(when) - {key for _, key in entries}
             if missing:
@@ -157,7 +172,9 @@ def run(kills: int = 20, changes: int = 2000, seed: int | None = None, max_in_fl
                 seen.add(key)
             report.max_redelivered = max(per_run.values(), default=0)
             if report.max_redelivered > max_in_flight:
-                report.problems.append(f"a restart redelivered {report.max_redelivered} > max_in_flight={max_in_flight}")
+                report.problems.append(
+                    f"a restart redelivered {report.max_redelivered} > max_in_flight={max_in_flight}"
+                )
         finally:
             client.close()
             server.terminate()
@@ -166,7 +183,9 @@ def run(kills: int = 20, changes: int = 2000, seed: int | None = None, max_in_fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Kill a consumer at random moments and check nothing is lost.")
+    parser = argparse.ArgumentParser(
+        description="Kill a consumer at random moments and check nothing is lost."
+    )
     parser.add_argument("--kills", type=int, default=1000)
     parser.add_argument("--changes", type=int, default=50000)
     parser.add_argument("--seed", type=int)

@@ -48,7 +48,11 @@ def test_list_and_count_by_status_time_and_page(store: AckStore) -> None:
     assert store.count() == 10
     assert store.count(AckFilter(status=AckStatus.PENDING)) == 5
     assert [r.event_id for r in store.list(AckFilter(status=AckStatus.ACKED, limit=2))] == ["e1", "e3"]
-    assert [r.event_id for r in store.list(AckFilter(start=at(3), end=at(6)))] == ["e3", "e4", "e5"]  # end exclusive
+    assert [r.event_id for r in store.list(AckFilter(start=at(3), end=at(6)))] == [
+        "e3",
+        "e4",
+        "e5",
+    ]  # end exclusive
     assert [r.event_id for r in store.list(AckFilter(limit=3, offset=8))] == ["e8", "e9"]
     assert store.count(AckFilter(start=at(3), end=at(6), limit=1)) == 3  # count ignores the page
 

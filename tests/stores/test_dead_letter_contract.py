@@ -20,7 +20,14 @@ from mongo_events import (
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc).replace(tzinfo=None)
 
 
-def letter(original: str, event: str = "orders", minutes: int = 0, error: str = "ValueError: boom", retries: int = 3, source: str = "bus") -> DeadLetter:
+def letter(
+    original: str,
+    event: str = "orders",
+    minutes: int = 0,
+    error: str = "ValueError: boom",
+    retries: int = 3,
+    source: str = "bus",
+) -> DeadLetter:
     return DeadLetter(
         id=str(ObjectId()),
         event_name=event,
@@ -35,7 +42,9 @@ def letter(original: str, event: str = "orders", minutes: int = 0, error: str = 
 
 
 @pytest.fixture(params=["memory", "mongo"])
-def make_store(request: pytest.FixtureRequest, mongo_collection: Callable[[str], Any]) -> Callable[..., DeadLetterStore]:
+def make_store(
+    request: pytest.FixtureRequest, mongo_collection: Callable[[str], Any]
+) -> Callable[..., DeadLetterStore]:
     counter = iter(range(100))
 
     def make(dedup: bool = True) -> DeadLetterStore:
@@ -59,7 +68,9 @@ def test_store_get_and_get_by_original_id(make_store: Callable[..., DeadLetterSt
     assert store.get("nope") is None and store.get_by_original_id("nope") is None
 
 
-def test_dedup_increments_retry_count_and_refreshes_the_error(make_store: Callable[..., DeadLetterStore]) -> None:
+def test_dedup_increments_retry_count_and_refreshes_the_error(
+    make_store: Callable[..., DeadLetterStore],
+) -> None:
     store = make_store()
     first = store.store(letter("a", retries=3))
     again = store.store(letter("a", retries=2, error="TypeError: new"))
@@ -84,7 +95,10 @@ def test_filters(make_store: Callable[..., DeadLetterStore]) -> None:
     assert store.count(DeadLetterFilter(error="qty")) == 1
     assert store.count(DeadLetterFilter(max_retries=2)) == 2
     assert store.count(DeadLetterFilter(source="bus2")) == 1
-    assert [d.original_id for d in store.list(DeadLetterFilter(start=T0 + timedelta(minutes=1)))] == ["b", "c"]
+    assert [d.original_id for d in store.list(DeadLetterFilter(start=T0 + timedelta(minutes=1)))] == [
+        "b",
+        "c",
+    ]
     assert [d.original_id for d in store.list(DeadLetterFilter(end=T0 + timedelta(minutes=1)))] == ["a"]
     assert [d.original_id for d in store.list(DeadLetterFilter(limit=1, offset=1))] == ["b"]
     store.update(ids[0], retried_at=T0)

@@ -30,7 +30,14 @@ def store(request: pytest.FixtureRequest, mongo_collection: Callable[[str], Any]
     return s
 
 
-def entry(event: str, sub: str = "s", *, minutes_ago: float = 0, status: MonitorStatus = MonitorStatus.COMPLETED, **kw: Any) -> MonitorEntry:
+def entry(
+    event: str,
+    sub: str = "s",
+    *,
+    minutes_ago: float = 0,
+    status: MonitorStatus = MonitorStatus.COMPLETED,
+    **kw: Any,
+) -> MonitorEntry:
     return MonitorEntry(
         event_id=event,
         subscription_id=sub,
@@ -45,7 +52,17 @@ def entry(event: str, sub: str = "s", *, minutes_ago: float = 0, status: Monitor
 
 def test_write_upserts_and_get_reads_back(store: MonitorStore) -> None:
     store.write([entry("e1", status=MonitorStatus.PENDING, metadata={"operation": "insert"})])
-    store.write([entry("e1", status=MonitorStatus.COMPLETED, duration_ms=12.0, completed_at=NOW, metadata={"operation": "insert"})])
+    store.write(
+        [
+            entry(
+                "e1",
+                status=MonitorStatus.COMPLETED,
+                duration_ms=12.0,
+                completed_at=NOW,
+                metadata={"operation": "insert"},
+            )
+        ]
+    )
     got = store.get("e1", "s")
     assert got is not None
     assert got.status is MonitorStatus.COMPLETED and got.duration_ms == 12  # whole ms in MongoDB (Go's int64)
@@ -61,12 +78,32 @@ def test_get_by_event_id_returns_every_subscription(store: MonitorStore) -> None
 
 
 def test_filters(store: MonitorStore) -> None:
-    store.write([
-        entry("e1", "a", minutes_ago=30, duration_ms=5.0),
-        entry("e2", "a", minutes_ago=20, status=MonitorStatus.FAILED, error="boom", retry_count=3, duration_ms=50.0),
-        entry("e3", "b", minutes_ago=10, status=MonitorStatus.RETRYING, error="slow", retry_count=1, event_name="shop.users"),
-        entry("e4", "b", minutes_ago=1, status=MonitorStatus.PENDING, bus_id="other", instance_id="host:2"),
-    ])
+    store.write(
+        [
+            entry("e1", "a", minutes_ago=30, duration_ms=5.0),
+            entry(
+                "e2",
+                "a",
+                minutes_ago=20,
+                status=MonitorStatus.FAILED,
+                error="boom",
+                retry_count=3,
+                duration_ms=50.0,
+            ),
+            entry(
+                "e3",
+                "b",
+                minutes_ago=10,
+                status=MonitorStatus.RETRYING,
+                error="slow",
+                retry_count=1,
+                event_name="shop.users",
+            ),
+            entry(
+                "e4", "b", minutes_ago=1, status=MonitorStatus.PENDING, bus_id="other", instance_id="host:2"
+            ),
+        ]
+    )
 
     def ids(**kw: Any) -> list[str]:
         return [e.event_id for e in store.list(MonitorFilter(**kw)).entries]
@@ -116,13 +153,15 @@ def test_limit_is_capped_at_1000(store: MonitorStore) -> None:
 
 
 def test_summary_defaults_to_the_last_24_hours(store: MonitorStore) -> None:
-    store.write([
-        entry("e1", duration_ms=10.0),
-        entry("e2", duration_ms=30.0),
-        entry("e3", status=MonitorStatus.FAILED, error="x", duration_ms=20.0),
-        entry("e4", status=MonitorStatus.PENDING, event_name="shop.users", instance_id="host:2"),
-        entry("old", minutes_ago=60 * 25),
-    ])
+    store.write(
+        [
+            entry("e1", duration_ms=10.0),
+            entry("e2", duration_ms=30.0),
+            entry("e3", status=MonitorStatus.FAILED, error="x", duration_ms=20.0),
+            entry("e4", status=MonitorStatus.PENDING, event_name="shop.users", instance_id="host:2"),
+            entry("old", minutes_ago=60 * 25),
+        ]
+    )
     s = store.summary()
     assert s.total_entries == 4
     assert s.by_status == {"completed": 2, "failed": 1, "pending": 1}
@@ -138,12 +177,14 @@ def test_summary_defaults_to_the_last_24_hours(store: MonitorStore) -> None:
 
 
 def test_stuck_pending(store: MonitorStore) -> None:
-    store.write([
-        entry("old", status=MonitorStatus.PENDING, minutes_ago=30),
-        entry("older", status=MonitorStatus.PENDING, minutes_ago=60),
-        entry("fresh", status=MonitorStatus.PENDING, minutes_ago=0),
-        entry("done", minutes_ago=90),
-    ])
+    store.write(
+        [
+            entry("old", status=MonitorStatus.PENDING, minutes_ago=30),
+            entry("older", status=MonitorStatus.PENDING, minutes_ago=60),
+            entry("fresh", status=MonitorStatus.PENDING, minutes_ago=0),
+            entry("done", minutes_ago=90),
+        ]
+    )
     assert [e.event_id for e in store.stuck_pending(timedelta(minutes=10))] == ["older", "old"]
     assert store.stuck_pending_count(timedelta(minutes=10)) == 2
 

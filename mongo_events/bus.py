@@ -165,6 +165,10 @@ def _check_bus_options(o: Mapping[str, Any]) -> None:
         )
 
 
+#: Seconds of failing dead-letter writes after which ``health()`` says ``unhealthy``.
+DEAD_LETTER_STALL = 60.0
+
+
 class BusState(str, enum.Enum):
     """Lifecycle states of a :class:`Bus`."""
 
@@ -358,8 +362,14 @@ class Bus:
         if on_error is not None:
             self._middleware.append(ErrorReporter(on_error, self.name))
         self.dead_letter_store = dead_letters if isinstance(dead_letters, DeadLetterStore) else None
+        #: Since when (monotonic) every dead-letter write failed; None while they succeed.
+        self._dead_letter_failing_since: float | None = None
         self._dead_letters = dead_letter_hook(
-            dead_letters, bus_name=self.name, resume_token_key=self.resume_token_key, on_error=on_error
+            dead_letters,
+            bus_name=self.name,
+            resume_token_key=self.resume_token_key,
+            on_error=on_error,
+            on_outcome=self._on_dead_letter_outcome,
         )
         self.ack_store = ack_store
         self.status: StatusPublisher | None = (
@@ -912,7 +922,17 @@ class Bus:
         ``_hurry`` (a second signal in ``run_forever()``) cuts the waits for callbacks short.
         """
         running: list[str] = []
-        with self._shutdown_lock:
+        if not self._shutdown_lock.acquire(blocking=False):
+            # Another shutdown is under way (the stopper thread after a failure, or a concurrent
+            # stop()): wait for it within this call's own bound, not for the whole of its run.
+            if not self._stopped.wait(timeout + FINAL_FLUSH_MIN):
+                log.warning(
+                    "bus %s: the shutdown already under way did not finish within %.1fs; stop() returns",
+                    self.name,
+                    timeout + FINAL_FLUSH_MIN,
+                )
+            return
+        try:
             if self._stopped.is_set():
                 return
             with self._state_lock:
@@ -932,6 +952,8 @@ class Bus:
             log.info(
                 "bus %s %s; checkpoint %s", self.name, self._state.value, self._consumer.window.checkpoint()
             )
+        finally:
+            self._shutdown_lock.release()
         if running and not quiet:
             raise ShutdownTimeout(
                 f"bus {self.name!r}: callbacks were still running after {timeout:.1f}s: {'; '.join(running)}. "
@@ -1014,8 +1036,26 @@ class Bus:
         (no permission on ``local``, a mongos) or before the first checkpoint."""
         return self._consumer.oplog_headroom()
 
+    def _on_dead_letter_outcome(self, error: BaseException | None) -> None:
+        """A dead-letter write succeeded (``None``) or failed: the event stays undone meanwhile."""
+        if error is None:
+            self._dead_letter_failing_since = None
+            return
+        if self._dead_letter_failing_since is None:
+            self._dead_letter_failing_since = time.monotonic()
+        message = (
+            f"dead-letter write failed ({describe(error)}); the event stays undone and holds the checkpoint"
+        )
+        self._consumer.last_error = (message, datetime.now(timezone.utc))
+
     def health(self) -> Health:
-        """A snapshot for health probes (also served as ``GET /v1/health`` by the monitor app)."""
+        """A snapshot for health probes (also served as ``GET /v1/health`` by the monitor app).
+
+        ``degraded`` while a recent error is on record; ``unhealthy`` when the bus is not
+        running, its stream never opened, or every dead-letter write has failed for
+        :data:`DEAD_LETTER_STALL` seconds (the unfinished event holds the window shut, so
+        nothing more is delivered until the store accepts it).
+        """
         self._check_pid()
         state = self._state
         consumer = self._consumer
@@ -1038,6 +1078,15 @@ class Bus:
             pending=self.pending_count(),
             in_flight=self.in_flight,
             reconnections=consumer.reconnections,
+            stalled=self._dead_letter_stall(),
+        )
+
+    def _dead_letter_stall(self) -> str | None:
+        since = self._dead_letter_failing_since
+        if since is None or time.monotonic() - since < DEAD_LETTER_STALL:
+            return None
+        return (
+            f"every dead-letter write has failed for {time.monotonic() - since:.0f}s; delivery is held back"
         )
 
     def _idempotency_stores(self) -> list[IdempotencyStore]:

@@ -8,6 +8,7 @@ uses the same hook for an oversize event it could only fetch as a stub.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 from bson import ObjectId
@@ -27,11 +28,14 @@ def dead_letter_hook(
     bus_name: str,
     resume_token_key: str,
     on_error: ErrorHandler | None,
+    on_outcome: Callable[[BaseException | None], None] | None = None,
 ) -> DeadLetterHook | None:
     """The hook that dead-letters for a bus: into ``target`` (a store or a function), or ``None``.
 
     With ``on_error``, a failure to store is reported (kind ``dead_letter``) before it
-    propagates to the dispatcher, which retries the write.
+    propagates to the dispatcher, which retries the write. ``on_outcome`` hears every
+    write's outcome (the error, or ``None`` once one succeeded), so the bus's health can
+    say that a failing dead-letter store holds its window shut.
     """
     if target is None:
         return None
@@ -40,7 +44,7 @@ def dead_letter_hook(
         hook = _StoreDeadLetter(target, bus_name, resume_token_key)
     else:
         hook = target
-    if on_error is None:
+    if on_error is None and on_outcome is None:
         return hook
     inner = hook
 
@@ -48,12 +52,19 @@ def dead_letter_hook(
         try:
             inner(event, subscription, error, attempts)
         except Exception as exc:
-            report_error(
-                on_error,
-                exc,
-                ErrorContext("dead_letter", bus_name, subscription, event.id, attempts, "store dead letter"),
-            )
+            if on_error is not None:
+                report_error(
+                    on_error,
+                    exc,
+                    ErrorContext(
+                        "dead_letter", bus_name, subscription, event.id, attempts, "store dead letter"
+                    ),
+                )
+            if on_outcome is not None:
+                on_outcome(exc)
             raise
+        if on_outcome is not None:
+            on_outcome(None)
 
     return store
 

@@ -149,12 +149,14 @@ def assess(
     pending: int | None,
     in_flight: int,
     reconnections: int,
+    stalled: str | None = None,
 ) -> Health:
     """Turn a stream's state into a :class:`Health`.
 
     :param running: the bus is ``RUNNING``; ``opened``: its stream opened at least once.
     :param last_event: (received at, wall time, cluster time) of the newest event.
     :param last_error: the last stream or store error and when; ``failure``: why the bus failed.
+    :param stalled: why delivery is held back although the bus runs (``unhealthy``).
     """
     last_event_at = lag = None
     if last_event is not None:
@@ -173,6 +175,9 @@ def assess(
         status: HealthStatus = "unhealthy"
         if error is None and running:
             error = (f"the change stream on {namespace} has not opened yet", datetime.now(timezone.utc))
+    elif stalled is not None:
+        status = "unhealthy"
+        error = (stalled, datetime.now(timezone.utc))
     elif not stream_active or (
         error is not None and (datetime.now(timezone.utc) - error[1]).total_seconds() < 60
     ):

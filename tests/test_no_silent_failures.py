@@ -20,6 +20,7 @@ from bson import Binary, Decimal128
 from bson.timestamp import Timestamp
 
 import mongo_events as me
+import mongo_events.bus as bus_module
 from mongo_events.testing import FakeReplicaSet
 
 from .conftest import CLIENT_OPTIONS, wait_for
@@ -282,6 +283,36 @@ def test_a_failed_dead_letter_write_is_retried_without_running_the_callback_agai
     assert writes.items == [2, 2, 2]
     assert calls.items == [1, 1]  # the first attempt and one retry: never again for the write
     assert bus.join(5)
+
+
+def test_a_dead_letter_store_that_keeps_failing_makes_the_bus_unhealthy(
+    client: pymongo.MongoClient[Any], make_bus: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The event stays undone while its dead-letter write fails, so the window fills and
+    # delivery stops: health must say so, not stay "healthy" with no error.
+    monkeypatch.setattr(bus_module, "DEAD_LETTER_STALL", 0.0)
+    store_ok = threading.Event()
+    writes = Recorder()
+
+    def hook(ev: me.ChangeEvent, sub: str, err: BaseException, n: int) -> None:
+        writes.add(n)
+        if not store_ok.is_set():
+            raise OSError("dead-letter store unavailable")
+
+    def callback(ev: me.ChangeEvent) -> None:
+        raise ValueError("boom")
+
+    bus = make_bus(client.shop.orders, dead_letters=hook)
+    bus.subscribe(callback, name="h", max_retries=0, retry_backoff=QUICK)
+    bus.start()
+    client.shop.orders.insert_one({"_id": 1})
+    assert writes.wait(2)
+    health = bus.health()
+    assert health.status == "unhealthy" and bus.state is me.BusState.RUNNING
+    assert health.last_error is not None and "dead-letter" in health.last_error
+    store_ok.set()
+    assert bus.join(5)  # the write went through: the event is done
+    assert bus.health().status != "unhealthy"
 
 
 # -- 8. decoding ---------------------------------------------------------------------------------------

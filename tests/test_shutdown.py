@@ -308,3 +308,32 @@ def test_shutdown_timeout_names_the_callbacks_still_running(client: pymongo.Mong
     (thread,) = [t for t in threading.enumerate() if t.name in left]
     thread.join(10)
     assert not thread.is_alive()
+
+
+def test_stop_during_a_failures_shutdown_keeps_its_own_bound(client: pymongo.MongoClient[Any]) -> None:
+    # A failure starts a shutdown in the background that waits up to 30 s for a blocked
+    # callback; a stop(timeout) called meanwhile must not wait for all of that.
+    release = threading.Event()
+    blocked = threading.Event()
+
+    def callback(ev: me.ChangeEvent) -> None:
+        if ev.document_id == 1:
+            blocked.set()
+            release.wait(60)
+        else:
+            raise SystemExit("the callback exits")  # fails the bus
+
+    bus = me.Bus(client.shop.orders, max_workers=2, max_await_time=0.05, flush_interval=0.05)
+    bus.subscribe(callback, name="h")
+    bus.start()
+    try:
+        client.shop.orders.insert_one({"_id": 1})
+        assert blocked.wait(10)
+        client.shop.orders.insert_one({"_id": 2})
+        with pytest.raises(me.ThreadFailed):
+            bus.join(10)  # failed; its shutdown now waits (up to 30 s) for doc 1's callback
+        finished, raised = _returns_within(lambda: bus.stop(timeout=0.5), 10.0)
+        assert finished, "stop(0.5) waited for the failure's whole shutdown (30 s)"
+        assert raised is None
+    finally:
+        release.set()

@@ -452,6 +452,9 @@ class Queue:
         if self._error is None:
             self._error = error
             log.error("queue %s failed: %s", self.name, error)
+        # Stop claiming before the message goes back to pending: else the fetcher could claim
+        # it again at once and run it a second time (and nack it twice) while the queue stops.
+        self._stopping.set()
         if isinstance(error, HandlerFailed) and error.event_id:
             with self._lock:
                 message = self._held.pop(error.event_id, None)
@@ -554,6 +557,10 @@ class Queue:
             messages = self.store.claim(
                 consumer.event, owner=self.consumer_id, limit=room, ordered=consumer.ordered
             )
+            if messages and self._stopping.is_set():
+                # The queue began to stop (or failed) while this claim ran: hand them back unstarted.
+                self.store.release(consumer.event, [m.id for m in messages], owner=self.consumer_id)
+                return total
             runnable = []
             with self._lock:
                 for message in messages:

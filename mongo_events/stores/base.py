@@ -69,6 +69,25 @@ def malformed(key: str, where: str, problem: str) -> StoreError:
     )
 
 
+def stored_checkpoint(entry: Mapping[str, Any], key: str, where: str) -> Checkpoint:
+    """The :class:`Checkpoint` in a stored entry (a MongoDB document or a file entry).
+
+    :raises StoreError: when the entry's token is malformed (see :func:`token_problem`).
+    """
+    problem = token_problem(entry.get("token"))
+    if problem is not None:
+        raise malformed(key, where, problem)
+    cluster_time = entry.get("cluster_time")
+    namespace, level = entry.get("namespace"), entry.get("level")
+    return Checkpoint(
+        entry["token"],
+        cluster_time if isinstance(cluster_time, Timestamp) else None,
+        entry.get("updated_at"),
+        namespace if isinstance(namespace, str) else None,
+        level if isinstance(level, str) else None,
+    )
+
+
 class ResumeTokenStore(abc.ABC):
     """Keeps one resume token per key (``"<namespace>:<id>"``).
 

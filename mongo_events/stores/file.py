@@ -13,7 +13,7 @@ from bson import json_util
 from bson.timestamp import Timestamp
 
 from ..errors import StoreError
-from .base import Checkpoint, ResumeTokenStore, malformed, token_problem
+from .base import Checkpoint, ResumeTokenStore, malformed, stored_checkpoint
 
 __all__ = ["FileResumeTokenStore"]
 
@@ -66,18 +66,7 @@ class FileResumeTokenStore(ResumeTokenStore):
         entry = data[key]
         if not isinstance(entry, dict):
             raise malformed(key, self.path, f"its entry is {entry!r}, not an object with a token")
-        problem = token_problem(entry.get("token"))
-        if problem is not None:
-            raise malformed(key, self.path, problem)
-        cluster_time = entry.get("cluster_time")
-        namespace, level = entry.get("namespace"), entry.get("level")
-        return Checkpoint(
-            entry["token"],
-            cluster_time if isinstance(cluster_time, Timestamp) else None,
-            entry.get("updated_at"),
-            namespace if isinstance(namespace, str) else None,
-            level if isinstance(level, str) else None,
-        )
+        return stored_checkpoint(entry, key, self.path)
 
     def save(
         self,

@@ -16,7 +16,7 @@ from pymongo.collection import Collection
 from pymongo.errors import PyMongoError
 
 from ..errors import StoreError
-from .base import AckStore, Checkpoint, DeadLetterStore, ResumeTokenStore, malformed, token_problem
+from .base import AckStore, Checkpoint, DeadLetterStore, ResumeTokenStore, stored_checkpoint
 from .records import AckFilter, AckRecord, AckStatus, DeadLetter, DeadLetterFilter
 
 __all__ = ["MongoResumeTokenStore", "MongoAckStore", "MongoDeadLetterStore", "DEFAULT_COLLECTION"]
@@ -48,18 +48,7 @@ class MongoResumeTokenStore(ResumeTokenStore):
             ) from exc
         if doc is None:
             return None
-        problem = token_problem(doc.get("token"))
-        if problem is not None:
-            raise malformed(key, self.collection.full_name, problem)
-        cluster_time = doc.get("cluster_time")
-        namespace, level = doc.get("namespace"), doc.get("level")
-        return Checkpoint(
-            doc["token"],
-            cluster_time if isinstance(cluster_time, Timestamp) else None,
-            doc.get("updated_at"),
-            namespace if isinstance(namespace, str) else None,
-            level if isinstance(level, str) else None,
-        )
+        return stored_checkpoint(doc, key, self.collection.full_name)
 
     def save(
         self,

@@ -334,6 +334,8 @@ def test_stop_during_a_failures_shutdown_keeps_its_own_bound(client: pymongo.Mon
             bus.join(10)  # failed; its shutdown now waits (up to 30 s) for doc 1's callback
         finished, raised = _returns_within(lambda: bus.stop(timeout=0.5), 10.0)
         assert finished, "stop(0.5) waited for the failure's whole shutdown (30 s)"
-        assert raised is None
+        # Either the failure's shutdown was under way (stop waits for it within its bound), or
+        # this stop ran the shutdown itself and names the callback still running.
+        assert raised is None or isinstance(raised, me.ShutdownTimeout), raised
     finally:
         release.set()

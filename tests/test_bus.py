@@ -13,6 +13,7 @@ import attrs
 import pymongo
 import pytest
 from bson import ObjectId
+from pymongo import monitoring
 
 import mongo_events as me
 from mongo_events.testing import FakeReplicaSet
@@ -970,3 +971,38 @@ def test_the_private_pymongo_attributes_the_watcher_reads_still_exist(
         rest = [stream.try_next() for _ in range(len(buffered))]
         assert all(raw is not None for raw in rest) and not read_buffered(stream)
         assert fake_rs.command_count("getMore") == get_mores  # what it held came without I/O
+
+
+class _AggregateListener(monitoring.CommandListener):
+    def __init__(self) -> None:
+        self.cursor_options: list[Any] = []
+        self.seen = threading.Event()
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name == "aggregate":
+            self.cursor_options.append(event.command.get("cursor"))
+            self.seen.set()
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+def test_the_stream_asks_for_batches_of_1000_by_default(fake_rs: FakeReplicaSet, make_bus: Any) -> None:
+    # The default batch size bounds what pymongo holds decoded outside the window (README: the
+    # batch size); without it the server fills batches up to 16 MiB.
+    listener = _AggregateListener()
+    client: pymongo.MongoClient[Any] = pymongo.MongoClient(
+        fake_rs.uri, event_listeners=[listener], **CLIENT_OPTIONS
+    )
+    try:
+        bus = make_bus(client.shop.orders)
+        bus.subscribe(lambda ev: None)
+        bus.start()
+        assert listener.seen.wait(10)
+        bus.stop()
+        assert listener.cursor_options[0] == {"batchSize": 1000}
+    finally:
+        client.close()

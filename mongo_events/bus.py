@@ -196,7 +196,10 @@ class Bus:
         (``UpdateDescription.updated_fields_dropped`` tells the callback); needs a
         ``full_document`` other than default; implies ``update_description``.
     :param pipeline: aggregation stages appended after ``$changeStream``.
-    :param batch_size: the stream's batch size.
+    :param batch_size: most changes per server batch (``getMore``); default 1000. It bounds
+        the changes pymongo holds decoded outside the window (the server's own limit is 16 MiB
+        a batch: 16,000 changes of 1 KB) at one round trip per 1,000 changes while catching
+        up; ``None`` leaves it to the server. See the README's performance section.
     :param max_await_time: how long one ``getMore`` waits for changes, in seconds (default 1);
         also how long ``stop()`` may wait for the watcher.
     :param show_expanded_events: ask for expanded events (MongoDB 6.0+).
@@ -260,7 +263,7 @@ class Bus:
         include_empty_updates: bool = False,
         max_updated_fields_size: int = 0,
         pipeline: Sequence[Mapping[str, Any]] | None = None,
-        batch_size: int | None = None,
+        batch_size: int | None = 1000,
         max_await_time: float | timedelta = 1.0,
         show_expanded_events: bool = False,
         resume: bool = True,

@@ -99,6 +99,12 @@ class Checkpointer:
 
     def flush(self) -> None:
         """Write ack records, then the checkpoint, both taken in one snapshot."""
+        try:
+            self._flush()
+        finally:
+            self._window.flush_ended()
+
+    def _flush(self) -> None:
         window = self._window
         with window.cond:
             checkpoint = self._checkpoint_to_write()

@@ -51,6 +51,9 @@ class Window:
         self.report_done: Callable[[], None] = _nothing
         #: Asks the flusher for a checkpoint write now (only a write can free room).
         self.wake_flusher: Callable[[], None] = _nothing
+        #: A write was asked for and its flush has not ended: do not ask again meanwhile
+        #: (a slow write would otherwise be followed at once by a second, small one).
+        self.flush_asked = False
 
     def connect(self, report_done: Callable[[], None], wake_flusher: Callable[[], None]) -> None:
         """Wire the dispatcher's ``drain`` and the flusher's ``wake`` (both built after the window)."""
@@ -105,24 +108,39 @@ class Window:
             self.drain()
             self.tracker.note_resume_token(token)
 
-    def wait_for_room(self) -> bool:
-        """The window is full: wait (holding the lock) until a quarter of it is free again.
+    def ask_for_flush(self) -> None:
+        """Wake the flusher, unless a flush it was asked for has not ended yet (caller holds the lock)."""
+        if not self.flush_asked:
+            self.flush_asked = True
+            self.wake_flusher()
 
-        Waking at every single free slot would cost a thread switch per event; the
-        low-water mark lets the watcher admit a run of events per wake-up. Done events
-        that only wait on a checkpoint write are freed by a flush, so the flusher is
-        woken here, when the window is truly full, and not earlier: that keeps checkpoint
-        writes to about one per ``max_in_flight`` events. False when stopping.
-        The caller handed its collected work to the workers first.
+    def flush_ended(self) -> None:
+        """The checkpointer's flush ended (written or not): a full window may ask again."""
+        with self.mutex:
+            self.flush_asked = False
+            if self.room_low >= 0:
+                self.cond.notify_all()  # the watcher re-checks: ask again if still no room
+
+    def wait_for_room(self) -> bool:
+        """The window is full: wait (holding the lock) until three quarters of it are free.
+
+        Done events that only wait on a checkpoint write are freed by a flush, and each
+        write frees the finished events at the head. So the flusher is woken only when
+        a write frees those three quarters (the unwritten finished head reached them, or
+        nothing else is left to finish), and the watcher then admits a run of that size:
+        with a slow handler as with a fast one, a full window costs about one write per
+        ``0.75 * max_in_flight`` events, and the workers keep the last quarter to work on
+        meanwhile. (A step of 256 events cost one write per 256 with a slow handler.)
+        False when stopping. The caller handed its collected work to the workers first.
         """
         tracker = self.tracker
-        self.room_low = tracker.capacity - max(1, min(tracker.capacity // 4, 256))
+        self.room_low = tracker.capacity - max(1, tracker.capacity * 3 // 4)
         try:
             while self.drain() > self.room_low:
                 if self._stop.is_set():
                     return False
                 if tracker.unflushed and len(tracker) - tracker.unflushed <= self.room_low:
-                    self.wake_flusher()  # a write frees enough room now (else finish() wakes it later)
+                    self.ask_for_flush()  # a write frees enough room now (else finish() asks later)
                 self.cond.wait(0.1)
         finally:
             self.room_low = -1
@@ -178,4 +196,4 @@ class Window:
                     self.cond.notify_all()
                 elif size - tracker.unflushed <= self.room_low:
                     # Only a checkpoint write can free the room it waits for: write now.
-                    self.wake_flusher()
+                    self.ask_for_flush()

@@ -13,6 +13,7 @@ import attrs
 import pymongo
 import pytest
 from bson import ObjectId
+from pymongo import monitoring
 
 import mongo_events as me
 from mongo_events.testing import FakeReplicaSet
@@ -755,20 +756,32 @@ def test_resume_token_collection_option(client: pymongo.MongoClient[Any], make_b
 
 
 def _token_writes_for_10_000_inserts(
-    fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any, **options: Any
+    fake_rs: FakeReplicaSet,
+    client: pymongo.MongoClient[Any],
+    make_bus: Any,
+    n: int = 10_000,
+    work_s: float = 0.0,
+    **options: Any,
 ) -> tuple[int, float]:
-    """Token writes a bus made for 10,000 inserts (after start()'s opening write), and the seconds
-    from the inserts to its stop; the fake's update count must agree with the bus's."""
+    """Token writes a bus made for ``n`` inserts (after start()'s opening write), and the seconds
+    from the inserts to its stop; the fake's update count must agree with the bus's. Each callback
+    does ``work_s`` seconds of work (a slow handler)."""
     coll = client.shop.orders
     rec = Recorder()
     bus = make_bus(coll, batch_size=1000, **options)
-    bus.subscribe(lambda ev: rec.add(1))
+
+    def handler(ev: Any) -> None:
+        if work_s:
+            time.sleep(work_s)  # the handler's own work, not synchronisation
+        rec.add(1)
+
+    bus.subscribe(handler)
     bus.start()
     fake_rs.reset_counters()
     writes_before = bus.token_writes  # the opening position, written by start()
     began = time.monotonic()
-    coll.insert_many([{"_id": i} for i in range(10_000)])
-    rec.wait(10_000, timeout=120)
+    coll.insert_many([{"_id": i} for i in range(n)])
+    rec.wait(n, timeout=120)
     assert bus.join(10)
     bus.stop()
     writes = bus.token_writes - writes_before
@@ -792,11 +805,33 @@ def test_a_full_window_writes_about_once_per_window(
     fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any
 ) -> None:
     # No flusher ticks during the test: every write is one the full window asked for. Each frees at
-    # most the window (1000) and is asked for only when it frees at least a quarter of it (250).
+    # most the window (1000) and is asked for only when it frees at least three quarters of it
+    # (750: the watcher waits for that much room), and not again while it is writing; +2 for the
+    # opening write and a partial last window.
     writes, _ = _token_writes_for_10_000_inserts(
         fake_rs, client, make_bus, flush_interval=3600, max_in_flight=1000
     )
-    assert 9 <= writes <= 10_000 // 250 + 2
+    assert 9 <= writes <= 10_000 // 750 + 2
+
+
+def test_a_full_window_with_a_slow_handler_writes_about_once_per_window(
+    fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
+    # The same structural bound with a slow handler, where finished events trickle in at the head
+    # while the window is full of queued ones: the flusher is still asked only once the unwritten
+    # finished head reaches three quarters of the window (750), so each write frees that much.
+    # (Before, it was asked at 256 and woken again during its own write: about 16 writes here.)
+    writes, _ = _token_writes_for_10_000_inserts(
+        fake_rs,
+        client,
+        make_bus,
+        n=4000,
+        work_s=0.0005,
+        flush_interval=3600,
+        max_in_flight=1000,
+        max_workers=8,
+    )
+    assert 3 <= writes <= 4000 // 750 + 2
 
 
 # -- configuration and lifecycle errors ------------------------------------------------------------
@@ -936,3 +971,38 @@ def test_the_private_pymongo_attributes_the_watcher_reads_still_exist(
         rest = [stream.try_next() for _ in range(len(buffered))]
         assert all(raw is not None for raw in rest) and not read_buffered(stream)
         assert fake_rs.command_count("getMore") == get_mores  # what it held came without I/O
+
+
+class _AggregateListener(monitoring.CommandListener):
+    def __init__(self) -> None:
+        self.cursor_options: list[Any] = []
+        self.seen = threading.Event()
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name == "aggregate":
+            self.cursor_options.append(event.command.get("cursor"))
+            self.seen.set()
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+def test_the_stream_asks_for_batches_of_1000_by_default(fake_rs: FakeReplicaSet, make_bus: Any) -> None:
+    # The default batch size bounds what pymongo holds decoded outside the window (README: the
+    # batch size); without it the server fills batches up to 16 MiB.
+    listener = _AggregateListener()
+    client: pymongo.MongoClient[Any] = pymongo.MongoClient(
+        fake_rs.uri, event_listeners=[listener], **CLIENT_OPTIONS
+    )
+    try:
+        bus = make_bus(client.shop.orders)
+        bus.subscribe(lambda ev: None)
+        bus.start()
+        assert listener.seen.wait(10)
+        bus.stop()
+        assert listener.cursor_options[0] == {"batchSize": 1000}
+    finally:
+        client.close()

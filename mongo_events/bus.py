@@ -28,6 +28,7 @@ from pymongo.collection import Collection as MongoCollection
 from pymongo.database import Database
 
 from .consumer import StreamConsumer, StreamSpec
+from .checkpointing import _takes_namespace
 from .deadlettering import dead_letter_hook
 from .decoding import CattrsDecoder, Decoder
 from .delivery import Delivery
@@ -44,6 +45,7 @@ from .events import ChangeEvent, FullDocument, OperationType
 from .flusher import Flusher
 from .guard import describe
 from .health import Health, assess
+from .history import plan_rewind, rewind_token
 from .idempotency.base import IdempotencyStore
 from .idempotency.guard import CrashCounter, Idempotency
 from .metrics import Metrics
@@ -128,8 +130,8 @@ def _check_bus_options(o: Mapping[str, Any]) -> None:
     ):
         raise invalid("resume_token_id", o["resume_token_id"], "a non-empty str or None")
     past = o["start_from_past"]
-    if past is not None and (not isinstance(past, timedelta) or past <= timedelta(0)):
-        raise invalid("start_from_past", past, "a positive datetime.timedelta or None")
+    if past is not None and past != "all" and (not isinstance(past, timedelta) or past <= timedelta(0)):
+        raise invalid("start_from_past", past, "a positive datetime.timedelta, \"all\" or None")
     check_int("max_workers", o["max_workers"], 1)
     check_int("max_in_flight", o["max_in_flight"], 1)
     check_choice("ordering", o["ordering"], ["document", "stream", "none"])
@@ -207,7 +209,10 @@ class Bus:
         database) for the default MongoDB store.
     :param resume_token_id: suffix of :attr:`resume_token_key` (default: the host name);
         give each independent consumer its own.
-    :param start_from_past: when no checkpoint exists, start this far in the past.
+    :param start_from_past: when no checkpoint exists, start this far in the past (a
+        ``timedelta``), or ``"all"`` to start at the oldest entry still in the oplog
+        (Go's ``WithStartFromPast(0)``). A start older than the oplog fails with
+        :class:`ResumeTokenLost` saying so. See :meth:`rewind` to go back once.
     :param max_workers: worker threads running callbacks.
     :param max_in_flight: most events held after the checkpoint, finished or not. It bounds
         memory and redelivery after a crash; at full speed the checkpoint (and the ack
@@ -267,7 +272,7 @@ class Bus:
         resume_token_store: ResumeTokenStore | None = None,
         resume_token_collection: MongoCollection[Any] | str | None = None,
         resume_token_id: str | None = None,
-        start_from_past: timedelta | None = None,
+        start_from_past: timedelta | Literal["all"] | None = None,
         max_workers: int = 8,
         max_in_flight: int = 2000,
         ordering: Ordering = "document",
@@ -841,6 +846,32 @@ class Bus:
         if self.token_store is not None:
             self.token_store.delete(self.resume_token_key)
             log.info("bus %s: resume token %s reset", self.name, self.resume_token_key)
+
+    def rewind(self, to: datetime | Timestamp) -> None:
+        """Make the next start begin at cluster time ``to`` (``startAtOperationTime``).
+
+        Stores a rewind marker as the checkpoint: every change from ``to`` on is delivered
+        again (at least once) to every subscription. A naive datetime is UTC. The same as
+        ``mongo-events tokens rewind --to ... --yes``.
+
+        :raises BusStateError: while the bus runs (it would write its position again).
+        :raises ConfigurationError: without a resume-token store, when the oplog cannot be
+            read, or when ``to`` is older than the oldest oplog entry (the message names it).
+
+        .. versionadded:: 0.2.0
+        """
+        if self._state in (BusState.STARTING, BusState.RUNNING, BusState.STOPPING):
+            raise BusStateError("stop the bus before rewind(): a running bus writes its position again")
+        if self.token_store is None:
+            raise ConfigurationError(f"bus {self.name!r} has no resume-token store: there is nothing to rewind")
+        plan = plan_rewind(self._db.client, to, count=False)
+        self.token_store.save(
+            self.resume_token_key,
+            rewind_token(plan.to),
+            plan.to,
+            **({"namespace": self._namespace, "level": self.level} if _takes_namespace(self.token_store) else {}),
+        )
+        log.info("bus %s: rewound %s to cluster time %s", self.name, self.resume_token_key, plan.to)
 
     def __enter__(self) -> Bus:
         return self.start()

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import bson
@@ -33,6 +33,7 @@ from .dispatch import DeadLetterHook, Dispatcher, WorkItem
 from .errors import ConfigurationError, MongoEventsError, ResumeTokenLost, StoreError, StreamError
 from .events import ChangeEvent, FullDocument, OperationType
 from .health import OplogWindow
+from .history import oplog_oldest, rewind_time
 from .metrics import Metrics
 from .stores.base import AckStore, Checkpoint, ResumeTokenStore, malformed, token_problem
 from .stores.mongodb import MongoResumeTokenStore
@@ -81,7 +82,7 @@ class StreamSpec:
     batch_size: int | None
     max_await_time: float
     show_expanded_events: bool
-    start_from_past: timedelta | None
+    start_from_past: timedelta | Literal["all"] | None
     max_in_flight: int
     ordering: str
     on_history_lost: str
@@ -184,6 +185,8 @@ class StreamConsumer:
         self.connected = threading.Event()
         self.connect_error: BaseException | None = None
         self._initial_save = False
+        #: Where a start without a resumable checkpoint asked to begin (start_from_past, rewind).
+        self._start_time: Timestamp | None = None
         self._split = False  # append $changeStreamSplitLargeEvent (after a 10334)
         self._narrow = False  # the server cannot split: read one event per batch to find the big one
         self._stub_next = False  # ... then fetch that event alone, without its documents
@@ -248,6 +251,14 @@ class StreamConsumer:
         """Where to start: after the stored checkpoint, else ``start_from_past``, else now."""
         if self.token_store is not None:
             checkpoint = self.token_store.load(self.spec.resume_token_key)
+            rewound = rewind_time(checkpoint.token) if checkpoint is not None else None
+            if rewound is not None and checkpoint is not None:  # a rewind marker: start at its time
+                self._check_checkpoint(checkpoint)
+                self._initial_save = True
+                self._start_time = rewound
+                self.checkpointer.loaded(rewound, None)
+                log.info("bus %s was rewound; starting at cluster time %s", self.name, rewound)
+                return Position(start_at_operation_time=rewound)
             if checkpoint is not None:
                 self._check_checkpoint(checkpoint)
                 with self.window.cond:
@@ -261,10 +272,16 @@ class StreamConsumer:
                 )
                 return Position(resume_after=checkpoint.token)
             self._initial_save = True
-        if self.spec.start_from_past is not None:
-            since = datetime.now(timezone.utc) - self.spec.start_from_past
+        past = self.spec.start_from_past
+        if past == "all":
+            self._start_time = oplog_oldest(self.spec.client)
+            log.info("bus %s has no checkpoint; starting at the oldest oplog entry %s", self.name, self._start_time)
+            return Position(start_at_operation_time=self._start_time)
+        if isinstance(past, timedelta):
+            since = datetime.now(timezone.utc) - past
             log.info("bus %s has no checkpoint; starting from %s", self.name, since.isoformat())
-            return Position(start_at_operation_time=Timestamp(since, 0))
+            self._start_time = Timestamp(since, 0)
+            return Position(start_at_operation_time=self._start_time)
         return Position()
 
     def _check_checkpoint(self, checkpoint: Checkpoint) -> None:
@@ -397,6 +414,17 @@ class StreamConsumer:
     def _history_lost_error(self, exc: BaseException) -> ResumeTokenLost:
         since = self._tracker.checkpoint_time
         key = self.spec.resume_token_key
+        if self._tracker.checkpoint is None and self._start_time is not None:
+            start = self._start_time
+            return ResumeTokenLost(
+                f"bus {self.name!r}: the requested start {start} "
+                f"({datetime.fromtimestamp(start.time, timezone.utc).isoformat()}, from start_from_past or a "
+                f"rewind) is older than the oldest entry in the oplog: the changes before that are gone "
+                f"(server said: {exc}). Start later: a smaller start_from_past, start_from_past='all' for "
+                "everything still in the oplog, or rewind to a time the oplog still holds",
+                key=key,
+                since=start,
+            )
         return ResumeTokenLost(
             f"bus {self.name!r}: the resume point {key} (checkpoint cluster time {since}) "
             f"can no longer be resumed: {exc}. Events after it may be gone from the oplog. Decide, then either "

@@ -27,8 +27,8 @@ from pymongo import MongoClient
 from pymongo.collection import Collection as MongoCollection
 from pymongo.database import Database
 
-from .consumer import StreamConsumer, StreamSpec
 from .checkpointing import _takes_namespace
+from .consumer import StreamConsumer, StreamSpec
 from .deadlettering import dead_letter_hook
 from .decoding import CattrsDecoder, Decoder
 from .delivery import Delivery
@@ -131,7 +131,7 @@ def _check_bus_options(o: Mapping[str, Any]) -> None:
         raise invalid("resume_token_id", o["resume_token_id"], "a non-empty str or None")
     past = o["start_from_past"]
     if past is not None and past != "all" and (not isinstance(past, timedelta) or past <= timedelta(0)):
-        raise invalid("start_from_past", past, "a positive datetime.timedelta, \"all\" or None")
+        raise invalid("start_from_past", past, 'a positive datetime.timedelta, "all" or None')
     check_int("max_workers", o["max_workers"], 1)
     check_int("max_in_flight", o["max_in_flight"], 1)
     check_choice("ordering", o["ordering"], ["document", "stream", "none"])
@@ -863,13 +863,19 @@ class Bus:
         if self._state in (BusState.STARTING, BusState.RUNNING, BusState.STOPPING):
             raise BusStateError("stop the bus before rewind(): a running bus writes its position again")
         if self.token_store is None:
-            raise ConfigurationError(f"bus {self.name!r} has no resume-token store: there is nothing to rewind")
+            raise ConfigurationError(
+                f"bus {self.name!r} has no resume-token store: there is nothing to rewind"
+            )
         plan = plan_rewind(self._db.client, to, count=False)
         self.token_store.save(
             self.resume_token_key,
             rewind_token(plan.to),
             plan.to,
-            **({"namespace": self._namespace, "level": self.level} if _takes_namespace(self.token_store) else {}),
+            **(
+                {"namespace": self._namespace, "level": self.level}
+                if _takes_namespace(self.token_store)
+                else {}
+            ),
         )
         log.info("bus %s: rewound %s to cluster time %s", self.name, self.resume_token_key, plan.to)
 

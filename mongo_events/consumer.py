@@ -275,7 +275,9 @@ class StreamConsumer:
         past = self.spec.start_from_past
         if past == "all":
             self._start_time = oplog_oldest(self.spec.client)
-            log.info("bus %s has no checkpoint; starting at the oldest oplog entry %s", self.name, self._start_time)
+            log.info(
+                "bus %s has no checkpoint; starting at the oldest oplog entry %s", self.name, self._start_time
+            )
             return Position(start_at_operation_time=self._start_time)
         if isinstance(past, timedelta):
             since = datetime.now(timezone.utc) - past

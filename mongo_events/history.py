@@ -103,6 +103,8 @@ def plan_rewind(client: MongoClient[Any], to: datetime | Timestamp, *, count: bo
     """
     ts = to_timestamp(to)
     oldest = oplog_oldest(client)
+    if isinstance(to, datetime) and ts.time == oldest.time:
+        ts = oldest  # a datetime names a whole second: start at its oldest entry still there
     if (ts.time, ts.inc) < (oldest.time, oldest.inc):
         raise ConfigurationError(
             f"cannot rewind to {_iso(ts)}: the oplog's oldest entry is from {_iso(oldest)} ({oldest}); "

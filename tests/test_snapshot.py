@@ -46,7 +46,7 @@ def test_a_snapshot_of_10000_documents_then_changes_in_per_document_order(
     assert sorted(d for d in snap if d != 10_000) == list(range(10_000)) and snap.count(10_000) <= 1
     for i in range(0, 10_000, 1000):
         ops = [op for op, doc, _ in got if doc == i]
-        assert ops == ["snapshot", "update"] or ops == ["snapshot", "update", "update"], ops[:5]
+        assert ops == ["snapshot", "update"], ops[:5]
     assert bus.health().phase == "streaming" and bus.health().snapshot_read in (10_000, 10_001)
     bus.stop()
     checkpoint = store.load(bus.resume_token_key)

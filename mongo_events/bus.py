@@ -22,11 +22,13 @@ from datetime import datetime, timedelta, timezone
 from types import FrameType, TracebackType
 from typing import Any, Literal, TypeVar, overload
 
+import attrs
 from bson.timestamp import Timestamp
 from pymongo import MongoClient
 from pymongo.collection import Collection as MongoCollection
 from pymongo.database import Database
 
+from .checkpointing import _takes_namespace
 from .consumer import StreamConsumer, StreamSpec
 from .deadlettering import dead_letter_hook
 from .decoding import CattrsDecoder, Decoder
@@ -44,6 +46,7 @@ from .events import ChangeEvent, FullDocument, OperationType
 from .flusher import Flusher
 from .guard import describe
 from .health import Health, assess
+from .history import plan_rewind, rewind_token
 from .idempotency.base import IdempotencyStore
 from .idempotency.guard import CrashCounter, Idempotency
 from .metrics import Metrics
@@ -55,6 +58,7 @@ from .options import check_callable, check_choice, check_has_method, check_int, 
 from .reporting import ErrorContext, ErrorHandler, ErrorKindName, ErrorReporter, report_error
 from .retrying import RetryBackoff
 from .runner import ensure_logging
+from .snapshot import SnapshotProgress, progress_token
 from .stores.base import AckStore, DeadLetterStore, ResumeTokenStore
 from .stores.mongodb import DEFAULT_COLLECTION, MongoResumeTokenStore
 from .stores.records import DeadLetter
@@ -128,8 +132,8 @@ def _check_bus_options(o: Mapping[str, Any]) -> None:
     ):
         raise invalid("resume_token_id", o["resume_token_id"], "a non-empty str or None")
     past = o["start_from_past"]
-    if past is not None and (not isinstance(past, timedelta) or past <= timedelta(0)):
-        raise invalid("start_from_past", past, "a positive datetime.timedelta or None")
+    if past is not None and past != "all" and (not isinstance(past, timedelta) or past <= timedelta(0)):
+        raise invalid("start_from_past", past, 'a positive datetime.timedelta, "all" or None')
     check_int("max_workers", o["max_workers"], 1)
     check_int("max_in_flight", o["max_in_flight"], 1)
     check_choice("ordering", o["ordering"], ["document", "stream", "none"])
@@ -155,6 +159,23 @@ def _check_bus_options(o: Mapping[str, Any]) -> None:
             "ack_store", o["ack_store"], "a mongo_events.AckStore (MongoAckStore, MemoryAckStore) or None"
         )
     check_choice("on_history_lost", o["on_history_lost"], ["raise", "restart_from_now"])
+    check_choice("snapshot", o["snapshot"], [None, "initial", "always"])
+    check_int("snapshot_batch_size", o["snapshot_batch_size"], 1)
+    names = o["snapshot_collections"]
+    if names is not None and (
+        isinstance(names, str) or not all(isinstance(n, str) and n for n in names) or not names
+    ):
+        raise invalid("snapshot_collections", names, "a non-empty list of collection names or None")
+    if o["snapshot_filter"] is not None and not isinstance(o["snapshot_filter"], Mapping):
+        raise invalid("snapshot_filter", o["snapshot_filter"], "a query document (a dict) or None")
+    if (
+        o["snapshot"] is not None
+        and isinstance(o["target"], MongoClient)
+        and (names is None or not all("." in n for n in names))
+    ):
+        raise invalid(
+            "snapshot_collections", names, 'a list of "db.coll" names: a cluster bus snapshots only those'
+        )
     check_callable("history_lost_callback", o["history_lost_callback"], "a function (key, since) or None")
     check_number("start_timeout", o["start_timeout"])
     if o["metrics"] is not None and not isinstance(o["metrics"], Metrics):
@@ -210,7 +231,10 @@ class Bus:
         database) for the default MongoDB store.
     :param resume_token_id: suffix of :attr:`resume_token_key` (default: the host name);
         give each independent consumer its own.
-    :param start_from_past: when no checkpoint exists, start this far in the past.
+    :param start_from_past: when no checkpoint exists, start this far in the past (a
+        ``timedelta``), or ``"all"`` to start at the oldest entry still in the oplog
+        (Go's ``WithStartFromPast(0)``). A start older than the oplog fails with
+        :class:`ResumeTokenLost` saying so. See :meth:`rewind` to go back once.
     :param max_workers: worker threads running callbacks.
     :param max_in_flight: most events held after the checkpoint, finished or not. It bounds
         memory and redelivery after a crash; at full speed the checkpoint (and the ack
@@ -247,6 +271,14 @@ class Bus:
     :param crash_store: an :class:`IdempotencyStore` where subscriptions without
         ``idempotency`` count each event's starts (two round trips per delivery), so that
         an event that crashed the process 3 times is dead-lettered (see "Poison events").
+    :param snapshot: ``"initial"``: on a start without a checkpoint, deliver every existing
+        document as a ``snapshot`` event first, then stream from where the snapshot began;
+        ``"always"``: at every start; ``None`` (default): never (see :meth:`snapshot`).
+        An interrupted snapshot continues after its last finished ``_id``.
+    :param snapshot_collections: what a database bus (names) or cluster bus (``db.coll``,
+        required there) snapshots; default: every collection of the database.
+    :param snapshot_filter: a query: only matching documents are snapshotted.
+    :param snapshot_batch_size: documents read per query (default 1000).
 
     .. versionadded:: 0.1.0
     """
@@ -270,7 +302,7 @@ class Bus:
         resume_token_store: ResumeTokenStore | None = None,
         resume_token_collection: MongoCollection[Any] | str | None = None,
         resume_token_id: str | None = None,
-        start_from_past: timedelta | None = None,
+        start_from_past: timedelta | Literal["all"] | None = None,
         max_workers: int = 8,
         max_in_flight: int = 2000,
         ordering: Ordering = "document",
@@ -288,6 +320,10 @@ class Bus:
         status: ConsumerStatusStore | StatusPublisher | None = None,
         idempotency: IdempotencyStore | Idempotency | None = None,
         crash_store: IdempotencyStore | None = None,
+        snapshot: Literal["initial", "always"] | None = None,
+        snapshot_collections: Sequence[str] | None = None,
+        snapshot_filter: Mapping[str, Any] | None = None,
+        snapshot_batch_size: int = 1000,
     ) -> None:
         if isinstance(target, MongoCollection):
             self.level = "collection"
@@ -353,6 +389,10 @@ class Bus:
         self.flush_interval = flush_interval
         self.on_history_lost: HistoryLostPolicy = on_history_lost
         self.history_lost_callback = history_lost_callback
+        self.snapshot_mode = snapshot
+        self.snapshot_collections = list(snapshot_collections) if snapshot_collections is not None else None
+        self.snapshot_filter = dict(snapshot_filter) if snapshot_filter is not None else None
+        self.snapshot_batch_size = snapshot_batch_size
         self.start_timeout = start_timeout
         self._decoder: Decoder = decoder or CattrsDecoder()
         self.metrics = metrics
@@ -450,6 +490,10 @@ class Bus:
             ordering=self.ordering,
             on_history_lost=self.on_history_lost,
             history_lost_callback=self.history_lost_callback,
+            snapshot=self.snapshot_mode,
+            snapshot_collections=self.snapshot_collections,
+            snapshot_filter=self.snapshot_filter,
+            snapshot_batch_size=self.snapshot_batch_size,
         )
 
     # -- properties ---------------------------------------------------------------
@@ -845,6 +889,69 @@ class Bus:
             self.token_store.delete(self.resume_token_key)
             log.info("bus %s: resume token %s reset", self.name, self.resume_token_key)
 
+    def snapshot(self) -> None:
+        """Make the next start deliver every existing document first (see ``snapshot=``).
+
+        Stores a "snapshot requested" marker as the checkpoint, so any process starting
+        this bus's key snapshots once, then streams.
+
+        :raises BusStateError: while the bus runs.
+        :raises ConfigurationError: without a resume-token store (use ``snapshot="always"``).
+
+        .. versionadded:: 0.2.0
+        """
+        if self._state in (BusState.STARTING, BusState.RUNNING, BusState.STOPPING):
+            raise BusStateError("stop the bus before snapshot(): a running bus writes its position again")
+        if self.token_store is None:
+            raise ConfigurationError(
+                f"bus {self.name!r} has no resume-token store to keep the request: pass snapshot='always'"
+            )
+        if self.level == "cluster" and not self.snapshot_collections:
+            raise ConfigurationError('a cluster bus snapshots only snapshot_collections=["db.coll", ...]')
+        self.token_store.save(
+            self.resume_token_key,
+            progress_token(SnapshotProgress(None)),
+            None,
+            **(
+                {"namespace": self._namespace, "level": self.level}
+                if _takes_namespace(self.token_store)
+                else {}
+            ),
+        )
+        log.info("bus %s: a snapshot will run at the next start", self.name)
+
+    def rewind(self, to: datetime | Timestamp) -> None:
+        """Make the next start begin at cluster time ``to`` (``startAtOperationTime``).
+
+        Stores a rewind marker as the checkpoint: every change from ``to`` on is delivered
+        again (at least once) to every subscription. A naive datetime is UTC. The same as
+        ``mongo-events tokens rewind --to ... --yes``.
+
+        :raises BusStateError: while the bus runs (it would write its position again).
+        :raises ConfigurationError: without a resume-token store, when the oplog cannot be
+            read, or when ``to`` is older than the oldest oplog entry (the message names it).
+
+        .. versionadded:: 0.2.0
+        """
+        if self._state in (BusState.STARTING, BusState.RUNNING, BusState.STOPPING):
+            raise BusStateError("stop the bus before rewind(): a running bus writes its position again")
+        if self.token_store is None:
+            raise ConfigurationError(
+                f"bus {self.name!r} has no resume-token store: there is nothing to rewind"
+            )
+        plan = plan_rewind(self._db.client, to, count=False)
+        self.token_store.save(
+            self.resume_token_key,
+            rewind_token(plan.to),
+            plan.to,
+            **(
+                {"namespace": self._namespace, "level": self.level}
+                if _takes_namespace(self.token_store)
+                else {}
+            ),
+        )
+        log.info("bus %s: rewound %s to cluster time %s", self.name, self.resume_token_key, plan.to)
+
     def __enter__(self) -> Bus:
         return self.start()
 
@@ -1067,7 +1174,7 @@ class Bus:
                 consumer.oplog.refresh()
             except Exception:  # a health probe must answer
                 log.exception("bus %s: oplog window check failed", self.name)
-        return assess(
+        health = assess(
             state=state.value,
             running=state is BusState.RUNNING,
             opened=consumer.opened,
@@ -1082,6 +1189,12 @@ class Bus:
             in_flight=self.in_flight,
             reconnections=consumer.reconnections,
             stalled=self._dead_letter_stall(),
+        )
+        runner = consumer.snapshot_runner
+        if runner is None:
+            return health
+        return attrs.evolve(
+            health, phase=runner.phase, snapshot_read=runner.read, snapshot_total=runner.total
         )
 
     def _dead_letter_stall(self) -> str | None:

@@ -269,6 +269,8 @@ def cmd_tokens(args: argparse.Namespace) -> int:
                 }
             )
         return OK
+    if args.action == "rewind":
+        return _rewind(args, coll)
     if not args.yes:
         raise _Exit(
             USAGE,
@@ -279,6 +281,59 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     print(
         f"deleted resume token {args.key!r} from {coll.full_name}; stop the bus before restarting it",
         file=sys.stderr,
+    )
+    return OK
+
+
+def _rewind(args: argparse.Namespace, coll: Any) -> int:
+    """``tokens rewind``: a dry run (how far back, how many oplog entries follow), or with --yes the rewind."""
+    from .errors import ConfigurationError
+    from .history import plan_rewind, rewind_token
+
+    try:
+        plan = plan_rewind(coll.database.client, args.to)
+    except ConfigurationError as exc:
+        raise _Exit(FAILED, f"tokens rewind: {exc}") from exc
+    keys = (
+        [args.key]
+        if args.key
+        else [doc["_id"] for doc in coll.find({}, projection={"_id": 1}).sort("_id", 1)]
+    )
+    if not keys:
+        raise _Exit(NOT_FOUND, f"no resume tokens in {coll.full_name}: give --key to rewind one")
+    _print(
+        {
+            "keys": keys,
+            "to": args.to,
+            "cluster_time": plan.to,
+            "back": format_duration(timedelta(seconds=round(plan.seconds_back))),
+            "oplog_oldest": plan.oldest,
+            "oplog_entries_after": plan.entries,
+            "oplog_entries_counted_to_cap": plan.capped,
+            "applied": bool(args.yes),
+        }
+    )
+    if not args.yes:
+        _say(
+            f"dry run: {len(keys)} checkpoint(s) would restart {format_duration(timedelta(seconds=round(plan.seconds_back)))} "
+            f"back, before {'at least ' if plan.capped else 'about '}{plan.entries} oplog entries (all namespaces). "
+            "Stop the bus(es), then add --yes to rewind"
+        )
+        return OK
+    for key in keys:
+        coll.update_one(
+            {"_id": key},
+            {
+                "$set": {
+                    "token": rewind_token(plan.to),
+                    "cluster_time": plan.to,
+                    "updated_at": datetime.now(timezone.utc),
+                }
+            },
+            upsert=True,
+        )
+    _say(
+        f"rewound {len(keys)} checkpoint(s) in {coll.full_name} to {plan.to}; stop the bus before restarting it"
     )
     return OK
 
@@ -690,7 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tail.set_defaults(run=cmd_tail)
 
-    tokens = commands.add_parser("tokens", help="show or reset stored resume tokens").add_subparsers(
+    tokens = commands.add_parser("tokens", help="show, reset or rewind stored resume tokens").add_subparsers(
         dest="action", required=True
     )
     show = tokens.add_parser("show", help="print stored resume tokens")
@@ -700,7 +755,14 @@ def build_parser() -> argparse.ArgumentParser:
     _store_args(reset, None)
     reset.add_argument("--key", required=True, help='the key, e.g. "shop.orders:worker-1"')
     reset.add_argument("--yes", action="store_true", help="confirm")
-    for p in (show, reset):
+    rewind = tokens.add_parser(
+        "rewind", help="restart checkpoints at a past time (startAtOperationTime); a dry run without --yes"
+    )
+    _store_args(rewind, None)
+    rewind.add_argument("--to", required=True, type=_time, help="RFC 3339 time, e.g. 2026-12-01T10:00:00Z")
+    rewind.add_argument("--key", help='one key, e.g. "shop.orders:worker-1" (default: every stored key)')
+    rewind.add_argument("--yes", action="store_true", help="apply (without it: print what would happen)")
+    for p in (show, reset, rewind):
         p.set_defaults(run=cmd_tokens)
 
     acks = commands.add_parser("acks", help="inspect the ack store").add_subparsers(

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import bson
@@ -33,7 +33,9 @@ from .dispatch import DeadLetterHook, Dispatcher, WorkItem
 from .errors import ConfigurationError, MongoEventsError, ResumeTokenLost, StoreError, StreamError
 from .events import ChangeEvent, FullDocument, OperationType
 from .health import OplogWindow
+from .history import oplog_oldest, rewind_time
 from .metrics import Metrics
+from .snapshot import SnapshotProgress, SnapshotRunner, parse_progress, snapshot_targets
 from .stores.base import AckStore, Checkpoint, ResumeTokenStore, malformed, token_problem
 from .stores.mongodb import MongoResumeTokenStore
 from .stores.records import AckRecord
@@ -81,11 +83,15 @@ class StreamSpec:
     batch_size: int | None
     max_await_time: float
     show_expanded_events: bool
-    start_from_past: timedelta | None
+    start_from_past: timedelta | Literal["all"] | None
     max_in_flight: int
     ordering: str
     on_history_lost: str
     history_lost_callback: Callable[[str, Timestamp | None], None] | None
+    snapshot: str | None = None
+    snapshot_collections: Sequence[str] | None = None
+    snapshot_filter: Mapping[str, Any] | None = None
+    snapshot_batch_size: int = 1000
 
 
 def _document_lane(key: Mapping[str, Any], event: ChangeEvent, one_namespace: bool) -> Hashable:
@@ -184,6 +190,12 @@ class StreamConsumer:
         self.connected = threading.Event()
         self.connect_error: BaseException | None = None
         self._initial_save = False
+        #: Where a start without a resumable checkpoint asked to begin (start_from_past, rewind).
+        self._start_time: Timestamp | None = None
+        #: Where the snapshot to run before the stream stands (None: no snapshot this start).
+        self._snapshot_progress: SnapshotProgress | None = None
+        self.snapshot_runner: SnapshotRunner | None = None
+        self._snapshot_lock = threading.Lock()
         self._split = False  # append $changeStreamSplitLargeEvent (after a 10334)
         self._narrow = False  # the server cannot split: read one event per batch to find the big one
         self._stub_next = False  # ... then fetch that event alone, without its documents
@@ -207,7 +219,44 @@ class StreamConsumer:
         self.window.connect(dispatcher.drain, wake_flusher)
 
     def start(self, position: Position) -> None:
-        """Start the watcher at ``position`` (see :meth:`initial_position`)."""
+        """Start the watcher at ``position`` (see :meth:`initial_position`), or first the snapshot."""
+        progress = self._snapshot_progress
+        if progress is None:
+            self._start_watcher(position)
+            return
+        spec = self.spec
+        self.snapshot_runner = SnapshotRunner(
+            name=self.name,
+            target=spec.target,
+            collections=snapshot_targets(spec.target, spec.snapshot_collections),
+            progress=progress,
+            query=spec.snapshot_filter,
+            batch_size=spec.snapshot_batch_size,
+            on_event=self.on_event,
+            release=self._release_runnable,
+            save_start=self._save_snapshot_start,
+            start_stream=self._stream_after_snapshot,
+            connected=self._on_connected,
+            fail=self._fail,
+            translate=self._translate,
+            oplog=self.oplog,
+            history_lost_raises=spec.on_history_lost == "raise",
+            stop_event=self._stop,
+        )
+        self.snapshot_runner.start()
+
+    def _save_snapshot_start(self, token: Mapping[str, Any]) -> None:
+        if self.token_store is None:
+            self.window.note_resume_token(token)
+        else:
+            self.checkpointer.save_opening(token)
+
+    def _stream_after_snapshot(self, position: Position) -> None:
+        with self._snapshot_lock:  # stop_watcher() reads the watcher under it
+            if not self._stop.is_set():
+                self._start_watcher(position)
+
+    def _start_watcher(self, position: Position) -> None:
         self.watcher = Watcher(
             name=self.name,
             open_stream=self._open_stream,
@@ -230,7 +279,11 @@ class StreamConsumer:
         It ends within one getMore (``max_await_time``) unless it is stuck in the driver,
         for instance in server selection.
         """
-        watcher = self.watcher
+        runner = self.snapshot_runner
+        if runner is not None:
+            runner.join(deadline - time.monotonic())
+        with self._snapshot_lock:
+            watcher = self.watcher
         if watcher is None:
             return
         watcher_deadline = max(deadline, time.monotonic() + self.spec.max_await_time + 1.0)
@@ -248,6 +301,35 @@ class StreamConsumer:
         """Where to start: after the stored checkpoint, else ``start_from_past``, else now."""
         if self.token_store is not None:
             checkpoint = self.token_store.load(self.spec.resume_token_key)
+            progress = parse_progress(checkpoint.token) if checkpoint is not None else None
+            if progress is not None and checkpoint is not None:  # a snapshot is unfinished or requested
+                self._check_checkpoint(checkpoint)
+                if progress.start is not None:
+                    with self.window.cond:
+                        self._tracker.checkpoint = checkpoint.token
+                        self._tracker.checkpoint_time = checkpoint.cluster_time
+                    self.checkpointer.loaded(checkpoint.cluster_time, progress.start)
+                self._snapshot_progress = progress
+                return Position()
+            if (
+                checkpoint is not None
+                and self.spec.snapshot == "always"
+                and rewind_time(checkpoint.token) is None
+            ):
+                self._check_checkpoint(checkpoint)
+                self._snapshot_progress = SnapshotProgress(None)
+                return Position()
+            if checkpoint is None and self.spec.snapshot is not None:
+                self._snapshot_progress = SnapshotProgress(None)
+                return Position()
+            rewound = rewind_time(checkpoint.token) if checkpoint is not None else None
+            if rewound is not None and checkpoint is not None:  # a rewind marker: start at its time
+                self._check_checkpoint(checkpoint)
+                self._initial_save = True
+                self._start_time = rewound
+                self.checkpointer.loaded(rewound, None)
+                log.info("bus %s was rewound; starting at cluster time %s", self.name, rewound)
+                return Position(start_at_operation_time=rewound)
             if checkpoint is not None:
                 self._check_checkpoint(checkpoint)
                 with self.window.cond:
@@ -261,10 +343,21 @@ class StreamConsumer:
                 )
                 return Position(resume_after=checkpoint.token)
             self._initial_save = True
-        if self.spec.start_from_past is not None:
-            since = datetime.now(timezone.utc) - self.spec.start_from_past
+        if self.token_store is None and self.spec.snapshot is not None:
+            self._snapshot_progress = SnapshotProgress(None)
+            return Position()
+        past = self.spec.start_from_past
+        if past == "all":
+            self._start_time = oplog_oldest(self.spec.client)
+            log.info(
+                "bus %s has no checkpoint; starting at the oldest oplog entry %s", self.name, self._start_time
+            )
+            return Position(start_at_operation_time=self._start_time)
+        if isinstance(past, timedelta):
+            since = datetime.now(timezone.utc) - past
             log.info("bus %s has no checkpoint; starting from %s", self.name, since.isoformat())
-            return Position(start_at_operation_time=Timestamp(since, 0))
+            self._start_time = Timestamp(since, 0)
+            return Position(start_at_operation_time=self._start_time)
         return Position()
 
     def _check_checkpoint(self, checkpoint: Checkpoint) -> None:
@@ -397,6 +490,17 @@ class StreamConsumer:
     def _history_lost_error(self, exc: BaseException) -> ResumeTokenLost:
         since = self._tracker.checkpoint_time
         key = self.spec.resume_token_key
+        if self._tracker.checkpoint is None and self._start_time is not None:
+            start = self._start_time
+            return ResumeTokenLost(
+                f"bus {self.name!r}: the requested start {start} "
+                f"({datetime.fromtimestamp(start.time, timezone.utc).isoformat()}, from start_from_past or a "
+                f"rewind) is older than the oldest entry in the oplog: the changes before that are gone "
+                f"(server said: {exc}). Start later: a smaller start_from_past, start_from_past='all' for "
+                "everything still in the oplog, or rewind to a time the oplog still holds",
+                key=key,
+                since=start,
+            )
         return ResumeTokenLost(
             f"bus {self.name!r}: the resume point {key} (checkpoint cluster time {since}) "
             f"can no longer be resumed: {exc}. Events after it may be gone from the oplog. Decide, then either "

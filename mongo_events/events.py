@@ -30,6 +30,8 @@ class OperationType(str, enum.Enum):
     RENAME = "rename"
     DROP_DATABASE = "dropDatabase"
     INVALIDATE = "invalidate"
+    #: A document read by the initial snapshot (``Bus(snapshot=...)``), not a change.
+    SNAPSHOT = "snapshot"
 
     def __str__(self) -> str:
         return self.value

@@ -60,6 +60,9 @@ class Health:
     :ivar in_flight: events held after the stored checkpoint.
     :ivar reconnections: streams reopened since start.
     :ivar last_error: the last stream or store error, with :ivar last_error_at:.
+    :ivar phase: ``snapshot`` while the initial snapshot runs, else ``streaming``.
+    :ivar snapshot_read: documents the snapshot read in this run (``None`` without one).
+    :ivar snapshot_total: the estimated documents it had to read (``estimated_document_count``).
     """
 
     status: HealthStatus
@@ -75,6 +78,9 @@ class Health:
     reconnections: int
     last_error: str | None
     last_error_at: datetime | None
+    phase: str = "streaming"
+    snapshot_read: int | None = None
+    snapshot_total: int | None = None
 
     @property
     def healthy(self) -> bool:

@@ -1,0 +1,293 @@
+"""The initial snapshot: existing documents delivered as events, then the stream.
+
+A snapshot first records the stream's start position ``T0`` (the post-batch token of a
+fresh change stream) as the checkpoint, then reads the target's documents in ``_id``
+order, in batches, and hands each one to the consumer as a ``snapshot`` event through
+the same window, lanes, retries and dead letters as a change. Then the stream resumes
+after ``T0``: changes made during the scan arrive again as change events.
+
+Progress lives in the checkpoint itself: each snapshot event's token is a *progress
+marker* naming ``T0``, the collection and the document's ``_id``, so the window's
+watermark rule stores "every document up to this ``_id`` is done" with the same
+batching as stream checkpoints. After a crash the scan continues after that ``_id``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import attrs
+import bson
+from bson.timestamp import Timestamp
+from pymongo import MongoClient
+from pymongo.collection import Collection as MongoCollection
+from pymongo.database import Database
+
+from .errors import ResumeTokenLost
+from .health import OplogWindow, token_time
+from .watcher import Position
+
+__all__ = ["SnapshotMode", "SnapshotProgress", "SnapshotRunner", "parse_progress", "progress_token"]
+
+log = logging.getLogger(__name__)
+
+SnapshotMode = Literal["initial", "always"]
+
+_PREFIX = "mongo-events:snapshot:"
+
+
+@attrs.frozen
+class SnapshotProgress:
+    """Where a snapshot stands, as stored in a checkpoint token.
+
+    :ivar start: the stream's start token ``T0`` (``None``: a snapshot was requested and
+        has not started).
+    :ivar namespace: the collection being read (``db.coll``).
+    :ivar after: the last ``_id`` whose events are all done (meaningful when ``has_after``).
+    """
+
+    start: Mapping[str, Any] | None
+    namespace: str = ""
+    after: Any = None
+    has_after: bool = False
+
+
+def progress_token(progress: SnapshotProgress) -> dict[str, str]:
+    """The checkpoint token that stores ``progress``."""
+    doc: dict[str, Any] = {"ns": progress.namespace}
+    if progress.start is not None:
+        doc["t0"] = dict(progress.start)
+    if progress.has_after:
+        doc["after"] = progress.after
+    return {"_data": _PREFIX + bson.encode(doc).hex()}
+
+
+def parse_progress(token: Any) -> SnapshotProgress | None:
+    """The snapshot progress in a checkpoint token, or ``None`` for any other token."""
+    if not isinstance(token, Mapping):
+        return None
+    data = token.get("_data")
+    if not isinstance(data, str) or not data.startswith(_PREFIX):
+        return None
+    try:
+        doc = bson.decode(bytes.fromhex(data[len(_PREFIX) :]))
+    except (ValueError, bson.errors.BSONError):
+        return None
+    return SnapshotProgress(doc.get("t0"), str(doc.get("ns", "")), doc.get("after"), "after" in doc)
+
+
+def snapshot_targets(
+    target: MongoCollection[Any] | Database[Any] | MongoClient[Any], collections: Sequence[str] | None
+) -> list[MongoCollection[Any]]:
+    """The collections a snapshot reads, in a fixed order.
+
+    A collection bus reads its collection; a database bus ``collections`` (names, or
+    ``db.coll``) or else every collection but ``system.*`` and the library's ``_event_*``
+    stores; a cluster bus needs ``collections`` as ``db.coll``.
+    """
+    if isinstance(target, MongoCollection):
+        return [target]
+    client = target if isinstance(target, MongoClient) else target.client
+    if collections is None:
+        assert isinstance(target, Database)
+        names = sorted(n for n in target.list_collection_names() if not n.startswith(("system.", "_event_")))
+        return [target[n] for n in names]
+    out = []
+    for name in collections:
+        db, dot, coll = name.partition(".")
+        if dot and (isinstance(target, MongoClient) or db == target.name):
+            out.append(client[db][coll])
+        else:
+            assert isinstance(target, Database)
+            out.append(target[name])
+    return out
+
+
+class SnapshotRunner:
+    """Reads one snapshot on its own thread, then starts the stream at ``T0``.
+
+    :param name: the bus's name (logs, thread name).
+    :param target: what the bus watches (``T0`` is taken by a change stream on it).
+    :param collections: what to read, in order (see :func:`snapshot_targets`).
+    :param progress: where to continue (``start`` ``None``: take ``T0`` now).
+    :param on_event: the consumer's ``on_event`` (False: stop).
+    :param release: hands collected work to the workers (after each batch).
+    :param save_start: stores the first progress marker as the checkpoint (raises on failure).
+    :param start_stream: opens the stream at the given position when the scan is done.
+    :param connected: tells ``start()`` the bus is going (``None``) or failed (an error).
+    :param fail: stops the bus with an error.
+    :param oplog: the oplog window (headroom check).
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        target: MongoCollection[Any] | Database[Any] | MongoClient[Any],
+        collections: Sequence[MongoCollection[Any]],
+        progress: SnapshotProgress,
+        query: Mapping[str, Any] | None,
+        batch_size: int,
+        on_event: Callable[[Mapping[str, Any]], bool],
+        release: Callable[[], None],
+        save_start: Callable[[Mapping[str, Any]], None],
+        start_stream: Callable[[Position], None],
+        connected: Callable[[BaseException | None], None],
+        fail: Callable[[BaseException], None],
+        translate: Callable[[BaseException], BaseException],
+        oplog: OplogWindow,
+        history_lost_raises: bool,
+        stop_event: threading.Event,
+    ) -> None:
+        self.name = name
+        self._target = target
+        self._collections = list(collections)
+        self._progress = progress
+        self._query = dict(query) if query else None
+        self._batch_size = batch_size
+        self._on_event = on_event
+        self._release = release
+        self._save_start = save_start
+        self._start_stream = start_stream
+        self._connected = connected
+        self._fail = fail
+        self._translate = translate
+        self._oplog = oplog
+        self._raise_on_loss = history_lost_raises
+        self._stop = stop_event
+        #: ``"snapshot"`` while reading, ``"streaming"`` after.
+        self.phase = "snapshot"
+        #: Documents read (handed to the window) in this run.
+        self.read = 0
+        #: Estimated documents in the collections still to read when this run began.
+        self.total: int | None = None
+        self._warned_at = 0.0
+        self._thread = threading.Thread(target=self._run, name=f"mongo-events-snapshot-{name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float) -> bool:
+        self._thread.join(max(0.0, timeout))
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        try:
+            progress = self._progress
+            if progress.start is None:
+                with self._target.watch() as stream:
+                    start = stream.resume_token
+                if start is None:
+                    raise RuntimeError("the change stream returned no start token to record as T0")
+                first = self._collections[0].full_name if self._collections else ""
+                progress = SnapshotProgress(start, first)
+                self._save_start(progress_token(progress))
+                log.info("bus %s: snapshot starts; the stream will resume at %s", self.name, start)
+            else:
+                log.info(
+                    "bus %s: snapshot continues in %s after _id %r",
+                    self.name,
+                    progress.namespace,
+                    progress.after if progress.has_after else "(start)",
+                )
+            self._connected(None)
+            assert progress.start is not None
+            names = [c.full_name for c in self._collections]
+            index = names.index(progress.namespace) if progress.namespace in names else 0
+            try:
+                self.total = sum(c.estimated_document_count() for c in self._collections[index:])
+            except Exception:
+                self.total = None
+            began = time.monotonic()
+            for i in range(index, len(self._collections)):
+                resume = progress if i == index and progress.namespace == names[i] else None
+                if not self._scan(self._collections[i], progress.start, resume, began):
+                    return
+            self.phase = "streaming"
+            log.info("bus %s: snapshot read %d documents; streaming from T0", self.name, self.read)
+            self._start_stream(Position(resume_after=progress.start))
+        except Exception as exc:
+            error = self._translate(exc)
+            log.error("bus %s: the snapshot failed: %s", self.name, error)
+            self._connected(error)
+            self._fail(error)
+
+    def _scan(
+        self,
+        coll: MongoCollection[Any],
+        start: Mapping[str, Any],
+        resume: SnapshotProgress | None,
+        began: float,
+    ) -> bool:
+        ns = coll.full_name
+        db, _, name = ns.partition(".")
+        t0 = token_time(start)
+        cluster_time = Timestamp(t0, 0) if t0 is not None else None
+        after, has_after = (resume.after, resume.has_after) if resume is not None else (None, False)
+        while not self._stop.is_set():
+            clause = {"_id": {"$gt": after}} if has_after else None
+            parts = [q for q in (self._query, clause) if q]
+            query = parts[0] if len(parts) == 1 else ({"$and": parts} if parts else {})
+            docs = list(coll.find(query, sort=[("_id", 1)], limit=self._batch_size))
+            for doc in docs:
+                key = doc["_id"]
+                raw = {
+                    "_id": progress_token(SnapshotProgress(start, ns, key, True)),
+                    "operationType": "snapshot",
+                    "ns": {"db": db, "coll": name},
+                    "documentKey": {"_id": key},
+                    "fullDocument": doc,
+                    "clusterTime": cluster_time,
+                }
+                if not self._on_event(raw):
+                    return False
+                self.read += 1
+            self._release()
+            if len(docs) < self._batch_size:
+                return True
+            after, has_after = docs[-1]["_id"], True
+            if not self._check_headroom(t0, began):
+                return False
+        return False
+
+    def _check_headroom(self, t0: int | None, began: float) -> bool:
+        """Say at ERROR when the scan may outrun the oplog; fail when ``T0`` is gone."""
+        if t0 is None:
+            return True
+        self._oplog.refresh(max_age=30.0)
+        oldest = self._oplog.oldest
+        if oldest is None:
+            return True
+        if oldest > t0:
+            message = (
+                f"bus {self.name!r}: the snapshot outran the oplog: its start T0 ({t0}) is older than the oldest "
+                f"oplog entry ({oldest}), so changes made during the scan are lost. Make the oplog larger "
+                "or the snapshot faster (snapshot_filter, snapshot_batch_size), then snapshot again"
+            )
+            if self._raise_on_loss:
+                error = ResumeTokenLost(message)
+                self._fail(error)
+                return False
+            log.error("%s; going on (on_history_lost='restart_from_now')", message)
+            return True
+        elapsed = time.monotonic() - began
+        if self.total and self.read and elapsed > 0:
+            remaining = max(0, self.total - self.read) * elapsed / self.read
+            headroom = t0 - oldest
+            if remaining > headroom and time.monotonic() - self._warned_at > 60.0:
+                self._warned_at = time.monotonic()
+                log.error(
+                    "bus %s: the snapshot may outrun the oplog: about %.0fs left to read (%d of ~%d documents in "
+                    "%.0fs) but T0 falls off the oplog in about %ds",
+                    self.name,
+                    remaining,
+                    self.read,
+                    self.total,
+                    elapsed,
+                    headroom,
+                )
+        return True

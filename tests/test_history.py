@@ -42,7 +42,7 @@ def _delivered_until_sentinel(make_bus: Any, client: pymongo.MongoClient[Any], *
     """
     sentinel = f"sentinel-{next(_SENTINELS)}"
     rec = Recorder()
-    bus = make_bus(client.shop.orders, **options)
+    bus = make_bus(client.shop.orders, ordering="stream", **options)
     bus.subscribe(lambda ev: rec.add(ev.document_id))
     bus.start()
     client.shop.orders.insert_one({"_id": sentinel})
@@ -55,7 +55,7 @@ def test_rewind_redelivers_every_change_from_the_given_time(
     make_bus: Any, client: pymongo.MongoClient[Any]
 ) -> None:
     store = me.MemoryResumeTokenStore()
-    first = make_bus(client.shop.orders, resume_token_store=store, resume_token_id="w")
+    first = make_bus(client.shop.orders, ordering="stream", resume_token_store=store, resume_token_id="w")
     rec = Recorder()
     first.subscribe(lambda ev: rec.add(ev.document_id))
     first.start()
@@ -82,7 +82,7 @@ def test_rewind_takes_a_datetime_and_refuses_while_running(
 ) -> None:
     store = me.MemoryResumeTokenStore()
     client.shop.orders.insert_one({"_id": "before"})
-    bus = make_bus(client.shop.orders, resume_token_store=store)
+    bus = make_bus(client.shop.orders, ordering="stream", resume_token_store=store)
     bus.subscribe(lambda ev: None)
     bus.start()
     with pytest.raises(me.BusStateError, match="stop the bus before rewind"):
@@ -102,7 +102,7 @@ def test_rewind_refuses_a_time_older_than_the_oplog_and_names_its_first_entry(ma
             client.shop.orders.insert_one({"_id": i})  # the oplog rolls over
         store = me.MemoryResumeTokenStore()
         store.save("shop.orders:w", {"_data": "82AA"})
-        bus = make_bus(client.shop.orders, resume_token_store=store, resume_token_id="w")
+        bus = make_bus(client.shop.orders, ordering="stream", resume_token_store=store, resume_token_id="w")
         oldest = _oplog_times(client)[0]
         with pytest.raises(me.ConfigurationError) as info:
             bus.rewind(to=Timestamp(oldest.time - 3600, 0))
@@ -128,7 +128,7 @@ def test_start_from_past_older_than_the_oplog_says_so_plainly(make_bus: Any) -> 
         client: pymongo.MongoClient[Any] = pymongo.MongoClient(rs.uri, **CLIENT_OPTIONS)
         for i in range(12):
             client.shop.orders.insert_one({"_id": i})
-        bus = make_bus(client.shop.orders, start_from_past=timedelta(days=365))
+        bus = make_bus(client.shop.orders, ordering="stream", start_from_past=timedelta(days=365))
         bus.subscribe(lambda ev: None)
         with pytest.raises(me.ResumeTokenLost) as info:
             bus.start()
@@ -159,7 +159,7 @@ def test_cli_tokens_rewind_dry_run_then_apply(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     store = me.MongoResumeTokenStore(client.shop["_event_resume_tokens"])
-    first = make_bus(client.shop.orders, resume_token_store=store, resume_token_id="w")
+    first = make_bus(client.shop.orders, ordering="stream", resume_token_store=store, resume_token_id="w")
     rec = Recorder()
     first.subscribe(lambda ev: rec.add(ev.document_id))
     first.start()

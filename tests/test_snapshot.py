@@ -26,6 +26,7 @@ def test_a_snapshot_of_10000_documents_then_changes_in_per_document_order(
     rec = Recorder()
     bus = make_bus(
         client.shop.orders,
+        ordering="stream",  # the assertions below read cross-document order
         resume_token_store=store,
         snapshot="initial",
         snapshot_batch_size=700,
@@ -61,7 +62,7 @@ def test_snapshot_initial_only_without_a_checkpoint_and_always_every_time(
 
     def run(mode: str | None) -> list[Any]:
         rec = Recorder()
-        bus = make_bus(client.shop.orders, resume_token_store=store, snapshot=mode)
+        bus = make_bus(client.shop.orders, ordering="stream", resume_token_store=store, snapshot=mode)
         bus.subscribe(lambda ev: rec.add((str(ev.operation_type), ev.document_id)))
         bus.start()
         marker = f"marker-{id(bus)}"
@@ -74,7 +75,7 @@ def test_snapshot_initial_only_without_a_checkpoint_and_always_every_time(
     assert run("initial") == [0, 1, 2, 3, 4]
     assert run("initial") == []  # a checkpoint exists: stream only
     assert run("always") == [0, 1, 2, 3, 4]
-    bus = make_bus(client.shop.orders, resume_token_store=store)
+    bus = make_bus(client.shop.orders, ordering="stream", resume_token_store=store)
     bus.snapshot()
     assert run(None) == [0, 1, 2, 3, 4]  # Bus.snapshot() forces one at the next start
 
@@ -94,6 +95,7 @@ def test_an_interrupted_snapshot_continues_after_the_last_finished_id(
 
     first = make_bus(
         client.shop.orders,
+        ordering="stream",  # the assertions below read cross-document order
         resume_token_store=store,
         snapshot="initial",
         snapshot_batch_size=50,
@@ -113,7 +115,7 @@ def test_an_interrupted_snapshot_continues_after_the_last_finished_id(
     done = parse_progress(store.load(first.resume_token_key).token)  # type: ignore[union-attr]
     after = done.after if done is not None else None
     rec = Recorder()
-    second = make_bus(client.shop.orders, resume_token_store=store, snapshot="initial")
+    second = make_bus(client.shop.orders, ordering="stream", resume_token_store=store, snapshot="initial")
     second.subscribe(lambda ev: rec.add(ev.document_id))
     second.start()
     client.shop.orders.insert_one({"_id": "end"})

@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, Literal
 
 import attrs
@@ -28,6 +29,7 @@ from pymongo.collection import Collection as MongoCollection
 from pymongo.database import Database
 
 from .errors import ResumeTokenLost
+from .guard import run_guarded
 from .health import OplogWindow, token_time
 from .watcher import Position
 
@@ -166,7 +168,11 @@ class SnapshotRunner:
         #: Estimated documents in the collections still to read when this run began.
         self.total: int | None = None
         self._warned_at = 0.0
-        self._thread = threading.Thread(target=self._run, name=f"mongo-events-snapshot-{name}", daemon=True)
+        thread = f"mongo_events.snapshot[{name}]"
+        # Under the guard like every bus thread: a BaseException escaping _run fails the bus too.
+        self._thread = threading.Thread(
+            target=partial(run_guarded, self._run, self._fail, thread), name=thread, daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()

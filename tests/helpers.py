@@ -103,3 +103,24 @@ def wait_for_fail_point(client: Any, armed: dict[str, Any], times: int, timeout:
             "maxTimeMS": int(timeout * 1000),
         }
     )
+
+
+def make_status(**values: Any) -> Any:
+    """A :class:`ConsumerStatus` with plausible defaults, ``values`` overriding them."""
+    from datetime import datetime, timezone
+
+    from mongo_events.monitor.status import ConsumerStatus
+
+    defaults: dict[str, Any] = {
+        "id": "h:1:orders",
+        "bus": "orders",
+        "host": "h",
+        "pid": 1,
+        "status": "healthy",
+        "state": "running",
+        "namespace": "shop.orders",
+        "checkpoint_key": "shop.orders::h",
+        "heartbeat_at": datetime.now(timezone.utc),
+        "interval": 5.0,
+    }
+    return ConsumerStatus(**{**defaults, **values})

@@ -20,23 +20,7 @@ from mongo_events.monitor import (
 )
 
 from .conftest import wait_for
-from .helpers import QUICK, Recorder
-
-
-def _status(**values: Any) -> ConsumerStatus:
-    defaults: dict[str, Any] = {
-        "id": "h:1:orders",
-        "bus": "orders",
-        "host": "h",
-        "pid": 1,
-        "status": "healthy",
-        "state": "running",
-        "namespace": "shop.orders",
-        "checkpoint_key": "shop.orders::h",
-        "heartbeat_at": datetime.now(timezone.utc),
-        "interval": 5.0,
-    }
-    return ConsumerStatus(**{**defaults, **values})
+from .helpers import QUICK, Recorder, make_status
 
 
 def test_a_running_bus_publishes_the_numbers_of_its_health(
@@ -123,10 +107,10 @@ def test_a_status_outage_never_touches_events(client: pymongo.MongoClient[Any], 
 def test_stale_and_expired_statuses() -> None:
     store = MemoryConsumerStatusStore(ttl=60)
     now = datetime.now(timezone.utc)
-    store.publish(_status(id="a", heartbeat_at=now))
-    store.publish(_status(id="b", heartbeat_at=now - timedelta(seconds=30)))  # 3 intervals missed
-    store.publish(_status(id="c", heartbeat_at=now - timedelta(seconds=61)))  # past the TTL: gone
-    store.publish(_status(id="d", bus="other", heartbeat_at=now))
+    store.publish(make_status(id="a", heartbeat_at=now))
+    store.publish(make_status(id="b", heartbeat_at=now - timedelta(seconds=30)))  # 3 intervals missed
+    store.publish(make_status(id="c", heartbeat_at=now - timedelta(seconds=61)))  # past the TTL: gone
+    store.publish(make_status(id="d", bus="other", heartbeat_at=now))
     assert [s.id for s in store.list("orders")] == ["a", "b"]
     fresh, stale = store.list("orders")
     assert not fresh.is_stale() and fresh.effective_status() == "healthy"
@@ -137,7 +121,7 @@ def test_stale_and_expired_statuses() -> None:
 def test_mongo_store_round_trips_a_status(client: pymongo.MongoClient[Any]) -> None:
     store = MongoConsumerStatusStore(client.internal, ttl=30)
     store.ensure_indexes()
-    status = _status(
+    status = make_status(
         history=((60, 1, 2),),
         partitions=(),
         last_error="E: x",

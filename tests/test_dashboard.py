@@ -14,7 +14,6 @@ from werkzeug.test import Client
 
 import mongo_events as me
 from mongo_events.monitor import (
-    ConsumerStatus,
     MemoryConsumerStatusStore,
     MemoryMonitorStore,
     MonitorEntry,
@@ -24,25 +23,9 @@ from mongo_events.monitor import (
 from mongo_events.stores.records import AckRecord, DeadLetter
 
 from .conftest import wait_for
-from .helpers import QUICK, Recorder
+from .helpers import QUICK, Recorder, make_status
 
 EVIL = "<script>window.__pwned = 1</script>"
-
-
-def _status(**values: Any) -> ConsumerStatus:
-    defaults: dict[str, Any] = {
-        "id": "h:1:orders",
-        "bus": "orders",
-        "host": "h",
-        "pid": 1,
-        "status": "healthy",
-        "state": "running",
-        "namespace": "shop.orders",
-        "checkpoint_key": "shop.orders::h",
-        "heartbeat_at": datetime.now(timezone.utc),
-        "interval": 5.0,
-    }
-    return ConsumerStatus(**{**defaults, **values})
 
 
 def _letter(letter_id: str, error: str = "ValueError: bad", **values: Any) -> DeadLetter:
@@ -70,7 +53,7 @@ def _csrf(client: Client, path: str = "/") -> str:
 
 def test_pages_escape_every_stored_value() -> None:
     status = MemoryConsumerStatusStore()
-    status.publish(_status(bus=EVIL, last_error=EVIL, history=((0, 1, 1),)))
+    status.publish(make_status(bus=EVIL, last_error=EVIL, history=((0, 1, 1),)))
     letters = me.MemoryDeadLetterStore()
     letters.store(_letter("d1", error=EVIL))
     monitor = MemoryMonitorStore()
@@ -104,8 +87,8 @@ def test_overview_shows_consumers_and_warns_on_low_oplog_headroom() -> None:
     status = MemoryConsumerStatusStore()
     now = datetime.now(timezone.utc)
     minute = int(now.timestamp() // 60 * 60)
-    status.publish(_status(id="a", oplog_headroom=1800.0, history=((minute, 7, 2),), lag=0.25, pending=3))
-    status.publish(_status(id="b", host="other", oplog_headroom=86400.0 * 3))
+    status.publish(make_status(id="a", oplog_headroom=1800.0, history=((minute, 7, 2),), lag=0.25, pending=3))
+    status.publish(make_status(id="b", host="other", oplog_headroom=86400.0 * 3))
     text = Client(wsgi_app(MemoryMonitorStore(), status=status)).get("/").get_data(as_text=True)
     rows = re.findall(r'<tr class="consumer".*?</tr>', text)
     assert len(rows) == 2
@@ -121,15 +104,15 @@ def test_health_and_consumers_come_from_published_statuses() -> None:
     c = Client(wsgi_app(MemoryMonitorStore(), status=status))
     response = c.get("/v1/health?bus=orders")
     assert response.status_code == 503 and "no consumer of bus 'orders'" in response.json["error"]
-    status.publish(_status(id="a"))
-    status.publish(_status(id="b", status="degraded"))
+    status.publish(make_status(id="a"))
+    status.publish(make_status(id="b", status="degraded"))
     response = c.get("/v1/health?bus=orders")
     assert response.status_code == 200 and response.json["status"] == "degraded"
     # A consumer that stopped cleanly does not make the bus unhealthy while another runs...
-    status.publish(_status(id="b", status="unhealthy", state="stopped"))
+    status.publish(make_status(id="b", status="unhealthy", state="stopped"))
     assert c.get("/v1/health?bus=orders").json["status"] == "healthy"
     # ...but a silent one (no heartbeat for three intervals) does.
-    status.publish(_status(id="c", heartbeat_at=datetime.now(timezone.utc) - timedelta(seconds=20)))
+    status.publish(make_status(id="c", heartbeat_at=datetime.now(timezone.utc) - timedelta(seconds=20)))
     response = c.get("/v1/health")
     assert response.status_code == 503 and response.json["status"] == "unhealthy"
     consumers = c.get("/v1/consumers").json

@@ -842,15 +842,22 @@ class Bus:
             # Runs in the main thread, between two steps of the graceful stop it interrupts:
             # the stop sees _hurry and skips the rest of its wait for callbacks.
             self._hurry.set()
-        log.warning(
-            "bus %s: got signal %d; %s",
-            self.name,
-            signum,
-            "stopping gracefully (a second signal stops without waiting for callbacks)"
-            if self._signals == 1
-            else "stopping now: no more waiting for callbacks, one bounded checkpoint write",
-        )
         self._stop_event.set()
+        # Logged from another thread: the handler may interrupt the main thread in the middle
+        # of a write to stderr, and logging from here would then fail ("reentrant call").
+        threading.Thread(
+            target=log.warning,
+            args=(
+                "bus %s: got signal %d; %s",
+                self.name,
+                signum,
+                "stopping gracefully (a second signal stops without waiting for callbacks)"
+                if self._signals == 1
+                else "stopping now: no more waiting for callbacks, one bounded checkpoint write",
+            ),
+            name=f"mongo_events.signal-log[{self.name}]",
+            daemon=True,
+        ).start()
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until every event received so far is done; returns False on timeout.

@@ -49,6 +49,7 @@ def test_an_event_that_kills_the_process_is_dead_lettered_after_three_restarts(m
     ids = [f"c{i:03d}" for i in range(n)]
     ids.insert(rng.randrange(n + 1), "poison")
     exits: list[int] = []
+    errs: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         server, uri = _start_server(os.path.join(tmp, "data"))
         client: pymongo.MongoClient[Any] = pymongo.MongoClient(uri, serverSelectionTimeoutMS=10000)
@@ -63,6 +64,7 @@ def test_an_event_that_kills_the_process_is_dead_lettered_after_three_restarts(m
                     proc.kill()
                     _, err = proc.communicate(timeout=10)
                 exits.append(proc.returncode)
+                errs.append(err.decode()[-2000:])
                 if proc.returncode not in (0, 1):
                     raise AssertionError(
                         f"{mode}: seed={seed}: run {run} exited {proc.returncode}:\n{err.decode()[-3000:]}"
@@ -70,7 +72,8 @@ def test_an_event_that_kills_the_process_is_dead_lettered_after_three_restarts(m
                 if proc.returncode == 0:
                     break
             context = f"{mode}: seed={seed} (rerun with POISON_SEED={seed}); exits={exits}"
-            assert exits == [1, 1, 1, 0], context  # three crashes, then it is dead-lettered
+            # three crashes, then it is dead-lettered
+            assert exits == [1, 1, 1, 0], context + "\n" + "\n".join(errs)
             with open(log) as fh:
                 handled = {line.split()[1] for line in fh}
             assert handled == set(ids) - {"poison"}, context  # the others are all handled

@@ -377,7 +377,8 @@ class Backend:
                     "CommandNotFound",
                     f"no such command: '{name}' (the fake replica set does not implement it)",
                 )
-            reply = handler(self, body)
+            with _expressions.one_clock():  # one $$NOW per command, as on a server
+                reply = handler(self, body)
         except CommandError as exc:
             reply = exc.to_reply()
             if exc.labels is None:

@@ -1,8 +1,10 @@
 """Aggregation expressions the fake replica set adds to mongomock's evaluator.
 
 - ``$$NOW``: the fake server's clock (UTC, millisecond precision), as in a real server's
-  queries and update pipelines (MongoDB 4.2+). mongomock alone resolves it to nothing and
-  silently matches no document.
+  queries and update pipelines (MongoDB 4.2+), and like a server's, one value for the whole
+  command (:func:`one_clock`): read again at every evaluation, the conditions of one update
+  pipeline could disagree about an expiry and write half of a claim. mongomock alone
+  resolves it to nothing and silently matches no document.
 - ``$toHashedIndexKey``: MongoDB's hashed-index hash (see
   :func:`mongo_events.groups.partitioning.hashed_index_key`); a missing value hashes as null.
 - ``$mod`` with the remainder's sign following the dividend, as on a server (mongomock uses
@@ -13,8 +15,11 @@ Installed once, when the fake's backend is imported.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import mongomock as _mongomock
@@ -22,10 +27,33 @@ import mongomock as _mongomock
 mongomock: Any = _mongomock
 
 
+_command = threading.local()  # the clock of the command this thread runs (see one_clock)
+
+
 def server_now() -> datetime.datetime:
-    """The fake server's ``$$NOW``: naive UTC, truncated to milliseconds like a BSON date."""
+    """The fake server's ``$$NOW``: naive UTC, truncated to milliseconds like a BSON date.
+
+    Inside :func:`one_clock`, the value it fixed for the command.
+    """
+    fixed: datetime.datetime | None = getattr(_command, "now", None)
+    if fixed is not None:
+        return fixed
     now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
     return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+@contextlib.contextmanager
+def one_clock() -> Iterator[datetime.datetime]:
+    """Fix ``$$NOW`` for one command, as a server does (the same value in every stage and
+    expression of it). Nested uses keep the outer value."""
+    if getattr(_command, "now", None) is not None:
+        yield _command.now
+        return
+    _command.now = server_now()
+    try:
+        yield _command.now
+    finally:
+        _command.now = None
 
 
 def install() -> None:

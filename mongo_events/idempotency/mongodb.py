@@ -45,22 +45,31 @@ _CLAIMABLE: dict[str, Any] = {
 class OwnerId:
     """Names a store instance in the claims it holds: host, process and a random suffix.
 
-    Computed again in a forked child, so web-server workers that inherit one store
-    never release each other's claims.
+    The process id is read again at every call, so web-server workers forked from one
+    parent that made the store never release each other's claims. The suffix is drawn
+    once, so every thread of a process gets the same name: drawn at first use, two
+    workers racing there took different names, and the release of a claim taken under
+    one name matched nothing under the other (the claim then stayed held and a crash
+    was counted twice).
     """
 
     def __init__(self) -> None:
+        self._suffix = uuid.uuid4().hex[:8]
+        self._host = ""
         self._pid = -1
         self._value = ""
 
     def get(self) -> str:
         pid = os.getpid()
         if pid != self._pid:
-            try:
-                host = socket.gethostname() or "host"
-            except OSError:
-                host = "host"
-            self._value, self._pid = f"{host}:{pid}:{uuid.uuid4().hex[:8]}", pid
+            if not self._host:
+                try:
+                    self._host = socket.gethostname() or "host"
+                except OSError:
+                    self._host = "host"
+            # Every racing thread computes the same value, so the race is harmless.
+            self._value = f"{self._host}:{pid}:{self._suffix}"
+            self._pid = pid
         return self._value
 
 

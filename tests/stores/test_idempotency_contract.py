@@ -233,6 +233,33 @@ def test_a_forked_worker_holds_claims_under_its_own_name(monkeypatch: pytest.Mon
     assert not store.claim("k1", HOLD)
 
 
+def test_threads_that_first_use_a_store_together_share_one_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Workers starting at once name the store at the same moment: each must get the name the
+    # others get, or a claim taken under one name is never released under another (seen in
+    # CI as a crash counted twice). gethostname() holds every thread until all are inside.
+    import socket
+
+    threads = 8
+    inside = threading.Barrier(threads, timeout=10)
+    real = socket.gethostname
+
+    def gethostname() -> str:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            inside.wait()
+        return real()
+
+    monkeypatch.setattr(socket, "gethostname", gethostname)
+    store = me.MongoIdempotencyStore(mongomock.MongoClient().db.event_idempotency)
+    names: list[str] = []
+    workers = [threading.Thread(target=lambda: names.append(store.owner)) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(10)
+    assert len(names) == threads and len(set(names)) == 1, names
+    assert store.owner == names[0]
+
+
 @pytest.mark.parametrize("backend", ["mongomock", "fake_rs"])
 def test_a_client_whose_clock_is_ahead_cannot_steal_a_live_claim(
     backend: str, monkeypatch: pytest.MonkeyPatch

@@ -104,6 +104,30 @@ def test_a_status_outage_never_touches_events(client: pymongo.MongoClient[Any], 
     assert bus.state is me.BusState.STOPPED
 
 
+class _Exiting(_Broken):
+    def publish(self, status: ConsumerStatus) -> None:
+        self.tried.set()
+        raise SystemExit("a store that exits")  # not an Exception: publish() does not keep it
+
+
+def test_a_status_thread_that_dies_says_so_and_the_bus_delivers(
+    client: pymongo.MongoClient[Any], make_bus: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = _Exiting()
+    bus = make_bus(client.shop.orders, status=store)
+    seen = Recorder()
+    bus.subscribe(lambda ev: seen.add(ev.document_id))
+    bus.start()
+    assert store.tried.wait(5)
+    assert wait_for(lambda: "status publisher thread died" in caplog.text)
+    assert any(r.levelname == "ERROR" and "SystemExit" in r.getMessage() for r in caplog.records)
+    client.shop.orders.insert_one({"_id": 1})
+    assert seen.wait(1) == [1]
+    assert bus.state is me.BusState.RUNNING and bus.status is not None and bus.status.failures >= 1
+    bus.stop(timeout=5)
+    assert bus.state is me.BusState.STOPPED
+
+
 def test_stale_and_expired_statuses() -> None:
     store = MemoryConsumerStatusStore(ttl=60)
     now = datetime.now(timezone.utc)

@@ -389,12 +389,22 @@ class StatusPublisher(Middleware):
         self._thread = None
 
     def _run(self, stop: threading.Event) -> None:
-        while True:
-            self.publish()
-            if stop.wait(self.interval):
-                break
-        if self._final:
-            self.publish()
+        try:
+            while True:
+                self.publish()
+                if stop.wait(self.interval):
+                    break
+            if self._final:
+                self.publish()
+        except BaseException as exc:  # publish() keeps Exceptions; anything else ends it loudly
+            self.failures += 1
+            log.error(
+                "bus %s: the status publisher thread died from %r; dashboards will call the bus stale "
+                "(it keeps delivering)",
+                self._bus.name if self._bus else "?",
+                exc,
+                exc_info=True,
+            )
 
     def snapshot(self) -> ConsumerStatus:
         """The status of the attached bus now."""

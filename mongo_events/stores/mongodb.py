@@ -166,9 +166,10 @@ class MongoAckStore(AckStore):
 
     def _query(self, filter: AckFilter) -> dict[str, Any]:
         query = _created_range(filter.start, filter.end)
-        # Go's queries, which its partial indexes serve (a null acked_at sorts below every date).
+        # Go's queries, which its partial indexes serve; pending also takes a null or missing
+        # acked_at (earlier builds of this library), which $eq of the zero time would miss.
         if filter.status is AckStatus.PENDING:
-            query["acked_at"] = GO_ZERO_TIME
+            query["acked_at"] = {"$in": [None, GO_ZERO_TIME]}
         elif filter.status is AckStatus.ACKED:
             query["acked_at"] = {"$gt": GO_ZERO_TIME}
         return query

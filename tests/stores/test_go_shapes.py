@@ -111,6 +111,12 @@ def test_ack_records(mongo_collection: Callable[[str], Any]) -> None:
     # A null acked_at (written by earlier builds of this library) still reads as pending.
     coll.insert_one({"_id": "legacy", "created_at": T0, "acked_at": None})
     assert store.get("legacy").status is me.AckStatus.PENDING  # type: ignore[union-attr]
+    # ... and is listed and counted as pending, like Go's zero time (and a missing one too)
+    coll.insert_one({"_id": "legacy-missing", "created_at": T0})
+    pending = me.AckFilter(status=me.AckStatus.PENDING)
+    assert store.count(pending) == 3
+    assert {r.event_id for r in store.list(pending)} == {"8264A0000000010000", "legacy", "legacy-missing"}
+    assert store.count(me.AckFilter(status=me.AckStatus.ACKED)) == 3
     # And the indexes are Go's: same names, keys and partial filters
     info = coll.index_information()
     assert {"created_at_1", "acked_at_1", "acked_at_pending"} <= set(info)

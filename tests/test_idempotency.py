@@ -391,3 +391,62 @@ def test_a_crash_counter_counts_a_start_whose_claim_expired_unfinished() -> None
 
     poison = wait_for(poisoned, 5)
     assert isinstance(poison, me.PoisonEvent) and poison.crashes == 3
+
+
+class _ReleaseFailsOnce(me.MemoryIdempotencyStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.claims = 0
+        self.failed = False
+
+    def try_claim(self, key: str, processing_ttl: timedelta) -> me.Claim:
+        self.claims += 1
+        return super().try_claim(key, processing_ttl)
+
+    def release(self, key: str) -> None:
+        if not self.failed:
+            self.failed = True
+            raise me.StoreError("the store blinked")
+        super().release(key)
+
+
+def _event(n: int) -> me.ChangeEvent:
+    from bson import Timestamp
+
+    return me.ChangeEvent.from_raw(
+        {
+            "_id": {"_data": f"82{n:014X}"},
+            "operationType": "insert",
+            "ns": {"db": "shop", "coll": "orders"},
+            "documentKey": {"_id": n},
+            "fullDocument": {"_id": n},
+            "clusterTime": Timestamp(1_700_000_000, n),
+        }
+    )
+
+
+@pytest.mark.parametrize("later", [False, True])
+def test_a_retry_after_a_failed_release_runs_under_its_claim_only_while_it_surely_holds(
+    later: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mongo_events.idempotency import guard as guard_module
+
+    now = [1000.0]
+    monkeypatch.setattr(guard_module, "_clock", lambda: now[0])
+    store = _ReleaseFailsOnce()
+    guard = me.Idempotency(store, processing_ttl=timedelta(seconds=60))
+    event = _event(1)
+    key = guard.claim(event, "charge")
+    assert key is not None and store.claims == 1
+    guard.finish(key, RuntimeError("handler failed"))  # its release fails: the claim stays ours
+    assert guard.finish_failures == 1
+    now[0] += 40.0 if later else 1.0
+    if not later:  # soon after: the retry runs under the claim it still holds
+        assert guard.claim(event, "charge") == key and store.claims == 1
+        guard.finish(key, None)
+        with pytest.raises(me.Duplicate):
+            guard.claim(event, "charge")
+    else:  # the claim may expire mid-callback: the retry claims again and waits its turn
+        with pytest.raises(ClaimedElsewhere):
+            guard.claim(event, "charge")
+        assert store.claims == 2

@@ -125,6 +125,9 @@ class _Isolation:
             self._cond.notify_all()
 
 
+#: The clock of claim ages (a name of its own, so tests can move it).
+_clock = time.monotonic
+
 #: A suspect waits at most this many seconds for the running callbacks before it runs beside them.
 ALONE_WAIT = 30.0
 
@@ -191,12 +194,13 @@ class Idempotency:
         self.finish_failures = 0
         self.poisoned = 0
         self._lock = threading.Lock()
-        #: Keys this process still holds because their release failed: a retry must not
-        #: take its own claim for someone else's.
-        self._held: set[str] = set()
-        #: Keys whose callback runs now, and whether alone (see _Isolation); a list, in
-        #: case two deliveries of one key run here at once (a failed claim, fail open).
-        self._running: dict[str, list[bool]] = {}
+        #: Keys this process still holds because their release failed, with when their
+        #: claim was taken (``_clock``): a retry soon after runs under that claim instead of
+        #: taking its own claim for someone else's; a later one claims again.
+        self._held: dict[str, float] = {}
+        #: Keys whose callback runs now: whether alone (see _Isolation) and when claimed; a
+        #: list, in case two deliveries of one key run here at once (a failed claim, fail open).
+        self._running: dict[str, list[tuple[bool, float]]] = {}
 
     def key_for(self, event: ChangeEvent, subscription: str) -> str:
         """The stored key of ``event`` for ``subscription``."""
@@ -217,8 +221,13 @@ class Idempotency:
         """
         key = self.key_for(event, subscription)
         with self._lock:
-            held = key in self._held
-            self._held.discard(key)
+            claimed_at = self._held.pop(key, None)
+        # Our unreleased claim still holds for a retry within half its hold; after that it
+        # may expire mid-callback (and be taken elsewhere), so the retry claims afresh.
+        now = _clock()
+        held = claimed_at is not None and now - claimed_at < self._hold / 2
+        if claimed_at is None or not held:
+            claimed_at = now
         _ISOLATION.enter(False)  # while a suspect runs alone, nothing else starts (or counts)
         try:
             starts = 1 if held else self._take(event, subscription, key)
@@ -229,7 +238,7 @@ class Idempotency:
             _ISOLATION.leave(False)
             return None
         if not self.max_crashes or starts <= 1:
-            self._note_running(key, False)
+            self._note_running(key, False, claimed_at)
             return key
         # A suspect: give its start back while it waits to run alone, then count it again.
         log.warning("%s was in flight when the process died %d time(s): running it alone", key, starts - 1)
@@ -250,6 +259,7 @@ class Idempotency:
                 ALONE_WAIT,
             )
         try:
+            claimed_at = _clock()
             again = self._take(event, subscription, key)
         except BaseException:
             _ISOLATION.leave(alone)
@@ -257,12 +267,12 @@ class Idempotency:
         if again is None:
             _ISOLATION.leave(alone)
             return None
-        self._note_running(key, alone)
+        self._note_running(key, alone, claimed_at)
         return key
 
-    def _note_running(self, key: str, alone: bool) -> None:
+    def _note_running(self, key: str, alone: bool, claimed_at: float) -> None:
         with self._lock:
-            self._running.setdefault(key, []).append(alone)
+            self._running.setdefault(key, []).append((alone, claimed_at))
 
     def _take(self, event: ChangeEvent, subscription: str, key: str) -> int | None:
         """One claim: the number of unfinished starts (this one included), or None to run unguarded."""
@@ -294,15 +304,17 @@ class Idempotency:
         self._check_crashes(event, subscription, key, claim.starts)
         return claim.starts
 
-    def _leave(self, key: str) -> None:
+    def _leave(self, key: str) -> float:
+        """The callback of ``key`` ended: give back its turn; returns when it was claimed."""
         with self._lock:
             entries = self._running.get(key)
             if not entries:
-                return
-            alone = entries.pop()
+                return _clock()
+            alone, claimed_at = entries.pop()
             if not entries:
                 del self._running[key]
         _ISOLATION.leave(alone)
+        return claimed_at
 
     def _check_crashes(self, event: ChangeEvent, subscription: str, key: str, starts: int) -> None:
         """Raise :class:`PoisonEvent` when ``key`` started ``max_crashes`` times before without finishing."""
@@ -325,7 +337,7 @@ class Idempotency:
         """After the callback: complete on success, release on failure; log and count store errors."""
         if key is None:
             return
-        self._leave(key)
+        claimed_at = self._leave(key)
         if error is None:
             try:
                 self.store.complete(key)
@@ -344,7 +356,7 @@ class Idempotency:
         except Exception as exc:
             with self._lock:
                 self.finish_failures += 1
-                self._held.add(key)
+                self._held[key] = claimed_at
             log.error(
                 "releasing idempotency key %s failed (%r); this process keeps it for its retry", key, exc
             )

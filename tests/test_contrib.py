@@ -93,6 +93,35 @@ def test_flask_autostart_says_which_bus_has_no_subscriptions(
         events.stop()
 
 
+def test_flask_autostart_tries_again_after_a_failed_start(
+    fake_rs: FakeReplicaSet, client: pymongo.MongoClient[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A malformed checkpoint fails the start; once an operator fixes it, a later request starts
+    # the bus without restarting the web process.
+    tokens = client.shop["_event_resume_tokens"]
+    tokens.insert_one({"_id": "shop.orders:web", "token": {}})
+    app = flask_app(fake_rs.uri, MONGO_EVENTS_AUTOSTART=True)
+    app.add_url_rule("/", "index", lambda: "ok")
+    events = MongoEvents(app)
+    events.registry.autostart_retry = 0.0
+    seen = Recorder()
+    events.subscribe("orders")(lambda ev: seen.add(ev.document_id))
+    bus = events.bus("orders")
+    try:
+        with caplog.at_level("ERROR", logger="mongo_events"):
+            assert app.test_client().get("/").status_code == 200
+        assert bus.state is me.BusState.FAILED
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert any("tries again at a request" in m and "shop.orders:web" in m for m in errors), errors
+        tokens.delete_one({"_id": "shop.orders:web"})
+        assert app.test_client().get("/").status_code == 200
+        assert bus.state is me.BusState.RUNNING
+        client.shop.orders.insert_one({"_id": 8})
+        assert seen.wait(1) == [8]
+    finally:
+        events.stop()
+
+
 def test_unknown_bus_names_say_which_exist(fake_rs: FakeReplicaSet) -> None:
     events = MongoEvents(flask_app(fake_rs.uri))
     with pytest.raises(me.ConfigurationError, match="known: orders"):

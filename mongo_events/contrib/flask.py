@@ -87,8 +87,6 @@ class MongoEvents:
         self.registry = BusRegistry()
         self._subscriptions: list[tuple[str, Callable[..., Any], dict[str, Any]]] = []
         self._stop_timeout = 30.0
-        self._autostarted = False
-        self._autostart_lock = threading.Lock()
         if app is not None:
             self.init_app(app)
 
@@ -124,18 +122,7 @@ class MongoEvents:
             app.before_request(self._start_on_first_request)
 
     def _start_on_first_request(self) -> None:
-        with self._autostart_lock:  # once per process: the first request starts the buses
-            if self._autostarted:
-                return
-            self._autostarted = True
-        try:
-            self.start()
-        except Exception as exc:  # the request is served; the buses' failure is said loudly
-            log.error(
-                "%s; this process (%d) consumes no events until it restarts",
-                exit_summary(self.registry.failed, exc),
-                os.getpid(),
-            )
+        self.registry.autostart()  # once per process; after a failed start, again later
 
     def start(self) -> None:
         """Start every bus that has subscriptions; stopped again at interpreter exit."""

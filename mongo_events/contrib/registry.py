@@ -21,9 +21,11 @@ clients or buses before a server forks.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
@@ -32,6 +34,7 @@ import pymongo
 
 from ..bus import Bus
 from ..errors import ConfigurationError, MongoEventsError
+from ..runner import exit_summary
 
 __all__ = ["BusRegistry", "build_bus"]
 
@@ -103,6 +106,39 @@ class BusRegistry:
         self.stop_timeout = 30.0
         #: The bus that made :meth:`run_forever` (or :meth:`start`) end, if one did.
         self.failed: Bus | None = None
+        #: Seconds after a failed :meth:`autostart` before a request tries again.
+        self.autostart_retry = 30.0
+        self._autostart_next = 0.0  # monotonic time of the next autostart; inf once started
+
+    def autostart(self) -> None:
+        """Start the buses at a request of a web process: the first one, and after a failed
+        start, the first one at least :attr:`autostart_retry` seconds later.
+
+        Never raises (the request is served): a failure is logged at ERROR with what to do.
+        A configuration error is not retried, since it fails the same way every time.
+        """
+        with self._lock:
+            if time.monotonic() < self._autostart_next:
+                return
+            self._autostart_next = math.inf
+            self.failed = None
+        try:
+            self.start()
+        except ConfigurationError as exc:
+            log.error(
+                "%s; this process (%d) consumes no events until it restarts",
+                exit_summary(self.failed, exc),
+                os.getpid(),
+            )
+        except Exception as exc:
+            with self._lock:
+                self._autostart_next = time.monotonic() + self.autostart_retry
+            log.error(
+                "%s; this process (%d) consumes no events now and tries again at a request in %gs or later",
+                exit_summary(self.failed, exc),
+                os.getpid(),
+                self.autostart_retry,
+            )
 
     def add_bus(self, name: str, bus: Bus) -> None:
         """Register a bus built in code (its subscriptions made with :meth:`subscribe` are applied)."""
@@ -180,7 +216,7 @@ class BusRegistry:
                     name,
                 )
                 continue
-            if bus.state.value in ("new", "stopped"):
+            if bus.state.value in ("new", "stopped", "failed"):
                 try:
                     bus.start()
                 except BaseException:

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
-import threading
 from typing import Any
 
 from django.apps import AppConfig
-
-from ...runner import exit_summary
 
 log = logging.getLogger(__name__)
 
@@ -37,23 +33,7 @@ class MongoEventsConfig(AppConfig):
             request_started.connect(_start_on_first_request, dispatch_uid="mongo_events_autostart")
 
 
-_started = False
-_lock = threading.Lock()
-
-
 def _start_on_first_request(sender: Any = None, **kwargs: Any) -> None:
-    global _started
-    with _lock:  # once per process: the first request starts the buses
-        if _started:
-            return
-        _started = True
     from . import registry
 
-    try:
-        registry.start()
-    except Exception as exc:  # the request is served; the buses' failure is said loudly
-        log.error(
-            "%s; this process (%d) consumes no events until it restarts",
-            exit_summary(registry.failed, exc),
-            os.getpid(),
-        )
+    registry.autostart()  # once per process; after a failed start, again later

@@ -358,6 +358,34 @@ def test_a_dead_lettered_replacement_carries_the_events_it_replaced(
     assert bus.pending_count() == 0 and bus.state is me.BusState.RUNNING
 
 
+def test_a_replacement_that_stops_the_bus_leaves_the_checkpoint_before_what_it_replaced(
+    client: pymongo.MongoClient[Any], make_bus: Any, held: list[Held]
+) -> None:
+    """``on_exhausted="stop"`` on the newest event: the bus fails, and the events it replaced
+    are not done either, so a restart delivers them (and it) again."""
+    coll = client.shop.orders
+    store = me.MemoryResumeTokenStore()
+    gate = Held(0)
+    held.append(gate)
+    tokens: dict[Any, Any] = {}
+    bus = make_bus(coll, coalesce=True, resume_token_store=store, resume_token_id="w")
+
+    @bus.subscribe
+    def handle(ev: me.ChangeEvent) -> None:
+        tokens[_n(ev)] = ev.resume_token
+        gate(_n(ev))
+        if _n(ev) == 10:
+            raise me.Reject("no dead-letter store: the bus stops")
+
+    bus.start()
+    _backlog(coll, gate, bus, 10)
+    assert wait_for(lambda: bus.coalesced == 9, timeout=10)
+    gate.release()
+    assert wait_for(lambda: bus.state is me.BusState.FAILED, timeout=10)
+    assert isinstance(bus.error, me.HandlerFailed)
+    assert store.load(bus.resume_token_key).token == tokens[0]
+
+
 def test_replaced_events_never_reach_the_idempotency_store(
     client: pymongo.MongoClient[Any], make_bus: Any, held: list[Held]
 ) -> None:

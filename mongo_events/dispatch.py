@@ -155,8 +155,8 @@ class CoalescingLanes(Lanes[WorkItem]):
       its replacement finished; if the bus stops or crashes first, the checkpoint stays
       before the replaced event, and a restart delivers it (or a newer one) again.
 
-    A lane therefore holds at most one waiting item. Replaced events still count in
-    ``max_in_flight`` until their replacement is done.
+    So a bus's document lane holds at most one waiting item. Replaced events still count
+    in ``max_in_flight`` until their replacement is done.
 
     :param on_coalesced: ``fn(replaced)`` called (with the lock held) for each replaced item.
     """

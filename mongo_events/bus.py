@@ -33,7 +33,7 @@ from .consumer import StreamConsumer, StreamSpec
 from .deadlettering import dead_letter_hook
 from .decoding import CattrsDecoder, Decoder
 from .delivery import Delivery
-from .dispatch import DeadLetterHook, Dispatcher, call_subscription
+from .dispatch import DeadLetterHook, Dispatcher, call_subscription, check_coalesce
 from .errors import (
     BusStateError,
     ConfigurationError,
@@ -279,6 +279,9 @@ class Bus:
         required there) snapshots; default: every collection of the database.
     :param snapshot_filter: a query: only matching documents are snapshotted.
     :param snapshot_batch_size: documents read per query (default 1000).
+    :param coalesce: ``True``: of the events of one document waiting in its lane, deliver only
+        the newest per subscription (Go's ``CoalesceByDocumentKey``; see "Coalescing"). Needs
+        ``ordering="document"``.
 
     .. versionadded:: 0.1.0
     """
@@ -324,6 +327,7 @@ class Bus:
         snapshot_collections: Sequence[str] | None = None,
         snapshot_filter: Mapping[str, Any] | None = None,
         snapshot_batch_size: int = 1000,
+        coalesce: bool = False,
     ) -> None:
         if isinstance(target, MongoCollection):
             self.level = "collection"
@@ -350,6 +354,7 @@ class Bus:
         self.name = name or self._namespace
 
         _check_bus_options(locals())
+        check_coalesce(coalesce, ordering)
         fd = FullDocument(full_document) if full_document is not None else None
         has_full = fd in _FULL_DOCUMENT_OPTIONS
         if max_updated_fields_size and not has_full:
@@ -393,6 +398,7 @@ class Bus:
         self.snapshot_collections = list(snapshot_collections) if snapshot_collections is not None else None
         self.snapshot_filter = dict(snapshot_filter) if snapshot_filter is not None else None
         self.snapshot_batch_size = snapshot_batch_size
+        self.coalesce = coalesce
         self.start_timeout = start_timeout
         self._decoder: Decoder = decoder or CattrsDecoder()
         self.metrics = metrics
@@ -494,6 +500,7 @@ class Bus:
             snapshot_collections=self.snapshot_collections,
             snapshot_filter=self.snapshot_filter,
             snapshot_batch_size=self.snapshot_batch_size,
+            coalesce=self.coalesce,
         )
 
     # -- properties ---------------------------------------------------------------
@@ -562,6 +569,11 @@ class Bus:
     def missing_documents(self) -> int:
         """Updates that ``full_document_only`` subscriptions skipped: their document was gone."""
         return self._consumer.missing_documents
+
+    @property
+    def coalesced(self) -> int:
+        """Events replaced by a newer event of their document before delivery (``coalesce=True``)."""
+        return self._consumer.coalesced
 
     # -- subscriptions --------------------------------------------------------------
 

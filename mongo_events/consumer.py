@@ -29,7 +29,7 @@ from pymongo.collection import Collection as MongoCollection
 from pymongo.database import Database
 
 from .checkpointing import Checkpointer
-from .dispatch import DeadLetterHook, Dispatcher, WorkItem
+from .dispatch import CoalescingLanes, DeadLetterHook, Dispatcher, WorkItem
 from .errors import ConfigurationError, MongoEventsError, ResumeTokenLost, StoreError, StreamError
 from .events import ChangeEvent, FullDocument, OperationType
 from .health import OplogWindow
@@ -92,6 +92,7 @@ class StreamSpec:
     snapshot_collections: Sequence[str] | None = None
     snapshot_filter: Mapping[str, Any] | None = None
     snapshot_batch_size: int = 1000
+    coalesce: bool = False
 
 
 def _document_lane(key: Mapping[str, Any], event: ChangeEvent, one_namespace: bool) -> Hashable:
@@ -183,6 +184,7 @@ class StreamConsumer:
         )
         self.oplog = OplogWindow(spec.client, spec.name)
         self.dispatcher: Dispatcher | None = None
+        self._coalescing: CoalescingLanes | None = None
         self.watcher: Watcher | None = None
         #: Runnable items the watcher has not handed to the workers yet (watcher thread only).
         self._runnable: list[WorkItem] = []
@@ -217,6 +219,19 @@ class StreamConsumer:
         """Use ``dispatcher`` (built on :attr:`window`'s lock and ``finish``) and the flusher."""
         self.dispatcher = dispatcher
         self.window.connect(dispatcher.drain, wake_flusher)
+        if self.spec.coalesce:
+            self._coalescing = dispatcher.coalesce(self._on_coalesced if self.metrics is not None else None)
+
+    @property
+    def coalesced(self) -> int:
+        """Events replaced by a newer event of their document before delivery (``coalesce=True``)."""
+        lanes = self._coalescing
+        return lanes.coalesced if lanes is not None else 0
+
+    def _on_coalesced(self, replaced: WorkItem) -> None:
+        if self.metrics is not None:  # called with the window lock held: one counter add
+            event = replaced.event
+            self.metrics.event_coalesced(replaced.sub.name, str(event.operation_type), event.namespace)
 
     def start(self, position: Position) -> None:
         """Start the watcher at ``position`` (see :meth:`initial_position`), or first the snapshot."""

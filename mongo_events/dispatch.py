@@ -8,6 +8,10 @@ waits in a timer heap, not on a sleeping worker, so retries never block other
 documents' lanes. The lane of a retrying item stays busy, which keeps
 per-document order.
 
+With ``Bus(coalesce=True)`` the lanes are :class:`CoalescingLanes`: a newer event of a
+document replaces the one waiting in its lane, and takes over its slot, which is
+reported done only when the newer event is (see the class for the rules).
+
 A finished item goes onto a deque without the lock and is reported (its slot
 marked done, its lane's next item released) by whoever holds the lock next:
 the worker itself when the lock is free, else the watcher admitting an event, a
@@ -54,15 +58,16 @@ from typing import Any, Protocol, cast
 
 from .decoding import Decoder
 from .delivery import Delivery, _current
-from .errors import DecodeError, HandlerFailed, Reject, Retry, Skip, ThreadFailed
+from .errors import ConfigurationError, DecodeError, HandlerFailed, Reject, Retry, Skip, ThreadFailed
 from .events import ChangeEvent
 from .guard import describe, run_guarded
 from .idempotency.guard import ClaimedElsewhere
 from .middleware.base import Middleware, run_after, run_before
+from .options import invalid
 from .subscription import Subscription
 from .tracking import Lanes, Slot
 
-__all__ = ["DeadLetterHook", "Dispatcher", "WorkItem"]
+__all__ = ["CoalescingLanes", "DeadLetterHook", "Dispatcher", "WorkItem", "check_coalesce"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +85,7 @@ class WorkItem:
 
     __slots__ = (
         "attempt",
+        "covered",
         "dead_letter_tries",
         "event",
         "failure",
@@ -106,6 +112,9 @@ class WorkItem:
         #: Set when the subscription gave up but the dead-letter write failed: only the write is retried.
         self.failure: BaseException | None = None
         self.dead_letter_tries = 0
+        #: Slots of the waiting events this item replaced (``coalesce=True``): they are
+        #: reported done with this item's own slot, never before.
+        self.covered: list[Slot] | None = None
 
 
 #: A worker reports its finished items (taking the lock) once this many wait, or when it
@@ -127,6 +136,79 @@ class _Lock(Protocol):
     def __enter__(self) -> Any: ...
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any, /) -> Any: ...
+
+
+class CoalescingLanes(Lanes[WorkItem]):
+    """Per-document lanes where a newer event replaces the one waiting (``Bus(coalesce=True)``).
+
+    Go's ``CoalesceByDocumentKey``: while a lane's item runs, the events of its document
+    that arrive meanwhile are a backlog, and only the newest of it is delivered. The rules:
+
+    - Only the *waiting* item is replaced, never the lane's active one: an item that runs,
+      or sits in the timer heap for a retry or a dead-letter write, is carried to its end.
+    - Both items need a document key and the same subscription. A lane is one document of
+      one subscription, so this holds by construction; it is checked anyway. Events without
+      a document key (drop, rename, invalidate, DDL) never replace and are never replaced.
+    - The newer item takes over the older one's slot, and the slots the older one had taken
+      over: they are reported done with its own slot, when it is done (returned, skipped,
+      dead-lettered), never before. So the watermark never passes a replaced event before
+      its replacement finished; if the bus stops or crashes first, the checkpoint stays
+      before the replaced event, and a restart delivers it (or a newer one) again.
+
+    So a bus's document lane holds at most one waiting item. Replaced events still count
+    in ``max_in_flight`` until their replacement is done.
+
+    :param on_coalesced: ``fn(replaced)`` called (with the lock held) for each replaced item.
+    """
+
+    def __init__(self, on_coalesced: Callable[[WorkItem], None] | None = None) -> None:
+        super().__init__()
+        self._on_coalesced = on_coalesced
+        #: Items replaced since start (read under the lock, or as a plain int anywhere).
+        self.coalesced = 0
+
+    def push(self, key: Hashable, item: WorkItem) -> WorkItem | None:
+        queue = self._waiting.get(key)
+        if queue and item.event.document_key:
+            older = queue[-1]
+            if older.sub is item.sub and older.event.document_key:
+                queue[-1] = item
+                covered = older.covered
+                if covered is None:
+                    item.covered = [older.slot]
+                else:
+                    covered.append(older.slot)
+                    item.covered = covered
+                self.coalesced += 1
+                if self._on_coalesced is not None:
+                    self._on_coalesced(older)
+                return None
+        return super().push(key, item)
+
+
+def check_coalesce(coalesce: object, ordering: object) -> None:
+    """``Bus(coalesce=...)`` must be a bool, and ``True`` only with ``ordering="document"``.
+
+    :raises ConfigurationError: naming the option (and ``ordering``) when not.
+    """
+    if type(coalesce) is not bool:
+        raise invalid("coalesce", coalesce, "True or False")
+    if not coalesce or ordering == "document":
+        return
+    if ordering == "none":
+        why = (
+            "ordering='none' runs a document's events in parallel, so no backlog ever waits behind "
+            "one of them to be coalesced"
+        )
+    else:
+        why = (
+            f"ordering={ordering!r} promises stream order across documents, and skipping one "
+            "document's intermediate events would show callbacks combinations of documents that never existed"
+        )
+    raise ConfigurationError(
+        f"coalesce=True cannot be combined with ordering={ordering!r}: {why}. Coalescing needs "
+        "ordering='document' (the default); or drop coalesce=True"
+    )
 
 
 class Dispatcher:
@@ -249,6 +331,17 @@ class Dispatcher:
 
     # -- feeding ---------------------------------------------------------------
 
+    def coalesce(self, on_coalesced: Callable[[WorkItem], None] | None = None) -> CoalescingLanes:
+        """Replace waiting events by newer ones of their document from now on (``Bus(coalesce=True)``).
+
+        Call it before the first item is admitted. Returns the lanes (they count what they replaced).
+        """
+        if len(self.lanes):
+            raise RuntimeError("coalesce() after items were admitted")
+        lanes = CoalescingLanes(on_coalesced)
+        self.lanes = lanes
+        return lanes
+
     def admit(self, item: WorkItem) -> WorkItem | None:
         """Queue ``item`` in its lane (caller holds the lock); returns it when it may run now.
 
@@ -289,6 +382,8 @@ class Dispatcher:
         while done:
             item = done.popleft()
             slots.append(item.slot)
+            if item.covered is not None:  # the events it replaced are done only now
+                slots.extend(item.covered)
             if item.lane is not None:
                 successor = lanes.pop_next(item.lane)
                 if successor is not None:

@@ -75,6 +75,8 @@ class Metrics(Middleware):
     ``mongodb.changes.dead_lettered`` counter ``{event}``     same (dead-lettered or skipped)
     ``mongodb.changes.duplicates`` counter ``{event}``        same (skipped: idempotency key completed)
     ``mongodb.changes.skipped``    counter ``{event}``        same (a middleware raised ``Skip``)
+    ``mongodb.events.coalesced``   counter ``{event}``        same (replaced by a newer event of its
+                                                              document, ``Bus(coalesce=True)``)
     ``mongodb.oplog.lag``          histogram ``s``            ``event``, ``namespace``
     ``mongodb.handler.duration``   histogram ``s``            ``event``, ``operation``, ``namespace``
     ``mongodb.changes.pending``    observable gauge           ``namespace`` (this process's unfinished events)
@@ -163,6 +165,11 @@ class Metrics(Middleware):
         )
         self.skipped = m.create_counter(
             name("mongodb.changes.skipped"), unit="{event}", description="Deliveries a middleware skipped"
+        )
+        self.coalesced = m.create_counter(
+            name("mongodb.events.coalesced"),
+            unit="{event}",
+            description="Events not delivered because a newer event of their document replaced them",
         )
         self.oplog_lag = self._histogram(
             name("mongodb.oplog.lag"),
@@ -389,6 +396,15 @@ class Metrics(Middleware):
     def dead_letter_quarantined(self, event: str, reason: str) -> None:
         """``reason``: ``terminal_error``, ``max_replay_attempts`` or ``manual``."""
         self._count(self.dlq_quarantined, "dlq.messages.quarantined", {"event": event, "reason": reason})
+
+    def event_coalesced(self, subscription: str, operation: str, namespace: str) -> None:
+        """An event waiting for subscription ``subscription`` was replaced by a newer one of its
+        document (``Bus(coalesce=True)``); it is done once that one is."""
+        self._count(
+            self.coalesced,
+            "mongodb.events.coalesced",
+            {"event": subscription, "operation": operation, "namespace": namespace},
+        )
 
     def after_delivery_skipped(self, delivery: Delivery, skip: Skip) -> None:
         counter, what = (

@@ -30,6 +30,7 @@ from .changestream import ChangeCursor, open_change_stream
 from .errors import CommandError, server_labels
 from .failpoints import FailPoints
 from .oplog import Entry, Oplog, update_description
+from .transactions import Transactions, txn_key
 
 # mongomock's partial stubs do not describe what the fake uses; treat it as untyped.
 mongomock: Any = _mongomock
@@ -243,6 +244,8 @@ class Backend:
         self.counters: Counter[str] = Counter()
         self.stopping = False
         self.step_down_until = 0.0
+        #: Inserts of open transactions, applied at commit (see transactions.py).
+        self.transactions = Transactions(self._apply_txn_insert)
         self._journal = None
         if data_dir is not None:
             os.makedirs(data_dir, exist_ok=True)
@@ -378,6 +381,10 @@ class Backend:
                     f"no such command: '{name}' (the fake replica set does not implement it)",
                 )
             with _expressions.one_clock():  # one $$NOW per command, as on a server
+                key = txn_key(body)
+                if key is not None:
+                    with self.lock:
+                        self.transactions.before(name, key)
                 reply = handler(self, body)
         except CommandError as exc:
             reply = exc.to_reply()
@@ -433,6 +440,15 @@ class Backend:
             reply["lastWrite"] = {"opTime": {"ts": self.oplog.last, "t": Int64(1)}, "lastWriteDate": _now()}
         return reply
 
+    def _apply_txn_insert(self, session: dict[str, Any], db: str, coll: str, doc: dict[str, Any]) -> None:
+        """Insert one document of a committing transaction (the lock is held)."""
+        collection = self.client[db][coll]
+        self.ensure_collection(db, coll)
+        collection.insert_one(doc)
+        found = _by_id(collection, {"_id": doc["_id"]})
+        stored = found[0] if found else collection.find_one({"_id": doc["_id"]})
+        self._record("insert", db, coll, session, document_key={"_id": doc["_id"]}, post=stored)
+
     def new_cursor_id(self) -> int:
         return next(self._cursor_ids)
 
@@ -484,17 +500,38 @@ def _hello(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
     return backend.hello_reply(time.monotonic() < backend.step_down_until)
 
 
-@command("ping", "endSessions", "commitTransaction", "refreshSessions")
+@command("ping", "refreshSessions")
 def _ok(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    return {}
+
+
+@command("endSessions")
+def _end_sessions(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    with backend.lock:
+        backend.transactions.end_sessions([bytes(s["id"]) for s in body.get("endSessions") or []])
+    return {}
+
+
+@command("commitTransaction")
+def _commit(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    with backend.lock:
+        backend.transactions.commit(txn_key(body))
     return {}
 
 
 @command("abortTransaction")
 def _abort(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
+    with backend.lock:
+        if backend.transactions.abort(txn_key(body)):
+            return {}
+    log.error(  # pymongo's abort_transaction() ignores the error below: say it here too
+        "the fake replica set cannot roll back a transaction that did more than insert: its writes stay"
+    )
     raise CommandError(
         263,
         "OperationNotSupportedInTransaction",
-        "the fake replica set applies transaction writes at once and cannot roll them back",
+        "the fake replica set rolls back only transactions that inserted and did nothing else "
+        "(it applied this one's writes at once)",
     )
 
 
@@ -713,7 +750,10 @@ def _fake_control(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
 def _insert(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
     coll = _coll(backend, body, "insert")
     n, errors = 0, []
+    key = txn_key(body)
     with backend.lock:
+        if backend.transactions.buffers(key):
+            return _buffer_inserts(backend, coll, body)
         backend.ensure_collection(coll.database.name, coll.name)
         for i, given in enumerate(body.get("documents", [])):
             doc = dict(given)
@@ -740,6 +780,31 @@ def _insert(backend: Backend, body: dict[str, Any]) -> dict[str, Any]:
     if errors:
         reply["writeErrors"] = errors
     return reply
+
+
+def _buffer_inserts(backend: Backend, coll: Any, body: dict[str, Any]) -> dict[str, Any]:
+    """An insert inside a transaction: checked now, applied at commit (the lock is held)."""
+    key, session = txn_key(body), _txn(body)
+    assert key is not None and session is not None
+    db, name = coll.database.name, coll.name
+    taken = backend.transactions.buffered_ids(key, db, name)
+    n = 0
+    for i, given in enumerate(body.get("documents", [])):
+        doc = dict(given)
+        doc.setdefault("_id", bson.ObjectId())
+        if doc["_id"] in taken or _matching(coll, {"_id": doc["_id"]}):
+            # Inside a transaction a write error aborts it, as on a server.
+            backend.transactions.fail(key)
+            error = {
+                "index": i,
+                "code": 11000,
+                "errmsg": f"E11000 duplicate key error collection: {db}.{name} index: _id_ dup key: {{ _id: {doc['_id']!r} }}",
+            }
+            return {"n": n, "writeErrors": [error]}
+        taken.add(doc["_id"])
+        backend.transactions.buffer(key, session, db, name, copy.deepcopy(doc))
+        n += 1
+    return {"n": n}
 
 
 def _is_replacement(update: Any) -> bool:

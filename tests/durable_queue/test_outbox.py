@@ -1,7 +1,7 @@
 """The transactional outbox: ``publish(..., session=s)`` inside the caller's transaction.
 
-The fake replica set applies transaction writes at once and cannot abort (its
-``abortTransaction`` fails), so the abort test runs on real MongoDB only (it skips here).
+The abort test runs on the fake replica set (which buffers a transaction's inserts until
+it commits, see ``mongo_events.testing.transactions``) and on real MongoDB wherever it exists.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import pymongo
 import pytest
 
 from mongo_events.queue import Queue
+from mongo_events.testing import FakeReplicaSet
 
-from ..conftest import wait_for
+from ..conftest import CLIENT_OPTIONS, wait_for
 from ..helpers import Recorder
 
 
@@ -42,9 +43,15 @@ def test_publish_in_a_committed_transaction_is_delivered(client: pymongo.MongoCl
         assert got.wait(1) == [1]
 
 
-@pytest.fixture
-def real_client(real_mongodb_uri: str) -> Iterator[pymongo.MongoClient[Any]]:
-    c: pymongo.MongoClient[Any] = pymongo.MongoClient(real_mongodb_uri)
+@pytest.fixture(params=["fake", pytest.param("real", marks=pytest.mark.mongodb)])
+def outbox_client(request: pytest.FixtureRequest) -> Iterator[pymongo.MongoClient[Any]]:
+    if request.param == "fake":
+        with FakeReplicaSet() as rs:
+            c: pymongo.MongoClient[Any] = pymongo.MongoClient(rs.uri, **CLIENT_OPTIONS)
+            yield c
+            c.close()
+        return
+    c = pymongo.MongoClient(request.getfixturevalue("real_mongodb_uri"))
     c.drop_database("shop")
     c.shop.create_collection("orders")
     c.shop.create_collection("messages")  # a transaction cannot create collections before 4.4
@@ -52,17 +59,18 @@ def real_client(real_mongodb_uri: str) -> Iterator[pymongo.MongoClient[Any]]:
     c.close()
 
 
-@pytest.mark.mongodb
-def test_publish_in_an_aborted_transaction_is_never_delivered(real_client: pymongo.MongoClient[Any]) -> None:
+def test_publish_in_an_aborted_transaction_is_never_delivered(
+    outbox_client: pymongo.MongoClient[Any],
+) -> None:
     got = Recorder()
-    queue = Queue(real_client.shop.messages, poll_interval=0.05)
+    queue = Queue(outbox_client.shop.messages, poll_interval=0.05)
     queue.subscribe(lambda p: got.add(p["order_id"]), event="order.placed")
     with queue:
         with pytest.raises(Boom):
-            _place_order(real_client, queue, 1, fail=True)
-        _place_order(real_client, queue, 2, fail=False)
+            _place_order(outbox_client, queue, 1, fail=True)
+        _place_order(outbox_client, queue, 2, fail=False)
         assert got.wait(1) == [2]
         assert wait_for(lambda: queue.stats().acked == 1)
-    assert real_client.shop.orders.count_documents({}) == 1
+    assert outbox_client.shop.orders.count_documents({}) == 1
     assert queue.stats().total == 1  # the aborted message never existed
     assert got.items == [2]

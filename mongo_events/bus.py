@@ -27,12 +27,19 @@ from pymongo import MongoClient
 from pymongo.collection import Collection as MongoCollection
 from pymongo.database import Database
 
-from .bus_options import BusOptions, HistoryLostPolicy, OptionAttribute, Ordering, as_idempotency
+from .bus_options import (
+    BusOptions,
+    HistoryLostPolicy,
+    OptionAttribute,
+    Ordering,
+    as_idempotency,
+    check_payload,
+)
 from .checkpointing import _takes_namespace
 from .consumer import StreamConsumer
 from .deadlettering import dead_letter_hook
 from .deadlettering import replay as replay_letter
-from .decoding import CattrsDecoder, Decoder
+from .decoding import Decoder
 from .dispatch import DeadLetterHook, Dispatcher
 from .errors import BusStateError, ConfigurationError, ShutdownTimeout, StoreError, ThreadFailed
 from .events import FullDocument, OperationType
@@ -42,13 +49,21 @@ from .health import DeadLetterWatch, Health, stream_health
 from .history import plan_rewind, rewind_token
 from .idempotency.base import IdempotencyStore
 from .idempotency.guard import Idempotency
-from .lifecycle import FINAL_FLUSH_MIN, Store, check_threads_run, close_stores, ensure_indexes, stop_threads
+from .lifecycle import (
+    FINAL_FLUSH_MIN,
+    Store,
+    build_threads,
+    check_threads_run,
+    close_stores,
+    ensure_indexes,
+    stop_threads,
+    wait_for_stream,
+)
 from .metrics import Metrics
 from .middleware.base import Middleware
 from .monitor.middleware import MonitorMiddleware
 from .monitor.status import ConsumerStatusStore, StatusPublisher
 from .monitor.store import MonitorStore
-from .options import invalid
 from .reporting import ErrorContext, ErrorHandler, ErrorKindName, report_error
 from .retrying import RetryBackoff
 from .runner import ensure_logging
@@ -424,7 +439,7 @@ class Bus:
                 idempotency=as_idempotency(idempotency) or self.idempotency or self.options.crash_counter,
             )
             if payload is not None:
-                self._check_payload(payload)
+                check_payload(self.options.decoder, payload)
             if any(s.name == sub.name for s in self._subscriptions):
                 raise ConfigurationError(
                     f"a subscription named {sub.name!r} already exists on bus {self.name!r}; pass name=..."
@@ -435,24 +450,6 @@ class Bus:
         if callback is not None:
             return register(callback)
         return register
-
-    def _check_payload(self, payload: Any) -> None:
-        """Ask the converter for ``payload``'s structure hook now, not at the first event."""
-        decoder = self.options.decoder
-        if not isinstance(decoder, CattrsDecoder) or payload is dict or payload is Any:
-            return  # a custom decoder: only it knows what it can build
-        lookup = getattr(decoder.converter, "get_structure_hook", None)  # cattrs 24+
-        if lookup is None:
-            return
-        try:
-            lookup(payload)
-        except Exception as exc:
-            raise invalid(
-                "payload",
-                payload,
-                f"a type the decoder's cattrs converter can structure ({exc}); use a dataclass, attrs class, "
-                "TypedDict or dict, or register a hook on make_converter() and pass decoder=CattrsDecoder(converter)",
-            ) from exc
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -512,24 +509,9 @@ class Bus:
             lambda exc, what: self._report(exc, "store", what=what),
         )
         consumer = self._consumer
-        # One pool per bus, on the consumer's window lock: finishing costs one acquisition.
-        self._dispatcher = Dispatcher(
-            max_workers=self.max_workers,
-            decoder=self.options.decoder,
-            middleware=self.options.chain,
-            on_done=consumer.window.finish,
-            on_fatal=self._fail,
-            dead_letters=self._dead_letters,
-            bus_name=self.name,
-            lock=consumer.window.mutex,
+        self._dispatcher, self._flusher = build_threads(
+            self.options, consumer, dead_letters=self._dead_letters, fail=self._fail, report=self._report
         )
-        tasks = [consumer.checkpointer.flush]
-        if self.monitor is not None:
-            tasks.append(self._reporting_task(self.monitor.flush, "write monitor entries"))
-        if self.metrics is not None:
-            tasks.append(consumer.oplog.refresh)
-        self._flusher = Flusher(tasks, self.flush_interval, self.name, on_fatal=self._fail)
-        consumer.attach(self._dispatcher, self._flusher.wake)
         try:
             position = self._initial_position()
         except StoreError as exc:
@@ -542,17 +524,7 @@ class Bus:
         if self.status is not None:
             self.status.attach(self)
         consumer.start(position)
-        if consumer.connected.wait(self.start_timeout):
-            if consumer.connect_error is not None:
-                raise consumer.connect_error
-        else:
-            # Web apps start at boot and must not hang on a server that is down: keep trying in
-            # the background, but loudly: ERROR here and at each retry, health "unhealthy".
-            message = f"the change stream on {self.namespace} did not open within {self.start_timeout:.0f}s; still trying in the background"
-            self._note_error(message)
-            log.error(
-                "bus %s: %s; health is unhealthy and nothing is delivered until it opens", self.name, message
-            )
+        wait_for_stream(consumer, self.name, self.namespace, self.start_timeout)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop gracefully: stop the watcher, let running callbacks finish, write the checkpoint.
@@ -934,17 +906,3 @@ class Bus:
         """Tell ``on_error`` (if any) about an error; see :mod:`mongo_events.reporting`."""
         if self.on_error is not None:
             report_error(self.on_error, error, ErrorContext(kind, self.name, None, event_id, None, what))
-
-    def _reporting_task(self, task: Callable[[], None], what: str) -> Callable[[], None]:
-        """A flusher task that reports its failures (kind ``store``) before they propagate."""
-        if self.on_error is None:
-            return task
-
-        def run() -> None:
-            try:
-                task()
-            except Exception as exc:
-                self._report(exc, "store", what=what)
-                raise
-
-        return run

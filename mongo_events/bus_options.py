@@ -43,7 +43,14 @@ from .reporting import ErrorHandler, ErrorReporter
 from .stores.base import AckStore, DeadLetterStore, ResumeTokenStore
 from .stores.mongodb import DEFAULT_COLLECTION, MongoResumeTokenStore
 
-__all__ = ["BusOptions", "HistoryLostPolicy", "OptionAttribute", "Ordering", "as_idempotency"]
+__all__ = [
+    "BusOptions",
+    "HistoryLostPolicy",
+    "OptionAttribute",
+    "Ordering",
+    "as_idempotency",
+    "check_payload",
+]
 
 T = TypeVar("T")
 Ordering = Literal["document", "stream", "none"]
@@ -309,6 +316,24 @@ def as_idempotency(value: IdempotencyStore | Idempotency | None) -> Idempotency 
     raise ConfigurationError(
         f"idempotency must be an IdempotencyStore or an Idempotency, got {type(value).__name__}"
     )
+
+
+def check_payload(decoder: Decoder, payload: Any) -> None:
+    """Ask the converter for ``subscribe(payload=...)``'s structure hook now, not at the first event."""
+    if not isinstance(decoder, CattrsDecoder) or payload is dict or payload is Any:
+        return  # a custom decoder: only it knows what it can build
+    lookup = getattr(decoder.converter, "get_structure_hook", None)  # cattrs 24+
+    if lookup is None:
+        return
+    try:
+        lookup(payload)
+    except Exception as exc:
+        raise invalid(
+            "payload",
+            payload,
+            f"a type the decoder's cattrs converter can structure ({exc}); use a dataclass, attrs class, "
+            "TypedDict or dict, or register a hook on make_converter() and pass decoder=CattrsDecoder(converter)",
+        ) from exc
 
 
 def _hostname() -> str:

@@ -13,14 +13,25 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
 from typing import Any, Protocol
 
+from .bus_options import BusOptions
 from .consumer import StreamConsumer
-from .dispatch import Dispatcher
+from .dispatch import DeadLetterHook, Dispatcher
 from .errors import ConfigurationError, StoreError
 from .flusher import Flusher
 
-__all__ = ["FINAL_FLUSH_MIN", "Store", "check_threads_run", "close_stores", "ensure_indexes", "stop_threads"]
+__all__ = [
+    "FINAL_FLUSH_MIN",
+    "Store",
+    "build_threads",
+    "check_threads_run",
+    "close_stores",
+    "ensure_indexes",
+    "stop_threads",
+    "wait_for_stream",
+]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +89,72 @@ def check_threads_run(name: str) -> None:
             "would never run. Add enable-threads = true (or threads = N) to the uWSGI configuration, and "
             "lazy-apps = true so buses start after the fork"
         )
+
+
+def build_threads(
+    options: BusOptions,
+    consumer: StreamConsumer,
+    *,
+    dead_letters: DeadLetterHook | None,
+    fail: Callable[[BaseException], None],
+    report: Callable[..., None],
+) -> tuple[Dispatcher, Flusher]:
+    """The worker pool and the flusher of one run, wired to ``consumer`` (not started yet).
+
+    :param fail: stops the bus with an error; ``report(error, kind, what=...)`` tells ``on_error``.
+    """
+    # One pool per bus, on the consumer's window lock: finishing costs one acquisition.
+    dispatcher = Dispatcher(
+        max_workers=options.max_workers,
+        decoder=options.decoder,
+        middleware=options.chain,
+        on_done=consumer.window.finish,
+        on_fatal=fail,
+        dead_letters=dead_letters,
+        bus_name=options.name,
+        lock=consumer.window.mutex,
+    )
+    tasks = [consumer.checkpointer.flush]
+    if options.monitor is not None:
+        flush_monitor = options.monitor.flush
+        if options.on_error is not None:
+            flush_monitor = _reporting(flush_monitor, "write monitor entries", report)
+        tasks.append(flush_monitor)
+    if options.metrics is not None:
+        tasks.append(consumer.oplog.refresh)
+    flusher = Flusher(tasks, options.flush_interval, options.name, on_fatal=fail)
+    consumer.attach(dispatcher, flusher.wake)
+    return dispatcher, flusher
+
+
+def _reporting(task: Callable[[], None], what: str, report: Callable[..., None]) -> Callable[[], None]:
+    """A flusher task that reports its failures (kind ``store``) before they propagate."""
+
+    def run() -> None:
+        try:
+            task()
+        except Exception as exc:
+            report(exc, "store", what=what)
+            raise
+
+    return run
+
+
+def wait_for_stream(consumer: StreamConsumer, name: str, namespace: str, timeout: float) -> None:
+    """Wait up to ``timeout`` for the first stream: raise why it could not open, or, if it
+    is still trying, say so loudly and return (``start()`` must not hang on a server that is down).
+    """
+    if consumer.connected.wait(timeout):
+        if consumer.connect_error is not None:
+            raise consumer.connect_error
+        return
+    # Web apps start at boot and must not hang on a server that is down: keep trying in
+    # the background, but loudly: ERROR here and at each retry, health "unhealthy".
+    message = (
+        f"the change stream on {namespace} did not open within {timeout:.0f}s; still trying in the background"
+    )
+    consumer.last_error = (message, datetime.now(timezone.utc))
+    log.error("bus %s: %s; health is unhealthy and nothing is delivered until it opens", name, message)
 
 
 def stop_threads(

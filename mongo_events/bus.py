@@ -28,9 +28,9 @@ from pymongo.collection import Collection as MongoCollection
 from pymongo.database import Database
 
 from .bus_options import (
+    BusOptionAttributes,
     BusOptions,
     HistoryLostPolicy,
-    OptionAttribute,
     Ordering,
     as_idempotency,
     check_payload,
@@ -94,7 +94,7 @@ class BusState(str, enum.Enum):
     FAILED = "failed"
 
 
-class Bus:
+class Bus(BusOptionAttributes):
     """Delivers the changes of one change stream to subscribed callbacks, at least once.
 
     :param target: a pymongo ``Collection`` (collection watch), ``Database`` (database
@@ -222,6 +222,7 @@ class Bus:
         snapshot_filter: Mapping[str, Any] | None = None,
         snapshot_batch_size: int = 1000,
     ) -> None:
+        # Every keyword by name: BusOptions has a field for each (tests/test_bus_options.py).
         given = {key: value for key, value in locals().items() if key != "self"}
         self.options = BusOptions.build(target, given)
         self._subscriptions: list[Subscription] = []
@@ -238,46 +239,6 @@ class Bus:
             on_outcome=self._dead_letter_watch.outcome,
         )
         self._reset_runtime()
-
-    # The options, as attributes (read from ``self.options``; setting one takes effect at
-    # the next start).
-    name: OptionAttribute[str] = OptionAttribute()
-    level: OptionAttribute[str] = OptionAttribute()
-    full_document: OptionAttribute[FullDocument | None] = OptionAttribute()
-    full_document_before_change: OptionAttribute[str | None] = OptionAttribute()
-    full_document_only: OptionAttribute[bool] = OptionAttribute()
-    update_description: OptionAttribute[bool] = OptionAttribute()
-    include_empty_updates: OptionAttribute[bool] = OptionAttribute()
-    max_updated_fields_size: OptionAttribute[int] = OptionAttribute()
-    pipeline: OptionAttribute[list[dict[str, Any]]] = OptionAttribute()
-    batch_size: OptionAttribute[int | None] = OptionAttribute()
-    max_await_time: OptionAttribute[float] = OptionAttribute()
-    show_expanded_events: OptionAttribute[bool] = OptionAttribute()
-    resume: OptionAttribute[bool] = OptionAttribute()
-    token_store: OptionAttribute[ResumeTokenStore | None] = OptionAttribute()
-    start_from_past: OptionAttribute[timedelta | Literal["all"] | None] = OptionAttribute()
-    max_workers: OptionAttribute[int] = OptionAttribute()
-    max_in_flight: OptionAttribute[int] = OptionAttribute()
-    ordering: OptionAttribute[Ordering] = OptionAttribute()
-    flush_interval: OptionAttribute[float] = OptionAttribute()
-    ack_store: OptionAttribute[AckStore | None] = OptionAttribute()
-    on_history_lost: OptionAttribute[HistoryLostPolicy] = OptionAttribute()
-    history_lost_callback: OptionAttribute[Callable[[str, Timestamp | None], None] | None] = OptionAttribute()
-    start_timeout: OptionAttribute[float] = OptionAttribute()
-    metrics: OptionAttribute[Metrics | None] = OptionAttribute()
-    monitor: OptionAttribute[MonitorMiddleware | None] = OptionAttribute()
-    on_error: OptionAttribute[ErrorHandler | None] = OptionAttribute()
-    status: OptionAttribute[StatusPublisher | None] = OptionAttribute()
-    idempotency: OptionAttribute[Idempotency | None] = OptionAttribute()
-    snapshot_mode: OptionAttribute[Literal["initial", "always"] | None] = OptionAttribute("snapshot")
-    snapshot_collections: OptionAttribute[list[str] | None] = OptionAttribute()
-    snapshot_filter: OptionAttribute[dict[str, Any] | None] = OptionAttribute()
-    snapshot_batch_size: OptionAttribute[int] = OptionAttribute()
-
-    @property
-    def dead_letter_store(self) -> DeadLetterStore | None:
-        """``dead_letters`` when it is a :class:`DeadLetterStore` (not a function)."""
-        return self.options.dead_letter_store
 
     def _reset_runtime(self) -> None:
         self._stop_event = threading.Event()

@@ -9,7 +9,9 @@ it reads. What each option means is documented once, on :class:`~mongo_events.Bu
 Adding an option: its keyword (with a default) and ``:param:`` line in ``Bus.__init__``,
 then, here, a field of :class:`BusOptions` (same name and order), its check in
 :func:`_check` (or :meth:`BusOptions.build` when it depends on other options), and a
-line in :meth:`BusOptions.spec` if the stream consumer reads it.
+line in :meth:`BusOptions.spec` if the stream consumer reads it. A line in
+:class:`BusOptionAttributes` makes it an attribute of the bus too (``bus.<option>``);
+new options need none: ``bus.options.<option>`` reads every one.
 tests/test_bus_options.py checks that the keywords, the fields and the docstring agree.
 """
 
@@ -44,6 +46,7 @@ from .stores.base import AckStore, DeadLetterStore, ResumeTokenStore
 from .stores.mongodb import DEFAULT_COLLECTION, MongoResumeTokenStore
 
 __all__ = [
+    "BusOptionAttributes",
     "BusOptions",
     "HistoryLostPolicy",
     "OptionAttribute",
@@ -288,7 +291,7 @@ class OptionAttribute(Generic[T]):
     def __set_name__(self, owner: type[Any], name: str) -> None:
         self.field = self.field or name
         self.__doc__ = (
-            f"``options.{self.field}`` (see the class docstring); setting it counts from the next start."
+            f"``options.{self.field}`` (see the Bus docstring); setting it counts from the next start."
         )
 
     @overload
@@ -305,6 +308,54 @@ class OptionAttribute(Generic[T]):
     def __set__(self, bus: _HasOptions, value: T) -> None:
         changes: dict[str, Any] = {self.field: value}
         bus.options = attrs.evolve(bus.options, **changes)
+
+
+class BusOptionAttributes:
+    """Each option as an attribute of the bus (``bus.max_workers``): :class:`~mongo_events.Bus`
+    inherits these. They read ``bus.options``; setting one (unchecked, as setting the plain
+    attribute always was) counts from the next start. ``snapshot`` reads as ``snapshot_mode``
+    (``Bus.snapshot`` is a method); ``token_store`` and ``level`` follow from the options.
+    """
+
+    options: BusOptions
+
+    name: OptionAttribute[str] = OptionAttribute()
+    level: OptionAttribute[str] = OptionAttribute()
+    full_document: OptionAttribute[FullDocument | None] = OptionAttribute()
+    full_document_before_change: OptionAttribute[str | None] = OptionAttribute()
+    full_document_only: OptionAttribute[bool] = OptionAttribute()
+    update_description: OptionAttribute[bool] = OptionAttribute()
+    include_empty_updates: OptionAttribute[bool] = OptionAttribute()
+    max_updated_fields_size: OptionAttribute[int] = OptionAttribute()
+    pipeline: OptionAttribute[list[dict[str, Any]]] = OptionAttribute()
+    batch_size: OptionAttribute[int | None] = OptionAttribute()
+    max_await_time: OptionAttribute[float] = OptionAttribute()
+    show_expanded_events: OptionAttribute[bool] = OptionAttribute()
+    resume: OptionAttribute[bool] = OptionAttribute()
+    token_store: OptionAttribute[ResumeTokenStore | None] = OptionAttribute()
+    start_from_past: OptionAttribute[timedelta | Literal["all"] | None] = OptionAttribute()
+    max_workers: OptionAttribute[int] = OptionAttribute()
+    max_in_flight: OptionAttribute[int] = OptionAttribute()
+    ordering: OptionAttribute[Ordering] = OptionAttribute()
+    flush_interval: OptionAttribute[float] = OptionAttribute()
+    ack_store: OptionAttribute[AckStore | None] = OptionAttribute()
+    on_history_lost: OptionAttribute[HistoryLostPolicy] = OptionAttribute()
+    history_lost_callback: OptionAttribute[Callable[[str, Timestamp | None], None] | None] = OptionAttribute()
+    start_timeout: OptionAttribute[float] = OptionAttribute()
+    metrics: OptionAttribute[Metrics | None] = OptionAttribute()
+    monitor: OptionAttribute[MonitorMiddleware | None] = OptionAttribute()
+    on_error: OptionAttribute[ErrorHandler | None] = OptionAttribute()
+    status: OptionAttribute[StatusPublisher | None] = OptionAttribute()
+    idempotency: OptionAttribute[Idempotency | None] = OptionAttribute()
+    snapshot_mode: OptionAttribute[Literal["initial", "always"] | None] = OptionAttribute("snapshot")
+    snapshot_collections: OptionAttribute[list[str] | None] = OptionAttribute()
+    snapshot_filter: OptionAttribute[dict[str, Any] | None] = OptionAttribute()
+    snapshot_batch_size: OptionAttribute[int] = OptionAttribute()
+
+    @property
+    def dead_letter_store(self) -> DeadLetterStore | None:
+        """``dead_letters`` when it is a :class:`DeadLetterStore` (not a function)."""
+        return self.options.dead_letter_store
 
 
 def as_idempotency(value: IdempotencyStore | Idempotency | None) -> Idempotency | None:

@@ -1,10 +1,12 @@
 """The bus: the facade over one stream consumer, its subscriptions and their lifecycle.
 
-The bus holds options and their validation, ``subscribe``, the lifecycle
-(``start``/``stop``/``run_forever``/``join``) and the public queries. It holds no
-per-event logic: the stream consumer (:mod:`mongo_events.consumer`) owns the
-watcher, the window and the checkpoint writing; the dispatcher runs callbacks; the
-flusher runs the write tasks. See README.rst, "Architecture".
+The bus holds its options (:mod:`mongo_events.bus_options`, checked once at
+construction), ``subscribe``, the lifecycle (``start``/``stop``/``run_forever``/``join``)
+and the public queries. It holds no per-event logic: the stream consumer
+(:mod:`mongo_events.consumer`) owns the watcher, the window and the checkpoint writing;
+the dispatcher runs callbacks; the flusher runs the write tasks; :mod:`mongo_events.lifecycle`
+stops them in order; :mod:`mongo_events.health` assembles ``health()``. See README.rst,
+"Architecture".
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ import enum
 import logging
 import os
 import signal
-import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -22,169 +22,62 @@ from datetime import datetime, timedelta, timezone
 from types import FrameType, TracebackType
 from typing import Any, Literal, TypeVar, overload
 
-import attrs
 from bson.timestamp import Timestamp
 from pymongo import MongoClient
 from pymongo.collection import Collection as MongoCollection
 from pymongo.database import Database
 
-from .checkpointing import _takes_namespace
-from .consumer import StreamConsumer, StreamSpec
-from .deadlettering import dead_letter_hook
-from .decoding import CattrsDecoder, Decoder
-from .delivery import Delivery
-from .dispatch import DeadLetterHook, Dispatcher, call_subscription, check_coalesce
-from .errors import (
-    BusStateError,
-    ConfigurationError,
-    ShutdownTimeout,
-    Skip,
-    StoreError,
-    ThreadFailed,
+from .bus_options import (
+    BusOptionAttributes,
+    BusOptions,
+    HistoryLostPolicy,
+    Ordering,
+    as_idempotency,
+    check_payload,
 )
-from .events import ChangeEvent, FullDocument, OperationType
+from .checkpointing import _takes_namespace
+from .consumer import StreamConsumer
+from .deadlettering import dead_letter_hook
+from .deadlettering import replay as replay_letter
+from .decoding import Decoder
+from .dispatch import DeadLetterHook, Dispatcher
+from .errors import BusStateError, ConfigurationError, ShutdownTimeout, StoreError, ThreadFailed
+from .events import FullDocument, OperationType
 from .flusher import Flusher
 from .guard import describe
-from .health import Health, assess
+from .health import DeadLetterWatch, Health, stream_health
 from .history import plan_rewind, rewind_token
 from .idempotency.base import IdempotencyStore
-from .idempotency.guard import CrashCounter, Idempotency
+from .idempotency.guard import Idempotency
+from .lifecycle import (
+    FINAL_FLUSH_MIN,
+    Store,
+    build_threads,
+    check_threads_run,
+    close_stores,
+    ensure_indexes,
+    stop_threads,
+    wait_for_stream,
+)
 from .metrics import Metrics
 from .middleware.base import Middleware
 from .monitor.middleware import MonitorMiddleware
 from .monitor.status import ConsumerStatusStore, StatusPublisher
 from .monitor.store import MonitorStore
-from .options import check_callable, check_choice, check_has_method, check_int, check_number, invalid
-from .reporting import ErrorContext, ErrorHandler, ErrorKindName, ErrorReporter, report_error
+from .reporting import ErrorContext, ErrorHandler, ErrorKindName, report_error
 from .retrying import RetryBackoff
 from .runner import ensure_logging
 from .snapshot import SnapshotProgress, progress_token
 from .stores.base import AckStore, DeadLetterStore, ResumeTokenStore
-from .stores.mongodb import DEFAULT_COLLECTION, MongoResumeTokenStore
 from .stores.records import DeadLetter
 from .subscription import OnExhausted, Subscription
 from .watcher import Position
 
-__all__ = ["Bus", "BusState", "HistoryLostPolicy", "Ordering"]
+__all__ = ["FINAL_FLUSH_MIN", "Bus", "BusState", "HistoryLostPolicy", "Ordering"]
 
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
-Ordering = Literal["document", "stream", "none"]
-HistoryLostPolicy = Literal["raise", "restart_from_now"]
-
-_FULL_DOCUMENT_OPTIONS = {FullDocument.UPDATE_LOOKUP, FullDocument.WHEN_AVAILABLE, FullDocument.REQUIRED}
-
-#: The final checkpoint write at stop() gets at least this many seconds, even when the
-#: callbacks used the whole timeout.
-FINAL_FLUSH_MIN = 1.0
-
-
-def _check_bus_options(o: Mapping[str, Any]) -> None:
-    """Refuse every bad :class:`Bus` option with a :class:`ConfigurationError` naming it."""
-    if o["name"] is not None and not isinstance(o["name"], str):
-        raise invalid("name", o["name"], "a str or None")
-    check_choice("full_document", o["full_document"], [None, *FullDocument])
-    check_choice(
-        "full_document_before_change",
-        o["full_document_before_change"],
-        [None, "off", "whenAvailable", "required"],
-    )
-    for flag in (
-        "full_document_only",
-        "update_description",
-        "include_empty_updates",
-        "show_expanded_events",
-        "resume",
-    ):
-        if not isinstance(o[flag], bool):
-            raise invalid(flag, o[flag], "True or False")
-    check_int("max_updated_fields_size", o["max_updated_fields_size"], 0)
-    pipeline = o["pipeline"]
-    if pipeline is not None and (
-        isinstance(pipeline, (str, bytes, Mapping)) or not isinstance(pipeline, Sequence)
-    ):
-        raise invalid("pipeline", pipeline, "a list of stages such as [{'$match': ...}]")
-    for stage in pipeline or ():
-        if not isinstance(stage, Mapping) or len(stage) != 1:
-            raise invalid(
-                "pipeline",
-                pipeline,
-                f"a list of one-key mappings such as {{'$match': ...}} (bad stage: {stage!r})",
-            )
-    check_int("batch_size", o["batch_size"], 0, allow_none=True)
-    if not isinstance(o["max_await_time"], timedelta):
-        check_number("max_await_time", o["max_await_time"])
-    elif o["max_await_time"] <= timedelta(0):
-        raise invalid("max_await_time", o["max_await_time"], "a positive number of seconds or timedelta")
-    store = o["resume_token_store"]
-    if store is not None and not isinstance(store, ResumeTokenStore):
-        raise invalid(
-            "resume_token_store",
-            store,
-            "a mongo_events.ResumeTokenStore (MongoResumeTokenStore, FileResumeTokenStore ...) or None",
-        )
-    coll = o["resume_token_collection"]
-    if coll is not None and not isinstance(coll, (MongoCollection, str)):
-        raise invalid("resume_token_collection", coll, "a pymongo Collection, a collection name or None")
-    if o["resume_token_id"] is not None and (
-        not isinstance(o["resume_token_id"], str) or not o["resume_token_id"]
-    ):
-        raise invalid("resume_token_id", o["resume_token_id"], "a non-empty str or None")
-    past = o["start_from_past"]
-    if past is not None and past != "all" and (not isinstance(past, timedelta) or past <= timedelta(0)):
-        raise invalid("start_from_past", past, 'a positive datetime.timedelta, "all" or None')
-    check_int("max_workers", o["max_workers"], 1)
-    check_int("max_in_flight", o["max_in_flight"], 1)
-    check_choice("ordering", o["ordering"], ["document", "stream", "none"])
-    check_number("flush_interval", o["flush_interval"])
-    if o["decoder"] is not None:
-        check_has_method("decoder", o["decoder"], "decode", "a mongo_events.Decoder")
-    middleware = o["middleware"]
-    if (
-        isinstance(middleware, (str, bytes, Mapping))
-        or not isinstance(middleware, Sequence)
-        or not all(isinstance(m, Middleware) for m in middleware)
-    ):
-        raise invalid("middleware", middleware, "a list of mongo_events.Middleware instances")
-    dead = o["dead_letters"]
-    if dead is not None and not isinstance(dead, DeadLetterStore) and not callable(dead):
-        raise invalid(
-            "dead_letters",
-            dead,
-            "a mongo_events.DeadLetterStore, a function (event, subscription, error, attempts) or None",
-        )
-    if o["ack_store"] is not None and not isinstance(o["ack_store"], AckStore):
-        raise invalid(
-            "ack_store", o["ack_store"], "a mongo_events.AckStore (MongoAckStore, MemoryAckStore) or None"
-        )
-    check_choice("on_history_lost", o["on_history_lost"], ["raise", "restart_from_now"])
-    check_choice("snapshot", o["snapshot"], [None, "initial", "always"])
-    check_int("snapshot_batch_size", o["snapshot_batch_size"], 1)
-    names = o["snapshot_collections"]
-    if names is not None and (
-        isinstance(names, str) or not all(isinstance(n, str) and n for n in names) or not names
-    ):
-        raise invalid("snapshot_collections", names, "a non-empty list of collection names or None")
-    if o["snapshot_filter"] is not None and not isinstance(o["snapshot_filter"], Mapping):
-        raise invalid("snapshot_filter", o["snapshot_filter"], "a query document (a dict) or None")
-    if (
-        o["snapshot"] is not None
-        and isinstance(o["target"], MongoClient)
-        and (names is None or not all("." in n for n in names))
-    ):
-        raise invalid(
-            "snapshot_collections", names, 'a list of "db.coll" names: a cluster bus snapshots only those'
-        )
-    check_callable("history_lost_callback", o["history_lost_callback"], "a function (key, since) or None")
-    check_number("start_timeout", o["start_timeout"])
-    if o["metrics"] is not None and not isinstance(o["metrics"], Metrics):
-        raise invalid("metrics", o["metrics"], "a mongo_events.Metrics or None")
-    if o["monitor"] is not None and not isinstance(o["monitor"], (MonitorStore, MonitorMiddleware)):
-        raise invalid(
-            "monitor", o["monitor"], "a mongo_events.monitor.MonitorStore, a MonitorMiddleware or None"
-        )
-
 
 #: Seconds of failing dead-letter writes after which ``health()`` says ``unhealthy``.
 DEAD_LETTER_STALL = 60.0
@@ -201,7 +94,7 @@ class BusState(str, enum.Enum):
     FAILED = "failed"
 
 
-class Bus:
+class Bus(BusOptionAttributes):
     """Delivers the changes of one change stream to subscribed callbacks, at least once.
 
     :param target: a pymongo ``Collection`` (collection watch), ``Database`` (database
@@ -283,6 +176,10 @@ class Bus:
         the newest per subscription (Go's ``CoalesceByDocumentKey``; see "Coalescing"). Needs
         ``ordering="document"``.
 
+    :ivar options: the validated options (:class:`~mongo_events.bus_options.BusOptions`);
+        each option is also an attribute of the bus (``bus.max_workers``, and
+        ``bus.snapshot_mode`` for ``snapshot``).
+
     .. versionadded:: 0.1.0
     """
 
@@ -329,131 +226,29 @@ class Bus:
         snapshot_batch_size: int = 1000,
         coalesce: bool = False,
     ) -> None:
-        if isinstance(target, MongoCollection):
-            self.level = "collection"
-            self._db: Database[Any] = target.database
-            self._namespace = f"{target.database.name}.{target.name}"
-            self._default_coll: str | None = target.name
-        elif isinstance(target, Database):
-            self.level = "database"
-            self._db = target
-            self._namespace = f"{target.name}.*"
-            self._default_coll = None
-        elif isinstance(target, MongoClient):
-            self.level = "cluster"
-            self._db = target.admin
-            self._namespace = "*.*"
-            self._default_coll = None
-        else:
-            raise ConfigurationError(
-                f"Bus needs a pymongo Collection, Database or MongoClient to watch, got {type(target).__name__}"
-            )
-        self._target = target
-        self._resume_token_id = resume_token_id or _hostname()
-        self._default_db = self._db.name if self.level != "cluster" else ""
-        self.name = name or self._namespace
-
-        _check_bus_options(locals())
-        check_coalesce(coalesce, ordering)
-        fd = FullDocument(full_document) if full_document is not None else None
-        has_full = fd in _FULL_DOCUMENT_OPTIONS
-        if max_updated_fields_size and not has_full:
-            raise ConfigurationError(
-                "max_updated_fields_size drops updated fields, so callbacks need the full document instead: "
-                "also pass full_document=FullDocument.UPDATE_LOOKUP (or WHEN_AVAILABLE / REQUIRED)"
-            )
-        if full_document_only and not has_full:
-            raise ConfigurationError(
-                "full_document_only needs the stream to carry full documents for updates: "
-                "also pass full_document=FullDocument.UPDATE_LOOKUP (or WHEN_AVAILABLE / REQUIRED)"
-            )
-        if resume_token_store is not None and resume_token_collection is not None:
-            raise ConfigurationError("pass resume_token_store or resume_token_collection, not both")
-        if not resume and (resume_token_store is not None or resume_token_collection is not None):
-            raise ConfigurationError(
-                "resume=False stores no position: drop resume_token_store / resume_token_collection, or resume"
-            )
-
-        self.full_document = fd
-        self.full_document_before_change = full_document_before_change
-        self.full_document_only = full_document_only
-        self.update_description = update_description or max_updated_fields_size > 0
-        self.include_empty_updates = include_empty_updates
-        self.max_updated_fields_size = max_updated_fields_size
-        self.pipeline = [dict(s) for s in pipeline or ()]
-        self.batch_size = batch_size
-        self.max_await_time = (
-            max_await_time.total_seconds() if isinstance(max_await_time, timedelta) else float(max_await_time)
-        )
-        self.show_expanded_events = show_expanded_events
-        self.resume = resume
-        self.start_from_past = start_from_past
-        self.max_workers = max_workers
-        self.max_in_flight = max_in_flight
-        self.ordering: Ordering = ordering
-        self.flush_interval = flush_interval
-        self.on_history_lost: HistoryLostPolicy = on_history_lost
-        self.history_lost_callback = history_lost_callback
-        self.snapshot_mode = snapshot
-        self.snapshot_collections = list(snapshot_collections) if snapshot_collections is not None else None
-        self.snapshot_filter = dict(snapshot_filter) if snapshot_filter is not None else None
-        self.snapshot_batch_size = snapshot_batch_size
-        self.coalesce = coalesce
-        self.start_timeout = start_timeout
-        self._decoder: Decoder = decoder or CattrsDecoder()
-        self.metrics = metrics
-        self.monitor: MonitorMiddleware | None = (
-            MonitorMiddleware(monitor) if isinstance(monitor, MonitorStore) else monitor
-        )
-        # The monitor runs outermost (it sees what every other hook sees), then metrics.
-        self._middleware = [m for m in (self.monitor, metrics) if m is not None] + list(middleware)
-        self.on_error = on_error
-        if on_error is not None:
-            self._middleware.append(ErrorReporter(on_error, self.name))
-        self.dead_letter_store = dead_letters if isinstance(dead_letters, DeadLetterStore) else None
-        #: Since when (monotonic) every dead-letter write failed; None while they succeed.
-        self._dead_letter_failing_since: float | None = None
-        self._dead_letters = dead_letter_hook(
-            dead_letters,
-            bus_name=self.name,
-            resume_token_key=self.resume_token_key,
-            on_error=on_error,
-            on_outcome=self._on_dead_letter_outcome,
-        )
-        self.ack_store = ack_store
-        self.status: StatusPublisher | None = (
-            StatusPublisher(status) if isinstance(status, ConsumerStatusStore) else status
-        )
-        if self.status is not None:
-            self._middleware.append(self.status)  # it counts deliveries for the dashboard
-        self.idempotency = _idempotency(idempotency)
-        if crash_store is not None and not isinstance(crash_store, IdempotencyStore):
-            raise ConfigurationError(
-                f"crash_store must be an IdempotencyStore, got {type(crash_store).__name__}"
-            )
-        self._crash_counter = CrashCounter(crash_store) if crash_store is not None else None
-
-        if not resume:
-            self.token_store: ResumeTokenStore | None = None
-        elif resume_token_store is not None:
-            self.token_store = resume_token_store
-        elif isinstance(resume_token_collection, MongoCollection):
-            self.token_store = MongoResumeTokenStore(resume_token_collection)
-        else:
-            self.token_store = MongoResumeTokenStore(self._db[resume_token_collection or DEFAULT_COLLECTION])
-
+        # Every keyword by name: BusOptions has a field for each (tests/test_bus_options.py).
+        given = {key: value for key, value in locals().items() if key != "self"}
+        self.options = BusOptions.build(target, given)
         self._subscriptions: list[Subscription] = []
         self._state = BusState.NEW
         self._state_lock = threading.Lock()
         self._error: BaseException | None = None
         self._pid = os.getpid()
+        self._dead_letter_watch = DeadLetterWatch(self._note_error)
+        self._dead_letters = dead_letter_hook(
+            self.options.dead_letters,
+            bus_name=self.name,
+            resume_token_key=self.resume_token_key,
+            on_error=self.on_error,
+            on_outcome=self._dead_letter_watch.outcome,
+        )
         self._reset_runtime()
 
     def _reset_runtime(self) -> None:
         self._stop_event = threading.Event()
         self._stopped = threading.Event()
         self._consumer = StreamConsumer(
-            self._spec(),
+            self.options.spec(),
             self._subscriptions,
             token_store=self.token_store,
             ack_store=self.ack_store,
@@ -470,50 +265,17 @@ class Bus:
         #: Set by a second SIGINT/SIGTERM in run_forever(): stop without waiting for callbacks.
         self._hurry = threading.Event()
 
-    def _spec(self) -> StreamSpec:
-        return StreamSpec(
-            name=self.name,
-            target=self._target,
-            level=self.level,
-            namespace=self._namespace,
-            default_db=self._default_db,
-            default_coll=self._default_coll,
-            db_name=self._db.name,
-            client=self._db.client,
-            resume_token_key=self.resume_token_key,
-            full_document=self.full_document,
-            full_document_before_change=self.full_document_before_change,
-            full_document_only=self.full_document_only,
-            update_description=self.update_description,
-            include_empty_updates=self.include_empty_updates,
-            max_updated_fields_size=self.max_updated_fields_size,
-            pipeline=self.pipeline,
-            batch_size=self.batch_size,
-            max_await_time=self.max_await_time,
-            show_expanded_events=self.show_expanded_events,
-            start_from_past=self.start_from_past,
-            max_in_flight=self.max_in_flight,
-            ordering=self.ordering,
-            on_history_lost=self.on_history_lost,
-            history_lost_callback=self.history_lost_callback,
-            snapshot=self.snapshot_mode,
-            snapshot_collections=self.snapshot_collections,
-            snapshot_filter=self.snapshot_filter,
-            snapshot_batch_size=self.snapshot_batch_size,
-            coalesce=self.coalesce,
-        )
-
     # -- properties ---------------------------------------------------------------
 
     @property
     def resume_token_key(self) -> str:
         """``"<db.coll | db.* | *.*>:<resume_token_id>"``, the seed's key format."""
-        return f"{self._namespace}:{self._resume_token_id}"
+        return self.options.resume_token_key
 
     @property
     def namespace(self) -> str:
         """What is watched: ``db.coll``, ``db.*`` or ``*.*``."""
-        return self._namespace
+        return self.options.namespace
 
     @property
     def state(self) -> BusState:
@@ -644,10 +406,10 @@ class Bus:
                 full_document_only=self.full_document_only,
                 index=len(self._subscriptions),
                 show_expanded_events=self.show_expanded_events,
-                idempotency=_idempotency(idempotency) or self.idempotency or self._crash_counter,
+                idempotency=as_idempotency(idempotency) or self.idempotency or self.options.crash_counter,
             )
             if payload is not None:
-                self._check_payload(payload)
+                check_payload(self.options.decoder, payload)
             if any(s.name == sub.name for s in self._subscriptions):
                 raise ConfigurationError(
                     f"a subscription named {sub.name!r} already exists on bus {self.name!r}; pass name=..."
@@ -658,24 +420,6 @@ class Bus:
         if callback is not None:
             return register(callback)
         return register
-
-    def _check_payload(self, payload: Any) -> None:
-        """Ask the converter for ``payload``'s structure hook now, not at the first event."""
-        decoder = self._decoder
-        if not isinstance(decoder, CattrsDecoder) or payload is dict or payload is Any:
-            return  # a custom decoder: only it knows what it can build
-        lookup = getattr(decoder.converter, "get_structure_hook", None)  # cattrs 24+
-        if lookup is None:
-            return
-        try:
-            lookup(payload)
-        except Exception as exc:
-            raise invalid(
-                "payload",
-                payload,
-                f"a type the decoder's cattrs converter can structure ({exc}); use a dataclass, attrs class, "
-                "TypedDict or dict, or register a hook on make_converter() and pass decoder=CattrsDecoder(converter)",
-            ) from exc
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -696,7 +440,7 @@ class Bus:
         :raises ThreadFailed: when a bus thread died while starting.
         """
         self._check_pid()
-        self._check_runtime()
+        check_threads_run(self.name)
         with self._state_lock:
             if self._state not in (BusState.NEW, BusState.STOPPED, BusState.FAILED):
                 raise BusStateError(
@@ -724,47 +468,20 @@ class Bus:
         log.info(
             "bus %s started: watching %s, checkpoint key %s",
             self.name,
-            self._namespace,
+            self.namespace,
             self.resume_token_key,
         )
         return self
 
     def _start(self) -> None:
-        for store in (
-            self.token_store,
-            self.ack_store,
-            self.dead_letter_store,
-            self.monitor.store if self.monitor else None,
-            *self._idempotency_stores(),
-        ):
-            if store is None:
-                continue
-            try:
-                store.ensure_indexes()
-            except StoreError as exc:
-                log.warning(
-                    "could not create indexes for %s (%s); going on without them", type(store).__name__, exc
-                )
-                self._report(exc, "store", what=f"create indexes ({type(store).__name__})")
-        consumer = self._consumer
-        # One pool per bus, on the consumer's window lock: finishing costs one acquisition.
-        self._dispatcher = Dispatcher(
-            max_workers=self.max_workers,
-            decoder=self._decoder,
-            middleware=self._middleware,
-            on_done=consumer.window.finish,
-            on_fatal=self._fail,
-            dead_letters=self._dead_letters,
-            bus_name=self.name,
-            lock=consumer.window.mutex,
+        ensure_indexes(
+            [*self._stores(), *self._idempotency_stores()],
+            lambda exc, what: self._report(exc, "store", what=what),
         )
-        tasks = [consumer.checkpointer.flush]
-        if self.monitor is not None:
-            tasks.append(self._reporting_task(self.monitor.flush, "write monitor entries"))
-        if self.metrics is not None:
-            tasks.append(consumer.oplog.refresh)
-        self._flusher = Flusher(tasks, self.flush_interval, self.name, on_fatal=self._fail)
-        consumer.attach(self._dispatcher, self._flusher.wake)
+        consumer = self._consumer
+        self._dispatcher, self._flusher = build_threads(
+            self.options, consumer, dead_letters=self._dead_letters, fail=self._fail, report=self._report
+        )
         try:
             position = self._initial_position()
         except StoreError as exc:
@@ -777,17 +494,7 @@ class Bus:
         if self.status is not None:
             self.status.attach(self)
         consumer.start(position)
-        if consumer.connected.wait(self.start_timeout):
-            if consumer.connect_error is not None:
-                raise consumer.connect_error
-        else:
-            # Web apps start at boot and must not hang on a server that is down: keep trying in
-            # the background, but loudly: ERROR here and at each retry, health "unhealthy".
-            message = f"the change stream on {self._namespace} did not open within {self.start_timeout:.0f}s; still trying in the background"
-            consumer.last_error = (message, datetime.now(timezone.utc))
-            log.error(
-                "bus %s: %s; health is unhealthy and nothing is delivered until it opens", self.name, message
-            )
+        wait_for_stream(consumer, self.name, self.namespace, self.start_timeout)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop gracefully: stop the watcher, let running callbacks finish, write the checkpoint.
@@ -927,16 +634,7 @@ class Bus:
             )
         if self.level == "cluster" and not self.snapshot_collections:
             raise ConfigurationError('a cluster bus snapshots only snapshot_collections=["db.coll", ...]')
-        self.token_store.save(
-            self.resume_token_key,
-            progress_token(SnapshotProgress(None)),
-            None,
-            **(
-                {"namespace": self._namespace, "level": self.level}
-                if _takes_namespace(self.token_store)
-                else {}
-            ),
-        )
+        self._save_marker(self.token_store, progress_token(SnapshotProgress(None)), None)
         log.info("bus %s: a snapshot will run at the next start", self.name)
 
     def rewind(self, to: datetime | Timestamp) -> None:
@@ -958,18 +656,14 @@ class Bus:
             raise ConfigurationError(
                 f"bus {self.name!r} has no resume-token store: there is nothing to rewind"
             )
-        plan = plan_rewind(self._db.client, to, count=False)
-        self.token_store.save(
-            self.resume_token_key,
-            rewind_token(plan.to),
-            plan.to,
-            **(
-                {"namespace": self._namespace, "level": self.level}
-                if _takes_namespace(self.token_store)
-                else {}
-            ),
-        )
+        plan = plan_rewind(self.options.db.client, to, count=False)
+        self._save_marker(self.token_store, rewind_token(plan.to), plan.to)
         log.info("bus %s: rewound %s to cluster time %s", self.name, self.resume_token_key, plan.to)
+
+    def _save_marker(self, store: ResumeTokenStore, token: Mapping[str, Any], at: Timestamp | None) -> None:
+        """Store a snapshot or rewind marker as the checkpoint (with what it watches, if the store keeps it)."""
+        where = {"namespace": self.namespace, "level": self.level} if _takes_namespace(store) else {}
+        store.save(self.resume_token_key, token, at, **where)
 
     def __enter__(self) -> Bus:
         return self.start()
@@ -992,24 +686,6 @@ class Bus:
                 f"{os.getpid()}: create and start buses after the server forks (gunicorn post_fork, uWSGI lazy-apps)"
             )
         self._pid = os.getpid()
-
-    def _check_runtime(self) -> None:
-        """Fail fast where background threads cannot run: uWSGI without threads."""
-        uwsgi = sys.modules.get("uwsgi")
-        if uwsgi is None:
-            return
-        opt = getattr(uwsgi, "opt", {}) or {}
-
-        def on(key: str) -> bool:
-            value = opt.get(key)
-            return bool(value) and value not in (b"0", b"false", "0", "false")
-
-        if not (on("enable-threads") or on("threads")):
-            raise ConfigurationError(
-                f"bus {self.name!r} needs threads, and this uWSGI runs without them: its watcher and workers "
-                "would never run. Add enable-threads = true (or threads = N) to the uWSGI configuration, and "
-                "lazy-apps = true so buses start after the fork"
-            )
 
     def _initial_position(self) -> Position:
         """Where the stream starts (the consumer decides; a seam for the benchmark)."""
@@ -1090,60 +766,29 @@ class Bus:
             )
 
     def _stop_threads(self, deadline: float) -> list[str]:
-        """The shutdown steps; returns the callbacks still running at the deadline."""
-        hurry = self._hurry
-        # Order matters: stop reading first so nothing new is admitted; then stop
-        # handing out work and let running callbacks finish; then write the
-        # watermark, which now covers everything that finished.
-        self._stop_event.set()
-        consumer = self._consumer
-        with consumer.window.cond:
-            consumer.window.cond.notify_all()
-        consumer.stop_watcher(deadline, hurry)  # a second signal stops waiting for it
-        running: list[str] = []
-        if self._dispatcher is not None:
-            self._dispatcher.halt()
-            if not self._dispatcher.wait_idle(deadline, hurry):
-                running = self._dispatcher.running()
-            # Idle workers end at once (halt woke them); busy ones are daemon threads that
-            # cannot be stopped: they end when their callback returns, and never hold exit.
-            soon = time.monotonic() + FINAL_FLUSH_MIN / 2
-            self._dispatcher.join(soon if hurry.is_set() else max(deadline, soon))
-            self._dispatcher.shutdown()
-        if self._flusher is not None:
-            # The flusher thread and the one final write share what is left of the timeout,
-            # and at least FINAL_FLUSH_MIN (all of it after a second signal). An unreachable
-            # store cannot hold stop() for pymongo's default 30 s server selection:
-            # pymongo.timeout() bounds every operation of the final write.
-            now = time.monotonic()
-            grace = now + FINAL_FLUSH_MIN if hurry.is_set() else max(deadline, now + FINAL_FLUSH_MIN)
-            self._flusher.stop(grace - now)
-            budget = max(0.0, grace - time.monotonic())
-            if not self._flusher.flush(timeout=budget):
-                log.error(
-                    "bus %s: the final checkpoint was not stored within %.1fs; the next start redelivers "
-                    "every event after the last stored checkpoint (%s)",
-                    self.name,
-                    grace - now,
-                    consumer.last_error[0] if consumer.last_error else "no error recorded",
-                )
+        """The shutdown steps (see :func:`stop_threads`), then metrics and the stores; returns
+        the callbacks still running at the deadline."""
+        running = stop_threads(
+            self.name,
+            self._consumer,
+            self._dispatcher,
+            self._flusher,
+            stop_event=self._stop_event,
+            deadline=deadline,
+            hurry=self._hurry,
+        )
         if self.metrics is not None:
             try:
                 self.metrics.detach(self)
             except Exception:
                 log.exception("bus %s: detaching metrics failed", self.name)
-        for store in (
-            self.token_store,
-            self.ack_store,
-            self.dead_letter_store,
-            self.monitor.store if self.monitor else None,
-        ):
-            if store is not None:
-                try:
-                    store.close()
-                except Exception:
-                    log.exception("closing %s failed", type(store).__name__)
+        close_stores(self._stores())
         return running
+
+    def _stores(self) -> list[Store | None]:
+        """The stores a start opens (indexes) and a stop closes."""
+        monitor = self.monitor.store if self.monitor else None
+        return [self.token_store, self.ack_store, self.dead_letter_store, monitor]
 
     # -- observability ----------------------------------------------------------------------
 
@@ -1165,16 +810,8 @@ class Bus:
         (no permission on ``local``, a mongos) or before the first checkpoint."""
         return self._consumer.oplog_headroom()
 
-    def _on_dead_letter_outcome(self, error: BaseException | None) -> None:
-        """A dead-letter write succeeded (``None``) or failed: the event stays undone meanwhile."""
-        if error is None:
-            self._dead_letter_failing_since = None
-            return
-        if self._dead_letter_failing_since is None:
-            self._dead_letter_failing_since = time.monotonic()
-        message = (
-            f"dead-letter write failed ({describe(error)}); the event stays undone and holds the checkpoint"
-        )
+    def _note_error(self, message: str) -> None:
+        """Record ``message`` as the stream's last error (``health().last_error``)."""
         self._consumer.last_error = (message, datetime.now(timezone.utc))
 
     def health(self) -> Health:
@@ -1187,41 +824,15 @@ class Bus:
         """
         self._check_pid()
         state = self._state
-        consumer = self._consumer
-        if self.metrics is None:
-            try:
-                consumer.oplog.refresh()
-            except Exception:  # a health probe must answer
-                log.exception("bus %s: oplog window check failed", self.name)
-        health = assess(
+        return stream_health(
+            self._consumer,
+            name=self.name,
             state=state.value,
             running=state is BusState.RUNNING,
-            opened=consumer.opened,
-            stream_active=consumer.stream_active,
-            namespace=self._namespace,
-            last_event=consumer.last_event,
-            last_error=consumer.last_error,
+            namespace=self.namespace,
             failure=self._error,
-            checkpoint_age=self.checkpoint_age(),
-            oplog_headroom=self.oplog_headroom(),
-            pending=self.pending_count(),
-            in_flight=self.in_flight,
-            reconnections=consumer.reconnections,
-            stalled=self._dead_letter_stall(),
-        )
-        runner = consumer.snapshot_runner
-        if runner is None:
-            return health
-        return attrs.evolve(
-            health, phase=runner.phase, snapshot_read=runner.read, snapshot_total=runner.total
-        )
-
-    def _dead_letter_stall(self) -> str | None:
-        since = self._dead_letter_failing_since
-        if since is None or time.monotonic() - since < DEAD_LETTER_STALL:
-            return None
-        return (
-            f"every dead-letter write has failed for {time.monotonic() - since:.0f}s; delivery is held back"
+            stalled=self._dead_letter_watch.stall(DEAD_LETTER_STALL),
+            refresh_oplog=self.metrics is None,
         )
 
     def _idempotency_stores(self) -> list[IdempotencyStore]:
@@ -1245,26 +856,17 @@ class Bus:
 
         :raises ConfigurationError: when no subscription has the letter's ``event_name``.
         """
-        sub = next((s for s in self._subscriptions if s.name == letter.event_name), None)
-        if sub is None:
-            raise ConfigurationError(
-                f"bus {self.name!r} has no subscription {letter.event_name!r} to replay dead letter {letter.id}"
-            )
-        event = ChangeEvent.from_raw(
-            letter.payload, self._db.name if self.level != "cluster" else "", self._default_coll
+        o = self.options
+        return replay_letter(
+            letter,
+            self._subscriptions,
+            bus_name=self.name,
+            decoder=o.decoder,
+            middleware=o.chain,
+            default_db=o.default_db,
+            default_coll=o.default_coll,
+            update_description=o.update_description,
         )
-        delivery = Delivery(
-            event=event,
-            subscription=sub.name,
-            attempt=letter.replay_count + 1,
-            update_description=event.update_description if self.update_description else None,
-            cluster_time=event.cluster_time,
-            bus=self.name,
-            replay=True,
-            original_error=letter.error,
-        )
-        error = call_subscription(sub, event, delivery, self._decoder, self._middleware)
-        return None if isinstance(error, Skip) else error  # a skipped replay (a duplicate) is done
 
     # -- on_error ------------------------------------------------------------------------------
 
@@ -1274,34 +876,3 @@ class Bus:
         """Tell ``on_error`` (if any) about an error; see :mod:`mongo_events.reporting`."""
         if self.on_error is not None:
             report_error(self.on_error, error, ErrorContext(kind, self.name, None, event_id, None, what))
-
-    def _reporting_task(self, task: Callable[[], None], what: str) -> Callable[[], None]:
-        """A flusher task that reports its failures (kind ``store``) before they propagate."""
-        if self.on_error is None:
-            return task
-
-        def run() -> None:
-            try:
-                task()
-            except Exception as exc:
-                self._report(exc, "store", what=what)
-                raise
-
-        return run
-
-
-def _idempotency(value: IdempotencyStore | Idempotency | None) -> Idempotency | None:
-    if value is None or isinstance(value, Idempotency):
-        return value
-    if isinstance(value, IdempotencyStore):
-        return Idempotency(value)
-    raise ConfigurationError(
-        f"idempotency must be an IdempotencyStore or an Idempotency, got {type(value).__name__}"
-    )
-
-
-def _hostname() -> str:
-    try:
-        return socket.gethostname() or "default"
-    except OSError:
-        return "default"

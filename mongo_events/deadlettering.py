@@ -4,22 +4,28 @@ The dispatcher calls a :class:`~mongo_events.dispatch.DeadLetterHook`; this modu
 the one a bus passes: a :class:`DeadLetter` record written to a :class:`DeadLetterStore`
 (or the user's own function), reporting its failures to ``on_error``. The stream consumer
 uses the same hook for an oversize event it could only fetch as a stub.
+:func:`replay` delivers a stored dead letter once more, through the same callback path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 
 from bson import ObjectId
 
-from .dispatch import DeadLetterHook
+from .decoding import Decoder
+from .delivery import Delivery
+from .dispatch import DeadLetterHook, call_subscription
+from .errors import ConfigurationError, Skip
 from .events import ChangeEvent
+from .middleware.base import Middleware
 from .reporting import ErrorContext, ErrorHandler, report_error
 from .stores.base import DeadLetterStore
 from .stores.records import DeadLetter
+from .subscription import Subscription
 
-__all__ = ["dead_letter_hook"]
+__all__ = ["dead_letter_hook", "replay"]
 
 
 def dead_letter_hook(
@@ -98,3 +104,39 @@ class _StoreDeadLetter:
                 created_at=datetime.now(timezone.utc),
             )
         )
+
+
+def replay(
+    letter: DeadLetter,
+    subscriptions: Sequence[Subscription],
+    *,
+    bus_name: str,
+    decoder: Decoder,
+    middleware: Sequence[Middleware],
+    default_db: str,
+    default_coll: str | None,
+    update_description: bool,
+) -> BaseException | None:
+    """Deliver ``letter`` once more through its subscription, on the caller's thread
+    (``Bus.replay``); returns the callback's exception, if any.
+
+    :raises ConfigurationError: when no subscription has the letter's ``event_name``.
+    """
+    sub = next((s for s in subscriptions if s.name == letter.event_name), None)
+    if sub is None:
+        raise ConfigurationError(
+            f"bus {bus_name!r} has no subscription {letter.event_name!r} to replay dead letter {letter.id}"
+        )
+    event = ChangeEvent.from_raw(letter.payload, default_db, default_coll)
+    delivery = Delivery(
+        event=event,
+        subscription=sub.name,
+        attempt=letter.replay_count + 1,
+        update_description=event.update_description if update_description else None,
+        cluster_time=event.cluster_time,
+        bus=bus_name,
+        replay=True,
+        original_error=letter.error,
+    )
+    error = call_subscription(sub, event, delivery, decoder, middleware)
+    return None if isinstance(error, Skip) else error  # a skipped replay (a duplicate) is done

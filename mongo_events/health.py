@@ -1,27 +1,32 @@
 """What ``Bus.health()`` reports: one snapshot of a bus's state for probes and dashboards.
 
-Also the oplog window (how far back the oplog reaches, read now and then) and the rule
-that turns a stream's state into ``healthy``, ``degraded`` or ``unhealthy``.
+Also the oplog window (how far back the oplog reaches, read now and then), the rule
+that turns a stream's state into ``healthy``, ``degraded`` or ``unhealthy``
+(:func:`assess`), what a stream consumer shows it (:func:`stream_health`), and the watch
+on failing dead-letter writes that hold the window shut (:class:`DeadLetterWatch`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import attrs
 from bson.timestamp import Timestamp
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
+from .guard import describe
 from .monitor.records import rfc3339
 
-__all__ = ["Health", "OplogWindow", "assess", "token_time"]
+__all__ = ["DeadLetterWatch", "Health", "OplogWindow", "StreamView", "assess", "stream_health", "token_time"]
 
 log = logging.getLogger(__name__)
+#: health()'s own line (it moved here from bus.py) keeps the bus's logger.
+_bus_log = logging.getLogger("mongo_events.bus")
 
 HealthStatus = Literal["healthy", "degraded", "unhealthy"]
 
@@ -205,3 +210,128 @@ def assess(
         last_error=error[0] if error else None,
         last_error_at=error[1] if error else None,
     )
+
+
+class _Counts(Protocol):
+    def pending(self) -> int: ...
+
+    def size(self) -> int: ...
+
+
+class _SnapshotProgress(Protocol):
+    @property
+    def phase(self) -> str: ...
+
+    @property
+    def read(self) -> int: ...
+
+    @property
+    def total(self) -> int | None: ...
+
+
+class StreamView(Protocol):
+    """What :func:`stream_health` reads from a stream consumer (health does not import it)."""
+
+    @property
+    def opened(self) -> bool: ...
+
+    @property
+    def stream_active(self) -> bool: ...
+
+    @property
+    def last_event(self) -> tuple[float, Any, Any] | None: ...
+
+    @property
+    def last_error(self) -> tuple[str, datetime] | None: ...
+
+    @property
+    def reconnections(self) -> int: ...
+
+    @property
+    def window(self) -> _Counts: ...
+
+    @property
+    def oplog(self) -> OplogWindow: ...
+
+    @property
+    def snapshot_runner(self) -> _SnapshotProgress | None: ...
+
+    def checkpoint_age(self) -> float | None: ...
+
+    def oplog_headroom(self) -> float | None: ...
+
+
+def stream_health(
+    stream: StreamView,
+    *,
+    name: str,
+    state: str,
+    running: bool,
+    namespace: str,
+    failure: BaseException | None,
+    stalled: str | None,
+    refresh_oplog: bool,
+) -> Health:
+    """The :class:`Health` of a bus reading ``stream`` (see :func:`assess`).
+
+    :param refresh_oplog: read the oplog window first, if not read lately (without
+        metrics, whose flusher task does it otherwise).
+    """
+    if refresh_oplog:
+        try:
+            stream.oplog.refresh()
+        except Exception:  # a health probe must answer
+            _bus_log.exception("bus %s: oplog window check failed", name)
+    health = assess(
+        state=state,
+        running=running,
+        opened=stream.opened,
+        stream_active=stream.stream_active,
+        namespace=namespace,
+        last_event=stream.last_event,
+        last_error=stream.last_error,
+        failure=failure,
+        checkpoint_age=stream.checkpoint_age(),
+        oplog_headroom=stream.oplog_headroom(),
+        pending=stream.window.pending(),
+        in_flight=stream.window.size(),
+        reconnections=stream.reconnections,
+        stalled=stalled,
+    )
+    runner = stream.snapshot_runner
+    if runner is None:
+        return health
+    return attrs.evolve(health, phase=runner.phase, snapshot_read=runner.read, snapshot_total=runner.total)
+
+
+class DeadLetterWatch:
+    """Since when every dead-letter write has failed: the unfinished event meanwhile holds
+    the window shut, so nothing more is delivered until the store accepts it.
+
+    :param note_error: records a failure as the stream's last error (``health().last_error``).
+    """
+
+    def __init__(self, note_error: Callable[[str], None]) -> None:
+        self._note_error = note_error
+        #: Since when (monotonic) every dead-letter write failed; None while they succeed.
+        self.failing_since: float | None = None
+
+    def outcome(self, error: BaseException | None) -> None:
+        """A dead-letter write succeeded (``None``) or failed: the event stays undone meanwhile."""
+        if error is None:
+            self.failing_since = None
+            return
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+        self._note_error(
+            f"dead-letter write failed ({describe(error)}); the event stays undone and holds the checkpoint"
+        )
+
+    def stall(self, after: float) -> str | None:
+        """Why delivery is held back, once every write has failed for ``after`` seconds."""
+        since = self.failing_since
+        if since is None or time.monotonic() - since < after:
+            return None
+        return (
+            f"every dead-letter write has failed for {time.monotonic() - since:.0f}s; delivery is held back"
+        )

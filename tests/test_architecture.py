@@ -26,6 +26,8 @@ BELOW_THE_BUS = [
     "tracking",
     "health",
     "metrics",
+    "lifecycle",
+    "bus_options",
 ]
 
 

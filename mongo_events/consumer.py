@@ -242,6 +242,7 @@ class StreamConsumer:
             oplog=self.oplog,
             history_lost_raises=spec.on_history_lost == "raise",
             stop_event=self._stop,
+            key=spec.resume_token_key,
         )
         self.snapshot_runner.start()
 

@@ -30,10 +30,18 @@ from pymongo.database import Database
 
 from .errors import ResumeTokenLost
 from .guard import run_guarded
-from .health import OplogWindow, token_time
+from .health import OplogWindow
 from .watcher import Position
 
-__all__ = ["SnapshotMode", "SnapshotProgress", "SnapshotRunner", "parse_progress", "progress_token"]
+__all__ = [
+    "SnapshotMode",
+    "SnapshotProgress",
+    "SnapshotRunner",
+    "outrun_warning",
+    "parse_progress",
+    "progress_token",
+    "token_timestamp",
+]
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +131,8 @@ class SnapshotRunner:
     :param connected: tells ``start()`` the bus is going (``None``) or failed (an error).
     :param fail: stops the bus with an error.
     :param oplog: the oplog window (headroom check).
+    :param history_lost_raises: ``T0`` lost from the oplog fails the bus (else an ERROR line).
+    :param key: the checkpoint key (named by :class:`ResumeTokenLost`).
     """
 
     def __init__(
@@ -144,6 +154,7 @@ class SnapshotRunner:
         oplog: OplogWindow,
         history_lost_raises: bool,
         stop_event: threading.Event,
+        key: str | None = None,
     ) -> None:
         self.name = name
         self._target = target
@@ -161,13 +172,16 @@ class SnapshotRunner:
         self._oplog = oplog
         self._raise_on_loss = history_lost_raises
         self._stop = stop_event
+        self._key = key
         #: ``"snapshot"`` while reading, ``"streaming"`` after.
         self.phase = "snapshot"
         #: Documents read (handed to the window) in this run.
         self.read = 0
         #: Estimated documents in the collections still to read when this run began.
         self.total: int | None = None
-        self._warned_at = 0.0
+        self._warned_at: float | None = None
+        #: The oldest oplog entry when the scan first looked, and when (monotonic).
+        self._first_oldest: tuple[Timestamp, float] | None = None
         thread = f"mongo_events.snapshot[{name}]"
         # Under the guard like every bus thread: a BaseException escaping _run fails the bus too.
         self._thread = threading.Thread(
@@ -209,6 +223,8 @@ class SnapshotRunner:
             except Exception:
                 self.total = None
             began = time.monotonic()
+            if not self._check_headroom(token_timestamp(progress.start), began):
+                return  # T0 is already gone: reading on would be wasted
             for i in range(index, len(self._collections)):
                 resume = progress if i == index and progress.namespace == names[i] else None
                 if not self._scan(self._collections[i], progress.start, resume, began):
@@ -231,8 +247,8 @@ class SnapshotRunner:
     ) -> bool:
         ns = coll.full_name
         db, _, name = ns.partition(".")
-        t0 = token_time(start)
-        cluster_time = Timestamp(t0, 0) if t0 is not None else None
+        t0 = token_timestamp(start)
+        cluster_time = Timestamp(t0.time, 0) if t0 is not None else None
         after, has_after = (resume.after, resume.has_after) if resume is not None else (None, False)
         while not self._stop.is_set():
             clause = {"_id": {"$gt": after}} if has_after else None
@@ -260,40 +276,92 @@ class SnapshotRunner:
                 return False
         return False
 
-    def _check_headroom(self, t0: int | None, began: float) -> bool:
+    def _check_headroom(self, t0: Timestamp | None, began: float) -> bool:
         """Say at ERROR when the scan may outrun the oplog; fail when ``T0`` is gone."""
         if t0 is None:
             return True
-        self._oplog.refresh(max_age=30.0)
-        oldest = self._oplog.oldest
+        self._oplog.refresh(max_age=0.0)  # one small query per batch
+        oldest = self._oplog.oldest_ts
         if oldest is None:
             return True
-        if oldest > t0:
+        now = time.monotonic()
+        if self._first_oldest is None:
+            self._first_oldest = (oldest, now)
+        if (oldest.time, oldest.inc) > (t0.time, t0.inc):
             message = (
                 f"bus {self.name!r}: the snapshot outran the oplog: its start T0 ({t0}) is older than the oldest "
-                f"oplog entry ({oldest}), so changes made during the scan are lost. Make the oplog larger "
-                "or the snapshot faster (snapshot_filter, snapshot_batch_size), then snapshot again"
+                f"oplog entry ({oldest}), so changes made during the scan are lost ({self.read} of ~{self.total} "
+                f"documents read in {now - began:.0f}s). Make the oplog larger or the snapshot faster "
+                "(snapshot_filter, snapshot_batch_size, quicker handlers), then snapshot again"
             )
             if self._raise_on_loss:
-                error = ResumeTokenLost(message)
-                self._fail(error)
+                self._fail(ResumeTokenLost(message, key=self._key, since=t0))
                 return False
             log.error("%s; going on (on_history_lost='restart_from_now')", message)
             return True
-        elapsed = time.monotonic() - began
-        if self.total and self.read and elapsed > 0:
-            remaining = max(0, self.total - self.read) * elapsed / self.read
-            headroom = t0 - oldest
-            if remaining > headroom and time.monotonic() - self._warned_at > 60.0:
-                self._warned_at = time.monotonic()
-                log.error(
-                    "bus %s: the snapshot may outrun the oplog: about %.0fs left to read (%d of ~%d documents in "
-                    "%.0fs) but T0 falls off the oplog in about %ds",
-                    self.name,
-                    remaining,
-                    self.read,
-                    self.total,
-                    elapsed,
-                    headroom,
-                )
+        first, first_at = self._first_oldest
+        warning = outrun_warning(
+            t0=t0,
+            first_oldest=first,
+            first_at=first_at,
+            oldest=oldest,
+            now=now,
+            began=began,
+            read=self.read,
+            total=self.total,
+        )
+        if warning is not None and (self._warned_at is None or now - self._warned_at > 60.0):
+            self._warned_at = now
+            log.error("bus %s: %s", self.name, warning)
         return True
+
+
+#: The oplog's oldest entry must have been watched this long before its pace is trusted
+#: (cluster times have whole seconds: a shorter look makes a jump of one second a rate).
+MIN_SPAN = 5.0
+
+
+def outrun_warning(
+    *,
+    t0: Timestamp,
+    first_oldest: Timestamp,
+    first_at: float,
+    oldest: Timestamp,
+    now: float,
+    began: float,
+    read: int,
+    total: int | None,
+) -> str | None:
+    """Why the scan may outrun the oplog, with the numbers, or ``None``.
+
+    The oplog drops its oldest history at the pace seen since ``first_at`` (monotonic
+    seconds, when ``first_oldest`` was its oldest entry); at that pace ``T0`` falls off in
+    ``(T0 - oldest) / pace`` seconds. The scan needs about ``(total - read) * elapsed / read``
+    more. An oplog that is not full yet, or quiet, drops nothing: no warning.
+    """
+    span, elapsed = now - first_at, now - began
+    dropped = oldest.time - first_oldest.time
+    if not total or read <= 0 or elapsed <= 0 or span < MIN_SPAN or span <= 0 or dropped <= 0:
+        return None
+    pace = dropped / span
+    left = max(0, t0.time - oldest.time) / pace
+    remaining = max(0, total - read) * elapsed / read
+    if remaining <= left:
+        return None
+    return (
+        f"the snapshot may outrun the oplog: about {remaining:.0f}s left to read ({read} of ~{total} documents "
+        f"in {elapsed:.0f}s), but the oplog drops {pace:.2f}s of history per second and T0 ({t0}) falls off it "
+        f"in about {left:.0f}s (oldest entry now {oldest}). Make the oplog larger or the snapshot faster "
+        "(snapshot_filter, snapshot_batch_size, quicker handlers)"
+    )
+
+
+def token_timestamp(token: Any) -> Timestamp | None:
+    """The cluster time (seconds and increment) at the start of a resume token's ``_data``."""
+    data = token.get("_data") if isinstance(token, Mapping) else None
+    if not isinstance(data, str) or len(data) < 18 or not data.startswith("82"):
+        return None
+    try:
+        return Timestamp(int(data[2:10], 16), int(data[10:18], 16))
+    except ValueError:
+        return None

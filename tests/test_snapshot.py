@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import itertools
+import logging
+import re
 import threading
+import time
 from typing import Any
 
 import pymongo
 import pytest
+from bson.timestamp import Timestamp
 
 import mongo_events as me
-from mongo_events.snapshot import parse_progress
+import mongo_events.snapshot as snapshot_module
+from mongo_events.health import OplogWindow
+from mongo_events.snapshot import MIN_SPAN, SnapshotProgress, outrun_warning, parse_progress, progress_token
+from mongo_events.testing import FakeReplicaSet
 
-from .helpers import Recorder
+from .conftest import CLIENT_OPTIONS, wait_for
+from .helpers import FAST, Recorder
 
 
 def _orders(client: pymongo.MongoClient[Any], n: int) -> None:
@@ -136,3 +145,192 @@ def test_snapshot_options_are_checked(client: pymongo.MongoClient[Any]) -> None:
         me.Bus(client, snapshot="initial")
     with pytest.raises(me.ConfigurationError, match="snapshot_batch_size"):
         me.Bus(client.shop.orders, snapshot="initial", snapshot_batch_size=0)
+
+
+# -- the oplog headroom for T0 -------------------------------------------------------------
+
+
+def test_outrun_warning_gives_the_numbers_only_when_the_oplog_drops_t0_before_the_scan_ends() -> None:
+    # The oplog dropped 500 s of history in 100 s (5 s per second); T0 is 500 s ahead of its
+    # oldest entry, so it falls off in 100 s, but 900 documents at 1 per second take 900 s.
+    numbers = dict(
+        t0=Timestamp(10_000, 5), first_oldest=Timestamp(9_000, 1), first_at=0.0, now=100.0, began=0.0
+    )
+    warning = outrun_warning(oldest=Timestamp(9_500, 1), read=100, total=1000, **numbers)  # type: ignore[arg-type]
+    assert warning is not None
+    assert "about 900s left to read (100 of ~1000 documents in 100s)" in warning
+    assert "drops 5.00s of history per second" in warning and "falls off it in about 100s" in warning
+    assert "Timestamp(10000, 5)" in warning and "Timestamp(9500, 1)" in warning
+    # Nearly done: 90 s left, T0 lasts 100 s.
+    assert outrun_warning(oldest=Timestamp(9_500, 1), read=910, total=1000, **numbers) is None  # type: ignore[arg-type]
+    # An oplog that drops nothing (not full yet, or quiet) never warns, however slow the scan.
+    assert outrun_warning(oldest=Timestamp(9_000, 1), read=1, total=10**9, **numbers) is None  # type: ignore[arg-type]
+    # Whole-second cluster times: a look shorter than MIN_SPAN is no pace.
+    short = {**numbers, "now": MIN_SPAN / 2}
+    assert outrun_warning(oldest=Timestamp(9_500, 1), read=1, total=10**9, **short) is None  # type: ignore[arg-type]
+
+
+def test_a_snapshot_that_may_outrun_the_oplog_says_so_at_error_and_goes_on(
+    make_bus: Any,
+    client: pymongo.MongoClient[Any],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _orders(client, 200)
+    base = int(time.time())
+    looks = itertools.count()
+
+    def full_oplog(self: OplogWindow, max_age: float = 30.0) -> None:
+        # A full oplog that drops 1000 s of history between looks, never quite reaching T0 (now).
+        self.oldest_ts = Timestamp(base - 3000 + 1000 * min(next(looks), 2), 1)
+        self.oldest = self.oldest_ts.time
+
+    monkeypatch.setattr(OplogWindow, "refresh", full_oplog)
+    monkeypatch.setattr(snapshot_module, "MIN_SPAN", 0.0)
+    rec = Recorder()
+    bus = make_bus(client.shop.orders, snapshot="initial", snapshot_batch_size=20, max_in_flight=20)
+    bus.subscribe(lambda ev: rec.add(ev.document_id))
+    with caplog.at_level(logging.ERROR, logger="mongo_events.snapshot"):
+        bus.start()
+        got = rec.wait_until(lambda items: set(items) >= set(range(200)))
+    assert sorted(got) == list(range(200)) and bus.state is me.BusState.RUNNING  # a warning, not a stop
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1, errors  # said once (at most once a minute)
+    assert re.search(
+        r"may outrun the oplog: about \d+s left to read \(20 of ~200 documents in \d+s\), but the oplog drops "
+        r"[\d.]+s of history per second and T0 \(Timestamp\(\d+, \d+\)\) falls off it in about \d+s",
+        errors[0],
+    ), errors[0]
+
+
+def _lose_t0_during_the_scan(
+    **options: Any,
+) -> tuple[me.Bus, Recorder, pymongo.MongoClient[Any], FakeReplicaSet]:
+    """A bus whose snapshot T0 falls off a 30-entry oplog while its first document is handled."""
+    rs = FakeReplicaSet(oplog_size=30).start()
+    client: pymongo.MongoClient[Any] = pymongo.MongoClient(rs.uri, **CLIENT_OPTIONS)
+    _orders(client, 100)
+    gate = threading.Event()
+    rec = Recorder()
+
+    def held(ev: me.ChangeEvent) -> None:
+        rec.add(ev.document_id)
+        gate.wait(10)
+
+    bus = me.Bus(
+        client.shop.orders,
+        **FAST,
+        resume_token_store=me.MemoryResumeTokenStore(),
+        snapshot="initial",
+        snapshot_batch_size=10,
+        max_in_flight=5,
+        max_workers=1,
+        **options,
+    )
+    bus.subscribe(held)
+    bus.start()
+    rec.wait(1)
+    client.shop.other.insert_many([{"_id": i} for i in range(40)])  # 40 entries after T0: it is trimmed
+    gate.set()
+    return bus, rec, client, rs
+
+
+def test_a_snapshot_whose_t0_falls_off_the_oplog_fails_with_resume_token_lost() -> None:
+    bus, _, client, rs = _lose_t0_during_the_scan()
+    try:
+        assert wait_for(lambda: bus.state is me.BusState.FAILED, timeout=10), bus.state
+        error = bus.error
+        assert isinstance(error, me.ResumeTokenLost), repr(error)
+        assert "outran the oplog" in str(error) and "older than the oldest oplog entry" in str(error)
+        assert error.key == bus.resume_token_key and isinstance(error.since, Timestamp)
+    finally:
+        bus.stop(timeout=5)
+        client.close()
+        rs.stop()
+
+
+def test_with_restart_from_now_a_lost_t0_is_an_error_line_and_the_snapshot_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="mongo_events.snapshot"):
+        bus, rec, client, rs = _lose_t0_during_the_scan(on_history_lost="restart_from_now")
+        try:
+            got = rec.wait_until(lambda items: set(items) >= set(range(100)))
+            assert sorted(set(got)) == list(range(100)) and bus.state is me.BusState.RUNNING
+        finally:
+            bus.stop(timeout=5)
+            client.close()
+            rs.stop()
+    assert any("outran the oplog" in r.getMessage() and "going on" in r.getMessage() for r in caplog.records)
+
+
+# -- database and cluster buses -----------------------------------------------------------
+
+
+_MARKERS = itertools.count()
+
+
+def _shop(client: pymongo.MongoClient[Any]) -> None:
+    client.shop.orders.insert_many([{"_id": i} for i in range(5)])
+    client.shop.users.insert_many([{"_id": f"u{i}"} for i in range(3)])
+
+
+def _snapshot_of(bus: me.Bus, client: pymongo.MongoClient[Any], marker_coll: str = "users") -> list[Any]:
+    """Start ``bus``, insert a marker document, return the (collection, _id) of every snapshot event."""
+    rec = Recorder()
+    bus.subscribe(lambda ev: rec.add((str(ev.operation_type), ev.collection, ev.document_id)))
+    bus.start()
+    marker = f"marker-{next(_MARKERS)}"
+    client.shop[marker_coll].insert_one({"_id": marker})
+    got = rec.wait_until(lambda items: ("insert", marker_coll, marker) in items)
+    bus.stop()
+    return sorted((c, d) for op, c, d in got if op == "snapshot" and not str(d).startswith("marker"))
+
+
+def test_a_database_bus_snapshots_every_collection_but_the_library_stores(
+    make_bus: Any, client: pymongo.MongoClient[Any]
+) -> None:
+    _shop(client)
+    bus = make_bus(client.shop, snapshot="initial")  # the default store: shop._event_resume_tokens
+    got = _snapshot_of(bus, client)
+    assert got == [("orders", i) for i in range(5)] + [("users", f"u{i}") for i in range(3)]
+    assert "_event_resume_tokens" in client.shop.list_collection_names()  # there, and not snapshotted
+
+
+def test_snapshot_collections_limits_a_database_bus_and_names_a_cluster_bus_collections(
+    make_bus: Any, client: pymongo.MongoClient[Any]
+) -> None:
+    _shop(client)
+    client.inventory.items.insert_many([{"_id": "i0"}, {"_id": "i1"}])
+    only_users = make_bus(
+        client.shop,
+        snapshot="initial",
+        snapshot_collections=["users"],
+        resume_token_store=me.MemoryResumeTokenStore(),
+    )
+    assert _snapshot_of(only_users, client) == [("users", f"u{i}") for i in range(3)]
+    cluster = make_bus(
+        client,
+        snapshot="initial",
+        snapshot_collections=["inventory.items", "shop.orders"],
+        resume_token_store=me.MemoryResumeTokenStore(),
+    )
+    assert _snapshot_of(cluster, client) == [("items", "i0"), ("items", "i1")] + [
+        ("orders", i) for i in range(5)
+    ]
+
+
+def test_an_interrupted_database_snapshot_continues_in_the_collection_it_was_reading(
+    make_bus: Any, client: pymongo.MongoClient[Any]
+) -> None:
+    _shop(client)
+    store = me.MemoryResumeTokenStore()
+    bus = make_bus(client.shop, snapshot="initial", resume_token_store=store)
+    with client.shop.watch() as stream:
+        t0 = stream.resume_token
+    # As a process killed in the middle of shop.users leaves it: orders done, users up to u0.
+    marker = progress_token(SnapshotProgress(t0, "shop.users", "u0", True))
+    store.save(bus.resume_token_key, marker, namespace="shop.*", level="database")
+    assert _snapshot_of(bus, client) == [("users", "u1"), ("users", "u2")]
+    checkpoint = store.load(bus.resume_token_key)
+    assert checkpoint is not None and parse_progress(checkpoint.token) is None  # at the stream now

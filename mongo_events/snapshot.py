@@ -27,6 +27,7 @@ from bson.timestamp import Timestamp
 from pymongo import MongoClient
 from pymongo.collection import Collection as MongoCollection
 from pymongo.database import Database
+from pymongo.errors import ConnectionFailure, CursorNotFound
 
 from .errors import ResumeTokenLost
 from .guard import run_guarded
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 SnapshotMode = Literal["initial", "always"]
 
 _PREFIX = "mongo-events:snapshot:"
+
+#: Times in a row the scan's cursor may die and be reopened before the snapshot fails.
+_CURSOR_RETRIES = 3
 
 
 @attrs.frozen
@@ -250,30 +254,50 @@ class SnapshotRunner:
         t0 = token_timestamp(start)
         cluster_time = Timestamp(t0.time, 0) if t0 is not None else None
         after, has_after = (resume.after, resume.has_after) if resume is not None else (None, False)
+        failures = 0
         while not self._stop.is_set():
             clause = {"_id": {"$gt": after}} if has_after else None
             parts = [q for q in (self._query, clause) if q]
             query = parts[0] if len(parts) == 1 else ({"$and": parts} if parts else {})
-            docs = list(coll.find(query, sort=[("_id", 1)], limit=self._batch_size))
-            for doc in docs:
-                key = doc["_id"]
-                raw = {
-                    "_id": progress_token(SnapshotProgress(start, ns, key, True)),
-                    "operationType": "snapshot",
-                    "ns": {"db": db, "coll": name},
-                    "documentKey": {"_id": key},
-                    "fullDocument": doc,
-                    "clusterTime": cluster_time,
-                }
-                if not self._on_event(raw):
-                    return False
-                self.read += 1
-            self._release()
-            if len(docs) < self._batch_size:
+            # One cursor read in whole batches (getMore), not one query per batch: each
+            # batch is handed on, then the oplog is checked. A cursor that dies (idle
+            # timeout behind slow handlers, a network error) reopens after the last _id read.
+            try:
+                with coll.find_raw_batches(query, sort=[("_id", 1)], batch_size=self._batch_size) as cursor:
+                    for data in cursor:
+                        for doc in bson.decode_all(data, coll.codec_options):
+                            key = doc["_id"]
+                            raw = {
+                                "_id": progress_token(SnapshotProgress(start, ns, key, True)),
+                                "operationType": "snapshot",
+                                "ns": {"db": db, "coll": name},
+                                "documentKey": {"_id": key},
+                                "fullDocument": doc,
+                                "clusterTime": cluster_time,
+                            }
+                            if not self._on_event(raw):
+                                return False
+                            self.read += 1
+                            after, has_after = key, True
+                        self._release()
+                        failures = 0
+                        if self._stop.is_set() or not self._check_headroom(t0, began):
+                            return False
                 return True
-            after, has_after = docs[-1]["_id"], True
-            if not self._check_headroom(t0, began):
-                return False
+            except (CursorNotFound, ConnectionFailure) as exc:
+                self._release()
+                failures += 1
+                if failures > _CURSOR_RETRIES:
+                    raise
+                log.warning(
+                    "bus %s: the snapshot's cursor on %s failed (%s); reading on after _id %r",
+                    self.name,
+                    ns,
+                    exc,
+                    after if has_after else "(start)",
+                )
+                if self._stop.wait(min(5.0, 0.2 * 2**failures)):
+                    return False
         return False
 
     def _check_headroom(self, t0: Timestamp | None, began: float) -> bool:

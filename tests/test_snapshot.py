@@ -20,7 +20,7 @@ from mongo_events.snapshot import MIN_SPAN, SnapshotProgress, outrun_warning, pa
 from mongo_events.testing import FakeReplicaSet
 
 from .conftest import CLIENT_OPTIONS, wait_for
-from .helpers import FAST, Recorder
+from .helpers import FAST, Recorder, fail_command, wait_for_fail_point
 
 
 def _orders(client: pymongo.MongoClient[Any], n: int) -> None:
@@ -334,3 +334,24 @@ def test_an_interrupted_database_snapshot_continues_in_the_collection_it_was_rea
     assert _snapshot_of(bus, client) == [("users", "u1"), ("users", "u2")]
     checkpoint = store.load(bus.resume_token_key)
     assert checkpoint is not None and parse_progress(checkpoint.token) is None  # at the stream now
+
+
+@pytest.mark.parametrize(
+    "fault", [{"errorCode": 43}, {"closeConnection": True}], ids=["cursor-not-found", "dropped-connection"]
+)
+def test_a_scan_cursor_that_dies_reopens_after_the_last_id_read(
+    make_bus: Any, client: pymongo.MongoClient[Any], fault: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    _orders(client, 100)
+    rec = Recorder()
+    bus = make_bus(client.shop.orders, snapshot="initial", snapshot_batch_size=10, ordering="stream")
+    bus.subscribe(lambda ev: rec.add(ev.document_id))
+    # Only the scan sends getMore before the stream opens: its first one fails.
+    with caplog.at_level(logging.WARNING, logger="mongo_events.snapshot"):
+        with fail_command(client, {"times": 1}, failCommands=["getMore"], **fault) as armed:
+            bus.start()
+            wait_for_fail_point(client, armed, 1)
+        got = rec.wait_until(lambda items: len(items) >= 100)
+    assert got == list(range(100))  # each document once, in order: read on after _id 9
+    assert any("reading on after _id 9" in r.getMessage() for r in caplog.records), caplog.text
+    assert bus.state is me.BusState.RUNNING

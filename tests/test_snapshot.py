@@ -355,3 +355,88 @@ def test_a_scan_cursor_that_dies_reopens_after_the_last_id_read(
     assert got == list(range(100))  # each document once, in order: read on after _id 9
     assert any("reading on after _id 9" in r.getMessage() for r in caplog.records), caplog.text
     assert bus.state is me.BusState.RUNNING
+
+
+# -- metrics and health ---------------------------------------------------------------------
+
+
+def test_snapshot_progress_and_phase_in_health_and_metrics(
+    make_bus: Any, client: pymongo.MongoClient[Any]
+) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+
+    def gauges() -> dict[tuple[str, str], float]:
+        out = {}
+        data = reader.get_metrics_data()
+        for rm in data.resource_metrics if data is not None else ():
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    for p in metric.data.data_points:
+                        if metric.name.startswith(("mongodb.snapshot.", "mongodb.stream.phase")):
+                            assert p.attributes["namespace"] == "shop.orders"
+                            out[(metric.name, str(p.attributes.get("phase", "")))] = p.value
+        return out
+
+    _orders(client, 300)
+    gate = threading.Event()
+    rec = Recorder()
+
+    def held(ev: me.ChangeEvent) -> None:
+        rec.add(ev.document_id)
+        if ev.document_id == 100:
+            gate.wait(10)
+
+    bus = make_bus(
+        client.shop.orders,
+        snapshot="initial",
+        snapshot_batch_size=20,
+        max_in_flight=20,
+        ordering="stream",
+        metrics=me.Metrics(meter_provider=provider),
+    )
+    bus.subscribe(held)
+    try:
+        bus.start()
+        rec.wait_until(lambda items: 100 in items)
+        health = bus.health()
+        assert health.phase == "snapshot" and health.snapshot_total == 300
+        assert health.snapshot_read is not None and 100 < health.snapshot_read <= 121  # the window holds 20
+        during = gauges()
+        assert (
+            during[("mongodb.stream.phase", "snapshot")] == 1
+            and during[("mongodb.stream.phase", "streaming")] == 0
+        )
+        assert during[("mongodb.snapshot.total", "")] == 300
+        assert 100 < during[("mongodb.snapshot.documents", "")] <= 121
+        gate.set()
+        rec.wait(300)
+        assert wait_for(lambda: bus.health().phase == "streaming")
+        after = gauges()
+        assert (
+            after[("mongodb.stream.phase", "snapshot")] == 0
+            and after[("mongodb.stream.phase", "streaming")] == 1
+        )
+        assert (
+            after[("mongodb.snapshot.documents", "")] == 300 and after[("mongodb.snapshot.total", "")] == 300
+        )
+        health = bus.health()
+        assert (health.snapshot_read, health.snapshot_total) == (300, 300)
+    finally:
+        gate.set()
+        bus.stop()
+        provider.shutdown()
+
+
+def test_a_bus_without_a_snapshot_reports_the_streaming_phase_only(
+    make_bus: Any, client: pymongo.MongoClient[Any]
+) -> None:
+    bus = make_bus(client.shop.orders)
+    bus.subscribe(lambda ev: None)
+    bus.start()
+    health = bus.health()
+    assert (health.phase, health.snapshot_read, health.snapshot_total) == ("streaming", None, None)
+    assert health.to_json()["phase"] == "streaming"

@@ -32,15 +32,18 @@ from pymongo.errors import ConnectionFailure, CursorNotFound
 from .errors import ResumeTokenLost
 from .guard import run_guarded
 from .health import OplogWindow
+from .stores.base import token_problem
 from .watcher import Position
 
 __all__ = [
     "SnapshotMode",
     "SnapshotProgress",
     "SnapshotRunner",
+    "loaded_token",
     "outrun_warning",
     "parse_progress",
     "progress_token",
+    "stored_fields",
     "token_timestamp",
 ]
 
@@ -92,6 +95,59 @@ def parse_progress(token: Any) -> SnapshotProgress | None:
     except (ValueError, bson.errors.BSONError):
         return None
     return SnapshotProgress(doc.get("t0"), str(doc.get("ns", "")), doc.get("after"), "after" in doc)
+
+
+def stored_fields(token: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """How a store writes a checkpoint token: ``(token field, snapshot field or None)``.
+
+    A progress marker with ``T0`` is stored as ``T0`` itself, a real resume token that
+    any reader (the Go library too) can resume from, plus a ``snapshot`` document beside
+    it: ``{"t0": T0, "ns": "db.coll", "after": last finished _id}`` (no ``after`` before
+    the first). A requested snapshot that has not taken ``T0`` yet stays a marker.
+    """
+    progress = parse_progress(token)
+    if progress is None or progress.start is None:
+        return dict(token), None
+    doc: dict[str, Any] = {"t0": dict(progress.start), "ns": progress.namespace}
+    if progress.has_after:
+        doc["after"] = progress.after
+    return dict(progress.start), doc
+
+
+def loaded_token(token: Mapping[str, Any], snapshot: Any, where: str) -> Mapping[str, Any]:
+    """The checkpoint token a stored entry means: the marker again when its ``snapshot``
+    field belongs to its token (see :func:`stored_fields`).
+
+    A ``snapshot`` field whose ``t0`` is not the stored token is stale: something that
+    does not know snapshots (the Go library, an old version, a rewind) wrote the token
+    since; the token wins and the scan is not resumed (logged).
+
+    :raises ValueError: naming the problem, when ``snapshot`` is malformed.
+    """
+    if not isinstance(snapshot, Mapping):
+        raise ValueError(f"its snapshot field is a {type(snapshot).__name__}, not a document")
+    t0, ns = snapshot.get("t0"), snapshot.get("ns")
+    problem = "it is missing" if t0 is None else token_problem(t0)
+    if problem is not None:
+        raise ValueError(f"its snapshot field's T0 is unusable: {problem.replace('its token', 'T0')}")
+    assert isinstance(t0, Mapping)  # token_problem said so
+    if not isinstance(ns, str) or not ns:
+        raise ValueError(f"its snapshot field names no collection (ns={ns!r})")
+    unknown = set(snapshot) - {"t0", "ns", "after"}
+    if unknown:
+        raise ValueError(
+            f"its snapshot field has unknown fields {sorted(unknown)} (written by a newer version?)"
+        )
+    if dict(t0) != dict(token):
+        log.warning(
+            "the checkpoint in %s holds snapshot progress for T0 %s but its token is %s, written since by "
+            "something that does not know snapshots: the token wins, the snapshot is not resumed",
+            where,
+            t0.get("_data"),
+            token.get("_data"),
+        )
+        return token
+    return progress_token(SnapshotProgress(t0, ns, snapshot.get("after"), "after" in snapshot))
 
 
 def snapshot_targets(

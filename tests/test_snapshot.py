@@ -7,10 +7,13 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import mongomock
 import pymongo
 import pytest
+from bson import ObjectId, json_util
 from bson.timestamp import Timestamp
 
 import mongo_events as me
@@ -440,3 +443,108 @@ def test_a_bus_without_a_snapshot_reports_the_streaming_phase_only(
     health = bus.health()
     assert (health.phase, health.snapshot_read, health.snapshot_total) == ("streaming", None, None)
     assert health.to_json()["phase"] == "streaming"
+
+
+# -- how stores keep snapshot progress --------------------------------------------------------
+
+T0 = {"_data": "826B10570400000001"}
+
+
+@pytest.fixture(params=["file", "mongomock", "fake_rs"])
+def raw_store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[tuple[Any, Callable[..., Any]]]:
+    """A store, and ``raw(update=None)``: its stored entry for key "k" (after applying ``update``)."""
+    if request.param == "file":
+        path = tmp_path / "tokens.json"
+        file_store = me.FileResumeTokenStore(path)
+
+        def raw_file(update: dict[str, Any] | None = None) -> Any:
+            data = json_util.loads(path.read_text())
+            if update is not None:
+                data["k"].update(update)
+                path.write_text(json_util.dumps(data, json_options=json_util.CANONICAL_JSON_OPTIONS))
+            return data["k"]
+
+        yield file_store, raw_file
+        return
+    rs = None
+    if request.param == "mongomock":
+        coll = mongomock.MongoClient().db["_event_resume_tokens"]
+    else:
+        rs = FakeReplicaSet().start()
+        coll = pymongo.MongoClient(rs.uri, **CLIENT_OPTIONS).db["_event_resume_tokens"]
+
+    def raw_doc(update: dict[str, Any] | None = None) -> Any:
+        if update is not None:
+            coll.update_one({"_id": "k"}, {"$set": update})
+        return coll.find_one({"_id": "k"})
+
+    yield me.MongoResumeTokenStore(coll), raw_doc
+    if rs is not None:
+        coll.database.client.close()
+        rs.stop()
+
+
+def test_stores_keep_snapshot_progress_beside_a_real_token(raw_store: tuple[Any, Callable[..., Any]]) -> None:
+    store, raw = raw_store
+    after = ObjectId()
+    marker = progress_token(SnapshotProgress(T0, "shop.orders", after, True))
+    store.save("k", marker, namespace="shop.orders", level="collection")
+    entry = raw()
+    # T0 itself is the token (any reader, the Go library too, can resume from it); progress beside it.
+    assert entry["token"] == T0 and entry["snapshot"] == {"t0": T0, "ns": "shop.orders", "after": after}
+    loaded = store.load("k")
+    assert loaded is not None and loaded.token == marker
+    progress = parse_progress(loaded.token)
+    assert progress == SnapshotProgress(T0, "shop.orders", after, True)
+    # Before the first document is done there is no "after".
+    store.save("k", progress_token(SnapshotProgress(T0, "shop.orders")))
+    assert "after" not in raw()["snapshot"]
+    assert parse_progress(store.load("k").token) == SnapshotProgress(T0, "shop.orders")
+    # The stream's token replaces it: no snapshot field is left behind.
+    store.save("k", {"_data": "826B105800000000"})
+    assert "snapshot" not in raw() and store.load("k").token == {"_data": "826B105800000000"}
+
+
+def test_a_requested_snapshot_and_old_markers_stay_readable(
+    raw_store: tuple[Any, Callable[..., Any]],
+) -> None:
+    store, raw = raw_store
+    requested = progress_token(SnapshotProgress(None))
+    store.save("k", requested)  # no T0 yet: a marker in the token, until the next start takes T0
+    assert "snapshot" not in raw() and parse_progress(store.load("k").token) == SnapshotProgress(None)
+    old = progress_token(SnapshotProgress(T0, "shop.orders", 7, True))  # as 0.1 stored progress
+    raw({"token": old})
+    assert parse_progress(store.load("k").token) == SnapshotProgress(T0, "shop.orders", 7, True)
+
+
+@pytest.mark.parametrize(
+    ("snapshot", "problem"),
+    [
+        ("shop.orders", "snapshot field is a str"),
+        ({"ns": "shop.orders", "after": 1}, "T0 is unusable: it is missing"),
+        ({"t0": {"_data": ""}, "ns": "shop.orders"}, "T0 is unusable"),
+        ({"t0": T0, "after": 1}, "names no collection"),
+        ({"t0": T0, "ns": "shop.orders", "upto": 3}, "unknown fields ['upto']"),
+    ],
+)
+def test_a_malformed_snapshot_field_is_refused_loudly(
+    raw_store: tuple[Any, Callable[..., Any]], snapshot: Any, problem: str
+) -> None:
+    store, raw = raw_store
+    store.save("k", progress_token(SnapshotProgress(T0, "shop.orders", 1, True)))
+    raw({"snapshot": snapshot})
+    with pytest.raises(me.StoreError, match="malformed") as info:
+        store.load("k")
+    assert problem in str(info.value)
+
+
+def test_a_token_written_since_by_something_that_does_not_know_snapshots_wins(
+    raw_store: tuple[Any, Callable[..., Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    store, raw = raw_store
+    store.save("k", progress_token(SnapshotProgress(T0, "shop.orders", 1, True)))
+    raw({"token": {"_data": "826B1060000000000A"}})  # the Go library, or an old version, saved its position
+    with caplog.at_level(logging.WARNING, logger="mongo_events.snapshot"):
+        loaded = store.load("k")
+    assert loaded is not None and loaded.token == {"_data": "826B1060000000000A"}
+    assert "the token wins" in caplog.text

@@ -13,6 +13,7 @@ from typing import Any
 
 import pymongo
 
+import mongo_events as me
 from mongo_events.snapshot import parse_progress
 
 from .conftest import wait_for
@@ -53,6 +54,7 @@ def test_a_snapshot_killed_five_times_mid_scan_resumes_where_it_was_and_loses_no
         try:
             client["crash"]["docs"].insert_many([{"_id": i, "pad": "x" * 100} for i in range(DOCS)])
             tokens = client["crash"]["_event_resume_tokens"]
+            store = me.MongoResumeTokenStore(tokens)
             afters: list[int] = []  # the stored progress (last finished _id) right after each kill
             log_lengths: list[int] = []  # how many log lines existed at that moment
             for run, target in enumerate(targets, 1):
@@ -71,10 +73,14 @@ def test_a_snapshot_killed_five_times_mid_scan_resumes_where_it_was_and_loses_no
                     f"({proc.returncode}):\n{errors[-1]}"
                 )
                 doc = tokens.find_one({"_id": KEY})
-                progress = parse_progress(doc["token"]) if doc is not None else None
+                checkpoint = store.load(KEY)
+                progress = parse_progress(checkpoint.token) if checkpoint is not None else None
                 entries = _read_log(log)
                 # Every kill landed mid-scan, after the checkpoint recorded some progress.
                 assert progress is not None and progress.has_after, (context, run, doc)
+                assert (
+                    doc is not None and doc["token"] == progress.start
+                )  # a real token (T0), progress beside it
                 afters.append(progress.after)
                 log_lengths.append(len(entries))
                 # The checkpoint never passes a document that was not handled yet.
@@ -108,10 +114,8 @@ def test_a_snapshot_killed_five_times_mid_scan_resumes_where_it_was_and_loses_no
                     redelivered[r] += 1
                 seen.add(d)
             assert max(redelivered.values(), default=0) <= MAX_IN_FLIGHT, (context, dict(redelivered))
-            final_doc = tokens.find_one({"_id": KEY})
-            assert final_doc is not None and parse_progress(final_doc["token"]) is None, (
-                context
-            )  # at the stream
+            last = store.load(KEY)  # the checkpoint ends at the stream
+            assert last is not None and parse_progress(last.token) is None, context
         except AssertionError:
             print(f"{context}\n" + "\n".join(f"--- run {i + 1}:\n{e}" for i, e in enumerate(errors)))
             raise

@@ -76,12 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     timer = threading.Timer(args.deadline, deadline.set)
     timer.daemon = True
     timer.start()
-    tokens = client["crash"]["_event_resume_tokens"]
+    store = me.MongoResumeTokenStore(client["crash"]["_event_resume_tokens"])
     while not deadline.is_set():
         if len(handled) >= args.expect and bus.health().phase == "streaming":
             bus.flush()
-            doc = tokens.find_one({"_id": KEY})
-            if doc is not None and parse_progress(doc["token"]) is None:
+            checkpoint = store.load(KEY)
+            if checkpoint is not None and parse_progress(checkpoint.token) is None:
                 bus.stop(timeout=10)
                 return 0
         changed.wait(0.05)

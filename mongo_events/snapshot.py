@@ -240,6 +240,7 @@ class SnapshotRunner:
         #: Estimated documents in the collections still to read when this run began.
         self.total: int | None = None
         self._warned_at: float | None = None
+        self._lost_said = False
         #: The oldest oplog entry when the scan first looked, and when (monotonic).
         self._first_oldest: tuple[Timestamp, float] | None = None
         thread = f"mongo_events.snapshot[{name}]"
@@ -377,7 +378,9 @@ class SnapshotRunner:
             if self._raise_on_loss:
                 self._fail(ResumeTokenLost(message, key=self._key, since=t0))
                 return False
-            log.error("%s; going on (on_history_lost='restart_from_now')", message)
+            if not self._lost_said:  # once: every later batch would say it again
+                self._lost_said = True
+                log.error("%s; going on (on_history_lost='restart_from_now')", message)
             return True
         first, first_at = self._first_oldest
         warning = outrun_warning(

@@ -30,6 +30,7 @@ from mongo_events.monitor import MongoMonitorStore
 
 from . import queue as queue_bench
 from . import regimes
+from . import snapshot as snapshot_bench
 from .regimes import Run, per_repetition, regime_report, regime_table
 
 #: Changes the ack and monitor workload reads from the fake (it is bounded by mongomock; 500 with --quick).
@@ -437,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
             log("  queue: " + ", ".join(f"{k} {v}" for k, v in queue_figures.items()))
         finally:
             redis_server.close()
+        snapshot_figures = snapshot_bench.run(client, quick=args.quick, repeat=args.repeat)  # benchmarks/snapshot.py
+        log("  snapshot: " + ", ".join(f"{k} {v}" for k, v in snapshot_figures.items()))
         report = {
             "changes": n,
             "repetitions": reps,
@@ -471,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         report.update(regime_report(runs, ratios, med))
         report.update(queue_figures)
+        report.update(snapshot_figures)
         log("")
         log(f"{'measure':<48}{'value':>14}")
         for key, value in report.items():

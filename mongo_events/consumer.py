@@ -257,6 +257,7 @@ class StreamConsumer:
             oplog=self.oplog,
             history_lost_raises=spec.on_history_lost == "raise",
             stop_event=self._stop,
+            key=spec.resume_token_key,
         )
         self.snapshot_runner.start()
 
@@ -269,6 +270,9 @@ class StreamConsumer:
     def _stream_after_snapshot(self, position: Position) -> None:
         with self._snapshot_lock:  # stop_watcher() reads the watcher under it
             if not self._stop.is_set():
+                # The scan is over: once its last events are done the checkpoint is T0 itself,
+                # not a marker that a restart would take for an unfinished scan.
+                self.window.note_resume_token(position.resume_after)
                 self._start_watcher(position)
 
     def _start_watcher(self, position: Position) -> None:

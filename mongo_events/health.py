@@ -114,6 +114,8 @@ class OplogWindow:
         self._name = name
         #: Cluster time (s) of the oldest oplog entry, when readable.
         self.oldest: int | None = None
+        #: The same, in full (seconds and increment): what a snapshot's ``T0`` is compared with.
+        self.oldest_ts: Timestamp | None = None
         self._checked = 0.0
 
     def refresh(self, max_age: float = 30.0) -> None:
@@ -132,10 +134,11 @@ class OplogWindow:
                 self._name,
                 exc,
             )
-            self.oldest = None
+            self.oldest = self.oldest_ts = None
             self._checked = now + 600.0  # not allowed now is unlikely to change soon
             return
         ts = oldest.get("ts") if oldest else None
+        self.oldest_ts = ts if isinstance(ts, Timestamp) else None
         self.oldest = ts.time if isinstance(ts, Timestamp) else None
 
     def headroom(self, persisted_time: int | None) -> float | None:

@@ -221,6 +221,7 @@ class Metrics(Middleware):
         self.dlq_quarantined = m.create_counter(
             name("dlq.messages.quarantined"), unit="{message}", description="Dead letters quarantined"
         )
+        self._snapshot_instruments()
 
     def _name(self, base: str) -> str:
         return f"{self.namespace}.{base}" if self.namespace else base
@@ -295,6 +296,64 @@ class Metrics(Middleware):
 
     def _observe_headroom(self, options: Any = None) -> Iterable[Any]:
         return list(self._observe("mongodb.oplog.headroom", lambda b: b.oplog_headroom()))
+
+    # -- the initial snapshot (Bus(snapshot=...)): progress and phase, from each bus's health() ------
+
+    def _snapshot_instruments(self) -> None:
+        """``mongodb.snapshot.documents`` and ``mongodb.snapshot.total`` (observable gauges
+        ``{document}``, ``namespace``): documents the snapshot read in this run and the estimated
+        documents it had to read (``estimated_document_count``), reported while a bus ran a
+        snapshot in this run. ``mongodb.stream.phase`` (observable gauge, ``namespace`` and
+        ``phase``): 1 for the bus's phase (``snapshot`` or ``streaming``), 0 for the other.
+        """
+        name, m = self._name, self._meter
+        m.create_observable_gauge(
+            name("mongodb.snapshot.documents"),
+            [self._observe_snapshot_documents],
+            unit="{document}",
+            description="Documents the initial snapshot read in this run",
+        )
+        m.create_observable_gauge(
+            name("mongodb.snapshot.total"),
+            [self._observe_snapshot_total],
+            unit="{document}",
+            description="Documents the initial snapshot had to read (estimated)",
+        )
+        m.create_observable_gauge(
+            name("mongodb.stream.phase"),
+            [self._observe_phase],
+            unit="{stream}",
+            description="1 for the phase a bus is in (snapshot or streaming), 0 for the other",
+        )
+
+    @staticmethod
+    def _health(bus: Observed) -> Any:
+        health = getattr(bus, "health", None)  # a Bus has it; Observed does not ask for it
+        return health() if callable(health) else None
+
+    def _observe_snapshot_documents(self, options: Any = None) -> Iterable[Any]:
+        return list(
+            self._observe(
+                "mongodb.snapshot.documents", lambda b: getattr(self._health(b), "snapshot_read", None)
+            )
+        )
+
+    def _observe_snapshot_total(self, options: Any = None) -> Iterable[Any]:
+        return list(
+            self._observe(
+                "mongodb.snapshot.total", lambda b: getattr(self._health(b), "snapshot_total", None)
+            )
+        )
+
+    def _observe_phase(self, options: Any = None) -> Iterable[Any]:
+        def in_snapshot(bus: Observed) -> float:
+            return 1.0 if getattr(self._health(bus), "phase", "streaming") == "snapshot" else 0.0
+
+        out = []
+        for seen in self._observe("mongodb.stream.phase", in_snapshot):
+            out.append(self._observation(seen.value, {**seen.attributes, "phase": "snapshot"}))
+            out.append(self._observation(1.0 - seen.value, {**seen.attributes, "phase": "streaming"}))
+        return out
 
     # -- stream events (called by the bus's watcher thread) ------------------------------------------
 

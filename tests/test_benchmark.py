@@ -87,3 +87,14 @@ def test_the_latency_workload_times_every_event(client: pymongo.MongoClient[Any]
     # It times try_next() inside the stream consumer; if that seam moves, no event is timed.
     p50, p99 = run.latency(client, rate=200, seconds=0.5)
     assert 0 < p50 <= p99
+
+
+def test_snapshot_workloads_read_every_document(client: pymongo.MongoClient[Any]) -> None:
+    from benchmarks import snapshot
+
+    coll = snapshot.load(client, 300)
+    assert coll.count_documents({}) == 300
+    assert snapshot.raw_find(coll, 300) > 0
+    assert snapshot.bus_snapshot(coll, 300, batch_size=64) > 0  # it waits for all 300 snapshot events
+    figures = snapshot.run(client, quick=True, repeat=1)
+    assert figures["snapshot_documents"] == 3000 and figures["snapshot_ratio"] > 0

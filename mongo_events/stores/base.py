@@ -77,10 +77,18 @@ def stored_checkpoint(entry: Mapping[str, Any], key: str, where: str) -> Checkpo
     problem = token_problem(entry.get("token"))
     if problem is not None:
         raise malformed(key, where, problem)
+    token = entry["token"]
+    if entry.get("snapshot") is not None:  # an unfinished snapshot's progress, beside its T0
+        from ..snapshot import loaded_token
+
+        try:
+            token = loaded_token(token, entry["snapshot"], f"{where} ({key!r})")
+        except ValueError as exc:
+            raise malformed(key, where, str(exc)) from None
     cluster_time = entry.get("cluster_time")
     namespace, level = entry.get("namespace"), entry.get("level")
     return Checkpoint(
-        entry["token"],
+        token,
         cluster_time if isinstance(cluster_time, Timestamp) else None,
         entry.get("updated_at"),
         namespace if isinstance(namespace, str) else None,

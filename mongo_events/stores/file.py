@@ -77,11 +77,16 @@ class FileResumeTokenStore(ResumeTokenStore):
         namespace: str | None = None,
         level: str | None = None,
     ) -> None:
+        from ..snapshot import stored_fields
+
+        stored, snapshot = stored_fields(token)  # snapshot progress goes beside the token
         entry: dict[str, Any] = {
-            "token": dict(token),
+            "token": stored,
             "cluster_time": cluster_time,
             "updated_at": datetime.now(timezone.utc),
         }
+        if snapshot is not None:
+            entry["snapshot"] = snapshot
         if namespace is not None:
             entry["namespace"] = namespace
         if level is not None:

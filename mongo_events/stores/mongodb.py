@@ -27,6 +27,8 @@ DEFAULT_COLLECTION = "_event_resume_tokens"
 class MongoResumeTokenStore(ResumeTokenStore):
     """Documents ``{_id: key, token, cluster_time, namespace, level, updated_at}`` with an index on
     ``updated_at``; documents of the Go library's shape (``{_id, token, updated_at}``) load too.
+    While an initial snapshot is unfinished, ``token`` is its start ``T0`` and a ``snapshot``
+    field beside it holds the progress (``{t0, ns, after}``).
 
     :param collection: by default the bus uses ``_event_resume_tokens`` in the watched
         database (``admin`` for a cluster watch).
@@ -59,15 +61,23 @@ class MongoResumeTokenStore(ResumeTokenStore):
         namespace: str | None = None,
         level: str | None = None,
     ) -> None:
-        fields: dict[str, Any] = {"token": dict(token), "updated_at": datetime.now(timezone.utc)}
+        from ..snapshot import stored_fields
+
+        stored, snapshot = stored_fields(token)  # snapshot progress goes beside the token
+        fields: dict[str, Any] = {"token": stored, "updated_at": datetime.now(timezone.utc)}
         if cluster_time is not None:
             fields["cluster_time"] = cluster_time
         if namespace is not None:
             fields["namespace"] = namespace
         if level is not None:
             fields["level"] = level
+        update: dict[str, Any] = {"$set": fields}
+        if snapshot is not None:
+            fields["snapshot"] = snapshot
+        else:
+            update["$unset"] = {"snapshot": ""}
         try:
-            self.collection.update_one({"_id": key}, {"$set": fields}, upsert=True)
+            self.collection.update_one({"_id": key}, update, upsert=True)
         except PyMongoError as exc:
             raise StoreError(
                 f"could not save resume token {key!r} to {self.collection.full_name}: {exc}"

@@ -513,7 +513,11 @@ class Dispatcher:
         own = slots is None
         if slots is None:
             slots = []
-        slots.extend([item.slot] * new)
+        # The parts are one subscription each of the same slot: count all but one here, and
+        # let on_done count the last, so it runs once per report, not once per subscription
+        # (it records the ack and moves the watermark when the slot's count reaches zero).
+        item.slot.remaining -= new - 1
+        slots.append(item.slot)
         key = item.key
         if item.watched:  # a later event waits in a subscription's lane behind its part
             lanes = self.lanes
@@ -615,10 +619,11 @@ class Dispatcher:
         busy = self._busy
         busy_sub = self._busy_sub
         done = self.finished
-        halt = self._halt
+        halted = self._halt.is_set
         ready = self._ready
         finished = item.finished
         claims = item.claims
+        event = item.event
         share = self.max_workers > 1
         plain = not self._middleware
         sub: Subscription | None = None
@@ -628,7 +633,7 @@ class Dispatcher:
         busy[index] = item
         try:
             for sub in claims:
-                if halt.is_set():
+                if halted():
                     return
                 busy_sub[index] = sub
                 if share and not item.offered and length_hint(claims) and ready.empty():
@@ -636,23 +641,26 @@ class Dispatcher:
                     # callback here does not hold back the other subscriptions' deliveries.
                     item.offered = True
                     ready.put(item)
-                error: BaseException | None = None
+                part: WorkItem | None = None
                 try:
                     if plain and not sub.wants_delivery and sub.idempotency is None:
-                        try:  # call_subscription without middleware, inlined: this runs once per part
-                            sub.callback(sub.argument(item.event, self._decoder))
+                        # call_subscription without middleware, inlined (this runs once per part),
+                        # and sub.argument() too when the callback takes the event as it is.
+                        try:
+                            if sub.payload is None and not sub.full_document_only:
+                                sub.callback(event)
+                            else:
+                                sub.callback(sub.argument(event, self._decoder))
                         except Exception as exc:
-                            error = exc
-                        if error is None or isinstance(error, Skip):
-                            outcome, delay, part = _DONE, 0.0, None
-                        else:
                             part = self._part(item, sub)
-                            outcome, delay = self._settle(part, None, error)
+                            outcome, delay = self._settle(part, None, exc)
+                        else:
+                            outcome = _DONE
                     else:
                         part = self._part(item, sub)
                         outcome, delay = self._attempt(part)
                 except BaseException as exc:
-                    raise self._escaped(sub, item.event, exc) from exc
+                    raise self._escaped(sub, event, exc) from exc
                 if outcome == _DONE:
                     finished.append(sub)
                     if item.watched:  # a later event of this key waits for this part: report it now

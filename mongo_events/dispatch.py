@@ -8,6 +8,14 @@ waits in a timer heap, not on a sleeping worker, so retries never block other
 documents' lanes. The lane of a retrying item stays busy, which keeps
 per-document order.
 
+With several subscriptions, an event whose document has nothing else in flight is one
+:class:`FanOut`: one hand-off, one lane, the subscriptions run in turn (idle workers take
+the parts not started yet). Behind a part still running or retrying, that subscription's
+later events of the document wait in a lane of their own, ``(subscription index,
+document)``, so order, retries and dead letters stay per subscription (see
+:meth:`Dispatcher.fan_out`). Per subscription, an item and a hand-off cost more than its
+no-op callback.
+
 With ``Bus(coalesce=True)`` the lanes are :class:`CoalescingLanes`: a newer event of a
 document replaces the one waiting in its lane, and takes over its slot, which is
 reported done only when the newer event is (see the class for the rules).

@@ -635,15 +635,22 @@ class Dispatcher:
         share = self.max_workers > 1
         plain = not self._middleware
         sub: Subscription | None = None
+
         # current_delivery() builds the Delivery of the subscription running now: one context
-        # variable setting per run of parts, not one per part.
-        token = _current.set(lambda: self._part_delivery(item, sub))
+        # variable setting per run of parts, not one per part (unless a callback asked for
+        # its Delivery: current_delivery() then keeps it in the variable, set back below).
+        def builder() -> Delivery:
+            return self._part_delivery(item, sub)
+
+        token = _current.set(builder)
         busy[index] = item
         try:
             for sub in claims:
                 if halted():
                     return
                 busy_sub[index] = sub
+                if _current.get() is not builder:
+                    _current.set(builder)
                 if share and not item.offered and length_hint(claims) and ready.empty():
                     # Others may be idle: let one of them take the next parts, so that a slow
                     # callback here does not hold back the other subscriptions' deliveries.

@@ -12,6 +12,7 @@ import threading
 from typing import Any
 
 import pymongo
+import pytest
 
 import mongo_events as me
 from mongo_events.dispatch import Dispatcher, FanOut, WorkItem
@@ -109,17 +110,20 @@ def test_a_dead_lettered_subscription_does_not_affect_the_others_ack(
     assert bus.pending_count() == 0
 
 
-def test_each_subscription_keeps_per_document_order_with_failures(
-    client: pymongo.MongoClient[Any], make_bus: Any
+@pytest.mark.parametrize("ordering", ["document", "stream", "none"])
+def test_each_subscription_keeps_its_order_with_failures(
+    client: pymongo.MongoClient[Any], make_bus: Any, ordering: str
 ) -> None:
     """Three subscriptions, hot documents, random first-attempt failures: every subscription
-    sees every event once (successes), and each document's events in stream order."""
+    sees every event once (successes), each document's events in stream order (all of them
+    in stream order with ``ordering="stream"``; any order with ``"none"``)."""
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     lock = threading.Lock()
     coll = client.shop.orders
-    bus = make_bus(coll, max_workers=4)
+    bus = make_bus(coll, max_workers=4, ordering=ordering)
     seen: dict[str, dict[int, list[int]]] = {}
+    everything: dict[str, list[tuple[int, int]]] = {}
     recorders = {}
 
     def make(name: str, fail_rate: float) -> None:
@@ -137,7 +141,9 @@ def test_each_subscription_keeps_per_document_order_with_failures(
                 fail = first and rng.random() < fail_rate
             if fail:
                 raise RuntimeError("first attempt fails")
-            seen.setdefault(name, {}).setdefault(doc, []).append(n)
+            with lock:
+                seen.setdefault(name, {}).setdefault(doc, []).append(n)
+                everything.setdefault(name, []).append((n, doc))
             rec.add((doc, n))
 
     make("a", 0.0)
@@ -154,7 +160,61 @@ def test_each_subscription_keeps_per_document_order_with_failures(
     assert bus.join(10), f"seed {seed}"
     for name in recorders:
         for d in range(docs):
-            assert seen[name][d] == list(range(rounds)), f"seed {seed}: {name} doc {d}: {seen[name][d]}"
+            got = seen[name][d] if ordering != "none" else sorted(seen[name][d])
+            assert got == list(range(rounds)), f"seed {seed}: {name} doc {d}: {seen[name][d]}"
+        if ordering == "stream":  # inserted round by round, document by document
+            assert everything[name] == sorted(everything[name]), f"seed {seed}: {name}"
+
+
+class Hooks(me.Middleware):
+    """Records each hook as (hook, subscription, attempt)."""
+
+    def __init__(self) -> None:
+        self.calls = Recorder()
+
+    def before_delivery(self, delivery: me.Delivery) -> None:
+        self.calls.add(("before", delivery.subscription, delivery.attempt))
+
+    def after_delivery(self, delivery: me.Delivery, error: BaseException | None, duration: float) -> None:
+        self.calls.add(("after", delivery.subscription, delivery.attempt))
+
+    def after_retry_scheduled(self, delivery: me.Delivery, error: BaseException, delay: float) -> None:
+        self.calls.add(("retry", delivery.subscription, delivery.attempt))
+
+
+def test_middleware_and_current_delivery_stay_per_subscription(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
+    """Each subscription's part gets its own hooks, attempts and Delivery, with or without middleware."""
+    hooks = Hooks()
+    names = Recorder()
+    for round, middleware in enumerate(([hooks], [])):
+        bus = make_bus(client.shop[f"orders{len(middleware)}"], middleware=middleware)
+        failed = threading.Event()
+
+        @bus.subscribe(name="once-failing", retry_backoff=QUICK)
+        def on_failing(ev: me.ChangeEvent) -> None:
+            names.add(me.current_delivery().subscription)
+            if not failed.is_set():
+                failed.set()
+                raise RuntimeError("first attempt")
+
+        bus.subscribe(name="plain")(lambda ev: names.add(me.current_delivery().subscription))
+        bus.start()
+        client.shop[f"orders{len(middleware)}"].insert_one({"_id": 1})
+        names.wait(3 * (round + 1))  # two attempts of one, one of the other
+        assert bus.join(10)
+        bus.stop()
+    assert sorted(names.items) == ["once-failing"] * 4 + ["plain"] * 2
+    assert sorted(hooks.calls.items) == [
+        ("after", "once-failing", 1),
+        ("after", "once-failing", 2),
+        ("after", "plain", 1),
+        ("before", "once-failing", 1),
+        ("before", "once-failing", 2),
+        ("before", "plain", 1),
+        ("retry", "once-failing", 1),
+    ]
 
 
 # -- the lanes, without threads ---------------------------------------------------------------------

@@ -29,7 +29,7 @@ from pymongo.collection import Collection as MongoCollection
 from pymongo.database import Database
 
 from .checkpointing import Checkpointer
-from .dispatch import CoalescingLanes, DeadLetterHook, Dispatcher, WorkItem
+from .dispatch import STREAM_LANE, CoalescingLanes, DeadLetterHook, Dispatcher, FanOut, WorkItem
 from .errors import ConfigurationError, MongoEventsError, ResumeTokenLost, StoreError, StreamError
 from .events import ChangeEvent, FullDocument, OperationType
 from .health import OplogWindow
@@ -187,7 +187,7 @@ class StreamConsumer:
         self._coalescing: CoalescingLanes | None = None
         self.watcher: Watcher | None = None
         #: Runnable items the watcher has not handed to the workers yet (watcher thread only).
-        self._runnable: list[WorkItem] = []
+        self._runnable: list[WorkItem | FanOut] = []
         #: Set once the first stream opened or the start failed (``connect_error`` says why).
         self.connected = threading.Event()
         self.connect_error: BaseException | None = None
@@ -663,15 +663,11 @@ class StreamConsumer:
                     lane is None or dispatcher.lanes.push(lane, work) is not None
                 ):  # dispatcher.admit(), inlined
                     runnable.append(work)
-            else:
-                for sub in subs:
-                    if doc_lane is not None:
-                        lane = (sub.index, doc_lane)
-                    else:
-                        lane = sub.index if ordering == "stream" else None
-                    item = dispatcher.admit(WorkItem(sub, event, slot, lane, delivered_desc))
-                    if item is not None:
-                        runnable.append(item)
+            else:  # one item for all of them where their lanes allow (see Dispatcher.fan_out)
+                lanes_key = (
+                    doc_lane if doc_lane is not None else (STREAM_LANE if ordering == "stream" else None)
+                )
+                dispatcher.fan_out(subs, event, slot, lanes_key, delivered_desc, runnable)
             if barrier and not self._wait_until_idle():  # later events wait for it to finish
                 return False
         if len(runnable) >= _RELEASE_AT:

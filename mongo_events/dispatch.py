@@ -8,6 +8,14 @@ waits in a timer heap, not on a sleeping worker, so retries never block other
 documents' lanes. The lane of a retrying item stays busy, which keeps
 per-document order.
 
+With several subscriptions, an event whose document has nothing else in flight is one
+:class:`FanOut`: one hand-off, one lane, the subscriptions run in turn (idle workers take
+the parts not started yet). Behind a part still running or retrying, that subscription's
+later events of the document wait in a lane of their own, ``(subscription index,
+document)``, so order, retries and dead letters stay per subscription (see
+:meth:`Dispatcher.fan_out`). Per subscription, an item and a hand-off cost more than its
+no-op callback.
+
 With ``Bus(coalesce=True)`` the lanes are :class:`CoalescingLanes`: a newer event of a
 document replaces the one waiting in its lane, and takes over its slot, which is
 reported done only when the newer event is (see the class for the rules).
@@ -54,6 +62,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from operator import length_hint
 from typing import Any, Protocol, cast
 
 from .decoding import Decoder
@@ -67,9 +76,20 @@ from .options import invalid
 from .subscription import Subscription
 from .tracking import Lanes, Slot
 
-__all__ = ["CoalescingLanes", "DeadLetterHook", "Dispatcher", "WorkItem", "check_coalesce"]
+__all__ = [
+    "STREAM_LANE",
+    "CoalescingLanes",
+    "DeadLetterHook",
+    "Dispatcher",
+    "FanOut",
+    "WorkItem",
+    "check_coalesce",
+]
 
 log = logging.getLogger(__name__)
+
+#: The key of every event's lanes under ``ordering="stream"`` (see :meth:`Dispatcher.fan_out`).
+STREAM_LANE = "mongo_events.stream"
 
 
 class DeadLetterHook(Protocol):
@@ -90,7 +110,9 @@ class WorkItem:
         "event",
         "failure",
         "lane",
+        "parent",
         "slot",
+        "solo",
         "sub",
         "update_description",
     )
@@ -115,6 +137,61 @@ class WorkItem:
         #: Slots of the waiting events this item replaced (``coalesce=True``): they are
         #: reported done with this item's own slot, never before.
         self.covered: list[Slot] | None = None
+        #: The fan-out this is one subscription's part of (a retry, a dead-letter write): it is
+        #: reported as that part, not through a lane of its own.
+        self.parent: FanOut | None = None
+        #: In a per-subscription lane ``(subscription index, key)`` of a bus with several
+        #: subscriptions (see :meth:`Dispatcher.fan_out`): its lane's end is counted there.
+        self.solo = False
+
+
+class FanOut:
+    """One event for several subscriptions, run in turn by one worker (or a few, see ``claims``).
+
+    Per subscription it is what a :class:`WorkItem` would be: each part is attempted,
+    retried (as a ``WorkItem`` whose ``parent`` is this), dead-lettered and reported on
+    its own; only the queue hand-off, the lane and the item are shared. Its ``key`` (a
+    document, or the stream under ``ordering="stream"``) has no other work in flight
+    when it is made, so each part is its subscription's next event of that key.
+    """
+
+    __slots__ = (
+        "claims",
+        "event",
+        "finished",
+        "key",
+        "offered",
+        "seen",
+        "slot",
+        "subs",
+        "update_description",
+        "watched",
+    )
+
+    def __init__(
+        self,
+        subs: Sequence[Subscription],
+        event: ChangeEvent,
+        slot: Slot,
+        key: Hashable | None,
+        update_description: Any,
+    ) -> None:
+        self.subs = subs
+        self.event = event
+        self.slot = slot
+        self.key = key
+        self.update_description = update_description
+        #: Hands out each subscription once: ``next()`` on a list iterator is atomic under the
+        #: GIL, so the worker running it and idle workers helping it never take the same one.
+        self.claims = iter(subs)
+        #: Subscriptions done with it (appended by workers without the lock) ...
+        self.finished: list[Subscription] = []
+        #: ... of which the first ``seen`` were reported (under the lock).
+        self.seen = 0
+        #: A later event of ``key`` waits behind one of its parts: report each part at once.
+        self.watched = False
+        #: It sits on the ready queue for an idle worker to help (a hint; a race only costs a no-op).
+        self.offered = False
 
 
 #: A worker reports its finished items (taking the lock) once this many wait, or when it
@@ -241,7 +318,7 @@ class Dispatcher:
         self._on_fatal = on_fatal
         self._dead_letters = dead_letters
         self._bus_name = bus_name
-        self._ready: queue.SimpleQueue[WorkItem | None] = queue.SimpleQueue()  # None wakes a worker
+        self._ready: queue.SimpleQueue[WorkItem | FanOut | None] = queue.SimpleQueue()  # None wakes a worker
         #: Per-key lanes (guarded by ``lock``). Public for the stream consumer's hot path,
         #: which pushes a single subscription's item here without :meth:`admit`'s extra call.
         self.lanes: Lanes[WorkItem] = Lanes()
@@ -250,12 +327,19 @@ class Dispatcher:
         self._lock = lock
         #: Finished items not yet reported (appended without the lock; see drain()). Read-only
         #: outside: a lock holder tests it before calling drain(), as drain() itself does.
-        self.finished: deque[WorkItem] = deque()
+        self.finished: deque[WorkItem | FanOut] = deque()
         self._halt = threading.Event()
         self._threads: list[threading.Thread] = []
         self._executor: ThreadPoolExecutor | None = None
         # Per worker, the item whose attempt it runs (else None): plain list stores, no lock per event.
-        self._busy: list[WorkItem | None] = [None] * max_workers
+        self._busy: list[WorkItem | FanOut | None] = [None] * max_workers
+        # Per worker running a fan-out, the subscription it runs (for running()).
+        self._busy_sub: list[Subscription | None] = [None] * max_workers
+        #: Fan-outs with a part not yet reported, by key (guarded by ``lock``).
+        self._fanouts: dict[Hashable, FanOut] = {}
+        #: Per key, how many per-subscription lanes ``(index, key)`` are open (guarded by ``lock``):
+        #: while any is, that key's events go to those lanes, one item per subscription.
+        self._solo: dict[Hashable, int] = {}
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -299,8 +383,10 @@ class Dispatcher:
         out = []
         for index, item in enumerate(list(self._busy)):
             if item is not None:
+                sub = item.sub if type(item) is WorkItem else self._busy_sub[index]
+                name = sub.name if sub is not None else "?"
                 thread = self._threads[index].name if index < len(self._threads) else f"worker {index}"
-                out.append(f"subscription {item.sub.name!r} on event {item.event.id} ({thread})")
+                out.append(f"subscription {name!r} on event {item.event.id} ({thread})")
         return out
 
     def join(self, deadline: float) -> bool:
@@ -351,13 +437,60 @@ class Dispatcher:
             return item
         return self.lanes.push(item.lane, item)
 
-    def enqueue(self, item: WorkItem) -> None:
-        """Hand a runnable item (from :meth:`admit`) to the workers."""
+    def enqueue(self, item: WorkItem | FanOut) -> None:
+        """Hand a runnable item (from :meth:`admit` or :meth:`fan_out`) to the workers."""
         self._ready.put(item)
+
+    def fan_out(
+        self,
+        subs: Sequence[Subscription],
+        event: ChangeEvent,
+        slot: Slot,
+        key: Hashable | None,
+        update_description: Any,
+        runnable: list[WorkItem | FanOut],
+    ) -> None:
+        """Admit ``event`` for several subscriptions (caller holds the lock); append what may run now.
+
+        ``key`` names the lanes: the document (``ordering="document"``), :data:`STREAM_LANE`
+        (``"stream"``), or ``None`` (``"none"``, no lanes). Each subscription keeps its own
+        order per key, as with a lane ``(subscription index, key)`` each. When nothing of
+        ``key`` is in flight (the usual case) one :class:`FanOut` carries the event for all of
+        them; else each gets a ``WorkItem`` in its own lane, behind whatever it has in flight
+        there, so a subscription that is slow or retrying on a document holds back only its
+        own later events of that document.
+        """
+        if key is None or (key not in self._fanouts and key not in self._solo):
+            item = FanOut(subs, event, slot, key, update_description)
+            if key is not None:
+                self._fanouts[key] = item
+            runnable.append(item)
+            return
+        lanes = self.lanes
+        busy = self._fanouts.get(key)
+        held: set[int] = set()  # subscriptions whose part of the fan-out in flight is not reported
+        if busy is not None:
+            # Set before reporting: a worker that finishes a part after this reports it itself.
+            busy.watched = True
+            self._report_parts(busy)
+            held = {s.index for s in busy.subs}.difference(s.index for s in busy.finished[: busy.seen])
+        for sub in subs:
+            lane = (sub.index, key)
+            part = WorkItem(sub, event, slot, lane, update_description)
+            part.solo = True
+            if lane in lanes:
+                lanes.push(lane, part)  # waits (or replaces a waiting one, coalesce=True)
+                continue
+            self._solo[key] = self._solo.get(key, 0) + 1
+            if sub.index in held:
+                lanes.wait_behind(lane, part)  # its part of the fan-out is still under way
+            else:
+                lanes.push(lane, part)
+                runnable.append(part)
 
     # -- workers -----------------------------------------------------------------
 
-    def _next(self) -> WorkItem | None:
+    def _next(self) -> WorkItem | FanOut | None:
         timeout = 0.1
         if self._timers:
             with self._lock:
@@ -371,6 +504,53 @@ class Dispatcher:
         except queue.Empty:
             return None
 
+    def _help(self) -> FanOut | None:
+        """A fan-out another worker runs, with subscriptions nobody took yet (this worker is idle)."""
+        for item in self._busy:
+            if isinstance(item, FanOut) and length_hint(item.claims):
+                return item
+        return None
+
+    def _report_parts(self, item: FanOut, slots: list[Slot] | None = None) -> None:
+        """Report the parts of ``item`` finished since last time (caller holds the lock)."""
+        finished = item.finished
+        end = len(finished)  # workers may append meanwhile: those are reported next time
+        new = end - item.seen
+        if not new:
+            return
+        own = slots is None
+        if slots is None:
+            slots = []
+        # The parts are one subscription each of the same slot: count all but one here, and
+        # let on_done count the last, so it runs once per report, not once per subscription
+        # (it records the ack and moves the watermark when the slot's count reaches zero).
+        item.slot.remaining -= new - 1
+        slots.append(item.slot)
+        key = item.key
+        if item.watched:  # a later event waits in a subscription's lane behind its part
+            lanes = self.lanes
+            for sub in finished[item.seen : end]:
+                lane = (sub.index, key)
+                if lane in lanes:
+                    self._lane_ended(lane, key)
+        item.seen = end
+        if end == len(item.subs) and key is not None and self._fanouts.get(key) is item:
+            del self._fanouts[key]
+        if own:
+            self._on_done(slots)
+
+    def _lane_ended(self, lane: Hashable, key: Hashable) -> None:
+        """The active item of per-subscription lane ``lane`` (of ``key``) ended: run its next one."""
+        successor = self.lanes.pop_next(lane)
+        if successor is not None:
+            self._ready.put(successor)
+        else:
+            count = self._solo[key] - 1
+            if count:
+                self._solo[key] = count
+            else:
+                del self._solo[key]
+
     def drain(self) -> None:
         """Report finished items and queue their lanes' successors (caller holds the lock)."""
         done = self.finished
@@ -378,13 +558,22 @@ class Dispatcher:
             return
         lanes = self.lanes
         put = self._ready.put
-        slots = []
+        slots: list[Slot] = []
         while done:
             item = done.popleft()
+            if isinstance(item, FanOut):
+                self._report_parts(item, slots)
+                continue
+            if item.parent is not None:  # a retried part of a fan-out: reported as that part
+                item.parent.finished.append(item.sub)
+                self._report_parts(item.parent, slots)
+                continue
             slots.append(item.slot)
             if item.covered is not None:  # the events it replaced are done only now
                 slots.extend(item.covered)
-            if item.lane is not None:
+            if item.solo:
+                self._lane_ended(item.lane, cast(tuple[int, Hashable], item.lane)[1])
+            elif item.lane is not None:
                 successor = lanes.pop_next(item.lane)
                 if successor is not None:
                     put(successor)
@@ -395,8 +584,12 @@ class Dispatcher:
         lock = self._lock
         done = self.finished
         halt = self._halt
+        share = self.max_workers > 1
         while not halt.is_set():
-            item = self._next()
+            # About to wait for work: first help a fan-out another worker is running.
+            item: WorkItem | FanOut | None = self._help() if share and self._ready.empty() else None
+            if item is None:
+                item = self._next()
             if item is None:
                 if done:  # idle: waiting for the lock costs nothing now
                     with lock:
@@ -404,23 +597,16 @@ class Dispatcher:
                 continue
             if halt.is_set():
                 return
+            if isinstance(item, FanOut):
+                self._run_fanout(index, item)
+                continue
             if len(done) >= _REPORT_AT:  # many unreported items: try before a callback that may be long
                 self._try_drain()
             busy[index] = item
             try:
                 outcome, delay = self._attempt(item)
             except BaseException as exc:
-                # Not an Exception (a callback's SystemExit or KeyboardInterrupt), or a failure
-                # outside the callback (middleware, retry_backoff, an error whose repr() raises):
-                # the bus stops; retrying would only hide it. The event stays undone.
-                thread = threading.current_thread().name
-                error = ThreadFailed(
-                    f"worker {thread} stopped on event {item.event.id} for subscription {item.sub.name!r}: "
-                    f"{describe(exc)} escaped the callback or its middleware, decoder or retry_backoff. The bus "
-                    "stops without retrying it; the event is delivered again after restart",
-                    thread=thread,
-                )
-                raise error from exc
+                raise self._escaped(item.sub, item.event, exc) from exc
             finally:
                 busy[index] = None
             if outcome == _RETRY:
@@ -434,6 +620,107 @@ class Dispatcher:
                 done.append(item)
                 if len(done) >= _REPORT_AT or self._ready.empty():
                     self._try_drain()
+
+    def _run_fanout(self, index: int, item: FanOut) -> None:
+        """Run the parts of ``item`` this worker can claim, one after another."""
+        item.offered = False
+        busy = self._busy
+        busy_sub = self._busy_sub
+        done = self.finished
+        halted = self._halt.is_set
+        ready = self._ready
+        finished = item.finished
+        claims = item.claims
+        event = item.event
+        share = self.max_workers > 1
+        plain = not self._middleware
+        sub: Subscription | None = None
+
+        # current_delivery() builds the Delivery of the subscription running now: one context
+        # variable setting per run of parts, not one per part (unless a callback asked for
+        # its Delivery: current_delivery() then keeps it in the variable, set back below).
+        def builder() -> Delivery:
+            return self._part_delivery(item, sub)
+
+        token = _current.set(builder)
+        busy[index] = item
+        try:
+            for sub in claims:
+                if halted():
+                    return
+                busy_sub[index] = sub
+                if _current.get() is not builder:
+                    _current.set(builder)
+                if share and not item.offered and length_hint(claims) and ready.empty():
+                    # Others may be idle: let one of them take the next parts, so that a slow
+                    # callback here does not hold back the other subscriptions' deliveries.
+                    item.offered = True
+                    ready.put(item)
+                part: WorkItem | None = None
+                try:
+                    if plain and not sub.wants_delivery and sub.idempotency is None:
+                        # call_subscription without middleware, inlined (this runs once per part),
+                        # and sub.argument() too when the callback takes the event as it is.
+                        try:
+                            if sub.payload is None and not sub.full_document_only:
+                                sub.callback(event)
+                            else:
+                                sub.callback(sub.argument(event, self._decoder))
+                        except Exception as exc:
+                            part = self._part(item, sub)
+                            outcome, delay = self._settle(part, None, exc)
+                        else:
+                            outcome = _DONE
+                    else:
+                        part = self._part(item, sub)
+                        outcome, delay = self._attempt(part)
+                except BaseException as exc:
+                    raise self._escaped(sub, event, exc) from exc
+                if outcome == _DONE:
+                    finished.append(sub)
+                    if item.watched:  # a later event of this key waits for this part: report it now
+                        done.append(item)
+                        self._try_drain()
+                elif outcome == _RETRY:
+                    assert part is not None
+                    with self._lock:
+                        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._counter), part))
+        finally:
+            busy[index] = None
+            busy_sub[index] = None
+            _current.reset(token)
+        done.append(item)
+        if len(done) >= _REPORT_AT or ready.empty():
+            self._try_drain()
+
+    def _part(self, item: FanOut, sub: Subscription) -> WorkItem:
+        """``sub``'s part of ``item`` as an item of its own (for its retries and dead letter)."""
+        part = WorkItem(sub, item.event, item.slot, None, item.update_description)
+        part.parent = item
+        return part
+
+    def _part_delivery(self, item: FanOut, sub: Subscription | None) -> Delivery:
+        assert sub is not None
+        return Delivery(
+            event=item.event,
+            subscription=sub.name,
+            attempt=1,
+            update_description=item.update_description,
+            cluster_time=item.event.cluster_time,
+            bus=self._bus_name,
+        )
+
+    def _escaped(self, sub: Subscription, event: ChangeEvent, exc: BaseException) -> ThreadFailed:
+        # Not an Exception (a callback's SystemExit or KeyboardInterrupt), or a failure
+        # outside the callback (middleware, retry_backoff, an error whose repr() raises):
+        # the bus stops; retrying would only hide it. The event stays undone.
+        thread = threading.current_thread().name
+        return ThreadFailed(
+            f"worker {thread} stopped on event {event.id} for subscription {sub.name!r}: "
+            f"{describe(exc)} escaped the callback or its middleware, decoder or retry_backoff. "
+            "The bus stops without retrying it; the event is delivered again after restart",
+            thread=thread,
+        )
 
     def _try_drain(self) -> None:
         """Report finished items if the lock is free right now; never wait for it."""
@@ -475,6 +762,13 @@ class Dispatcher:
             finally:
                 _current.reset(token)
         if error is None or isinstance(error, Skip):  # skipped (or a duplicate): done, not an error
+            return _DONE, 0.0
+        return self._settle(item, delivery, error)
+
+    def _settle(self, item: WorkItem, delivery: Delivery | None, error: BaseException) -> tuple[int, float]:
+        """What a failed attempt of ``item`` leads to: a retry, a dead letter, a skip or a stop."""
+        sub = item.sub
+        if isinstance(error, Skip):
             return _DONE, 0.0
         if isinstance(error, ClaimedElsewhere):  # not an attempt: try again once its holder is done
             log.debug("subscription %r: %s", sub.name, error)

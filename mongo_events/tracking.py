@@ -176,6 +176,16 @@ class Lanes(Generic[T]):
     def __len__(self) -> int:
         return len(self._waiting)
 
+    def __contains__(self, key: Hashable) -> bool:
+        """The lane ``key`` has an active item (and maybe waiting ones)."""
+        return key in self._waiting
+
+    def wait_behind(self, key: Hashable, item: T) -> None:
+        """Open lane ``key`` with ``item`` waiting: its active item is held elsewhere (a fan-out's
+        part for this lane's subscription), and :meth:`pop_next` releases ``item`` when it ends."""
+        assert key not in self._waiting
+        self._waiting[key] = deque((item,))
+
     def push(self, key: Hashable, item: T) -> T | None:
         waiting = self._waiting
         if key not in waiting:

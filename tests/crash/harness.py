@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import selectors
 import signal
 import subprocess
 import sys
@@ -62,7 +63,7 @@ def _start_server(data_dir: str, port: int = 0) -> tuple[subprocess.Popen[str], 
     return proc, uri
 
 
-def _consumer(uri: str, log: str, run: int, max_in_flight: int, expect: int = 0) -> subprocess.Popen[str]:
+def _consumer(uri: str, log: str, run: int, max_in_flight: int, expect: int = 0) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
             sys.executable,
@@ -80,8 +81,19 @@ def _consumer(uri: str, log: str, run: int, max_in_flight: int, expect: int = 0)
             str(expect),
         ],
         cwd=ROOT,
+        stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Wait (at most ``timeout`` s) for the consumer's ``ready`` line: its bus has started."""
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            return False
+    return proc.stdout.readline().strip() == b"ready"
 
 
 def _read_log(path: str) -> list[tuple[int, str]]:
@@ -124,6 +136,11 @@ def run(kills: int = 20, changes: int = 2000, seed: int | None = None, max_in_fl
             while runs < kills or not writer_done.is_set():
                 runs += 1
                 proc = _consumer(uri, log, runs, max_in_flight)
+                # Most kills land while the bus runs, timed from its start; one in five while
+                # it starts. (Timed from the spawn alone, a loaded machine, importing slowly,
+                # saw every kill before the first checkpoint.)
+                if rng.random() < 0.8:
+                    _wait_ready(proc, 30.0)
                 try:
                     proc.wait(timeout=rng.uniform(0.05, 1.2))
                     report.problems.append(f"run {runs}: consumer exited by itself with {proc.returncode}")

@@ -44,6 +44,7 @@ from .errors import (
 )
 from .events import ChangeEvent, FullDocument, OperationType
 from .flusher import Flusher
+from .groups.runtime import GroupRuntime
 from .guard import describe
 from .health import Health, assess
 from .history import plan_rewind, rewind_token
@@ -54,7 +55,15 @@ from .middleware.base import Middleware
 from .monitor.middleware import MonitorMiddleware
 from .monitor.status import ConsumerStatusStore, StatusPublisher
 from .monitor.store import MonitorStore
-from .options import check_callable, check_choice, check_has_method, check_int, check_number, invalid
+from .options import (
+    check_callable,
+    check_choice,
+    check_group_options,
+    check_has_method,
+    check_int,
+    check_number,
+    invalid,
+)
 from .reporting import ErrorContext, ErrorHandler, ErrorKindName, ErrorReporter, report_error
 from .retrying import RetryBackoff
 from .runner import ensure_logging
@@ -324,6 +333,9 @@ class Bus:
         snapshot_collections: Sequence[str] | None = None,
         snapshot_filter: Mapping[str, Any] | None = None,
         snapshot_batch_size: int = 1000,
+        group: str | None = None,
+        partitions: int = 1,
+        lease_ttl: float = 10.0,
     ) -> None:
         if isinstance(target, MongoCollection):
             self.level = "collection"
@@ -350,6 +362,7 @@ class Bus:
         self.name = name or self._namespace
 
         _check_bus_options(locals())
+        check_group_options(group, partitions, lease_ttl, resume=resume)
         fd = FullDocument(full_document) if full_document is not None else None
         has_full = fd in _FULL_DOCUMENT_OPTIONS
         if max_updated_fields_size and not has_full:
@@ -436,6 +449,11 @@ class Bus:
         else:
             self.token_store = MongoResumeTokenStore(self._db[resume_token_collection or DEFAULT_COLLECTION])
 
+        # Consumer groups (see mongo_events.groups.runtime): None keeps one stream consumer.
+        self.group, self.partitions, self.lease_ttl = group, partitions, float(lease_ttl)
+        if group is not None:
+            GroupRuntime(self, group, partitions, lease_ttl)  # refuses a store that cannot fence, now
+
         self._subscriptions: list[Subscription] = []
         self._state = BusState.NEW
         self._state_lock = threading.Lock()
@@ -459,6 +477,11 @@ class Bus:
         )
         self._dispatcher: Dispatcher | None = None
         self._flusher: Flusher | None = None
+        self._group: GroupRuntime | None = (
+            GroupRuntime(self, self.group, self.partitions, self.lease_ttl)
+            if self.group is not None
+            else None
+        )
         self._shutdown_lock = threading.Lock()
         self._signals = 0
         #: Set by a second SIGINT/SIGTERM in run_forever(): stop without waiting for callbacks.
@@ -528,7 +551,9 @@ class Bus:
 
     @property
     def in_flight(self) -> int:
-        """Events held after the checkpoint, finished or not (at most ``max_in_flight``)."""
+        """Events held after the checkpoint, finished or not (at most ``max_in_flight`` per partition)."""
+        if self._group is not None:
+            return self._group.in_flight()
         return self._consumer.window.size()
 
     # Counters of the stream consumer (read by tests, the benchmark and dashboards).
@@ -734,6 +759,9 @@ class Bus:
                     "could not create indexes for %s (%s); going on without them", type(store).__name__, exc
                 )
                 self._report(exc, "store", what=f"create indexes ({type(store).__name__})")
+        if self._group is not None:
+            self._start_group(self._group)
+            return
         consumer = self._consumer
         # One pool per bus, on the consumer's window lock: finishing costs one acquisition.
         self._dispatcher = Dispatcher(
@@ -776,6 +804,19 @@ class Bus:
             log.error(
                 "bus %s: %s; health is unhealthy and nothing is delivered until it opens", self.name, message
             )
+
+    def _start_group(self, group: GroupRuntime) -> None:
+        """Start as a consumer-group member: a stream consumer per partition held (see runtime)."""
+        tasks = [group.flush]
+        if self.monitor is not None:
+            tasks.append(self._reporting_task(self.monitor.flush, "write monitor entries"))
+        self._flusher = Flusher(tasks, self.flush_interval, self.name, on_fatal=self._fail)
+        if self.metrics is not None:
+            self.metrics.attach(self)
+        self._flusher.start()
+        if self.status is not None:
+            self.status.attach(self)
+        group.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop gracefully: stop the watcher, let running callbacks finish, write the checkpoint.
@@ -867,6 +908,10 @@ class Bus:
         self._check_pid()
         deadline = None if timeout is None else time.monotonic() + timeout
         window = self._consumer.window
+        if self._group is not None and not self._group.join(
+            deadline, lambda: self._error is not None or self._stopped.is_set()
+        ):
+            return False
         with window.cond:
             if not window.wait_for_done(
                 window.tracker.last_seq, deadline, lambda: self._error is not None or self._stopped.is_set()
@@ -1084,11 +1129,12 @@ class Bus:
         # handing out work and let running callbacks finish; then write the
         # watermark, which now covers everything that finished.
         self._stop_event.set()
+        # A group member stops its partitions (bounded by lease_ttl / 3) and releases their leases.
+        running: list[str] = self._group.stop(deadline) if self._group is not None else []
         consumer = self._consumer
         with consumer.window.cond:
             consumer.window.cond.notify_all()
         consumer.stop_watcher(deadline, hurry)  # a second signal stops waiting for it
-        running: list[str] = []
         if self._dispatcher is not None:
             self._dispatcher.halt()
             if not self._dispatcher.wait_idle(deadline, hurry):
@@ -1141,6 +1187,8 @@ class Bus:
         Process-local, like the Go library's gauge, so summing it over instances is right.
         Across processes, ask the ack store: ``bus.ack_store.pending_count()``.
         """
+        if self._group is not None:
+            return self._group.pending()
         return self._consumer.window.pending()
 
     def checkpoint_age(self) -> float | None:
@@ -1175,6 +1223,8 @@ class Bus:
         """
         self._check_pid()
         state = self._state
+        if self._group is not None:
+            return self._group.health(state.value, state is BusState.RUNNING, self._error)
         consumer = self._consumer
         if self.metrics is None:
             try:

@@ -83,6 +83,8 @@ class Metrics(Middleware):
     ``mongodb.stream.receive_lag`` histogram ``s``            ``namespace``
     ``mongodb.checkpoint.age``     observable gauge ``s``     ``namespace``
     ``mongodb.oplog.headroom``     observable gauge ``s``     ``namespace`` (absent when unreadable)
+    ``mongodb.group.partitions_owned`` observable gauge       ``namespace``, ``group`` (partitions this process holds)
+    ``mongodb.group.rebalances``   counter ``{rebalance}``    ``namespace``, ``group`` (this member's share changed)
     ``dlq.messages``               counter ``{message}``      ``event`` (dead letters stored)
     ``dlq.messages.replayed``      counter ``{message}``      ``event`` (replays that succeeded)
     ``dlq.replay.failure``         counter ``{message}``      ``event`` (replays that failed)
@@ -201,6 +203,18 @@ class Metrics(Middleware):
             unit="s",
             description="Seconds of oplog between its oldest entry and the stored checkpoint",
         )
+        # Consumer groups (Bus(group=...)).
+        m.create_observable_gauge(
+            name("mongodb.group.partitions_owned"),
+            [self._observe_partitions_owned],
+            unit="{partition}",
+            description="Partitions of a consumer group this process holds",
+        )
+        self.group_rebalances = m.create_counter(
+            name("mongodb.group.rebalances"),
+            unit="{rebalance}",
+            description="Times a consumer-group member's share of the partitions changed",
+        )
         # The dead-letter counters of the Go event-dlq manager (dlq_messages_total, ...).
         self.dlq_stored = m.create_counter(
             name("dlq.messages"), unit="{message}", description="Dead letters stored"
@@ -288,6 +302,30 @@ class Metrics(Middleware):
 
     def _observe_headroom(self, options: Any = None) -> Iterable[Any]:
         return list(self._observe("mongodb.oplog.headroom", lambda b: b.oplog_headroom()))
+
+    def _observe_partitions_owned(self, options: Any = None) -> Iterable[Any]:
+        with self._buses_lock:
+            buses = list(self._buses)
+        out = []
+        for bus in buses:
+            group = getattr(bus, "_group", None)
+            if group is None:
+                continue
+            try:
+                status = group.status()
+            except Exception as exc:
+                self._broken("mongodb.group.partitions_owned", exc)
+                continue
+            out.append(
+                self._observation(len(status.held), {"namespace": bus.namespace, "group": status.name})
+            )
+        return out
+
+    def group_rebalanced(self, group: str, namespace: str) -> None:
+        """A consumer-group member's share of the partitions changed."""
+        self._count(
+            self.group_rebalances, "mongodb.group.rebalances", {"namespace": namespace, "group": group}
+        )
 
     # -- stream events (called by the bus's watcher thread) ------------------------------------------
 

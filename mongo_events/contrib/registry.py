@@ -103,6 +103,9 @@ class BusRegistry:
         self.stop_timeout = 30.0
         #: The bus that made :meth:`run_forever` (or :meth:`start`) end, if one did.
         self.failed: Bus | None = None
+        #: The consumer group of every configured bus whose spec names none (``Bus(group=...)``):
+        #: every web worker can then start its buses, and each change is handled once.
+        self.group: str | None = None
 
     def add_bus(self, name: str, bus: Bus) -> None:
         """Register a bus built in code (its subscriptions made with :meth:`subscribe` are applied)."""
@@ -157,6 +160,8 @@ class BusRegistry:
                     f"no bus named {name!r} is configured (known: {', '.join(self.names) or 'none'})"
                 )
             spec = dict(self.config[name])
+            if self.group is not None:
+                spec.setdefault("group", self.group)
             if self.middleware:
                 spec["middleware"] = [*self.middleware, *spec.get("middleware", [])]
             bus, client = build_bus(name, spec, self.uri)

@@ -327,8 +327,8 @@ class GroupRuntime:
         middle = time.monotonic() + max(0.0, deadline - time.monotonic()) / 2
         if watcher is not None:
             watcher.join(max(0.0, middle - time.monotonic()))
+        # Not dispatcher.join(): the workers' threads go back to the shared pool, they do not end.
         dispatcher.wait_idle(middle)
-        dispatcher.join(middle)
         if not part.closed.is_set():
             remaining = deadline - time.monotonic()
             try:

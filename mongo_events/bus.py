@@ -44,6 +44,7 @@ from .errors import (
 )
 from .events import ChangeEvent, FullDocument, OperationType
 from .flusher import Flusher
+from .groups.collision import StampedResumeTokenStore
 from .groups.runtime import GroupRuntime
 from .guard import describe
 from .health import Health, assess
@@ -467,7 +468,7 @@ class Bus:
         self._consumer = StreamConsumer(
             self._spec(),
             self._subscriptions,
-            token_store=self.token_store,
+            token_store=_stamped(self.token_store, self.name) if self.group is None else self.token_store,
             ack_store=self.ack_store,
             dead_letters=self._dead_letters,
             metrics=self.metrics,
@@ -1336,6 +1337,11 @@ def _idempotency(value: IdempotencyStore | Idempotency | None) -> Idempotency | 
     raise ConfigurationError(
         f"idempotency must be an IdempotencyStore or an Idempotency, got {type(value).__name__}"
     )
+
+
+def _stamped(store: ResumeTokenStore | None, bus: str) -> ResumeTokenStore | None:
+    """Without a group, the default MongoDB store stamps its writes to notice a second live writer."""
+    return StampedResumeTokenStore(store, bus) if type(store) is MongoResumeTokenStore else store
 
 
 def _hostname() -> str:

@@ -3,7 +3,8 @@
 Without ``group=``, every bus that starts consumes every change, and buses that share a
 ``resume_token_id`` also share one checkpoint, each overwriting the other's position. The
 bus's MongoDB checkpoint store stamps each write with its writer (host, pid, a random id)
-and reads the previous stamp back in the same round trip (``find_one_and_update``). A
+and notices another writer's stamp, in the same round trip in the common case (an upsert that
+matches only an unstamped document or its own stamp collides with another writer's). A
 stamp that is not its own, after its own first write, means another live bus wrote the
 key in between: an ERROR names both.
 
@@ -18,8 +19,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from bson.timestamp import Timestamp
-from pymongo import ReturnDocument
-from pymongo.errors import PyMongoError
+from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from ..errors import StoreError
 from ..stores.mongodb import MongoResumeTokenStore
@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 class StampedResumeTokenStore(MongoResumeTokenStore):
     """A :class:`~mongo_events.MongoResumeTokenStore` whose writes carry a ``writer`` stamp
-    and notice another writer of the same key (same documents otherwise; one round trip a write).
+    and notice another writer of the same key (same documents otherwise; one round trip a write
+    unless another writer's stamp is found).
 
     :param store: the store to stamp (its collection is used).
     :param bus: the bus's name, for the log line.
@@ -70,21 +71,23 @@ class StampedResumeTokenStore(MongoResumeTokenStore):
             fields["namespace"] = namespace
         if level is not None:
             fields["level"] = level
+        mine = {"_id": key, "$or": [{"writer.id": self.writer["id"]}, {"writer": {"$exists": False}}]}
         try:
-            before = self.collection.find_one_and_update(
-                {"_id": key},
-                {"$set": fields},
-                projection={"writer": 1},
-                upsert=True,
-                return_document=ReturnDocument.BEFORE,
-            )
+            try:
+                # The common case, one round trip: the key is new, unstamped or already ours.
+                self.collection.update_one(mine, {"$set": fields}, upsert=True)
+            except DuplicateKeyError:
+                # Another writer's stamp (the upsert collided with its document): a predecessor
+                # before our first write, a live twin after it. Write anyway, then say so.
+                other = self.collection.find_one({"_id": key}, {"writer": 1})
+                self.collection.update_one({"_id": key}, {"$set": fields}, upsert=True)
+                stamp = (other or {}).get("writer")
+                if key in self._written and isinstance(stamp, Mapping):
+                    self._collided(key, stamp)
         except PyMongoError as exc:
             raise StoreError(
                 f"could not save resume token {key!r} to {self.collection.full_name}: {exc}"
             ) from exc
-        other = (before or {}).get("writer")
-        if key in self._written and isinstance(other, Mapping) and other.get("id") != self.writer["id"]:
-            self._collided(key, other)
         self._written.add(key)
 
     def _collided(self, key: str, other: Mapping[str, Any]) -> None:

@@ -1193,13 +1193,18 @@ class Bus:
         return self._consumer.window.pending()
 
     def checkpoint_age(self) -> float | None:
-        """Seconds from the cluster time of the stored checkpoint to now (``None`` before one)."""
+        """Seconds from the cluster time of the stored checkpoint to now (``None`` before one);
+        with a group, of the oldest among the partitions held."""
+        if self._group is not None:
+            return self._group.checkpoint_age()
         return self._consumer.checkpoint_age()
 
     def oplog_headroom(self) -> float | None:
         """Seconds of oplog between its oldest entry and the stored checkpoint: roughly how long
         the bus may stay down before it cannot resume. ``None`` when the oplog cannot be read
         (no permission on ``local``, a mongos) or before the first checkpoint."""
+        if self._group is not None:
+            return self._group.oplog_headroom()
         return self._consumer.oplog_headroom()
 
     def _on_dead_letter_outcome(self, error: BaseException | None) -> None:

@@ -306,7 +306,7 @@ class Metrics(Middleware):
     def _observe_partitions_owned(self, options: Any = None) -> Iterable[Any]:
         with self._buses_lock:
             buses = list(self._buses)
-        out = []
+        owned: dict[tuple[str, str], int] = {}  # summed: the buses of one group in this process
         for bus in buses:
             group = getattr(bus, "_group", None)
             if group is None:
@@ -316,10 +316,9 @@ class Metrics(Middleware):
             except Exception as exc:
                 self._broken("mongodb.group.partitions_owned", exc)
                 continue
-            out.append(
-                self._observation(len(status.held), {"namespace": bus.namespace, "group": status.name})
-            )
-        return out
+            key = (bus.namespace, status.name)
+            owned[key] = owned.get(key, 0) + len(status.held)
+        return [self._observation(n, {"namespace": ns, "group": g}) for (ns, g), n in owned.items()]
 
     def group_rebalanced(self, group: str, namespace: str) -> None:
         """A consumer-group member's share of the partitions changed."""

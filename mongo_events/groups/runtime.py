@@ -205,6 +205,10 @@ class GroupRuntime:
                     self._fenced_out(part, exc)
                 elif error is None:
                     error = exc
+        if self.bus.metrics is not None:  # for the headroom gauge; reads at most every 30 s
+            for part in parts:
+                if part.consumer is not None:
+                    part.consumer.oplog.refresh()
         if error is not None:
             raise error
 
@@ -412,6 +416,14 @@ class GroupRuntime:
     def in_flight(self) -> int:
         return sum(c.window.size() for c in self.consumers())
 
+    def checkpoint_age(self) -> float | None:
+        ages = [a for a in (c.checkpoint_age() for c in self.consumers()) if a is not None]
+        return max(ages) if ages else None
+
+    def oplog_headroom(self) -> float | None:
+        rooms = [h for h in (c.oplog_headroom() for c in self.consumers()) if h is not None]
+        return min(rooms) if rooms else None
+
     def join(self, deadline: float | None, stopped: Any) -> bool:
         """Wait until every event each held partition received so far is done."""
         for consumer in self.consumers():
@@ -426,8 +438,6 @@ class GroupRuntime:
         consumers = self.consumers()
         events = [c.last_event for c in consumers if c.last_event is not None]
         errors: list[tuple[str, datetime]] = [c.last_error for c in consumers if c.last_error is not None]
-        ages = [a for a in (c.checkpoint_age() for c in consumers) if a is not None]
-        headrooms = [h for h in (c.oplog_headroom() for c in consumers) if h is not None]
         health = assess(
             state=state,
             running=running,
@@ -437,8 +447,8 @@ class GroupRuntime:
             last_event=max(events, key=lambda e: e[0]) if events else None,
             last_error=max(errors, key=lambda e: e[1]) if errors else None,
             failure=failure,
-            checkpoint_age=max(ages) if ages else None,
-            oplog_headroom=min(headrooms) if headrooms else None,
+            checkpoint_age=self.checkpoint_age(),
+            oplog_headroom=self.oplog_headroom(),
             pending=sum(c.window.pending() for c in consumers),
             in_flight=sum(c.window.size() for c in consumers),
             reconnections=sum(c.reconnections for c in consumers),

@@ -224,3 +224,47 @@ def test_group_options_are_checked_where_given(
 ) -> None:
     with pytest.raises(me.ConfigurationError, match=message):
         me.Bus(client.shop.orders, **options)
+
+
+def test_health_and_metrics_report_the_group(members: Callable[..., me.Bus]) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    try:
+        metrics = me.Metrics(meter_provider=provider)
+        log = Log()
+        first = members("first", log, metrics=metrics).start()
+        second = members("second", log, metrics=metrics).start()
+        wait_for(lambda: spread([first, second], 4), timeout=3.0)
+        status = first.health().group
+        assert status is not None
+        assert (status.name, status.partitions, status.members, status.lease_state) == (
+            "billing",
+            4,
+            2,
+            "active",
+        )
+        assert len(status.held) == 2 and all(fence >= 1 for fence in status.held.values())
+        assert first.health().to_json()["group"]["members"] == 2
+
+        def points() -> dict[str, list[tuple[dict[str, Any], Any]]]:
+            out: dict[str, list[tuple[dict[str, Any], Any]]] = {}
+            data = reader.get_metrics_data()
+            for rm in data.resource_metrics if data else ():
+                for sm in rm.scope_metrics:
+                    for metric in sm.metrics:
+                        for p in metric.data.data_points:
+                            out.setdefault(metric.name, []).append((dict(p.attributes or {}), p.value))
+            return out
+
+        got = points()
+        # both members live in this process: their partitions are summed
+        assert got["mongodb.group.partitions_owned"] == [
+            ({"namespace": "shop.orders", "group": "billing"}, 4)
+        ]
+        # the first member's share changed twice (all 4, then 2), the second's once
+        assert sum(v for _, v in got["mongodb.group.rebalances"]) == 3
+    finally:
+        provider.shutdown()

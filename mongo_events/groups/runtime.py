@@ -36,7 +36,7 @@ from ..guard import describe
 from ..health import Health, assess
 from ..stores.mongodb import MongoResumeTokenStore
 from .base import FencedOut
-from .fencing import FencedResumeTokenStore
+from .fencing import FencedResumeTokenStore, raise_fence
 from .member import GroupMember, partition_key
 from .mongodb import DEFAULT_LEASE_COLLECTION, MongoLeaseStore
 from .partitioning import PartitionMode, event_partition, server_match_stage, server_supports_hashed_keys
@@ -279,6 +279,8 @@ class GroupRuntime:
         flusher = bus._flusher
         consumer.attach(dispatcher, flusher.wake if flusher is not None else lambda: None)
         part.consumer, part.dispatcher = consumer, dispatcher
+        # The previous owner's writes are refused from now on, not only after our first write.
+        raise_fence(self.token_store, key, fence)
         position = consumer.initial_position()  # a StoreError is fatal: the member stops, the bus fails
         with self._lock:
             self._parts[p] = part

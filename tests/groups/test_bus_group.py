@@ -268,3 +268,33 @@ def test_health_and_metrics_report_the_group(members: Callable[..., me.Bus]) -> 
         assert sum(v for _, v in got["mongodb.group.rebalances"]) == 3
     finally:
         provider.shutdown()
+
+
+def test_a_database_group_does_not_see_its_own_lease_and_checkpoint_writes(
+    client: pymongo.MongoClient[Any],
+) -> None:
+    got = Log()
+    bus = me.Bus(client.shop, **FAST, group="db", partitions=2, lease_ttl=1.5)
+    bus.subscribe(
+        lambda e: got.add(e.collection or "", e.document_key.get("_id") if e.document_key else None, 0)
+    )
+    bus.start()
+    try:
+        for i in range(10):
+            client.shop.orders.insert_one({"_id": i})
+        client.shop.users.insert_one({"_id": "u"})
+        wait_for(lambda: len(got.snapshot()) >= 11, timeout=10)
+        assert bus.flush()  # checkpoint writes
+        leases = client.shop["_event_leases"]
+        renewed = {d["_id"]: d["renewed_at"] for d in leases.find({"_id": {"$regex": "^db:"}})}
+        assert len(renewed) == 2
+        wait_for(  # and a renewal of every partition's lease (every lease_ttl / 3)
+            lambda: all(leases.find_one({"_id": k})["renewed_at"] > t for k, t in renewed.items()), timeout=5
+        )
+        client.shop.users.insert_one({"_id": "last"})
+        wait_for(lambda: ("users", "last", 0) in got.snapshot(), timeout=10)
+        assert sorted((c, str(d)) for c, d, _ in got.snapshot()) == sorted(
+            [("orders", str(i)) for i in range(10)] + [("users", "u"), ("users", "last")]
+        )
+    finally:
+        bus.stop(timeout=5)

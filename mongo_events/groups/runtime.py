@@ -84,6 +84,8 @@ class _Partition:
         self.closed = threading.Event()
         self.consumer: StreamConsumer | None = None
         self.dispatcher: Dispatcher | None = None
+        #: One flush of this partition at a time (the flusher's, or the final one at revoke).
+        self.flushing = threading.Lock()
 
 
 def _fenced(exc: BaseException | None) -> bool:
@@ -199,7 +201,9 @@ class GroupRuntime:
         for part in parts:
             assert part.consumer is not None
             try:
-                part.consumer.checkpointer.flush()
+                with part.flushing:
+                    if not part.closed.is_set():
+                        part.consumer.checkpointer.flush()
             except Exception as exc:
                 if _fenced(exc):
                     self._fenced_out(part, exc)
@@ -338,9 +342,12 @@ class GroupRuntime:
         if not part.closed.is_set():
             remaining = deadline - time.monotonic()
             try:
-                if remaining > 0:
-                    with pymongo.timeout(remaining):
-                        consumer.checkpointer.flush()
+                if remaining > 0 and part.flushing.acquire(timeout=remaining):
+                    try:
+                        with pymongo.timeout(max(0.001, deadline - time.monotonic())):
+                            consumer.checkpointer.flush()
+                    finally:
+                        part.flushing.release()
             except Exception as exc:
                 if _fenced(exc):
                     log.warning(

@@ -46,7 +46,7 @@ def members(client: pymongo.MongoClient[Any]) -> Iterator[Callable[..., me.Bus]]
         def record(event: me.ChangeEvent) -> None:
             desc = event.update_description  # the change's own value, not a later looked-up one
             fields = desc.updated_fields if desc is not None else (event.full_document or {})
-            log.add(name, event.document_key["_id"], fields.get("v", -1))
+            log.add(name, (event.document_key or {}).get("_id"), fields.get("v", -1))
 
         buses.append(bus)
         return bus
@@ -298,3 +298,37 @@ def test_a_database_group_does_not_see_its_own_lease_and_checkpoint_writes(
         )
     finally:
         bus.stop(timeout=5)
+
+
+@pytest.mark.parametrize("mode", ["server", "client"])
+def test_events_without_a_document_key_go_to_partition_0_and_every_partition_continues(
+    members: Callable[..., me.Bus],
+    client: pymongo.MongoClient[Any],
+    mode: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if mode == "client":
+        monkeypatch.setattr(group_runtime, "server_supports_hashed_keys", lambda coll: False)
+    got: list[tuple[str, Any]] = []
+    lock = threading.Lock()
+    bus = members("solo", Log(), partitions=3)
+
+    @bus.subscribe(name="ops")
+    def ops(event: me.ChangeEvent) -> None:
+        with lock:
+            got.append((event.operation_type.value, (event.document_key or {}).get("_id")))
+
+    bus.start()
+    coll = client.shop.orders
+    for i in range(6):
+        coll.insert_one({"_id": i})
+    wait_for(lambda: len([g for g in got if g[0] == "insert"]) == 6, timeout=10)
+    coll.drop()
+    for i in range(6, 12):  # after the invalidate, every partition's stream continues
+        coll.insert_one({"_id": i})
+    wait_for(lambda: len([g for g in got if g[0] == "insert"]) == 12, timeout=15)
+    assert bus.flush()
+    with lock:
+        seen = list(got)
+    assert sorted(d for op, d in seen if op == "insert") == list(range(12))
+    assert [op for op, _ in seen].count("drop") == 1  # partition 0 only

@@ -815,9 +815,9 @@ class Bus:
         if self.metrics is not None:
             self.metrics.attach(self)
         self._flusher.start()
-        if self.status is not None:
-            self.status.attach(self)
         group.start()
+        if self.status is not None:  # after the first share: its first status names the partitions
+            self.status.attach(self)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop gracefully: stop the watcher, let running callbacks finish, write the checkpoint.

@@ -332,3 +332,15 @@ def test_events_without_a_document_key_go_to_partition_0_and_every_partition_con
         seen = list(got)
     assert sorted(d for op, d in seen if op == "insert") == list(range(12))
     assert [op for op, _ in seen].count("drop") == 1  # partition 0 only
+
+
+def test_the_published_status_names_the_group_and_the_partitions_held(
+    members: Callable[..., me.Bus],
+) -> None:
+    from mongo_events.monitor import MemoryConsumerStatusStore
+
+    store = MemoryConsumerStatusStore()
+    members("published", Log(), status=store).start()
+    assert wait_for(lambda: [c for c in store.list() if c.bus == "published"], timeout=10)
+    published = next(c for c in store.list() if c.bus == "published")
+    assert (published.group, tuple(published.partitions)) == ("billing", (0, 1, 2, 3))

@@ -45,6 +45,7 @@ from .errors import (
 from .events import ChangeEvent, FullDocument, OperationType
 from .flusher import Flusher
 from .groups.collision import StampedResumeTokenStore
+from .groups.member import partition_key
 from .groups.runtime import GroupRuntime
 from .guard import describe
 from .health import Health, assess
@@ -528,6 +529,18 @@ class Bus:
         return f"{self._namespace}:{self._resume_token_id}"
 
     @property
+    def checkpoint_keys(self) -> list[str]:
+        """Where this bus's positions are stored: :attr:`resume_token_key`, or with a group one key
+        per partition (``"<group>:<namespace>#<p>"``), which ``reset_resume_token()``, ``rewind()``
+        and ``snapshot()`` act on (stop every member of the group first).
+
+        .. versionadded:: 0.2.0
+        """
+        if self.group is None:
+            return [self.resume_token_key]
+        return [partition_key(self.group, self._namespace, p) for p in range(self.partitions)]
+
+    @property
     def namespace(self) -> str:
         """What is watched: ``db.coll``, ``db.*`` or ``*.*``."""
         return self._namespace
@@ -939,8 +952,9 @@ class Bus:
                 "stop the bus before reset_resume_token(): a running bus writes its position again"
             )
         if self.token_store is not None:
-            self.token_store.delete(self.resume_token_key)
-            log.info("bus %s: resume token %s reset", self.name, self.resume_token_key)
+            for key in self.checkpoint_keys:
+                self.token_store.delete(key)
+                log.info("bus %s: resume token %s reset", self.name, key)
 
     def snapshot(self) -> None:
         """Make the next start deliver every existing document first (see ``snapshot=``).
@@ -961,16 +975,17 @@ class Bus:
             )
         if self.level == "cluster" and not self.snapshot_collections:
             raise ConfigurationError('a cluster bus snapshots only snapshot_collections=["db.coll", ...]')
-        self.token_store.save(
-            self.resume_token_key,
-            progress_token(SnapshotProgress(None)),
-            None,
-            **(
-                {"namespace": self._namespace, "level": self.level}
-                if _takes_namespace(self.token_store)
-                else {}
-            ),
-        )
+        for key in self.checkpoint_keys:
+            self.token_store.save(
+                key,
+                progress_token(SnapshotProgress(None)),
+                None,
+                **(
+                    {"namespace": self._namespace, "level": self.level}
+                    if _takes_namespace(self.token_store)
+                    else {}
+                ),
+            )
         log.info("bus %s: a snapshot will run at the next start", self.name)
 
     def rewind(self, to: datetime | Timestamp) -> None:
@@ -993,17 +1008,18 @@ class Bus:
                 f"bus {self.name!r} has no resume-token store: there is nothing to rewind"
             )
         plan = plan_rewind(self._db.client, to, count=False)
-        self.token_store.save(
-            self.resume_token_key,
-            rewind_token(plan.to),
-            plan.to,
-            **(
-                {"namespace": self._namespace, "level": self.level}
-                if _takes_namespace(self.token_store)
-                else {}
-            ),
-        )
-        log.info("bus %s: rewound %s to cluster time %s", self.name, self.resume_token_key, plan.to)
+        for key in self.checkpoint_keys:
+            self.token_store.save(
+                key,
+                rewind_token(plan.to),
+                plan.to,
+                **(
+                    {"namespace": self._namespace, "level": self.level}
+                    if _takes_namespace(self.token_store)
+                    else {}
+                ),
+            )
+            log.info("bus %s: rewound %s to cluster time %s", self.name, key, plan.to)
 
     def __enter__(self) -> Bus:
         return self.start()

@@ -344,3 +344,22 @@ def test_the_published_status_names_the_group_and_the_partitions_held(
     assert wait_for(lambda: [c for c in store.list() if c.bus == "published"], timeout=10)
     published = next(c for c in store.list() if c.bus == "published")
     assert (published.group, tuple(published.partitions)) == ("billing", (0, 1, 2, 3))
+
+
+def test_checkpoint_operations_act_on_every_partition_key(
+    members: Callable[..., me.Bus], client: pymongo.MongoClient[Any]
+) -> None:
+    log = Log()
+    bus = members("ops", log, partitions=3)
+    assert bus.checkpoint_keys == [f"billing:shop.orders#{p}" for p in range(3)]
+    bus.start()
+    for i in range(10):
+        client.shop.orders.insert_one({"_id": i, "v": 0})
+    wait_for(lambda: len(log.snapshot()) == 10)
+    bus.stop()
+    tokens = client.shop["_event_resume_tokens"]
+    assert {d["_id"] for d in tokens.find({"_id": {"$regex": "^billing:"}})} == set(bus.checkpoint_keys)
+    bus.reset_resume_token()
+    assert tokens.count_documents({"_id": {"$regex": "^billing:"}}) == 0
+    plain = me.Bus(client.shop.orders, resume_token_id="x")
+    assert plain.checkpoint_keys == ["shop.orders:x"]

@@ -126,7 +126,6 @@ class GroupRuntime:
         self._executor: ThreadPoolExecutor | None = None
         self._parts: dict[int, _Partition] = {}
         self._lock = threading.Lock()
-        self._starting = False
         self._stopping = False
         self._stop_deadline = 0.0
         #: Partitions given up because a write was refused (for tests and health).
@@ -161,11 +160,15 @@ class GroupRuntime:
             on_fatal=bus._fail,
             on_rebalance=self._rebalanced,
         )
-        self._starting = True
-        try:
-            self.member.start()  # the first tick: GroupMismatch and a bad checkpoint raise here
-        finally:
-            self._starting = False
+        self.member.start()  # the first tick: GroupMismatch and a bad checkpoint raise here
+        # Then wait for the first streams, not inside on_assigned: the member's thread must stay
+        # free to renew its leases while a server is slow to open a stream.
+        deadline = time.monotonic() + bus.start_timeout
+        for consumer in self.consumers():
+            if not consumer.connected.wait(max(0.0, deadline - time.monotonic())):
+                break  # the stream keeps trying in the background; health() says so meanwhile
+            if consumer.connect_error is not None:
+                raise consumer.connect_error
         log.info(
             "bus %s: member %s of group %s (%d partitions, %s-side filtering) holds %s",
             bus.name,
@@ -290,12 +293,6 @@ class GroupRuntime:
             self._parts[p] = part
         dispatcher.start()
         consumer.start(position)
-        if (
-            self._starting
-            and consumer.connected.wait(bus.start_timeout)
-            and consumer.connect_error is not None
-        ):
-            raise consumer.connect_error
 
     def _revoked(self, p: int) -> None:
         with self._lock:

@@ -78,18 +78,8 @@ class Server:
         uri = os.environ.get("MONGODB_URI")
         if uri is None:
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "mongo_events.testing.server",
-                    "--port",
-                    "0",
-                    "--oplog-size",
-                    str(oplog_size),
-                ],
-                stdout=subprocess.PIPE,
-                text=True,
-                cwd=ROOT,
+                [sys.executable, "-m", "mongo_events.testing.server", "--port", "0", "--oplog-size", str(oplog_size)],
+                stdout=subprocess.PIPE, text=True, cwd=ROOT,
             )
             assert self.proc.stdout is not None
             uri = self.proc.stdout.readline().strip()
@@ -119,9 +109,7 @@ def raw_loop(client: pymongo.MongoClient[Any], n: int, at: Timestamp) -> float:
     """(a) the ceiling: pymongo alone, decoding to dicts."""
     t0 = time.perf_counter()
     seen = 0
-    with client["bench"]["orders"].watch(
-        start_at_operation_time=at, batch_size=1000, max_await_time_ms=100
-    ) as stream:
+    with client["bench"]["orders"].watch(start_at_operation_time=at, batch_size=1000, max_await_time_ms=100) as stream:
         while seen < n:
             if stream.try_next() is not None:
                 seen += 1
@@ -173,18 +161,13 @@ class RedisServer:
 
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = os.environ.get("REDIS_URL")
-        binary = shutil.which("redis-server") or (
-            "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
-        )
+        binary = shutil.which("redis-server") or ("/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
         if self.url or binary is None:
             return
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-        )
+        self.proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
         import redis
 
         client = redis.Redis(port=port, socket_connect_timeout=0.5)
@@ -230,9 +213,7 @@ def bus_run(
         max_await_time=0.1,
         max_workers=workers,
         ack_store=me.MongoAckStore(client["bench_internal"]["_event_acks"]) if acks else None,
-        monitor=MongoMonitorStore(client["bench_internal"], collection=f"monitor_{uuid.uuid4().hex[:8]}")
-        if acks and monitor
-        else None,
+        monitor=MongoMonitorStore(client["bench_internal"], collection=f"monitor_{uuid.uuid4().hex[:8]}") if acks and monitor else None,
         idempotency=idempotency,
     )
 
@@ -249,9 +230,7 @@ def bus_run(
     # start_from_past begins at a time: skip to the pre-loaded changes exactly.
     bus.start_from_past = None
     original = bus._initial_position
-    bus._initial_position = lambda: (
-        me.watcher.Position(start_at_operation_time=at) if original().kwargs() == {} else original()
-    )  # type: ignore[method-assign]
+    bus._initial_position = lambda: me.watcher.Position(start_at_operation_time=at) if original().kwargs() == {} else original()  # type: ignore[method-assign]
     t0 = time.perf_counter()
     bus.start()
     if not done.wait(600):
@@ -261,9 +240,7 @@ def bus_run(
     return n / elapsed, bus
 
 
-def idempotency_run(
-    client: pymongo.MongoClient[Any], n: int, at: Timestamp, store: me.IdempotencyStore, workers: int = 8
-) -> tuple[float, float]:
+def idempotency_run(client: pymongo.MongoClient[Any], n: int, at: Timestamp, store: me.IdempotencyStore, workers: int = 8) -> tuple[float, float]:
     """A bus with ``idempotency=store`` over n fresh events; returns (events/s, store round trips per event)."""
     counting = CountingStore(store)
     rate, _ = bus_run(client, n, at, workers=workers, idempotency=counting)
@@ -365,9 +342,7 @@ threading.Event().wait(2)
 print(bus.in_flight, (status("VmHWM") - base) / 1024)
 release.set(); bus.stop(timeout=5)
 """
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT, check=False
-    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"the burst run failed:\n{proc.stderr[-3000:]}")
     out = proc.stdout.split()
@@ -420,21 +395,14 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 result = fn()
                 runs[name].append(result if isinstance(result, Run) else Run(result, n))
-                log(
-                    f"  rep {rep + 1} {name:<32} {runs[name][-1].events_per_s:>10,.0f} events/s  ({time.perf_counter() - t0:.1f} s)"
-                )
+                log(f"  rep {rep + 1} {name:<32} {runs[name][-1].events_per_s:>10,.0f} events/s  ({time.perf_counter() - t0:.1f} s)")
         results = {k: [r.events_per_s for r in v] for k, v in runs.items()}
         med = {k: statistics.median(v) for k, v in results.items()}
         # Each ratio is the median of per-repetition ratios (both runs from the same
         # repetition), with its min and max: a ratio of medians can pair a fast bus run
         # with a slow raw run of another repetition.
         ratios = {name: per_repetition(results[name], results[pair]) for name, pair in pairs.items()}
-        ratios.update(
-            {
-                key: per_repetition(results[bus], results[hand])
-                for key, (bus, hand) in regimes.COMPARISONS.items()
-            }
-        )
+        ratios.update({key: per_repetition(results[bus], results[hand]) for key, (bus, hand) in regimes.COMPARISONS.items()})
         if med["raw"] < 50_000:
             log(
                 f"WARNING: the raw pymongo loop reached only {med['raw']:,.0f} events/s (< 50,000): the ceiling "
@@ -446,9 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         _, bus = bus_run(client, n_acks, at, workers=8, acks=True, monitor=False)
         after = server.counters(client)
         round_trips = (bus.token_writes + bus.ack_writes) / n_acks * 1000
-        writes = sum(
-            after.get(c, 0) - before.get(c, 0) for c in ("insert", "update", "delete", "findAndModify")
-        )
+        writes = sum(after.get(c, 0) - before.get(c, 0) for c in ("insert", "update", "delete", "findAndModify"))
         p50, p99 = latency(client, rate=1000, seconds=5 if args.quick else 10)
         log(f"pre-loading a burst of {burst} changes ({time.perf_counter() - started:.0f} s so far) ...")
         for i in range(0, burst, 10_000):
@@ -458,19 +424,13 @@ def main(argv: list[str] | None = None) -> int:
         # and completes. The MongoDB store writes through the fake's mongomock (about 1,000
         # upserts/s), so it reads as many changes as the ack workload.
         idem_mongo, trips_mongo = idempotency_run(client, n_acks, at, mongo_idempotency_store(client))
-        log(
-            f"  idempotency (MongoDB) {idem_mongo:>10,.0f} events/s, {trips_mongo:.2f} store round trips per event"
-        )
+        log(f"  idempotency (MongoDB) {idem_mongo:>10,.0f} events/s, {trips_mongo:.2f} store round trips per event")
         redis_server = RedisServer()
         idem_redis = trips_redis = None
         try:
             if redis_server.url is not None:
-                idem_redis, trips_redis = idempotency_run(
-                    client, n, at, redis_idempotency_store(redis_server.url)
-                )
-                log(
-                    f"  idempotency (Redis)   {idem_redis:>10,.0f} events/s, {trips_redis:.2f} store round trips per event"
-                )
+                idem_redis, trips_redis = idempotency_run(client, n, at, redis_idempotency_store(redis_server.url))
+                log(f"  idempotency (Redis)   {idem_redis:>10,.0f} events/s, {trips_redis:.2f} store round trips per event")
             else:
                 log("  idempotency (Redis): no REDIS_URL and no redis-server binary; not measured")
             queue_figures = queue_bench.run(client, redis_server.url, quick=args.quick)  # benchmarks/queue.py
@@ -497,9 +457,7 @@ def main(argv: list[str] | None = None) -> int:
             "store_round_trips_per_1000": round(round_trips, 3),
             "token_round_trips_per_10000": round(bus.token_writes / n_acks * 10_000, 1),
             "ack_round_trips_per_10000": round(bus.ack_writes / n_acks * 10_000, 1),
-            "server_write_commands_per_1000": round(writes / n_acks * 1000, 3)
-            if server.proc is not None
-            else None,
+            "server_write_commands_per_1000": round(writes / n_acks * 1000, 3) if server.proc is not None else None,
             "p50_added_latency_ms": round(p50, 3),
             "p99_added_latency_ms": round(p99, 3),
             "rss_growth_mb": round(rss, 1),
@@ -508,9 +466,7 @@ def main(argv: list[str] | None = None) -> int:
             "idempotency_mongo_events_per_s": round(idem_mongo),
             "idempotency_mongo_round_trips_per_event": round(trips_mongo, 3),
             "idempotency_redis_events_per_s": round(idem_redis) if idem_redis is not None else None,
-            "idempotency_redis_round_trips_per_event": round(trips_redis, 3)
-            if trips_redis is not None
-            else None,
+            "idempotency_redis_round_trips_per_event": round(trips_redis, 3) if trips_redis is not None else None,
             "load_average_1m": round(os.getloadavg()[0], 2),
         }
         report.update(regime_report(runs, ratios, med))
@@ -522,12 +478,12 @@ def main(argv: list[str] | None = None) -> int:
         log("")
         for line in regime_table(runs, ratios, med, pairs):
             log(line)
-        log(
-            f"\nthe benchmark took {time.perf_counter() - started:.0f} s; load average {os.getloadavg()[0]:.2f}"
-        )
+        log(f"\nthe benchmark took {time.perf_counter() - started:.0f} s; load average {os.getloadavg()[0]:.2f}")
         if args.json:
             print(json.dumps(report))
     finally:
         client.close()
         server.close()
     return 0
+
+

@@ -364,7 +364,7 @@ class Bus:
         self.name = name or self._namespace
 
         _check_bus_options(locals())
-        check_group_options(group, partitions, lease_ttl, resume=resume)
+        check_group_options(group, partitions, lease_ttl, resume=resume, snapshot=snapshot)
         fd = FullDocument(full_document) if full_document is not None else None
         has_full = fd in _FULL_DOCUMENT_OPTIONS
         if max_updated_fields_size and not has_full:

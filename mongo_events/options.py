@@ -87,7 +87,9 @@ def check_callable(
     return value  # type: ignore[no-any-return]
 
 
-def check_group_options(group: Any, partitions: Any, lease_ttl: Any, *, resume: bool = True) -> None:
+def check_group_options(
+    group: Any, partitions: Any, lease_ttl: Any, *, resume: bool = True, snapshot: Any = None
+) -> None:
     """``Bus(group=, partitions=, lease_ttl=)``: a group name without ``:`` or ``/``, K >= 1, a ttl > 0.
 
     ``partitions`` and ``lease_ttl`` are checked even without a group (a typo is never ignored).
@@ -101,6 +103,11 @@ def check_group_options(group: Any, partitions: Any, lease_ttl: Any, *, resume: 
     if group is None and partitions != 1:
         raise ConfigurationError(
             f"partitions={partitions} splits the stream among the members of a consumer group: also pass group=..."
+        )
+    if group is not None and snapshot is not None and partitions > 1:
+        raise ConfigurationError(
+            "snapshot= reads every document, and each of the group's partitions would deliver all of them: "
+            "use snapshot= with partitions=1 (active/standby), or run the snapshot from one bus without a group"
         )
     if group is not None and not resume:
         raise ConfigurationError(

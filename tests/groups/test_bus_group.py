@@ -216,6 +216,7 @@ def test_a_member_with_another_partition_mode_is_refused(
         ({"group": "g", "lease_ttl": float("inf")}, "lease_ttl"),
         ({"partitions": 4}, "also pass group"),
         ({"group": "g", "resume": False}, "resume=False"),
+        ({"group": "g", "partitions": 2, "snapshot": "initial"}, "snapshot"),
         ({"group": "g", "resume_token_store": me.MemoryResumeTokenStore()}, "fenced"),
     ],
 )

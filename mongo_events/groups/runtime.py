@@ -32,7 +32,7 @@ import pymongo
 from ..consumer import StreamConsumer
 from ..dispatch import Dispatcher
 from ..errors import ConfigurationError
-from ..guard import describe
+from ..guard import describe, run_guarded
 from ..health import Health, assess
 from ..stores.mongodb import MongoResumeTokenStore
 from .base import FencedOut
@@ -382,10 +382,11 @@ class GroupRuntime:
         member = self.member
         if member is not None:
             # Not on this thread (the flusher, or a watcher): revoking waits for them.
+            name = f"mongo_events.group-drop[{self.bus.name}#{part.index}]"
             threading.Thread(
-                target=member.drop,
-                args=(part.index, "a fenced write was refused"),
-                name=f"mongo_events.group-drop[{self.bus.name}#{part.index}]",
+                target=run_guarded,
+                args=(lambda: member.drop(part.index, "a fenced write was refused"), self.bus._fail, name),
+                name=name,
                 daemon=True,
             ).start()
 

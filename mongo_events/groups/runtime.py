@@ -79,6 +79,7 @@ class _Partition:
     def __init__(self, index: int, fence: int) -> None:
         self.index = index
         self.fence = fence
+        self.assigned_at = time.monotonic()
         self.stop_event = threading.Event()
         #: Set when the partition is revoked or fenced out: nothing more is delivered or written.
         self.closed = threading.Event()
@@ -442,13 +443,18 @@ class GroupRuntime:
 
     def health(self, state: str, running: bool, failure: BaseException | None) -> Health:
         """The bus's health: its partitions' streams together, plus :class:`GroupStatus`."""
-        consumers = self.consumers()
+        with self._lock:
+            parts = [p for p in self._parts.values() if p.consumer is not None]
+        consumers = [p.consumer for p in parts if p.consumer is not None]
+        # A partition just taken over gets start_timeout to open its stream before it counts as
+        # never opened (unhealthy): a rebalance must not fail a liveness probe.
+        young = time.monotonic() - self.bus.start_timeout
         events = [c.last_event for c in consumers if c.last_event is not None]
         errors: list[tuple[str, datetime]] = [c.last_error for c in consumers if c.last_error is not None]
         health = assess(
             state=state,
             running=running,
-            opened=all(c.opened for c in consumers),
+            opened=all(p.consumer.opened or p.assigned_at > young for p in parts if p.consumer is not None),
             stream_active=all(c.stream_active for c in consumers),  # a standby holds none: healthy
             namespace=self.bus.namespace,
             last_event=max(events, key=lambda e: e[0]) if events else None,

@@ -129,6 +129,8 @@ class GroupRuntime:
         self._lock = threading.Lock()
         self._stopping = False
         self._stop_deadline = 0.0
+        #: Partitions released together by a rebalance finish by this time (monotonic).
+        self._release_deadline = 0.0
         #: Partitions given up because a write was refused (for tests and health).
         self.fenced_out = 0
 
@@ -160,6 +162,7 @@ class GroupRuntime:
             on_revoked=self._revoked,
             on_fatal=bus._fail,
             on_rebalance=self._rebalanced,
+            on_releasing=self._releasing,
         )
         self.member.start()  # the first tick: GroupMismatch and a bad checkpoint raise here
         # Then wait for the first streams, not inside on_assigned: the member's thread must stay
@@ -301,11 +304,26 @@ class GroupRuntime:
         if part is None:
             return
         self._halt(part)
-        # Within ttl / 3 (the member's promise), or by stop()'s deadline for a clean stop.
-        deadline = time.monotonic() + self.lease_ttl / 3
+        # The member's thread waits for this, and renews its other leases only afterwards: a
+        # revocation (or all those of one rebalance together) takes at most ttl / 6, so that a
+        # renewal due meanwhile is still sent before its give-up time (renew at ttl / 3, give up
+        # at ttl * 2 / 3, one poll is ttl / 12). A clean stop renews nothing more: ttl / 3.
+        now = time.monotonic()
         if self._stopping:
-            deadline = min(deadline, self._stop_deadline)
+            deadline = min(now + self.lease_ttl / 3, self._stop_deadline)
+        elif now < self._release_deadline:
+            deadline = self._release_deadline
+        else:
+            deadline = now + self.lease_ttl / 6
         self._finish(part, deadline)
+
+    def _releasing(self, partitions: tuple[int, ...]) -> None:
+        """A rebalance releases ``partitions``: stop them all now; their revocations share one deadline."""
+        self._release_deadline = time.monotonic() + self.lease_ttl / 6
+        with self._lock:
+            parts = [self._parts[p] for p in partitions if p in self._parts]
+        for part in parts:
+            self._halt(part)
 
     def _rebalanced(self, share: frozenset[int]) -> None:
         if self.bus.metrics is not None:

@@ -364,3 +364,50 @@ def test_checkpoint_operations_act_on_every_partition_key(
     assert tokens.count_documents({"_id": {"$regex": "^billing:"}}) == 0
     plain = me.Bus(client.shop.orders, resume_token_id="x")
     assert plain.checkpoint_keys == ["shop.orders:x"]
+
+
+def test_a_rebalance_with_blocked_callbacks_keeps_the_other_leases(
+    client: pymongo.MongoClient[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a member whose callbacks block, one event in each of its 8 partitions
+    release = threading.Event()
+    started = Log()
+    buses = []
+
+    def make(name: str) -> me.Bus:
+        bus = me.Bus(client.shop.orders, **FAST, group="slow", partitions=8, lease_ttl=3.0, name=name)
+
+        @bus.subscribe
+        def blocked(event: me.ChangeEvent) -> None:
+            started.add(name, event.document_key["_id"], 0)
+            release.wait(10)
+
+        buses.append(bus)
+        return bus
+
+    caplog.set_level(logging.WARNING, logger="mongo_events.groups")
+    first = make("first").start()
+    try:
+        ids = {}
+        i = 0
+        while len(ids) < 8:  # one document per partition
+            ids.setdefault(partition_of(i, 8), i)
+            i += 1
+        for doc in ids.values():
+            client.shop.orders.insert_one({"_id": doc})
+        wait_for(lambda: len(started.snapshot()) == 8, timeout=10)
+        # When a second member joins, the first releases four partitions whose callbacks never return
+        second = make("second").start()
+        wait_for(lambda: spread([first, second], 8), timeout=10)
+        # Then the four releases took ttl / 6 together (one at a time, each waiting for its
+        # callbacks, they would hold the member's thread past the give-up time of its other
+        # leases), and the first kept (renewed) its other leases
+        assert not [r for r in caplog.records if "gives up partition" in r.getMessage()]
+        assert first.health().group.rebalances == 2  # type: ignore[union-attr]
+    finally:
+        release.set()
+        for bus in buses:
+            try:
+                bus.stop(timeout=5)
+            except me.ShutdownTimeout:
+                pass

@@ -30,7 +30,7 @@ from .errors import (
     ThreadFailed,
 )
 from .events import ChangeEvent, FullDocument, OperationType, UpdateDescription
-from .groups import (  # consumer groups (issue 18): building blocks until the bus integration
+from .groups import (  # consumer groups (issue 18): Bus(group=...) and its building blocks
     FencedOut,
     FencedResumeTokenStore,
     GroupMember,

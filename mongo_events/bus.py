@@ -44,6 +44,9 @@ from .dispatch import DeadLetterHook, Dispatcher
 from .errors import BusStateError, ConfigurationError, ShutdownTimeout, StoreError, ThreadFailed
 from .events import FullDocument, OperationType
 from .flusher import Flusher
+from .groups.collision import StampedResumeTokenStore
+from .groups.member import partition_key
+from .groups.runtime import BusLink, GroupRuntime
 from .guard import describe
 from .health import DeadLetterWatch, Health, stream_health
 from .history import plan_rewind, rewind_token
@@ -52,6 +55,7 @@ from .idempotency.guard import Idempotency
 from .lifecycle import (
     FINAL_FLUSH_MIN,
     Store,
+    build_group_flusher,
     build_threads,
     check_threads_run,
     close_stores,
@@ -69,6 +73,7 @@ from .retrying import RetryBackoff
 from .runner import ensure_logging
 from .snapshot import SnapshotProgress, progress_token
 from .stores.base import AckStore, DeadLetterStore, ResumeTokenStore
+from .stores.mongodb import MongoResumeTokenStore
 from .stores.records import DeadLetter
 from .subscription import OnExhausted, Subscription
 from .watcher import Position
@@ -175,6 +180,14 @@ class Bus(BusOptionAttributes):
     :param coalesce: ``True``: of the events of one document waiting in its lane, deliver only
         the newest per subscription (Go's ``CoalesceByDocumentKey``; see "Coalescing"). Needs
         ``ordering="document"``.
+    :param group: a consumer group's name: buses with the same group and target share the
+        work, each change handled by one member (see "Running several consumers"). ``None``
+        (the default): this bus consumes every change. Needs checkpoints in MongoDB.
+    :param partitions: with a group, split the stream into this many partitions by a hash of
+        the document key (each with its own checkpoint ``<group>:<namespace>#<p>``, lease and
+        stream), shared evenly among the live members. ``1`` (the default): active/standby.
+    :param lease_ttl: seconds a member's partition lease lives unrenewed (default 10): a dead
+        member's partitions are taken over within about this long; renewed every third of it.
 
     :ivar options: the validated options (:class:`~mongo_events.bus_options.BusOptions`);
         each option is also an attribute of the bus (``bus.max_workers``, and
@@ -225,6 +238,9 @@ class Bus(BusOptionAttributes):
         snapshot_filter: Mapping[str, Any] | None = None,
         snapshot_batch_size: int = 1000,
         coalesce: bool = False,
+        group: str | None = None,
+        partitions: int = 1,
+        lease_ttl: float = 10.0,
     ) -> None:
         # Every keyword by name: BusOptions has a field for each (tests/test_bus_options.py).
         given = {key: value for key, value in locals().items() if key != "self"}
@@ -250,7 +266,7 @@ class Bus(BusOptionAttributes):
         self._consumer = StreamConsumer(
             self.options.spec(),
             self._subscriptions,
-            token_store=self.token_store,
+            token_store=_stamped(self.token_store, self.name) if self.group is None else self.token_store,
             ack_store=self.ack_store,
             dead_letters=self._dead_letters,
             metrics=self.metrics,
@@ -260,6 +276,17 @@ class Bus(BusOptionAttributes):
         )
         self._dispatcher: Dispatcher | None = None
         self._flusher: Flusher | None = None
+        self._group: GroupRuntime | None = None
+        if self.group is not None:
+            link = BusLink(
+                self.options,
+                self._subscriptions,
+                self._dead_letters,
+                self._fail,
+                self._report,
+                lambda: self._flusher,
+            )
+            self._group = GroupRuntime(link, self.group, self.partitions, self.lease_ttl)
         self._shutdown_lock = threading.Lock()
         self._signals = 0
         #: Set by a second SIGINT/SIGTERM in run_forever(): stop without waiting for callbacks.
@@ -271,6 +298,18 @@ class Bus(BusOptionAttributes):
     def resume_token_key(self) -> str:
         """``"<db.coll | db.* | *.*>:<resume_token_id>"``, the seed's key format."""
         return self.options.resume_token_key
+
+    @property
+    def checkpoint_keys(self) -> list[str]:
+        """Where this bus's positions are stored: :attr:`resume_token_key`, or with a group one key
+        per partition (``"<group>:<namespace>#<p>"``), which ``reset_resume_token()``, ``rewind()``
+        and ``snapshot()`` act on (stop every member of the group first).
+
+        .. versionadded:: 0.2.0
+        """
+        if self.group is None:
+            return [self.resume_token_key]
+        return [partition_key(self.group, self.namespace, p) for p in range(self.partitions)]
 
     @property
     def namespace(self) -> str:
@@ -297,7 +336,9 @@ class Bus(BusOptionAttributes):
 
     @property
     def in_flight(self) -> int:
-        """Events held after the checkpoint, finished or not (at most ``max_in_flight``)."""
+        """Events held after the checkpoint, finished or not (at most ``max_in_flight`` per partition)."""
+        if self._group is not None:
+            return self._group.in_flight()
         return self._consumer.window.size()
 
     # Counters of the stream consumer (read by tests, the benchmark and dashboards).
@@ -478,6 +519,9 @@ class Bus(BusOptionAttributes):
             [*self._stores(), *self._idempotency_stores()],
             lambda exc, what: self._report(exc, "store", what=what),
         )
+        if self._group is not None:
+            self._start_group(self._group)
+            return
         consumer = self._consumer
         self._dispatcher, self._flusher = build_threads(
             self.options, consumer, dead_letters=self._dead_letters, fail=self._fail, report=self._report
@@ -495,6 +539,16 @@ class Bus(BusOptionAttributes):
             self.status.attach(self)
         consumer.start(position)
         wait_for_stream(consumer, self.name, self.namespace, self.start_timeout)
+
+    def _start_group(self, group: GroupRuntime) -> None:
+        """Start as a consumer-group member: a stream consumer per partition held (see runtime)."""
+        self._flusher = build_group_flusher(self.options, group.flush, fail=self._fail, report=self._report)
+        if self.metrics is not None:
+            self.metrics.attach(self)
+        self._flusher.start()
+        group.start()
+        if self.status is not None:  # after the first share: its first status names the partitions
+            self.status.attach(self)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop gracefully: stop the watcher, let running callbacks finish, write the checkpoint.
@@ -586,6 +640,10 @@ class Bus(BusOptionAttributes):
         self._check_pid()
         deadline = None if timeout is None else time.monotonic() + timeout
         window = self._consumer.window
+        if self._group is not None and not self._group.join(
+            deadline, lambda: self._error is not None or self._stopped.is_set()
+        ):
+            return False
         with window.cond:
             if not window.wait_for_done(
                 window.tracker.last_seq, deadline, lambda: self._error is not None or self._stopped.is_set()
@@ -612,8 +670,9 @@ class Bus(BusOptionAttributes):
                 "stop the bus before reset_resume_token(): a running bus writes its position again"
             )
         if self.token_store is not None:
-            self.token_store.delete(self.resume_token_key)
-            log.info("bus %s: resume token %s reset", self.name, self.resume_token_key)
+            for key in self.checkpoint_keys:
+                self.token_store.delete(key)
+                log.info("bus %s: resume token %s reset", self.name, key)
 
     def snapshot(self) -> None:
         """Make the next start deliver every existing document first (see ``snapshot=``).
@@ -634,7 +693,8 @@ class Bus(BusOptionAttributes):
             )
         if self.level == "cluster" and not self.snapshot_collections:
             raise ConfigurationError('a cluster bus snapshots only snapshot_collections=["db.coll", ...]')
-        self._save_marker(self.token_store, progress_token(SnapshotProgress(None)), None)
+        for key in self.checkpoint_keys:
+            self._save_marker(self.token_store, key, progress_token(SnapshotProgress(None)), None)
         log.info("bus %s: a snapshot will run at the next start", self.name)
 
     def rewind(self, to: datetime | Timestamp) -> None:
@@ -657,13 +717,16 @@ class Bus(BusOptionAttributes):
                 f"bus {self.name!r} has no resume-token store: there is nothing to rewind"
             )
         plan = plan_rewind(self.options.db.client, to, count=False)
-        self._save_marker(self.token_store, rewind_token(plan.to), plan.to)
-        log.info("bus %s: rewound %s to cluster time %s", self.name, self.resume_token_key, plan.to)
+        for key in self.checkpoint_keys:
+            self._save_marker(self.token_store, key, rewind_token(plan.to), plan.to)
+            log.info("bus %s: rewound %s to cluster time %s", self.name, key, plan.to)
 
-    def _save_marker(self, store: ResumeTokenStore, token: Mapping[str, Any], at: Timestamp | None) -> None:
-        """Store a snapshot or rewind marker as the checkpoint (with what it watches, if the store keeps it)."""
+    def _save_marker(
+        self, store: ResumeTokenStore, key: str, token: Mapping[str, Any], at: Timestamp | None
+    ) -> None:
+        """Store a snapshot or rewind marker as checkpoint ``key`` (with what it watches, if the store keeps it)."""
         where = {"namespace": self.namespace, "level": self.level} if _takes_namespace(store) else {}
-        store.save(self.resume_token_key, token, at, **where)
+        store.save(key, token, at, **where)
 
     def __enter__(self) -> Bus:
         return self.start()
@@ -768,7 +831,10 @@ class Bus(BusOptionAttributes):
     def _stop_threads(self, deadline: float) -> list[str]:
         """The shutdown steps (see :func:`stop_threads`), then metrics and the stores; returns
         the callbacks still running at the deadline."""
-        running = stop_threads(
+        # A group member stops its partitions (bounded by lease_ttl / 3) and releases their leases.
+        self._stop_event.set()
+        running = self._group.stop(deadline) if self._group is not None else []
+        running += stop_threads(
             self.name,
             self._consumer,
             self._dispatcher,
@@ -798,16 +864,23 @@ class Bus(BusOptionAttributes):
         Process-local, like the Go library's gauge, so summing it over instances is right.
         Across processes, ask the ack store: ``bus.ack_store.pending_count()``.
         """
+        if self._group is not None:
+            return self._group.pending()
         return self._consumer.window.pending()
 
     def checkpoint_age(self) -> float | None:
-        """Seconds from the cluster time of the stored checkpoint to now (``None`` before one)."""
+        """Seconds from the cluster time of the stored checkpoint to now (``None`` before one);
+        with a group, of the oldest among the partitions held."""
+        if self._group is not None:
+            return self._group.checkpoint_age()
         return self._consumer.checkpoint_age()
 
     def oplog_headroom(self) -> float | None:
         """Seconds of oplog between its oldest entry and the stored checkpoint: roughly how long
         the bus may stay down before it cannot resume. ``None`` when the oplog cannot be read
         (no permission on ``local``, a mongos) or before the first checkpoint."""
+        if self._group is not None:
+            return self._group.oplog_headroom()
         return self._consumer.oplog_headroom()
 
     def _note_error(self, message: str) -> None:
@@ -824,6 +897,8 @@ class Bus(BusOptionAttributes):
         """
         self._check_pid()
         state = self._state
+        if self._group is not None:
+            return self._group.health(state.value, state is BusState.RUNNING, self._error)
         return stream_health(
             self._consumer,
             name=self.name,
@@ -876,3 +951,10 @@ class Bus(BusOptionAttributes):
         """Tell ``on_error`` (if any) about an error; see :mod:`mongo_events.reporting`."""
         if self.on_error is not None:
             report_error(self.on_error, error, ErrorContext(kind, self.name, None, event_id, None, what))
+
+
+def _stamped(store: ResumeTokenStore | None, bus: str) -> ResumeTokenStore | None:
+    """Without a group, the default MongoDB store stamps its writes to notice a second live writer."""
+    if type(store) is MongoResumeTokenStore:
+        return StampedResumeTokenStore(store, bus)
+    return store

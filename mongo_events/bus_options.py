@@ -40,7 +40,15 @@ from .middleware.base import Middleware
 from .monitor.middleware import MonitorMiddleware
 from .monitor.status import ConsumerStatusStore, StatusPublisher
 from .monitor.store import MonitorStore
-from .options import check_callable, check_choice, check_has_method, check_int, check_number, invalid
+from .options import (
+    check_callable,
+    check_choice,
+    check_group_options,
+    check_has_method,
+    check_int,
+    check_number,
+    invalid,
+)
 from .reporting import ErrorHandler, ErrorReporter
 from .stores.base import AckStore, DeadLetterStore, ResumeTokenStore
 from .stores.mongodb import DEFAULT_COLLECTION, MongoResumeTokenStore
@@ -115,6 +123,9 @@ class BusOptions:
     snapshot_filter: dict[str, Any] | None
     snapshot_batch_size: int
     coalesce: bool
+    group: str | None
+    partitions: int
+    lease_ttl: float
     # -- what follows from the options above ---------------------------------------------
     #: ``"collection"``, ``"database"`` or ``"cluster"``: what ``target`` watches.
     level: str
@@ -153,6 +164,9 @@ class BusOptions:
         o = dict(given, target=target)
         _check(o)
         check_coalesce(o["coalesce"], o["ordering"])
+        check_group_options(
+            o["group"], o["partitions"], o["lease_ttl"], resume=o["resume"], snapshot=o["snapshot"]
+        )
         fd = FullDocument(o["full_document"]) if o["full_document"] is not None else None
         has_full = fd in _FULL_DOCUMENT_OPTIONS
         if o["max_updated_fields_size"] and not has_full:
@@ -186,6 +200,11 @@ class BusOptions:
             if not isinstance(coll, MongoCollection):
                 coll = db[coll or DEFAULT_COLLECTION]
             token_store = MongoResumeTokenStore(coll)
+        if o["group"] is not None and not isinstance(token_store, MongoResumeTokenStore):
+            raise ConfigurationError(
+                f"group={o['group']!r} needs checkpoints in MongoDB (the default resume-token store, or a "
+                f"MongoResumeTokenStore), where writes can be fenced; got {type(token_store).__name__}"
+            )
         name = o["name"] or namespace
         monitor = o["monitor"]
         if isinstance(monitor, MonitorStore):
@@ -217,6 +236,7 @@ class BusOptions:
             if o["snapshot_collections"] is not None
             else None,
             snapshot_filter=dict(o["snapshot_filter"]) if o["snapshot_filter"] is not None else None,
+            lease_ttl=float(o["lease_ttl"]),
             level=level,
             db=db,
             namespace=namespace,
@@ -355,6 +375,9 @@ class BusOptionAttributes:
     snapshot_filter: OptionAttribute[dict[str, Any] | None] = OptionAttribute()
     snapshot_batch_size: OptionAttribute[int] = OptionAttribute()
     coalesce: OptionAttribute[bool] = OptionAttribute()
+    group: OptionAttribute[str | None] = OptionAttribute()
+    partitions: OptionAttribute[int] = OptionAttribute()
+    lease_ttl: OptionAttribute[float] = OptionAttribute()
 
     @property
     def dead_letter_store(self) -> DeadLetterStore | None:

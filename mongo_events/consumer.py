@@ -122,6 +122,9 @@ class StreamConsumer:
     :param stop_event: the bus's stop flag (the watcher and every window wait end on it).
     :param fail: stops the bus with an error (a lifecycle callable of the bus).
     :param report: ``report(error, kind, what=...)`` tells ``on_error``.
+    :param keep: a consumer group's client-side partition filter: a raw change it refuses
+        counts as done at once (its position still advances).
+    :param gate: a consumer group's lease check: once False, the watcher stops and admits nothing.
     """
 
     def __init__(
@@ -136,6 +139,8 @@ class StreamConsumer:
         stop_event: threading.Event,
         fail: Callable[[BaseException], None],
         report: Report,
+        keep: Callable[[Mapping[str, Any]], bool] | None = None,
+        gate: Callable[[], bool] | None = None,
     ) -> None:
         self.spec = spec
         self.name = spec.name
@@ -148,6 +153,8 @@ class StreamConsumer:
         self._stop = stop_event
         self._fail = fail
         self._report = report
+        self._keep = keep
+        self._gate = gate
         # Options read per event, copied to plain attributes once (one lookup each, as before).
         self._default_db = spec.default_db
         self._default_coll = spec.default_coll
@@ -584,6 +591,8 @@ class StreamConsumer:
         # The hot path: one call per event on the watcher thread. Written to do little
         # beyond what the semantics need (attribute reads hoisted, helpers inlined), since
         # each call or allocation here is a visible share of the per-event cost.
+        if self._gate is not None and not self._gate():
+            return False  # this partition's lease is gone: admit and deliver nothing more
         event = ChangeEvent.from_raw(raw, self._default_db, self._default_coll)
         self._newest = event  # health() learns of it once per batch (see _on_drained)
         if self.metrics is not None:
@@ -601,7 +610,9 @@ class StreamConsumer:
             desc = attrs.evolve(desc, updated_fields={}, updated_fields_dropped=True)
             event = attrs.evolve(event, update_description=desc)
         subs: Sequence[Subscription]
-        if op is _UPDATE and not self.include_empty_updates and (desc is None or desc.is_empty):
+        if self._keep is not None and not self._keep(raw):
+            subs = ()  # another partition's change
+        elif op is _UPDATE and not self.include_empty_updates and (desc is None or desc.is_empty):
             subs = ()
         elif self._unfiltered:
             subs = self._subscriptions  # nobody filters: no list per event

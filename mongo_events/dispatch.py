@@ -302,6 +302,8 @@ class Dispatcher:
         dead_letters: DeadLetterHook | None,
         bus_name: str,
         lock: _Lock,
+        executor: ThreadPoolExecutor | None = None,
+        gate: Callable[[], bool] | None = None,
     ) -> None:
         """
         :param on_done: called with ``lock`` held with the slots of finished items (done,
@@ -310,6 +312,10 @@ class Dispatcher:
             guards its tracker, so reporting finished items costs one acquisition, and
             every holder calls :meth:`drain`, so finished items are reported by whoever
             holds it next when a worker finds it busy.
+        :param executor: a pool shared with other dispatchers (a consumer group's partitions);
+            it needs a free thread per worker and is not shut down here. Default: its own.
+        :param gate: checked before each item; False drops it undone (a partition whose lease
+            is no longer held delivers nothing more).
         """
         self.max_workers = max_workers
         self._decoder = decoder
@@ -330,7 +336,9 @@ class Dispatcher:
         self.finished: deque[WorkItem | FanOut] = deque()
         self._halt = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: ThreadPoolExecutor | None = executor
+        self._owns_executor = executor is None
+        self._gate = gate
         # Per worker, the item whose attempt it runs (else None): plain list stores, no lock per event.
         self._busy: list[WorkItem | FanOut | None] = [None] * max_workers
         # Per worker running a fan-out, the subscription it runs (for running()).
@@ -345,9 +353,10 @@ class Dispatcher:
 
     def start(self) -> None:
         _running.add(self)
-        self._executor = ThreadPoolExecutor(
-            self.max_workers, thread_name_prefix=f"mongo_events.worker[{self._bus_name}]"
-        )
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                self.max_workers, thread_name_prefix=f"mongo_events.worker[{self._bus_name}]"
+            )
         loops = [
             partial(
                 run_guarded,
@@ -367,7 +376,7 @@ class Dispatcher:
         # Wake every worker waiting for an item rather than rely on its get() timeout alone.
         for _ in range(self.max_workers):
             self._ready.put(None)
-        if self._executor is not None:
+        if self._executor is not None and self._owns_executor:
             self._executor.shutdown(wait=False)  # each thread ends once its loop returns
 
     def wait_idle(self, deadline: float, hurry: threading.Event | None = None) -> bool:
@@ -585,6 +594,7 @@ class Dispatcher:
         done = self.finished
         halt = self._halt
         share = self.max_workers > 1
+        gate = self._gate
         while not halt.is_set():
             # About to wait for work: first help a fan-out another worker is running.
             item: WorkItem | FanOut | None = self._help() if share and self._ready.empty() else None
@@ -595,7 +605,7 @@ class Dispatcher:
                     with lock:
                         self.drain()
                 continue
-            if halt.is_set():
+            if halt.is_set() or (gate is not None and not gate()):
                 return
             if isinstance(item, FanOut):
                 self._run_fanout(index, item)

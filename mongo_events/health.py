@@ -68,6 +68,9 @@ class Health:
     :ivar phase: ``snapshot`` while the initial snapshot runs, else ``streaming``.
     :ivar snapshot_read: documents the snapshot read in this run (``None`` without one).
     :ivar snapshot_total: the estimated documents it had to read (``estimated_document_count``).
+    :ivar group: with ``Bus(group=...)``, the member's view
+        (:class:`~mongo_events.groups.runtime.GroupStatus`: partitions held, members seen,
+        lease state); else ``None``.
     """
 
     status: HealthStatus
@@ -86,6 +89,7 @@ class Health:
     phase: str = "streaming"
     snapshot_read: int | None = None
     snapshot_total: int | None = None
+    group: Any = None
 
     @property
     def healthy(self) -> bool:

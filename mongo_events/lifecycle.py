@@ -25,6 +25,7 @@ from .flusher import Flusher
 __all__ = [
     "FINAL_FLUSH_MIN",
     "Store",
+    "build_group_flusher",
     "build_threads",
     "check_threads_run",
     "close_stores",
@@ -127,6 +128,24 @@ def build_threads(
     flusher = Flusher(tasks, options.flush_interval, options.name, on_fatal=fail)
     consumer.attach(dispatcher, flusher.wake)
     return dispatcher, flusher
+
+
+def build_group_flusher(
+    options: BusOptions,
+    flush_partitions: Callable[[], None],
+    *,
+    fail: Callable[[BaseException], None],
+    report: Callable[..., None],
+) -> Flusher:
+    """The flusher of a consumer-group member's run: every held partition's writes, then the
+    monitor's (not started yet)."""
+    tasks = [flush_partitions]
+    if options.monitor is not None:
+        flush_monitor = options.monitor.flush
+        if options.on_error is not None:
+            flush_monitor = _reporting(flush_monitor, "write monitor entries", report)
+        tasks.append(flush_monitor)
+    return Flusher(tasks, options.flush_interval, options.name, on_fatal=fail)
 
 
 def _reporting(task: Callable[[], None], what: str, report: Callable[..., None]) -> Callable[[], None]:

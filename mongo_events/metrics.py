@@ -85,6 +85,8 @@ class Metrics(Middleware):
     ``mongodb.stream.receive_lag`` histogram ``s``            ``namespace``
     ``mongodb.checkpoint.age``     observable gauge ``s``     ``namespace``
     ``mongodb.oplog.headroom``     observable gauge ``s``     ``namespace`` (absent when unreadable)
+    ``mongodb.group.partitions_owned`` observable gauge       ``namespace``, ``group`` (partitions this process holds)
+    ``mongodb.group.rebalances``   counter ``{rebalance}``    ``namespace``, ``group`` (this member's share changed)
     ``dlq.messages``               counter ``{message}``      ``event`` (dead letters stored)
     ``dlq.messages.replayed``      counter ``{message}``      ``event`` (replays that succeeded)
     ``dlq.replay.failure``         counter ``{message}``      ``event`` (replays that failed)
@@ -207,6 +209,18 @@ class Metrics(Middleware):
             [self._observe_headroom],
             unit="s",
             description="Seconds of oplog between its oldest entry and the stored checkpoint",
+        )
+        # Consumer groups (Bus(group=...)).
+        m.create_observable_gauge(
+            name("mongodb.group.partitions_owned"),
+            [self._observe_partitions_owned],
+            unit="{partition}",
+            description="Partitions of a consumer group this process holds",
+        )
+        self.group_rebalances = m.create_counter(
+            name("mongodb.group.rebalances"),
+            unit="{rebalance}",
+            description="Times a consumer-group member's share of the partitions changed",
         )
         # The dead-letter counters of the Go event-dlq manager (dlq_messages_total, ...).
         self.dlq_stored = m.create_counter(
@@ -354,6 +368,28 @@ class Metrics(Middleware):
             out.append(self._observation(seen.value, {**seen.attributes, "phase": "snapshot"}))
             out.append(self._observation(1.0 - seen.value, {**seen.attributes, "phase": "streaming"}))
         return out
+
+    def _observe_partitions_owned(self, options: Any = None) -> Iterable[Any]:
+        with self._buses_lock:
+            buses = list(self._buses)
+        owned: dict[tuple[str, str], int] = {}  # summed: the buses of one group in this process
+        for bus in buses:
+            try:
+                status = getattr(self._health(bus), "group", None)  # a Bus's health() says its group
+            except Exception as exc:
+                self._broken("mongodb.group.partitions_owned", exc)
+                continue
+            if status is None:
+                continue
+            key = (bus.namespace, status.name)
+            owned[key] = owned.get(key, 0) + len(status.held)
+        return [self._observation(n, {"namespace": ns, "group": g}) for (ns, g), n in owned.items()]
+
+    def group_rebalanced(self, group: str, namespace: str) -> None:
+        """A consumer-group member's share of the partitions changed."""
+        self._count(
+            self.group_rebalances, "mongodb.group.rebalances", {"namespace": namespace, "group": group}
+        )
 
     # -- stream events (called by the bus's watcher thread) ------------------------------------------
 

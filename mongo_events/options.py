@@ -13,7 +13,15 @@ from typing import Any
 
 from .errors import ConfigurationError
 
-__all__ = ["invalid", "check_choice", "check_int", "check_number", "check_has_method", "check_callable"]
+__all__ = [
+    "invalid",
+    "check_choice",
+    "check_int",
+    "check_number",
+    "check_has_method",
+    "check_callable",
+    "check_group_options",
+]
 
 
 def invalid(option: str, value: Any, accepted: str) -> ConfigurationError:
@@ -77,3 +85,31 @@ def check_callable(
     if not callable(value):
         raise invalid(option, value, what)
     return value  # type: ignore[no-any-return]
+
+
+def check_group_options(
+    group: Any, partitions: Any, lease_ttl: Any, *, resume: bool = True, snapshot: Any = None
+) -> None:
+    """``Bus(group=, partitions=, lease_ttl=)``: a group name without ``:`` or ``/``, K >= 1, a ttl > 0.
+
+    ``partitions`` and ``lease_ttl`` are checked even without a group (a typo is never ignored).
+    """
+    if group is not None and (not isinstance(group, str) or not group or ":" in group or "/" in group):
+        raise invalid("group", group, "a non-empty str without ':' or '/', or None")
+    check_int("partitions", partitions, 1)
+    check_number("lease_ttl", lease_ttl)
+    if lease_ttl == math.inf:
+        raise invalid("lease_ttl", lease_ttl, "a finite number of seconds > 0")
+    if group is None and partitions != 1:
+        raise ConfigurationError(
+            f"partitions={partitions} splits the stream among the members of a consumer group: also pass group=..."
+        )
+    if group is not None and snapshot is not None and partitions > 1:
+        raise ConfigurationError(
+            "snapshot= reads every document, and each of the group's partitions would deliver all of them: "
+            "use snapshot= with partitions=1 (active/standby), or run the snapshot from one bus without a group"
+        )
+    if group is not None and not resume:
+        raise ConfigurationError(
+            "group= needs stored positions (each partition has its own checkpoint): drop resume=False"
+        )

@@ -28,6 +28,7 @@ BELOW_THE_BUS = [
     "metrics",
     "lifecycle",
     "bus_options",
+    "groups/runtime",
 ]
 
 

@@ -13,7 +13,9 @@ Settings: ``MONGO_EVENTS_URI`` (default URI), ``MONGO_EVENTS_BUSES`` (name ->
 spec, see :mod:`mongo_events.contrib.registry`), ``MONGO_EVENTS_AUTOSTART``
 (default ``False``: run ``flask mongo-events run`` as its own process instead;
 ``True``: a process starts the buses when it serves its first request),
-``MONGO_EVENTS_STOP_TIMEOUT`` (seconds, default 30).
+``MONGO_EVENTS_STOP_TIMEOUT`` (seconds, default 30), ``MONGO_EVENTS_GROUP`` (the consumer
+group of every bus whose spec names none: with it, every web worker may start its buses and
+each change is handled by one of them; see ``Bus(group=...)``).
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ class MongoEvents:
         config = app.config
         self.registry.config.update(config.get("MONGO_EVENTS_BUSES") or {})
         self.registry.uri = config.get("MONGO_EVENTS_URI") or self.registry.uri
+        self.registry.group = config.get("MONGO_EVENTS_GROUP") or self.registry.group
         self.registry.middleware.append(AppContext(app))
         self._stop_timeout = float(config.get("MONGO_EVENTS_STOP_TIMEOUT", 30.0))
         self.registry.stop_timeout = self._stop_timeout

@@ -109,6 +109,9 @@ class BusRegistry:
         #: Seconds after a failed :meth:`autostart` before a request tries again.
         self.autostart_retry = 30.0
         self._autostart_next = 0.0  # monotonic time of the next autostart; inf once started
+        #: The consumer group of every configured bus whose spec names none (``Bus(group=...)``):
+        #: every web worker can then start its buses, and each change is handled once.
+        self.group: str | None = None
 
     def autostart(self) -> None:
         """Start the buses at a request of a web process: the first one, and after a failed
@@ -193,6 +196,8 @@ class BusRegistry:
                     f"no bus named {name!r} is configured (known: {', '.join(self.names) or 'none'})"
                 )
             spec = dict(self.config[name])
+            if self.group is not None:
+                spec.setdefault("group", self.group)
             if self.middleware:
                 spec["middleware"] = [*self.middleware, *spec.get("middleware", [])]
             bus, client = build_bus(name, spec, self.uri)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from .assignment import LeaseTimer, Plan, assign, max_share, plan
 from .base import FencedOut, GroupConfig, GroupMismatch, Lease, LeaseStore, Owner
-from .fencing import FencedResumeTokenStore, MemoryFencedResumeTokenStore, save_fenced
+from .fencing import FencedResumeTokenStore, MemoryFencedResumeTokenStore, raise_fence, save_fenced
 from .member import GroupMember, partition_key
 from .memory import MemoryLeaseStore
 from .mongodb import DEFAULT_LEASE_COLLECTION, MongoLeaseStore
@@ -47,6 +47,7 @@ __all__ = [
     "partition_key",
     "partition_of",
     "plan",
+    "raise_fence",
     "save_fenced",
     "server_match_stage",
     "server_supports_hashed_keys",

@@ -16,7 +16,7 @@ from ..stores.memory import MemoryResumeTokenStore
 from ..stores.mongodb import MongoResumeTokenStore
 from .base import FencedOut
 
-__all__ = ["FencedResumeTokenStore", "MemoryFencedResumeTokenStore", "save_fenced"]
+__all__ = ["FencedResumeTokenStore", "MemoryFencedResumeTokenStore", "save_fenced", "raise_fence"]
 
 
 class MemoryFencedResumeTokenStore(MemoryResumeTokenStore):
@@ -104,6 +104,29 @@ def save_fenced(
         raise _fenced_out(key, fence, (doc or {}).get("fence"), collection.full_name) from None
     except PyMongoError as exc:
         raise StoreError(f"could not save resume token {key!r} to {collection.full_name}: {exc}") from exc
+
+
+def raise_fence(store: ResumeTokenStore, key: str, fence: int) -> None:
+    """Stamp an existing checkpoint with ``fence`` (a new owner, at takeover), leaving its token alone.
+
+    From then on the previous owner's writes are refused, even before the new owner's first
+    checkpoint write. Nothing happens when the key has no checkpoint yet or a higher fence.
+
+    :raises StoreError: when the backend fails.
+    """
+    if isinstance(store, MemoryFencedResumeTokenStore):
+        with store._lock:
+            if key in store._data:
+                store.fences[key] = max(store.fences.get(key, 0), fence)
+        return
+    if not isinstance(store, MongoResumeTokenStore):
+        raise TypeError(f"{type(store).__name__} cannot take fenced writes; see save_fenced()")
+    collection = store.collection.with_options(write_concern=WriteConcern("majority"))
+    query = {"_id": key, "$or": [{"fence": {"$lt": fence}}, {"fence": {"$exists": False}}]}
+    try:
+        collection.update_one(query, {"$set": {"fence": fence}})
+    except PyMongoError as exc:
+        raise StoreError(f"could not fence checkpoint {key!r} in {collection.full_name}: {exc}") from exc
 
 
 def _fenced_out(key: str, fence: int, stored: Any, where: str) -> FencedOut:

@@ -60,6 +60,10 @@ class GroupMember:
     :param partitions: ``K``, fixed for the group (checked against the group document).
     :param ttl: lease time to live, seconds (the issue's ``lease_ttl``).
     :param mode: where partitions are split, fixed for the group.
+    :param on_rebalance: called with the new share whenever it changes (counted in :attr:`rebalances`).
+    :param on_releasing: called with every partition a rebalance is about to release, before
+        their ``on_revoked`` calls (one at a time): stop them all at once, so that together they
+        take no longer than one, and the member renews its other leases in time.
     :param poll_interval: seconds between ticks (default ``ttl / 12``).
     :param clock: monotonic seconds; tests pass a fake clock and call :meth:`tick` themselves.
 
@@ -78,6 +82,8 @@ class GroupMember:
         on_assigned: Callable[[int, int], None] = lambda partition, fence: None,
         on_revoked: Callable[[int], None] = lambda partition: None,
         on_fatal: Callable[[BaseException], None] | None = None,
+        on_rebalance: Callable[[frozenset[int]], None] | None = None,
+        on_releasing: Callable[[tuple[int, ...]], None] | None = None,
         owner: Owner | None = None,
         poll_interval: float | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -96,6 +102,8 @@ class GroupMember:
         self.on_assigned = on_assigned
         self.on_revoked = on_revoked
         self._on_fatal = on_fatal
+        self._on_rebalance = on_rebalance
+        self._on_releasing = on_releasing
         self._clock = clock
         self._leases: dict[int, Lease] = {}
         self._timers: dict[int, LeaseTimer] = {}
@@ -166,9 +174,13 @@ class GroupMember:
             if share != self._share:
                 self.rebalances += 1
                 self._share = share
+                if self._on_rebalance is not None:
+                    self._on_rebalance(share)
             step = plan(self._clock(), self._timers, share)
             for p in step.give_up:
                 self._lose(p, "its lease could not be renewed in time")
+            if step.release and self._on_releasing is not None:
+                self._on_releasing(step.release)  # all of them, before the first on_revoked
             for p in step.release:
                 self._release(p)
             for p in step.renew:
@@ -239,6 +251,14 @@ class GroupMember:
                 log.warning(
                     "group %s: could not release partition %d: %s", self.config.name, p, describe(exc)
                 )
+
+    def drop(self, partition: int, why: str) -> None:
+        """Give ``partition`` up without releasing its lease (a fenced write showed that another
+        member took it over): ``on_revoked`` runs on the caller's thread. Nothing happens when
+        it is not held."""
+        with self._lock:
+            if partition in self._leases:
+                self._lose(partition, why)
 
     def _lose(self, p: int, why: str) -> None:
         self._forget(p)

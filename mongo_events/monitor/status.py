@@ -58,7 +58,7 @@ class ConsumerStatus:
 
     :ivar id: ``"<host>:<pid>:<bus>"``.
     :ivar bus: the bus's name.
-    :ivar group: its consumer group (``None``: groups do not exist yet).
+    :ivar group: its consumer group (``None`` without one).
     :ivar partitions: the partitions it holds (empty without a group).
     :ivar host: the host name; :ivar pid: the process id.
     :ivar status: ``healthy``, ``degraded`` or ``unhealthy``, as :meth:`Bus.health`.
@@ -448,6 +448,8 @@ class StatusPublisher(Middleware):
             last_error=health.last_error,
             last_error_at=health.last_error_at,
             started_at=self._started_at,
+            group=health.group.name if health.group is not None else None,
+            partitions=tuple(sorted(health.group.held)) if health.group is not None else (),
         )
 
     def publish(self) -> bool:

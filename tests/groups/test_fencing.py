@@ -92,3 +92,20 @@ def test_stores_that_cannot_compare_fences_atomically_are_refused(tmp_path: Any)
     for bad in (0, -1, True):
         with pytest.raises(ValueError, match="fence"):
             FencedResumeTokenStore(MemoryFencedResumeTokenStore(), bad)
+
+
+def test_a_new_owner_raises_the_fence_at_takeover_without_touching_the_token(store: ResumeTokenStore) -> None:
+    from mongo_events.groups import raise_fence
+
+    raise_fence(store, "g:db.c#0", 3)  # no checkpoint yet: nothing to fence, nothing created
+    assert store.load("g:db.c#0") is None
+    save_fenced(store, "g:db.c#0", {"_data": "01"}, Timestamp(5, 1), 1)
+    raise_fence(store, "g:db.c#0", 2)  # the new owner took the lease with fence 2
+    with pytest.raises(FencedOut):  # the old owner's next write, before any of the new owner's
+        save_fenced(store, "g:db.c#0", {"_data": "02"}, Timestamp(6, 1), 1)
+    loaded = store.load("g:db.c#0")
+    assert loaded is not None and loaded.token == {"_data": "01"} and loaded.cluster_time == Timestamp(5, 1)
+    raise_fence(store, "g:db.c#0", 1)  # never lowers it
+    with pytest.raises(FencedOut):
+        save_fenced(store, "g:db.c#0", {"_data": "03"}, None, 1)
+    save_fenced(store, "g:db.c#0", {"_data": "04"}, None, 2)

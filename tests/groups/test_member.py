@@ -243,3 +243,16 @@ def test_a_renewal_that_succeeds_too_late_does_not_keep_the_partition() -> None:
     clock.now += TTL / 3
     a.tick()  # the renewal is measured from when it was sent: a whole ttl ago when it returns
     assert ("revoked", 0) in ra.calls and not a.holds(0)
+
+
+def test_a_rebalance_announces_every_partition_it_releases_before_revoking_them() -> None:
+    clock, store = Clock(), MemoryLeaseStore(Clock())
+    store._clock = clock
+    calls: list[tuple[Any, ...]] = []
+    a, _ = member(store, clock, "a", on_releasing=lambda ps: calls.append(("releasing", ps)))
+    a.on_revoked = lambda p: calls.append(("revoked", p))
+    a.tick()
+    b, _ = member(store, clock, "b")
+    b.tick()
+    a.tick()  # a releases its surplus to b
+    assert calls == [("releasing", (2, 3)), ("revoked", 2), ("revoked", 3)]

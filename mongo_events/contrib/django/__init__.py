@@ -7,7 +7,8 @@ Add ``"mongo_events.contrib.django"`` to ``INSTALLED_APPS`` and configure::
         "BUSES": {"orders": {"database": "shop", "collection": "orders"}},
         "AUTOSTART": False,      # True: start in every web process (see README: usually not)
         "STOP_TIMEOUT": 30,
-    }
+        "GROUP": "web",          # optional: every bus joins this consumer group (Bus(group=...)),
+    }                            # so every web process may start them: each change is handled once
 
 Subscribe in an ``events.py`` module of any installed app (found at startup)::
 
@@ -82,6 +83,7 @@ def configure(settings: Any) -> dict[str, Any]:
     conf = dict(getattr(settings, "MONGO_EVENTS", {}) or {})
     registry.config.update(conf.get("BUSES") or {})
     registry.uri = conf.get("URI") or registry.uri
+    registry.group = conf.get("GROUP") or registry.group  # the consumer group of every bus (Bus(group=))
     while _early:
         bus_name, fn, kwargs = _early.pop(0)
         registry.subscribe(bus_name, **kwargs)(fn)

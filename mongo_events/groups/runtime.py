@@ -1,0 +1,513 @@
+"""A bus in a consumer group: one stream consumer per partition held, started and stopped by the member.
+
+``Bus(target, group=..., partitions=K, lease_ttl=...)`` delegates here. The bus keeps its
+options, subscriptions, flusher and lifecycle; this module owns what a group adds:
+
+- a :class:`~mongo_events.groups.GroupMember` whose ``on_assigned(p, fence)`` starts a
+  :class:`~mongo_events.consumer.StreamConsumer` for partition ``p`` (its checkpoint key is
+  ``"<group>:<namespace>#<p>"``, its writes fenced by ``fence``) and whose ``on_revoked(p)``
+  stops it within ``lease_ttl / 3``;
+- one :class:`~mongo_events.dispatch.Dispatcher` per partition, all on one worker pool;
+- the partition filter: a ``$match`` on ``$toHashedIndexKey`` where the server evaluates it,
+  else the same hash on the client (the group document records which, and refuses a member
+  with the other mode);
+- a refused (fenced) write: that partition is lost, stopped, logged at WARNING; the bus runs on.
+
+.. versionadded:: 0.2.0
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import pymongo
+
+from ..consumer import StreamConsumer
+from ..dispatch import Dispatcher
+from ..errors import ConfigurationError
+from ..guard import describe, run_guarded
+from ..health import Health, assess
+from ..stores.mongodb import MongoResumeTokenStore
+from .base import FencedOut
+from .fencing import FencedResumeTokenStore, raise_fence
+from .member import GroupMember, partition_key
+from .mongodb import DEFAULT_LEASE_COLLECTION, MongoLeaseStore
+from .partitioning import PartitionMode, event_partition, server_match_stage, server_supports_hashed_keys
+
+if TYPE_CHECKING:
+    from ..bus_options import BusOptions
+    from ..consumer import Report
+    from ..dispatch import DeadLetterHook
+    from ..flusher import Flusher
+    from ..subscription import Subscription
+
+
+@attrs.frozen
+class BusLink:
+    """What a group runtime uses of its bus, handed over by the bus (no private reads).
+
+    :ivar options: the bus's options for this run.
+    :ivar subscriptions: the bus's subscriptions (fixed while it runs).
+    :ivar dead_letters: the bus's dead-letter hook.
+    :ivar fail: stops the bus with an error.
+    :ivar report: tells ``on_error``.
+    :ivar flusher: the bus's flusher of this run, once it exists.
+    """
+
+    options: BusOptions
+    subscriptions: Sequence[Subscription]
+    dead_letters: DeadLetterHook | None
+    fail: Callable[[BaseException], None]
+    report: Report
+    flusher: Callable[[], Flusher | None]
+
+
+__all__ = ["GroupRuntime", "GroupStatus"]
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class GroupStatus:
+    """A group member's view, in ``Bus.health().group``.
+
+    :ivar name: the group.
+    :ivar partitions: ``K``, the group's partition count.
+    :ivar mode: ``"server"`` or ``"client"`` partition filtering.
+    :ivar held: the partitions this member holds now, with the fence of each lease.
+    :ivar members: the live members this member saw at its last poll.
+    :ivar rebalances: how many times this member's share changed.
+    :ivar lease_state: ``"active"`` (holds partitions), ``"standby"`` (holds none) or ``"stopped"``.
+
+    .. versionadded:: 0.2.0
+    """
+
+    name: str
+    partitions: int
+    mode: str
+    held: dict[int, int]
+    members: int
+    rebalances: int
+    lease_state: str
+
+
+class _Partition:
+    """One held partition: its consumer, dispatcher and stop flag."""
+
+    def __init__(self, index: int, fence: int) -> None:
+        self.index = index
+        self.fence = fence
+        self.assigned_at = time.monotonic()
+        self.stop_event = threading.Event()
+        #: Set when the partition is revoked or fenced out: nothing more is delivered or written.
+        self.closed = threading.Event()
+        self.consumer: StreamConsumer | None = None
+        self.dispatcher: Dispatcher | None = None
+        #: One flush of this partition at a time (the flusher's, or the final one at revoke).
+        self.flushing = threading.Lock()
+
+
+def _fenced(exc: BaseException | None) -> bool:
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, FencedOut):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+class GroupRuntime:
+    """The partitions a :class:`~mongo_events.Bus` holds in its consumer group (internal to the bus).
+
+    :param bus: what the runtime uses of its bus.
+    :param group: the group's name.
+    :param partitions: ``K``.
+    :param lease_ttl: seconds.
+    """
+
+    def __init__(self, bus: BusLink, group: str, partitions: int, lease_ttl: float) -> None:
+        store = bus.options.token_store
+        if not isinstance(store, MongoResumeTokenStore):
+            raise ConfigurationError(
+                f"group={group!r} needs checkpoints in MongoDB (the default resume-token store, or a "
+                f"MongoResumeTokenStore), where writes can be fenced; got {type(store).__name__}"
+            )
+        self.bus = bus
+        self.group = group
+        self.partitions = partitions
+        self.lease_ttl = float(lease_ttl)
+        self.token_store = store
+        self.lease_collection = store.collection.database[DEFAULT_LEASE_COLLECTION]
+        self.lease_store = MongoLeaseStore(self.lease_collection)
+        self.mode: PartitionMode | None = None
+        self.member: GroupMember | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._parts: dict[int, _Partition] = {}
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._stop_deadline = 0.0
+        #: Partitions released together by a rebalance finish by this time (monotonic).
+        self._release_deadline = 0.0
+        #: Partitions given up because a write was refused (for tests and health).
+        self.fenced_out = 0
+
+    # -- lifecycle (the bus calls these) ----------------------------------------------------
+
+    def start(self) -> None:
+        """Join the group and take this member's share now (bus ``start()``; raises what fails)."""
+        bus = self.bus
+        try:
+            server = server_supports_hashed_keys(self.lease_collection)
+        except pymongo.errors.PyMongoError as exc:
+            raise ConfigurationError(
+                f"bus {bus.options.name!r}: could not probe $toHashedIndexKey for group {self.group!r}: {exc}"
+            ) from exc
+        self.mode = PartitionMode.SERVER if server else PartitionMode.CLIENT
+        # Every held partition runs max_workers loops on this pool; the extra share lets a
+        # partition start while a revoked one's callbacks are still finishing.
+        self._executor = ThreadPoolExecutor(
+            bus.options.max_workers * (self.partitions + 1),
+            thread_name_prefix=f"mongo_events.worker[{bus.options.name}]",
+        )
+        self.member = GroupMember(
+            self.lease_store,
+            self.group,
+            bus.options.namespace,
+            partitions=self.partitions,
+            ttl=self.lease_ttl,
+            mode=self.mode,
+            on_assigned=self._assigned,
+            on_revoked=self._revoked,
+            on_fatal=bus.fail,
+            on_rebalance=self._rebalanced,
+            on_releasing=self._releasing,
+        )
+        self.member.start()  # the first tick: GroupMismatch and a bad checkpoint raise here
+        # Then wait for the first streams, not inside on_assigned: the member's thread must stay
+        # free to renew its leases while a server is slow to open a stream.
+        deadline = time.monotonic() + bus.options.start_timeout
+        for consumer in self.consumers():
+            if not consumer.connected.wait(max(0.0, deadline - time.monotonic())):
+                break  # the stream keeps trying in the background; health() says so meanwhile
+            if consumer.connect_error is not None:
+                raise consumer.connect_error
+        log.info(
+            "bus %s: member %s of group %s (%d partitions, %s-side filtering) holds %s",
+            bus.options.name,
+            self.member.owner,
+            self.group,
+            self.partitions,
+            self.mode.value,
+            sorted(self.member.owned) or "nothing (standby)",
+        )
+
+    def stop(self, deadline: float) -> list[str]:
+        """Stop every partition by ``deadline`` (monotonic; at most ``lease_ttl / 3`` from now),
+        write their final checkpoints and release the leases at once; returns the callbacks still
+        running (their events are delivered again by the next owner)."""
+        self._stop_deadline = deadline
+        self._stopping = True
+        with self._lock:
+            parts = list(self._parts.values())
+        for part in parts:  # all at once: they share the deadline
+            self._halt(part)
+        member = self.member
+        if member is not None and not member.stop(max(0.5, deadline - time.monotonic())):
+            log.warning("bus %s: the group member's thread did not end in time", self.bus.options.name)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)  # idle threads end; busy ones when their callback returns
+        return [r for part in parts if part.dispatcher is not None for r in part.dispatcher.running()]
+
+    def flush(self) -> None:
+        """The flusher task: write every held partition's acks and checkpoint (fenced)."""
+        with self._lock:
+            parts = [p for p in self._parts.values() if not p.closed.is_set()]
+        error: Exception | None = None
+        for part in parts:
+            assert part.consumer is not None
+            try:
+                with part.flushing:
+                    if not part.closed.is_set():
+                        part.consumer.checkpointer.flush()
+            except Exception as exc:
+                if _fenced(exc):
+                    self._fenced_out(part, exc)
+                elif error is None:
+                    error = exc
+        if self.bus.options.metrics is not None:  # for the headroom gauge; reads at most every 30 s
+            for part in parts:
+                if part.consumer is not None:
+                    part.consumer.oplog.refresh()
+        if error is not None:
+            raise error
+
+    # -- the member's callbacks -----------------------------------------------------------------
+
+    def _assigned(self, p: int, fence: int) -> None:
+        bus = self.bus
+        assert self.member is not None and self.mode is not None
+        part = _Partition(p, fence)
+        key = partition_key(self.group, bus.options.namespace, p)
+        spec = bus.options.spec()
+        stages: list[dict[str, Any]] = []
+        if self.mode is PartitionMode.SERVER and self.partitions > 1:
+            stages.append(server_match_stage(p, self.partitions))
+        if bus.options.level != "collection":  # a database or cluster watch must not see our own writes
+            coll, leases = self.token_store.collection, self.lease_collection
+            stages.append(
+                {
+                    "$match": {
+                        "$nor": [
+                            {"ns.db": coll.database.name, "ns.coll": coll.name},
+                            {"ns.db": leases.database.name, "ns.coll": leases.name},
+                        ]
+                    }
+                }
+            )
+        spec = attrs.evolve(
+            spec, name=f"{bus.options.name}#{p}", resume_token_key=key, pipeline=stages + spec.pipeline
+        )
+        member = self.member
+        closed = part.closed
+
+        def gate() -> bool:
+            return not closed.is_set() and member.holds(p)
+
+        keep = None
+        if self.mode is PartitionMode.CLIENT and self.partitions > 1:
+            partitions = self.partitions
+
+            def keep(raw: Mapping[str, Any]) -> bool:
+                return event_partition(raw, partitions) == p
+
+        consumer = StreamConsumer(
+            spec,
+            bus.subscriptions,
+            token_store=FencedResumeTokenStore(self.token_store, fence),
+            ack_store=bus.options.ack_store,
+            dead_letters=bus.dead_letters,
+            metrics=bus.options.metrics,
+            stop_event=part.stop_event,
+            fail=lambda exc: self._partition_failed(part, exc),
+            report=bus.report,
+            keep=keep,
+            gate=gate,
+        )
+        dispatcher = Dispatcher(
+            max_workers=bus.options.max_workers,
+            decoder=bus.options.decoder,
+            middleware=bus.options.chain,
+            on_done=consumer.window.finish,
+            on_fatal=bus.fail,
+            dead_letters=bus.dead_letters,
+            bus_name=spec.name,
+            lock=consumer.window.mutex,
+            executor=self._executor,
+            gate=gate,
+        )
+        flusher = bus.flusher()
+        consumer.attach(dispatcher, flusher.wake if flusher is not None else lambda: None)
+        part.consumer, part.dispatcher = consumer, dispatcher
+        # The previous owner's writes are refused from now on, not only after our first write.
+        raise_fence(self.token_store, key, fence)
+        position = consumer.initial_position()  # a StoreError is fatal: the member stops, the bus fails
+        with self._lock:
+            self._parts[p] = part
+        dispatcher.start()
+        consumer.start(position)
+
+    def _revoked(self, p: int) -> None:
+        with self._lock:
+            part = self._parts.pop(p, None)
+        if part is None:
+            return
+        self._halt(part)
+        # The member's thread waits for this, and renews its other leases only afterwards: a
+        # revocation (or all those of one rebalance together) takes at most ttl / 6, so that a
+        # renewal due meanwhile is still sent before its give-up time (renew at ttl / 3, give up
+        # at ttl * 2 / 3, one poll is ttl / 12). A clean stop renews nothing more: ttl / 3.
+        now = time.monotonic()
+        if self._stopping:
+            deadline = min(now + self.lease_ttl / 3, self._stop_deadline)
+        elif now < self._release_deadline:
+            deadline = self._release_deadline
+        else:
+            deadline = now + self.lease_ttl / 6
+        self._finish(part, deadline)
+
+    def _releasing(self, partitions: tuple[int, ...]) -> None:
+        """A rebalance releases ``partitions``: stop them all now; their revocations share one deadline."""
+        self._release_deadline = time.monotonic() + self.lease_ttl / 6
+        with self._lock:
+            parts = [self._parts[p] for p in partitions if p in self._parts]
+        for part in parts:
+            self._halt(part)
+
+    def _rebalanced(self, share: frozenset[int]) -> None:
+        if self.bus.options.metrics is not None:
+            self.bus.options.metrics.group_rebalanced(self.group, self.bus.options.namespace)
+
+    # -- stopping one partition --------------------------------------------------------------------
+
+    def _halt(self, part: _Partition) -> None:
+        """Stop reading and dispatching at once (no waiting)."""
+        part.stop_event.set()
+        if part.consumer is not None:
+            window = part.consumer.window
+            with window.cond:
+                window.cond.notify_all()
+        if part.dispatcher is not None:
+            part.dispatcher.halt()
+
+    def _finish(self, part: _Partition, deadline: float) -> None:
+        """Wait (bounded) for the watcher and running callbacks, then write the final checkpoint
+        unless the partition was fenced out; then it delivers and writes nothing more."""
+        consumer, dispatcher = part.consumer, part.dispatcher
+        if consumer is None or dispatcher is None:
+            part.closed.set()
+            return
+        watcher = consumer.watcher
+        # Half the time for the watcher and callbacks, the rest for the final write.
+        middle = time.monotonic() + max(0.0, deadline - time.monotonic()) / 2
+        if watcher is not None:
+            watcher.join(max(0.0, middle - time.monotonic()))
+        # Not dispatcher.join(): the workers' threads go back to the shared pool, they do not end.
+        dispatcher.wait_idle(middle)
+        if not part.closed.is_set():
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining > 0 and part.flushing.acquire(timeout=remaining):
+                    try:
+                        with pymongo.timeout(max(0.001, deadline - time.monotonic())):
+                            consumer.checkpointer.flush()
+                    finally:
+                        part.flushing.release()
+            except Exception as exc:
+                if _fenced(exc):
+                    log.warning(
+                        "bus %s: final checkpoint of partition %d refused (%s)",
+                        self.bus.options.name,
+                        part.index,
+                        exc,
+                    )
+                else:
+                    log.warning(
+                        "bus %s: final checkpoint of partition %d not stored (%s); its next owner redelivers "
+                        "the events after the last stored one",
+                        self.bus.options.name,
+                        part.index,
+                        describe(exc),
+                    )
+        part.closed.set()
+        dispatcher.shutdown()
+
+    def _fenced_out(self, part: _Partition, exc: BaseException) -> None:
+        """A write of ``part`` was refused: another member owns it now. Stop it; the bus runs on."""
+        if part.closed.is_set():
+            return
+        part.closed.set()  # the gates close now: nothing more is delivered or written
+        self.fenced_out += 1
+        log.warning(
+            "bus %s: partition %d of group %s was taken over by another member (fence %d refused: %s); "
+            "stopping it here without writing or delivering more",
+            self.bus.options.name,
+            part.index,
+            self.group,
+            part.fence,
+            exc,
+        )
+        member = self.member
+        if member is not None:
+            # Not on this thread (the flusher, or a watcher): revoking waits for them.
+            name = f"mongo_events.group-drop[{self.bus.options.name}#{part.index}]"
+            threading.Thread(
+                target=run_guarded,
+                args=(lambda: member.drop(part.index, "a fenced write was refused"), self.bus.fail, name),
+                name=name,
+                daemon=True,
+            ).start()
+
+    def _partition_failed(self, part: _Partition, exc: BaseException) -> None:
+        if _fenced(exc):
+            self._fenced_out(part, exc)
+        elif not part.closed.is_set():
+            self.bus.fail(exc)
+
+    # -- queries -----------------------------------------------------------------------------------
+
+    def consumers(self) -> list[StreamConsumer]:
+        """The stream consumers of the partitions held now."""
+        with self._lock:
+            return [p.consumer for p in self._parts.values() if p.consumer is not None]
+
+    def status(self) -> GroupStatus:
+        member = self.member
+        held = member.owned if member is not None else {}
+        state = "stopped" if member is None or self._stopping else "active" if held else "standby"
+        return GroupStatus(
+            name=self.group,
+            partitions=self.partitions,
+            mode=self.mode.value if self.mode is not None else "unknown",
+            held=held,
+            members=len(member.members) if member is not None else 0,
+            rebalances=member.rebalances if member is not None else 0,
+            lease_state=state,
+        )
+
+    def pending(self) -> int:
+        return sum(c.window.pending() for c in self.consumers())
+
+    def in_flight(self) -> int:
+        return sum(c.window.size() for c in self.consumers())
+
+    def checkpoint_age(self) -> float | None:
+        ages = [a for a in (c.checkpoint_age() for c in self.consumers()) if a is not None]
+        return max(ages) if ages else None
+
+    def oplog_headroom(self) -> float | None:
+        rooms = [h for h in (c.oplog_headroom() for c in self.consumers()) if h is not None]
+        return min(rooms) if rooms else None
+
+    def join(self, deadline: float | None, stopped: Any) -> bool:
+        """Wait until every event each held partition received so far is done."""
+        for consumer in self.consumers():
+            window = consumer.window
+            with window.cond:
+                if not window.wait_for_done(window.tracker.last_seq, deadline, stopped):
+                    return False
+        return True
+
+    def health(self, state: str, running: bool, failure: BaseException | None) -> Health:
+        """The bus's health: its partitions' streams together, plus :class:`GroupStatus`."""
+        with self._lock:
+            parts = [p for p in self._parts.values() if p.consumer is not None]
+        consumers = [p.consumer for p in parts if p.consumer is not None]
+        # A partition just taken over gets start_timeout to open its stream before it counts as
+        # never opened (unhealthy): a rebalance must not fail a liveness probe.
+        young = time.monotonic() - self.bus.options.start_timeout
+        events = [c.last_event for c in consumers if c.last_event is not None]
+        errors: list[tuple[str, datetime]] = [c.last_error for c in consumers if c.last_error is not None]
+        health = assess(
+            state=state,
+            running=running,
+            opened=all(p.consumer.opened or p.assigned_at > young for p in parts if p.consumer is not None),
+            stream_active=all(c.stream_active for c in consumers),  # a standby holds none: healthy
+            namespace=self.bus.options.namespace,
+            last_event=max(events, key=lambda e: e[0]) if events else None,
+            last_error=max(errors, key=lambda e: e[1]) if errors else None,
+            failure=failure,
+            checkpoint_age=self.checkpoint_age(),
+            oplog_headroom=self.oplog_headroom(),
+            pending=sum(c.window.pending() for c in consumers),
+            in_flight=sum(c.window.size() for c in consumers),
+            reconnections=sum(c.reconnections for c in consumers),
+        )
+        return attrs.evolve(health, group=self.status())

@@ -2,9 +2,12 @@
 
     gunicorn -c examples/gunicorn.conf.py yourapp:app
 
-Prefer one separate watcher process (``flask mongo-events run``,
-``manage.py run_mongo_events``); if you do run buses in the workers, give each
-worker its own ``resume_token_id`` only if each should see every change.
+Buses in the workers: put them in a consumer group (``MONGO_EVENTS_GROUP = "web"`` in
+Flask, ``"GROUP"`` in Django's ``MONGO_EVENTS``, or ``Bus(..., group="web")``), so that
+each change is handled by one worker, and a worker that dies hands its share to the
+others within ``lease_ttl``. Without a group every worker handles every change. A
+separate watcher process (``flask mongo-events run``, ``manage.py run_mongo_events``)
+works too.
 """
 
 from __future__ import annotations

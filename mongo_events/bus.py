@@ -331,7 +331,8 @@ class Bus(BusOptionAttributes):
 
     @property
     def checkpoint(self) -> Mapping[str, Any] | None:
-        """The in-memory checkpoint: the token the flusher writes next."""
+        """The in-memory checkpoint: the token the flusher writes next (``None`` with a group:
+        each partition has its own, see :attr:`checkpoint_keys`)."""
         return self._consumer.window.checkpoint()  # type: ignore[return-value]
 
     @property
@@ -817,9 +818,15 @@ class Bus(BusOptionAttributes):
                 window = self._consumer.window
                 with window.cond:
                     window.cond.notify_all()
-            log.info(
-                "bus %s %s; checkpoint %s", self.name, self._state.value, self._consumer.window.checkpoint()
-            )
+            if self._group is not None:  # each partition wrote its own checkpoint
+                log.info("bus %s %s; its partitions' leases are released", self.name, self._state.value)
+            else:
+                log.info(
+                    "bus %s %s; checkpoint %s",
+                    self.name,
+                    self._state.value,
+                    self._consumer.window.checkpoint(),
+                )
         finally:
             self._shutdown_lock.release()
         if running and not quiet:

@@ -579,7 +579,7 @@ class StreamConsumer:
             event = ChangeEvent.from_raw(raw, self._default_db, self._default_coll)
         elif isinstance(raw, RawBSONDocument):
             event = ChangeEvent.from_raw_bson(raw, self._default_db, self._default_coll, raw_options)
-        else:  # a reassembled split event: a dict of raw fragments' fields
+        else:  # a dict holding raw sub-documents: a reassembled split event, a snapshot read
             plain = {key: decoded(value, raw_options) for key, value in raw.items()}
             event = ChangeEvent.from_raw(plain, self._default_db, self._default_coll)
         self._newest = event  # health() learns of it once per batch (see _on_drained)

@@ -136,3 +136,22 @@ def test_snapshot_options_are_checked(client: pymongo.MongoClient[Any]) -> None:
         me.Bus(client, snapshot="initial")
     with pytest.raises(me.ConfigurationError, match="snapshot_batch_size"):
         me.Bus(client.shop.orders, snapshot="initial", snapshot_batch_size=0)
+
+
+def test_a_snapshot_of_a_raw_bson_collection_delivers_plain_documents(
+    make_bus: Any, client: pymongo.MongoClient[Any]
+) -> None:
+    from bson.raw_bson import RawBSONDocument
+
+    _orders(client, 5)
+    orders = client.shop.orders
+    raw = orders.with_options(codec_options=orders.codec_options.with_options(document_class=RawBSONDocument))
+    rec = Recorder()
+    bus = make_bus(raw, snapshot="initial", resume_token_store=me.MemoryResumeTokenStore())
+    bus.subscribe(rec.add)
+    bus.start()
+    got = rec.wait(5)
+    assert sorted(ev.document_id for ev in got) == list(range(5))
+    assert all(
+        type(ev.full_document) is dict and ev.full_document == orders.find_one(ev.document_id) for ev in got
+    )

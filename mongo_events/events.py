@@ -371,7 +371,7 @@ def decoded(value: Any, codec_options: CodecOptions[Any]) -> Any:
 class _Lazy:
     """What a lazily decoded event decodes its other fields from."""
 
-    __slots__ = ("default_coll", "default_db", "options", "raw", "top")
+    __slots__ = ("default_coll", "default_db", "ns", "options", "raw", "top")
 
     def __init__(
         self,
@@ -386,13 +386,16 @@ class _Lazy:
         self.options = options
         self.default_db = default_db
         self.default_coll = default_coll
+        self.ns: Mapping[str, Any] | None = None  # decoded once for database and collection
 
     def field(self, key: str) -> Any:
         return decoded(self.top.get(key), self.options)
 
     def namespace(self, key: str) -> Any:
-        ns = self.top.get("ns")
-        return decoded(ns, self.options).get(key) if ns is not None else None
+        ns = self.ns
+        if ns is None:
+            ns = self.ns = self.field("ns") or {}
+        return ns.get(key)
 
 
 def _update_description(lazy: _Lazy) -> UpdateDescription | None:

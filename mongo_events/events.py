@@ -286,6 +286,8 @@ class ChangeEvent:
 
         :param codec_options: how to decode its fields (the watched collection's options,
             with ``document_class=dict``).
+
+        .. versionadded:: 0.1.0
         """
         top = dict(raw.items())  # its top level (sub-documents stay raw): plain dict lookups below
         token = decoded(top["_id"], codec_options)

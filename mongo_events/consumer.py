@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import attrs
 import bson
+from bson.raw_bson import RawBSONDocument
 from bson.timestamp import Timestamp
 from pymongo import MongoClient
 from pymongo.change_stream import ChangeStream
@@ -31,7 +32,7 @@ from pymongo.database import Database
 from .checkpointing import Checkpointer
 from .dispatch import STREAM_LANE, CoalescingLanes, DeadLetterHook, Dispatcher, FanOut, WorkItem
 from .errors import ConfigurationError, MongoEventsError, ResumeTokenLost, StoreError, StreamError
-from .events import ChangeEvent, FullDocument, OperationType
+from .events import ChangeEvent, FullDocument, OperationType, decoded
 from .health import OplogWindow
 from .history import oplog_oldest, rewind_time
 from .metrics import Metrics
@@ -168,6 +169,14 @@ class StreamConsumer:
         self._unfiltered = all(s.operations is None and not s.full_document_only for s in self._subscriptions)
         #: One subscription: its lanes are keyed by the document alone.
         self._single = len(self._subscriptions) == 1
+        #: The target reads changes as RawBSONDocument: events decode each field when it is
+        #: first read, with these options (the target's, as plain dicts). Else None.
+        options = spec.target.codec_options
+        self._raw_options = (
+            options.with_options(document_class=dict)
+            if issubclass(options.document_class, RawBSONDocument)
+            else None
+        )
 
         self.window = Window(
             spec.max_in_flight,
@@ -469,7 +478,7 @@ class StreamConsumer:
         """
         if not self._initial_save or self.token_store is None:
             return True
-        token = stream.resume_token  # the post-batch token of an empty first batch, else None
+        token = self._plain(stream.resume_token)  # the post-batch token of an empty first batch, else None
         if token is None:
             return True  # history arrived in the first batch (start_from_past): nothing to pin
         try:
@@ -593,7 +602,14 @@ class StreamConsumer:
         # each call or allocation here is a visible share of the per-event cost.
         if self._gate is not None and not self._gate():
             return False  # this partition's lease is gone: admit and deliver nothing more
-        event = ChangeEvent.from_raw(raw, self._default_db, self._default_coll)
+        raw_options = self._raw_options
+        if raw_options is None:
+            event = ChangeEvent.from_raw(raw, self._default_db, self._default_coll)
+        elif isinstance(raw, RawBSONDocument):
+            event = ChangeEvent.from_raw_bson(raw, self._default_db, self._default_coll, raw_options)
+        else:  # a dict holding raw sub-documents: a reassembled split event, a snapshot read
+            plain = {key: decoded(value, raw_options) for key, value in raw.items()}
+            event = ChangeEvent.from_raw(plain, self._default_db, self._default_coll)
         self._newest = event  # health() learns of it once per batch (see _on_drained)
         if self.metrics is not None:
             self.metrics.received(self._namespace, event.wall_time, event.cluster_time)
@@ -630,7 +646,7 @@ class StreamConsumer:
                     event.document_key,
                     self.missing_documents,
                 )
-        token = None if op is _INVALIDATE else raw["_id"]
+        token = None if op is _INVALIDATE else event.resume_token
         ordering = self.ordering
         doc_lane: Hashable | None = None
         lane: Hashable | None
@@ -755,7 +771,11 @@ class StreamConsumer:
         return True
 
     def _on_resume_token(self, token: Mapping[str, Any] | None) -> None:
-        self.window.note_resume_token(token)
+        self.window.note_resume_token(self._plain(token))
+
+    def _plain(self, token: Any) -> Any:
+        """A token as the stores and the window keep it: a plain document, never raw BSON."""
+        return token if self._raw_options is None else decoded(token, self._raw_options)
 
     def _on_active(self, active: bool) -> None:
         self.stream_active = active

@@ -5,10 +5,13 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import attrs
+import bson
 from bson import json_util
+from bson.codec_options import DEFAULT_CODEC_OPTIONS, CodecOptions
+from bson.raw_bson import RawBSONDocument
 from bson.timestamp import Timestamp
 
 __all__ = ["ChangeEvent", "FullDocument", "OperationType", "UpdateDescription", "document_key_string"]
@@ -175,6 +178,13 @@ class ChangeEvent:
     :ivar cluster_time: the event's :class:`bson.timestamp.Timestamp` (full precision).
     :ivar wall_time: server wall-clock time of the event (MongoDB 6.0+), else ``None``.
     :ivar raw: the change document exactly as received.
+
+    A change document read as :class:`~bson.raw_bson.RawBSONDocument` (the watched
+    collection's ``document_class``) is decoded on access: the fields the bus needs
+    (``id``, ``resume_token``, ``operation_type``, ``document_key``, ``cluster_time``)
+    when it arrives, every other field (``full_document``, ``raw`` ...) the first time
+    it is read, into plain dicts. An event nobody reads never decodes its documents.
+    The event behaves the same either way (equality, ``repr``, pickling, ``attrs.evolve``).
     """
 
     id: str
@@ -207,7 +217,9 @@ class ChangeEvent:
     def from_raw(
         cls, raw: Mapping[str, Any], default_db: str = "", default_coll: str | None = None
     ) -> ChangeEvent:
-        """Build an event from a raw change document."""
+        """Build an event from a raw change document (a dict, or a ``RawBSONDocument`` decoded lazily)."""
+        if isinstance(raw, RawBSONDocument):
+            return cls.from_raw_bson(raw, default_db, default_coll)
         token = raw["_id"]
         data = token.get("_data") if type(token) is dict or isinstance(token, Mapping) else None
         ns = raw.get("ns") or {}
@@ -262,8 +274,70 @@ class ChangeEvent:
         )
         return event
 
+    @classmethod
+    def from_raw_bson(
+        cls,
+        raw: RawBSONDocument,
+        default_db: str = "",
+        default_coll: str | None = None,
+        codec_options: CodecOptions[Any] = DEFAULT_CODEC_OPTIONS,
+    ) -> ChangeEvent:
+        """Build an event from a change document as raw BSON, decoding each field when first read.
+
+        :param codec_options: how to decode its fields (the watched collection's options,
+            with ``document_class=dict``).
+
+        .. versionadded:: 0.1.0
+        """
+        top = dict(raw.items())  # its top level (sub-documents stay raw): plain dict lookups below
+        token = decoded(top["_id"], codec_options)
+        data = token.get("_data") if isinstance(token, Mapping) else None
+        op = top.get("operationType", "")
+        if cls is not ChangeEvent:  # a subclass may validate or add fields: give it every field
+            return cls.from_raw(decoded(raw, codec_options), default_db, default_coll)
+        event = _new(cls)
+        # The bus reads these fields for every event (its lane, window slot and filters), so
+        # they are decoded now; _Lazy decodes every other field when it is first read.
+        fields = {
+            "id": data if isinstance(data, str) else json_util.dumps(token),
+            "resume_token": token,
+            "operation_type": _OPS.get(op, op),
+            "document_key": decoded(top.get("documentKey"), codec_options),
+            "cluster_time": top.get("clusterTime"),
+            _LAZY: _Lazy(raw, top, codec_options, default_db, default_coll),
+        }
+        if "updateDescription" not in top:  # the bus reads it for every event: no lazy lookup for "none"
+            fields["update_description"] = None
+        _set_attr(event, "__dict__", fields)
+        return event
+
+    if not TYPE_CHECKING:  # hidden from type checkers: a __getattr__ would make any attribute name valid
+
+        def __getattr__(self, name: str) -> Any:
+            # Python calls this only when normal lookup failed: for a field of a lazily
+            # decoded event that nobody read yet. Decode it once and keep it in __dict__.
+            lazy = self.__dict__.get(_LAZY)
+            decode = _LAZY_FIELDS.get(name)
+            if lazy is None or decode is None:
+                raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+            # setdefault: two workers decoding the same field at once both get the first value.
+            return self.__dict__.setdefault(name, decode(lazy))
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Every field, decoded (a pickled or copied event does not depend on raw BSON)."""
+        state = self.__dict__
+        if _LAZY not in state:
+            return state
+        return {name: getattr(self, name) for name in _FIELD_NAMES}
+
     def to_dict(self) -> dict[str, Any]:
         """The event as a dict of its fields (without ``raw``), values still native BSON."""
+        state = self.__dict__
+        lazy = state.get(_LAZY)
+        if lazy is not None:  # decode what nobody read yet in one pass, not one __getattr__ each
+            for name, decode in _LAZY_FIELDS.items():
+                if name not in state and name != "raw":
+                    state.setdefault(name, decode(lazy))
         desc = self.update_description
         return {  # spelled out: this runs once per typed delivery
             "id": self.id,
@@ -287,6 +361,64 @@ class ChangeEvent:
         """The event as relaxed Extended JSON."""
         return json_util.dumps(self.to_dict(), json_options=json_util.RELAXED_JSON_OPTIONS)
 
+
+def decoded(value: Any, codec_options: CodecOptions[Any]) -> Any:
+    """A raw BSON (sub-)document as a plain document, decoded with ``codec_options``; else ``value``."""
+    # type() first: an isinstance() miss against the Mapping ABC costs more than the decode.
+    if type(value) is RawBSONDocument or (value is not None and isinstance(value, RawBSONDocument)):
+        return bson.decode(value.raw, codec_options)
+    return value
+
+
+class _Lazy:
+    """What a lazily decoded event decodes its other fields from."""
+
+    __slots__ = ("default_coll", "default_db", "ns", "options", "raw", "top")
+
+    def __init__(
+        self,
+        raw: RawBSONDocument,
+        top: dict[str, Any],
+        options: CodecOptions[Any],
+        default_db: str,
+        default_coll: str | None,
+    ) -> None:
+        self.raw = raw
+        self.top = top
+        self.options = options
+        self.default_db = default_db
+        self.default_coll = default_coll
+        self.ns: Mapping[str, Any] | None = None  # decoded once for database and collection
+
+    def field(self, key: str) -> Any:
+        return decoded(self.top.get(key), self.options)
+
+    def namespace(self, key: str) -> Any:
+        ns = self.ns
+        if ns is None:
+            ns = self.ns = self.field("ns") or {}
+        return ns.get(key)
+
+
+def _update_description(lazy: _Lazy) -> UpdateDescription | None:
+    desc = lazy.field("updateDescription")
+    return UpdateDescription.from_raw(desc) if desc is not None else None
+
+
+_LAZY = "_raw_bson"  # the __dict__ key of a lazily decoded event's _Lazy (never a field name)
+_LAZY_FIELDS: dict[str, Any] = {
+    "database": lambda lazy: lazy.namespace("db") or lazy.default_db,
+    "collection": lambda lazy: lazy.namespace("coll") or lazy.default_coll,
+    "full_document": lambda lazy: lazy.field("fullDocument"),
+    "full_document_before_change": lambda lazy: lazy.field("fullDocumentBeforeChange"),
+    "update_description": _update_description,
+    "wall_time": lambda lazy: lazy.top.get("wallTime"),
+    "txn_number": lambda lazy: lazy.top.get("txnNumber"),
+    "lsid": lambda lazy: lazy.field("lsid"),
+    "to": lambda lazy: lazy.field("to"),
+    "raw": lambda lazy: decoded(lazy.raw, lazy.options),
+}
+_FIELD_NAMES = tuple(f.name for f in attrs.fields(ChangeEvent))
 
 _OPS: dict[str, OperationType] = {o.value: o for o in OperationType}
 _OP_NAMES: dict[OperationType | str, str] = {o: o.value for o in OperationType}  # str() without a call

@@ -1006,3 +1006,53 @@ def test_the_stream_asks_for_batches_of_1000_by_default(fake_rs: FakeReplicaSet,
         assert listener.cursor_options[0] == {"batchSize": 1000}
     finally:
         client.close()
+
+
+# -- change documents read as raw BSON (a RawBSONDocument collection) ----------------------
+
+
+def test_a_raw_bson_collection_delivers_the_same_events_and_never_decodes_filtered_documents(
+    client: pymongo.MongoClient[Any], make_bus: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Watching a collection whose ``document_class`` is ``RawBSONDocument``, events decode a
+    field when it is read: an event every subscription filters out never decodes its full
+    document, and what a callback reads equals what a plain collection's bus delivers."""
+    from bson.raw_bson import RawBSONDocument
+
+    from mongo_events import events
+
+    decoded_documents: list[Any] = []
+    inner = events.decoded
+
+    def counting(value: Any, options: Any) -> Any:
+        out = inner(value, options)
+        if isinstance(value, RawBSONDocument) and "sku" in out:  # only full documents carry "sku"
+            decoded_documents.append(out)
+        return out
+
+    monkeypatch.setattr(events, "decoded", counting)
+    plain = client.shop.orders
+    raw = plain.with_options(codec_options=plain.codec_options.with_options(document_class=RawBSONDocument))
+    tokens = me.MemoryResumeTokenStore()
+    updates, every = Recorder(), Recorder()
+    lazy_bus = make_bus(raw, update_description=True, resume_token_store=tokens)
+    lazy_bus.subscribe(operations={"update"})(lambda ev, d: updates.add((ev, d)))
+    plain_bus = make_bus(plain, update_description=True, resume_token_id="plain")
+    plain_bus.subscribe(every.add)
+    lazy_bus.start()
+    plain_bus.start()
+    plain.insert_many([{"_id": i, "sku": f"s{i}", "qty": i} for i in range(20)])
+    plain.update_one({"_id": 3}, {"$set": {"qty": 30}})
+    ((event, delivery),) = updates.wait(1)
+    assert every.wait(21)[-1] == event and every.items[-1].to_dict() == event.to_dict()
+    assert event.update_description == every.items[-1].update_description
+    assert delivery.update_description is not None and delivery.update_description.updated_fields == {
+        "qty": 30
+    }
+    assert type(event.resume_token) is dict and type(event.document_key) is dict
+    assert lazy_bus.join(5)
+    assert decoded_documents == []  # 20 inserts filtered out: not one full document decoded
+    lazy_bus.stop()
+    checkpoint = tokens.load(lazy_bus.resume_token_key)
+    assert checkpoint is not None and type(checkpoint.token) is dict  # stores never see raw BSON
+    assert isinstance(checkpoint.token.get("_data"), str)

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
+import pickle
+from typing import Any
 
+import bson
 import pytest
 from bson import Decimal128, Int64, ObjectId
+from bson.codec_options import CodecOptions
+from bson.raw_bson import RawBSONDocument
 from bson.timestamp import Timestamp
 
-from mongo_events import ChangeEvent, OperationType, UpdateDescription
+from mongo_events import ChangeEvent, OperationType, UpdateDescription, events
 from mongo_events.events import document_key_string
 
 RAW = {
@@ -123,3 +129,81 @@ def test_from_raw_fills_every_field_like_init() -> None:
     assert ChangeEvent(**values) == ev
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         ev.id = "x"  # type: ignore[misc]
+
+
+# -- change documents read as raw BSON: decoded on access ---------------------------------
+
+
+def _raw_bson(document: dict[str, object], tz_aware: bool = False) -> RawBSONDocument:
+    options = CodecOptions(document_class=RawBSONDocument, tz_aware=tz_aware)
+    return RawBSONDocument(
+        bson.encode({**document, "fullDocument": {"_id": "order-7", "n": Int64(1)}}), options
+    )
+
+
+class _CountingDecodes:
+    """Wraps ``mongo_events.events.decoded``: records each raw sub-document it decodes."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.decoded: list[dict[str, object]] = []
+        inner = events.decoded
+
+        def counting(value: object, options: CodecOptions[Any]) -> object:
+            out = inner(value, options)
+            if isinstance(value, RawBSONDocument):
+                self.decoded.append(out)  # type: ignore[arg-type]
+            return out
+
+        monkeypatch.setattr(events, "decoded", counting)
+
+    def documents(self) -> list[dict[str, object]]:
+        """The full documents decoded so far (they alone carry ``n``)."""
+        return [d for d in self.decoded if "n" in d]
+
+
+def test_a_raw_event_decodes_what_the_bus_reads_and_nothing_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    counter = _CountingDecodes(monkeypatch)
+    ev = ChangeEvent.from_raw(_raw_bson(RAW))
+    # What the bus reads for every event, without touching the documents.
+    assert ev.id == "resume-123" and ev.resume_token == {"_data": "resume-123"}
+    assert ev.operation_type is OperationType.UPDATE and ev.cluster_time == Timestamp(1700000000, 7)
+    assert ev.document_key == {"_id": "order-7"} and type(ev.document_key) is dict
+    assert counter.documents() == []
+    # A callback that reads the full document decodes it, once.
+    assert ev.full_document == {"_id": "order-7", "n": 1} and type(ev.full_document) is dict
+    assert ev.full_document is ev.full_document
+    assert len(counter.documents()) == 1
+
+
+def test_a_raw_event_equals_the_decoded_one_field_by_field() -> None:
+    import attrs
+
+    plain = bson.decode(bson.encode({**RAW, "fullDocument": {"_id": "order-7", "n": Int64(1)}}))
+    lazy, eager = ChangeEvent.from_raw(_raw_bson(RAW), "d", "c"), ChangeEvent.from_raw(plain, "d", "c")
+    assert lazy == eager and repr(lazy) == repr(eager)
+    for field in attrs.fields(ChangeEvent):
+        assert getattr(lazy, field.name) == getattr(eager, field.name), field.name
+    assert lazy.raw == plain and type(lazy.raw) is dict  # the whole change, decoded when asked for
+    assert lazy.to_dict() == eager.to_dict() and lazy.to_json() == eager.to_json()
+    assert ChangeEvent.from_raw(_raw_bson({**RAW, "ns": {"db": "x"}}), "d", "c").namespace == "x.c"
+    with pytest.raises(AttributeError):
+        lazy.no_such_field  # type: ignore[attr-defined]  # noqa: B018
+
+
+def test_a_raw_event_decodes_with_the_collection_codec_options() -> None:
+    options = CodecOptions(tz_aware=True)
+    ev = ChangeEvent.from_raw_bson(_raw_bson(RAW, tz_aware=True), codec_options=options)
+    assert ev.wall_time is not None and ev.wall_time.tzinfo is not None
+    assert ev.raw["wallTime"].tzinfo is not None
+
+
+@pytest.mark.parametrize("copier", [lambda e: pickle.loads(pickle.dumps(e)), copy.copy, copy.deepcopy])
+def test_a_raw_event_pickles_and_copies_as_a_decoded_one(copier: Any) -> None:
+    import attrs
+
+    ev = ChangeEvent.from_raw(_raw_bson(RAW))
+    assert ev.operation_type is OperationType.UPDATE  # some fields read, the rest not yet
+    other = copier(ev)
+    assert other == ev and other.raw == ev.raw
+    assert list(vars(other)) == [f.name for f in attrs.fields(ChangeEvent)]  # every field, no raw BSON
+    assert attrs.evolve(ChangeEvent.from_raw(_raw_bson(RAW)), id="x").full_document == ev.full_document

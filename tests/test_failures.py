@@ -420,3 +420,41 @@ def test_oversize_events_a_server_cannot_split_are_dead_lettered_as_stubs(make_b
         assert sub.endswith(":oversize") and "exceeds 16 MB" in str(err)
         assert bus.oversize_events == 1
         client.close()
+
+
+def _raw_bson(coll: pymongo.collection.Collection[Any]) -> pymongo.collection.Collection[Any]:
+    from bson.raw_bson import RawBSONDocument
+
+    return coll.with_options(codec_options=coll.codec_options.with_options(document_class=RawBSONDocument))
+
+
+def test_oversize_events_read_as_raw_bson_are_reassembled_and_stubbed_as_plain_documents(
+    make_bus: Any,
+) -> None:
+    """Split fragments and the stub of an unsplittable event, read as RawBSONDocument, reach
+    callbacks and the dead-letter hook as plain, decoded events."""
+    with FakeReplicaSet(max_event_size=2000) as rs:
+        client: pymongo.MongoClient[Any] = pymongo.MongoClient(rs.uri, **CLIENT_OPTIONS)
+        rec = Recorder()
+        bus = make_bus(_raw_bson(client.shop.orders), full_document=me.FullDocument.UPDATE_LOOKUP)
+        bus.subscribe(rec.add)
+        bus.start()
+        client.shop.orders.insert_one({"_id": "big", "a": "x" * 1500, "b": "y" * 1500})
+        (big,) = rec.wait(1)
+        assert big.full_document == {"_id": "big", "a": "x" * 1500, "b": "y" * 1500}
+        assert type(big.full_document) is dict and type(big.raw) is dict and "splitEvent" not in big.raw
+        bus.stop()
+        client.close()
+    with FakeReplicaSet(max_event_size=2000, supports_split=False) as rs:
+        client = pymongo.MongoClient(rs.uri, **CLIENT_OPTIONS)
+        rec, dead = Recorder(), Recorder()
+        bus = make_bus(_raw_bson(client.shop.orders), dead_letters=lambda ev, sub, err, n: dead.add(ev))
+        bus.subscribe(lambda ev: rec.add(ev.document_id), name="h")
+        bus.start()
+        client.shop.orders.insert_one({"_id": "big", "a": "x" * 3000})
+        client.shop.orders.insert_one({"_id": "after"})
+        assert rec.wait(1) == ["after"]
+        (stub,) = dead.wait(1)
+        assert stub.document_key == {"_id": "big"} and type(stub.document_key) is dict
+        assert stub.full_document is None and type(stub.raw) is dict
+        client.close()

@@ -551,3 +551,22 @@ def test_a_token_written_since_by_something_that_does_not_know_snapshots_wins(
         loaded = store.load("k")
     assert loaded is not None and loaded.token == {"_data": "826B1060000000000A"}
     assert "the token wins" in caplog.text
+
+
+def test_a_snapshot_of_a_raw_bson_collection_delivers_plain_documents(
+    make_bus: Any, client: pymongo.MongoClient[Any]
+) -> None:
+    from bson.raw_bson import RawBSONDocument
+
+    _orders(client, 5)
+    orders = client.shop.orders
+    raw = orders.with_options(codec_options=orders.codec_options.with_options(document_class=RawBSONDocument))
+    rec = Recorder()
+    bus = make_bus(raw, snapshot="initial", resume_token_store=me.MemoryResumeTokenStore())
+    bus.subscribe(rec.add)
+    bus.start()
+    got = rec.wait(5)
+    assert sorted(ev.document_id for ev in got) == list(range(5))
+    assert all(
+        type(ev.full_document) is dict and ev.full_document == orders.find_one(ev.document_id) for ev in got
+    )

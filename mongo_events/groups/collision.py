@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from datetime import datetime, timezone
 from typing import Any
 
 from bson.timestamp import Timestamp
@@ -60,27 +59,19 @@ class StampedResumeTokenStore(MongoResumeTokenStore):
         namespace: str | None = None,
         level: str | None = None,
     ) -> None:
-        fields: dict[str, Any] = {
-            "token": dict(token),
-            "updated_at": datetime.now(timezone.utc),
-            "writer": self.writer,
-        }
-        if cluster_time is not None:
-            fields["cluster_time"] = cluster_time
-        if namespace is not None:
-            fields["namespace"] = namespace
-        if level is not None:
-            fields["level"] = level
+        update = MongoResumeTokenStore.update_for(
+            token, cluster_time, namespace=namespace, level=level, writer=self.writer
+        )
         mine = {"_id": key, "$or": [{"writer.id": self.writer["id"]}, {"writer": {"$exists": False}}]}
         try:
             try:
                 # The common case, one round trip: the key is new, unstamped or already ours.
-                self.collection.update_one(mine, {"$set": fields}, upsert=True)
+                self.collection.update_one(mine, update, upsert=True)
             except DuplicateKeyError:
                 # Another writer's stamp (the upsert collided with its document): a predecessor
                 # before our first write, a live twin after it. Write anyway, then say so.
                 other = self.collection.find_one({"_id": key}, {"writer": 1})
-                self.collection.update_one({"_id": key}, {"$set": fields}, upsert=True)
+                self.collection.update_one({"_id": key}, update, upsert=True)
                 stamp = (other or {}).get("writer")
                 if key in self._written and isinstance(stamp, Mapping):
                     self._collided(key, stamp)

@@ -85,17 +85,13 @@ def save_fenced(
             f"{type(store).__name__} cannot refuse stale writes atomically; a consumer group needs "
             "MongoResumeTokenStore (or MemoryFencedResumeTokenStore in one process)"
         )
-    fields: dict[str, Any] = {"token": dict(token), "updated_at": datetime.now(timezone.utc), "fence": fence}
-    if cluster_time is not None:
-        fields["cluster_time"] = cluster_time
-    if namespace is not None:
-        fields["namespace"] = namespace
-    if level is not None:
-        fields["level"] = level
+    update = MongoResumeTokenStore.update_for(
+        token, cluster_time, namespace=namespace, level=level, fence=fence
+    )
     collection = store.collection.with_options(write_concern=WriteConcern("majority"))
     query = {"_id": key, "$or": [{"fence": {"$lte": fence}}, {"fence": {"$exists": False}}]}
     try:
-        collection.update_one(query, {"$set": fields}, upsert=True)
+        collection.update_one(query, update, upsert=True)
     except DuplicateKeyError:
         try:
             doc = collection.find_one({"_id": key}, {"fence": 1})

@@ -61,10 +61,33 @@ class MongoResumeTokenStore(ResumeTokenStore):
         namespace: str | None = None,
         level: str | None = None,
     ) -> None:
+        update = self.update_for(token, cluster_time, namespace=namespace, level=level)
+        try:
+            self.collection.update_one({"_id": key}, update, upsert=True)
+        except PyMongoError as exc:
+            raise StoreError(
+                f"could not save resume token {key!r} to {self.collection.full_name}: {exc}"
+            ) from exc
+
+    @staticmethod
+    def update_for(
+        token: Mapping[str, Any],
+        cluster_time: Timestamp | None = None,
+        *,
+        namespace: str | None = None,
+        level: str | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """The update that stores a checkpoint in this store's shape, with ``extra`` fields set
+        too (a writer stamp, a fence): every writer of this collection builds it here, so
+        snapshot progress always goes beside the token, never inside it.
+
+        .. versionadded:: 0.2.0
+        """
         from ..snapshot import stored_fields
 
         stored, snapshot = stored_fields(token)  # snapshot progress goes beside the token
-        fields: dict[str, Any] = {"token": stored, "updated_at": datetime.now(timezone.utc)}
+        fields: dict[str, Any] = {"token": stored, "updated_at": datetime.now(timezone.utc), **extra}
         if cluster_time is not None:
             fields["cluster_time"] = cluster_time
         if namespace is not None:
@@ -76,12 +99,7 @@ class MongoResumeTokenStore(ResumeTokenStore):
             fields["snapshot"] = snapshot
         else:
             update["$unset"] = {"snapshot": ""}
-        try:
-            self.collection.update_one({"_id": key}, update, upsert=True)
-        except PyMongoError as exc:
-            raise StoreError(
-                f"could not save resume token {key!r} to {self.collection.full_name}: {exc}"
-            ) from exc
+        return update
 
     def delete(self, key: str) -> None:
         try:

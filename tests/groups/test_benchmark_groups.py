@@ -24,3 +24,7 @@ def test_lease_writes_are_counted_per_store_call(client: pymongo.MongoClient[Any
         taken = count[0]
         bus.stop()  # two partitions and the heartbeat released
     assert (taken, count[0]) == (3, 6)
+
+
+def test_the_scale_out_workload_counts_what_two_members_handle(fake_rs: Any) -> None:
+    assert groups.scale_out_run(fake_rs.uri, 1000, processes=2) > 0

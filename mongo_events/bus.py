@@ -35,7 +35,6 @@ from .bus_options import (
     as_idempotency,
     check_payload,
 )
-from .checkpointing import _takes_namespace
 from .consumer import StreamConsumer
 from .deadlettering import dead_letter_hook
 from .deadlettering import replay as replay_letter
@@ -46,10 +45,9 @@ from .events import FullDocument, OperationType
 from .groups.member import partition_key
 from .guard import describe
 from .health import DeadLetterWatch, Health
-from .history import plan_rewind, rewind_token
 from .idempotency.base import IdempotencyStore
 from .idempotency.guard import Idempotency
-from .lifecycle import FINAL_FLUSH_MIN, check_threads_run
+from .lifecycle import FINAL_FLUSH_MIN, check_threads_run, request_snapshot, reset_positions, rewind_positions
 from .metrics import Metrics
 from .middleware.base import Middleware
 from .monitor.middleware import MonitorMiddleware
@@ -59,7 +57,6 @@ from .reporting import ErrorContext, ErrorHandler, ErrorKindName, report_error
 from .retrying import RetryBackoff
 from .run import BusRun, RunLink, new_run
 from .runner import ensure_logging
-from .snapshot import SnapshotProgress, progress_token
 from .stores.base import AckStore, DeadLetterStore, ResumeTokenStore
 from .stores.records import DeadLetter
 from .subscription import OnExhausted, Subscription
@@ -601,14 +598,8 @@ class Bus(BusOptionAttributes):
 
         :raises BusStateError: while the bus runs (it would write its position again).
         """
-        if self._state in (BusState.STARTING, BusState.RUNNING, BusState.STOPPING):
-            raise BusStateError(
-                "stop the bus before reset_resume_token(): a running bus writes its position again"
-            )
-        if self.token_store is not None:
-            for key in self.checkpoint_keys:
-                self.token_store.delete(key)
-                log.info("bus %s: resume token %s reset", self.name, key)
+        self._check_stopped("reset_resume_token()")
+        reset_positions(self.options, self.checkpoint_keys)
 
     def snapshot(self) -> None:
         """Make the next start deliver every existing document first (see ``snapshot=``).
@@ -621,17 +612,8 @@ class Bus(BusOptionAttributes):
 
         .. versionadded:: 0.2.0
         """
-        if self._state in (BusState.STARTING, BusState.RUNNING, BusState.STOPPING):
-            raise BusStateError("stop the bus before snapshot(): a running bus writes its position again")
-        if self.token_store is None:
-            raise ConfigurationError(
-                f"bus {self.name!r} has no resume-token store to keep the request: pass snapshot='always'"
-            )
-        if self.level == "cluster" and not self.snapshot_collections:
-            raise ConfigurationError('a cluster bus snapshots only snapshot_collections=["db.coll", ...]')
-        for key in self.checkpoint_keys:
-            self._save_marker(self.token_store, key, progress_token(SnapshotProgress(None)), None)
-        log.info("bus %s: a snapshot will run at the next start", self.name)
+        self._check_stopped("snapshot()")
+        request_snapshot(self.options, self.checkpoint_keys)
 
     def rewind(self, to: datetime | Timestamp) -> None:
         """Make the next start begin at cluster time ``to`` (``startAtOperationTime``).
@@ -646,23 +628,12 @@ class Bus(BusOptionAttributes):
 
         .. versionadded:: 0.2.0
         """
-        if self._state in (BusState.STARTING, BusState.RUNNING, BusState.STOPPING):
-            raise BusStateError("stop the bus before rewind(): a running bus writes its position again")
-        if self.token_store is None:
-            raise ConfigurationError(
-                f"bus {self.name!r} has no resume-token store: there is nothing to rewind"
-            )
-        plan = plan_rewind(self.options.db.client, to, count=False)
-        for key in self.checkpoint_keys:
-            self._save_marker(self.token_store, key, rewind_token(plan.to), plan.to)
-            log.info("bus %s: rewound %s to cluster time %s", self.name, key, plan.to)
+        self._check_stopped("rewind()")
+        rewind_positions(self.options, self.checkpoint_keys, to)
 
-    def _save_marker(
-        self, store: ResumeTokenStore, key: str, token: Mapping[str, Any], at: Timestamp | None
-    ) -> None:
-        """Store a snapshot or rewind marker as checkpoint ``key`` (with what it watches, if the store keeps it)."""
-        where = {"namespace": self.namespace, "level": self.level} if _takes_namespace(store) else {}
-        store.save(key, token, at, **where)
+    def _check_stopped(self, what: str) -> None:
+        if self._state in (BusState.STARTING, BusState.RUNNING, BusState.STOPPING):
+            raise BusStateError(f"stop the bus before {what}: a running bus writes its position again")
 
     def __enter__(self) -> Bus:
         return self.start()
@@ -702,18 +673,8 @@ class Bus(BusOptionAttributes):
             describe(exc),
             exc_info=exc if isinstance(exc, ThreadFailed) else None,
         )
-        self._run.interrupt(exc)  # if start() is waiting for the stream: it raises this
-        threading.Thread(
-            target=self._stop_after_failure, name=f"mongo_events.stopper[{self.name}]", daemon=True
-        ).start()
-
-    def _stop_after_failure(self) -> None:
-        try:
-            self._shutdown(30.0, quiet=True)
-        except BaseException as exc:  # the bus is FAILED already (see _shutdown); say what else broke
-            log.error(
-                "bus %s: stopping after the failure also failed: %s", self.name, describe(exc), exc_info=exc
-            )
+        # A waiting start() raises exc; a stopper thread shuts the run down.
+        self._run.interrupt(exc, lambda: self._shutdown(30.0, quiet=True))
 
     def _shutdown(self, timeout: float, quiet: bool = False) -> None:
         """Stop every thread and write the final checkpoint, within ``timeout`` (plus at most

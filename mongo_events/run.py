@@ -25,6 +25,7 @@ from .errors import StoreError
 from .flusher import Flusher
 from .groups.collision import StampedResumeTokenStore
 from .groups.runtime import BusLink, GroupRuntime
+from .guard import describe
 from .health import Health, stream_health
 from .idempotency.base import IdempotencyStore
 from .lifecycle import (
@@ -121,11 +122,23 @@ class BusRun:
     def _start(self) -> None:
         raise NotImplementedError
 
-    def interrupt(self, error: BaseException) -> None:
-        """Stop reading because the bus failed with ``error`` (a waiting ``start()`` raises it)."""
+    def interrupt(self, error: BaseException, shutdown: Callable[[], None]) -> None:
+        """Stop reading because the bus failed with ``error`` (a waiting ``start()`` raises it),
+        and run ``shutdown()`` in a stopper thread."""
         self.consumer.failed_to_start(error)
         self.stop_event.set()
         self.wake()
+        name = self.link.options.name
+
+        def stop_after_failure() -> None:
+            try:
+                shutdown()
+            except BaseException as exc:  # the bus is FAILED already (see Bus._shutdown); say what else broke
+                log.error(
+                    "bus %s: stopping after the failure also failed: %s", name, describe(exc), exc_info=exc
+                )
+
+        threading.Thread(target=stop_after_failure, name=f"mongo_events.stopper[{name}]", daemon=True).start()
 
     def wake(self) -> None:
         """Wake whoever waits on the window (the watcher for room, ``join()``)."""

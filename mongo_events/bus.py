@@ -1,12 +1,13 @@
 """The bus: the facade over one stream consumer, its subscriptions and their lifecycle.
 
 The bus holds its options (:mod:`mongo_events.bus_options`, checked once at
-construction), ``subscribe``, the lifecycle (``start``/``stop``/``run_forever``/``join``)
-and the public queries. It holds no per-event logic: the stream consumer
-(:mod:`mongo_events.consumer`) owns the watcher, the window and the checkpoint writing;
-the dispatcher runs callbacks; the flusher runs the write tasks; :mod:`mongo_events.lifecycle`
-stops them in order; :mod:`mongo_events.health` assembles ``health()``. See README.rst,
-"Architecture".
+construction), ``subscribe``, the state machine (``start``/``stop``/``run_forever``/``join``,
+signals) and the public queries, each handed in one line to the current run
+(:mod:`mongo_events.run`: one stream consumer, or a consumer group's partitions, with the
+worker pool and the flusher, its stop events and its shutdown sequence). It holds no
+per-event logic: the stream consumer (:mod:`mongo_events.consumer`) owns the watcher, the
+window and the checkpoint writing; :mod:`mongo_events.lifecycle` stops the parts in order;
+:mod:`mongo_events.health` assembles ``health()``. See README.rst, "Architecture".
 """
 
 from __future__ import annotations

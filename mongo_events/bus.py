@@ -1,12 +1,13 @@
 """The bus: the facade over one stream consumer, its subscriptions and their lifecycle.
 
 The bus holds its options (:mod:`mongo_events.bus_options`, checked once at
-construction), ``subscribe``, the lifecycle (``start``/``stop``/``run_forever``/``join``)
-and the public queries. It holds no per-event logic: the stream consumer
-(:mod:`mongo_events.consumer`) owns the watcher, the window and the checkpoint writing;
-the dispatcher runs callbacks; the flusher runs the write tasks; :mod:`mongo_events.lifecycle`
-stops them in order; :mod:`mongo_events.health` assembles ``health()``. See README.rst,
-"Architecture".
+construction), ``subscribe``, the state machine (``start``/``stop``/``run_forever``/``join``,
+signals) and the public queries, each handed in one line to the current run
+(:mod:`mongo_events.run`: one stream consumer, or a consumer group's partitions, with the
+worker pool and the flusher, its stop events and its shutdown sequence). It holds no
+per-event logic: the stream consumer (:mod:`mongo_events.consumer`) owns the watcher, the
+window and the checkpoint writing; :mod:`mongo_events.lifecycle` stops the parts in order;
+:mod:`mongo_events.health` assembles ``health()``. See README.rst, "Architecture".
 """
 
 from __future__ import annotations
@@ -35,34 +36,19 @@ from .bus_options import (
     as_idempotency,
     check_payload,
 )
-from .checkpointing import _takes_namespace
 from .consumer import StreamConsumer
 from .deadlettering import dead_letter_hook
 from .deadlettering import replay as replay_letter
 from .decoding import Decoder
 from .dispatch import DeadLetterHook, Dispatcher
-from .errors import BusStateError, ConfigurationError, ShutdownTimeout, StoreError, ThreadFailed
+from .errors import BusStateError, ConfigurationError, ShutdownTimeout, ThreadFailed
 from .events import FullDocument, OperationType
-from .flusher import Flusher
-from .groups.collision import StampedResumeTokenStore
 from .groups.member import partition_key
-from .groups.runtime import BusLink, GroupRuntime
 from .guard import describe
-from .health import DeadLetterWatch, Health, stream_health
-from .history import plan_rewind, rewind_token
+from .health import DeadLetterWatch, Health
 from .idempotency.base import IdempotencyStore
 from .idempotency.guard import Idempotency
-from .lifecycle import (
-    FINAL_FLUSH_MIN,
-    Store,
-    build_group_flusher,
-    build_threads,
-    check_threads_run,
-    close_stores,
-    ensure_indexes,
-    stop_threads,
-    wait_for_stream,
-)
+from .lifecycle import FINAL_FLUSH_MIN, check_threads_run, request_snapshot, reset_positions, rewind_positions
 from .metrics import Metrics
 from .middleware.base import Middleware
 from .monitor.middleware import MonitorMiddleware
@@ -70,10 +56,9 @@ from .monitor.status import ConsumerStatusStore, StatusPublisher
 from .monitor.store import MonitorStore
 from .reporting import ErrorContext, ErrorHandler, ErrorKindName, report_error
 from .retrying import RetryBackoff
+from .run import BusRun, RunLink, new_run
 from .runner import ensure_logging
-from .snapshot import SnapshotProgress, progress_token
 from .stores.base import AckStore, DeadLetterStore, ResumeTokenStore
-from .stores.mongodb import MongoResumeTokenStore
 from .stores.records import DeadLetter
 from .subscription import OnExhausted, Subscription
 from .watcher import Position
@@ -258,39 +243,23 @@ class Bus(BusOptionAttributes):
             on_error=self.on_error,
             on_outcome=self._dead_letter_watch.outcome,
         )
-        self._reset_runtime()
-
-    def _reset_runtime(self) -> None:
-        self._stop_event = threading.Event()
-        self._stopped = threading.Event()
-        self._consumer = StreamConsumer(
-            self.options.spec(),
-            self._subscriptions,
-            token_store=_stamped(self.token_store, self.name) if self.group is None else self.token_store,
-            ack_store=self.ack_store,
-            dead_letters=self._dead_letters,
-            metrics=self.metrics,
-            stop_event=self._stop_event,
-            fail=self._fail,
-            report=self._report,
-        )
-        self._dispatcher: Dispatcher | None = None
-        self._flusher: Flusher | None = None
-        self._group: GroupRuntime | None = None
-        if self.group is not None:
-            link = BusLink(
-                self.options,
-                self._subscriptions,
-                self._dead_letters,
-                self._fail,
-                self._report,
-                lambda: self._flusher,
-            )
-            self._group = GroupRuntime(link, self.group, self.partitions, self.lease_ttl)
-        self._shutdown_lock = threading.Lock()
         self._signals = 0
-        #: Set by a second SIGINT/SIGTERM in run_forever(): stop without waiting for callbacks.
-        self._hurry = threading.Event()
+        self._run = self._new_run()
+
+    def _new_run(self) -> BusRun:
+        """The parts of one run (made at construction and at each start): see :mod:`mongo_events.run`."""
+        link = RunLink(
+            self.options,
+            self._subscriptions,
+            self._dead_letters,
+            self._fail,
+            self._report,
+            self._initial_position,  # read at each start: the benchmark's seam
+            observe=lambda: self.metrics.attach(self) if self.metrics is not None else None,
+            unobserve=lambda: self.metrics.detach(self) if self.metrics is not None else None,
+            publish=lambda: self.status.attach(self) if self.status is not None else None,
+        )
+        return new_run(link)
 
     # -- properties ---------------------------------------------------------------
 
@@ -338,9 +307,16 @@ class Bus(BusOptionAttributes):
     @property
     def in_flight(self) -> int:
         """Events held after the checkpoint, finished or not (at most ``max_in_flight`` per partition)."""
-        if self._group is not None:
-            return self._group.in_flight()
-        return self._consumer.window.size()
+        return self._run.in_flight()
+
+    @property
+    def _consumer(self) -> StreamConsumer:
+        """The run's stream consumer (idle with a group); tests reach in."""
+        return self._run.consumer
+
+    @property
+    def _dispatcher(self) -> Dispatcher | None:
+        return self._run.dispatcher
 
     # Counters of the stream consumer (read by tests, the benchmark and dashboards).
 
@@ -492,11 +468,12 @@ class Bus(BusOptionAttributes):
                 raise ConfigurationError(
                     f"bus {self.name!r} has no subscriptions: call subscribe() before start()"
                 )
-            self._reset_runtime()
+            self._run = self._new_run()
+            self._signals = 0
             self._error = None
             self._state = BusState.STARTING
         try:
-            self._start()
+            self._run.start()
         except BaseException as exc:
             # Whatever failed, end what was started and say so: never left STARTING.
             with self._state_lock:
@@ -514,42 +491,6 @@ class Bus(BusOptionAttributes):
             self.resume_token_key,
         )
         return self
-
-    def _start(self) -> None:
-        ensure_indexes(
-            [*self._stores(), *self._idempotency_stores()],
-            lambda exc, what: self._report(exc, "store", what=what),
-        )
-        if self._group is not None:
-            self._start_group(self._group)
-            return
-        consumer = self._consumer
-        self._dispatcher, self._flusher = build_threads(
-            self.options, consumer, dead_letters=self._dead_letters, fail=self._fail, report=self._report
-        )
-        try:
-            position = self._initial_position()
-        except StoreError as exc:
-            self._report(exc, "store", what="read checkpoint")
-            raise
-        if self.metrics is not None:
-            self.metrics.attach(self)
-        self._dispatcher.start()
-        self._flusher.start()
-        if self.status is not None:
-            self.status.attach(self)
-        consumer.start(position)
-        wait_for_stream(consumer, self.name, self.namespace, self.start_timeout)
-
-    def _start_group(self, group: GroupRuntime) -> None:
-        """Start as a consumer-group member: a stream consumer per partition held (see runtime)."""
-        self._flusher = build_group_flusher(self.options, group.flush, fail=self._fail, report=self._report)
-        if self.metrics is not None:
-            self.metrics.attach(self)
-        self._flusher.start()
-        group.start()
-        if self.status is not None:  # after the first share: its first status names the partitions
-            self.status.attach(self)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop gracefully: stop the watcher, let running callbacks finish, write the checkpoint.
@@ -576,7 +517,7 @@ class Bus(BusOptionAttributes):
         if self._state is BusState.NEW:
             return  # never started: nothing to wait for
         if self._state in (BusState.STOPPED, BusState.FAILED):
-            self._stopped.wait(timeout)  # set already, or a failure's shutdown is finishing
+            self._run.stopped.wait(timeout)  # set already, or a failure's shutdown is finishing
             return
         self._shutdown(timeout)
 
@@ -601,7 +542,7 @@ class Bus(BusOptionAttributes):
             for sig in (signal.SIGINT, signal.SIGTERM):
                 previous[sig] = signal.signal(sig, self._on_signal)
         try:
-            while not self._stopped.wait(0.2):
+            while not self._run.stopped.wait(0.2):
                 if self._signals:
                     self._shutdown(0.0 if self._signals > 1 else stop_timeout, quiet=True)
         finally:
@@ -614,9 +555,9 @@ class Bus(BusOptionAttributes):
         self._signals += 1
         if self._signals > 1:
             # Runs in the main thread, between two steps of the graceful stop it interrupts:
-            # the stop sees _hurry and skips the rest of its wait for callbacks.
-            self._hurry.set()
-        self._stop_event.set()
+            # the stop sees the run's hurry and skips the rest of its wait for callbacks.
+            self._run.hurry.set()
+        self._run.stop_event.set()
         # Logged from another thread: the handler may interrupt the main thread in the middle
         # of a write to stderr, and logging from here would then fail ("reentrant call").
         threading.Thread(
@@ -640,16 +581,9 @@ class Bus(BusOptionAttributes):
         """
         self._check_pid()
         deadline = None if timeout is None else time.monotonic() + timeout
-        window = self._consumer.window
-        if self._group is not None and not self._group.join(
-            deadline, lambda: self._error is not None or self._stopped.is_set()
-        ):
+        run = self._run
+        if not run.join(deadline, lambda: self._error is not None or run.stopped.is_set()):
             return False
-        with window.cond:
-            if not window.wait_for_done(
-                window.tracker.last_seq, deadline, lambda: self._error is not None or self._stopped.is_set()
-            ):
-                return False
         if self._error is not None:
             raise self._error
         return True
@@ -657,23 +591,16 @@ class Bus(BusOptionAttributes):
     def flush(self) -> bool:
         """Write the current checkpoint now (normally the flusher does this); True on success."""
         self._check_pid()
-        if self._flusher is None:
-            return True
-        return self._flusher.flush()
+        flusher = self._run.flusher
+        return True if flusher is None else flusher.flush()
 
     def reset_resume_token(self) -> None:
         """Delete the stored checkpoint; the next start begins from now (or ``start_from_past``).
 
         :raises BusStateError: while the bus runs (it would write its position again).
         """
-        if self._state in (BusState.STARTING, BusState.RUNNING, BusState.STOPPING):
-            raise BusStateError(
-                "stop the bus before reset_resume_token(): a running bus writes its position again"
-            )
-        if self.token_store is not None:
-            for key in self.checkpoint_keys:
-                self.token_store.delete(key)
-                log.info("bus %s: resume token %s reset", self.name, key)
+        self._check_stopped("reset_resume_token()")
+        reset_positions(self.options, self.checkpoint_keys)
 
     def snapshot(self) -> None:
         """Make the next start deliver every existing document first (see ``snapshot=``).
@@ -686,17 +613,8 @@ class Bus(BusOptionAttributes):
 
         .. versionadded:: 0.2.0
         """
-        if self._state in (BusState.STARTING, BusState.RUNNING, BusState.STOPPING):
-            raise BusStateError("stop the bus before snapshot(): a running bus writes its position again")
-        if self.token_store is None:
-            raise ConfigurationError(
-                f"bus {self.name!r} has no resume-token store to keep the request: pass snapshot='always'"
-            )
-        if self.level == "cluster" and not self.snapshot_collections:
-            raise ConfigurationError('a cluster bus snapshots only snapshot_collections=["db.coll", ...]')
-        for key in self.checkpoint_keys:
-            self._save_marker(self.token_store, key, progress_token(SnapshotProgress(None)), None)
-        log.info("bus %s: a snapshot will run at the next start", self.name)
+        self._check_stopped("snapshot()")
+        request_snapshot(self.options, self.checkpoint_keys)
 
     def rewind(self, to: datetime | Timestamp) -> None:
         """Make the next start begin at cluster time ``to`` (``startAtOperationTime``).
@@ -711,23 +629,12 @@ class Bus(BusOptionAttributes):
 
         .. versionadded:: 0.2.0
         """
-        if self._state in (BusState.STARTING, BusState.RUNNING, BusState.STOPPING):
-            raise BusStateError("stop the bus before rewind(): a running bus writes its position again")
-        if self.token_store is None:
-            raise ConfigurationError(
-                f"bus {self.name!r} has no resume-token store: there is nothing to rewind"
-            )
-        plan = plan_rewind(self.options.db.client, to, count=False)
-        for key in self.checkpoint_keys:
-            self._save_marker(self.token_store, key, rewind_token(plan.to), plan.to)
-            log.info("bus %s: rewound %s to cluster time %s", self.name, key, plan.to)
+        self._check_stopped("rewind()")
+        rewind_positions(self.options, self.checkpoint_keys, to)
 
-    def _save_marker(
-        self, store: ResumeTokenStore, key: str, token: Mapping[str, Any], at: Timestamp | None
-    ) -> None:
-        """Store a snapshot or rewind marker as checkpoint ``key`` (with what it watches, if the store keeps it)."""
-        where = {"namespace": self.namespace, "level": self.level} if _takes_namespace(store) else {}
-        store.save(key, token, at, **where)
+    def _check_stopped(self, what: str) -> None:
+        if self._state in (BusState.STARTING, BusState.RUNNING, BusState.STOPPING):
+            raise BusStateError(f"stop the bus before {what}: a running bus writes its position again")
 
     def __enter__(self) -> Bus:
         return self.start()
@@ -767,101 +674,33 @@ class Bus(BusOptionAttributes):
             describe(exc),
             exc_info=exc if isinstance(exc, ThreadFailed) else None,
         )
-        self._consumer.failed_to_start(exc)  # if start() is waiting for the stream: it raises this
-        self._stop_event.set()
-        window = self._consumer.window
-        with window.cond:
-            window.cond.notify_all()
-        threading.Thread(
-            target=self._stop_after_failure, name=f"mongo_events.stopper[{self.name}]", daemon=True
-        ).start()
-
-    def _stop_after_failure(self) -> None:
-        try:
-            self._shutdown(30.0, quiet=True)
-        except BaseException as exc:  # the bus is FAILED already (see _shutdown); say what else broke
-            log.error(
-                "bus %s: stopping after the failure also failed: %s", self.name, describe(exc), exc_info=exc
-            )
+        # A waiting start() raises exc; a stopper thread shuts the run down.
+        self._run.interrupt(exc, lambda: self._shutdown(30.0, quiet=True))
 
     def _shutdown(self, timeout: float, quiet: bool = False) -> None:
         """Stop every thread and write the final checkpoint, within ``timeout`` (plus at most
         ``FINAL_FLUSH_MIN`` for the final write when the callbacks used the whole timeout).
 
-        ``_hurry`` (a second signal in ``run_forever()``) cuts the waits for callbacks short.
+        A second signal in ``run_forever()`` (the run's ``hurry``) cuts the waits for callbacks short.
         """
-        running: list[str] = []
-        if not self._shutdown_lock.acquire(blocking=False):
-            # Another shutdown is under way (the stopper thread after a failure, or a concurrent
-            # stop()): wait for it within this call's own bound, not for the whole of its run.
-            if not self._stopped.wait(timeout + FINAL_FLUSH_MIN):
-                log.warning(
-                    "bus %s: the shutdown already under way did not finish within %.1fs; stop() returns",
-                    self.name,
-                    timeout + FINAL_FLUSH_MIN,
-                )
-            return
-        try:
-            if self._stopped.is_set():
-                return
-            with self._state_lock:
-                self._state = BusState.STOPPING
-            deadline = time.monotonic() + timeout
-            try:
-                running = self._stop_threads(deadline)
-            finally:
-                with self._state_lock:
-                    self._state = BusState.FAILED if self._error is not None else BusState.STOPPED
-                if self.status is not None:  # its final write says stopped (or failed)
-                    self.status.detach(max(0.0, deadline - time.monotonic()))
-                self._stopped.set()
-                window = self._consumer.window
-                with window.cond:
-                    window.cond.notify_all()
-            if self._group is not None:  # each partition wrote its own checkpoint
-                log.info("bus %s %s; its partitions' leases are released", self.name, self._state.value)
-            else:
-                log.info(
-                    "bus %s %s; checkpoint %s",
-                    self.name,
-                    self._state.value,
-                    self._consumer.window.checkpoint(),
-                )
-        finally:
-            self._shutdown_lock.release()
+        running = self._run.shutdown(timeout, self._stopping, self._finished)
         if running and not quiet:
             raise ShutdownTimeout(
                 f"bus {self.name!r}: callbacks were still running after {timeout:.1f}s: {'; '.join(running)}. "
                 "Their events were not checkpointed and will be delivered again after restart"
             )
 
-    def _stop_threads(self, deadline: float) -> list[str]:
-        """The shutdown steps (see :func:`stop_threads`), then metrics and the stores; returns
-        the callbacks still running at the deadline."""
-        # A group member stops its partitions (bounded by lease_ttl / 3) and releases their leases.
-        self._stop_event.set()
-        running = self._group.stop(deadline) if self._group is not None else []
-        running += stop_threads(
-            self.name,
-            self._consumer,
-            self._dispatcher,
-            self._flusher,
-            stop_event=self._stop_event,
-            deadline=deadline,
-            hurry=self._hurry,
-        )
-        if self.metrics is not None:
-            try:
-                self.metrics.detach(self)
-            except Exception:
-                log.exception("bus %s: detaching metrics failed", self.name)
-        close_stores(self._stores())
-        return running
+    def _stopping(self) -> None:
+        with self._state_lock:
+            self._state = BusState.STOPPING
 
-    def _stores(self) -> list[Store | None]:
-        """The stores a start opens (indexes) and a stop closes."""
-        monitor = self.monitor.store if self.monitor else None
-        return [self.token_store, self.ack_store, self.dead_letter_store, monitor]
+    def _finished(self, deadline: float) -> str:
+        """The end of a shutdown: the final state, then the status publisher's last write."""
+        with self._state_lock:
+            self._state = BusState.FAILED if self._error is not None else BusState.STOPPED
+        if self.status is not None:  # its final write says stopped (or failed)
+            self.status.detach(max(0.0, deadline - time.monotonic()))
+        return self._state.value
 
     # -- observability ----------------------------------------------------------------------
 
@@ -871,24 +710,18 @@ class Bus(BusOptionAttributes):
         Process-local, like the Go library's gauge, so summing it over instances is right.
         Across processes, ask the ack store: ``bus.ack_store.pending_count()``.
         """
-        if self._group is not None:
-            return self._group.pending()
-        return self._consumer.window.pending()
+        return self._run.pending()
 
     def checkpoint_age(self) -> float | None:
         """Seconds from the cluster time of the stored checkpoint to now (``None`` before one);
         with a group, of the oldest among the partitions held."""
-        if self._group is not None:
-            return self._group.checkpoint_age()
-        return self._consumer.checkpoint_age()
+        return self._run.checkpoint_age()
 
     def oplog_headroom(self) -> float | None:
         """Seconds of oplog between its oldest entry and the stored checkpoint: roughly how long
         the bus may stay down before it cannot resume. ``None`` when the oplog cannot be read
         (no permission on ``local``, a mongos) or before the first checkpoint."""
-        if self._group is not None:
-            return self._group.oplog_headroom()
-        return self._consumer.oplog_headroom()
+        return self._run.oplog_headroom()
 
     def _note_error(self, message: str) -> None:
         """Record ``message`` as the stream's last error (``health().last_error``)."""
@@ -904,26 +737,8 @@ class Bus(BusOptionAttributes):
         """
         self._check_pid()
         state = self._state
-        if self._group is not None:
-            return self._group.health(state.value, state is BusState.RUNNING, self._error)
-        return stream_health(
-            self._consumer,
-            name=self.name,
-            state=state.value,
-            running=state is BusState.RUNNING,
-            namespace=self.namespace,
-            failure=self._error,
-            stalled=self._dead_letter_watch.stall(DEAD_LETTER_STALL),
-            refresh_oplog=self.metrics is None,
-        )
-
-    def _idempotency_stores(self) -> list[IdempotencyStore]:
-        """Each distinct idempotency store the subscriptions use (their indexes are made at start)."""
-        stores: list[IdempotencyStore] = []
-        for sub in self._subscriptions:
-            if sub.idempotency is not None and all(s is not sub.idempotency.store for s in stores):
-                stores.append(sub.idempotency.store)
-        return stores
+        stalled = self._dead_letter_watch.stall(DEAD_LETTER_STALL)
+        return self._run.health(state.value, state is BusState.RUNNING, self._error, stalled)
 
     def has_subscription(self, name: str) -> bool:
         """Whether a subscription called ``name`` is registered."""
@@ -958,10 +773,3 @@ class Bus(BusOptionAttributes):
         """Tell ``on_error`` (if any) about an error; see :mod:`mongo_events.reporting`."""
         if self.on_error is not None:
             report_error(self.on_error, error, ErrorContext(kind, self.name, None, event_id, None, what))
-
-
-def _stamped(store: ResumeTokenStore | None, bus: str) -> ResumeTokenStore | None:
-    """Without a group, the default MongoDB store stamps its writes to notice a second live writer."""
-    if type(store) is MongoResumeTokenStore:
-        return StampedResumeTokenStore(store, bus)
-    return store

@@ -1,8 +1,10 @@
-"""The steps of a bus's start and stop that are not its state: stores, threads, the runtime.
+"""The steps of a bus's start and stop that are not its state: stores, threads, stored positions.
 
 ``Bus`` keeps its state machine (``start``/``stop``/``_fail``/``_shutdown``, one state
-lock); this module holds what those steps do to the parts: create the stores' indexes
-at start, check that threads can run at all, and stop the threads in order at stop.
+lock) and :mod:`mongo_events.run` the parts of one run; this module holds what their steps
+do to the parts: create the stores' indexes at start, check that threads can run at all,
+stop the threads in order at stop, and, while stopped, write the stored positions
+(``reset_resume_token()``, ``snapshot()``, ``rewind()``).
 Why workers never hold the process exit is documented once, in :mod:`mongo_events.dispatch`.
 """
 
@@ -12,15 +14,21 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
+from bson.timestamp import Timestamp
+
 from .bus_options import BusOptions
+from .checkpointing import _takes_namespace
 from .consumer import StreamConsumer
 from .dispatch import DeadLetterHook, Dispatcher
 from .errors import ConfigurationError, StoreError
 from .flusher import Flusher
+from .history import plan_rewind, rewind_token
+from .snapshot import SnapshotProgress, progress_token
+from .stores.base import ResumeTokenStore
 
 __all__ = [
     "FINAL_FLUSH_MIN",
@@ -30,6 +38,9 @@ __all__ = [
     "check_threads_run",
     "close_stores",
     "ensure_indexes",
+    "request_snapshot",
+    "reset_positions",
+    "rewind_positions",
     "stop_threads",
     "wait_for_stream",
 ]
@@ -227,3 +238,47 @@ def stop_threads(
                 consumer.last_error[0] if consumer.last_error else "no error recorded",
             )
     return running
+
+
+# -- stored positions (while the bus is stopped) ---------------------------------------------
+
+
+def reset_positions(options: BusOptions, keys: Sequence[str]) -> None:
+    """Delete the stored checkpoints ``keys`` (``Bus.reset_resume_token()``)."""
+    if options.token_store is not None:
+        for key in keys:
+            options.token_store.delete(key)
+            log.info("bus %s: resume token %s reset", options.name, key)
+
+
+def request_snapshot(options: BusOptions, keys: Sequence[str]) -> None:
+    """Store a "snapshot requested" marker as each checkpoint of ``keys`` (``Bus.snapshot()``)."""
+    if options.token_store is None:
+        raise ConfigurationError(
+            f"bus {options.name!r} has no resume-token store to keep the request: pass snapshot='always'"
+        )
+    if options.level == "cluster" and not options.snapshot_collections:
+        raise ConfigurationError('a cluster bus snapshots only snapshot_collections=["db.coll", ...]')
+    for key in keys:
+        _save_marker(options, options.token_store, key, progress_token(SnapshotProgress(None)), None)
+    log.info("bus %s: a snapshot will run at the next start", options.name)
+
+
+def rewind_positions(options: BusOptions, keys: Sequence[str], to: datetime | Timestamp) -> None:
+    """Store a rewind marker to cluster time ``to`` as each checkpoint of ``keys`` (``Bus.rewind()``)."""
+    if options.token_store is None:
+        raise ConfigurationError(
+            f"bus {options.name!r} has no resume-token store: there is nothing to rewind"
+        )
+    plan = plan_rewind(options.db.client, to, count=False)
+    for key in keys:
+        _save_marker(options, options.token_store, key, rewind_token(plan.to), plan.to)
+        log.info("bus %s: rewound %s to cluster time %s", options.name, key, plan.to)
+
+
+def _save_marker(
+    options: BusOptions, store: ResumeTokenStore, key: str, token: Mapping[str, Any], at: Timestamp | None
+) -> None:
+    """Store a snapshot or rewind marker as checkpoint ``key`` (with what it watches, if the store keeps it)."""
+    where = {"namespace": options.namespace, "level": options.level} if _takes_namespace(store) else {}
+    store.save(key, token, at, **where)

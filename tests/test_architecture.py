@@ -27,6 +27,7 @@ BELOW_THE_BUS = [
     "health",
     "metrics",
     "lifecycle",
+    "run",
     "bus_options",
     "groups/runtime",
 ]

@@ -94,6 +94,9 @@ class StreamSpec:
     snapshot_filter: Mapping[str, Any] | None = None
     snapshot_batch_size: int = 1000
     coalesce: bool = False
+    #: A consumer-group partition without a checkpoint starts here (the cluster time the
+    #: group was created), not "now": a previous owner may have died before its first write.
+    group_start: Timestamp | None = None
 
 
 def _document_lane(key: Mapping[str, Any], event: ChangeEvent, one_namespace: bool) -> Hashable:
@@ -392,6 +395,15 @@ class StreamConsumer:
             since = datetime.now(timezone.utc) - past
             log.info("bus %s has no checkpoint; starting from %s", self.name, since.isoformat())
             self._start_time = Timestamp(since, 0)
+            return Position(start_at_operation_time=self._start_time)
+        if self.spec.group_start is not None:
+            self._start_time = self.spec.group_start
+            log.info(
+                "bus %s has no checkpoint; starting where its consumer group began (cluster time %s), "
+                "so nothing written since is missed",
+                self.name,
+                self._start_time,
+            )
             return Position(start_at_operation_time=self._start_time)
         return Position()
 

@@ -244,7 +244,19 @@ def stop_threads(
 
 
 def reset_positions(options: BusOptions, keys: Sequence[str]) -> None:
-    """Delete the stored checkpoints ``keys`` (``Bus.reset_resume_token()``)."""
+    """Delete the stored checkpoints ``keys`` (``Bus.reset_resume_token()``).
+
+    A consumer group's partitions get a position at the current cluster time instead: a
+    partition without a checkpoint starts where the group began, not "now".
+    """
+    store = options.token_store
+    if store is not None and options.group is not None and options.start_from_past is None:
+        now = options.db.client.admin.command("ping").get("operationTime")
+        if isinstance(now, Timestamp):
+            for key in keys:
+                _save_marker(options, store, key, rewind_token(now), now)
+                log.info("bus %s: resume token %s reset to now (cluster time %s)", options.name, key, now)
+            return
     if options.token_store is not None:
         for key in keys:
             options.token_store.delete(key)

@@ -17,6 +17,7 @@ import socket
 import uuid
 
 import attrs
+from bson.timestamp import Timestamp
 
 from ..errors import StoreError
 from .partitioning import PartitionMode
@@ -82,6 +83,9 @@ class GroupConfig:
     name: str
     partitions: int
     mode: PartitionMode
+    #: The cluster time the group was created (its first member joined); a partition without
+    #: a checkpoint starts there. ``None`` for groups created before 0.2 or in memory.
+    started_at: Timestamp | None = attrs.field(default=None, eq=False)
 
 
 class LeaseStore(abc.ABC):

@@ -153,7 +153,8 @@ class GroupMember:
         with self._lock:
             if not self._joined:
                 with self._bounded():
-                    self.store.join_group(self.config)  # GroupMismatch escapes: a misconfigured member
+                    # GroupMismatch escapes: a misconfigured member
+                    self.config = self.store.join_group(self.config)
                 self._joined = True
             self._give_up_overdue()
             self._beat()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from bson.timestamp import Timestamp
 from pymongo import ReturnDocument
 from pymongo.collection import Collection
 from pymongo.errors import DuplicateKeyError, PyMongoError
@@ -100,7 +101,11 @@ class MongoLeaseStore(LeaseStore):
 
     def join_group(self, config: GroupConfig) -> GroupConfig:
         key = "group:" + config.name
-        fields = {"partitions": config.partitions, "mode": config.mode.value}
+        fields: dict[str, Any] = {"partitions": config.partitions, "mode": config.mode.value}
+        # The server's cluster time now, kept by the first member only ($setOnInsert).
+        now = self._call(f"join group {config.name!r}", lambda: self.collection.database.command("ping"))
+        if isinstance(now.get("operationTime"), Timestamp):
+            fields["started_at"] = now["operationTime"]
         doc = self._call(
             f"join group {config.name!r}",
             lambda: self.collection.find_one_and_update(
@@ -112,7 +117,10 @@ class MongoLeaseStore(LeaseStore):
                 f"group {config.name!r} in {self.collection.full_name}: the server returned no document"
             )
         try:
-            stored = GroupConfig(config.name, int(doc["partitions"]), PartitionMode(doc["mode"]))
+            started = doc.get("started_at")
+            if started is not None and not isinstance(started, Timestamp):
+                raise TypeError(f"started_at is a {type(started).__name__}, not a Timestamp")
+            stored = GroupConfig(config.name, int(doc["partitions"]), PartitionMode(doc["mode"]), started)
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(
                 f"the group document {key!r} in {self.collection.full_name} is malformed: {doc!r}"

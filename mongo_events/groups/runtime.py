@@ -273,7 +273,11 @@ class GroupRuntime:
                 }
             )
         spec = attrs.evolve(
-            spec, name=f"{bus.options.name}#{p}", resume_token_key=key, pipeline=stages + spec.pipeline
+            spec,
+            name=f"{bus.options.name}#{p}",
+            resume_token_key=key,
+            pipeline=stages + spec.pipeline,
+            group_start=self.member.config.started_at,
         )
         member = self.member
         closed = part.closed

@@ -361,9 +361,40 @@ def test_checkpoint_operations_act_on_every_partition_key(
     tokens = client.shop["_event_resume_tokens"]
     assert {d["_id"] for d in tokens.find({"_id": {"$regex": "^billing:"}})} == set(bus.checkpoint_keys)
     bus.reset_resume_token()
-    assert tokens.count_documents({"_id": {"$regex": "^billing:"}}) == 0
+    # Each key now holds "from now" (a partition without a checkpoint would start where the
+    # group began and replay these ten).
+    again = Log()
+    second = members("ops2", again, partitions=3)
+    second.start()
+    client.shop.orders.insert_one({"_id": 10, "v": 0})
+    assert wait_for(lambda: [d for _, d, _ in again.snapshot()] == [10])
+    second.stop()
+    assert [d for _, d, _ in again.snapshot()] == [10]
     plain = me.Bus(client.shop.orders, resume_token_id="x")
     assert plain.checkpoint_keys == ["shop.orders:x"]
+
+
+def test_a_partition_without_a_checkpoint_starts_where_the_group_began(
+    members: Callable[..., me.Bus], client: pymongo.MongoClient[Any]
+) -> None:
+    # A first member joined the group and died before any partition wrote a checkpoint; the
+    # changes made since must still be delivered (from "now" they would be lost).
+    from mongo_events.groups import GroupConfig, MongoLeaseStore, PartitionMode
+
+    leases = MongoLeaseStore(client.shop["_event_leases"])
+    mode = (
+        PartitionMode.SERVER
+        if group_runtime.server_supports_hashed_keys(client.shop.orders)
+        else PartitionMode.CLIENT
+    )
+    joined = leases.join_group(GroupConfig("billing", 2, mode))
+    assert joined.started_at is not None
+    client.shop.orders.insert_many([{"_id": i, "v": 0} for i in range(20)])
+    log = Log()
+    bus = members("late", log, partitions=2)
+    bus.start()
+    assert wait_for(lambda: len(log.snapshot()) >= 20, timeout=10), log.snapshot()
+    assert sorted(d for _, d, _ in log.snapshot()) == list(range(20))
 
 
 def test_a_rebalance_with_blocked_callbacks_keeps_the_other_leases(

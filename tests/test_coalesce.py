@@ -8,7 +8,7 @@ callback on an ``Event`` so the backlog forms deterministically, then read the b
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pymongo
@@ -54,10 +54,15 @@ class Held:
 
 
 @pytest.fixture
-def held() -> Iterator[list[Held]]:
-    """Every gate made in a test is opened at the end, so no worker stays blocked."""
+def held() -> Iterator[Callable[..., Held]]:
+    """``held(n, ...)`` makes a gate; every one is opened at the end, so no worker stays blocked."""
     gates: list[Held] = []
-    yield gates
+
+    def make(*ns: int) -> Held:
+        gates.append(Held(*ns))
+        return gates[-1]
+
+    yield make
     for gate in gates:
         gate.release()
 
@@ -74,11 +79,10 @@ def _backlog(coll: Any, gate: Held, bus: me.Bus, count: int, first: int = 1) -> 
 
 
 def test_a_slow_document_gets_only_the_newest_of_its_backlog(
-    client: pymongo.MongoClient[Any], make_bus: Any, held: list[Held]
+    client: pymongo.MongoClient[Any], make_bus: Any, held: Callable[..., Held]
 ) -> None:
     coll = client.shop.orders
-    gate = Held(0)
-    held.append(gate)
+    gate = held(0)
     rec = Recorder()
     bus = make_bus(coll, coalesce=True)
 
@@ -100,11 +104,10 @@ def test_a_slow_document_gets_only_the_newest_of_its_backlog(
 
 
 def test_without_coalesce_every_event_is_delivered(
-    client: pymongo.MongoClient[Any], make_bus: Any, held: list[Held]
+    client: pymongo.MongoClient[Any], make_bus: Any, held: Callable[..., Held]
 ) -> None:
     coll = client.shop.orders
-    gate = Held(0)
-    held.append(gate)
+    gate = held(0)
     rec = Recorder()
     bus = make_bus(coll)  # coalesce=False, the default
 
@@ -123,11 +126,10 @@ def test_without_coalesce_every_event_is_delivered(
 
 
 def test_other_documents_are_not_coalesced_and_each_keeps_its_order(
-    client: pymongo.MongoClient[Any], make_bus: Any, held: list[Held]
+    client: pymongo.MongoClient[Any], make_bus: Any, held: Callable[..., Held]
 ) -> None:
     coll = client.shop.orders
-    gate = Held(0)
-    held.append(gate)
+    gate = held(0)
     rec = Recorder()
     bus = make_bus(coll, coalesce=True, max_workers=4)
 
@@ -188,13 +190,12 @@ def test_per_document_order_holds_under_concurrent_backlogs(
 
 
 def test_two_subscriptions_coalesce_independently(
-    client: pymongo.MongoClient[Any], make_bus: Any, held: list[Held]
+    client: pymongo.MongoClient[Any], make_bus: Any, held: Callable[..., Held]
 ) -> None:
     """Coalescing is per subscription: a held one coalesces its backlog, while one that keeps
     up gets every event of the same document."""
     coll = client.shop.orders
-    gate = Held(0)
-    held.append(gate)
+    gate = held(0)
     slow, fast = Recorder(), Recorder()
     bus = make_bus(coll, coalesce=True)
 
@@ -224,14 +225,13 @@ def test_two_subscriptions_coalesce_independently(
 
 
 def test_the_checkpoint_waits_for_the_replacement_and_a_crash_redelivers(
-    client: pymongo.MongoClient[Any], make_bus: Any, held: list[Held]
+    client: pymongo.MongoClient[Any], make_bus: Any, held: Callable[..., Held]
 ) -> None:
     """A crash after the replaced events were counted, before their replacement finished, must
     not lose the document's newest state: the stored checkpoint stays at the last event done."""
     coll = client.shop.orders
     store = me.MemoryResumeTokenStore()
-    gate = Held(0, 30)
-    held.append(gate)
+    gate = held(0, 30)
     tokens: dict[Any, Any] = {}
     bus = make_bus(coll, coalesce=True, resume_token_store=store, resume_token_id="w")
 
@@ -271,12 +271,11 @@ def test_the_checkpoint_waits_for_the_replacement_and_a_crash_redelivers(
 
 
 def test_the_checkpoint_passes_replaced_events_once_their_replacement_is_done(
-    client: pymongo.MongoClient[Any], make_bus: Any, held: list[Held]
+    client: pymongo.MongoClient[Any], make_bus: Any, held: Callable[..., Held]
 ) -> None:
     coll = client.shop.orders
     store = me.MemoryResumeTokenStore()
-    gate = Held(0)
-    held.append(gate)
+    gate = held(0)
     tokens: dict[Any, Any] = {}
     bus = make_bus(coll, coalesce=True, resume_token_store=store, resume_token_id="w")
 
@@ -310,11 +309,10 @@ def test_the_checkpoint_passes_replaced_events_once_their_replacement_is_done(
 
 
 def test_an_event_being_retried_is_not_replaced(
-    client: pymongo.MongoClient[Any], make_bus: Any, held: list[Held]
+    client: pymongo.MongoClient[Any], make_bus: Any, held: Callable[..., Held]
 ) -> None:
     coll = client.shop.orders
-    gate = Held(0)
-    held.append(gate)
+    gate = held(0)
     rec = Recorder()
     bus = make_bus(coll, coalesce=True)
 
@@ -334,12 +332,11 @@ def test_an_event_being_retried_is_not_replaced(
 
 
 def test_a_dead_lettered_replacement_carries_the_events_it_replaced(
-    client: pymongo.MongoClient[Any], make_bus: Any, held: list[Held]
+    client: pymongo.MongoClient[Any], make_bus: Any, held: Callable[..., Held]
 ) -> None:
     """The dead letter holds the newest event only; the replaced ones are done with it."""
     coll = client.shop.orders
-    gate = Held(0)
-    held.append(gate)
+    gate = held(0)
     dead = Recorder()
     bus = make_bus(coll, coalesce=True, dead_letters=lambda ev, sub, err, n: dead.add(_n(ev)))
 
@@ -359,14 +356,13 @@ def test_a_dead_lettered_replacement_carries_the_events_it_replaced(
 
 
 def test_a_replacement_that_stops_the_bus_leaves_the_checkpoint_before_what_it_replaced(
-    client: pymongo.MongoClient[Any], make_bus: Any, held: list[Held]
+    client: pymongo.MongoClient[Any], make_bus: Any, held: Callable[..., Held]
 ) -> None:
     """``on_exhausted="stop"`` on the newest event: the bus fails, and the events it replaced
     are not done either, so a restart delivers them (and it) again."""
     coll = client.shop.orders
     store = me.MemoryResumeTokenStore()
-    gate = Held(0)
-    held.append(gate)
+    gate = held(0)
     tokens: dict[Any, Any] = {}
     bus = make_bus(coll, coalesce=True, resume_token_store=store, resume_token_id="w")
 
@@ -387,11 +383,10 @@ def test_a_replacement_that_stops_the_bus_leaves_the_checkpoint_before_what_it_r
 
 
 def test_replaced_events_never_reach_the_idempotency_store(
-    client: pymongo.MongoClient[Any], make_bus: Any, held: list[Held]
+    client: pymongo.MongoClient[Any], make_bus: Any, held: Callable[..., Held]
 ) -> None:
     coll = client.shop.orders
-    gate = Held(0)
-    held.append(gate)
+    gate = held(0)
     store = me.MemoryIdempotencyStore()
     ids = Recorder()
     bus = make_bus(coll, coalesce=True, idempotency=store)
@@ -414,14 +409,13 @@ def test_replaced_events_never_reach_the_idempotency_store(
 
 
 def test_metrics_count_coalesced_events(
-    client: pymongo.MongoClient[Any], make_bus: Any, held: list[Held]
+    client: pymongo.MongoClient[Any], make_bus: Any, held: Callable[..., Held]
 ) -> None:
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
     try:
         coll = client.shop.orders
-        gate = Held(0)
-        held.append(gate)
+        gate = held(0)
         bus = make_bus(coll, coalesce=True, metrics=me.Metrics(meter_provider=provider))
 
         @bus.subscribe(name="audit")

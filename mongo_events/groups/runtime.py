@@ -444,6 +444,13 @@ class GroupRuntime:
             self._fenced_out(part, exc)
         elif not part.closed.is_set():
             self.bus.fail(exc)
+        else:  # the partition was given up already: its owner now redelivers; say what broke
+            log.warning(
+                "bus %s: partition %d, already given up, failed while stopping: %s",
+                self.bus.options.name,
+                part.index,
+                describe(exc),
+            )
 
     # -- queries -----------------------------------------------------------------------------------
 

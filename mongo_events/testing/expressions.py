@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import math
 import threading
 from collections.abc import Iterator
@@ -94,7 +95,35 @@ def install() -> None:
 
     parser_cls._parse_basic_expression = _parse_basic_expression
     parser_cls.parse = _parse
+    collection_cls = mongomock.collection.Collection
+    for name in _ONE_CLOCK_METHODS:
+        setattr(collection_cls, name, _under_one_clock(getattr(collection_cls, name)))
     parser_cls._mongo_events_expressions = True
+
+
+#: mongomock collection methods that evaluate a query or an update: one ``$$NOW`` each.
+_ONE_CLOCK_METHODS = (
+    "find_one",
+    "count_documents",
+    "aggregate",
+    "update_one",
+    "update_many",
+    "replace_one",
+    "delete_one",
+    "delete_many",
+    "find_one_and_update",
+    "find_one_and_replace",
+    "find_one_and_delete",
+)
+
+
+def _under_one_clock(method: Any) -> Any:
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with one_clock():
+            return method(*args, **kwargs)
+
+    return call
 
 
 def _zero_divisor() -> Any:

@@ -21,7 +21,7 @@ from mongo_events.groups import (
     Owner,
     PartitionMode,
 )
-from mongo_events.testing import FakeReplicaSet, expressions
+from mongo_events.testing import FakeReplicaSet
 
 from ..conftest import CLIENT_OPTIONS, wait_for
 
@@ -53,26 +53,6 @@ def mongo_subject(request: pytest.FixtureRequest) -> Iterator[Subject]:
     yield from _subject(request.param)
 
 
-class OneClock:
-    """A mongomock collection whose every call sees one ``$$NOW``, as on a server (mongomock
-    reads it at each evaluation: a lease expiring between the match and the upsert of one
-    ``find_one_and_update`` made it return nothing)."""
-
-    def __init__(self, collection: Any) -> None:
-        self._collection = collection
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(self._collection, name)
-        if not callable(value):
-            return value
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            with expressions.one_clock():
-                return value(*args, **kwargs)
-
-        return call
-
-
 def _subject(kind: str) -> Iterator[Subject]:
     if kind == "memory":
         clock = FakeClock()
@@ -87,7 +67,7 @@ def _subject(kind: str) -> Iterator[Subject]:
         """Real stores expire by the server's clock: callers wait for the effect with a bound."""
 
     if kind == "mongomock":
-        coll = OneClock(mongomock.MongoClient().db["_event_leases"])
+        coll = mongomock.MongoClient().db["_event_leases"]
         yield Subject(MongoLeaseStore(coll), nothing, 0.2, coll)
         return
     with FakeReplicaSet() as rs:

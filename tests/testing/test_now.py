@@ -40,3 +40,14 @@ def test_the_clock_is_fixed_inside_a_command_and_runs_outside() -> None:
             assert inner == fixed
         assert expressions.server_now() == fixed
     assert expressions.server_now() > fixed
+
+
+def test_a_mongomock_collection_call_sees_one_now_too() -> None:
+    import mongomock
+
+    coll = mongomock.MongoClient().db.clock  # mongo_events.testing installed the expressions
+    fields = {f"f{i}": "$$NOW" for i in range(3000)}
+    coll.update_one({"_id": 1}, [{"$set": fields}], upsert=True)
+    doc = coll.find_one({"_id": 1})
+    assert doc is not None
+    assert len({doc[f] for f in fields}) == 1

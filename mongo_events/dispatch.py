@@ -345,6 +345,8 @@ class Dispatcher:
         self._busy_sub: list[Subscription | None] = [None] * max_workers
         #: Fan-outs with a part not yet reported, by key (guarded by ``lock``).
         self._fanouts: dict[Hashable, FanOut] = {}
+        #: Set at the first fan-out: only then may an idle worker find one to help with.
+        self._fanning = False
         #: Per key, how many per-subscription lanes ``(index, key)`` are open (guarded by ``lock``):
         #: while any is, that key's events go to those lanes, one item per subscription.
         self._solo: dict[Hashable, int] = {}
@@ -469,6 +471,7 @@ class Dispatcher:
         there, so a subscription that is slow or retrying on a document holds back only its
         own later events of that document.
         """
+        self._fanning = True
         if key is None or (key not in self._fanouts and key not in self._solo):
             item = FanOut(subs, event, slot, key, update_description)
             if key is not None:
@@ -597,7 +600,10 @@ class Dispatcher:
         gate = self._gate
         while not halt.is_set():
             # About to wait for work: first help a fan-out another worker is running.
-            item: WorkItem | FanOut | None = self._help() if share and self._ready.empty() else None
+            # (A bus with one subscription never fans out: it skips the queue's lock and the scan.)
+            item: WorkItem | FanOut | None = (
+                self._help() if share and self._fanning and self._ready.empty() else None
+            )
             if item is None:
                 item = self._next()
             if item is None:

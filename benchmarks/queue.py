@@ -103,7 +103,7 @@ def run(client: pymongo.MongoClient[Any], redis_url: str | None, quick: bool = F
         out["queue_signal_p50_ms"] = out["queue_signal_p99_ms"] = None
     p50, p99 = latency(coll, None, n)
     out["queue_poll_100ms_p50_ms"], out["queue_poll_100ms_p99_ms"] = round(p50, 2), round(p99, 2)
-    out["queue_messages_per_s"] = round(throughput(coll, 1000 if quick else 3000))
+    out["queue_messages_per_s"] = round(throughput(coll, 400 if quick else 3000))  # the fake: about 230/s
     return out
 
 

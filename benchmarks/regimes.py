@@ -205,14 +205,24 @@ BATCH_SIZES = (101, 5000)
 
 
 def regime_workloads(
-    client: pymongo.MongoClient[Any], n: int, at: Timestamp, *, n_slow: int, n_acks: int, n_compare: int
+    client: pymongo.MongoClient[Any],
+    n: int,
+    at: Timestamp,
+    *,
+    n_slow: int,
+    n_acks: int,
+    n_compare: int,
+    n_per_write: int | None = None,
 ) -> tuple[dict[str, Callable[[], Run]], dict[str, str]]:
     """The workloads of this module, and for each the workload its ratio divides by.
 
     ``n`` changes for the fast ones, ``n_slow`` for the slow-handler ones (``n_acks``
     of them with an ack store), ``n_compare`` for the hand-rolled comparison, whose
-    ratios are bus / hand-rolled (each pair runs in the same repetition).
+    ratios are bus / hand-rolled (each pair runs in the same repetition). The two
+    hand-rolled consumers that write once per event read ``n_per_write`` (default
+    ``n_compare``): their rate is one write's round trip, steady from the first event.
     """
+    n_per_write = n_compare if n_per_write is None else n_per_write
     workloads: dict[str, Callable[[], Run]] = {}
     pairs: dict[str, str] = {}
 
@@ -237,10 +247,10 @@ def regime_workloads(
         add(f"raw_batch_{size}", partial(raw_batch_run, client, n, at, size), "raw")
         add(f"bus_batch_{size}", partial(bus_workload, client, n, at, batch_size=size), f"raw_batch_{size}")
     # The comparison: each hand-rolled consumer, then the bus doing the same work.
-    add("hand_token_per_event", lambda: hand_rolled_loop(client, n_compare, at, save_every=1), "raw")
+    add("hand_token_per_event", lambda: hand_rolled_loop(client, n_per_write, at, save_every=1), "raw")
     add("hand_token_every_100", lambda: hand_rolled_loop(client, n_compare, at, save_every=100), "raw")
     add("bus_compare_noop", lambda: bus_workload(client, n_compare, at), "raw")
-    add("hand_pool_8_token_after_submit", lambda: hand_rolled_pool(client, n_compare, at, workers=8), "raw")
+    add("hand_pool_8_token_after_submit", lambda: hand_rolled_pool(client, n_per_write, at, workers=8), "raw")
     add(
         "bus_compare_slow_1ms_8_workers",
         lambda: bus_workload(client, n_compare, at, workers=8, handler_s=SLOW_HANDLER_S),

@@ -33,7 +33,7 @@ from . import regimes
 from . import snapshot as snapshot_bench
 from .regimes import Run, per_repetition, regime_report, regime_table
 
-#: Changes the ack and monitor workload reads from the fake (it is bounded by mongomock; 500 with --quick).
+#: Changes the ack and monitor workload reads from the fake (it is bounded by mongomock; 300 with --quick).
 ACKS_ON_FAKE = 20_000
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTE = "x" * 700
@@ -361,9 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     n = args.changes or (20_000 if args.quick else 200_000)
     reps = args.repeat or (2 if args.quick else 3)
     n_slow = 6_000 if args.quick else 40_000
+    n_slow_acks = 2_000 if args.quick else 40_000  # the ack store's upserts bound it on the fake
     n_compare = 2_000 if args.quick else 10_000
-    burst = 50_000 if args.quick else 1_000_000
-    acks_on_fake = 500 if args.quick else ACKS_ON_FAKE
+    n_per_write = 500 if args.quick else n_compare  # one write per event: about 1,300/s on the fake
+    n_redis = min(n, 5_000 if args.quick else 20_000)  # two Redis round trips per event bound it
+    burst = 30_000 if args.quick else 1_000_000
+    acks_on_fake = 300 if args.quick else ACKS_ON_FAKE
     # Every write is an oplog entry, the ack and monitor upserts included (about four
     # per event): the burst must still be in the oplog when its bus starts.
     server = Server(oplog_size=n + burst + 4 * acks_on_fake * (reps + 1) + 100_000)
@@ -386,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         pairs = {name: "raw" for name in workloads if name != "raw"}
         extra, extra_pairs = regimes.regime_workloads(
-            client, n, at, n_slow=n_slow, n_acks=n_slow, n_compare=n_compare
+            client, n, at, n_slow=n_slow, n_acks=n_slow_acks, n_compare=n_compare, n_per_write=n_per_write
         )
         workloads.update(extra)
         pairs.update(extra_pairs)
@@ -416,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         after = server.counters(client)
         round_trips = (bus.token_writes + bus.ack_writes) / n_acks * 1000
         writes = sum(after.get(c, 0) - before.get(c, 0) for c in ("insert", "update", "delete", "findAndModify"))
-        p50, p99 = latency(client, rate=1000, seconds=5 if args.quick else 10)
+        p50, p99 = latency(client, rate=1000, seconds=3 if args.quick else 10)
         log(f"pre-loading a burst of {burst} changes ({time.perf_counter() - started:.0f} s so far) ...")
         for i in range(0, burst, 10_000):
             client["bench"]["burst"].insert_many([document(j) for j in range(i, i + 10_000)], ordered=False)
@@ -425,21 +428,21 @@ def main(argv: list[str] | None = None) -> int:
         # and completes. The MongoDB store writes through the fake's mongomock (about 1,000
         # upserts/s), so it reads as many changes as the ack workload.
         idem_mongo, trips_mongo = idempotency_run(client, n_acks, at, mongo_idempotency_store(client))
-        log(f"  idempotency (MongoDB) {idem_mongo:>10,.0f} events/s, {trips_mongo:.2f} store round trips per event")
+        log(f"  ({time.perf_counter() - started:.0f} s so far) idempotency (MongoDB) {idem_mongo:>10,.0f} events/s, {trips_mongo:.2f} store round trips per event")
         redis_server = RedisServer()
         idem_redis = trips_redis = None
         try:
             if redis_server.url is not None:
-                idem_redis, trips_redis = idempotency_run(client, n, at, redis_idempotency_store(redis_server.url))
+                idem_redis, trips_redis = idempotency_run(client, n_redis, at, redis_idempotency_store(redis_server.url))
                 log(f"  idempotency (Redis)   {idem_redis:>10,.0f} events/s, {trips_redis:.2f} store round trips per event")
             else:
                 log("  idempotency (Redis): no REDIS_URL and no redis-server binary; not measured")
             queue_figures = queue_bench.run(client, redis_server.url, quick=args.quick)  # benchmarks/queue.py
-            log("  queue: " + ", ".join(f"{k} {v}" for k, v in queue_figures.items()))
+            log(f"  ({time.perf_counter() - started:.0f} s so far) queue: " + ", ".join(f"{k} {v}" for k, v in queue_figures.items()))
         finally:
             redis_server.close()
         snapshot_figures = snapshot_bench.run(client, quick=args.quick, repeat=args.repeat)  # benchmarks/snapshot.py
-        log("  snapshot: " + ", ".join(f"{k} {v}" for k, v in snapshot_figures.items()))
+        log(f"  ({time.perf_counter() - started:.0f} s so far) snapshot: " + ", ".join(f"{k} {v}" for k, v in snapshot_figures.items()))
         report = {
             "changes": n,
             "repetitions": reps,

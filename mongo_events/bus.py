@@ -551,12 +551,25 @@ class Bus(BusOptionAttributes):
         if self._error is not None:
             raise self._error
 
+    def hurry(self) -> None:
+        """Make the stop under way (or the next one) stop at once: no more waiting for
+        callbacks, one checkpoint write bounded to ``FINAL_FLUSH_MIN`` seconds.
+
+        What a second signal does in :meth:`run_forever`, for runners that stop buses
+        themselves (``BusRegistry.run_forever()``). Callbacks still running are abandoned;
+        their events are delivered again after restart. It only sets an event, so a signal
+        handler may call it; it lasts until the bus starts again.
+
+        .. versionadded:: 0.2.0
+        """
+        self._run.hurry.set()
+
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals += 1
         if self._signals > 1:
             # Runs in the main thread, between two steps of the graceful stop it interrupts:
             # the stop sees the run's hurry and skips the rest of its wait for callbacks.
-            self._run.hurry.set()
+            self.hurry()
         self._run.stop_event.set()
         # Logged from another thread: the handler may interrupt the main thread in the middle
         # of a write to stderr, and logging from here would then fail ("reentrant call").
@@ -681,12 +694,13 @@ class Bus(BusOptionAttributes):
         """Stop every thread and write the final checkpoint, within ``timeout`` (plus at most
         ``FINAL_FLUSH_MIN`` for the final write when the callbacks used the whole timeout).
 
-        A second signal in ``run_forever()`` (the run's ``hurry``) cuts the waits for callbacks short.
+        A second signal in ``run_forever()``, or :meth:`hurry`, cuts the waits for callbacks short.
         """
         running = self._run.shutdown(timeout, self._stopping, self._finished)
         if running and not quiet:
+            when = "when the stop was hurried" if self._run.hurry.is_set() else f"after {timeout:.1f}s"
             raise ShutdownTimeout(
-                f"bus {self.name!r}: callbacks were still running after {timeout:.1f}s: {'; '.join(running)}. "
+                f"bus {self.name!r}: callbacks were still running {when}: {'; '.join(running)}. "
                 "Their events were not checkpointed and will be delivered again after restart"
             )
 

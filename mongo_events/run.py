@@ -85,7 +85,7 @@ class BusRun:
     :ivar consumer: the bus's own stream consumer (with a group: idle, its counters stay zero).
     :ivar stop_event: set when the run stops reading.
     :ivar stopped: set when the run's shutdown finished.
-    :ivar hurry: set by a second signal: stop without waiting for callbacks.
+    :ivar hurry: set by a second signal (``Bus.hurry()``): stop without waiting for callbacks.
     """
 
     def __init__(self, link: RunLink, token_store: ResumeTokenStore | None) -> None:

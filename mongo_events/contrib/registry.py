@@ -32,15 +32,19 @@ from typing import Any
 
 import pymongo
 
-from ..bus import Bus
+from ..bus import FINAL_FLUSH_MIN, Bus
 from ..errors import ConfigurationError, MongoEventsError
 from ..runner import exit_summary
 
-__all__ = ["BusRegistry", "build_bus"]
+__all__ = ["HURRY_MARGIN", "BusRegistry", "build_bus"]
 
 log = logging.getLogger(__name__)
 
 _TARGET_KEYS = ("uri", "database", "collection", "client_options")
+
+#: Seconds a second signal's stop may take beyond ``FINAL_FLUSH_MIN`` per bus (closing the
+#: clients, a loaded machine) before :meth:`BusRegistry.run_forever` exits the process at once.
+HURRY_MARGIN = 2.0
 
 
 def build_bus(
@@ -254,10 +258,14 @@ class BusRegistry:
     def run_forever(self, stop_timeout: float = 30.0, ready: Callable[[], None] | None = None) -> int:
         """Start every bus and block until SIGINT/SIGTERM or one fails; returns an exit code.
 
-        The first signal stops gracefully (running callbacks get ``stop_timeout`` seconds);
-        a second one ends the process at once with status 128 + the signal number (events
-        not finished are delivered again after restart). When a bus fails, :attr:`failed`
-        is that bus and the result is 1.
+        The first signal stops gracefully (running callbacks get ``stop_timeout`` seconds).
+        A second one stops every bus at once, as in ``Bus.run_forever()``: no more waiting
+        for callbacks, one checkpoint write per bus bounded to ``FINAL_FLUSH_MIN`` seconds,
+        and the result is 128 + the signal number; events not finished are delivered again
+        after restart. Should that stop not end within ``FINAL_FLUSH_MIN`` per bus plus
+        :data:`HURRY_MARGIN`, the process exits at once with that status (a WARNING says
+        what was still stopping). When a bus fails, :attr:`failed` is that bus and the
+        result is 1.
 
         :raises ConfigurationError: no configured bus has subscriptions (typically the
             module that subscribes was not imported), so nothing started.
@@ -265,23 +273,39 @@ class BusRegistry:
         :param ready: called once every bus with subscriptions has started (to announce :attr:`started`).
         """
         stop = threading.Event()
+        stopped = threading.Event()  # the stop after the signals ended: the watchdog stands down
         previous: dict[signal.Signals, Any] = {}
-        signals = [0]
+        signals: list[int] = []
+        helpers: list[threading.Thread] = []  # what the handler started: joined before returning
 
         def on_signal(signum: int, frame: Any) -> None:
-            signals[0] += 1
-            if signals[0] > 1:
-                log.warning(
-                    "mongo-events: second signal %d: exiting now without waiting for callbacks; unfinished events are delivered again after restart",
-                    signum,
-                )
-                os._exit(128 + signum)
-            log.warning(
-                "mongo-events: got signal %d; stopping gracefully (within %gs; a second signal exits at once)",
-                signum,
-                stop_timeout,
-            )
+            # Runs in the main thread, maybe inside the graceful stop (or a log write) it
+            # interrupts: it only sets events and starts threads, which log for it (logging
+            # here could fail with "reentrant call" on the stream being written).
+            signals.append(signum)
             stop.set()
+            if len(signals) == 1:
+                helper = threading.Thread(
+                    target=log.warning,
+                    args=(
+                        "mongo-events: got signal %d; stopping gracefully (within %gs; a second signal stops at once)",
+                        signum,
+                        stop_timeout,
+                    ),
+                    name="mongo_events.signal-log",
+                    daemon=True,
+                )
+            elif len(signals) == 2:
+                helper = threading.Thread(
+                    target=_watch_hurried_stop,
+                    args=(signum, self._hurry(), stopped),
+                    name="mongo_events.registry-stop-watch",
+                    daemon=True,
+                )
+            else:
+                return  # the hurried stop is under way, bounded by its watchdog
+            helper.start()
+            helpers.append(helper)
 
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -302,15 +326,55 @@ class BusRegistry:
                 failed = next((b for b in self._buses.values() if b.error is not None), None)
                 if failed is not None:
                     break
+            if len(signals) > 1:
+                self._hurry()  # again: a start under way at the second signal made new runs
             self.stop(stop_timeout)
             if failed is not None:
                 self.failed = failed
                 log.error("mongo-events: bus %s failed: %s", failed.name, failed.error)
-                return 1
-            return 0
+            if len(signals) > 1:
+                return 128 + signals[1]
+            return 1 if failed is not None else 0
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            stopped.set()
+            # Their lines come before the caller's exit, and the watchdog stands down.
+            deadline = time.monotonic() + FINAL_FLUSH_MIN
+            for helper in list(helpers):
+                helper.join(max(0.0, deadline - time.monotonic()))
+
+    def _hurry(self) -> list[Bus]:
+        """Make every bus's stop, under way or next, stop at once (see ``Bus.hurry()``); returns them."""
+        buses = list(self._buses.values())  # no lock: this runs in a signal handler
+        for bus in buses:
+            bus.hurry()
+        return buses
+
+
+def _watch_hurried_stop(signum: int, buses: list[Bus], stopped: threading.Event) -> None:
+    """After a second signal: wait for the hurried stop within its bound, else exit the process now."""
+    bound = FINAL_FLUSH_MIN * max(1, len(buses)) + HURRY_MARGIN
+    log.warning(
+        "mongo-events: second signal %d: stopping every bus now: no more waiting for callbacks, one "
+        "checkpoint write each (within %.1fs, else the process exits at once); unfinished events "
+        "are delivered again after restart",
+        signum,
+        bound,
+    )
+    if stopped.wait(bound):
+        return
+    stopping = [b.name for b in buses if b.state.value not in ("new", "stopped", "failed")]
+    log.warning(
+        "mongo-events: the stop after the second signal did not end within %.1fs (%s); exiting now with "
+        "status %d: events after each bus's last stored checkpoint are delivered again after restart",
+        bound,
+        f"still stopping: {', '.join(stopping)}"
+        if stopping
+        else "the buses stopped; closing their clients did not end",
+        128 + signum,
+    )
+    os._exit(128 + signum)
 
 
 def _at_exit(fn: Callable[[], None]) -> None:

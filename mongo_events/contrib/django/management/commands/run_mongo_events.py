@@ -46,6 +46,8 @@ class Command(BaseCommand):
             raise CommandError(exit_summary(registry.failed, exc)) from exc
         if code:
             failed = registry.failed
+            if failed is None:  # a second signal stopped the buses: the status names it, 128 + signal
+                raise SystemExit(code)
             raise CommandError(
                 exit_summary(failed, failed.error if failed is not None and failed.error else "failed"),
                 returncode=code,

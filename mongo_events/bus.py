@@ -553,7 +553,8 @@ class Bus(BusOptionAttributes):
 
     def hurry(self) -> None:
         """Make the stop under way (or the next one) stop at once: no more waiting for
-        callbacks, one checkpoint write bounded to ``FINAL_FLUSH_MIN`` seconds.
+        callbacks, one checkpoint write (and the status publisher's final write) bounded
+        to ``FINAL_FLUSH_MIN`` seconds each.
 
         What a second signal does in :meth:`run_forever`, for runners that stop buses
         themselves (``BusRegistry.run_forever()``). Callbacks still running are abandoned;
@@ -713,7 +714,10 @@ class Bus(BusOptionAttributes):
         with self._state_lock:
             self._state = BusState.FAILED if self._error is not None else BusState.STOPPED
         if self.status is not None:  # its final write says stopped (or failed)
-            self.status.detach(max(0.0, deadline - time.monotonic()))
+            timeout = max(0.0, deadline - time.monotonic())
+            if self._run.hurry.is_set():  # a hurried stop: bounded like its final checkpoint write
+                timeout = min(timeout, FINAL_FLUSH_MIN)
+            self.status.detach(timeout)
         return self._state.value
 
     # -- observability ----------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -199,6 +200,28 @@ def test_a_hanging_status_store_does_not_hold_up_stop(
         # The publisher thread is stuck in a write; stop waits for it no longer than its timeout.
         bus.stop(timeout=0.5)
         assert bus.state is me.BusState.STOPPED
+    finally:
+        store.release.set()
+
+
+def test_a_hurried_stop_does_not_wait_for_a_hanging_status_store(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
+    from mongo_events.lifecycle import FINAL_FLUSH_MIN
+
+    store = _Hanging()
+    bus = make_bus(client.shop.orders, status=store)
+    bus.subscribe(lambda ev: None)
+    bus.start()
+    try:
+        assert store.entered.wait(5)
+        bus.hurry()  # a second signal: the stop's waits shrink to FINAL_FLUSH_MIN, the status write's too
+        started = time.monotonic()
+        bus.stop(timeout=600)
+        took = time.monotonic() - started
+        assert bus.state is me.BusState.STOPPED
+        assert took < 600 / 2, f"a hurried stop waited {took:.1f}s for the status store"
+        assert took <= FINAL_FLUSH_MIN * 3 + 5  # the final flush and the status write, each bounded
     finally:
         store.release.set()
 

@@ -16,7 +16,7 @@ import pymongo
 from ..errors import StoreError
 from ..guard import describe, run_guarded
 from .assignment import LeaseTimer, assign, plan
-from .base import GroupConfig, Lease, LeaseStore, Owner, check_ttl
+from .base import GroupConfig, GroupMismatch, Lease, LeaseStore, Owner, check_ttl
 from .partitioning import PartitionMode
 
 __all__ = ["GroupMember", "partition_key"]
@@ -48,7 +48,9 @@ class GroupMember:
     An exception from a callback, or anything else escaping the loop, releases every lease
     (best effort) and is handed to ``on_fatal`` (default: logged and kept in :attr:`error`):
     the member never dies silently. A store that fails is not fatal: the leases it cannot
-    renew are given up in time and the member keeps trying.
+    renew are given up in time and the member keeps trying; that includes joining the group
+    (a member that has not joined yet takes nothing and tries again at every poll). Only
+    :class:`~mongo_events.groups.GroupMismatch` is fatal.
 
     Every store call runs under ``pymongo.timeout()``, at most ``ttl / 6`` and never past the
     earliest give-up time of a held lease, and overdue leases are given up before each call:
@@ -152,9 +154,23 @@ class GroupMember:
         """One step of the protocol (see the class docstring); the thread calls it every poll."""
         with self._lock:
             if not self._joined:
-                with self._bounded():
-                    # GroupMismatch escapes: a misconfigured member
-                    self.config = self.store.join_group(self.config)
+                try:
+                    with self._bounded():
+                        self.config = self.store.join_group(self.config)
+                except GroupMismatch:
+                    raise  # a misconfigured member: fatal, and at once from start()
+                except StoreError as exc:
+                    # Not fatal, like every other store failure: the first call of a new client
+                    # (server selection, handshake) may well take longer than ttl / 6 on a busy
+                    # host; a member that died of it would leave its share to the others forever.
+                    log.warning(
+                        "group %s: %s could not join yet, it takes no partition until it does"
+                        " (trying again at every poll): %s",
+                        self.config.name,
+                        self.owner,
+                        describe(exc),
+                    )
+                    return
                 self._joined = True
             self._give_up_overdue()
             self._beat()
@@ -289,7 +305,13 @@ class GroupMember:
     # -- the thread ------------------------------------------------------
 
     def start(self) -> None:
-        """Join the group now (raises :class:`~mongo_events.groups.GroupMismatch` at once) and start the thread."""
+        """Join the group now and start the thread.
+
+        :raises GroupMismatch: at once, when the group document has another partition count or
+            mode. A store that fails or is slow (the join, like every store call, is bounded by
+            ``ttl / 6``) does not make it raise: it logs a WARNING and the thread keeps trying to
+            join at every poll; a mismatch found then goes to ``on_fatal``.
+        """
         if self._thread is not None:
             raise RuntimeError("this GroupMember was started already")
         self.tick()

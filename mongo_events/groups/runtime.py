@@ -190,7 +190,9 @@ class GroupRuntime:
             on_rebalance=self._rebalanced,
             on_releasing=self._releasing,
         )
-        self.member.start()  # the first tick: GroupMismatch and a bad checkpoint raise here
+        # The first tick: GroupMismatch and a bad checkpoint raise here; a store too slow to
+        # answer the join does not (the member joins at a later poll, on its thread).
+        self.member.start()
         # Then wait for the first streams, not inside on_assigned: the member's thread must stay
         # free to renew its leases while a server is slow to open a stream.
         deadline = time.monotonic() + bus.options.start_timeout

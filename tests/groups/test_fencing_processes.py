@@ -157,25 +157,53 @@ def _held(logs: dict[str, Path]) -> dict[str, set[int]]:
     return held
 
 
+#: How long a change of members may take to settle: a joiner is seen at the owners' next poll
+#: (``TTL / 12``) and takes what they release at its own; a killed member's leases expire after
+#: ``TTL`` on the server. A healthy run settles within about ``2 * TTL`` even on a loaded 2-core
+#: CI runner; 30 ttls is generous, and a member that never gets its share (starved, or dead)
+#: still fails it.
+SETTLE = 30 * TTL
+
+
+def _report(logs: dict[str, Path], procs: dict[str, subprocess.Popen[str]], started: float) -> str:
+    """Why a wait failed: who owned what over time, which members are alive, their stderr."""
+    lines = [f"held now: {_held(logs)}", "owner log (seconds since the first start):"]
+    lines += [f"  {when - started:7.3f} {word:8} {name} {p}" for when, word, name, p in _owner_log(logs)]
+    for name, proc in procs.items():
+        code = proc.poll()
+        lines.append(f"member {name}: " + ("running" if code is None else f"exited with {code}"))
+        err = logs[name].with_suffix(".err")
+        tail = err.read_text().splitlines()[-15:] if err.exists() else []
+        lines += [f"  {name} stderr: {line}" for line in tail]
+    return "\n".join(lines)
+
+
 def test_three_members_share_six_partitions_and_survive_a_kill(server_uri: str, tmp_path: Path) -> None:
     """At most one live owner per partition at any moment (from the owner log), an even spread
     after every change, and a killed member's partitions taken over."""
     k = 6
     logs = {name: tmp_path / f"{name}.log" for name in ("A", "B", "C", "D")}
+    started = time.time()
     procs = {name: _member_k(server_uri, name, logs[name], k) for name in ("A", "B", "C")}
     killed_at: dict[str, float] = {}
 
     def even(names: list[str]) -> Callable[[], bool]:
-        return lambda: sorted(len(_held(logs)[n]) for n in names) == [k // len(names)] * len(names)
+        def settled() -> bool:
+            dead = [n for n in names if procs[n].poll() is not None]
+            # A member that died cannot get its share: say so now, not after SETTLE.
+            assert not dead, f"member(s) {dead} exited\n" + _report(logs, procs, started)
+            return sorted(len(_held(logs)[n]) for n in names) == [k // len(names)] * len(names)
+
+        return settled
 
     try:
-        assert wait_for(even(["A", "B", "C"]), timeout=30), _held(logs)
+        assert wait_for(even(["A", "B", "C"]), timeout=SETTLE), _report(logs, procs, started)
         procs["B"].kill()
         procs["B"].wait(10)
         killed_at["B"] = time.time()
-        assert wait_for(even(["A", "C"]), timeout=30), _held(logs)
+        assert wait_for(even(["A", "C"]), timeout=SETTLE), _report(logs, procs, started)
         procs["D"] = _member_k(server_uri, "D", logs["D"], k)
-        assert wait_for(even(["A", "C", "D"]), timeout=30), _held(logs)
+        assert wait_for(even(["A", "C", "D"]), timeout=SETTLE), _report(logs, procs, started)
     finally:
         for proc in procs.values():
             _finish(proc)
@@ -195,11 +223,24 @@ def test_three_members_share_six_partitions_and_survive_a_kill(server_uri: str, 
 
 
 def _member_k(uri: str, name: str, log: Path, partitions: int) -> subprocess.Popen[str]:
+    """A member of ``partitions``; its stderr (the library's warnings, a traceback) goes to
+    ``<log>.err`` for :func:`_report`."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.groups.member_process", uri, name, str(TTL), str(log), str(partitions)],
-        stdin=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env=env,
-    )
+    with log.with_suffix(".err").open("w") as err:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.groups.member_process",
+                uri,
+                name,
+                str(TTL),
+                str(log),
+                str(partitions),
+            ],
+            stdin=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )

@@ -5,20 +5,26 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import pymongo
 import pytest
 
 from mongo_events import StoreError
 from mongo_events.groups import (
     FencedOut,
     FencedResumeTokenStore,
+    GroupConfig,
     GroupMember,
     GroupMismatch,
     Lease,
     MemoryFencedResumeTokenStore,
     MemoryLeaseStore,
+    MongoLeaseStore,
     Owner,
     PartitionMode,
 )
+from mongo_events.testing import FakeReplicaSet
+
+from ..conftest import CLIENT_OPTIONS
 
 TTL = 9.0
 
@@ -188,6 +194,70 @@ def test_a_member_with_another_partition_count_is_refused() -> None:
         member(store, clock, "b", partitions=8)[0].start()
     with pytest.raises(GroupMismatch):
         member(store, clock, "c", partitions=4, mode=PartitionMode.CLIENT)[0].tick()
+
+
+class SlowJoins(MemoryLeaseStore):
+    """A store whose first ``joins`` joins fail, as a cold client's first call does when it
+    outlasts ``ttl / 6`` on a loaded host."""
+
+    def __init__(self, clock: Clock, joins: int) -> None:
+        super().__init__(clock)
+        self.failing_joins = joins
+
+    def join_group(self, config: GroupConfig) -> GroupConfig:
+        if self.failing_joins > 0:
+            self.failing_joins -= 1
+            raise StoreError("could not join group 'g': timed out (timeoutMS: 1500ms)")
+        return super().join_group(config)
+
+
+def test_a_member_whose_join_fails_keeps_trying_and_takes_its_share() -> None:
+    clock = Clock()
+    store = SlowJoins(clock, joins=2)
+    a, ra = member(store, clock, "a", partitions=2)
+    a.tick()  # the join fails: not fatal (it was, and the process died owning nothing)
+    assert a.owned == {} and ra.calls == [] and store.live("g") == {}
+    clock.now += TTL / 12
+    a.tick()
+    assert a.owned == {} and store.live("g") == {}  # nothing taken before it joined
+    clock.now += TTL / 12
+    a.tick()
+    assert a.owned == {0: 1, 1: 1} and ra.calls == [("assigned", 0, 1), ("assigned", 1, 1)]
+
+
+def test_a_mismatch_found_after_a_failed_join_is_fatal() -> None:
+    clock = Clock()
+    store = SlowJoins(clock, joins=1)
+    member(store, clock, "a", partitions=4)[0].tick()  # fails, then:
+    member(store, clock, "b", partitions=4)[0].tick()  # joins with 4
+    late, _ = member(store, clock, "c", partitions=8)
+    store.failing_joins = 1
+    late.tick()  # no answer yet: nothing raised
+    with pytest.raises(GroupMismatch):
+        late.tick()
+
+
+def test_start_survives_a_first_call_slower_than_its_bound_against_the_fake_server() -> None:
+    """The real path: pymongo.timeout(ttl / 6) around a cold client's first command."""
+    ttl = 0.6
+    assigned = threading.Event()
+    with FakeReplicaSet() as rs:
+        rs.delay("ping", ttl)  # join_group's first command, far past ttl / 6
+        client: pymongo.MongoClient[Any] = pymongo.MongoClient(rs.uri, **CLIENT_OPTIONS)
+        m = GroupMember(
+            MongoLeaseStore(client.db["_event_leases"]),
+            "g",
+            "db.c",
+            ttl=ttl,
+            on_assigned=lambda p, fence: assigned.set(),
+        )
+        try:
+            m.start()  # raised StoreError ("timed out") before: the process died here
+            assert assigned.wait(20 * ttl), "the member never joined after its first join timed out"
+            assert m.owned == {0: 1} and m.error is None
+        finally:
+            assert m.stop(5)
+            client.close()
 
 
 @pytest.mark.parametrize("bad", [{"group": ""}, {"group": "a:b"}, {"partitions": 0}, {"ttl": 0}])

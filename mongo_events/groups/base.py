@@ -33,7 +33,8 @@ class FencedOut(StoreError):
 
 
 class GroupMismatch(StoreError):
-    """A member's partition count or partitioning mode differs from the group document's.
+    """A member's partition count or partitioning mode differs from the group document's,
+    or the group document is malformed: fatal when the member starts, never retried.
 
     .. versionadded:: 0.2.0
     """

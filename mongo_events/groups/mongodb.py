@@ -12,7 +12,7 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 from pymongo.write_concern import WriteConcern
 
 from ..errors import StoreError
-from .base import GroupConfig, Lease, LeaseStore, Owner, check_ttl, mismatch
+from .base import GroupConfig, GroupMismatch, Lease, LeaseStore, Owner, check_ttl, mismatch
 from .partitioning import PartitionMode
 
 __all__ = ["MongoLeaseStore", "DEFAULT_LEASE_COLLECTION"]
@@ -122,8 +122,10 @@ class MongoLeaseStore(LeaseStore):
                 raise TypeError(f"started_at is a {type(started).__name__}, not a Timestamp")
             stored = GroupConfig(config.name, int(doc["partitions"]), PartitionMode(doc["mode"]), started)
         except (KeyError, TypeError, ValueError) as exc:
-            raise StoreError(
-                f"the group document {key!r} in {self.collection.full_name} is malformed: {doc!r}"
+            # A mismatch, not a store failure: fatal at start, never retried at every poll.
+            raise GroupMismatch(
+                f"the group document {key!r} in {self.collection.full_name} is malformed: {doc!r}; "
+                "fix it (partitions: an int, mode: 'server' or 'client', started_at: a Timestamp)"
             ) from exc
         problem = mismatch(stored, config)
         if problem is not None:

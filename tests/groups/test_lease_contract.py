@@ -157,6 +157,14 @@ def test_the_group_document_refuses_a_mismatch(subject: Subject) -> None:
     assert subject.store.join_group(GroupConfig("other", 4, PartitionMode.CLIENT)).partitions == 4
 
 
+def test_a_malformed_group_document_is_refused_as_a_mismatch(mongo_subject: Subject) -> None:
+    # Fatal at start (GroupMismatch), not a store failure a member would retry at every poll.
+    assert mongo_subject.raw is not None
+    mongo_subject.raw.insert_one({"_id": "group:billing", "partitions": "eight", "mode": "server"})
+    with pytest.raises(GroupMismatch, match="malformed"):
+        mongo_subject.store.join_group(GroupConfig("billing", 8, PartitionMode.SERVER))
+
+
 def test_bad_ttls_are_refused(subject: Subject) -> None:
     for bad in (0, -1.0, float("inf"), float("nan"), True, "10"):
         with pytest.raises(ValueError, match="ttl"):

@@ -742,8 +742,7 @@ class StreamConsumer:
             self._runnable = []
             dispatcher = self.dispatcher
             assert dispatcher is not None
-            for item in items:
-                dispatcher.enqueue(item)
+            dispatcher.enqueue_all(items)
 
     def _on_oversize_stub(self, event: ChangeEvent) -> bool:
         """The event the server could neither send nor split, without its documents: dead-letter it."""

@@ -335,6 +335,7 @@ class Dispatcher:
         #: outside: a lock holder tests it before calling drain(), as drain() itself does.
         self.finished: deque[WorkItem | FanOut] = deque()
         self._halt = threading.Event()
+        self._halting = False  # set with _halt: a worker reads it per item without a call
         self._threads: list[threading.Thread] = []
         self._executor: ThreadPoolExecutor | None = executor
         self._owns_executor = executor is None
@@ -372,6 +373,7 @@ class Dispatcher:
 
     def halt(self) -> None:
         """Stop taking new items and cancel pending retries; running callbacks finish."""
+        self._halting = True
         self._halt.set()
         with self._lock:
             self._timers.clear()
@@ -451,6 +453,12 @@ class Dispatcher:
     def enqueue(self, item: WorkItem | FanOut) -> None:
         """Hand a runnable item (from :meth:`admit` or :meth:`fan_out`) to the workers."""
         self._ready.put(item)
+
+    def enqueue_all(self, items: list[WorkItem | FanOut]) -> None:
+        """:meth:`enqueue` each of ``items``, in order (one call per run of events, not per event)."""
+        put = self._ready.put
+        for item in items:
+            put(item)
 
     def fan_out(
         self,
@@ -595,23 +603,30 @@ class Dispatcher:
         busy = self._busy
         lock = self._lock
         done = self.finished
-        halt = self._halt
         share = self.max_workers > 1
         gate = self._gate
-        while not halt.is_set():
+        get = self._ready.get
+        timers = self._timers
+        while not self._halting:  # halt.is_set() without a call
             # About to wait for work: first help a fan-out another worker is running.
             # (A bus with one subscription never fans out: it skips the queue's lock and the scan.)
             item: WorkItem | FanOut | None = (
                 self._help() if share and self._fanning and self._ready.empty() else None
             )
             if item is None:
-                item = self._next()
+                if timers:
+                    item = self._next()
+                else:  # _next() without retries due, inlined: this runs once per event
+                    try:
+                        item = get(timeout=0.1)
+                    except queue.Empty:
+                        item = None
             if item is None:
                 if done:  # idle: waiting for the lock costs nothing now
                     with lock:
                         self.drain()
                 continue
-            if halt.is_set() or (gate is not None and not gate()):
+            if self._halting or (gate is not None and not gate()):  # halt.is_set() without a call
                 return
             if isinstance(item, FanOut):
                 self._run_fanout(index, item)
@@ -772,7 +787,10 @@ class Dispatcher:
             # sub.callback(argument) is sub.call(...) here: this callback takes no delivery.
             token = _current.set(partial(self._delivery, item))
             try:
-                sub.callback(sub.argument(item.event, self._decoder))
+                if sub.payload is None and not sub.full_document_only:  # argument() would return the event
+                    sub.callback(item.event)
+                else:
+                    sub.callback(sub.argument(item.event, self._decoder))
             except Exception as exc:
                 error = exc
             finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -188,42 +189,36 @@ class _Hanging(ConsumerStatusStore):
         return []
 
 
-def test_a_hanging_status_store_does_not_hold_up_stop(
-    client: pymongo.MongoClient[Any], make_bus: Any
-) -> None:
+@pytest.fixture
+def stuck_publisher(client: pymongo.MongoClient[Any], make_bus: Any) -> Iterator[me.Bus]:
+    """A running bus whose status publisher is stuck inside a write (released at teardown)."""
     store = _Hanging()
     bus = make_bus(client.shop.orders, status=store)
     bus.subscribe(lambda ev: None)
     bus.start()
     try:
         assert store.entered.wait(5)
-        # The publisher thread is stuck in a write; stop waits for it no longer than its timeout.
-        bus.stop(timeout=0.5)
-        assert bus.state is me.BusState.STOPPED
+        yield bus
     finally:
         store.release.set()
 
 
-def test_a_hurried_stop_does_not_wait_for_a_hanging_status_store(
-    client: pymongo.MongoClient[Any], make_bus: Any
-) -> None:
+def test_a_hanging_status_store_does_not_hold_up_stop(stuck_publisher: me.Bus) -> None:
+    # The publisher thread is stuck in a write; stop waits for it no longer than its timeout.
+    stuck_publisher.stop(timeout=0.5)
+    assert stuck_publisher.state is me.BusState.STOPPED
+
+
+def test_a_hurried_stop_does_not_wait_for_a_hanging_status_store(stuck_publisher: me.Bus) -> None:
     from mongo_events.lifecycle import FINAL_FLUSH_MIN
 
-    store = _Hanging()
-    bus = make_bus(client.shop.orders, status=store)
-    bus.subscribe(lambda ev: None)
-    bus.start()
-    try:
-        assert store.entered.wait(5)
-        bus.hurry()  # a second signal: the stop's waits shrink to FINAL_FLUSH_MIN, the status write's too
-        started = time.monotonic()
-        bus.stop(timeout=600)
-        took = time.monotonic() - started
-        assert bus.state is me.BusState.STOPPED
-        assert took < 600 / 2, f"a hurried stop waited {took:.1f}s for the status store"
-        assert took <= FINAL_FLUSH_MIN * 3 + 5  # the final flush and the status write, each bounded
-    finally:
-        store.release.set()
+    stuck_publisher.hurry()  # a second signal: the stop's waits shrink to FINAL_FLUSH_MIN, the status write's too
+    started = time.monotonic()
+    stuck_publisher.stop(timeout=600)
+    took = time.monotonic() - started
+    assert stuck_publisher.state is me.BusState.STOPPED
+    assert took < 600 / 2, f"a hurried stop waited {took:.1f}s for the status store"
+    assert took <= FINAL_FLUSH_MIN * 3 + 5  # the final flush and the status write, each bounded
 
 
 def test_one_publisher_serves_one_bus(client: pymongo.MongoClient[Any], make_bus: Any) -> None:

@@ -361,18 +361,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a run of about a minute")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
-    parser.add_argument("--changes", type=int, help="changes per workload (default 200,000; --quick 20,000)")
+    parser.add_argument("--changes", type=int, help="changes per workload (default 200,000; --quick 15,000)")
     parser.add_argument("--repeat", type=int, help="repetitions per workload (default 3; --quick 2)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    n = args.changes or (20_000 if args.quick else 200_000)
+    n = args.changes or (15_000 if args.quick else 200_000)
     reps = args.repeat or (2 if args.quick else 3)
     n_slow = 6_000 if args.quick else 40_000
     n_slow_acks = 2_000 if args.quick else 40_000  # the ack store's upserts bound it on the fake
     n_compare = 2_000 if args.quick else 10_000
     n_per_write = 500 if args.quick else n_compare  # one write per event: about 1,300/s on the fake
     n_redis = min(n, 5_000 if args.quick else 20_000)  # two Redis round trips per event bound it
-    burst = 30_000 if args.quick else 1_000_000
+    burst = 20_000 if args.quick else 1_000_000
     acks_on_fake = 300 if args.quick else ACKS_ON_FAKE
     # Every write is an oplog entry, the ack and monitor upserts included (about four
     # per event): the burst must still be in the oplog when its bus starts.

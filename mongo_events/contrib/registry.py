@@ -364,17 +364,19 @@ def _watch_hurried_stop(signum: int, buses: list[Bus], stopped: threading.Event)
     )
     if stopped.wait(bound):
         return
-    stopping = [b.name for b in buses if b.state.value not in ("new", "stopped", "failed")]
-    log.warning(
-        "mongo-events: the stop after the second signal did not end within %.1fs (%s); exiting now with "
-        "status %d: events after each bus's last stored checkpoint are delivered again after restart",
-        bound,
-        f"still stopping: {', '.join(stopping)}"
-        if stopping
-        else "the buses stopped; closing their clients did not end",
-        128 + signum,
-    )
-    os._exit(128 + signum)
+    try:
+        stopping = [b.name for b in buses if b.state.value not in ("new", "stopped", "failed")]
+        log.warning(
+            "mongo-events: the stop after the second signal did not end within %.1fs (%s); exiting now with "
+            "status %d: events after each bus's last stored checkpoint are delivered again after restart",
+            bound,
+            f"still stopping: {', '.join(stopping)}"
+            if stopping
+            else "the buses stopped; closing their clients did not end",
+            128 + signum,
+        )
+    finally:  # the bound holds even if saying why failed
+        os._exit(128 + signum)
 
 
 def _at_exit(fn: Callable[[], None]) -> None:

@@ -79,7 +79,7 @@ def fail_command(client: Any, mode: Any, **data: Any) -> Iterator[dict[str, Any]
     try:
         yield reply
     finally:
-        client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
+        _admin_command(client, {"configureFailPoint": "failCommand", "mode": "off"})
 
 
 def require_fail_points(client: Any) -> None:
@@ -94,14 +94,38 @@ def require_fail_points(client: Any) -> None:
         pytest.skip("the server was started without --setParameter enableTestCommands=1")
 
 
+def _admin_command(client: Any, command: dict[str, Any], timeout: float = 10.0) -> Any:
+    """Run an idempotent admin ``command``, again after any :class:`AutoReconnect` until ``timeout``.
+
+    A fail point that answers with a shutdown or not-primary error makes pymongo pause
+    the whole pool of the client that received it, until its monitor sees the server
+    again; a control command on that client in that window fails even after pymongo's
+    one retry. The next attempt waits in server selection for the monitor, so no pause
+    is needed between attempts.
+    """
+    import time
+
+    from pymongo.errors import AutoReconnect
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.admin.command(command)
+        except AutoReconnect:
+            if time.monotonic() >= deadline:
+                raise
+
+
 def wait_for_fail_point(client: Any, armed: dict[str, Any], times: int, timeout: float = 10.0) -> None:
     """Block until the fail point armed with reply ``armed`` has fired ``times`` times (``waitForFailPoint``)."""
-    client.admin.command(
+    _admin_command(
+        client,
         {
             "waitForFailPoint": "failCommand",
             "timesEntered": armed["count"] + times,
             "maxTimeMS": int(timeout * 1000),
-        }
+        },
+        timeout,
     )
 
 

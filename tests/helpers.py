@@ -7,8 +7,11 @@ import dataclasses
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
+
+from pymongo.errors import AutoReconnect
 
 import mongo_events as me
 
@@ -97,16 +100,12 @@ def require_fail_points(client: Any) -> None:
 def _admin_command(client: Any, command: dict[str, Any], timeout: float = 10.0) -> Any:
     """Run an idempotent admin ``command``, again after any :class:`AutoReconnect` until ``timeout``.
 
-    A fail point that answers with a shutdown or not-primary error makes pymongo pause
-    the whole pool of the client that received it, until its monitor sees the server
-    again; a control command on that client in that window fails even after pymongo's
-    one retry. The next attempt waits in server selection for the monitor, so no pause
-    is needed between attempts.
+    A fail point that answers with a shutdown error or drops the connection makes pymongo
+    mark the server unknown and then pause the whole pool of the client that received
+    it, until its monitor sees the server again; a control command that selected the
+    server just before fails at checkout, on pymongo's one retry too. The next attempt
+    waits in server selection for the monitor, so no pause is needed between attempts.
     """
-    import time
-
-    from pymongo.errors import AutoReconnect
-
     deadline = time.monotonic() + timeout
     while True:
         try:

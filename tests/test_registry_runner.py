@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -238,3 +239,33 @@ def test_django_command_exits_with_the_second_signals_status_and_no_failure_line
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+class _Exited(BaseException):
+    """Raised by the stand-in for ``os._exit``: it ends the watchdog as the real one would."""
+
+
+@pytest.mark.parametrize("failing", ["first", "second"])
+def test_the_second_signals_watchdog_exits_at_its_bound_even_when_logging_raises(
+    monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    from mongo_events.contrib import registry
+
+    calls: list[str] = []
+
+    def warning(msg: str, *args: Any) -> None:
+        calls.append(msg)
+        if (failing == "first") == (len(calls) == 1):
+            raise RuntimeError("a logging handler that raises")
+
+    def exit_(code: int) -> None:
+        raise _Exited(code)
+
+    monkeypatch.setattr(registry.log, "warning", warning)
+    monkeypatch.setattr(registry.os, "_exit", exit_)
+    monkeypatch.setattr(registry, "FINAL_FLUSH_MIN", 0.01)
+    monkeypatch.setattr(registry, "HURRY_MARGIN", 0.0)
+    with pytest.raises(_Exited) as exited:
+        registry._watch_hurried_stop(signal.SIGTERM, [], threading.Event())  # the stop never ends
+    assert exited.value.args == (128 + signal.SIGTERM,)
+    assert len(calls) == 2  # it still tried to say why

@@ -20,6 +20,7 @@ clients or buses before a server forks.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -355,13 +356,16 @@ class BusRegistry:
 def _watch_hurried_stop(signum: int, buses: list[Bus], stopped: threading.Event) -> None:
     """After a second signal: wait for the hurried stop within its bound, else exit the process now."""
     bound = FINAL_FLUSH_MIN * max(1, len(buses)) + HURRY_MARGIN
-    log.warning(
-        "mongo-events: second signal %d: stopping every bus now: no more waiting for callbacks, one "
-        "checkpoint write each (within %.1fs, else the process exits at once); unfinished events "
-        "are delivered again after restart",
-        signum,
-        bound,
-    )
+    # Saying so must not keep the bound from holding: a logging handler or filter that
+    # raises would otherwise end this thread, and nothing would exit the process.
+    with contextlib.suppress(Exception):
+        log.warning(
+            "mongo-events: second signal %d: stopping every bus now: no more waiting for callbacks, one "
+            "checkpoint write each (within %.1fs, else the process exits at once); unfinished events "
+            "are delivered again after restart",
+            signum,
+            bound,
+        )
     if stopped.wait(bound):
         return
     try:

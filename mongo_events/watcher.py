@@ -130,6 +130,10 @@ def _log_fatal(exc: BaseException) -> None:
 
 #: While the first stream cannot open, the ERROR line is repeated at most this often (seconds).
 ERROR_LOG_INTERVAL = 30.0
+#: After ``on_event`` declined an event while the watcher is not stopping (a consumer-group
+#: partition whose lease lapsed by the clock, before its member gives it up or renews it late),
+#: the watcher waits this long, then reopens *before* that event and offers it again.
+DECLINED_PAUSE = 0.05
 
 
 def reassemble(fragments: list[Mapping[str, Any]]) -> dict[str, Any]:
@@ -145,7 +149,8 @@ class Watcher:
 
     :param open_stream: opens a stream at a :class:`Position`.
     :param on_event: receives each raw change document; blocks while the window is full;
-        returns ``False`` when the bus is stopping.
+        returns ``False`` when it did not take the event (the bus is stopping, or a group
+        partition's lease lapsed): the watcher never moves past a declined event.
     :param on_resume_token: receives the stream's resume token when it is a post-batch token.
     :param on_error: decides about an error the watcher cannot resume from: returns the
         :class:`Position` to continue from, or ``None`` to stop.
@@ -196,6 +201,7 @@ class Watcher:
         self.position = Position()
         self.active = False
         self._reopen = False
+        self._declined = False
         self._thread: threading.Thread | None = None
         self.opened = False  # a stream opened at least once
         self._error_logged_at = -ERROR_LOG_INTERVAL
@@ -250,6 +256,9 @@ class Watcher:
                     return
             finally:
                 self._set_active(False)
+            if self._declined:
+                self._declined = False
+                self._stop.wait(DECLINED_PAUSE)  # then reopen before the declined event
 
     def _set_active(self, active: bool) -> None:
         if active == self.active:
@@ -302,13 +311,18 @@ class Watcher:
                         continue
                     raw = reassemble(fragments)
                     fragments = []
+                if not on_event(raw):
+                    # Not taken: any reopen starts before this event, never after it (moving
+                    # past it, then noting an idle post-batch token, would checkpoint past it).
+                    self._declined = True
+                    return got_any
                 invalidate = raw.get("operationType") == "invalidate"
                 if invalidate:
                     resume_after = None
                     self.position = Position(start_after=raw["_id"])
                 elif token is not None:
                     resume_after = token
-                if not on_event(raw) or self._reopen:
+                if self._reopen:
                     return got_any
                 # Events pymongo already holds (handed out without I/O). Without them the
                 # stream counts as drained, which only means work is handed on event by event.

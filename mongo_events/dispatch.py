@@ -198,6 +198,8 @@ class FanOut:
 #: runs out of work; meanwhile the watcher, which drains them under the lock on every
 #: event it admits, usually reports them first. Per item, that was a lock hand-off each.
 _REPORT_AT = 32
+#: How often a worker holding an item re-checks a closed gate (a consumer group's lease).
+GATE_PAUSE = 0.05
 _DONE = 0
 _RETRY = 1
 _ABANDON = 2
@@ -314,8 +316,10 @@ class Dispatcher:
             holds it next when a worker finds it busy.
         :param executor: a pool shared with other dispatchers (a consumer group's partitions);
             it needs a free thread per worker and is not shut down here. Default: its own.
-        :param gate: checked before each item; False drops it undone (a partition whose lease
-            is no longer held delivers nothing more).
+        :param gate: checked before each item; while False the worker holds the item, and
+            runs it if the gate opens again (a late lease renewal) or drops it undone once
+            the dispatcher is halted (the partition was given up): a partition whose lease
+            is overdue delivers nothing, and one renewed late neither skips nor stalls.
         """
         self.max_workers = max_workers
         self._decoder = decoder
@@ -626,8 +630,8 @@ class Dispatcher:
                     with lock:
                         self.drain()
                 continue
-            if self._halting or (gate is not None and not gate()):  # halt.is_set() without a call
-                return
+            if self._halting or (gate is not None and not gate() and not self._gate_reopened(gate)):
+                return  # halted (_halting: halt.is_set() without a call); the item stays undone
             if isinstance(item, FanOut):
                 self._run_fanout(index, item)
                 continue
@@ -651,6 +655,15 @@ class Dispatcher:
                 done.append(item)
                 if len(done) >= _REPORT_AT or self._ready.empty():
                     self._try_drain()
+
+    def _gate_reopened(self, gate: Callable[[], bool]) -> bool:
+        """The gate closed (the lease is overdue by the clock): wait until it opens again
+        (True) or the dispatcher is halted (False). Returning from the loop instead would
+        leave a partition renewed late without workers: a stall under a running bus."""
+        while not self._halt.wait(GATE_PAUSE):
+            if gate():
+                return True
+        return False
 
     def _run_fanout(self, index: int, item: FanOut) -> None:
         """Run the parts of ``item`` this worker can claim, one after another."""

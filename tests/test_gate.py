@@ -1,0 +1,149 @@
+"""A consumer group's gate (is this partition's lease held?) closes by the clock when a renewal
+is late, before the member gives the partition up or renews it after all. Both its readers, the
+watcher and the workers, must neither skip nor drop what arrives meanwhile, nor stop for good."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import pymongo
+
+import mongo_events as me
+from mongo_events.dispatch import Dispatcher, WorkItem
+from mongo_events.subscription import Subscription
+from mongo_events.tracking import Slot, Tracker
+from mongo_events.watcher import Position, Watcher
+
+
+def test_an_event_declined_while_not_stopping_is_offered_again_and_no_token_passes_it(
+    client: pymongo.MongoClient[Any],
+) -> None:
+    # A consumer-group partition's gate closes by the clock when its lease renewal is late,
+    # before the member thread gives the partition up (or renews it after all): on_event
+    # declines while nothing asked the watcher to stop. It used to reopen the stream *after*
+    # the declined event, and the idle post-batch token that followed became the checkpoint
+    # that the final flush wrote: the event was lost for the partition's next owner.
+    coll = client.shop.orders
+    stop = threading.Event()
+    connected, all_taken = threading.Event(), threading.Event()
+    offered: list[int] = []
+    taken: list[int] = []
+    declined = {"pending": False}
+    tokens_while_declined: list[Any] = []
+
+    def on_event(raw: Mapping[str, Any]) -> bool:
+        doc_id = raw["documentKey"]["_id"]
+        offered.append(doc_id)
+        if doc_id == 2 and offered.count(2) <= 2:  # the gate is closed for its first two offers
+            declined["pending"] = True
+            return False
+        declined["pending"] = False
+        taken.append(doc_id)
+        if len(taken) == 3:
+            all_taken.set()
+        return True
+
+    def on_resume_token(token: Any) -> None:
+        if declined["pending"]:
+            tokens_while_declined.append(token)
+
+    watcher = Watcher(
+        name="t",
+        open_stream=lambda position: coll.watch(max_await_time_ms=50, **position.kwargs()),
+        on_event=on_event,
+        on_resume_token=on_resume_token,
+        on_error=lambda kind, exc, position: None,
+        on_connected=lambda exc: connected.set(),
+        stop_event=stop,
+        min_backoff=0.01,
+    )
+    watcher.start(Position())
+    try:
+        assert connected.wait(5)
+        coll.insert_many([{"_id": 1}, {"_id": 2}, {"_id": 3}])
+        assert all_taken.wait(10), f"offered {offered}, taken {taken}"
+    finally:
+        stop.set()
+        assert watcher.join(5)
+    assert taken == [1, 2, 3]
+    assert offered == [1, 2, 2, 2, 3]  # declined twice, then offered again and taken
+    # No post-batch token was noted while event 2 waited declined: such a token (the
+    # reopened stream's, past event 2) would become the checkpoint.
+    assert tokens_while_declined == []
+
+
+def test_a_worker_holds_an_item_while_the_gate_is_closed_and_runs_it_when_it_opens() -> None:
+    # A worker that found the gate closed used to return from its loop, dropping the item:
+    # after a late renewal the partition had fewer workers (none, at last) and a slot that
+    # never finished, so its checkpoint stopped under a running bus.
+    done: list[Slot] = []
+    ran = threading.Event()
+    gate = threading.Event()  # closed
+    lock = threading.RLock()
+    dispatcher = Dispatcher(
+        max_workers=1,
+        decoder=None,  # type: ignore[arg-type]  # nothing is decoded here
+        middleware=(),
+        on_done=done.extend,
+        on_fatal=lambda exc: None,
+        dead_letters=None,
+        bus_name="t",
+        lock=lock,
+        gate=gate.is_set,
+    )
+    sub = Subscription(lambda ev: ran.set(), name="s", index=0)
+    event = me.ChangeEvent.from_raw(
+        {
+            "_id": {"_data": "01"},
+            "operationType": "insert",
+            "ns": {"db": "d", "coll": "c"},
+            "documentKey": {"_id": 1},
+        }
+    )
+    slot = Tracker(10).begin("t1", None, 1, event.id)
+    dispatcher.start()
+    try:
+        dispatcher.enqueue(WorkItem(sub, event, slot, None, None))
+        assert not ran.wait(0.2)  # not delivered while the lease is overdue
+        gate.set()  # renewed late
+        assert ran.wait(5)
+        dispatcher.halt()
+        assert dispatcher.join(time.monotonic() + 5)
+    finally:
+        dispatcher.halt()
+    with lock:
+        dispatcher.drain()
+    assert done == [slot]
+
+
+def test_a_worker_holding_an_item_behind_a_closed_gate_ends_when_halted_leaving_it_undone() -> None:
+    done: list[Slot] = []
+    ran = threading.Event()
+    dispatcher = Dispatcher(
+        max_workers=1,
+        decoder=None,  # type: ignore[arg-type]
+        middleware=(),
+        on_done=done.extend,
+        on_fatal=lambda exc: None,
+        dead_letters=None,
+        bus_name="t",
+        lock=threading.RLock(),
+        gate=lambda: False,  # the partition is given up
+    )
+    sub = Subscription(lambda ev: ran.set(), name="s", index=0)
+    event = me.ChangeEvent.from_raw(
+        {
+            "_id": {"_data": "01"},
+            "operationType": "insert",
+            "ns": {"db": "d", "coll": "c"},
+            "documentKey": {"_id": 1},
+        }
+    )
+    dispatcher.start()
+    dispatcher.enqueue(WorkItem(sub, event, Tracker(10).begin("t1", None, 1, event.id), None, None))
+    dispatcher.halt()
+    assert dispatcher.join(time.monotonic() + 5)  # the worker ended at the halt
+    assert not ran.is_set() and not done  # undone: the next owner delivers it

@@ -147,3 +147,32 @@ def make_status(**values: Any) -> Any:
         "interval": 5.0,
     }
     return ConsumerStatus(**{**defaults, **values})
+
+
+def make_dispatcher(done: list[Any], **options: Any) -> Any:
+    """A one-worker :class:`Dispatcher` whose finished slots are appended to ``done``; ``options``
+    override its arguments (``gate``, ``lock``, ...). Nothing is decoded."""
+    from mongo_events.dispatch import Dispatcher
+
+    arguments: dict[str, Any] = {
+        "max_workers": 1,
+        "decoder": None,
+        "middleware": (),
+        "on_done": done.extend,
+        "on_fatal": lambda exc: None,
+        "dead_letters": None,
+        "bus_name": "t",
+        "lock": threading.RLock(),
+    }
+    return Dispatcher(**{**arguments, **options})
+
+
+def change_event(n: int) -> me.ChangeEvent:
+    """An insert of document 1 in ``d.c`` whose token is ``n``."""
+    raw = {
+        "_id": {"_data": f"{n:04d}"},
+        "operationType": "insert",
+        "ns": {"db": "d", "coll": "c"},
+        "documentKey": {"_id": 1},
+    }
+    return me.ChangeEvent.from_raw(raw)

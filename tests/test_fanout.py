@@ -15,11 +15,11 @@ import pymongo
 import pytest
 
 import mongo_events as me
-from mongo_events.dispatch import Dispatcher, FanOut, WorkItem
+from mongo_events.dispatch import FanOut, WorkItem
 from mongo_events.subscription import Subscription
 from mongo_events.tracking import Slot, Tracker
 
-from .helpers import QUICK, Recorder
+from .helpers import QUICK, Recorder, change_event, make_dispatcher
 
 
 def test_a_retrying_subscription_does_not_hold_back_another_on_the_same_document(
@@ -53,7 +53,7 @@ def test_a_retrying_subscription_does_not_hold_back_another_on_the_same_document
     assert bus.join(10)
 
 
-def test_a_blocked_subscription_does_not_hold_back_another_on_the_same_event(
+def test_a_blocked_subscription_does_not_hold_back_another_on_the_samechange_event(
     client: pymongo.MongoClient[Any], make_bus: Any
 ) -> None:
     """The first subscription blocks in its callback; an idle worker takes the other's part of
@@ -220,44 +220,21 @@ def test_middleware_and_current_delivery_stay_per_subscription(
 # -- the lanes, without threads ---------------------------------------------------------------------
 
 
-def _dispatcher(done: list[Slot]) -> Dispatcher:
-    return Dispatcher(
-        max_workers=1,
-        decoder=None,  # type: ignore[arg-type]  # nothing is decoded here
-        middleware=(),
-        on_done=done.extend,
-        on_fatal=lambda exc: None,
-        dead_letters=None,
-        bus_name="t",
-        lock=threading.RLock(),
-    )
-
-
-def _event(n: int) -> me.ChangeEvent:
-    raw = {
-        "_id": {"_data": f"{n:04d}"},
-        "operationType": "insert",
-        "ns": {"db": "d", "coll": "c"},
-        "documentKey": {"_id": 1},
-    }
-    return me.ChangeEvent.from_raw(raw)
-
-
 def test_a_document_idle_gets_one_item_and_a_busy_one_gets_per_subscription_lanes() -> None:
     done: list[Slot] = []
-    dispatcher = _dispatcher(done)
+    dispatcher = make_dispatcher(done)
     tracker = Tracker(100)
     a, b = Subscription(lambda ev: None, name="a", index=0), Subscription(lambda ev: None, name="b", index=1)
     runnable: list[WorkItem | FanOut] = []
     first = tracker.begin("t1", None, 2, "1")
-    dispatcher.fan_out([a, b], _event(1), first, "doc", None, runnable)
+    dispatcher.fan_out([a, b], change_event(1), first, "doc", None, runnable)
     (fan,) = runnable
     assert isinstance(fan, FanOut)
     # "a" finished its part; "b" has not: a second event of the document runs for "a" only.
     fan.finished.append(a)
     runnable.clear()
     second = tracker.begin("t2", None, 2, "2")
-    dispatcher.fan_out([a, b], _event(2), second, "doc", None, runnable)
+    dispatcher.fan_out([a, b], change_event(2), second, "doc", None, runnable)
     assert [(item.sub.name, item.slot) for item in runnable if isinstance(item, WorkItem)] == [("a", second)]
     assert done == [first]  # "a"'s part of the first was reported on the way
     # "b" finishes the first: its part of the second becomes runnable, and the first is done.
@@ -272,5 +249,5 @@ def test_a_document_idle_gets_one_item_and_a_busy_one_gets_per_subscription_lane
     dispatcher.drain()
     assert done == [first, first, second, second]
     runnable.clear()
-    dispatcher.fan_out([a, b], _event(3), tracker.begin("t3", None, 2, "3"), "doc", None, runnable)
+    dispatcher.fan_out([a, b], change_event(3), tracker.begin("t3", None, 2, "3"), "doc", None, runnable)
     assert len(runnable) == 1 and isinstance(runnable[0], FanOut)

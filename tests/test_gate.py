@@ -11,11 +11,12 @@ from typing import Any
 
 import pymongo
 
-import mongo_events as me
-from mongo_events.dispatch import Dispatcher, WorkItem
+from mongo_events.dispatch import WorkItem
 from mongo_events.subscription import Subscription
 from mongo_events.tracking import Slot, Tracker
 from mongo_events.watcher import Position, Watcher
+
+from .helpers import change_event, make_dispatcher
 
 
 def test_an_event_declined_while_not_stopping_is_offered_again_and_no_token_passes_it(
@@ -83,26 +84,9 @@ def test_a_worker_holds_an_item_while_the_gate_is_closed_and_runs_it_when_it_ope
     ran = threading.Event()
     gate = threading.Event()  # closed
     lock = threading.RLock()
-    dispatcher = Dispatcher(
-        max_workers=1,
-        decoder=None,  # type: ignore[arg-type]  # nothing is decoded here
-        middleware=(),
-        on_done=done.extend,
-        on_fatal=lambda exc: None,
-        dead_letters=None,
-        bus_name="t",
-        lock=lock,
-        gate=gate.is_set,
-    )
+    dispatcher = make_dispatcher(done, lock=lock, gate=gate.is_set)
     sub = Subscription(lambda ev: ran.set(), name="s", index=0)
-    event = me.ChangeEvent.from_raw(
-        {
-            "_id": {"_data": "01"},
-            "operationType": "insert",
-            "ns": {"db": "d", "coll": "c"},
-            "documentKey": {"_id": 1},
-        }
-    )
+    event = change_event(1)
     slot = Tracker(10).begin("t1", None, 1, event.id)
     dispatcher.start()
     try:
@@ -122,26 +106,9 @@ def test_a_worker_holds_an_item_while_the_gate_is_closed_and_runs_it_when_it_ope
 def test_a_worker_holding_an_item_behind_a_closed_gate_ends_when_halted_leaving_it_undone() -> None:
     done: list[Slot] = []
     ran = threading.Event()
-    dispatcher = Dispatcher(
-        max_workers=1,
-        decoder=None,  # type: ignore[arg-type]
-        middleware=(),
-        on_done=done.extend,
-        on_fatal=lambda exc: None,
-        dead_letters=None,
-        bus_name="t",
-        lock=threading.RLock(),
-        gate=lambda: False,  # the partition is given up
-    )
+    dispatcher = make_dispatcher(done, gate=lambda: False)  # the partition is given up
     sub = Subscription(lambda ev: ran.set(), name="s", index=0)
-    event = me.ChangeEvent.from_raw(
-        {
-            "_id": {"_data": "01"},
-            "operationType": "insert",
-            "ns": {"db": "d", "coll": "c"},
-            "documentKey": {"_id": 1},
-        }
-    )
+    event = change_event(1)
     dispatcher.start()
     dispatcher.enqueue(WorkItem(sub, event, Tracker(10).begin("t1", None, 1, event.id), None, None))
     dispatcher.halt()

@@ -89,7 +89,7 @@ def test_each_change_is_handled_by_one_member_in_document_order(
     for bus in buses:
         bus.start()
     # Given three members that have settled on two partitions each
-    wait_for(lambda: spread(buses, 6), timeout=10)
+    assert wait_for(lambda: spread(buses, 6), timeout=10), [held(b) for b in buses]
     assert {b.health().group.mode for b in buses} == {mode}  # type: ignore[union-attr]
     # When 40 documents are inserted and updated twice each
     coll = client.shop.orders
@@ -98,7 +98,7 @@ def test_each_change_is_handled_by_one_member_in_document_order(
     for v in (1, 2):
         for i in range(40):
             coll.update_one({"_id": i}, {"$set": {"v": v}})
-    wait_for(lambda: len(log.snapshot()) >= 120, timeout=15)
+    assert wait_for(lambda: len(log.snapshot()) >= 120, timeout=30), len(log.snapshot())
     items = log.snapshot()
     # Then every change was handled exactly once, by the member holding its partition, in order
     assert len(items) == 120
@@ -120,12 +120,13 @@ def test_members_rebalance_when_one_joins_and_when_one_leaves(members: Callable[
     # taken at a later poll, every ttl / 12)
     assert wait_for(lambda: held(first) == {0, 1, 2, 3}, timeout=10.0)
     second = members("second", log).start()
-    # A join: the first releases its surplus, the second takes it (within 2 x lease_ttl)
-    wait_for(lambda: spread([first, second], 4), timeout=3.0)
+    # A join: the first releases its surplus, the second takes it (within 2 x lease_ttl when
+    # no lease call times out; a timed-out one is retried at the next poll)
+    assert wait_for(lambda: spread([first, second], 4), timeout=10.0), (held(first), held(second))
     assert len(held(first)) == len(held(second)) == 2
     # A clean leave: the other takes everything back at its next poll
     second.stop()
-    wait_for(lambda: held(first) == {0, 1, 2, 3}, timeout=3.0)
+    assert wait_for(lambda: held(first) == {0, 1, 2, 3}, timeout=10.0), held(first)
     assert second.health().group.lease_state == "stopped"  # type: ignore[union-attr]
 
 
@@ -141,11 +142,13 @@ def test_active_standby_clean_stop_hands_over_before_the_lease_could_expire(
     assert standby.health().group.lease_state == "standby"  # type: ignore[union-attr]
     assert standby.health().status == "healthy"
     client.shop.orders.insert_one({"_id": "before"})
-    wait_for(lambda: len(log.snapshot()) == 1)
+    assert wait_for(lambda: len(log.snapshot()) == 1, timeout=10.0), log.snapshot()
     active.stop()
-    wait_for(lambda: held(standby) == {0}, timeout=5.0)  # a poll is 2.5 s here; expiry would take 30 s
+    # A poll is 2.5 s here; the lease, renewed every 10 s, would expire 20 to 30 s after the
+    # stop: taking it within 15 s proves the release (a lease call may time out, after 5 s).
+    assert wait_for(lambda: held(standby) == {0}, timeout=15.0), held(standby)
     client.shop.orders.insert_one({"_id": "after"})
-    wait_for(lambda: len(log.snapshot()) == 2)
+    assert wait_for(lambda: len(log.snapshot()) == 2, timeout=10.0), log.snapshot()
     assert [(m, d) for m, d, _ in log.snapshot()] == [("active", "before"), ("standby", "after")]
 
 
@@ -173,8 +176,8 @@ def test_a_refused_fenced_write_stops_the_partition_without_failing_the_bus(
         caplog.set_level(logging.WARNING, logger="mongo_events")
         # When this member handles an event and flushes its checkpoint
         db.orders.insert_one({"_id": 1})
-        wait_for(lambda: len(log.snapshot()) == 1)
-        wait_for(lambda: held(bus) == set(), timeout=5.0)
+        assert wait_for(lambda: len(log.snapshot()) == 1, timeout=10.0), log.snapshot()
+        assert wait_for(lambda: held(bus) == set(), timeout=10.0), held(bus)
         # Then the write was refused, the partition stopped, the bus runs on
         assert any("taken over by another member" in r.getMessage() for r in caplog.records)
         assert bus.state is me.BusState.RUNNING and bus.error is None
@@ -182,7 +185,7 @@ def test_a_refused_fenced_write_stops_the_partition_without_failing_the_bus(
         assert stored is not None and stored["fence"] == 2 and stored["marker"] == "theirs"
         # and it delivers nothing more of that partition
         db.orders.insert_one({"_id": 2})
-        wait_for(lambda: len(witness_log.snapshot()) == 2)
+        assert wait_for(lambda: len(witness_log.snapshot()) == 2, timeout=10.0), witness_log.snapshot()
         assert bus.flush()
         assert [d for _, d, _ in log.snapshot()] == [1]
     finally:
@@ -241,8 +244,12 @@ def test_health_and_metrics_report_the_group(members: Callable[..., me.Bus]) -> 
         metrics = me.Metrics(meter_provider=provider)
         log = Log()
         first = members("first", log, metrics=metrics).start()
+        # Alone, it takes every partition first (its share counted once): a second member
+        # joining while the first's lease calls still time out would make the two compute
+        # their shares from different holders for a poll, and change them once more.
+        assert wait_for(lambda: held(first) == {0, 1, 2, 3}, timeout=10.0), held(first)
         second = members("second", log, metrics=metrics).start()
-        wait_for(lambda: spread([first, second], 4), timeout=3.0)
+        assert wait_for(lambda: spread([first, second], 4), timeout=10.0), (held(first), held(second))
         status = first.health().group
         assert status is not None
         assert (status.name, status.partitions, status.members, status.lease_state) == (
@@ -288,16 +295,16 @@ def test_a_database_group_does_not_see_its_own_lease_and_checkpoint_writes(
         for i in range(10):
             client.shop.orders.insert_one({"_id": i})
         client.shop.users.insert_one({"_id": "u"})
-        wait_for(lambda: len(got.snapshot()) >= 11, timeout=10)
+        assert wait_for(lambda: len(got.snapshot()) >= 11, timeout=10), got.snapshot()
         assert bus.flush()  # checkpoint writes
         leases = client.shop["_event_leases"]
         renewed = {d["_id"]: d["renewed_at"] for d in leases.find({"_id": {"$regex": "^db:"}})}
         assert len(renewed) == 2
-        wait_for(  # and a renewal of every partition's lease (every lease_ttl / 3)
-            lambda: all(leases.find_one({"_id": k})["renewed_at"] > t for k, t in renewed.items()), timeout=5
-        )
+        assert wait_for(  # and a renewal of every partition's lease (every lease_ttl / 3)
+            lambda: all(leases.find_one({"_id": k})["renewed_at"] > t for k, t in renewed.items()), timeout=10
+        ), renewed
         client.shop.users.insert_one({"_id": "last"})
-        wait_for(lambda: ("users", "last", 0) in got.snapshot(), timeout=10)
+        assert wait_for(lambda: ("users", "last", 0) in got.snapshot(), timeout=10), got.snapshot()
         assert sorted((c, str(d)) for c, d, _ in got.snapshot()) == sorted(
             [("orders", str(i)) for i in range(10)] + [("users", "u"), ("users", "last")]
         )
@@ -327,11 +334,11 @@ def test_events_without_a_document_key_go_to_partition_0_and_every_partition_con
     coll = client.shop.orders
     for i in range(6):
         coll.insert_one({"_id": i})
-    wait_for(lambda: len([g for g in got if g[0] == "insert"]) == 6, timeout=10)
+    assert wait_for(lambda: len([g for g in got if g[0] == "insert"]) == 6, timeout=10), got
     coll.drop()
     for i in range(6, 12):  # after the invalidate, every partition's stream continues
         coll.insert_one({"_id": i})
-    wait_for(lambda: len([g for g in got if g[0] == "insert"]) == 12, timeout=15)
+    assert wait_for(lambda: len([g for g in got if g[0] == "insert"]) == 12, timeout=15), got
     assert bus.flush()
     with lock:
         seen = list(got)
@@ -365,7 +372,7 @@ def test_checkpoint_operations_act_on_every_partition_key(
     bus.start()
     for i in range(10):
         client.shop.orders.insert_one({"_id": i, "v": 0})
-    wait_for(lambda: len(log.snapshot()) == 10)
+    assert wait_for(lambda: len(log.snapshot()) == 10, timeout=10), log.snapshot()
     bus.stop()
     tokens = client.shop["_event_resume_tokens"]
     assert {d["_id"] for d in tokens.find({"_id": {"$regex": "^billing:"}})} == set(bus.checkpoint_keys)
@@ -376,7 +383,7 @@ def test_checkpoint_operations_act_on_every_partition_key(
     second = members("ops2", again, partitions=3)
     second.start()
     client.shop.orders.insert_one({"_id": 10, "v": 0})
-    assert wait_for(lambda: [d for _, d, _ in again.snapshot()] == [10])
+    assert wait_for(lambda: [d for _, d, _ in again.snapshot()] == [10], timeout=10), again.snapshot()
     second.stop()
     assert [d for _, d, _ in again.snapshot()] == [10]
     plain = me.Bus(client.shop.orders, resume_token_id="x")
@@ -439,7 +446,7 @@ def test_a_rebalance_with_blocked_callbacks_keeps_the_other_leases(
         assert wait_for(lambda: len(started.snapshot()) == 8, timeout=10)
         # When a second member joins, the first releases four partitions whose callbacks never return
         second = make("second").start()
-        wait_for(lambda: spread([first, second], 8), timeout=10)
+        assert wait_for(lambda: spread([first, second], 8), timeout=10), (held(first), held(second))
         # Then the four releases took ttl / 6 together (one at a time, each waiting for its
         # callbacks, they would hold the member's thread past the give-up time of its other
         # leases), and the first kept (renewed) its other leases

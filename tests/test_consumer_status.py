@@ -46,7 +46,9 @@ def test_a_running_bus_publishes_the_numbers_of_its_health(
     seen.wait(2)
     assert wait_for(lambda: letters.count() == 1)
     # Then the next heartbeat carries the counts: 2 processed, 2 failed attempts, 1 dead letter.
-    (status,) = wait_for(lambda: [s for s in store.list() if s.processed == 2 and s.dead_lettered == 1])
+    found = wait_for(lambda: [s for s in store.list() if s.processed == 2 and s.dead_lettered == 1], 10)
+    assert found, store.list()  # (an unpacking of [] would only say "not enough values")
+    (status,) = found
     assert status.bus == "orders" and status.state == "running" and status.status in ("healthy", "degraded")
     assert status.failed == 2 and status.group is None and list(status.partitions) == []
     assert status.checkpoint_key == bus.resume_token_key and status.namespace == "shop.orders"

@@ -61,7 +61,7 @@ def test_middleware_skip_finishes_the_delivery_without_the_callback(
     bus.subscribe(lambda ev: rec.add(ev.document_id), name="handle", max_retries=3, retry_backoff=QUICK)
     bus.start()
     client.shop.orders.insert_many([{"_id": i} for i in range(6)])
-    wait_for(lambda: len(outer.after) == 6, 10)
+    assert wait_for(lambda: len(outer.after) == 6, 10), outer.after
     assert bus.join(10)
     assert sorted(rec.items) == [0, 2, 4]  # odd ones never reached the callback
     assert sorted(skipper.skipped) == [(1, "odd"), (3, "odd"), (5, "odd")]  # once each: not retried

@@ -87,6 +87,20 @@ class GroupConfig:
     #: The cluster time the group was created (its first member joined); a partition without
     #: a checkpoint starts there. ``None`` for groups created before 0.2 or in memory.
     started_at: Timestamp | None = attrs.field(default=None, eq=False)
+    #: What the group watches (``db.coll``, ``db.*`` or ``*.*``): a group is a name *and* a
+    #: target, so buses of one name on different collections are separate groups, each with its
+    #: own members, partition count and group document. ``None``: the name alone (the store's
+    #: building blocks used directly).
+    namespace: str | None = attrs.field(default=None, kw_only=True)
+
+    @property
+    def document_key(self) -> str:
+        """The group document's key: ``"group:<name>:<namespace>"`` (``"group:<name>"`` without one)."""
+        return f"group:{self.name}" if self.namespace is None else f"group:{self.name}:{self.namespace}"
+
+    def describe(self) -> str:
+        """``'billing' on shop.orders`` (for messages)."""
+        return repr(self.name) if self.namespace is None else f"{self.name!r} on {self.namespace}"
 
 
 class LeaseStore(abc.ABC):
@@ -147,7 +161,10 @@ def mismatch(stored: GroupConfig, wanted: GroupConfig) -> GroupMismatch | None:
     if (stored.partitions, stored.mode) == (wanted.partitions, wanted.mode):
         return None
     return GroupMismatch(
-        f"consumer group {wanted.name!r} has partitions={stored.partitions} and mode={stored.mode.value!r}, "
+        f"consumer group {wanted.describe()} has partitions={stored.partitions} and mode={stored.mode.value!r}, "
         f"but this member has partitions={wanted.partitions} and mode={wanted.mode.value!r}. Members of a "
-        "group must agree (each partition is one checkpoint); stop every member to change it"
+        "group must agree (each partition is one checkpoint). They are fixed for the group's lifetime: its "
+        f"document {wanted.document_key!r} in the lease collection keeps them after every member stopped. "
+        "Start this member with the group's values, or change them as README.rst's \"Changing a group's "
+        "partitions\" says (stop every member, delete that document, rewind the new partitions' checkpoints)"
     )

@@ -96,8 +96,10 @@ class GroupMember:
         if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
             raise ValueError(f"partitions must be a positive int, not {partitions!r}")
         self.store = store
-        self.config = GroupConfig(group, partitions, PartitionMode(mode))
+        self.config = GroupConfig(group, partitions, PartitionMode(mode), namespace=namespace)
         self.namespace = namespace
+        #: ``"<group> on <namespace>"``, for log lines (one process may run several groups of one name).
+        self.label = f"{group} on {namespace}"
         self.ttl = float(ttl)
         self.poll_interval = float(poll_interval) if poll_interval is not None else self.ttl / 12
         self.owner = owner or Owner.here()
@@ -146,7 +148,9 @@ class GroupMember:
         return partition_key(self.config.name, self.namespace, 0)[:-1]
 
     def _member_prefix(self) -> str:
-        return f"{self.config.name}/members/"
+        # The group's name *and* target: members of one name on other collections are not
+        # members of this group (they would be given partitions they never take).
+        return f"{self.config.name}:{self.namespace}/members/"
 
     # -- one step --------------------------------------------------------
 
@@ -166,7 +170,7 @@ class GroupMember:
                     log.warning(
                         "group %s: %s could not join yet, it takes no partition until it does"
                         " (trying again at every poll): %s",
-                        self.config.name,
+                        self.label,
                         self.owner,
                         describe(exc),
                     )
@@ -180,7 +184,7 @@ class GroupMember:
                 with self._bounded():
                     holders = self.store.live(self._partition_prefix())
             except StoreError as exc:
-                log.warning("group %s: could not read the members: %s", self.config.name, describe(exc))
+                log.warning("group %s: could not read the members: %s", self.label, describe(exc))
                 self._give_up_overdue()
                 return
             ids = {owner.id for owner in live.values()} | {self.owner.id}
@@ -214,7 +218,7 @@ class GroupMember:
             with self._bounded():
                 lease = self.store.acquire(self._member_prefix() + self.owner.id, self.owner, self.ttl)
         except StoreError as exc:
-            log.warning("group %s: heartbeat failed: %s", self.config.name, describe(exc))
+            log.warning("group %s: heartbeat failed: %s", self.label, describe(exc))
             return
         if lease is not None:
             self._heartbeat = lease
@@ -227,13 +231,13 @@ class GroupMember:
             with self._bounded():
                 lease = self.store.acquire(self.key(p), self.owner, self.ttl)
         except StoreError as exc:
-            log.warning("group %s: could not take partition %d: %s", self.config.name, p, describe(exc))
+            log.warning("group %s: could not take partition %d: %s", self.label, p, describe(exc))
             return
         if lease is None:
             return  # still held by its previous owner: it releases it, or it expires
         self._leases[p] = lease
         self._timers[p] = LeaseTimer(self.ttl, sent)
-        log.info("group %s: %s took partition %d (fence %d)", self.config.name, self.owner, p, lease.fence)
+        log.info("group %s: %s took partition %d (fence %d)", self.label, self.owner, p, lease.fence)
         self.on_assigned(p, lease.fence)
 
     def _renew(self, p: int) -> None:
@@ -246,7 +250,7 @@ class GroupMember:
             with self._bounded():
                 kept = self.store.renew(lease, self.ttl)
         except StoreError as exc:
-            log.warning("group %s: could not renew partition %d: %s", self.config.name, p, describe(exc))
+            log.warning("group %s: could not renew partition %d: %s", self.label, p, describe(exc))
             return  # _give_up_overdue stops it if this goes on
         if kept:
             self._timers[p].renewed(sent)
@@ -265,9 +269,7 @@ class GroupMember:
                 with self._bounded():
                     self.store.release(lease)
             except StoreError as exc:  # it expires by itself
-                log.warning(
-                    "group %s: could not release partition %d: %s", self.config.name, p, describe(exc)
-                )
+                log.warning("group %s: could not release partition %d: %s", self.label, p, describe(exc))
 
     def drop(self, partition: int, why: str) -> None:
         """Give ``partition`` up without releasing its lease (a fenced write showed that another
@@ -279,7 +281,7 @@ class GroupMember:
 
     def _lose(self, p: int, why: str) -> None:
         self._forget(p)
-        log.warning("group %s: %s gives up partition %d: %s", self.config.name, self.owner, p, why)
+        log.warning("group %s: %s gives up partition %d: %s", self.label, self.owner, p, why)
         self.on_revoked(p)
 
     def _forget(self, p: int) -> None:
@@ -336,7 +338,7 @@ class GroupMember:
         if self._on_fatal is not None:
             self._on_fatal(error)
         else:
-            log.error("group %s: member %s stopped: %s", self.config.name, self.owner, describe(error))
+            log.error("group %s: member %s stopped: %s", self.label, self.owner, describe(error))
 
     def stop(self, timeout: float = 5.0) -> bool:
         """Stop ticking, revoke and release every partition and the heartbeat at once (a clean
@@ -357,15 +359,13 @@ class GroupMember:
                 try:
                     self._release(p)
                 except Exception:  # one failing callback must not keep the other leases
-                    log.exception("group %s: revoking partition %d failed", self.config.name, p)
+                    log.exception("group %s: revoking partition %d failed", self.label, p)
             if self._heartbeat is not None:
                 try:
                     with self._bounded():
                         self.store.release(self._heartbeat)
                 except StoreError as exc:
-                    log.warning(
-                        "group %s: could not release the heartbeat: %s", self.config.name, describe(exc)
-                    )
+                    log.warning("group %s: could not release the heartbeat: %s", self.label, describe(exc))
                 self._heartbeat = None
                 self._heartbeat_timer = None
             self._share = frozenset()

@@ -33,7 +33,7 @@ class MemoryLeaseStore(LeaseStore):
         self._clock = clock
         self._lock = threading.Lock()
         self._leases: dict[str, _Entry] = {}
-        self._groups: dict[str, GroupConfig] = {}
+        self._groups: dict[str, GroupConfig] = {}  # by GroupConfig.document_key
         self.writes = 0
 
     def acquire(self, key: str, owner: Owner, ttl: float) -> Lease | None:
@@ -84,7 +84,7 @@ class MemoryLeaseStore(LeaseStore):
 
     def join_group(self, config: GroupConfig) -> GroupConfig:
         with self._lock:
-            stored = self._groups.setdefault(config.name, config)
+            stored = self._groups.setdefault(config.document_key, config)
         problem = mismatch(stored, config)
         if problem is not None:
             raise problem

@@ -28,7 +28,7 @@ _UNEXPIRED = {"$expr": {"$lte": [{"$subtract": ["$$NOW", "$renewed_at"]}, "$ttl_
 
 class MongoLeaseStore(LeaseStore):
     """Lease documents ``{_id: key, owner: {host, pid, id} | null, fence, renewed_at, ttl_ms}``
-    and group documents ``{_id: "group:<name>", partitions, mode}``.
+    and group documents ``{_id: "group:<name>:<namespace>", partitions, mode, started_at}``.
 
     Every write is one ``find_one_and_update`` (or ``update_one``) with ``w: "majority"``:
     a lease write that a failover rolls back must never make two owners. ``renewed_at`` is
@@ -100,27 +100,33 @@ class MongoLeaseStore(LeaseStore):
         return int(doc.get("fence", 0)) if doc else 0
 
     def join_group(self, config: GroupConfig) -> GroupConfig:
-        key = "group:" + config.name
+        key = config.document_key
         fields: dict[str, Any] = {"partitions": config.partitions, "mode": config.mode.value}
         # The server's cluster time now, kept by the first member only ($setOnInsert).
-        now = self._call(f"join group {config.name!r}", lambda: self.collection.database.command("ping"))
+        now = self._call(f"join group {config.describe()}", lambda: self.collection.database.command("ping"))
         if isinstance(now.get("operationTime"), Timestamp):
             fields["started_at"] = now["operationTime"]
         doc = self._call(
-            f"join group {config.name!r}",
+            f"join group {config.describe()}",
             lambda: self.collection.find_one_and_update(
                 {"_id": key}, {"$setOnInsert": fields}, upsert=True, return_document=ReturnDocument.AFTER
             ),
         )
         if doc is None:  # an upsert returning the new document always finds one
             raise StoreError(
-                f"group {config.name!r} in {self.collection.full_name}: the server returned no document"
+                f"group {config.describe()} in {self.collection.full_name}: the server returned no document"
             )
         try:
             started = doc.get("started_at")
             if started is not None and not isinstance(started, Timestamp):
                 raise TypeError(f"started_at is a {type(started).__name__}, not a Timestamp")
-            stored = GroupConfig(config.name, int(doc["partitions"]), PartitionMode(doc["mode"]), started)
+            stored = GroupConfig(
+                config.name,
+                int(doc["partitions"]),
+                PartitionMode(doc["mode"]),
+                started,
+                namespace=config.namespace,
+            )
         except (KeyError, TypeError, ValueError) as exc:
             # A mismatch, not a store failure: fatal at start, never retried at every poll.
             raise GroupMismatch(

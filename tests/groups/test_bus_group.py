@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
 from typing import Any
 
 import pymongo
@@ -221,6 +223,12 @@ def test_a_member_with_another_partition_mode_is_refused(
         ({"group": "g", "partitions": True}, "partitions"),
         ({"group": "g", "lease_ttl": 0}, "lease_ttl"),
         ({"group": "g", "lease_ttl": float("inf")}, "lease_ttl"),
+        ({"group": "g", "lease_ttl": 0.001}, "at least 0.5 s"),  # never joins, floods the log
+        ({"lease_ttl": 0.1}, "at least 0.5 s"),  # checked without a group too
+        ({"group": "billing "}, "leading or trailing spaces"),  # would be a group of its own
+        ({"group": " "}, "leading or trailing spaces"),
+        ({"group": "a\nb"}, "printable"),
+        ({"group": "g" * 101}, "at most 100"),
         ({"partitions": 4}, "also pass group"),
         ({"group": "g", "resume": False}, "resume=False"),
         ({"group": "g", "partitions": 2, "snapshot": "initial"}, "snapshot"),
@@ -232,6 +240,43 @@ def test_group_options_are_checked_where_given(
 ) -> None:
     with pytest.raises(me.ConfigurationError, match=message):
         me.Bus(client.shop.orders, **options)
+
+
+def test_buses_of_one_group_name_on_different_collections_are_separate_groups(
+    client: pymongo.MongoClient[Any],
+) -> None:
+    # One group name for every bus of an app (Flask's MONGO_EVENTS_GROUP, Django's GROUP):
+    # the members of one collection must not count as members of the other's group, which
+    # gave the other's partitions to a member that never takes them (nothing delivered, no
+    # warning), nor must the two share one partition count.
+    got = Log()
+    buses = []
+    try:
+        for coll, partitions in (("orders", 2), ("invoices", 1)):
+            bus = me.Bus(client.shop[coll], **FAST, group="web", partitions=partitions, lease_ttl=1.5)
+            bus.subscribe(functools.partial(lambda c, e: got.add(c, e.document_key["_id"], 0), coll))
+            buses.append(bus.start())
+        orders, invoices = buses
+        assert wait_for(lambda: held(orders) == {0, 1} and held(invoices) == {0}, timeout=10), (
+            held(orders),
+            held(invoices),
+        )
+        assert orders.health().group.members == invoices.health().group.members == 1  # type: ignore[union-attr]
+        for i in range(10):
+            client.shop.orders.insert_one({"_id": i})
+            client.shop.invoices.insert_one({"_id": i})
+        assert wait_for(lambda: len(got.snapshot()) == 20, timeout=10), got.snapshot()
+        assert sorted((c, d) for c, d, _ in got.snapshot()) == sorted(
+            [("invoices", i) for i in range(10)] + [("orders", i) for i in range(10)]
+        )
+        docs = {d["_id"]: d for d in client.shop["_event_leases"].find({"_id": {"$regex": "^group:"}})}
+        assert {k: v["partitions"] for k, v in docs.items()} == {
+            "group:web:shop.orders": 2,
+            "group:web:shop.invoices": 1,
+        }
+    finally:
+        for bus in buses:
+            bus.stop(timeout=5)
 
 
 def test_health_and_metrics_report_the_group(members: Callable[..., me.Bus]) -> None:
@@ -298,7 +343,9 @@ def test_a_database_group_does_not_see_its_own_lease_and_checkpoint_writes(
         assert wait_for(lambda: len(got.snapshot()) >= 11, timeout=10), got.snapshot()
         assert bus.flush()  # checkpoint writes
         leases = client.shop["_event_leases"]
-        renewed = {d["_id"]: d["renewed_at"] for d in leases.find({"_id": {"$regex": "^db:"}})}
+        renewed = {
+            d["_id"]: d["renewed_at"] for d in leases.find({"_id": {"$regex": "^db:.*#"}})
+        }  # the partitions
         assert len(renewed) == 2
         assert wait_for(  # and a renewal of every partition's lease (every lease_ttl / 3)
             lambda: all(leases.find_one({"_id": k})["renewed_at"] > t for k, t in renewed.items()), timeout=10
@@ -403,7 +450,7 @@ def test_a_partition_without_a_checkpoint_starts_where_the_group_began(
         if group_runtime.server_supports_hashed_keys(client.shop.orders)
         else PartitionMode.CLIENT
     )
-    joined = leases.join_group(GroupConfig("billing", 2, mode))
+    joined = leases.join_group(GroupConfig("billing", 2, mode, namespace="shop.orders"))
     assert joined.started_at is not None
     client.shop.orders.insert_many([{"_id": i, "v": 0} for i in range(20)])
     log = Log()
@@ -459,3 +506,48 @@ def test_a_rebalance_with_blocked_callbacks_keeps_the_other_leases(
                 bus.stop(timeout=5)
             except me.ShutdownTimeout:
                 pass
+
+
+def test_changing_a_group_s_partitions_as_the_readme_says_loses_nothing(
+    members: Callable[..., me.Bus],
+    client: pymongo.MongoClient[Any],
+    fake_rs: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # README "Changing a group's partitions", step by step, from 2 partitions to 3.
+    from bson import json_util
+
+    from mongo_events.cli import main
+
+    def cli(*argv: str) -> tuple[int, list[Any]]:
+        code = main(["tokens", *argv, "--uri", fake_rs.uri, "--db", "shop"])
+        out = capsys.readouterr().out
+        return code, [json_util.loads(line) for line in out.splitlines() if line.strip()]
+
+    log = Log()
+    old = members("old", log, partitions=2)
+    old.start()
+    client.shop.orders.insert_many([{"_id": i, "v": 0} for i in range(10)])
+    assert wait_for(lambda: len(log.snapshot()) == 10, timeout=10), log.snapshot()
+    old.stop()  # 1. stop every member
+    client.shop.orders.insert_many([{"_id": i, "v": 0} for i in range(10, 20)])  # while stopped
+    with pytest.raises(GroupMismatch, match="Changing a group's partitions"):
+        members("refused", Log(), partitions=3).start()
+    # 2. the oldest checkpoint of the group's partitions
+    code, shown = cli("show")
+    times = [d["cluster_time"] for d in shown if d["key"].startswith("billing:shop.orders#")]
+    assert code == 0 and len(times) == 2, shown
+    oldest = datetime.fromtimestamp(min(times).time, timezone.utc).isoformat().replace("+00:00", "Z")
+    # 3. delete the group document
+    assert client.shop["_event_leases"].delete_one({"_id": "group:billing:shop.orders"}).deleted_count == 1
+    # 4. every new partition restarts at that time
+    for p in range(3):
+        assert cli("rewind", "--key", f"billing:shop.orders#{p}", "--to", oldest, "--yes")[0] == 0
+    # 5. start the members with the new count
+    again = Log()
+    members("new", again, partitions=3).start()
+    assert wait_for(lambda: {d for _, d, _ in again.snapshot()} >= set(range(10, 20)), timeout=15), (
+        again.snapshot()
+    )
+    doc = client.shop["_event_leases"].find_one({"_id": "group:billing:shop.orders"})
+    assert doc is not None and doc["partitions"] == 3

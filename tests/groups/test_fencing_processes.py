@@ -118,7 +118,10 @@ def test_a_clean_stop_hands_over_at_once(server_uri: str, tmp_path: Path) -> Non
         b = _member(server_uri, "B", log_b)
         members = pymongo.MongoClient(server_uri, **CLIENT_OPTIONS).db["_event_leases"]
         assert wait_for(
-            lambda: members.count_documents({"_id": {"$regex": "^g/members/"}, "owner": {"$ne": None}}) == 2,
+            lambda: (
+                members.count_documents({"_id": {"$regex": "^g:db.orders/members/"}, "owner": {"$ne": None}})
+                == 2
+            ),
             timeout=30,
         )
         heartbeats_seen = members.find_one({"_id": "g:db.orders#0"})

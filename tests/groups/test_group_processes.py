@@ -81,7 +81,7 @@ class Cluster:
         """The member's heartbeat lease is in the store (it is a live member others see)."""
         return (
             self.client["grp"]["_event_leases"].count_documents(
-                {"_id": {"$regex": "^workers/members/"}, "owner.pid": proc.pid}
+                {"_id": {"$regex": "^workers:grp.orders/members/"}, "owner.pid": proc.pid}
             )
             > 0
         )

@@ -157,6 +157,22 @@ def test_the_group_document_refuses_a_mismatch(subject: Subject) -> None:
     assert subject.store.join_group(GroupConfig("other", 4, PartitionMode.CLIENT)).partitions == 4
 
 
+def test_a_group_is_a_name_and_a_namespace(subject: Subject) -> None:
+    orders = GroupConfig("web", 4, PartitionMode.SERVER, namespace="shop.orders")
+    invoices = GroupConfig("web", 1, PartitionMode.CLIENT, namespace="shop.invoices")
+    assert (orders.document_key, invoices.document_key) == (
+        "group:web:shop.orders",
+        "group:web:shop.invoices",
+    )
+    assert subject.store.join_group(orders) == orders  # neither is checked against the other
+    assert subject.store.join_group(invoices) == invoices
+    with pytest.raises(GroupMismatch) as caught:
+        subject.store.join_group(GroupConfig("web", 2, PartitionMode.SERVER, namespace="shop.orders"))
+    message = str(caught.value)  # names the group, its target and how to change it
+    assert "'web' on shop.orders has partitions=4" in message
+    assert "'group:web:shop.orders'" in message and "Changing a group's partitions" in message
+
+
 def test_a_malformed_group_document_is_refused_as_a_mismatch(mongo_subject: Subject) -> None:
     # Fatal at start (GroupMismatch), not a store failure a member would retry at every poll.
     assert mongo_subject.raw is not None

@@ -87,7 +87,7 @@ def test_join_rebalance_and_leave() -> None:
     assert b.owned == {2: 2, 3: 2}  # taken from a: the fence grew
     assert a.rebalances == 2 and b.rebalances == 1
     b.stop()  # a clean stop releases at once
-    assert rb.calls[-2:] == [("revoked", 2), ("revoked", 3)] and store.live("g/members/b") == {}
+    assert rb.calls[-2:] == [("revoked", 2), ("revoked", 3)] and store.live("g:db.c/members/b") == {}
     a.tick()
     assert a.owned == {0: 1, 1: 1, 2: 3, 3: 3}
 

@@ -143,6 +143,16 @@ class LeaseStore(abc.ABC):
         :raises GroupMismatch: when the stored partition count or mode differs.
         """
 
+    def forget(self, prefix: str, expired_for: float) -> int:
+        """Delete the leases under ``prefix`` that expired (or were released) at least
+        ``expired_for`` seconds ago; returns how many. Members sweep their group's *heartbeat*
+        leases with it (one per member object ever started); never call it on partition keys,
+        whose fences must outlive their owners. The default keeps everything.
+
+        .. versionadded:: 0.2.0
+        """
+        return 0
+
     def ensure_indexes(self) -> None:  # noqa: B027 - optional hook
         """Create the indexes the store needs."""
 

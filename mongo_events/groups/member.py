@@ -23,6 +23,9 @@ __all__ = ["GroupMember", "partition_key"]
 
 log = logging.getLogger(__name__)
 
+#: Heartbeats of members gone for this many ttls are deleted (by any member, this often).
+SWEEP_AFTER = 10
+
 
 def partition_key(group: str, namespace: str, partition: int) -> str:
     """A partition's lease and checkpoint key: ``"<group>:<namespace>#<p>"``."""
@@ -114,6 +117,7 @@ class GroupMember:
         self._heartbeat: Lease | None = None
         self._heartbeat_timer: LeaseTimer | None = None
         self._joined = False
+        self._next_sweep = 0.0  # set at the join: the first sweep is SWEEP_AFTER ttls later
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.RLock()
@@ -176,6 +180,7 @@ class GroupMember:
                     )
                     return
                 self._joined = True
+                self._next_sweep = self._clock() + SWEEP_AFTER * self.ttl
             self._give_up_overdue()
             self._beat()
             try:
@@ -187,6 +192,7 @@ class GroupMember:
                 log.warning("group %s: could not read the members: %s", self.label, describe(exc))
                 self._give_up_overdue()
                 return
+            self._sweep()
             ids = {owner.id for owner in live.values()} | {self.owner.id}
             self.members = tuple(sorted(ids))
             suffixes = {key.rsplit("#", 1)[1]: owner.id for key, owner in holders.items()}
@@ -209,6 +215,22 @@ class GroupMember:
             for p in step.acquire:
                 self._acquire(p)
             self._give_up_overdue()
+
+    def _sweep(self) -> None:
+        """Delete the heartbeats of members gone for ``SWEEP_AFTER`` ttls (every process start
+        leaves one; killed or stopped, they would pile up), every ``SWEEP_AFTER`` ttls."""
+        now = self._clock()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + SWEEP_AFTER * self.ttl
+        try:
+            with self._bounded():
+                gone = self.store.forget(self._member_prefix(), SWEEP_AFTER * self.ttl)
+        except StoreError as exc:
+            log.warning("group %s: could not delete old member heartbeats: %s", self.label, describe(exc))
+            return
+        if gone:
+            log.debug("group %s: deleted %d heartbeat(s) of members gone", self.label, gone)
 
     def _beat(self) -> None:
         now = self._clock()

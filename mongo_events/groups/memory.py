@@ -77,6 +77,14 @@ class MemoryLeaseStore(LeaseStore):
                 if key.startswith(prefix) and entry.owner is not None and entry.expires > now
             }
 
+    def forget(self, prefix: str, expired_for: float) -> int:
+        with self._lock:
+            horizon = self._clock() - expired_for
+            gone = [k for k, e in self._leases.items() if k.startswith(prefix) and e.expires <= horizon]
+            for key in gone:
+                del self._leases[key]
+            return len(gone)
+
     def fence(self, key: str) -> int:
         with self._lock:
             entry = self._leases.get(key)

@@ -95,6 +95,14 @@ class MongoLeaseStore(LeaseStore):
         docs = self._call("list leases", lambda: list(self.collection.find(query)))
         return {doc["_id"]: _owner(doc["owner"]) for doc in docs}
 
+    def forget(self, prefix: str, expired_for: float) -> int:
+        # Past its expiry (renewed_at + ttl_ms, by the server's clock) by expired_for; a
+        # released lease keeps its last renewed_at, so it ages the same way.
+        age = {"$subtract": [{"$subtract": ["$$NOW", "$renewed_at"]}, "$ttl_ms"]}
+        query = {"_id": {"$regex": "^" + _escape(prefix)}, "$expr": {"$gte": [age, int(expired_for * 1000)]}}
+        result = self._call("forget leases", lambda: self.collection.delete_many(query))
+        return int(result.deleted_count)
+
     def fence(self, key: str) -> int:
         doc = self._call(f"read lease {key!r}", lambda: self.collection.find_one({"_id": key}, {"fence": 1}))
         return int(doc.get("fence", 0)) if doc else 0

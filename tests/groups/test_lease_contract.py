@@ -146,6 +146,22 @@ def test_live_lists_only_held_unexpired_leases_under_a_prefix(subject: Subject) 
     assert wait_for(lambda: subject.store.live("g/members/") == {"g/members/a": A}, timeout=10)
 
 
+def test_forget_deletes_only_what_expired_long_enough_under_the_prefix(subject: Subject) -> None:
+    ttl = subject.ttl
+    gone = subject.store.acquire("g:db.c/members/gone", A, ttl)
+    assert gone is not None
+    assert subject.store.acquire("g:db.c#0", A, ttl) is not None  # a partition: same age
+    assert subject.store.acquire("h:db.c/members/other", A, ttl) is not None  # another group
+    assert subject.store.forget("g:db.c/members/", 2 * ttl) == 0  # all still live
+    assert subject.store.acquire("g:db.c/members/live", B, 100 * ttl) is not None
+    subject.pass_time(ttl * 3.5)
+    # Expired 2.5 ttls ago (by the store's clock): forgotten; the live one and the others kept
+    assert wait_for(lambda: subject.store.forget("g:db.c/members/", 2 * ttl) == 1, timeout=10)
+    assert subject.store.live("g:db.c/members/") == {"g:db.c/members/live": B}
+    assert subject.store.fence("g:db.c#0") == 1 and subject.store.fence("h:db.c/members/other") == 1
+    assert subject.store.fence("g:db.c/members/gone") == 0  # gone, not released
+
+
 def test_the_group_document_refuses_a_mismatch(subject: Subject) -> None:
     config = GroupConfig("billing", 8, PartitionMode.SERVER)
     assert subject.store.join_group(config) == config

@@ -22,6 +22,7 @@ from mongo_events.groups import (
     Owner,
     PartitionMode,
 )
+from mongo_events.groups.member import SWEEP_AFTER
 from mongo_events.testing import FakeReplicaSet
 
 from ..conftest import CLIENT_OPTIONS
@@ -105,6 +106,29 @@ def test_a_dead_member_s_partitions_are_taken_after_its_lease_expires() -> None:
         a.tick()
         assert clock.now <= TTL + TTL / 12, "not taken over within the ttl plus one poll"
     assert clock.now >= TTL and a.owned == {0: 1, 1: 3} and a.members == ("a",)
+
+
+def test_heartbeats_of_members_gone_long_ago_are_deleted() -> None:
+    # Every process start leaves a heartbeat lease; without a sweep they pile up forever
+    # (and every poll's read of the members goes over all of them).
+    clock = Clock()
+    store = MemoryLeaseStore(clock)
+    a, _ = member(store, clock, "a", partitions=2)
+    killed, _ = member(store, clock, "killed", partitions=2)
+    stopped, _ = member(store, clock, "stopped", partitions=2)
+    a.tick(), killed.tick(), stopped.tick()
+    stopped.stop()  # releases its heartbeat; "killed" never ticks again
+    heartbeats = "g:db.c/members/"
+    assert {k for k in store._leases if k.startswith(heartbeats)} == {
+        heartbeats + "a",
+        heartbeats + "killed",
+        heartbeats + "stopped",
+    }
+    while clock.now < (2 * SWEEP_AFTER + 1) * TTL:
+        clock.now += TTL / 12
+        a.tick()
+    assert {k for k in store._leases if k.startswith(heartbeats)} == {heartbeats + "a"}
+    assert set(a.owned) == {0, 1} and {a.key(0), a.key(1)} <= set(store._leases)  # partitions kept
 
 
 def test_active_standby_with_one_partition() -> None:

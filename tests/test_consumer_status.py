@@ -19,6 +19,7 @@ from mongo_events.monitor import (
     MemoryConsumerStatusStore,
     MongoConsumerStatusStore,
     StatusPublisher,
+    group_views,
 )
 
 from .conftest import wait_for
@@ -237,3 +238,108 @@ def test_one_publisher_serves_one_bus(client: pymongo.MongoClient[Any], make_bus
     first.stop(timeout=5)
     # The first bus's heartbeats were never taken over: its final status says stopped.
     assert [(s.bus, s.state) for s in store.list()] == [("first", "stopped")]
+
+
+def test_a_group_member_publishes_the_group_partition_count(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
+    store = MemoryConsumerStatusStore()
+    bus = make_bus(
+        client.shop.orders,
+        name="counted",
+        group="billing",
+        partitions=4,
+        lease_ttl=1.5,
+        status=StatusPublisher(store, interval=0.05),
+    )
+    bus.subscribe(lambda ev: None)
+    bus.start()
+
+    def published() -> tuple[int | None, tuple[int, ...]] | None:
+        found = store.list("counted")
+        return (found[0].partition_count, tuple(found[0].partitions)) if found else None
+
+    # The count is the group's K, not how many this member holds (a lease call timed out on
+    # a loaded machine is taken at a later poll, so wait for the whole share).
+    assert wait_for(lambda: published() == (4, (0, 1, 2, 3)), timeout=10), published()
+    bus.stop(timeout=5)
+    assert store.list("counted")[0].partition_count == 4
+
+
+def test_a_status_is_live_when_fresh_and_neither_stopped_nor_failed() -> None:
+    now = datetime.now(timezone.utc)
+    assert make_status(heartbeat_at=now).is_live(now)
+    assert make_status(heartbeat_at=now, state="stopping").is_live(now)
+    assert not make_status(heartbeat_at=now - timedelta(seconds=20)).is_live(now)  # 3 x 5s + 1 missed
+    assert not make_status(heartbeat_at=now, state="stopped").is_live(now)
+    assert not make_status(heartbeat_at=now, state="failed").is_live(now)
+
+
+def _member(pid: int, partitions: tuple[int, ...], heartbeat_at: datetime, **values: Any) -> ConsumerStatus:
+    defaults: dict[str, Any] = {"group": "billing", "partition_count": 4}
+    return make_status(
+        **{
+            **defaults,
+            "id": f"vm:{pid}:orders",
+            "host": "vm",
+            "pid": pid,
+            "partitions": partitions,
+            "heartbeat_at": heartbeat_at,
+            **values,
+        }
+    )
+
+
+def test_group_views_give_partitions_to_live_members_only() -> None:
+    now = datetime.now(timezone.utc)
+    # Given the probe's fleet: vm:3345 was SIGKILLed 40 s ago and its last status still names
+    # partitions 1 and 3, which vm:3342 took over within seconds.
+    survivor = _member(3342, (0, 1, 2, 3), now)
+    killed = _member(3345, (1, 3), now - timedelta(seconds=40))
+    plain = make_status(id="vm:1:audit", bus="audit")  # no group: in no view
+    (view,) = group_views([killed, plain, survivor], now)
+    assert (view.group, view.namespace, view.partition_count) == ("billing", "shop.orders", 4)
+    assert view.members == (survivor,) and view.inactive == (killed,)
+    assert view.unheld == () and view.contested == ()
+    body = view.to_json(now)
+    assert body["members"] == [
+        {"id": "vm:3342:orders", "bus": "orders", "host": "vm", "pid": 3342, "partitions": [0, 1, 2, 3]}
+    ]
+    assert [(m["id"], m["stale"], m["state"]) for m in body["inactive"]] == [
+        ("vm:3345:orders", True, "running")
+    ]
+    assert "partitions" not in body["inactive"][0]  # a stale member claims nothing
+
+
+def test_group_views_name_unheld_and_contested_partitions() -> None:
+    now = datetime.now(timezone.utc)
+    # Before the survivor took the dead member's share: 1 and 3 are held by nobody live.
+    (view,) = group_views([_member(1, (0, 2), now), _member(2, (1, 3), now - timedelta(minutes=1))], now)
+    assert view.unheld == (1, 3) and view.contested == ()
+    # Two live statuses written on either side of a handover both claim partition 2.
+    (view,) = group_views([_member(1, (0, 1, 2), now), _member(2, (2, 3), now)], now)
+    assert view.unheld == () and view.contested == (2,)
+    # A member that stopped cleanly, its final status fresh, holds nothing either.
+    (view,) = group_views([_member(1, (0, 1), now), _member(2, (2, 3), now, state="stopped")], now)
+    assert view.unheld == (2, 3) and [s.pid for s in view.inactive] == [2]
+    # Without a partition count (statuses from an older publisher) unheld is unknown.
+    old = make_status(group="billing", partitions=(0,))
+    (view,) = group_views([old], now)
+    assert view.partition_count is None and view.unheld is None and view.to_json(now)["unheld"] is None
+
+
+def test_group_views_are_per_group_and_namespace() -> None:
+    now = datetime.now(timezone.utc)
+    views = group_views(
+        [
+            _member(1, (0, 1, 2, 3), now, namespace="shop.payments"),
+            _member(2, (0, 1, 2, 3), now),
+            _member(3, (0, 1), now, group="audit", partition_count=2),
+        ],
+        now,
+    )
+    assert [(v.group, v.namespace, [m.pid for m in v.members]) for v in views] == [
+        ("audit", "shop.orders", [3]),
+        ("billing", "shop.orders", [2]),
+        ("billing", "shop.payments", [1]),
+    ]

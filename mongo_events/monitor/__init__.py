@@ -9,9 +9,11 @@ from .records import EventSummary, MonitorEntry, MonitorFilter, MonitorPage, Mon
 from .status import (
     ConsumerStatus,
     ConsumerStatusStore,
+    GroupView,
     MemoryConsumerStatusStore,
     MongoConsumerStatusStore,
     StatusPublisher,
+    group_views,
 )
 from .store import MemoryMonitorStore, MonitorStore
 from .wsgi import parse_duration, wsgi_app
@@ -32,6 +34,8 @@ __all__ = [
     "MemoryConsumerStatusStore",
     "MongoConsumerStatusStore",
     "StatusPublisher",
+    "GroupView",
+    "group_views",
     "wsgi_app",
     "parse_duration",
 ]

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 __all__ = [
     "ConsumerStatus",
     "ConsumerStatusStore",
+    "GroupView",
+    "group_views",
     "MemoryConsumerStatusStore",
     "MongoConsumerStatusStore",
     "StatusPublisher",
@@ -60,6 +62,8 @@ class ConsumerStatus:
     :ivar bus: the bus's name.
     :ivar group: its consumer group (``None`` without one).
     :ivar partitions: the partitions it holds (empty without a group).
+    :ivar partition_count: the group's partition count ``K`` (``None`` without a group, or
+        from a publisher older than this field).
     :ivar host: the host name; :ivar pid: the process id.
     :ivar status: ``healthy``, ``degraded`` or ``unhealthy``, as :meth:`Bus.health`.
     :ivar state: the :class:`mongo_events.BusState` value.
@@ -76,6 +80,9 @@ class ConsumerStatus:
     :ivar last_error: the last error, at :ivar last_error_at:.
     :ivar started_at: when the bus started; :ivar heartbeat_at: when this was written.
     :ivar interval: seconds between writes (a reader calls the status stale after 3 of them).
+
+    .. versionchanged:: 0.2.0
+       ``partition_count``, and :meth:`is_live`.
     """
 
     id: str
@@ -90,6 +97,7 @@ class ConsumerStatus:
     interval: float
     group: str | None = None
     partitions: Sequence[int] = ()
+    partition_count: int | None = None
     checkpoint_time: datetime | None = None
     lag: float | None = None
     checkpoint_age: float | None = None
@@ -109,6 +117,15 @@ class ConsumerStatus:
         """True when no heartbeat came for three intervals (the process is gone or stuck)."""
         now = now or datetime.now(timezone.utc)
         return (now - self.heartbeat_at).total_seconds() > 3 * self.interval + 1
+
+    def is_live(self, now: datetime | None = None) -> bool:
+        """True when it consumes now: a fresh heartbeat, and neither stopped nor failed.
+
+        Only a live consumer counts towards a bus's health and holds partitions in
+        :func:`group_views`: the last status of a killed process keeps naming the
+        partitions it held until the TTL removes it, long after another member took them.
+        """
+        return not self.is_stale(now) and self.state not in ("stopped", "failed")
 
     def effective_status(self, now: datetime | None = None) -> str:
         """``status``, except ``unhealthy`` for a stale heartbeat."""
@@ -161,6 +178,92 @@ class ConsumerStatus:
         out["status"] = self.effective_status(now)
         out["processed_per_minute"], out["failed_per_minute"] = self.per_minute()
         return out
+
+
+@attrs.frozen
+class GroupView:
+    """Who holds what in one consumer group on one namespace, from the published statuses.
+
+    :ivar group: the group's name; :ivar namespace: what it watches.
+    :ivar partition_count: ``K``, the largest any member reported (``None`` when no
+        member's status says, e.g. statuses from an older publisher).
+    :ivar members: the live members (:meth:`ConsumerStatus.is_live`), by host and pid;
+        each holds its ``partitions``.
+    :ivar inactive: members that are stale, stopped or failed: they hold nothing, whatever
+        their last status said.
+    :ivar unheld: the partitions no live member holds (``None`` when ``K`` is unknown).
+    :ivar contested: partitions two live members claim (two statuses written on either side
+        of a handover; it lasts one heartbeat interval at most unless something is wrong).
+
+    .. versionadded:: 0.2.0
+    """
+
+    group: str
+    namespace: str
+    partition_count: int | None
+    members: tuple[ConsumerStatus, ...]
+    inactive: tuple[ConsumerStatus, ...]
+    unheld: tuple[int, ...] | None
+    contested: tuple[int, ...]
+
+    def to_json(self, now: datetime | None = None) -> dict[str, Any]:
+        """The ``groups`` items of ``GET /v1/consumers``."""
+        now = now or datetime.now(timezone.utc)
+        return {
+            "group": self.group,
+            "namespace": self.namespace,
+            "partition_count": self.partition_count,
+            "members": [
+                {"id": s.id, "bus": s.bus, "host": s.host, "pid": s.pid, "partitions": list(s.partitions)}
+                for s in self.members
+            ],
+            "unheld": list(self.unheld) if self.unheld is not None else None,
+            "contested": list(self.contested),
+            "inactive": [
+                {
+                    "id": s.id,
+                    "bus": s.bus,
+                    "host": s.host,
+                    "pid": s.pid,
+                    "state": s.state,
+                    "stale": s.is_stale(now),
+                    "heartbeat_at": rfc3339(s.heartbeat_at),
+                }
+                for s in self.inactive
+            ],
+        }
+
+
+def group_views(statuses: Sequence[ConsumerStatus], now: datetime | None = None) -> list[GroupView]:
+    """One :class:`GroupView` per (group, namespace) among ``statuses``, sorted by both;
+    statuses without a group are left out.
+
+    .. versionadded:: 0.2.0
+    """
+    now = now or datetime.now(timezone.utc)
+    by_group: dict[tuple[str, str], list[ConsumerStatus]] = {}
+    for s in statuses:
+        if s.group:
+            by_group.setdefault((s.group, s.namespace), []).append(s)
+    views = []
+    for (group, namespace), found in sorted(by_group.items()):
+        found.sort(key=lambda s: (s.host, s.pid, s.id))
+        members = tuple(s for s in found if s.is_live(now))
+        counts = [s.partition_count for s in found if s.partition_count is not None]
+        count = max(counts) if counts else None
+        claims = collections.Counter(p for s in members for p in s.partitions)
+        views.append(
+            GroupView(
+                group=group,
+                namespace=namespace,
+                partition_count=count,
+                members=members,
+                inactive=tuple(s for s in found if not s.is_live(now)),
+                unheld=tuple(p for p in range(count) if p not in claims) if count is not None else None,
+                contested=tuple(sorted(p for p, n in claims.items() if n > 1)),
+            )
+        )
+    return views
 
 
 class ConsumerStatusStore(abc.ABC):
@@ -450,6 +553,7 @@ class StatusPublisher(Middleware):
             started_at=self._started_at,
             group=health.group.name if health.group is not None else None,
             partitions=tuple(sorted(health.group.held)) if health.group is not None else (),
+            partition_count=health.group.partitions if health.group is not None else None,
         )
 
     def publish(self) -> bool:

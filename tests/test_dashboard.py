@@ -95,7 +95,7 @@ def test_overview_shows_consumers_and_warns_on_low_oplog_headroom() -> None:
     assert '<td class="num warn">30m</td>' in rows[0] and "warn" not in rows[1]
     assert "<svg" in text and text.count('class="ok"') == 1 and text.count('class="bad"') == 1
     assert "7 processed, 2 failed" in text
-    assert 'id="groups"' not in text  # no consumer groups yet: the table stays hidden
+    assert 'id="groups"' not in text  # no consumer reports a group: the table stays hidden
     assert '<meta http-equiv="refresh"' in text
 
 
@@ -111,15 +111,102 @@ def test_health_and_consumers_come_from_published_statuses() -> None:
     # A consumer that stopped cleanly does not make the bus unhealthy while another runs...
     status.publish(make_status(id="b", status="unhealthy", state="stopped"))
     assert c.get("/v1/health?bus=orders").json["status"] == "healthy"
-    # ...but a silent one (no heartbeat for three intervals) does.
-    status.publish(make_status(id="c", heartbeat_at=datetime.now(timezone.utc) - timedelta(seconds=20)))
+    # ...but a silent one (no heartbeat for three intervals) whose checkpoint no live one serves does.
+    status.publish(
+        make_status(
+            id="c",
+            checkpoint_key="shop.orders::c",
+            heartbeat_at=datetime.now(timezone.utc) - timedelta(seconds=20),
+        )
+    )
     response = c.get("/v1/health")
     assert response.status_code == 503 and response.json["status"] == "unhealthy"
+    assert "consumer h:1 of bus 'orders' is stale" in response.json["error"]
+    assert "checkpoint key 'shop.orders::c'" in response.json["error"]
     consumers = c.get("/v1/consumers").json
     assert [s["id"] for s in consumers["consumers"]] == ["a", "b", "c"] and consumers["groups"] == []
     assert consumers["consumers"][2]["stale"] is True and consumers["consumers"][0]["group"] is None
     assert c.get("/v1/consumers?bus=nope").json["consumers"] == []
     assert c.get("/v1/consumers?bsu=orders").status_code == 400
+
+
+def _member(pid: int, partitions: tuple[int, ...], heartbeat_at: datetime, **values: Any) -> Any:
+    defaults: dict[str, Any] = {"group": "billing", "partition_count": 4}
+    return make_status(
+        **{
+            **defaults,
+            "id": f"vm:{pid}:orders",
+            "host": "vm",
+            "pid": pid,
+            "partitions": partitions,
+            "heartbeat_at": heartbeat_at,
+            **values,
+        }
+    )
+
+
+def _killed_member_fleet() -> MemoryConsumerStatusStore:
+    """The new-user probe's fleet: two members of group ``billing`` on bus ``orders``;
+    vm:3345 was SIGKILLed 40 s ago (its last status names partitions 1 and 3 until the TTL
+    removes it) and vm:3342 took every partition over."""
+    now = datetime.now(timezone.utc)
+    status = MemoryConsumerStatusStore(ttl=120)
+    status.publish(_member(3342, (0, 1, 2, 3), now))
+    status.publish(_member(3345, (1, 3), now - timedelta(seconds=40)))
+    return status
+
+
+def test_a_killed_group_member_does_not_make_the_bus_unhealthy_once_another_took_over() -> None:
+    c = Client(wsgi_app(MemoryMonitorStore(), status=_killed_member_fleet()))
+    for path in ("/v1/health?bus=orders", "/v1/health"):
+        response = c.get(path)
+        assert response.status_code == 200, (path, response.json)
+        assert response.json["status"] == "healthy" and "error" not in response.json
+        # The dead member is still listed, marked stale.
+        assert [(s["pid"], s["stale"]) for s in response.json["consumers"]] == [(3342, False), (3345, True)]
+
+
+def test_health_is_unhealthy_when_no_consumer_is_live() -> None:
+    now = datetime.now(timezone.utc)
+    status = MemoryConsumerStatusStore(ttl=120)
+    status.publish(_member(3342, (0, 1), now - timedelta(seconds=30)))
+    status.publish(_member(3345, (2, 3), now - timedelta(seconds=50)))
+    status.publish(make_status(id="p", bus="payments", checkpoint_key="shop.payments::h"))
+    c = Client(wsgi_app(MemoryMonitorStore(), status=status))
+    for path in ("/v1/health?bus=orders", "/v1/health"):  # the fleet is as bad as its worst bus
+        response = c.get(path)
+        assert response.status_code == 503 and response.json["status"] == "unhealthy", path
+        assert response.json["error"].startswith(
+            "no live consumer of bus 'orders': the 2 that published are stale"
+        )
+        assert "newest heartbeat is 30s old (from vm:3342)" in response.json["error"]
+    assert c.get("/v1/health?bus=payments").json["status"] == "healthy"
+    # Every consumer stopped cleanly: nothing consumes, so still unhealthy, and said so.
+    status = MemoryConsumerStatusStore()
+    status.publish(make_status(state="stopped", status="unhealthy"))
+    response = Client(wsgi_app(MemoryMonitorStore(), status=status)).get("/v1/health?bus=orders")
+    assert response.status_code == 503 and "no live consumer of bus 'orders'" in response.json["error"]
+    assert "published are stopped" in response.json["error"]
+
+
+def test_a_restarted_consumer_replaces_its_dead_predecessor_in_health() -> None:
+    now = datetime.now(timezone.utc)
+    status = MemoryConsumerStatusStore()
+    # The same checkpoint key: a process killed 40 s ago and its restart under a new pid.
+    status.publish(make_status(id="h:1:orders", pid=1, heartbeat_at=now - timedelta(seconds=40)))
+    status.publish(make_status(id="h:2:orders", pid=2, heartbeat_at=now))
+    c = Client(wsgi_app(MemoryMonitorStore(), status=status))
+    assert c.get("/v1/health?bus=orders").json["status"] == "healthy"
+    # A failed one whose key nobody else serves is an outage even with its status fresh.
+    status.publish(make_status(id="h:3:orders", pid=3, checkpoint_key="k3", state="failed", heartbeat_at=now))
+    response = c.get("/v1/health?bus=orders")
+    assert response.status_code == 503
+    assert "consumer h:3 of bus 'orders' is failed" in response.json["error"]
+    # A failed group member whose partitions a live member took is not.
+    status = MemoryConsumerStatusStore()
+    status.publish(_member(1, (0, 1, 2, 3), now))
+    status.publish(_member(2, (2, 3), now, state="failed", status="unhealthy"))
+    assert Client(wsgi_app(MemoryMonitorStore(), status=status)).get("/v1/health").status_code == 200
 
 
 def test_dead_letter_and_ack_endpoints() -> None:

@@ -21,6 +21,11 @@ HTML pages (:mod:`mongo_events.monitor.dashboard`): ``/``, ``/events``,
 ``/events/{event_id}``, ``/dead-letters``, ``/dead-letters/{id}`` and the
 confirmation pages of ``/dead-letters/{id}/replay|delete`` and ``/dead-letters/replay``.
 
+``GET /v1/health`` from the statuses is per bus the worst status of its live consumers; a
+bus with no live consumer, or with a stale or failed one whose work no live consumer does
+(its group on its namespace, or its checkpoint key), is ``unhealthy`` and ``error`` says
+why; the fleet's (no ``?bus=``) is the worst of its buses.
+
 JSON errors are ``{"error": "..."}`` with 400 (bad parameter), 401/403 (auth, CSRF,
 read-only), 404, 405 (wrong method), 500 (store failure), 501 (no replay here) or 503
 (unhealthy); pages show the same as HTML.
@@ -342,9 +347,54 @@ def _ack_filter(params: Mapping[str, list[str]]) -> AckFilter:
     )
 
 
+def _work(status: ConsumerStatus) -> tuple[str, ...]:
+    """What a consumer does, so that another can be said to do it instead: a group member's
+    partitions are taken over by any live member of its group on its namespace; a plain
+    consumer's work is its checkpoint key (a restarted process resumes it under a new pid)."""
+    if status.group:
+        return ("group", status.group, status.namespace)
+    return ("key", status.checkpoint_key)
+
+
+def _bus_health(statuses: Sequence[ConsumerStatus], bus: str, now: datetime) -> tuple[str, list[str]]:
+    """One bus's status and what makes it unhealthy, from its published statuses.
+
+    The worst status of its live consumers (:meth:`ConsumerStatus.is_live`). A consumer that
+    is not live counts only when it did not stop cleanly and no live one does its work
+    (:func:`_work`): then it is ``unhealthy``. No live consumer at all is ``unhealthy``.
+    """
+    order = {"healthy": 0, "degraded": 1, "unhealthy": 2}
+    live = [s for s in statuses if s.is_live(now)]
+    if not live:
+        newest = max(statuses, key=lambda s: s.heartbeat_at)
+        age = (now - newest.heartbeat_at).total_seconds()
+        states = ", ".join(sorted({"stale" if s.is_stale(now) else s.state for s in statuses}))
+        return "unhealthy", [
+            f"no live consumer of bus {bus!r}: the {len(statuses)} that published are {states}; "
+            f"the newest heartbeat is {age:.0f}s old (from {newest.host}:{newest.pid})"
+        ]
+    worst = max((s.status for s in live), key=lambda v: order.get(v, 2))
+    covered = {_work(s) for s in live}
+    errors = []
+    for s in statuses:
+        if s.is_live(now) or s.state == "stopped" or _work(s) in covered:
+            continue
+        what = f"group {s.group!r}" if s.group else f"checkpoint key {s.checkpoint_key!r}"
+        why = "failed" if s.state == "failed" else f"stale (state {s.state})"
+        errors.append(
+            f"consumer {s.host}:{s.pid} of bus {bus!r} is {why}, heartbeat "
+            f"{(now - s.heartbeat_at).total_seconds():.0f}s ago, and no live consumer serves its {what}"
+        )
+    return ("unhealthy" if errors else worst), errors
+
+
 def _health_of(statuses: Sequence[ConsumerStatus], bus: str | None, ttl: float) -> tuple[int, dict[str, Any]]:
-    """One bus's (or the fleet's) health from published statuses: the worst of the live
-    ones; instances stopped cleanly are left out unless nothing else is there."""
+    """One bus's (or the fleet's: every bus's, the worst) health from published statuses.
+
+    Only live consumers count (:func:`_bus_health`): the status of a process that was killed
+    stays until the TTL removes it, while the others have long taken over its work. A bus
+    none of whose consumers is live is ``unhealthy``, with the reason in ``error``.
+    """
     now = datetime.now(timezone.utc)
     if not statuses:
         who = f"bus {bus!r}" if bus else "any bus"
@@ -354,10 +404,19 @@ def _health_of(statuses: Sequence[ConsumerStatus], bus: str | None, ttl: float) 
             "error": f"no consumer of {who} published its status in the last {ttl:.0f}s",
             "consumers": [],
         }
-    live = [s for s in statuses if s.state != "stopped"] or list(statuses)
+    by_bus: dict[str, list[ConsumerStatus]] = {}
+    for s in statuses:
+        by_bus.setdefault(s.bus, []).append(s)
     order = {"healthy": 0, "degraded": 1, "unhealthy": 2}
-    worst = max((s.effective_status(now) for s in live), key=lambda v: order.get(v, 2))
-    body = {"status": worst, "bus": bus, "consumers": [s.to_json(now) for s in statuses]}
+    worst, errors = "healthy", []
+    for name, found in sorted(by_bus.items()):
+        verdict, why = _bus_health(found, name, now)
+        worst = max(worst, verdict, key=lambda v: order.get(v, 2))
+        errors += why
+    body: dict[str, Any] = {"status": worst, "bus": bus}
+    if errors:
+        body["error"] = "; ".join(errors)
+    body["consumers"] = [s.to_json(now) for s in statuses]
     return (503 if worst == "unhealthy" else 200), body
 
 

@@ -166,6 +166,46 @@ def test_a_killed_group_member_does_not_make_the_bus_unhealthy_once_another_took
         assert [(s["pid"], s["stale"]) for s in response.json["consumers"]] == [(3342, False), (3345, True)]
 
 
+def test_consumers_lists_the_groups_with_the_partitions_live_members_hold() -> None:
+    c = Client(wsgi_app(MemoryMonitorStore(), status=_killed_member_fleet()))
+    body = c.get("/v1/consumers").json
+    assert [s["pid"] for s in body["consumers"]] == [3342, 3345]
+    (group,) = body["groups"]
+    assert group["group"] == "billing" and group["namespace"] == "shop.orders"
+    assert group["partition_count"] == 4 and group["unheld"] == [] and group["contested"] == []
+    assert [(m["pid"], m["partitions"]) for m in group["members"]] == [(3342, [0, 1, 2, 3])]
+    assert [(m["pid"], m["stale"]) for m in group["inactive"]] == [(3345, True)]
+    assert c.get("/v1/consumers?bus=other").json == {"consumers": [], "groups": []}
+
+
+def test_consumers_names_the_partitions_no_live_member_holds() -> None:
+    now = datetime.now(timezone.utc)
+    status = MemoryConsumerStatusStore()
+    # The survivor has not taken the dead member's share yet.
+    status.publish(_member(3342, (0, 2), now))
+    status.publish(_member(3345, (1, 3), now - timedelta(seconds=40)))
+    c = Client(wsgi_app(MemoryMonitorStore(), status=status))
+    (group,) = c.get("/v1/consumers").json["groups"]
+    assert group["unheld"] == [1, 3] and [m["pid"] for m in group["members"]] == [3342]
+    text = c.get("/").get_data(as_text=True)
+    (row,) = re.findall(r'<tr class="group">.*?</tr>', text)
+    assert '<td class="unheld unhealthy">1, 3</td>' in row
+
+
+def test_the_groups_table_shows_partitions_of_live_members_only() -> None:
+    text = (
+        Client(wsgi_app(MemoryMonitorStore(), status=_killed_member_fleet())).get("/").get_data(as_text=True)
+    )
+    assert "vm:3342 [0, 1, 2, 3]" in text and "vm:3345 [1, 3]" not in text
+    (row,) = re.findall(r'<tr class="group">.*?</tr>', text)
+    (owners,) = re.findall(r'<td class="owners">(.*?)</td>', row)
+    assert owners == "vm:3342 [0, 1, 2, 3]"  # not also "vm:3345 [1, 3]"
+    (inactive,) = re.findall(r'<span class="inactive">(.*?)</span>', row)
+    assert inactive.startswith("vm:3345 (stale, heartbeat 40") and "[" not in inactive
+    assert '<td class="unheld"></td>' in row
+    assert re.search(r"<b>1</b>consumers", text) and re.search(r'<b class="unhealthy">1</b>stale', text)
+
+
 def test_health_is_unhealthy_when_no_consumer_is_live() -> None:
     now = datetime.now(timezone.utc)
     status = MemoryConsumerStatusStore(ttl=120)

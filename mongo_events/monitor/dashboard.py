@@ -16,7 +16,7 @@ from urllib.parse import quote, urlencode
 
 from ..stores.records import DeadLetter, DeadLetterStats
 from .records import MonitorEntry, MonitorPage, MonitorStatus, MonitorSummary
-from .status import ConsumerStatus
+from .status import ConsumerStatus, group_views
 
 __all__: list[str] = []
 
@@ -144,7 +144,10 @@ def overview(
     status_error: str | None = None,
 ) -> str:
     now = datetime.now(timezone.utc)
-    tiles = [f'<div class="tile"><b>{len(statuses)}</b>consumers</div>']
+    stale = sum(1 for s in statuses if s.is_stale(now))
+    tiles = [f'<div class="tile"><b>{len(statuses) - stale}</b>consumers</div>']
+    if stale:
+        tiles.append(f'<div class="tile"><b class="unhealthy">{stale}</b>stale (no heartbeat)</div>')
     if summary is not None:
         tiles.append(f'<div class="tile"><b>{summary.total_entries:,}</b>monitor entries</div>')
         tiles.append(f'<div class="tile"><b>{summary.by_status.get("failed", 0):,}</b>failed entries</div>')
@@ -189,20 +192,35 @@ def overview(
             "<th>Checkpoint age</th><th>Oplog headroom</th><th>Pending</th><th>Processed/min</th>"
             f"<th>Failed/min</th><th>Heartbeat</th><th>Last error</th></tr>{''.join(rows)}</table>"
         )
-    groups = sorted({s.group for s in statuses if s.group})
-    if groups:  # consumer groups do not exist yet: the table shows once consumers report one
-        rows = [
-            f"<tr><td>{_e(g)}</td><td>"
-            + ", ".join(
-                f"{_e(s.host)}:{_e(s.pid)} [{_e(', '.join(map(str, s.partitions)))}]"
-                for s in statuses
-                if s.group == g
+    views = group_views(statuses, now)
+    if views:
+        rows = []
+        for g in views:
+            owners = ", ".join(
+                f"{_e(s.host)}:{_e(s.pid)} [{_e(', '.join(map(str, s.partitions)))}]" for s in g.members
             )
-            + "</td></tr>"
-            for g in groups
-        ]
+            unheld = "?" if g.unheld is None else ", ".join(map(str, g.unheld))
+            contested = (
+                f'<br><small class="warn">claimed twice: {_e(", ".join(map(str, g.contested)))}</small>'
+                if g.contested
+                else ""
+            )
+            inactive = ", ".join(
+                f'<span class="inactive">{_e(s.host)}:{_e(s.pid)} '
+                f"({'stale' if s.is_stale(now) else _e(s.state)}, heartbeat "
+                f"{_seconds((now - s.heartbeat_at).total_seconds())} ago)</span>"
+                for s in g.inactive
+            )
+            rows.append(
+                f'<tr class="group"><td>{_e(g.group)}</td><td>{_e(g.namespace)}</td>'
+                f'<td class="num">{_e(g.partition_count)}</td><td class="owners">{owners or "none"}{contested}</td>'
+                f'<td class="unheld{" unhealthy" if g.unheld else ""}">{unheld}</td>'
+                f'<td class="inactive">{inactive}</td></tr>'
+            )
         body.append(
-            f'<h2>Groups</h2><table id="groups"><tr><th>Group</th><th>Partition owners</th></tr>{"".join(rows)}</table>'
+            '<h2>Groups</h2><table id="groups"><tr><th>Group</th><th>Namespace</th><th>Partitions</th>'
+            "<th>Partition owners (live)</th><th>Held by no live member</th><th>Stale, stopped or failed</th></tr>"
+            f"{''.join(rows)}</table>"
         )
     return page("Overview", "".join(body), base=base, active="overview", refresh=10)
 

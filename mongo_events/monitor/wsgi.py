@@ -10,7 +10,7 @@ JSON routes (the seed's, under ``/v1``, and the dashboard's)::
     GET    /v1/monitor/entries/{event_id}/{subscription_id}
     GET    /v1/monitor/summary
     GET    /v1/health[?bus=]                            ``health``, or the published statuses
-    GET    /v1/consumers[?bus=]                         the published statuses
+    GET    /v1/consumers[?bus=]                         the published statuses and the groups
     GET    /v1/dead-letters[/count|/stats|/{id}]
     POST   /v1/dead-letters/{id}/replay, /v1/dead-letters/replay (needs ``replay``)
     DELETE /v1/dead-letters/{id}
@@ -20,6 +20,23 @@ JSON routes (the seed's, under ``/v1``, and the dashboard's)::
 HTML pages (:mod:`mongo_events.monitor.dashboard`): ``/``, ``/events``,
 ``/events/{event_id}``, ``/dead-letters``, ``/dead-letters/{id}`` and the
 confirmation pages of ``/dead-letters/{id}/replay|delete`` and ``/dead-letters/replay``.
+
+``GET /v1/consumers`` answers ``{"consumers": [...], "groups": [...]}``: every published
+:class:`~mongo_events.monitor.ConsumerStatus` (with ``stale``), and per consumer group and
+namespace (:func:`~mongo_events.monitor.group_views`)::
+
+    {"group": "billing", "namespace": "shop.orders", "partition_count": 4,
+     "members": [{"id": "vm:3342:orders", "bus": "orders", "host": "vm", "pid": 3342,
+                  "partitions": [0, 1, 2, 3]}],
+     "unheld": [], "contested": [],
+     "inactive": [{"id": "vm:3345:orders", "bus": "orders", "host": "vm", "pid": 3345,
+                   "state": "running", "stale": true, "heartbeat_at": "2026-..."}]}
+
+``members`` are the live ones only (fresh heartbeat, neither stopped nor failed), with the
+partitions each holds; ``inactive`` members hold nothing whatever their last status said;
+``unheld`` lists the partitions no live member holds (``null`` when no status gives the
+partition count); ``contested``, those two live members claim (statuses written on either
+side of a handover).
 
 ``GET /v1/health`` from the statuses is per bus the worst status of its live consumers; a
 bus with no live consumer, or with a stale or failed one whose work no live consumer does
@@ -56,7 +73,7 @@ from ..stores.base import AckStore, DeadLetterStore
 from ..stores.records import AckFilter, AckRecord, AckStatus, DeadLetter, DeadLetterFilter
 from . import dashboard
 from .records import MAX_LIMIT, MonitorFilter, MonitorStatus, decode_cursor, parse_rfc3339, rfc3339
-from .status import ConsumerStatus, ConsumerStatusStore
+from .status import ConsumerStatus, ConsumerStatusStore, group_views
 from .store import MonitorStore
 
 if TYPE_CHECKING:
@@ -560,8 +577,13 @@ def wsgi_app(
             if status is None:
                 raise _HTTPError(404, "no status store configured (wsgi_app(..., status=store))")
             now = datetime.now(timezone.utc)
+            found = statuses(_one(params, "bus"))
             return _json(
-                200, {"consumers": [s.to_json(now) for s in statuses(_one(params, "bus"))], "groups": []}
+                200,
+                {
+                    "consumers": [s.to_json(now) for s in found],
+                    "groups": [g.to_json(now) for g in group_views(found, now)],
+                },
             )
         if parts[:2] == ["v1", "dead-letters"]:
             return dead_letter_api(req, parts[2:])

@@ -292,6 +292,10 @@ class GroupMember:
                     self.store.release(lease)
             except StoreError as exc:  # it expires by itself
                 log.warning("group %s: could not release partition %d: %s", self.label, p, describe(exc))
+            else:  # the counterpart of "took partition" (a rebalance or a stop)
+                log.info(
+                    "group %s: %s released partition %d (fence %d)", self.label, self.owner, p, lease.fence
+                )
 
     def drop(self, partition: int, why: str) -> None:
         """Give ``partition`` up without releasing its lease (a fenced write showed that another

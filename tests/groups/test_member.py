@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -106,6 +107,22 @@ def test_a_dead_member_s_partitions_are_taken_after_its_lease_expires() -> None:
         a.tick()
         assert clock.now <= TTL + TTL / 12, "not taken over within the ttl plus one poll"
     assert clock.now >= TTL and a.owned == {0: 1, 1: 3} and a.members == ("a",)
+
+
+def test_a_release_is_logged_like_a_take(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mongo_events.groups")
+    clock = Clock()
+    store = MemoryLeaseStore(clock)
+    a, _ = member(store, clock, "a", partitions=2)
+    a.tick()
+    b, _ = member(store, clock, "b", partitions=2)
+    b.tick(), a.tick()  # a releases partition 1 to b
+    a.stop()
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m for m in messages if "released" in m] == [
+        "group g on db.c: h/1/a released partition 1 (fence 1)",
+        "group g on db.c: h/1/a released partition 0 (fence 1)",
+    ]
 
 
 def test_heartbeats_of_members_gone_long_ago_are_deleted() -> None:

@@ -503,8 +503,10 @@ class Bus(BusOptionAttributes):
         returns, the bus's threads have ended except workers inside callbacks still
         running at the deadline (daemon threads: they never keep the process alive).
 
-        :raises ShutdownTimeout: when callbacks were still running at the deadline, naming them
-            (the checkpoint written is still correct; they will be redelivered).
+        :raises ShutdownTimeout: when callbacks were still running when it stopped waiting for
+            them, naming them and saying how long it waited (a consumer-group member waits at
+            most ``lease_ttl / 3``, to release its leases in time); the checkpoint written is
+            still correct, and their events will be delivered again.
         """
         if os.getpid() != self._pid:
             log.warning(
@@ -529,7 +531,8 @@ class Bus(BusOptionAttributes):
         second one stops at once: no more waiting for callbacks, one checkpoint write
         bounded to ``FINAL_FLUSH_MIN`` seconds, then it returns. Callbacks still running
         are abandoned (workers are daemon threads, so they do not keep the process alive)
-        and their events are delivered again after restart.
+        and their events are delivered again after restart; a WARNING names them (what
+        ``stop()`` raises as :class:`ShutdownTimeout`).
 
         :raises MongoEventsError: the error that made the bus fail, if it did.
         """
@@ -696,14 +699,18 @@ class Bus(BusOptionAttributes):
         ``FINAL_FLUSH_MIN`` for the final write when the callbacks used the whole timeout).
 
         A second signal in ``run_forever()``, or :meth:`hurry`, cuts the waits for callbacks short.
+        Callbacks still running when the stop stopped waiting are raised as ``ShutdownTimeout``,
+        or, when ``quiet``, logged at WARNING: never dropped silently.
         """
-        running = self._run.shutdown(timeout, self._stopping, self._finished)
-        if running and not quiet:
-            when = "when the stop was hurried" if self._run.hurry.is_set() else f"after {timeout:.1f}s"
-            raise ShutdownTimeout(
-                f"bus {self.name!r}: callbacks were still running {when}: {'; '.join(running)}. "
-                "Their events were not checkpointed and will be delivered again after restart"
-            )
+        unfinished = self._run.shutdown(timeout, self._stopping, self._finished)
+        if unfinished is None:
+            return
+        if quiet:  # run_forever(), a failure's stopper, a failed start: nobody to raise to
+            log.warning("bus %s: %s", self.name, unfinished.message)
+            return
+        raise ShutdownTimeout(
+            f"bus {self.name!r}: {unfinished.message}", running=unfinished.running, waited=unfinished.waited
+        )
 
     def _stopping(self) -> None:
         with self._state_lock:

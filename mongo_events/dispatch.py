@@ -65,6 +65,8 @@ from functools import partial
 from operator import length_hint
 from typing import Any, Protocol, cast
 
+import attrs
+
 from .decoding import Decoder
 from .delivery import Delivery, _current
 from .errors import ConfigurationError, DecodeError, HandlerFailed, Reject, Retry, Skip, ThreadFailed
@@ -78,6 +80,7 @@ from .tracking import Lanes, Slot
 
 __all__ = [
     "STREAM_LANE",
+    "Abandoned",
     "CoalescingLanes",
     "DeadLetterHook",
     "Dispatcher",
@@ -290,6 +293,19 @@ def check_coalesce(coalesce: object, ordering: object) -> None:
     )
 
 
+@attrs.frozen
+class Abandoned:
+    """Callbacks still running when a stop, or a partition's revocation, stopped waiting for them:
+    their events are not checkpointed, so they are delivered again, maybe while these still run.
+
+    :ivar running: :meth:`Dispatcher.running` at that moment (subscription, event id, thread).
+    :ivar at: that moment (monotonic).
+    """
+
+    running: tuple[str, ...]
+    at: float
+
+
 class Dispatcher:
     """Runs work items on a thread pool, in lane order, with retries."""
 
@@ -405,6 +421,11 @@ class Dispatcher:
                 thread = self._threads[index].name if index < len(self._threads) else f"worker {index}"
                 out.append(f"subscription {name!r} on event {item.event.id} ({thread})")
         return out
+
+    def abandoned(self) -> Abandoned | None:
+        """The callbacks running now, as given up on now (``None`` when none is running)."""
+        running = self.running()
+        return Abandoned(tuple(running), time.monotonic()) if running else None
 
     def join(self, deadline: float) -> bool:
         """Wait until every idle worker thread ended (after :meth:`halt`), up to ``deadline``

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
@@ -100,7 +101,18 @@ class ThreadFailed(MongoEventsError):
 
 
 class ShutdownTimeout(MongoEventsError, TimeoutError):
-    """``stop()`` reached its deadline with callbacks still running; they will be redelivered."""
+    """``stop()`` stopped waiting with callbacks still running; they will be redelivered.
+
+    :ivar running: each callback still running (subscription, event id, thread); empty when
+        the raiser did not say.
+    :ivar waited: seconds the stop waited for them (a consumer-group member waits less than
+        ``stop()``'s timeout: see the message), or ``None`` when the raiser did not say.
+    """
+
+    def __init__(self, message: str, *, running: Sequence[str] = (), waited: float | None = None) -> None:
+        super().__init__(message)
+        self.running = tuple(running)
+        self.waited = waited
 
 
 class Retry(MongoEventsError):

@@ -23,7 +23,7 @@ from bson.timestamp import Timestamp
 from .bus_options import BusOptions
 from .checkpointing import _takes_namespace
 from .consumer import StreamConsumer
-from .dispatch import DeadLetterHook, Dispatcher
+from .dispatch import Abandoned, DeadLetterHook, Dispatcher
 from .errors import ConfigurationError, StoreError
 from .flusher import Flusher
 from .history import plan_rewind, rewind_token
@@ -198,8 +198,9 @@ def stop_threads(
     stop_event: threading.Event,
     deadline: float,
     hurry: threading.Event,
-) -> list[str]:
-    """The shutdown steps of one run; returns the callbacks still running at the deadline.
+) -> Abandoned | None:
+    """The shutdown steps of one run; returns the callbacks still running when it stopped
+    waiting for them (the caller says so: they are delivered again).
 
     ``hurry`` (a second signal in ``run_forever()``) cuts the waits for callbacks short.
     """
@@ -210,11 +211,11 @@ def stop_threads(
     with consumer.window.cond:
         consumer.window.cond.notify_all()
     consumer.stop_watcher(deadline, hurry)  # a second signal stops waiting for it
-    running: list[str] = []
+    abandoned = None
     if dispatcher is not None:
         dispatcher.halt()
         if not dispatcher.wait_idle(deadline, hurry):
-            running = dispatcher.running()
+            abandoned = dispatcher.abandoned()
         # Idle workers end at once (halt woke them); busy ones are daemon threads that
         # cannot be stopped: they end when their callback returns, and never hold exit.
         soon = time.monotonic() + FINAL_FLUSH_MIN / 2
@@ -237,7 +238,7 @@ def stop_threads(
                 grace - now,
                 consumer.last_error[0] if consumer.last_error else "no error recorded",
             )
-    return running
+    return abandoned
 
 
 # -- stored positions (while the bus is stopped) ---------------------------------------------

@@ -20,7 +20,7 @@ import attrs
 
 from .bus_options import BusOptions
 from .consumer import Report, StreamConsumer
-from .dispatch import DeadLetterHook, Dispatcher
+from .dispatch import Abandoned, DeadLetterHook, Dispatcher
 from .errors import StoreError
 from .flusher import Flusher
 from .groups.collision import StampedResumeTokenStore
@@ -43,7 +43,7 @@ from .stores.mongodb import MongoResumeTokenStore
 from .subscription import Subscription
 from .watcher import Position
 
-__all__ = ["BusRun", "GroupRun", "RunLink", "StreamRun", "new_run"]
+__all__ = ["BusRun", "GroupRun", "RunLink", "StreamRun", "Unfinished", "new_run"]
 
 #: The bus's own log lines (they moved here from bus.py): they keep its logger.
 log = logging.getLogger("mongo_events.bus")
@@ -77,6 +77,20 @@ class RunLink:
     observe: Callable[[], None] = _nothing
     unobserve: Callable[[], None] = _nothing
     publish: Callable[[], None] = _nothing
+
+
+@attrs.frozen
+class Unfinished:
+    """The callbacks a stop stopped waiting for, and what to say about them.
+
+    :ivar running: each callback (subscription, event id, thread).
+    :ivar waited: seconds from the start of the stop until it stopped waiting for them.
+    :ivar message: how many, which, how long and why no longer, and what follows for their events.
+    """
+
+    running: tuple[str, ...]
+    waited: float
+    message: str
 
 
 class BusRun:
@@ -148,13 +162,14 @@ class BusRun:
 
     def shutdown(
         self, timeout: float, stopping: Callable[[], None], finished: Callable[[float], str]
-    ) -> list[str] | None:
+    ) -> Unfinished | None:
         """Stop every thread and write the final checkpoint, within ``timeout`` (plus at most
         ``FINAL_FLUSH_MIN`` for the final write when the callbacks used the whole timeout).
 
         ``stopping()`` is called as the sequence begins, ``finished(deadline)`` when it ends (it
-        sets the bus's final state and returns its name). Returns the callbacks still running at
-        the deadline, or ``None`` when another shutdown was under way or done.
+        sets the bus's final state and returns its name). Returns the callbacks still running when
+        it stopped waiting for them, for the bus to raise or log; ``None`` when there were none, or
+        when another shutdown was under way or done (that one says it).
         """
         name = self.link.options.name
         if not self._shutdown_lock.acquire(blocking=False):
@@ -171,24 +186,49 @@ class BusRun:
             if self.stopped.is_set():
                 return None
             stopping()
-            deadline = time.monotonic() + timeout
+            started = time.monotonic()
+            deadline = started + timeout
             try:
-                running = self.stop_threads(deadline)
+                abandoned = self.stop_threads(deadline)
             finally:
                 state = finished(deadline)
                 self.stopped.set()
                 self.wake()
             self._log_stopped(state)
-            return running
+            return self._unfinished(abandoned, started, timeout) if abandoned else None
         finally:
             self._shutdown_lock.release()
 
-    def stop_threads(self, deadline: float) -> list[str]:
+    def _unfinished(self, abandoned: Sequence[Abandoned], started: float, timeout: float) -> Unfinished:
+        running = tuple(r for a in abandoned for r in a.running)
+        waited = max(0.0, max(a.at for a in abandoned) - started)
+        count = len(running)
+        message = (
+            f"{count} callback{'s' if count != 1 else ''} {'were' if count != 1 else 'was'} still running "
+            f"when the stop gave up waiting for them after {waited:.1f}s ({self.wait_limit(timeout)}): "
+            f"{'; '.join(running)}. Their events were not checkpointed: {self.redelivery()}"
+        )
+        return Unfinished(running, waited, message)
+
+    def wait_limit(self, timeout: float) -> str:
+        """Why a stop with ``timeout`` waited no longer for callbacks."""
+        if self.hurry.is_set():
+            return "the stop was hurried: a second signal, or hurry()"
+        return f"the stop's timeout was {timeout:.1f}s"
+
+    def redelivery(self) -> str:
+        """What happens to the events of callbacks a stop gave up on."""
+        return (
+            "they will be delivered again after the next start, possibly while these callbacks still "
+            "run (a running callback cannot be interrupted: it ends when it returns or the process exits)"
+        )
+
+    def stop_threads(self, deadline: float) -> list[Abandoned]:
         """The shutdown steps (see :func:`~mongo_events.lifecycle.stop_threads`), then metrics and
-        the stores; returns the callbacks still running at the deadline."""
+        the stores; returns the callbacks still running when it stopped waiting for them."""
         self.stop_event.set()
-        running = self._stop_parts(deadline)
-        running += stop_threads(
+        abandoned = self._stop_parts(deadline)
+        last = stop_threads(
             self.link.options.name,
             self.consumer,
             self.dispatcher,
@@ -197,15 +237,17 @@ class BusRun:
             deadline=deadline,
             hurry=self.hurry,
         )
+        if last is not None:
+            abandoned.append(last)
         if self.link.options.metrics is not None:
             try:
                 self.link.unobserve()
             except Exception:
                 log.exception("bus %s: detaching metrics failed", self.link.options.name)
         close_stores(self.stores())
-        return running
+        return abandoned
 
-    def _stop_parts(self, deadline: float) -> list[str]:
+    def _stop_parts(self, deadline: float) -> list[Abandoned]:
         return []
 
     def _log_stopped(self, state: str) -> None:
@@ -304,9 +346,26 @@ class GroupRun(BusRun):
         self.group.start()
         link.publish()  # after the first share: its first status names the partitions
 
-    def _stop_parts(self, deadline: float) -> list[str]:
+    def _stop_parts(self, deadline: float) -> list[Abandoned]:
         # A group member stops its partitions (bounded by lease_ttl / 3) and releases their leases.
         return self.group.stop(deadline)
+
+    def wait_limit(self, timeout: float) -> str:
+        cap = self.group.lease_ttl / 3
+        if self.hurry.is_set() or cap >= timeout:
+            return super().wait_limit(timeout)
+        return (
+            f"a consumer-group member waits at most lease_ttl / 3 = {cap:.1f}s, half of it for callbacks "
+            "and the rest for the final checkpoints, so that it releases its leases before they could "
+            f"expire and the other members take over at once; the stop's own timeout was {timeout:.1f}s"
+        )
+
+    def redelivery(self) -> str:
+        return (
+            "whoever holds their partitions next (another member now, or this one at its next start) "
+            "delivers them again, possibly while these callbacks still run here, so two members may "
+            "handle the same document at once"
+        )
 
     def _log_stopped(self, state: str) -> None:  # each partition wrote its own checkpoint
         log.info("bus %s %s; its partitions' leases are released", self.link.options.name, state)

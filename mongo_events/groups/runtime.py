@@ -30,7 +30,7 @@ import attrs
 import pymongo
 
 from ..consumer import StreamConsumer
-from ..dispatch import Dispatcher
+from ..dispatch import Abandoned, Dispatcher
 from ..errors import ConfigurationError
 from ..guard import describe, run_guarded
 from ..health import Health, assess
@@ -112,6 +112,10 @@ class _Partition:
         self.dispatcher: Dispatcher | None = None
         #: One flush of this partition at a time (the flusher's, or the final one at revoke).
         self.flushing = threading.Lock()
+        #: When it was told to stop (monotonic), and the callbacks still running when its
+        #: revocation stopped waiting for them.
+        self.halted_at: float | None = None
+        self.abandoned: Abandoned | None = None
 
 
 def _fenced(exc: BaseException | None) -> bool:
@@ -211,10 +215,11 @@ class GroupRuntime:
             sorted(self.member.owned) or "nothing (standby)",
         )
 
-    def stop(self, deadline: float) -> list[str]:
+    def stop(self, deadline: float) -> list[Abandoned]:
         """Stop every partition by ``deadline`` (monotonic; at most ``lease_ttl / 3`` from now),
-        write their final checkpoints and release the leases at once; returns the callbacks still
-        running (their events are delivered again by the next owner)."""
+        write their final checkpoints and release the leases at once; returns, per partition, the
+        callbacks still running when it stopped waiting for them (the bus says so: their events
+        are delivered again by the next owner)."""
         self._stop_deadline = deadline
         self._stopping = True
         with self._lock:
@@ -226,7 +231,7 @@ class GroupRuntime:
             log.warning("bus %s: the group member's thread did not end in time", self.bus.options.name)
         if self._executor is not None:
             self._executor.shutdown(wait=False)  # idle threads end; busy ones when their callback returns
-        return [r for part in parts if part.dispatcher is not None for r in part.dispatcher.running()]
+        return [part.abandoned for part in parts if part.abandoned is not None]
 
     def flush(self) -> None:
         """The flusher task: write every held partition's acks and checkpoint (fenced)."""
@@ -343,11 +348,14 @@ class GroupRuntime:
         now = time.monotonic()
         if self._stopping:
             deadline = min(now + self.lease_ttl / 3, self._stop_deadline)
+            why = "the bus is stopping"
         elif now < self._release_deadline:
             deadline = self._release_deadline
+            why = "a rebalance moved it to another member"
         else:
             deadline = now + self.lease_ttl / 6
-        self._finish(part, deadline)
+            why = "its lease was lost, or another member took it over"
+        self._finish(part, deadline, why)
 
     def _releasing(self, partitions: tuple[int, ...]) -> None:
         """A rebalance releases ``partitions``: stop them all now; their revocations share one deadline."""
@@ -365,6 +373,8 @@ class GroupRuntime:
 
     def _halt(self, part: _Partition) -> None:
         """Stop reading and dispatching at once (no waiting)."""
+        if part.halted_at is None:
+            part.halted_at = time.monotonic()
         part.stop_event.set()
         if part.consumer is not None:
             window = part.consumer.window
@@ -373,9 +383,13 @@ class GroupRuntime:
         if part.dispatcher is not None:
             part.dispatcher.halt()
 
-    def _finish(self, part: _Partition, deadline: float) -> None:
+    def _finish(self, part: _Partition, deadline: float, why: str) -> None:
         """Wait (bounded) for the watcher and running callbacks, then write the final checkpoint
-        unless the partition was fenced out; then it delivers and writes nothing more."""
+        unless the partition was fenced out; then it delivers and writes nothing more.
+
+        Callbacks still running when the wait ends are said at WARNING (``why`` the partition
+        was given up), or, while the bus stops, kept in ``part.abandoned`` for the bus to say.
+        """
         consumer, dispatcher = part.consumer, part.dispatcher
         if consumer is None or dispatcher is None:
             part.closed.set()
@@ -386,7 +400,10 @@ class GroupRuntime:
         if watcher is not None:
             watcher.join(max(0.0, middle - time.monotonic()))
         # Not dispatcher.join(): the workers' threads go back to the shared pool, they do not end.
-        dispatcher.wait_idle(middle)
+        if not dispatcher.wait_idle(middle):
+            part.abandoned = dispatcher.abandoned()
+            if part.abandoned is not None and not self._stopping:
+                self._say_abandoned(part, part.abandoned, why)
         if not part.closed.is_set():
             remaining = deadline - time.monotonic()
             try:
@@ -414,6 +431,25 @@ class GroupRuntime:
                     )
         part.closed.set()
         dispatcher.shutdown()
+
+    def _say_abandoned(self, part: _Partition, abandoned: Abandoned, why: str) -> None:
+        """A partition was given up with callbacks still running: say what that means."""
+        halted = part.halted_at if part.halted_at is not None else abandoned.at
+        log.warning(
+            "bus %s: partition %d of group %s was given up (%s) while %d callback(s) still ran; it "
+            "waited %.2fs for them (a revocation waits at most lease_ttl / 6 = %.2fs, half of it for "
+            "callbacks, so that the member renews its other leases in time): %s. Their events were "
+            "not checkpointed: the partition's next owner delivers them again, possibly while they "
+            "still run here, so two members may handle the same document at once",
+            self.bus.options.name,
+            part.index,
+            self.group,
+            why,
+            len(abandoned.running),
+            max(0.0, abandoned.at - halted),
+            self.lease_ttl / 6,
+            "; ".join(abandoned.running),
+        )
 
     def _fenced_out(self, part: _Partition, exc: BaseException) -> None:
         """A write of ``part`` was refused: another member owns it now. Stop it; the bus runs on."""

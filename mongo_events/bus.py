@@ -281,6 +281,16 @@ class Bus(BusOptionAttributes):
         return [partition_key(self.group, self.namespace, p) for p in range(self.partitions)]
 
     @property
+    def checkpoint_key_summary(self) -> str:
+        """:attr:`checkpoint_keys` in one string, for logs and status: :attr:`resume_token_key`,
+        or with a group its partitions' keys as a range (``"g:shop.orders#0..3"``).
+
+        .. versionadded:: 0.2.0
+        """
+        keys = self.checkpoint_keys
+        return keys[0] if len(keys) == 1 else f"{keys[0]}..{self.partitions - 1}"
+
+    @property
     def namespace(self) -> str:
         """What is watched: ``db.coll``, ``db.*`` or ``*.*``."""
         return self.options.namespace
@@ -484,12 +494,21 @@ class Bus(BusOptionAttributes):
         with self._state_lock:
             if self._state is BusState.STARTING:
                 self._state = BusState.RUNNING
-        log.info(
-            "bus %s started: watching %s, checkpoint key %s",
-            self.name,
-            self.namespace,
-            self.resume_token_key,
-        )
+        if self.group is None:
+            log.info(
+                "bus %s started: watching %s, checkpoint key %s",
+                self.name,
+                self.namespace,
+                self.resume_token_key,
+            )
+        else:  # its resume_token_key is not used: each partition has its own key
+            log.info(
+                "bus %s started: watching %s as a member of group %s, checkpoint keys %s",
+                self.name,
+                self.namespace,
+                self.group,
+                self.checkpoint_key_summary,
+            )
         return self
 
     def stop(self, timeout: float = 30.0) -> None:

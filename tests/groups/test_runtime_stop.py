@@ -3,7 +3,7 @@
 A member waits for callbacks at most ``lease_ttl / 3`` at stop (``lease_ttl / 6`` at a
 rebalance), far less than ``stop()``'s timeout: what it gives up on is delivered again by the
 partition's next owner, maybe while it still runs here. ``stop()`` raises that, naming the cap;
-``run_forever()`` and a rebalance log it at WARNING.
+``run_forever()`` and a rebalance log it at WARNING. The start log names the group's keys.
 """
 
 from __future__ import annotations
@@ -162,3 +162,23 @@ def test_a_rebalance_that_gives_up_on_callbacks_warns(
     assert "1 callback(s) still ran" in message and "'slow-one' on event" in message
     assert "lease_ttl / 6 = 0.25s" in message
     assert "two members may handle the same document" in message
+
+
+def test_the_start_log_names_the_groups_checkpoint_keys(
+    members: Callable[..., me.Bus], caplog: pytest.LogCaptureFixture
+) -> None:
+    bus = members("member", partitions=4)
+    assert bus.checkpoint_key_summary == "g:shop.orders#0..3"
+    with caplog.at_level(logging.INFO, logger="mongo_events.bus"):
+        bus.start()
+    started = [r.getMessage() for r in caplog.records if " started: " in r.getMessage()]
+    assert started == [
+        "bus member started: watching shop.orders as a member of group g, checkpoint keys g:shop.orders#0..3"
+    ]
+
+
+def test_a_bus_without_a_group_keeps_its_single_key(client: pymongo.MongoClient[Any]) -> None:
+    bus = me.Bus(client.shop.orders, resume_token_id="host")
+    assert bus.checkpoint_key_summary == bus.resume_token_key == "shop.orders:host"
+    one = me.Bus(client.shop.orders, group="g")
+    assert one.checkpoint_key_summary == "g:shop.orders#0"

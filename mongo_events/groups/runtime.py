@@ -158,6 +158,8 @@ class GroupRuntime:
         self._lock = threading.Lock()
         self._stopping = False
         self._stop_deadline = 0.0
+        #: At stop, every partition's wait for its callbacks ends by this time (monotonic).
+        self._stop_waits_until = 0.0
         #: Partitions released together by a rebalance finish by this time (monotonic).
         self._release_deadline = 0.0
         #: Partitions given up because a write was refused (for tests and health).
@@ -220,7 +222,11 @@ class GroupRuntime:
         write their final checkpoints and release the leases at once; returns, per partition, the
         callbacks still running when it stopped waiting for them (the bus says so: their events
         are delivered again by the next owner)."""
-        self._stop_deadline = deadline
+        # One deadline for all the partitions (the member revokes them one after another): the
+        # whole stop takes at most lease_ttl / 3, half of it for the callbacks of all of them.
+        now = time.monotonic()
+        self._stop_deadline = min(deadline, now + self.lease_ttl / 3)
+        self._stop_waits_until = now + (self._stop_deadline - now) / 2
         self._stopping = True
         with self._lock:
             parts = list(self._parts.values())
@@ -346,8 +352,9 @@ class GroupRuntime:
         # renewal due meanwhile is still sent before its give-up time (renew at ttl / 3, give up
         # at ttl * 2 / 3, one poll is ttl / 12). A clean stop renews nothing more: ttl / 3.
         now = time.monotonic()
+        waits_until = None
         if self._stopping:
-            deadline = min(now + self.lease_ttl / 3, self._stop_deadline)
+            deadline, waits_until = self._stop_deadline, self._stop_waits_until
             why = "the bus is stopping"
         elif now < self._release_deadline:
             deadline = self._release_deadline
@@ -355,7 +362,7 @@ class GroupRuntime:
         else:
             deadline = now + self.lease_ttl / 6
             why = "its lease was lost, or another member took it over"
-        self._finish(part, deadline, why)
+        self._finish(part, deadline, why, waits_until)
 
     def _releasing(self, partitions: tuple[int, ...]) -> None:
         """A rebalance releases ``partitions``: stop them all now; their revocations share one deadline."""
@@ -383,12 +390,13 @@ class GroupRuntime:
         if part.dispatcher is not None:
             part.dispatcher.halt()
 
-    def _finish(self, part: _Partition, deadline: float, why: str) -> None:
+    def _finish(self, part: _Partition, deadline: float, why: str, waits_until: float | None = None) -> None:
         """Wait (bounded) for the watcher and running callbacks, then write the final checkpoint
         unless the partition was fenced out; then it delivers and writes nothing more.
 
         Callbacks still running when the wait ends are said at WARNING (``why`` the partition
         was given up), or, while the bus stops, kept in ``part.abandoned`` for the bus to say.
+        ``waits_until`` ends that wait (default: half the time to ``deadline``).
         """
         consumer, dispatcher = part.consumer, part.dispatcher
         if consumer is None or dispatcher is None:
@@ -397,6 +405,8 @@ class GroupRuntime:
         watcher = consumer.watcher
         # Half the time for the watcher and callbacks, the rest for the final write.
         middle = time.monotonic() + max(0.0, deadline - time.monotonic()) / 2
+        if waits_until is not None:
+            middle = min(waits_until, deadline)
         if watcher is not None:
             watcher.join(max(0.0, middle - time.monotonic()))
         # Not dispatcher.join(): the workers' threads go back to the shared pool, they do not end.

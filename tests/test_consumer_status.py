@@ -262,6 +262,8 @@ def test_a_group_member_publishes_the_group_partition_count(
     # The count is the group's K, not how many this member holds (a lease call timed out on
     # a loaded machine is taken at a later poll, so wait for the whole share).
     assert wait_for(lambda: published() == (4, (0, 1, 2, 3)), timeout=10), published()
+    # and the keys its checkpoints are written under (not the unused "<namespace>:<name>")
+    assert store.list("counted")[0].checkpoint_key == "billing:shop.orders#0..3"
     bus.stop(timeout=5)
     assert store.list("counted")[0].partition_count == 4
 

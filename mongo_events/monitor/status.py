@@ -534,7 +534,7 @@ class StatusPublisher(Middleware):
             status=health.status,
             state=health.state,
             namespace=health.namespace,
-            checkpoint_key=bus.resume_token_key,
+            checkpoint_key=bus.checkpoint_key_summary,  # a group: its partitions' keys
             heartbeat_at=now,
             interval=self.interval,
             checkpoint_time=checkpoint_time,

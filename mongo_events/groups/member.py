@@ -192,7 +192,6 @@ class GroupMember:
                 log.warning("group %s: could not read the members: %s", self.label, describe(exc))
                 self._give_up_overdue()
                 return
-            self._sweep()
             ids = {owner.id for owner in live.values()} | {self.owner.id}
             self.members = tuple(sorted(ids))
             suffixes = {key.rsplit("#", 1)[1]: owner.id for key, owner in holders.items()}
@@ -215,6 +214,7 @@ class GroupMember:
             for p in step.acquire:
                 self._acquire(p)
             self._give_up_overdue()
+            self._sweep()  # last: its call must not eat the time of a renewal that is due
 
     def _sweep(self) -> None:
         """Delete the heartbeats of members gone for ``SWEEP_AFTER`` ttls (every process start

@@ -345,3 +345,20 @@ def test_group_views_are_per_group_and_namespace() -> None:
         ("billing", "shop.orders", [2]),
         ("billing", "shop.payments", [1]),
     ]
+
+
+def test_group_views_take_the_partition_count_of_live_members() -> None:
+    now = datetime.now(timezone.utc)
+    # Given a group cut from 8 partitions to 4 (README "Changing a group's partitions"): the
+    # old members stopped, their final statuses still say 8 until the TTL removes them.
+    old = [_member(pid, (), now, state="stopped", status="unhealthy", partition_count=8) for pid in (1, 2)]
+    new = [_member(3, (0, 1), now), _member(4, (2, 3), now)]
+    (view,) = group_views([*old, *new], now)
+    # Then K is the live members' 4, and no phantom partitions 4..7 are unheld.
+    assert view.partition_count == 4 and view.unheld == ()
+    # With no live member at all, the K of whatever reported one still shows.
+    (view,) = group_views(old, now)
+    assert view.partition_count == 8 and view.unheld == tuple(range(8))
+    # A live member from an older publisher (no K) leaves the inactive members' K in use.
+    (view,) = group_views([old[0], make_status(group="billing", partitions=(0,))], now)
+    assert view.partition_count == 8

@@ -185,8 +185,10 @@ class GroupView:
     """Who holds what in one consumer group on one namespace, from the published statuses.
 
     :ivar group: the group's name; :ivar namespace: what it watches.
-    :ivar partition_count: ``K``, the largest any member reported (``None`` when no
-        member's status says, e.g. statuses from an older publisher).
+    :ivar partition_count: ``K``, the largest a live member reported, or, when no live
+        member reports one, the largest any member reported (``None`` when no member's
+        status says, e.g. statuses from an older publisher). The statuses of members
+        stopped before ``K`` was changed keep the old ``K`` until the TTL removes them.
     :ivar members: the live members (:meth:`ConsumerStatus.is_live`), by host and pid;
         each holds its ``partitions``.
     :ivar inactive: members that are stale, stopped or failed: they hold nothing, whatever
@@ -249,7 +251,10 @@ def group_views(statuses: Sequence[ConsumerStatus], now: datetime | None = None)
     for (group, namespace), found in sorted(by_group.items()):
         found.sort(key=lambda s: (s.host, s.pid, s.id))
         members = tuple(s for s in found if s.is_live(now))
-        counts = [s.partition_count for s in found if s.partition_count is not None]
+        # The live members' K: after K was changed, the statuses of stopped old members keep
+        # the old one until the TTL removes them, and would show phantom unheld partitions.
+        counts = [s.partition_count for s in members if s.partition_count is not None]
+        counts = counts or [s.partition_count for s in found if s.partition_count is not None]
         count = max(counts) if counts else None
         claims = collections.Counter(p for s in members for p in s.partitions)
         views.append(

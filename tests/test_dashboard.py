@@ -249,6 +249,82 @@ def test_a_restarted_consumer_replaces_its_dead_predecessor_in_health() -> None:
     assert Client(wsgi_app(MemoryMonitorStore(), status=status)).get("/v1/health").status_code == 200
 
 
+def test_a_group_whose_live_member_holds_no_partition_is_not_healthy() -> None:
+    now = datetime.now(timezone.utc)
+    # Given member 3342 SIGKILLed 100 s ago holding every partition, and the survivor unable
+    # to take them (its lease writes time out): it is live and healthy, and holds nothing.
+    status = MemoryConsumerStatusStore(ttl=120)
+    status.publish(_member(3342, (), now))
+    status.publish(_member(3345, (0, 1, 2, 3), now - timedelta(seconds=100)))
+    c = Client(wsgi_app(MemoryMonitorStore(), status=status))
+    for path in ("/v1/health?bus=orders", "/v1/health"):
+        response = c.get(path)
+        # Then nothing is consumed and it says so; degraded (200): a handover looks the same
+        # for a few seconds and must not fail probes.
+        assert response.status_code == 200 and response.json["status"] == "degraded", path
+        assert (
+            "group 'billing' on shop.orders of bus 'orders': partitions 0, 1, 2, 3 of 4 are held by no "
+            "live member (live: vm:3342 running holding [])" in response.json["error"]
+        )
+    # Half taken over: the other half is named.
+    status.publish(_member(3342, (0, 1), now))
+    assert "partitions 2, 3 of 4 are held by no live member" in c.get("/v1/health").json["error"]
+    # Without K (statuses from an older publisher) a live member still covers the group.
+    status = MemoryConsumerStatusStore(ttl=120)
+    status.publish(_member(3342, (), now, partition_count=None))
+    status.publish(_member(3345, (0, 1, 2, 3), now - timedelta(seconds=100), partition_count=None))
+    response = Client(wsgi_app(MemoryMonitorStore(), status=status)).get("/v1/health")
+    assert response.status_code == 200 and response.json["status"] == "healthy"
+
+
+def test_a_rolling_restart_keeps_the_bus_healthy() -> None:
+    now = datetime.now(timezone.utc)
+    # Given two running consumers and a new one whose first status is written while it starts
+    # (Health says unhealthy for any state but running), on the same checkpoint key.
+    status = MemoryConsumerStatusStore()
+    status.publish(make_status(id="h:1:orders", pid=1, heartbeat_at=now))
+    status.publish(make_status(id="h:2:orders", pid=2, heartbeat_at=now))
+    status.publish(
+        make_status(id="h:3:orders", pid=3, heartbeat_at=now, state="starting", status="unhealthy")
+    )
+    c = Client(wsgi_app(MemoryMonitorStore(), status=status))
+    response = c.get("/v1/health?bus=orders")
+    assert response.status_code == 200 and response.json["status"] == "healthy", response.json
+    assert "error" not in response.json
+    # An old one stopping is not an outage either.
+    status.publish(
+        make_status(id="h:1:orders", pid=1, heartbeat_at=now, state="stopping", status="unhealthy")
+    )
+    assert c.get("/v1/health?bus=orders").status_code == 200
+    # The same in a group: the new member holds nothing yet, the running ones hold everything.
+    status = MemoryConsumerStatusStore()
+    status.publish(_member(1, (0, 1), now))
+    status.publish(_member(2, (2, 3), now))
+    status.publish(_member(3, (), now, state="starting", status="unhealthy"))
+    response = Client(wsgi_app(MemoryMonitorStore(), status=status)).get("/v1/health")
+    assert response.status_code == 200 and response.json["status"] == "healthy", response.json
+
+
+def test_every_unhealthy_answer_says_why() -> None:
+    now = datetime.now(timezone.utc)
+    status = MemoryConsumerStatusStore()
+    c = Client(wsgi_app(MemoryMonitorStore(), status=status))
+    # A consumer starting with no running one doing its work: nothing consumes yet.
+    status.publish(make_status(id="h:1:orders", heartbeat_at=now, state="starting", status="unhealthy"))
+    response = c.get("/v1/health?bus=orders")
+    assert response.status_code == 503 and response.json["error"] == (
+        "consumer h:1 of bus 'orders' is starting and reports unhealthy, and no running consumer serves "
+        "its checkpoint key 'shop.orders::h'"
+    )
+    # A running consumer that reports unhealthy itself (a stalled checkpoint, say).
+    status.publish(
+        make_status(id="h:1:orders", heartbeat_at=now, status="unhealthy", last_error="StoreError: stalled")
+    )
+    response = c.get("/v1/health")
+    assert response.status_code == 503
+    assert response.json["error"] == "consumer h:1 of bus 'orders' reports unhealthy (StoreError: stalled)"
+
+
 def test_dead_letter_and_ack_endpoints() -> None:
     letters = me.MemoryDeadLetterStore()
     letters.store(_letter("d1", error="ValueError: bad amount"))

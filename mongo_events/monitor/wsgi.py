@@ -38,10 +38,14 @@ partitions each holds; ``inactive`` members hold nothing whatever their last sta
 partition count); ``contested``, those two live members claim (statuses written on either
 side of a handover).
 
-``GET /v1/health`` from the statuses is per bus the worst status of its live consumers; a
-bus with no live consumer, or with a stale or failed one whose work no live consumer does
-(its group on its namespace, or its checkpoint key), is ``unhealthy`` and ``error`` says
-why; the fleet's (no ``?bus=``) is the worst of its buses.
+``GET /v1/health`` from the statuses is per bus the worst status of its live consumers,
+leaving out those ``starting`` or ``stopping`` while a ``running`` one does their work (its
+group on its namespace, or its checkpoint key), so a rolling restart stays healthy. A bus
+with no live consumer, or with a stale or failed one whose work no running consumer does,
+is ``unhealthy``; a group with a known partition count some of whose partitions no live
+member holds makes it at least ``degraded`` (200: a handover takes a few seconds). The
+fleet's (no ``?bus=``) is the worst of its buses. ``error`` says why whenever the status is
+``unhealthy`` (503), and names the unheld partitions.
 
 JSON errors are ``{"error": "..."}`` with 400 (bad parameter), 401/403 (auth, CSRF,
 read-only), 404, 405 (wrong method), 500 (store failure), 501 (no replay here) or 503
@@ -373,12 +377,25 @@ def _work(status: ConsumerStatus) -> tuple[str, ...]:
     return ("key", status.checkpoint_key)
 
 
-def _bus_health(statuses: Sequence[ConsumerStatus], bus: str, now: datetime) -> tuple[str, list[str]]:
-    """One bus's status and what makes it unhealthy, from its published statuses.
+def _what(status: ConsumerStatus) -> str:
+    """Its work (:func:`_work`) in words."""
+    if status.group:
+        return f"group {status.group!r} on {status.namespace}"
+    return f"checkpoint key {status.checkpoint_key!r}"
 
-    The worst status of its live consumers (:meth:`ConsumerStatus.is_live`). A consumer that
-    is not live counts only when it did not stop cleanly and no live one does its work
-    (:func:`_work`): then it is ``unhealthy``. No live consumer at all is ``unhealthy``.
+
+def _bus_health(statuses: Sequence[ConsumerStatus], bus: str, now: datetime) -> tuple[str, list[str]]:
+    """One bus's status and why it is not healthy, from its published statuses.
+
+    The worst status of its live consumers (:meth:`ConsumerStatus.is_live`), except that a
+    ``starting`` or ``stopping`` one does not count while a ``running`` one does its work
+    (:func:`_work`): a rolling restart is not an outage. Only ``running`` consumers do a
+    work: a consumer that is not live counts only when it did not stop cleanly and no running
+    one does its work; then it is ``unhealthy``. A group whose partition count is known is
+    done only when its live members hold every partition: otherwise the bus is at least
+    ``degraded`` (a handover under way, or a survivor that cannot take the partitions).
+    No live consumer at all is ``unhealthy``. Every ``unhealthy`` comes with its reason;
+    so does a ``degraded`` from unheld partitions.
     """
     order = {"healthy": 0, "degraded": 1, "unhealthy": 2}
     live = [s for s in statuses if s.is_live(now)]
@@ -390,19 +407,44 @@ def _bus_health(statuses: Sequence[ConsumerStatus], bus: str, now: datetime) -> 
             f"no live consumer of bus {bus!r}: the {len(statuses)} that published are {states}; "
             f"the newest heartbeat is {age:.0f}s old (from {newest.host}:{newest.pid})"
         ]
-    worst = max((s.status for s in live), key=lambda v: order.get(v, 2))
-    covered = {_work(s) for s in live}
-    errors = []
+    running = {_work(s) for s in live if s.state == "running"}
+    worst, errors = "healthy", []
+    for s in live:
+        if s.state != "running" and _work(s) in running:
+            continue  # starting or stopping next to a running consumer of the same work
+        verdict = s.status if s.status in order else "unhealthy"
+        worst = max(worst, verdict, key=order.__getitem__)
+        if verdict == "unhealthy":
+            detail = f" ({s.last_error})" if s.last_error else ""
+            if s.state == "running":
+                errors.append(f"consumer {s.host}:{s.pid} of bus {bus!r} reports {s.status}{detail}")
+            else:
+                errors.append(
+                    f"consumer {s.host}:{s.pid} of bus {bus!r} is {s.state} and reports {s.status}{detail}, "
+                    f"and no running consumer serves its {_what(s)}"
+                )
+    for view in group_views(statuses, now):
+        if view.unheld and view.members:
+            worst = max(worst, "degraded", key=order.__getitem__)
+            holders = ", ".join(
+                f"{s.host}:{s.pid} {s.state} holding [{', '.join(map(str, s.partitions))}]"
+                for s in view.members
+            )
+            errors.append(
+                f"group {view.group!r} on {view.namespace} of bus {bus!r}: partitions "
+                f"{', '.join(map(str, view.unheld))} of {view.partition_count} are held by no live member "
+                f"(live: {holders})"
+            )
     for s in statuses:
-        if s.is_live(now) or s.state == "stopped" or _work(s) in covered:
+        if s.is_live(now) or s.state == "stopped" or _work(s) in running:
             continue
-        what = f"group {s.group!r}" if s.group else f"checkpoint key {s.checkpoint_key!r}"
         why = "failed" if s.state == "failed" else f"stale (state {s.state})"
+        worst = "unhealthy"
         errors.append(
             f"consumer {s.host}:{s.pid} of bus {bus!r} is {why}, heartbeat "
-            f"{(now - s.heartbeat_at).total_seconds():.0f}s ago, and no live consumer serves its {what}"
+            f"{(now - s.heartbeat_at).total_seconds():.0f}s ago, and no running consumer serves its {_what(s)}"
         )
-    return ("unhealthy" if errors else worst), errors
+    return worst, errors
 
 
 def _health_of(statuses: Sequence[ConsumerStatus], bus: str | None, ttl: float) -> tuple[int, dict[str, Any]]:

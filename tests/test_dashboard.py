@@ -206,6 +206,19 @@ def test_the_groups_table_shows_partitions_of_live_members_only() -> None:
     assert re.search(r"<b>1</b>consumers", text) and re.search(r'<b class="unhealthy">1</b>stale', text)
 
 
+def test_the_consumers_tile_counts_live_consumers_only() -> None:
+    now = datetime.now(timezone.utc)
+    status = MemoryConsumerStatusStore()
+    status.publish(make_status(id="a", pid=1, heartbeat_at=now))
+    status.publish(make_status(id="b", pid=2, heartbeat_at=now, state="stopped", status="unhealthy"))
+    status.publish(make_status(id="c", pid=3, heartbeat_at=now, state="failed", status="unhealthy"))
+    status.publish(make_status(id="d", pid=4, heartbeat_at=now - timedelta(seconds=40)))
+    text = Client(wsgi_app(MemoryMonitorStore(), status=status)).get("/").get_data(as_text=True)
+    tiles = re.findall(r'<div class="tile"><b[^>]*>(\d+)</b>([^<]*)</div>', text)
+    assert tiles[:3] == [("1", "consumers"), ("1", "stale (no heartbeat)"), ("2", "stopped or failed")]
+    assert len(re.findall(r'<tr class="consumer"', text)) == 4  # each still has its row
+
+
 def test_health_is_unhealthy_when_no_consumer_is_live() -> None:
     now = datetime.now(timezone.utc)
     status = MemoryConsumerStatusStore(ttl=120)

@@ -144,10 +144,14 @@ def overview(
     status_error: str | None = None,
 ) -> str:
     now = datetime.now(timezone.utc)
+    live = sum(1 for s in statuses if s.is_live(now))
     stale = sum(1 for s in statuses if s.is_stale(now))
-    tiles = [f'<div class="tile"><b>{len(statuses) - stale}</b>consumers</div>']
+    ended = len(statuses) - live - stale  # fresh final statuses: stopped or failed
+    tiles = [f'<div class="tile"><b>{live}</b>consumers</div>']
     if stale:
         tiles.append(f'<div class="tile"><b class="unhealthy">{stale}</b>stale (no heartbeat)</div>')
+    if ended:
+        tiles.append(f'<div class="tile"><b>{ended}</b>stopped or failed</div>')
     if summary is not None:
         tiles.append(f'<div class="tile"><b>{summary.total_entries:,}</b>monitor entries</div>')
         tiles.append(f'<div class="tile"><b>{summary.by_status.get("failed", 0):,}</b>failed entries</div>')

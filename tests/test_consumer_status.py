@@ -82,6 +82,31 @@ def test_a_stopped_bus_writes_its_final_status_even_with_a_long_interval(
     assert bus.status is not None and bus.status.failures == 0
 
 
+class _Recording(MemoryConsumerStatusStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.states: list[str] = []
+
+    def publish(self, status: ConsumerStatus) -> None:
+        self.states.append(status.state)
+        super().publish(status)
+
+
+def test_a_started_bus_publishes_again_once_it_runs(client: pymongo.MongoClient[Any], make_bus: Any) -> None:
+    store = _Recording()
+    bus = make_bus(client.shop.orders, status=StatusPublisher(store, interval=3600))
+    bus.subscribe(lambda ev: None)
+    bus.start()
+    # The first status is written while the bus starts (and says unhealthy); a rolling
+    # restart should not wait a whole interval for the one that says it runs.
+    assert wait_for(lambda: "running" in store.states), store.states
+    assert store.states[0] in ("starting", "running")
+    (status,) = store.list()
+    assert status.state == "running" and status.status in ("healthy", "degraded")
+    bus.stop(timeout=5)
+    assert store.states[-1] == "stopped"
+
+
 class _Broken(ConsumerStatusStore):
     def __init__(self) -> None:
         super().__init__()

@@ -53,6 +53,9 @@ DEFAULT_STATUS_COLLECTION = "_event_consumers"
 _BUCKET = 60
 _BUCKETS = 30
 
+#: Seconds between looks at a starting bus's state (the publisher writes again once it runs).
+_START_POLL = 0.05
+
 
 @attrs.frozen
 class ConsumerStatus:
@@ -391,6 +394,9 @@ class StatusPublisher(Middleware):
     named daemon thread, and once more when the bus stops. As a middleware it counts the
     bus's deliveries (processed, failed attempts, dead letters) per minute.
 
+    The first status is written at once, while the bus starts; the next as soon as it
+    runs, then every ``interval``.
+
     Pass a store as ``Bus(status=store)`` (the bus builds this publisher), or build it
     for options. Publishing is best effort: a failed write is logged (once per outage)
     and tried again at the next tick; delivery is never affected.
@@ -500,7 +506,7 @@ class StatusPublisher(Middleware):
         try:
             while True:
                 self.publish()
-                if stop.wait(self.interval):
+                if self._wait(stop):
                     break
             if self._final:
                 self.publish()
@@ -513,6 +519,25 @@ class StatusPublisher(Middleware):
                 exc,
                 exc_info=True,
             )
+
+    def _wait(self, stop: threading.Event) -> bool:
+        """Wait one interval; True when told to stop.
+
+        While the bus starts, look every :data:`_START_POLL` seconds whether it runs, and end
+        the wait as soon as it does: the first status is written while the bus starts (so it
+        says ``unhealthy``), and should not stand for a whole interval.
+        """
+        deadline = time.monotonic() + self.interval
+        bus = self._bus
+        if bus is None or bus.state.value != "starting":
+            return stop.wait(self.interval)
+        while bus.state.value == "starting":
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if stop.wait(min(_START_POLL, left)):
+                return True
+        return stop.is_set()
 
     def snapshot(self) -> ConsumerStatus:
         """The status of the attached bus now."""

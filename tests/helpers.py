@@ -149,6 +149,22 @@ def make_status(**values: Any) -> Any:
     return ConsumerStatus(**{**defaults, **values})
 
 
+def make_member(pid: int, partitions: tuple[int, ...], heartbeat_at: Any, **values: Any) -> Any:
+    """The status of process ``pid`` of group ``billing`` (K = 4) holding ``partitions``."""
+    defaults: dict[str, Any] = {"group": "billing", "partition_count": 4}
+    return make_status(
+        **{
+            **defaults,
+            "id": f"vm:{pid}:orders",
+            "host": "vm",
+            "pid": pid,
+            "partitions": partitions,
+            "heartbeat_at": heartbeat_at,
+            **values,
+        }
+    )
+
+
 def make_dispatcher(done: list[Any], **options: Any) -> Any:
     """A one-worker :class:`Dispatcher` whose finished slots are appended to ``done``; ``options``
     override its arguments (``gate``, ``lock``, ...). Nothing is decoded."""

@@ -23,7 +23,7 @@ from mongo_events.monitor import (
 )
 
 from .conftest import wait_for
-from .helpers import QUICK, Recorder, make_status
+from .helpers import QUICK, Recorder, make_member, make_status
 
 
 def test_a_running_bus_publishes_the_numbers_of_its_health(
@@ -302,27 +302,12 @@ def test_a_status_is_live_when_fresh_and_neither_stopped_nor_failed() -> None:
     assert not make_status(heartbeat_at=now, state="failed").is_live(now)
 
 
-def _member(pid: int, partitions: tuple[int, ...], heartbeat_at: datetime, **values: Any) -> ConsumerStatus:
-    defaults: dict[str, Any] = {"group": "billing", "partition_count": 4}
-    return make_status(
-        **{
-            **defaults,
-            "id": f"vm:{pid}:orders",
-            "host": "vm",
-            "pid": pid,
-            "partitions": partitions,
-            "heartbeat_at": heartbeat_at,
-            **values,
-        }
-    )
-
-
 def test_group_views_give_partitions_to_live_members_only() -> None:
     now = datetime.now(timezone.utc)
     # Given the probe's fleet: vm:3345 was SIGKILLed 40 s ago and its last status still names
     # partitions 1 and 3, which vm:3342 took over within seconds.
-    survivor = _member(3342, (0, 1, 2, 3), now)
-    killed = _member(3345, (1, 3), now - timedelta(seconds=40))
+    survivor = make_member(3342, (0, 1, 2, 3), now)
+    killed = make_member(3345, (1, 3), now - timedelta(seconds=40))
     plain = make_status(id="vm:1:audit", bus="audit")  # no group: in no view
     (view,) = group_views([killed, plain, survivor], now)
     assert (view.group, view.namespace, view.partition_count) == ("billing", "shop.orders", 4)
@@ -341,13 +326,15 @@ def test_group_views_give_partitions_to_live_members_only() -> None:
 def test_group_views_name_unheld_and_contested_partitions() -> None:
     now = datetime.now(timezone.utc)
     # Before the survivor took the dead member's share: 1 and 3 are held by nobody live.
-    (view,) = group_views([_member(1, (0, 2), now), _member(2, (1, 3), now - timedelta(minutes=1))], now)
+    (view,) = group_views(
+        [make_member(1, (0, 2), now), make_member(2, (1, 3), now - timedelta(minutes=1))], now
+    )
     assert view.unheld == (1, 3) and view.contested == ()
     # Two live statuses written on either side of a handover both claim partition 2.
-    (view,) = group_views([_member(1, (0, 1, 2), now), _member(2, (2, 3), now)], now)
+    (view,) = group_views([make_member(1, (0, 1, 2), now), make_member(2, (2, 3), now)], now)
     assert view.unheld == () and view.contested == (2,)
     # A member that stopped cleanly, its final status fresh, holds nothing either.
-    (view,) = group_views([_member(1, (0, 1), now), _member(2, (2, 3), now, state="stopped")], now)
+    (view,) = group_views([make_member(1, (0, 1), now), make_member(2, (2, 3), now, state="stopped")], now)
     assert view.unheld == (2, 3) and [s.pid for s in view.inactive] == [2]
     # Without a partition count (statuses from an older publisher) unheld is unknown.
     old = make_status(group="billing", partitions=(0,))
@@ -359,9 +346,9 @@ def test_group_views_are_per_group_and_namespace() -> None:
     now = datetime.now(timezone.utc)
     views = group_views(
         [
-            _member(1, (0, 1, 2, 3), now, namespace="shop.payments"),
-            _member(2, (0, 1, 2, 3), now),
-            _member(3, (0, 1), now, group="audit", partition_count=2),
+            make_member(1, (0, 1, 2, 3), now, namespace="shop.payments"),
+            make_member(2, (0, 1, 2, 3), now),
+            make_member(3, (0, 1), now, group="audit", partition_count=2),
         ],
         now,
     )
@@ -376,8 +363,10 @@ def test_group_views_take_the_partition_count_of_live_members() -> None:
     now = datetime.now(timezone.utc)
     # Given a group cut from 8 partitions to 4 (README "Changing a group's partitions"): the
     # old members stopped, their final statuses still say 8 until the TTL removes them.
-    old = [_member(pid, (), now, state="stopped", status="unhealthy", partition_count=8) for pid in (1, 2)]
-    new = [_member(3, (0, 1), now), _member(4, (2, 3), now)]
+    old = [
+        make_member(pid, (), now, state="stopped", status="unhealthy", partition_count=8) for pid in (1, 2)
+    ]
+    new = [make_member(3, (0, 1), now), make_member(4, (2, 3), now)]
     (view,) = group_views([*old, *new], now)
     # Then K is the live members' 4, and no phantom partitions 4..7 are unheld.
     assert view.partition_count == 4 and view.unheld == ()

@@ -23,7 +23,7 @@ from mongo_events.monitor import (
 from mongo_events.stores.records import AckRecord, DeadLetter
 
 from .conftest import wait_for
-from .helpers import QUICK, Recorder, make_status
+from .helpers import QUICK, Recorder, make_member, make_status
 
 EVIL = "<script>window.__pwned = 1</script>"
 
@@ -130,29 +130,14 @@ def test_health_and_consumers_come_from_published_statuses() -> None:
     assert c.get("/v1/consumers?bsu=orders").status_code == 400
 
 
-def _member(pid: int, partitions: tuple[int, ...], heartbeat_at: datetime, **values: Any) -> Any:
-    defaults: dict[str, Any] = {"group": "billing", "partition_count": 4}
-    return make_status(
-        **{
-            **defaults,
-            "id": f"vm:{pid}:orders",
-            "host": "vm",
-            "pid": pid,
-            "partitions": partitions,
-            "heartbeat_at": heartbeat_at,
-            **values,
-        }
-    )
-
-
 def _killed_member_fleet() -> MemoryConsumerStatusStore:
     """The new-user probe's fleet: two members of group ``billing`` on bus ``orders``;
     vm:3345 was SIGKILLed 40 s ago (its last status names partitions 1 and 3 until the TTL
     removes it) and vm:3342 took every partition over."""
     now = datetime.now(timezone.utc)
     status = MemoryConsumerStatusStore(ttl=120)
-    status.publish(_member(3342, (0, 1, 2, 3), now))
-    status.publish(_member(3345, (1, 3), now - timedelta(seconds=40)))
+    status.publish(make_member(3342, (0, 1, 2, 3), now))
+    status.publish(make_member(3345, (1, 3), now - timedelta(seconds=40)))
     return status
 
 
@@ -182,8 +167,8 @@ def test_consumers_names_the_partitions_no_live_member_holds() -> None:
     now = datetime.now(timezone.utc)
     status = MemoryConsumerStatusStore()
     # The survivor has not taken the dead member's share yet.
-    status.publish(_member(3342, (0, 2), now))
-    status.publish(_member(3345, (1, 3), now - timedelta(seconds=40)))
+    status.publish(make_member(3342, (0, 2), now))
+    status.publish(make_member(3345, (1, 3), now - timedelta(seconds=40)))
     c = Client(wsgi_app(MemoryMonitorStore(), status=status))
     (group,) = c.get("/v1/consumers").json["groups"]
     assert group["unheld"] == [1, 3] and [m["pid"] for m in group["members"]] == [3342]
@@ -222,8 +207,8 @@ def test_the_consumers_tile_counts_live_consumers_only() -> None:
 def test_health_is_unhealthy_when_no_consumer_is_live() -> None:
     now = datetime.now(timezone.utc)
     status = MemoryConsumerStatusStore(ttl=120)
-    status.publish(_member(3342, (0, 1), now - timedelta(seconds=30)))
-    status.publish(_member(3345, (2, 3), now - timedelta(seconds=50)))
+    status.publish(make_member(3342, (0, 1), now - timedelta(seconds=30)))
+    status.publish(make_member(3345, (2, 3), now - timedelta(seconds=50)))
     status.publish(make_status(id="p", bus="payments", checkpoint_key="shop.payments::h"))
     c = Client(wsgi_app(MemoryMonitorStore(), status=status))
     for path in ("/v1/health?bus=orders", "/v1/health"):  # the fleet is as bad as its worst bus
@@ -257,8 +242,8 @@ def test_a_restarted_consumer_replaces_its_dead_predecessor_in_health() -> None:
     assert "consumer h:3 of bus 'orders' is failed" in response.json["error"]
     # A failed group member whose partitions a live member took is not.
     status = MemoryConsumerStatusStore()
-    status.publish(_member(1, (0, 1, 2, 3), now))
-    status.publish(_member(2, (2, 3), now, state="failed", status="unhealthy"))
+    status.publish(make_member(1, (0, 1, 2, 3), now))
+    status.publish(make_member(2, (2, 3), now, state="failed", status="unhealthy"))
     assert Client(wsgi_app(MemoryMonitorStore(), status=status)).get("/v1/health").status_code == 200
 
 
@@ -267,8 +252,8 @@ def test_a_group_whose_live_member_holds_no_partition_is_not_healthy() -> None:
     # Given member 3342 SIGKILLed 100 s ago holding every partition, and the survivor unable
     # to take them (its lease writes time out): it is live and healthy, and holds nothing.
     status = MemoryConsumerStatusStore(ttl=120)
-    status.publish(_member(3342, (), now))
-    status.publish(_member(3345, (0, 1, 2, 3), now - timedelta(seconds=100)))
+    status.publish(make_member(3342, (), now))
+    status.publish(make_member(3345, (0, 1, 2, 3), now - timedelta(seconds=100)))
     c = Client(wsgi_app(MemoryMonitorStore(), status=status))
     for path in ("/v1/health?bus=orders", "/v1/health"):
         response = c.get(path)
@@ -280,12 +265,12 @@ def test_a_group_whose_live_member_holds_no_partition_is_not_healthy() -> None:
             "live member (live: vm:3342 running holding [])" in response.json["error"]
         )
     # Half taken over: the other half is named.
-    status.publish(_member(3342, (0, 1), now))
+    status.publish(make_member(3342, (0, 1), now))
     assert "partitions 2, 3 of 4 are held by no live member" in c.get("/v1/health").json["error"]
     # Without K (statuses from an older publisher) a live member still covers the group.
     status = MemoryConsumerStatusStore(ttl=120)
-    status.publish(_member(3342, (), now, partition_count=None))
-    status.publish(_member(3345, (0, 1, 2, 3), now - timedelta(seconds=100), partition_count=None))
+    status.publish(make_member(3342, (), now, partition_count=None))
+    status.publish(make_member(3345, (0, 1, 2, 3), now - timedelta(seconds=100), partition_count=None))
     response = Client(wsgi_app(MemoryMonitorStore(), status=status)).get("/v1/health")
     assert response.status_code == 200 and response.json["status"] == "healthy"
 
@@ -311,9 +296,9 @@ def test_a_rolling_restart_keeps_the_bus_healthy() -> None:
     assert c.get("/v1/health?bus=orders").status_code == 200
     # The same in a group: the new member holds nothing yet, the running ones hold everything.
     status = MemoryConsumerStatusStore()
-    status.publish(_member(1, (0, 1), now))
-    status.publish(_member(2, (2, 3), now))
-    status.publish(_member(3, (), now, state="starting", status="unhealthy"))
+    status.publish(make_member(1, (0, 1), now))
+    status.publish(make_member(2, (2, 3), now))
+    status.publish(make_member(3, (), now, state="starting", status="unhealthy"))
     response = Client(wsgi_app(MemoryMonitorStore(), status=status)).get("/v1/health")
     assert response.status_code == 200 and response.json["status"] == "healthy", response.json
 

@@ -23,6 +23,10 @@ __all__ = ["GroupMember", "partition_key"]
 
 log = logging.getLogger(__name__)
 
+#: Why a partition is revoked, as ``on_revoked_why`` is told.
+REBALANCED = "a rebalance moved it to another member"
+STOPPING = "the member is stopping"
+
 #: Heartbeats of members gone for this many ttls are deleted (by any member, this often).
 SWEEP_AFTER = 10
 
@@ -46,6 +50,8 @@ class GroupMember:
     - ``on_revoked(partition)`` before releasing it (rebalance, :meth:`stop`) and when its
       lease is lost or could not be renewed within ``ttl * 2 / 3``: stop that consumer,
       deliver and write nothing more for it. It must return well within ``ttl / 3``.
+      With ``on_revoked_why``, that is called instead, with why (``"a rebalance moved it to
+      another member"``, ``"the member is stopping"``, or why it was given up).
 
     Both run on the member's thread (or the caller of :meth:`tick` / :meth:`stop`).
     An exception from a callback, or anything else escaping the loop, releases every lease
@@ -69,6 +75,7 @@ class GroupMember:
     :param on_releasing: called with every partition a rebalance is about to release, before
         their ``on_revoked`` calls (one at a time): stop them all at once, so that together they
         take no longer than one, and the member renews its other leases in time.
+    :param on_revoked_why: ``on_revoked`` with the reason, called instead of it when given.
     :param poll_interval: seconds between ticks (default ``ttl / 12``).
     :param clock: monotonic seconds; tests pass a fake clock and call :meth:`tick` themselves.
 
@@ -89,6 +96,7 @@ class GroupMember:
         on_fatal: Callable[[BaseException], None] | None = None,
         on_rebalance: Callable[[frozenset[int]], None] | None = None,
         on_releasing: Callable[[tuple[int, ...]], None] | None = None,
+        on_revoked_why: Callable[[int, str], None] | None = None,
         owner: Owner | None = None,
         poll_interval: float | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -111,6 +119,7 @@ class GroupMember:
         self._on_fatal = on_fatal
         self._on_rebalance = on_rebalance
         self._on_releasing = on_releasing
+        self._on_revoked_why = on_revoked_why
         self._clock = clock
         self._leases: dict[int, Lease] = {}
         self._timers: dict[int, LeaseTimer] = {}
@@ -208,7 +217,7 @@ class GroupMember:
             if step.release and self._on_releasing is not None:
                 self._on_releasing(step.release)  # all of them, before the first on_revoked
             for p in step.release:
-                self._release(p)
+                self._release(p, REBALANCED)
             for p in step.renew:
                 self._renew(p)
             for p in step.acquire:
@@ -279,23 +288,34 @@ class GroupMember:
         else:
             self._lose(p, "another member holds its lease")
 
-    def _release(self, p: int) -> None:
+    def _release(self, p: int, why: str) -> None:
         lease = self._leases.get(p)
         if lease is None:
             return  # given up already
         self._forget(p)
         try:
-            self.on_revoked(p)
+            self._revoke(p, why)
         finally:
-            try:
-                with self._bounded():
-                    self.store.release(lease)
-            except StoreError as exc:  # it expires by itself
-                log.warning("group %s: could not release partition %d: %s", self.label, p, describe(exc))
-            else:  # the counterpart of "took partition" (a rebalance or a stop)
-                log.info(
-                    "group %s: %s released partition %d (fence %d)", self.label, self.owner, p, lease.fence
-                )
+            self._give_back(p, lease, None)
+
+    def _revoke(self, p: int, why: str) -> None:
+        if self._on_revoked_why is not None:
+            self._on_revoked_why(p, why)
+        else:
+            self.on_revoked(p)
+
+    def _give_back(self, p: int, lease: Lease, deadline: float | None) -> bool:
+        """Release ``p``'s lease, the call bounded by ``deadline`` too; False when it was not
+        released (it expires by itself; the caller says so when it skipped the call)."""
+        try:
+            with self._bounded(deadline):
+                self.store.release(lease)
+        except StoreError as exc:  # it expires by itself
+            log.warning("group %s: could not release partition %d: %s", self.label, p, describe(exc))
+            return False
+        # the counterpart of "took partition" (a rebalance or a stop)
+        log.info("group %s: %s released partition %d (fence %d)", self.label, self.owner, p, lease.fence)
+        return True
 
     def drop(self, partition: int, why: str) -> None:
         """Give ``partition`` up without releasing its lease (a fenced write showed that another
@@ -308,7 +328,7 @@ class GroupMember:
     def _lose(self, p: int, why: str) -> None:
         self._forget(p)
         log.warning("group %s: %s gives up partition %d: %s", self.label, self.owner, p, why)
-        self.on_revoked(p)
+        self._revoke(p, why)
 
     def _forget(self, p: int) -> None:
         self._leases.pop(p, None)
@@ -320,11 +340,12 @@ class GroupMember:
             self._lose(p, f"its lease was not renewed within {self.ttl * 2 / 3:.3g}s")
 
     @contextlib.contextmanager
-    def _bounded(self) -> Iterator[None]:
-        """Bound a store call by ``ttl / 6`` and by the earliest give-up time of a held lease, so
-        that no call can keep a partition past it (pymongo raises, the store says StoreError)."""
+    def _bounded(self, deadline: float | None = None) -> Iterator[None]:
+        """Bound a store call by ``ttl / 6``, by the earliest give-up time of a held lease, so
+        that no call can keep a partition past it (pymongo raises, the store says StoreError),
+        and by ``deadline`` (this member's clock) when given."""
         now = self._clock()
-        limit = self.ttl / 6
+        limit = self.ttl / 6 if deadline is None else min(self.ttl / 6, deadline - now)
         for timer in list(self._timers.values()):
             limit = min(limit, timer.sent_at + self.ttl * 2 / 3 - now)
         with pymongo.timeout(max(0.001, limit)):
@@ -356,7 +377,7 @@ class GroupMember:
             while not self._stop.wait(self.poll_interval):
                 self.tick()
         except BaseException:
-            self._release_all()
+            self._release_all("the member stopped on an error")
             raise
 
     def _fatal(self, error: BaseException) -> None:
@@ -366,32 +387,60 @@ class GroupMember:
         else:
             log.error("group %s: member %s stopped: %s", self.label, self.owner, describe(error))
 
-    def stop(self, timeout: float = 5.0) -> bool:
-        """Stop ticking, revoke and release every partition and the heartbeat at once (a clean
-        handover: the others take over at their next poll). Returns False when the thread did
-        not end within ``timeout``."""
+    def stop(self, timeout: float = 5.0, deadline: float | None = None) -> bool:
+        """Stop ticking, revoke every partition, then release their leases and the heartbeat at
+        once (a clean handover: the others take over at their next poll). Returns False when the
+        thread did not end within ``timeout`` (then nothing is revoked or released here).
+
+        ``deadline`` (this member's clock) bounds the release calls as well: a lease whose release
+        would start after it is not released, and a WARNING says so (it expires by itself within
+        ``ttl``; the others take its partition over then).
+        """
         self._stop.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+            thread.join(max(0.0, timeout))
             if thread.is_alive():
                 return False
-        self._release_all()
+        self._release_all(STOPPING, deadline)
         return True
 
-    def _release_all(self) -> None:
+    def _release_all(self, why: str, deadline: float | None = None) -> None:
         with self._lock:
-            for p in sorted(self._leases):
+            leases = sorted(self._leases.items())
+            # Revoke them all first: their callbacks and final checkpoints are done before a
+            # release call (each up to ttl / 6) can eat the time of one of them.
+            for p, _ in leases:
+                self._forget(p)
                 try:
-                    self._release(p)
+                    self._revoke(p, why)
                 except Exception:  # one failing callback must not keep the other leases
                     log.exception("group %s: revoking partition %d failed", self.label, p)
-            if self._heartbeat is not None:
-                try:
-                    with self._bounded():
-                        self.store.release(self._heartbeat)
-                except StoreError as exc:
-                    log.warning("group %s: could not release the heartbeat: %s", self.label, describe(exc))
-                self._heartbeat = None
-                self._heartbeat_timer = None
+            kept: list[str] = []
+            for p, lease in leases:
+                if deadline is not None and self._clock() >= deadline:
+                    kept.append(f"partition {p}")
+                else:
+                    self._give_back(p, lease, deadline)
+            heartbeat, self._heartbeat, self._heartbeat_timer = self._heartbeat, None, None
+            if heartbeat is not None:
+                if deadline is not None and self._clock() >= deadline:
+                    kept.append("the heartbeat")
+                else:
+                    try:
+                        with self._bounded(deadline):
+                            self.store.release(heartbeat)
+                    except StoreError as exc:
+                        log.warning(
+                            "group %s: could not release the heartbeat: %s", self.label, describe(exc)
+                        )
+            if kept:
+                log.warning(
+                    "group %s: %s did not release %s: its stop had no time left; the leases expire by "
+                    "themselves within %.3gs, and the other members take the partitions over then",
+                    self.label,
+                    self.owner,
+                    ", ".join(kept),
+                    self.ttl,
+                )
             self._share = frozenset()

@@ -8,6 +8,7 @@ from typing import Any
 
 import pymongo
 import pytest
+from pymongo import _csot
 
 from mongo_events import StoreError
 from mongo_events.groups import (
@@ -367,3 +368,82 @@ def test_a_rebalance_announces_every_partition_it_releases_before_revoking_them(
     b.tick()
     a.tick()  # a releases its surplus to b
     assert calls == [("releasing", (2, 3)), ("revoked", 2), ("revoked", 3)]
+
+
+class SlowReleases(MemoryLeaseStore):
+    """A release that takes ttl / 6 (a slow store), recording the bound each call was given."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.clock = clock
+        self.bounds: list[tuple[str, float | None]] = []
+
+    def release(self, lease: Lease) -> None:
+        self.bounds.append((lease.key, _csot.get_timeout()))
+        self.clock.now += TTL / 6
+        super().release(lease)
+
+
+def test_a_stop_bounds_its_releases_by_its_deadline(caplog: pytest.LogCaptureFixture) -> None:
+    # Given a member holding 4 partitions on a store whose releases take ttl / 6 each
+    clock = Clock()
+    store = SlowReleases(clock)
+    a, _ = member(store, clock, "a")
+    a.tick()
+    assert set(a.owned) == {0, 1, 2, 3}
+    # When it stops with TTL / 4 left
+    with caplog.at_level(logging.WARNING, logger="mongo_events.groups"):
+        assert a.stop(5, deadline=TTL / 4)
+    # Then each release call is bounded by the time left, and none starts after the deadline:
+    # two fit (ttl / 6, then what was left), the rest expire by themselves, as a WARNING says
+    assert [key for key, _ in store.bounds] == [a.key(0), a.key(1)]
+    assert [bound for _, bound in store.bounds] == pytest.approx([TTL / 6, TTL / 4 - TTL / 6])
+    assert clock.now == pytest.approx(2 * TTL / 6)
+    (message,) = [r.getMessage() for r in caplog.records if "did not release" in r.getMessage()]
+    assert "partition 2, partition 3, the heartbeat" in message and "expire by themselves" in message
+    assert set(store.live("g:db.c#")) == {a.key(2), a.key(3)}
+
+
+def test_a_stop_revokes_every_partition_before_it_releases_any() -> None:
+    # A release call (up to ttl / 6) must not eat the time of a later partition's final checkpoint
+    clock = Clock()
+    calls: list[tuple[Any, ...]] = []
+
+    class Recording(MemoryLeaseStore):
+        def release(self, lease: Lease) -> None:
+            calls.append(("release", lease.key))
+            super().release(lease)
+
+    store = Recording(clock)
+    a, _ = member(store, clock, "a", partitions=2)
+    a.on_revoked = lambda p: calls.append(("revoked", p))
+    a.tick()
+    assert a.stop(5)
+    assert calls == [
+        ("revoked", 0),
+        ("revoked", 1),
+        ("release", a.key(0)),
+        ("release", a.key(1)),
+        ("release", "g:db.c/members/a"),
+    ]
+
+
+def test_on_revoked_why_is_told_the_real_cause() -> None:
+    clock, store = Clock(), MemoryLeaseStore(Clock())
+    store._clock = clock
+    why: list[tuple[int, str]] = []
+    a, ra = member(store, clock, "a", on_revoked_why=lambda p, w: why.append((p, w)))
+    a.tick()
+    a.drop(0, "a fenced write was refused")
+    b, _ = member(store, clock, "b")
+    b.tick()
+    a.tick()  # a (1, 2, 3) releases its surplus to b
+    kept = set(a.owned)
+    a.stop()
+    assert why[0] == (0, "a fenced write was refused")
+    rebalanced, stopping = "a rebalance moved it to another member", "the member is stopping"
+    assert why[1:] == [(p, rebalanced) for p in sorted({1, 2, 3} - kept)] + [
+        (p, stopping) for p in sorted(kept)
+    ]
+    assert len(kept) == 2
+    assert ra.calls == [c for c in ra.calls if c[0] == "assigned"]  # called instead of on_revoked

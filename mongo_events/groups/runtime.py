@@ -34,6 +34,7 @@ from ..dispatch import Abandoned, Dispatcher
 from ..errors import ConfigurationError
 from ..guard import describe, run_guarded
 from ..health import Health, assess
+from ..lifecycle import FINAL_FLUSH_MIN
 from ..stores.mongodb import MongoResumeTokenStore
 from .base import FencedOut
 from .fencing import FencedResumeTokenStore, raise_fence
@@ -116,6 +117,8 @@ class _Partition:
         #: revocation stopped waiting for them.
         self.halted_at: float | None = None
         self.abandoned: Abandoned | None = None
+        #: Its running callbacks were handed to the stop already (said once, not twice).
+        self.handed = False
 
 
 def _fenced(exc: BaseException | None) -> bool:
@@ -157,9 +160,20 @@ class GroupRuntime:
         self._parts: dict[int, _Partition] = {}
         self._lock = threading.Lock()
         self._stopping = False
-        self._stop_deadline = 0.0
         #: At stop, every partition's wait for its callbacks ends by this time (monotonic).
         self._stop_waits_until = 0.0
+        #: At stop, the final checkpoints and the releases end by this time (monotonic).
+        self._stop_grace = 0.0
+        #: The run's hurry (a second signal, ``Bus.hurry()``): no more waiting for callbacks.
+        self._hurry: threading.Event | None = None
+        #: Callbacks given up on by revocations the stop started (under ``_lock``), which
+        #: ``stop()`` returns; once it returned, a late one is said at WARNING instead.
+        self._stop_abandoned: list[Abandoned] = []
+        self._stop_returned = False
+        #: Why each partition being revoked is (the member says it; under ``_lock``).
+        self._why: dict[int, str] = {}
+        #: Partitions revoked for the stop and not closed yet (under ``_lock``).
+        self._finishing: set[_Partition] = set()
         #: Partitions released together by a rebalance finish by this time (monotonic).
         self._release_deadline = 0.0
         #: Partitions given up because a write was refused (for tests and health).
@@ -191,7 +205,7 @@ class GroupRuntime:
             ttl=self.lease_ttl,
             mode=self.mode,
             on_assigned=self._assigned,
-            on_revoked=self._revoked,
+            on_revoked_why=self._revoking,
             on_fatal=bus.fail,
             on_rebalance=self._rebalanced,
             on_releasing=self._releasing,
@@ -217,27 +231,66 @@ class GroupRuntime:
             sorted(self.member.owned) or "nothing (standby)",
         )
 
-    def stop(self, deadline: float) -> list[Abandoned]:
+    def stop(self, deadline: float, hurry: threading.Event | None = None) -> list[Abandoned]:
         """Stop every partition by ``deadline`` (monotonic; at most ``lease_ttl / 3`` from now),
-        write their final checkpoints and release the leases at once; returns, per partition, the
-        callbacks still running when it stopped waiting for them (the bus says so: their events
-        are delivered again by the next owner)."""
-        # One deadline for all the partitions (the member revokes them one after another): the
-        # whole stop takes at most lease_ttl / 3, half of it for the callbacks of all of them.
+        write their final checkpoints, then release the leases; returns the callbacks still
+        running when it stopped waiting for them (the bus says so: their events are delivered
+        again by the next owner).
+
+        Half of that time is for the callbacks of all the partitions (none once ``hurry`` is
+        set), the rest for the final checkpoints and the releases, which get at least
+        ``FINAL_FLUSH_MIN`` after the wait (the final write of a stream bus gets as much): the
+        whole stop ends by ``min(deadline, now + lease_ttl / 3) + FINAL_FLUSH_MIN``. What
+        could not be written or released in time is said at WARNING.
+        """
         now = time.monotonic()
-        self._stop_deadline = min(deadline, now + self.lease_ttl / 3)
-        self._stop_waits_until = now + (self._stop_deadline - now) / 2
-        self._stopping = True
+        stop_deadline = min(deadline, now + self.lease_ttl / 3)
+        hurried = hurry is not None and hurry.is_set()
+        waits_until = now if hurried else now + (stop_deadline - now) / 2
+        grace = now + FINAL_FLUSH_MIN if hurried else max(stop_deadline, waits_until + FINAL_FLUSH_MIN)
         with self._lock:
+            # A revocation that reads _stopping after this hands its callbacks to this stop;
+            # one that read it before says them itself (see _revoked).
+            self._stop_waits_until, self._stop_grace = waits_until, grace
+            self._hurry = hurry
+            self._stopping = True
             parts = list(self._parts.values())
         for part in parts:  # all at once: they share the deadline
             self._halt(part)
         member = self.member
-        if member is not None and not member.stop(max(0.5, deadline - time.monotonic())):
-            log.warning("bus %s: the group member's thread did not end in time", self.bus.options.name)
+        if member is not None and not member.stop(grace - time.monotonic(), grace):
+            self._gave_up_on_member(grace - now)
         if self._executor is not None:
             self._executor.shutdown(wait=False)  # idle threads end; busy ones when their callback returns
-        return [part.abandoned for part in parts if part.abandoned is not None]
+        with self._lock:
+            self._stop_returned = True
+            return list(self._stop_abandoned)
+
+    def _gave_up_on_member(self, waited: float) -> None:
+        """The member's thread did not end in time (stuck in a callback or a store call): nothing
+        was revoked, written or released. Close every partition not closed yet, hand its running
+        callbacks to the stop, and say what was not done."""
+        with self._lock:
+            parts = [p for p in {*self._parts.values(), *self._finishing} if not p.closed.is_set()]
+            for part in parts:
+                part.closed.set()  # the gates close: nothing more is delivered or written
+                part.handed = True
+        for part in parts:
+            self._halt(part)
+            abandoned = part.dispatcher.abandoned() if part.dispatcher is not None else None
+            if abandoned is not None:
+                with self._lock:
+                    self._stop_abandoned.append(abandoned)
+        log.warning(
+            "bus %s: the group member's thread did not end within %.1fs: the final checkpoints of "
+            "partitions %s were not written (their next owner redelivers the events after the last "
+            "stored ones), and no lease was released (they expire within lease_ttl = %.3gs, and the "
+            "other members take the partitions over then)",
+            self.bus.options.name,
+            waited,
+            sorted(p.index for p in parts) or "(none)",
+            self.lease_ttl,
+        )
 
     def flush(self) -> None:
         """The flusher task: write every held partition's acks and checkpoint (fenced)."""
@@ -337,32 +390,45 @@ class GroupRuntime:
         raise_fence(self.token_store, key, fence)
         position = consumer.initial_position()  # a StoreError is fatal: the member stops, the bus fails
         with self._lock:
-            self._parts[p] = part
+            stopping = self._stopping
+            if not stopping:
+                self._parts[p] = part
+        if stopping:  # the stop began meanwhile (its snapshot does not have it): do not start it
+            part.closed.set()
+            dispatcher.shutdown()
+            log.info("bus %s: partition %d was taken as the bus stops: not started", bus.options.name, p)
+            return
         dispatcher.start()
         consumer.start(position)
 
-    def _revoked(self, p: int) -> None:
+    def _revoking(self, p: int, why: str) -> None:
         with self._lock:
+            self._why[p] = why
+        self._revoked(p)
+
+    def _revoked(self, p: int) -> None:
+        # One argument (why comes through _revoking): the multi-process tests wrap this method.
+        with self._lock:
+            why = self._why.pop(p, "its lease was lost")
             part = self._parts.pop(p, None)
+            # Read once, with the pop: a revocation the stop started hands its callbacks to the
+            # stop (stop() returns them); any other says them itself, even if a stop begins now.
+            for_stop = self._stopping
+            if part is not None and for_stop:
+                self._finishing.add(part)
         if part is None:
             return
         self._halt(part)
+        if for_stop:
+            self._finish(part, self._stop_waits_until, self._stop_grace, "the bus is stopping", for_stop=True)
+            return
         # The member's thread waits for this, and renews its other leases only afterwards: a
         # revocation (or all those of one rebalance together) takes at most ttl / 6, so that a
         # renewal due meanwhile is still sent before its give-up time (renew at ttl / 3, give up
-        # at ttl * 2 / 3, one poll is ttl / 12). A clean stop renews nothing more: ttl / 3.
+        # at ttl * 2 / 3, one poll is ttl / 12). Half of it for the watcher and callbacks.
         now = time.monotonic()
-        waits_until = None
-        if self._stopping:
-            deadline, waits_until = self._stop_deadline, self._stop_waits_until
-            why = "the bus is stopping"
-        elif now < self._release_deadline:
-            deadline = self._release_deadline
-            why = "a rebalance moved it to another member"
-        else:
-            deadline = now + self.lease_ttl / 6
-            why = "its lease was lost, or another member took it over"
-        self._finish(part, deadline, why, waits_until)
+        deadline = self._release_deadline if now < self._release_deadline else now + self.lease_ttl / 6
+        self._finish(part, now + (deadline - now) / 2, deadline, why, for_stop=False)
 
     def _releasing(self, partitions: tuple[int, ...]) -> None:
         """A rebalance releases ``partitions``: stop them all now; their revocations share one deadline."""
@@ -390,74 +456,114 @@ class GroupRuntime:
         if part.dispatcher is not None:
             part.dispatcher.halt()
 
-    def _finish(self, part: _Partition, deadline: float, why: str, waits_until: float | None = None) -> None:
-        """Wait (bounded) for the watcher and running callbacks, then write the final checkpoint
-        unless the partition was fenced out; then it delivers and writes nothing more.
+    def _finish(
+        self, part: _Partition, waits_until: float, deadline: float, why: str, *, for_stop: bool
+    ) -> None:
+        """Wait for the watcher and running callbacks until ``waits_until`` (or the run's hurry),
+        then write the final checkpoint by ``deadline`` unless the partition was fenced out; then
+        it delivers and writes nothing more.
 
-        Callbacks still running when the wait ends are said at WARNING (``why`` the partition
-        was given up), or, while the bus stops, kept in ``part.abandoned`` for the bus to say.
-        ``waits_until`` ends that wait (default: half the time to ``deadline``).
+        Callbacks still running when the wait ends are handed to the stop (``for_stop``: the bus
+        raises or logs them), or said at WARNING with ``why`` the partition was given up.
         """
         consumer, dispatcher = part.consumer, part.dispatcher
         if consumer is None or dispatcher is None:
             part.closed.set()
+            self._done(part)
             return
+        hurry = self._hurry
         watcher = consumer.watcher
-        # Half the time for the watcher and callbacks, the rest for the final write.
-        middle = time.monotonic() + max(0.0, deadline - time.monotonic()) / 2
-        if waits_until is not None:
-            middle = min(waits_until, deadline)
         if watcher is not None:
-            watcher.join(max(0.0, middle - time.monotonic()))
+            hurried = hurry is not None and hurry.is_set()
+            watcher.join(0.0 if hurried else max(0.0, waits_until - time.monotonic()))
         # Not dispatcher.join(): the workers' threads go back to the shared pool, they do not end.
-        if not dispatcher.wait_idle(middle):
+        if not dispatcher.wait_idle(waits_until, hurry):
             part.abandoned = dispatcher.abandoned()
-            if part.abandoned is not None and not self._stopping:
-                self._say_abandoned(part, part.abandoned, why)
+            if part.abandoned is not None:
+                self._give_up_on(part, part.abandoned, why, for_stop)
         if not part.closed.is_set():
-            remaining = deadline - time.monotonic()
-            try:
-                if remaining > 0 and part.flushing.acquire(timeout=remaining):
-                    try:
-                        with pymongo.timeout(max(0.001, deadline - time.monotonic())):
-                            consumer.checkpointer.flush()
-                    finally:
-                        part.flushing.release()
-            except Exception as exc:
-                if _fenced(exc):
-                    log.warning(
-                        "bus %s: final checkpoint of partition %d refused (%s)",
-                        self.bus.options.name,
-                        part.index,
-                        exc,
-                    )
-                else:
-                    log.warning(
-                        "bus %s: final checkpoint of partition %d not stored (%s); its next owner redelivers "
-                        "the events after the last stored one",
-                        self.bus.options.name,
-                        part.index,
-                        describe(exc),
-                    )
+            self._final_write(part, consumer, deadline)
         part.closed.set()
         dispatcher.shutdown()
+        self._done(part)
 
-    def _say_abandoned(self, part: _Partition, abandoned: Abandoned, why: str) -> None:
+    def _final_write(self, part: _Partition, consumer: StreamConsumer, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        try:
+            if remaining <= 0 or not part.flushing.acquire(timeout=remaining):
+                log.warning(
+                    "bus %s: final checkpoint of partition %d not written: its stop had no time left (a "
+                    "flush still ran, or the partitions before it used the time); its next owner "
+                    "redelivers the events after the last stored checkpoint",
+                    self.bus.options.name,
+                    part.index,
+                )
+                return
+            try:
+                with pymongo.timeout(max(0.001, deadline - time.monotonic())):
+                    consumer.checkpointer.flush()
+            finally:
+                part.flushing.release()
+        except Exception as exc:
+            if _fenced(exc):
+                log.warning(
+                    "bus %s: final checkpoint of partition %d refused (%s)",
+                    self.bus.options.name,
+                    part.index,
+                    exc,
+                )
+            else:
+                log.warning(
+                    "bus %s: final checkpoint of partition %d not stored (%s); its next owner redelivers "
+                    "the events after the last stored one",
+                    self.bus.options.name,
+                    part.index,
+                    describe(exc),
+                )
+
+    def _done(self, part: _Partition) -> None:
+        with self._lock:
+            self._finishing.discard(part)
+
+    def _give_up_on(self, part: _Partition, abandoned: Abandoned, why: str, for_stop: bool) -> None:
+        """Hand ``abandoned`` to the stop (once), or say it now."""
+        with self._lock:
+            handed, part.handed = part.handed, True
+            to_stop = for_stop and not self._stop_returned
+            if to_stop and not handed:
+                self._stop_abandoned.append(abandoned)
+        if handed or to_stop:
+            return
+        if self._hurry is not None and self._hurry.is_set():
+            limit = "the stop was hurried: a second signal, or hurry()"
+        elif for_stop:  # after stop() returned
+            limit = (
+                f"a member's stop waits at most lease_ttl / 3 = {self.lease_ttl / 3:.2f}s, half of it for "
+                "callbacks, and its stop had returned already"
+            )
+        else:
+            limit = (
+                f"a revocation waits at most lease_ttl / 6 = {self.lease_ttl / 6:.2f}s (those of one "
+                "rebalance together), half of it for callbacks, so that the member renews its other "
+                "leases in time"
+            )
+        self._say_abandoned(part, abandoned, why, limit)
+
+    def _say_abandoned(self, part: _Partition, abandoned: Abandoned, why: str, limit: str) -> None:
         """A partition was given up with callbacks still running: say what that means."""
         halted = part.halted_at if part.halted_at is not None else abandoned.at
         log.warning(
             "bus %s: partition %d of group %s was given up (%s) while %d callback(s) still ran; it "
-            "waited %.2fs for them (a revocation waits at most lease_ttl / 6 = %.2fs, half of it for "
-            "callbacks, so that the member renews its other leases in time): %s. Their events were "
-            "not checkpointed: the partition's next owner delivers them again, possibly while they "
-            "still run here, so two members may handle the same document at once",
+            "waited %.2fs for them (%s): %s. Their events were not checkpointed: the partition's next "
+            "owner delivers them again, possibly while they still run here, so two members may handle "
+            "the same document at once",
             self.bus.options.name,
             part.index,
             self.group,
             why,
             len(abandoned.running),
             max(0.0, abandoned.at - halted),
-            self.lease_ttl / 6,
+            limit,
             "; ".join(abandoned.running),
         )
 

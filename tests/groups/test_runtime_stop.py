@@ -14,6 +14,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,7 +22,9 @@ import pymongo
 import pytest
 
 import mongo_events as me
-from mongo_events.groups import partition_of
+from mongo_events.groups import partition_of, runtime
+from mongo_events.groups.runtime import GroupRuntime
+from mongo_events.lifecycle import FINAL_FLUSH_MIN
 
 from ..conftest import wait_for
 from ..helpers import FAST
@@ -182,3 +185,186 @@ def test_a_bus_without_a_group_keeps_its_single_key(client: pymongo.MongoClient[
     assert bus.checkpoint_key_summary == bus.resume_token_key == "shop.orders:host"
     one = me.Bus(client.shop.orders, group="g")
     assert one.checkpoint_key_summary == "g:shop.orders#0"
+
+
+def _runtime(bus: me.Bus) -> GroupRuntime:
+    group = bus._run.group  # type: ignore[attr-defined]
+    assert isinstance(group, GroupRuntime)
+    return group
+
+
+@pytest.fixture
+def stuck_fence(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[threading.Event, threading.Event]]:
+    """``raise_fence`` (not bounded) blocks until ``gate`` is set, once ``entered`` is set."""
+    gate, entered = threading.Event(), threading.Event()
+    real = runtime.raise_fence
+
+    def stuck(*args: Any) -> None:
+        entered.set()
+        gate.wait(30)
+        real(*args)
+
+    monkeypatch.setattr(runtime, "raise_fence", stuck)
+    yield gate, entered
+    gate.set()
+
+
+def test_a_stop_whose_member_thread_does_not_end_still_names_the_running_callbacks(
+    members: Callable[..., me.Bus],
+    client: pymongo.MongoClient[Any],
+    blocked: Blocked,
+    stuck_fence: tuple[threading.Event, threading.Event],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gate, entered = stuck_fence
+    # Given a member holding one of two partitions, a callback running in it
+    first = members("first", partitions=2, lease_ttl=3.0)
+    second = members("second", partitions=2, lease_ttl=3.0)
+    with caplog.at_level(logging.WARNING):
+        gate.set()  # the first takes of both pass
+        first.start()
+        assert wait_for(lambda: held(first) == {0, 1}, timeout=10.0)
+        second.start()
+        assert wait_for(lambda: len(held(first)) == 1 and len(held(second)) == 1, timeout=15.0)
+        (mine,) = held(first)
+        client.shop.orders.insert_one({"_id": next(i for i in range(100) if partition_of(i, 2) == mine)})
+        assert wait_for(lambda: blocked.count() == 1, timeout=10.0)
+        # and its thread stuck taking over the other partition (second stops and releases it)
+        gate.clear()
+        entered.clear()
+        second.stop(timeout=5.0)
+        assert entered.wait(15.0)
+        # When it stops: its member's thread does not end in time
+        with pytest.raises(me.ShutdownTimeout) as info:
+            first.stop(timeout=5.0)
+    # Then the callback is still named, and the skipped final checkpoint is said
+    assert len(info.value.running) == 1 and "'slow-one' on event" in info.value.running[0]
+    (message,) = _warnings(caplog, "thread did not end")
+    assert f"final checkpoints of partitions [{mine}] were not written" in message
+    assert "no lease was released" in message
+
+
+def test_a_rebalance_under_way_when_the_stop_begins_says_its_callbacks_itself(
+    members: Callable[..., me.Bus],
+    client: pymongo.MongoClient[Any],
+    blocked: Blocked,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a member alone with both partitions, a callback running in each (lease_ttl 30: a
+    # revocation at a rebalance waits 2.5 s for callbacks)
+    first = members("first", partitions=2, lease_ttl=30.0).start()
+    assert wait_for(lambda: held(first) == {0, 1}, timeout=10.0)
+    ids = [next(i for i in range(100) if partition_of(i, 2) == p) for p in (0, 1)]
+    client.shop.orders.insert_many([{"_id": i} for i in ids])
+    assert wait_for(lambda: blocked.count() == 2, timeout=10.0)
+    group = _runtime(first)
+    with caplog.at_level(logging.WARNING, logger="mongo_events.groups.runtime"):
+        # When a second member joins, and the stop begins while the first is releasing one to it
+        members("second", partitions=2, lease_ttl=30.0).start()
+        # not held(): the member's lock is held while it revokes
+        assert wait_for(lambda: len(group._parts) == 1, timeout=15.0)
+        with pytest.raises(me.ShutdownTimeout) as info:
+            first.stop(timeout=4.0)
+    # Then the rebalance says its callback (the stop no longer silences it), the stop the other
+    (message,) = _warnings(caplog, "given up (a rebalance moved it to another member)")
+    assert "1 callback(s) still ran" in message and "lease_ttl / 6 = 5.00s" in message
+    assert len(info.value.running) == 1
+
+
+def test_a_partition_taken_as_the_stop_begins_is_not_started(
+    members: Callable[..., me.Bus],
+    client: pymongo.MongoClient[Any],
+    blocked: Blocked,
+    stuck_fence: tuple[threading.Event, threading.Event],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gate, entered = stuck_fence
+    # Given a standby whose thread is taking over the partition (the holder stopped) when its
+    # stop begins, and an event waiting in that partition
+    gate.set()
+    holder = members("holder", lease_ttl=6.0).start()
+    assert wait_for(lambda: held(holder) == {0}, timeout=10.0)
+    standby = members("standby", lease_ttl=6.0).start()
+    gate.clear()
+    entered.clear()
+    holder.stop(timeout=5.0)
+    assert entered.wait(15.0)
+    client.shop.orders.insert_one({"_id": 1})
+    outcome: list[BaseException | None] = []
+
+    def stop() -> None:
+        try:
+            standby.stop(timeout=5.0)
+            outcome.append(None)
+        except me.ShutdownTimeout as exc:
+            outcome.append(exc)
+
+    stopper = threading.Thread(target=stop, daemon=True)
+    with caplog.at_level(logging.INFO, logger="mongo_events.groups.runtime"):
+        stopper.start()
+        assert wait_for(lambda: _runtime(standby)._stopping, timeout=10.0)
+        # When the take-over goes on after the stop took its snapshot of the partitions
+        gate.set()
+        stopper.join(30.0)
+    assert not stopper.is_alive()
+    # Then every callback that ran is named by the stop: here the partition never started
+    reported = outcome[0].running if isinstance(outcome[0], me.ShutdownTimeout) else ()
+    assert blocked.count() == len(reported) == 0
+    assert any("was taken as the bus stops: not started" in r.getMessage() for r in caplog.records)
+
+
+def test_the_whole_group_stop_is_bounded_by_lease_ttl_over_3_plus_the_final_write(
+    members: Callable[..., me.Bus], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bus = members("member", lease_ttl=3.0).start()
+    assert wait_for(lambda: held(bus) == {0}, timeout=10.0)
+    member = _runtime(bus).member
+    assert member is not None
+    real, seen = member.stop, []
+
+    def spy(timeout: float = 5.0, deadline: float | None = None) -> bool:
+        seen.append((timeout, deadline))
+        return real(timeout, deadline)
+
+    monkeypatch.setattr(member, "stop", spy)
+    started = time.monotonic()
+    bus.stop(timeout=30.0)
+    # The member's join and its releases end by lease_ttl / 3 + FINAL_FLUSH_MIN, not the 30 s
+    ((timeout, deadline),) = seen
+    assert timeout <= 1.0 + FINAL_FLUSH_MIN
+    assert deadline is not None and deadline - started <= 1.0 + FINAL_FLUSH_MIN
+
+
+def test_a_final_checkpoint_skipped_for_lack_of_time_is_said(
+    members: Callable[..., me.Bus], caplog: pytest.LogCaptureFixture
+) -> None:
+    bus = members("member", lease_ttl=3.0).start()
+    assert wait_for(lambda: held(bus) == {0}, timeout=10.0)
+    (part,) = _runtime(bus)._parts.values()
+    assert part.flushing.acquire(timeout=10.0)  # a flush that does not end in time
+    try:
+        with caplog.at_level(logging.WARNING, logger="mongo_events.groups.runtime"):
+            bus.stop(timeout=5.0)
+    finally:
+        part.flushing.release()
+    (message,) = _warnings(caplog, "final checkpoint of partition 0 not written")
+    assert "redelivers the events after the last stored checkpoint" in message
+
+
+def test_a_partition_dropped_during_a_rebalance_is_said_with_its_real_cause(
+    members: Callable[..., me.Bus],
+    client: pymongo.MongoClient[Any],
+    blocked: Blocked,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bus = members("member", lease_ttl=3.0).start()
+    assert wait_for(lambda: held(bus) == {0}, timeout=10.0)
+    client.shop.orders.insert_one({"_id": 1})
+    assert wait_for(lambda: blocked.count() == 1, timeout=10.0)
+    group = _runtime(bus)
+    assert group.member is not None
+    group._release_deadline = time.monotonic() + 0.5  # as if a rebalance were releasing partitions
+    with caplog.at_level(logging.WARNING, logger="mongo_events.groups.runtime"):
+        group.member.drop(0, "a fenced write was refused")
+    (message,) = _warnings(caplog, "still ran")
+    assert "given up (a fenced write was refused)" in message and "rebalance moved it" not in message

@@ -347,13 +347,19 @@ class GroupRun(BusRun):
         link.publish()  # after the first share: its first status names the partitions
 
     def _stop_parts(self, deadline: float) -> list[Abandoned]:
-        # A group member stops its partitions (bounded by lease_ttl / 3) and releases their leases.
-        return self.group.stop(deadline)
+        # A group member stops its partitions (bounded by lease_ttl / 3) and releases their leases;
+        # the run's hurry (a second signal, Bus.hurry()) ends its wait for callbacks too.
+        return self.group.stop(deadline, self.hurry)
 
     def wait_limit(self, timeout: float) -> str:
         cap = self.group.lease_ttl / 3
-        if self.hurry.is_set() or cap >= timeout:
+        if self.hurry.is_set():
             return super().wait_limit(timeout)
+        if cap >= timeout:
+            return (
+                f"a consumer-group member waits for callbacks half of the stop's timeout of {timeout:.1f}s, "
+                "and uses the rest for the final checkpoints and releasing its leases"
+            )
         return (
             f"a consumer-group member waits at most lease_ttl / 3 = {cap:.1f}s, half of it for callbacks "
             "and the rest for the final checkpoints, so that it releases its leases before they could "

@@ -22,6 +22,7 @@ import pymongo
 import pytest
 
 import mongo_events as me
+from mongo_events.dispatch import Dispatcher
 from mongo_events.groups import partition_of, runtime
 from mongo_events.groups.runtime import GroupRuntime
 from mongo_events.lifecycle import FINAL_FLUSH_MIN
@@ -349,6 +350,48 @@ def test_a_final_checkpoint_skipped_for_lack_of_time_is_said(
         part.flushing.release()
     (message,) = _warnings(caplog, "final checkpoint of partition 0 not written")
     assert "redelivers the events after the last stored checkpoint" in message
+
+
+def test_hurry_ends_a_group_stops_wait_for_callbacks(
+    members: Callable[..., me.Bus],
+    client: pymongo.MongoClient[Any],
+    blocked: Blocked,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    waits: list[threading.Event | None] = []
+    real = Dispatcher.wait_idle
+
+    def spy(self: Dispatcher, deadline: float, hurry: threading.Event | None = None) -> bool:
+        waits.append(hurry)
+        return real(self, deadline, hurry)
+
+    monkeypatch.setattr(Dispatcher, "wait_idle", spy)
+    # Given a member (lease_ttl 30: its stop would wait 5 s for callbacks) with a callback running
+    bus = members("member", lease_ttl=30.0).start()
+    assert wait_for(lambda: held(bus) == {0}, timeout=10.0)
+    client.shop.orders.insert_one({"_id": 1})
+    assert wait_for(lambda: blocked.count() == 1, timeout=10.0)
+    # When the stop is hurried
+    bus.hurry()
+    with pytest.raises(me.ShutdownTimeout) as info:
+        bus.stop(timeout=30.0)
+    # Then the partition's wait for callbacks was given the run's hurry, and the error says so
+    assert waits and all(h is not None and h.is_set() for h in waits)
+    assert "the stop was hurried" in str(info.value)
+
+
+def test_a_stop_shorter_than_the_cap_states_the_half_it_waited(
+    members: Callable[..., me.Bus], client: pymongo.MongoClient[Any], blocked: Blocked
+) -> None:
+    bus = members("member", lease_ttl=30.0).start()  # cap lease_ttl / 3 = 10 s > timeout
+    assert wait_for(lambda: held(bus) == {0}, timeout=10.0)
+    client.shop.orders.insert_one({"_id": 1})
+    assert wait_for(lambda: blocked.count() == 1, timeout=10.0)
+    with pytest.raises(me.ShutdownTimeout) as info:
+        bus.stop(timeout=2.0)
+    message = str(info.value)
+    assert "waits for callbacks half of the stop's timeout of 2.0s" in message
+    assert "the stop's timeout was" not in message
 
 
 def test_a_partition_dropped_during_a_rebalance_is_said_with_its_real_cause(

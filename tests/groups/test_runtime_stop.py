@@ -86,6 +86,22 @@ def _warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and text in r.getMessage()]
 
 
+def one_in_each(partitions: int = 2) -> list[int]:
+    """A document id of each partition, in partition order."""
+    return [next(i for i in range(100) if partition_of(i, partitions) == p) for p in range(partitions)]
+
+
+def busy_alone(
+    members: Callable[..., me.Bus], client: pymongo.MongoClient[Any], blocked: Blocked, lease_ttl: float
+) -> me.Bus:
+    """A member "first" alone with both partitions, a callback running (blocked) in each."""
+    first = members("first", partitions=2, lease_ttl=lease_ttl).start()
+    assert wait_for(lambda: held(first) == {0, 1}, timeout=10.0)
+    client.shop.orders.insert_many([{"_id": i} for i in one_in_each()])
+    assert wait_for(lambda: blocked.count() == 2, timeout=10.0)
+    return first
+
+
 def test_stop_states_the_lease_ttl_cap_it_applied_not_its_timeout(
     members: Callable[..., me.Bus], client: pymongo.MongoClient[Any], blocked: Blocked
 ) -> None:
@@ -119,7 +135,7 @@ def test_run_forever_on_a_member_warns_about_the_callbacks_it_gave_up_on(
     bus = members("member", partitions=2)
     bus.start()
     assert wait_for(lambda: held(bus) == {0, 1}, timeout=10.0)
-    ids = [next(i for i in range(100) if partition_of(i, 2) == p) for p in (0, 1)]
+    ids = one_in_each()
 
     def insert_then_signal() -> None:
         client.shop.orders.insert_many([{"_id": i} for i in ids])
@@ -150,11 +166,7 @@ def test_a_rebalance_that_gives_up_on_callbacks_warns(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Given a member alone with both partitions, a callback running in each
-    first = members("first", partitions=2, lease_ttl=1.5).start()
-    assert wait_for(lambda: held(first) == {0, 1}, timeout=10.0)
-    ids = [next(i for i in range(100) if partition_of(i, 2) == p) for p in (0, 1)]
-    client.shop.orders.insert_many([{"_id": i} for i in ids])
-    assert wait_for(lambda: blocked.count() == 2, timeout=10.0)
+    busy_alone(members, client, blocked, lease_ttl=1.5)
     with caplog.at_level(logging.WARNING, logger="mongo_events.groups.runtime"):
         # When a second member joins and the first releases one partition to it
         members("second", partitions=2, lease_ttl=1.5).start()
@@ -228,7 +240,7 @@ def test_a_stop_whose_member_thread_does_not_end_still_names_the_running_callbac
         second.start()
         assert wait_for(lambda: len(held(first)) == 1 and len(held(second)) == 1, timeout=15.0)
         (mine,) = held(first)
-        client.shop.orders.insert_one({"_id": next(i for i in range(100) if partition_of(i, 2) == mine)})
+        client.shop.orders.insert_one({"_id": one_in_each()[mine]})
         assert wait_for(lambda: blocked.count() == 1, timeout=10.0)
         # and its thread stuck taking over the other partition (second stops and releases it)
         gate.clear()
@@ -253,11 +265,7 @@ def test_a_rebalance_under_way_when_the_stop_begins_says_its_callbacks_itself(
 ) -> None:
     # Given a member alone with both partitions, a callback running in each (lease_ttl 30: a
     # revocation at a rebalance waits 2.5 s for callbacks)
-    first = members("first", partitions=2, lease_ttl=30.0).start()
-    assert wait_for(lambda: held(first) == {0, 1}, timeout=10.0)
-    ids = [next(i for i in range(100) if partition_of(i, 2) == p) for p in (0, 1)]
-    client.shop.orders.insert_many([{"_id": i} for i in ids])
-    assert wait_for(lambda: blocked.count() == 2, timeout=10.0)
+    first = busy_alone(members, client, blocked, lease_ttl=30.0)
     group = _runtime(first)
     with caplog.at_level(logging.WARNING, logger="mongo_events.groups.runtime"):
         # When a second member joins, and the stop begins while the first is releasing one to it

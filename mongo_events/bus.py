@@ -494,21 +494,14 @@ class Bus(BusOptionAttributes):
         with self._state_lock:
             if self._state is BusState.STARTING:
                 self._state = BusState.RUNNING
-        if self.group is None:
-            log.info(
-                "bus %s started: watching %s, checkpoint key %s",
-                self.name,
-                self.namespace,
-                self.resume_token_key,
-            )
-        else:  # its resume_token_key is not used: each partition has its own key
-            log.info(
-                "bus %s started: watching %s as a member of group %s, checkpoint keys %s",
-                self.name,
-                self.namespace,
-                self.group,
-                self.checkpoint_key_summary,
-            )
+        log.info(
+            "bus %s started: watching %s%s, checkpoint key%s %s",
+            self.name,
+            self.namespace,
+            f" as a member of group {self.group}" if self.group is not None else "",
+            "s" if self.group is not None else "",
+            self.checkpoint_key_summary,  # a group's partitions' keys, not its unused resume_token_key
+        )
         return self
 
     def stop(self, timeout: float = 30.0) -> None:

@@ -170,8 +170,6 @@ class GroupRuntime:
         #: ``stop()`` returns; once it returned, a late one is said at WARNING instead.
         self._stop_abandoned: list[Abandoned] = []
         self._stop_returned = False
-        #: Why each partition being revoked is (the member says it; under ``_lock``).
-        self._why: dict[int, str] = {}
         #: Partitions revoked for the stop and not closed yet (under ``_lock``).
         self._finishing: set[_Partition] = set()
         #: Partitions released together by a rebalance finish by this time (monotonic).
@@ -205,7 +203,7 @@ class GroupRuntime:
             ttl=self.lease_ttl,
             mode=self.mode,
             on_assigned=self._assigned,
-            on_revoked_why=self._revoking,
+            on_revoked_why=self._revoked,
             on_fatal=bus.fail,
             on_rebalance=self._rebalanced,
             on_releasing=self._releasing,
@@ -401,15 +399,8 @@ class GroupRuntime:
         dispatcher.start()
         consumer.start(position)
 
-    def _revoking(self, p: int, why: str) -> None:
+    def _revoked(self, p: int, why: str) -> None:
         with self._lock:
-            self._why[p] = why
-        self._revoked(p)
-
-    def _revoked(self, p: int) -> None:
-        # One argument (why comes through _revoking): the multi-process tests wrap this method.
-        with self._lock:
-            why = self._why.pop(p, "its lease was lost")
             part = self._parts.pop(p, None)
             # Read once, with the pop: a revocation the stop started hands its callbacks to the
             # stop (stop() returns them); any other says them itself, even if a stop begins now.

@@ -43,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         owner_line("take", p, fence)
         assigned(self, p, fence)
 
-    def on_revoked(self: runtime.GroupRuntime, p: int) -> None:
+    def on_revoked(self: runtime.GroupRuntime, p: int, why: str) -> None:
         owner_line("drop", p, self.member.owned.get(p, 0) if self.member else 0)
-        revoked(self, p)
+        revoked(self, p, why)
 
     runtime.GroupRuntime._assigned = on_assigned  # type: ignore[method-assign]
     runtime.GroupRuntime._revoked = on_revoked  # type: ignore[method-assign]

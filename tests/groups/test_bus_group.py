@@ -18,6 +18,7 @@ from mongo_events.groups import runtime as group_runtime
 
 from ..conftest import wait_for
 from ..helpers import FAST
+from .helpers import group_buses, held
 
 
 class Log:
@@ -38,33 +39,20 @@ class Log:
 
 @pytest.fixture
 def members(client: pymongo.MongoClient[Any]) -> Iterator[Callable[..., me.Bus]]:
-    buses: list[me.Bus] = []
+    with group_buses(client, group="billing", partitions=4, lease_ttl=1.5) as make:
 
-    def make(name: str, log: Log, **options: Any) -> me.Bus:
-        opts = {**FAST, "group": "billing", "partitions": 4, "lease_ttl": 1.5, "name": name, **options}
-        bus = me.Bus(client.shop.orders, **opts)
+        def member(name: str, log: Log, **options: Any) -> me.Bus:
+            bus = make(name, **options)
 
-        @bus.subscribe
-        def record(event: me.ChangeEvent) -> None:
-            desc = event.update_description  # the change's own value, not a later looked-up one
-            fields = desc.updated_fields if desc is not None else (event.full_document or {})
-            log.add(name, (event.document_key or {}).get("_id"), fields.get("v", -1))
+            @bus.subscribe
+            def record(event: me.ChangeEvent) -> None:
+                desc = event.update_description  # the change's own value, not a later looked-up one
+                fields = desc.updated_fields if desc is not None else (event.full_document or {})
+                log.add(name, (event.document_key or {}).get("_id"), fields.get("v", -1))
 
-        buses.append(bus)
-        return bus
+            return bus
 
-    yield make
-    for bus in buses:
-        try:
-            bus.stop(timeout=5)
-        except me.ShutdownTimeout:
-            pass
-
-
-def held(bus: me.Bus) -> set[int]:
-    status = bus.health().group
-    assert status is not None
-    return set(status.held)
+        yield member
 
 
 def spread(buses: list[me.Bus], partitions: int) -> bool:

@@ -29,6 +29,7 @@ from mongo_events.lifecycle import FINAL_FLUSH_MIN
 
 from ..conftest import wait_for
 from ..helpers import FAST
+from .helpers import group_buses, held
 
 
 class Blocked:
@@ -58,28 +59,17 @@ def blocked() -> Iterator[Blocked]:
 
 @pytest.fixture
 def members(client: pymongo.MongoClient[Any], blocked: Blocked) -> Iterator[Callable[..., me.Bus]]:
-    buses: list[me.Bus] = []
+    with group_buses(client, group="g", partitions=1, lease_ttl=3.0) as make:
 
-    def make(name: str, **options: Any) -> me.Bus:
-        opts = {**FAST, "group": "g", "partitions": 1, "lease_ttl": 3.0, "name": name, **options}
-        bus = me.Bus(client.shop.orders, **opts)
-        bus.subscribe(blocked, name="slow-one")
-        buses.append(bus)
-        return bus
+        def member(name: str, **options: Any) -> me.Bus:
+            bus = make(name, **options)
+            bus.subscribe(blocked, name="slow-one")
+            return bus
 
-    yield make
-    blocked.release.set()
-    for bus in buses:
         try:
-            bus.stop(timeout=5)
-        except me.ShutdownTimeout:
-            pass
-
-
-def held(bus: me.Bus) -> set[int]:
-    status = bus.health().group
-    assert status is not None
-    return set(status.held)
+            yield member
+        finally:
+            blocked.release.set()  # before the stops
 
 
 def _warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
@@ -181,7 +171,7 @@ def test_a_rebalance_that_gives_up_on_callbacks_warns(
 
 
 def test_the_start_log_names_the_groups_checkpoint_keys(
-    members: Callable[..., me.Bus], caplog: pytest.LogCaptureFixture
+    members: Callable[..., me.Bus], client: pymongo.MongoClient[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     bus = members("member", partitions=4)
     assert bus.checkpoint_key_summary == "g:shop.orders#0..3"
@@ -191,6 +181,17 @@ def test_the_start_log_names_the_groups_checkpoint_keys(
     assert started == [
         "bus member started: watching shop.orders as a member of group g, checkpoint keys g:shop.orders#0..3"
     ]
+    # and a bus without a group names its one key, as before
+    plain = me.Bus(client.shop.orders, **FAST, name="plain")
+    plain.subscribe(lambda event: None)
+    with caplog.at_level(logging.INFO, logger="mongo_events.bus"):
+        plain.start()
+    try:
+        assert [r.getMessage() for r in caplog.records if "plain started" in r.getMessage()] == [
+            f"bus plain started: watching shop.orders, checkpoint key {plain.resume_token_key}"
+        ]
+    finally:
+        plain.stop(timeout=5)
 
 
 def test_a_bus_without_a_group_keeps_its_single_key(client: pymongo.MongoClient[Any]) -> None:

@@ -156,7 +156,14 @@ def test_an_operator_sees_the_fleet_filters_events_and_replays_a_dead_letter(
     assert fleet.orders.flush()  # the monitor entries
 
     # The overview: one row per live consumer, with the counts of the last minute.
-    assert wait_for(lambda: sum(s.processed for s in fleet.statuses.list()) >= 6 + 5, timeout=10)
+    # (a status with every success may be written before the failed attempts: wait for both)
+    assert wait_for(
+        lambda: (
+            sum(s.processed for s in fleet.statuses.list()) >= 6 + 5
+            and sum(s.failed for s in fleet.statuses.list()) >= 2
+        ),
+        timeout=10,
+    ), fleet.statuses.list()
     browser.get(fleet.url + "/")
     rows = wait.until(lambda d: (r := _rows(d, "tr.consumer")) and len(r) == 2 and r)
     assert [r.get_attribute("data-bus") for r in rows] == ["orders", "payments"]

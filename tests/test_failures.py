@@ -127,11 +127,13 @@ def test_dead_letter_hook_failure_keeps_the_event_undone(
     calls = Recorder()
     stored = Recorder()
     store = me.MemoryResumeTokenStore()
+    allow = threading.Event()  # the third write waits for it: the checks below see it undone
 
     def hook(ev: me.ChangeEvent, sub: str, err: BaseException, n: int) -> None:
         calls.add(n)
         if len(calls) < 3:
             raise OSError("dead-letter store unavailable")
+        assert allow.wait(10)
         stored.add(ev.document_id)
 
     bus = make_bus(client.shop.orders, dead_letters=hook, resume_token_store=store)
@@ -142,9 +144,10 @@ def test_dead_letter_hook_failure_keeps_the_event_undone(
     bus.flush()
     before = store.load(bus.resume_token_key)
     client.shop.orders.insert_one({"_id": 1})
-    calls.wait(2)
+    assert len(calls.wait(3)) == 3  # two writes failed, the third is under way
     bus.flush()
     assert store.load(bus.resume_token_key) == before  # not past the event while its dead letter is unwritten
+    allow.set()
     assert stored.wait(1) == [1]
     assert bus.join(5)
 

@@ -222,8 +222,10 @@ def test_dead_letter_store_failures_keep_the_event_undone_and_the_checkpoint_beh
             if self.failures:
                 self.failures -= 1
                 raise me.StoreError("dead-letter store down")
+            assert allow.wait(10)  # the checks below see the event undone until then
             return super().store(letter)
 
+    allow = threading.Event()
     dlq = Flaky()
     tokens = me.MemoryResumeTokenStore()
     bus = make_bus(client.shop.orders, dead_letters=dlq, resume_token_store=tokens)
@@ -237,10 +239,11 @@ def test_dead_letter_store_failures_keep_the_event_undone_and_the_checkpoint_beh
     bus.flush()
     before = tokens.load(bus.resume_token_key)
     client.shop.orders.insert_one({"_id": 1})
-    dlq.attempted.wait(2)
+    assert len(dlq.attempted.wait(2)) >= 2
     bus.flush()
     assert tokens.load(bus.resume_token_key) == before
-    dlq.attempted.wait(4)
+    allow.set()
+    assert len(dlq.attempted.wait(4)) == 4
     assert bus.join(5)
     assert dlq.count() == 1
 

@@ -107,6 +107,34 @@ def test_a_started_bus_publishes_again_once_it_runs(client: pymongo.MongoClient[
     assert store.states[-1] == "stopped"
 
 
+class _LateFirstWrite(_Recording):
+    """Holds the first write until the bus runs: its snapshot said "starting", and the
+    publisher looks at the state only afterwards (the interleaving CI met)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bus: Any = None
+
+    def publish(self, status: ConsumerStatus) -> None:
+        if not self.states:
+            assert wait_for(lambda: self.bus is not None and self.bus.state.value == "running")
+        super().publish(status)
+
+
+def test_a_bus_that_runs_while_its_first_status_is_written_publishes_again(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
+    store = _LateFirstWrite()
+    bus = make_bus(client.shop.orders, status=StatusPublisher(store, interval=3600))
+    store.bus = bus
+    bus.subscribe(lambda ev: None)
+    bus.start()
+    assert wait_for(lambda: "running" in store.states), store.states
+    assert store.states[0] == "starting"
+    bus.stop(timeout=5)
+    assert store.states[-1] == "stopped"
+
+
 class _Broken(ConsumerStatusStore):
     def __init__(self) -> None:
         super().__init__()

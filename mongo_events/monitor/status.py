@@ -505,8 +505,11 @@ class StatusPublisher(Middleware):
     def _run(self, stop: threading.Event) -> None:
         try:
             while True:
+                # Read before the snapshot: a bus that starts running between the two
+                # would otherwise stand as "starting" for a whole interval.
+                starting = self._bus is not None and self._bus.state.value == "starting"
                 self.publish()
-                if self._wait(stop):
+                if self._wait(stop, starting):
                     break
             if self._final:
                 self.publish()
@@ -520,16 +523,17 @@ class StatusPublisher(Middleware):
                 exc_info=True,
             )
 
-    def _wait(self, stop: threading.Event) -> bool:
+    def _wait(self, stop: threading.Event, starting: bool) -> bool:
         """Wait one interval; True when told to stop.
 
-        While the bus starts, look every :data:`_START_POLL` seconds whether it runs, and end
-        the wait as soon as it does: the first status is written while the bus starts (so it
-        says ``unhealthy``), and should not stand for a whole interval.
+        When the status just written may say ``starting`` (``starting``: the bus was starting
+        before its snapshot), look every :data:`_START_POLL` seconds whether it runs, and end
+        the wait as soon as it does: that status says ``unhealthy``, and should not stand for a
+        whole interval.
         """
         deadline = time.monotonic() + self.interval
         bus = self._bus
-        if bus is None or bus.state.value != "starting":
+        if bus is None or not starting:
             return stop.wait(self.interval)
         while bus.state.value == "starting":
             left = deadline - time.monotonic()

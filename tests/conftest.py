@@ -160,8 +160,12 @@ def server_client(request: pytest.FixtureRequest) -> Iterator[pymongo.MongoClien
         c.close()
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01) -> Any:
-    """Poll ``predicate`` until truthy (returns it) or ``timeout``; for state with no event to wait on."""
+def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.01) -> Any:
+    """Poll ``predicate`` until truthy (returns it) or ``timeout``; for state with no event to wait on.
+
+    The default is generous because it costs nothing when the state comes: CI runs four
+    suites on two cores. A test that waits for something *not* to happen passes its own.
+    """
     deadline = time.monotonic() + timeout
     cond = threading.Condition()
     while True:

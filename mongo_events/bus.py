@@ -604,18 +604,19 @@ class Bus(BusOptionAttributes):
         ).start()
 
     def join(self, timeout: float | None = None) -> bool:
-        """Wait until every event received so far is done; returns False on timeout.
+        """Wait until every event received so far is done (True); False on timeout, or
+        when the bus stops before they all are (those left undone come again at the next
+        start).
 
         :raises MongoEventsError: the error that made the bus fail, if it did.
         """
         self._check_pid()
         deadline = None if timeout is None else time.monotonic() + timeout
         run = self._run
-        if not run.join(deadline, lambda: self._error is not None or run.stopped.is_set()):
-            return False
+        done = run.join(deadline, lambda: self._error is not None or run.stopped.is_set())
         if self._error is not None:
             raise self._error
-        return True
+        return done
 
     def flush(self) -> bool:
         """Write the current checkpoint now (normally the flusher does this); True on success."""

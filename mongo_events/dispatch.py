@@ -651,14 +651,17 @@ class Dispatcher:
                     with lock:
                         self.drain()
                 continue
-            if self._halting or (gate is not None and not gate() and not self._gate_reopened(gate)):
+            # Busy before the halt check: halt() sets _halting before wait_idle() reads busy,
+            # so either this worker sees the halt or the stopper sees it busy and waits.
+            busy[index] = item
+            if (gate is not None and not gate() and not self._gate_reopened(gate)) or self._halting:
+                busy[index] = None
                 return  # halted (_halting: halt.is_set() without a call); the item stays undone
             if isinstance(item, FanOut):
                 self._run_fanout(index, item)
                 continue
             if len(done) >= _REPORT_AT:  # many unreported items: try before a callback that may be long
                 self._try_drain()
-            busy[index] = item
             try:
                 outcome, delay = self._attempt(item)
             except BaseException as exc:

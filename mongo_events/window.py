@@ -157,15 +157,17 @@ class Window:
         return not self._stop.is_set()
 
     def wait_for_done(self, target: int, deadline: float | None, give_up: Callable[[], bool]) -> bool:
-        """Wait (holding the lock) until every event up to sequence ``target`` is done, or
-        ``give_up()``; False only when ``deadline`` (a ``time.monotonic()`` value) passed."""
+        """Wait (holding the lock) until every event up to sequence ``target`` is done (True),
+        ``deadline`` (a ``time.monotonic()`` value) passes or ``give_up()`` (False: not all done)."""
         self.joining += 1  # finish() notifies on every step while someone waits here
         try:
             while True:
                 self.drain()
                 first = self.tracker.first_seq()
-                if first is None or first > target or give_up():
+                if first is None or first > target:
                     return True
+                if give_up():
+                    return False
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False

@@ -687,6 +687,37 @@ def test_stop_with_events_in_flight_then_restart_redelivers_only_unfinished(
     assert not redelivered & set(range(5))  # nothing at or before the checkpoint did
 
 
+def test_join_says_false_when_a_stop_leaves_events_undone(
+    client: pymongo.MongoClient[Any], make_bus: Any
+) -> None:
+    # join() gave up when another thread stopped the bus, and said True ("every event done")
+    # although the running callback's event and the queued one were left for the next start.
+    coll = client.shop.orders
+    entered, release = threading.Event(), threading.Event()
+    bus = make_bus(coll, max_workers=1)
+
+    @bus.subscribe(name="h")
+    def handle(ev: me.ChangeEvent) -> None:
+        entered.set()
+        assert release.wait(10)
+
+    bus.start()
+    joined: list[bool] = []
+    try:
+        coll.insert_many([{"_id": 1}, {"_id": 2}])
+        assert entered.wait(5)
+        joiner = threading.Thread(target=lambda: joined.append(bus.join(30)))
+        joiner.start()
+        with pytest.raises(me.ShutdownTimeout):
+            bus.stop(timeout=0.1)
+        joiner.join(10)
+        assert not joiner.is_alive()
+    finally:
+        release.set()
+    assert joined == [False]
+    assert bus.join(5) is False  # and so does a join after the stop
+
+
 # -- 7. resume options -------------------------------------------------------------------------
 
 

@@ -114,3 +114,36 @@ def test_a_worker_holding_an_item_behind_a_closed_gate_ends_when_halted_leaving_
     dispatcher.halt()
     assert dispatcher.join(time.monotonic() + 5)  # the worker ended at the halt
     assert not ran.is_set() and not done  # undone: the next owner delivers it
+
+
+def test_a_halt_while_a_worker_passes_the_gate_is_seen_by_one_side() -> None:
+    # A worker took an item, checked the halt flag, and was in the gate when the stopper
+    # halted and asked whether any callback ran: none was marked busy yet, so wait_idle()
+    # said idle, the partition's final checkpoint and lease release went ahead, and the
+    # callback then ran beside the next owner's redelivery. Now the worker is busy before
+    # it checks, and checks the halt after the gate.
+    done: list[Slot] = []
+    ran = threading.Event()
+    in_gate, release = threading.Event(), threading.Event()
+
+    def gate() -> bool:
+        in_gate.set()
+        assert release.wait(10)
+        return True
+
+    dispatcher = make_dispatcher(done, gate=gate)
+    sub = Subscription(lambda ev: ran.set(), name="s", index=0)
+    event = change_event(1)
+    dispatcher.start()
+    try:
+        dispatcher.enqueue(WorkItem(sub, event, Tracker(10).begin("t1", None, 1, event.id), None, None))
+        assert in_gate.wait(5)
+        dispatcher.halt()
+        assert not dispatcher.wait_idle(time.monotonic() + 0.2)  # the stopper sees it busy
+        release.set()
+        assert dispatcher.wait_idle(time.monotonic() + 5)
+        assert dispatcher.join(time.monotonic() + 5)
+    finally:
+        release.set()
+        dispatcher.halt()
+    assert not ran.is_set() and not done  # halted before its callback: undone, for the next owner

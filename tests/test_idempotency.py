@@ -450,3 +450,39 @@ def test_a_retry_after_a_failed_release_runs_under_its_claim_only_while_it_surel
         with pytest.raises(ClaimedElsewhere):
             guard.claim(event, "charge")
         assert store.claims == 2
+
+
+def test_a_retry_after_a_failed_release_judges_its_claim_after_waiting_for_its_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mongo_events.idempotency import guard as guard_module
+
+    now = [1000.0]
+    monkeypatch.setattr(guard_module, "_clock", lambda: now[0])
+    store = _ReleaseFailsOnce()
+    guard = me.Idempotency(store, processing_ttl=timedelta(seconds=60))
+    event = _event(1)
+    key = guard.claim(event, "charge")
+    assert key is not None and store.claims == 1
+    guard.finish(key, RuntimeError("handler failed"))  # its release fails: the claim stays ours
+    assert guard.finish_failures == 1
+
+    class SlowTurn(guard_module._Isolation):
+        """A suspect runs alone: the turn comes a whole hold later."""
+
+        def enter(self, alone: bool) -> bool:
+            now[0] += 60.0
+            return super().enter(alone)
+
+    monkeypatch.setattr(guard_module, "_ISOLATION", SlowTurn())
+    # Given: the retry comes soon (well within half the hold) ...
+    now[0] += 1.0
+    # When: ... but its turn to run comes after the claim expired.
+    outcome: object
+    try:
+        outcome = guard.claim(event, "charge")
+    except ClaimedElsewhere as exc:
+        outcome = exc
+    # Then: it claims again instead of running under the expired claim.
+    assert store.claims == 2, "the retry ran under a claim that expired while it waited for its turn"
+    assert isinstance(outcome, ClaimedElsewhere)

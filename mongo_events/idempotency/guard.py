@@ -222,14 +222,16 @@ class Idempotency:
         key = self.key_for(event, subscription)
         with self._lock:
             claimed_at = self._held.pop(key, None)
-        # Our unreleased claim still holds for a retry within half its hold; after that it
-        # may expire mid-callback (and be taken elsewhere), so the retry claims afresh.
-        now = _clock()
-        held = claimed_at is not None and now - claimed_at < self._hold / 2
-        if claimed_at is None or not held:
-            claimed_at = now
         _ISOLATION.enter(False)  # while a suspect runs alone, nothing else starts (or counts)
         try:
+            # Our unreleased claim still holds for a retry within half its hold; after that it
+            # may expire mid-callback (and be taken elsewhere), so the retry claims afresh.
+            # Judged after the wait for a turn, which can last ALONE_WAIT: the callback
+            # starts now, not when the delivery came.
+            now = _clock()
+            held = claimed_at is not None and now - claimed_at < self._hold / 2
+            if claimed_at is None or not held:
+                claimed_at = now
             starts = 1 if held else self._take(event, subscription, key)
         except BaseException:
             _ISOLATION.leave(False)

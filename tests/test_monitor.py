@@ -26,7 +26,7 @@ from mongo_events.monitor import (
 from mongo_events.monitor.records import now_ms, parse_rfc3339, rfc3339
 
 from .conftest import wait_for
-from .helpers import QUICK, Recorder
+from .helpers import QUICK, Recorder, change_event
 
 
 class Client:
@@ -196,6 +196,114 @@ def test_replay_is_recorded_at_once(client: pymongo.MongoClient[Any], make_bus: 
     assert result.replayed == 1
     (entry,) = store.list().entries
     assert entry.status is MonitorStatus.COMPLETED and entry.metadata.get("replay") is True
+
+
+# -- the middleware's own writes: the flusher's batches against a replay's direct write ----------
+
+
+class HeldFirstWrite(MemoryMonitorStore):
+    """Holds its first write (the flusher's batch) until ``release``; then lands it, or fails it.
+
+    ``replay_moved`` is set once a completed entry has landed (the replay's own write).
+    """
+
+    def __init__(self, replay_moved: threading.Event, fail: bool = False) -> None:
+        super().__init__()
+        self.replay_moved = replay_moved
+        self.fail = fail
+        self.held = threading.Event()
+        self.release = threading.Event()
+
+    def write(self, entries: Any) -> None:
+        if not self.held.is_set():
+            self.held.set()
+            if not self.release.wait(15):
+                raise TimeoutError("the held write was never released")
+            if self.fail:
+                raise me.StoreError("monitor store is down")
+        super().write(entries)
+        if any(e.status is MonitorStatus.COMPLETED for e in entries):
+            self.replay_moved.set()
+
+
+class WaitSignallingLock:
+    """A lock that sets ``replay_moved`` when a second thread has to wait for it.
+
+    It stands in for the middleware's write lock: the held flush is released once the replay
+    has either written its entry or is waiting for the flush's write to end (its write cannot
+    come first then, so waiting for it would only time out).
+    """
+
+    def __init__(self, replay_moved: threading.Event) -> None:
+        self._lock = threading.Lock()
+        self.replay_moved = replay_moved
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            self.replay_moved.set()
+            if not self._lock.acquire(timeout=15):
+                raise TimeoutError("waited 15s for the monitor's write lock")
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def _in_thread(target: Any, *args: Any) -> tuple[threading.Thread, list[BaseException]]:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            target(*args)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+def _replay_racing_a_flush(
+    store: HeldFirstWrite, replay_moved: threading.Event
+) -> tuple[MonitorMiddleware, list[BaseException]]:
+    """Runs a replay whose pending entry the flusher took just before the replay completed.
+
+    Returns the middleware and what its flush raised.
+    """
+    monitor = MonitorMiddleware(store)
+    monitor._write_lock = WaitSignallingLock(replay_moved)  # type: ignore[assignment]
+    delivery = me.Delivery(change_event(1), "orders", 1, None, None, bus="b", replay=True)
+    # Given a replay under way, and the flusher's write of its pending entry held in the store
+    monitor.before_delivery(delivery)
+    flusher, flush_errors = _in_thread(monitor.flush)
+    assert store.held.wait(15), "the flusher never wrote"
+    # When the replay completes (its entry is written at once, or waits for the flush's write)
+    replay, replay_errors = _in_thread(monitor.after_delivery, delivery, None, 0.0)
+    assert replay_moved.wait(15), "the replay neither wrote its entry nor waited for the flush"
+    store.release.set()
+    flusher.join(15)
+    replay.join(15)
+    assert not flusher.is_alive() and not replay.is_alive() and not replay_errors
+    return monitor, flush_errors
+
+
+def test_a_flush_taken_before_a_replay_completed_never_lands_after_it() -> None:
+    replay_moved = threading.Event()
+    store = HeldFirstWrite(replay_moved)
+    assert _replay_racing_a_flush(store, replay_moved)[1] == []
+    # Then the entry shows the replay completed, not the flusher's older pending copy
+    (entry,) = store.list().entries
+    assert entry.status is MonitorStatus.COMPLETED and entry.completed_at is not None
+
+
+def test_a_failed_flush_never_restores_an_entry_a_replay_has_written_since() -> None:
+    replay_moved = threading.Event()
+    store = HeldFirstWrite(replay_moved, fail=True)
+    monitor, (error,) = _replay_racing_a_flush(store, replay_moved)
+    assert isinstance(error, me.StoreError)
+    # Then the flusher's next batch does not carry the failed batch's pending copy over it
+    monitor.flush()
+    (entry,) = store.list().entries
+    assert entry.status is MonitorStatus.COMPLETED and entry.completed_at is not None
 
 
 # -- the HTTP API ----------------------------------------------------------------------------------

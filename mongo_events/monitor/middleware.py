@@ -67,6 +67,12 @@ class MonitorMiddleware(Middleware):
         self._active: dict[tuple[str, str], MonitorEntry] = {}
         self._dirty: dict[tuple[str, str], MonitorEntry] = {}
         self._lock = threading.Lock()
+        # Held from taking entries to the end of their write (and the putting back of a failed
+        # batch), so that writes land in the order their contents were taken. Without it a flush
+        # that took a replay's pending entry could land after the replay's own completed write,
+        # or put its copy back after a failure, and the entry stayed pending for good. Taken
+        # before _lock; the delivery hooks take only _lock, so no worker waits for the store.
+        self._write_lock = threading.Lock()
         self.dropped = 0
         #: Batch writes so far (for tests and the benchmark).
         self.writes = 0
@@ -149,42 +155,51 @@ class MonitorMiddleware(Middleware):
         self._failed(delivery, error)
 
     def _write_now(self, entry: MonitorEntry) -> None:
-        """Replays run outside a bus's flusher: write their entry at once (best effort)."""
-        with self._lock:
-            self._dirty.pop(entry.key, None)
-            snapshot = attrs.evolve(entry, metadata=dict(entry.metadata))
-        try:
-            self.store.write([snapshot])
-        except Exception as exc:
-            log.warning(
-                "monitor: could not record replay of %s for %r: %s",
-                entry.event_id,
-                entry.subscription_id,
-                exc,
-            )
+        """Replays run outside a bus's flusher: write their entry at once (best effort).
+
+        It waits for a batch being written (see ``_write_lock``): one store write at most, as
+        long as the store's own timeouts let it run. Only the replay's caller waits, never a
+        bus's workers.
+        """
+        with self._write_lock:
+            with self._lock:
+                self._dirty.pop(entry.key, None)
+                snapshot = attrs.evolve(entry, metadata=dict(entry.metadata))
+            try:
+                self.store.write([snapshot])
+            except Exception as exc:
+                log.warning(
+                    "monitor: could not record replay of %s for %r: %s",
+                    entry.event_id,
+                    entry.subscription_id,
+                    exc,
+                )
 
     def flush(self) -> None:
         """Write every changed entry in one batch (the bus's flusher calls this)."""
-        with self._lock:
-            if not self._dirty:
-                return
-            batch = {k: attrs.evolve(e, metadata=dict(e.metadata)) for k, e in self._dirty.items()}
-            self._dirty.clear()
-        try:
-            self.store.write(list(batch.values()))
-        except Exception:
+        with self._write_lock:
             with self._lock:
-                for key, entry in batch.items():
-                    self._dirty.setdefault(key, entry)  # a newer state of the same entry wins
-                excess = len(self._dirty) - self.max_buffered
-                if excess > 0:
-                    for key in list(self._dirty)[:excess]:
-                        del self._dirty[key]
-                    self.dropped += excess
-                    log.error(
-                        "monitor: store unavailable; dropped %d unwritten entries (%d so far)",
-                        excess,
-                        self.dropped,
-                    )
-            raise
-        self.writes += 1
+                if not self._dirty:
+                    return
+                batch = {k: attrs.evolve(e, metadata=dict(e.metadata)) for k, e in self._dirty.items()}
+                self._dirty.clear()
+            try:
+                self.store.write(list(batch.values()))
+            except Exception:
+                with self._lock:
+                    for key, entry in batch.items():
+                        # Only the delivery hooks can have marked the key since (a direct write
+                        # waits for this one), and what they marked is newer: it wins.
+                        self._dirty.setdefault(key, entry)
+                    excess = len(self._dirty) - self.max_buffered
+                    if excess > 0:
+                        for key in list(self._dirty)[:excess]:
+                            del self._dirty[key]
+                        self.dropped += excess
+                        log.error(
+                            "monitor: store unavailable; dropped %d unwritten entries (%d so far)",
+                            excess,
+                            self.dropped,
+                        )
+                raise
+            self.writes += 1

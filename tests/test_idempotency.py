@@ -486,3 +486,168 @@ def test_a_retry_after_a_failed_release_judges_its_claim_after_waiting_for_its_t
     # Then: it claims again instead of running under the expired claim.
     assert store.claims == 2, "the retry ran under a claim that expired while it waited for its turn"
     assert isinstance(outcome, ClaimedElsewhere)
+
+
+class _ReleaseAlwaysFails(me.MemoryIdempotencyStore):
+    """A blinking store: every release fails, so every failed attempt leaves its start counted."""
+
+    def release(self, key: str) -> None:
+        raise me.StoreError("the store blinked")
+
+
+@pytest.fixture
+def frozen(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """One clock for the guard and the memory store (moved by hand), and a fresh isolation gate."""
+    import types
+
+    from mongo_events.idempotency import guard as guard_module
+    from mongo_events.idempotency import memory as memory_module
+
+    now = [1000.0]
+    monkeypatch.setattr(guard_module, "_clock", lambda: now[0])
+    monkeypatch.setattr(memory_module, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(guard_module, "_ISOLATION", guard_module._Isolation())
+    return now
+
+
+def _attempts(guard: me.Idempotency, event: Any, now: list[float], step: float, n: int) -> list[str]:
+    """``n`` failed attempts of ``event``, the clock moved by ``step`` after each: what each did."""
+    outcomes: list[str] = []
+    for _ in range(n):
+        try:
+            key = guard.claim(event, "charge")
+        except (ClaimedElsewhere, me.PoisonEvent) as exc:
+            outcomes.append(type(exc).__name__)
+        else:
+            outcomes.append("ran" if key is not None else "uncounted")
+            guard.finish(key, RuntimeError("handler failed"))
+        now[0] += step
+    return outcomes
+
+
+@pytest.mark.parametrize("step", [31.0, 61.0])  # past half the hold; past the whole hold
+def test_failed_attempts_whose_release_fails_are_never_counted_as_crashes(
+    step: float, frozen: list[float], caplog: pytest.LogCaptureFixture
+) -> None:
+    guard = me.Idempotency(_ReleaseAlwaysFails(), processing_ttl=timedelta(seconds=60), max_crashes=3)
+    with caplog.at_level("WARNING", logger="mongo_events.idempotency.guard"):
+        outcomes = _attempts(guard, _event(1), frozen, step, 10)
+    assert "PoisonEvent" not in outcomes and guard.poisoned == 0, outcomes
+    assert "was in flight when the process died" not in caplog.text  # never suspected, never alone
+    if step > 60:  # each retry finds the last claim expired and takes a fresh one
+        assert outcomes == ["ran"] * 10
+    else:  # every other retry finds this process's own unreleased claim still live, and waits
+        assert outcomes == ["ran", "ClaimedElsewhere"] * 5
+    assert guard.finish_failures == outcomes.count("ran")
+
+
+def test_a_crash_counter_never_counts_its_failed_releases_as_crashes(
+    frozen: list[float], caplog: pytest.LogCaptureFixture
+) -> None:
+    counter = CrashCounter(_ReleaseAlwaysFails(), max_crashes=3, processing_ttl=timedelta(seconds=60))
+    with caplog.at_level("WARNING", logger="mongo_events.idempotency.guard"):
+        outcomes = _attempts(counter, _Id("evt1"), frozen, 61.0, 10)
+    assert outcomes == ["ran"] * 10  # every start counted, none a crash
+    assert counter.poisoned == 0
+    assert "was in flight when the process died" not in caplog.text
+    assert "may count as a crash" not in caplog.text
+
+
+def test_a_retry_under_its_unreleased_claim_that_releases_it_leaves_nothing_uncounted(
+    frozen: list[float],
+) -> None:
+    store = _ReleaseFailsOnce()
+    guard = me.Idempotency(store, processing_ttl=timedelta(seconds=60), max_crashes=1)
+    event = _event(1)
+    key = guard.claim(event, "charge")
+    assert key is not None
+    guard.finish(key, RuntimeError("handler failed"))  # the release fails: the start stays counted
+    frozen[0] += 1.0
+    assert guard.claim(event, "charge") == key  # the retry runs under that claim ...
+    guard.finish(key, RuntimeError("failed again"))  # ... and releases it: the store uncounted it
+    # Given: another process then dies inside the handler (its start stays counted).
+    other = me.Idempotency(store, processing_ttl=timedelta(seconds=60), max_crashes=1)
+    assert other.claim(event, "charge") == key
+    frozen[0] += 61.0
+    # Then: that crash counts here in full; nothing of this process's is subtracted from it.
+    with pytest.raises(me.PoisonEvent, match="crashed the process 1 times"):
+        guard.claim(event, "charge")
+
+
+def test_starts_left_unfinished_by_restarted_processes_still_count_as_crashes(
+    frozen: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mongo_events.idempotency import guard as guard_module
+
+    store = me.MemoryIdempotencyStore()
+    event = _event(1)
+    # Given: three lives that died inside the handler, each a fresh guard (a restarted process).
+    for life in range(3):
+        monkeypatch.setattr(guard_module, "_ISOLATION", guard_module._Isolation())  # a fresh process
+        dead = me.Idempotency(store, processing_ttl=timedelta(seconds=60), max_crashes=3)
+        assert dead.claim(event, "charge") is not None, life  # it runs (alone after the first) ...
+        frozen[0] += 61.0  # ... and dies: its claim expires unfinished
+    # When: the next life claims it.
+    monkeypatch.setattr(guard_module, "_ISOLATION", guard_module._Isolation())
+    guard = me.Idempotency(store, processing_ttl=timedelta(seconds=60), max_crashes=3)
+    # Then: it is a poison event.
+    with pytest.raises(me.PoisonEvent, match="crashed the process 3 times") as poison:
+        guard.claim(event, "charge")
+    assert poison.value.crashes == 3 and guard.poisoned == 1
+
+
+@pytest.mark.parametrize("counter", [False, True])
+def test_crashes_elsewhere_count_in_full_beside_a_failed_release_here(
+    counter: bool, frozen: list[float]
+) -> None:
+    store = _ReleaseFailsOnce()
+    ttl = timedelta(seconds=60)
+    guard = CrashCounter(store, processing_ttl=ttl) if counter else me.Idempotency(store, processing_ttl=ttl)
+    event = _event(1)
+    key = guard.claim(event, "charge")
+    assert key is not None
+    guard.finish(key, RuntimeError("handler failed"))  # its release fails: a start that is no crash
+    for _ in range(3):  # Given: then three other processes died inside the handler
+        frozen[0] += 61.0
+        assert store.claim(key, ttl)
+    frozen[0] += 61.0
+    # When / Then: this process subtracts its own start, and counts the three crashes.
+    with pytest.raises(me.PoisonEvent, match="crashed the process 3 times") as poison:
+        guard.claim(event, "charge")
+    assert poison.value.crashes == 3 and guard.poisoned == 1
+
+
+def test_a_key_removed_elsewhere_is_counted_afresh(frozen: list[float]) -> None:
+    store = _ReleaseAlwaysFails()
+    guard = me.Idempotency(store, processing_ttl=timedelta(seconds=60), max_crashes=1)
+    event = _event(1)
+    assert _attempts(guard, event, frozen, 61.0, 2) == ["ran", "ran"]  # two starts left counted
+    key = guard.key_for(event, "charge")
+    store.remove(key)  # another process dead-lettered it, and it was replayed
+    assert _attempts(guard, event, frozen, 61.0, 1) == ["ran"]  # not below one start
+    # Given: another process then dies inside the handler.
+    assert store.claim(key, timedelta(seconds=60))
+    frozen[0] += 61.0
+    # Then: its crash counts: this process subtracts only its one start since the removal.
+    with pytest.raises(me.PoisonEvent, match="crashed the process 1 times"):
+        guard.claim(event, "charge")
+
+
+def test_keys_remembered_for_failed_releases_are_bounded(
+    frozen: list[float], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mongo_events.idempotency import guard as guard_module
+
+    monkeypatch.setattr(guard_module, "_REMEMBERED_KEYS", 2)
+    guard = me.Idempotency(_ReleaseAlwaysFails(), processing_ttl=timedelta(seconds=60))
+    for n in (1, 2, 3):  # three events dead-lettered after an attempt whose release failed
+        key = guard.claim(_event(n), "charge")
+        guard.finish(key, RuntimeError("handler failed"))
+    kept = [guard.key_for(_event(n), "charge") for n in (2, 3)]
+    assert list(guard._uncounted) == kept and list(guard._held) == kept  # the oldest is forgotten
+    # A forgotten key gets the behaviour of a process that never saw its release fail.
+    frozen[0] += 61.0
+    with caplog.at_level("WARNING", logger="mongo_events.idempotency.guard"):
+        with pytest.raises(ClaimedElsewhere):  # a suspect; its second claim meets its own live one
+            guard.claim(_event(1), "charge")
+    assert "was in flight when the process died 1 time(s)" in caplog.text

@@ -3,6 +3,8 @@
 Claim before the callback, complete after it succeeded, release after it failed:
 never mark before success. The claim also counts starts that never finished, which
 is how an event that kills the process is recognised after ``max_crashes`` restarts.
+A start this process failed to uncount (its release or complete failed) is remembered
+here and never counted as a crash by this process.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import thread as _futures_thread
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import Duplicate, MongoEventsError, Reject, StoreError
 from ..events import ChangeEvent
@@ -22,6 +24,8 @@ from .base import ClaimStatus, IdempotencyStore, check_processing_ttl
 __all__ = ["ClaimedElsewhere", "CrashCounter", "Idempotency", "PoisonEvent"]
 
 log = logging.getLogger(__name__)
+
+V = TypeVar("V")
 
 
 class PoisonEvent(Reject):
@@ -134,6 +138,29 @@ ALONE_WAIT = 30.0
 #: One per process: a crash takes every bus of the process with it.
 _ISOLATION = _Isolation()
 
+#: At most this many keys are remembered per guard, in each of its tables of unreleased
+#: claims and of starts it failed to uncount; beyond it the oldest is forgotten.
+_REMEMBERED_KEYS = 10_000
+
+
+def _remember(table: dict[str, V], key: str, value: V) -> None:
+    """Set ``table[key]`` as its newest entry; forget the oldest beyond ``_REMEMBERED_KEYS``.
+
+    Keys that never complete (a dead-lettered event whose last release failed) would
+    otherwise stay for the life of the process.
+    """
+    table.pop(key, None)
+    table[key] = value
+    while len(table) > _REMEMBERED_KEYS:
+        oldest = next(iter(table))
+        del table[oldest]
+        log.debug(
+            "forgot %s (over %d keys remembered): its unreleased starts may count as crashes, "
+            "and its retry waits for its claim to expire",
+            oldest,
+            _REMEMBERED_KEYS,
+        )
+
 
 def _exiting() -> bool:
     """Interpreter shutdown began (the flags the dispatcher's workers watch too)."""
@@ -159,6 +186,12 @@ class Idempotency:
     :param max_crashes: an event whose claim started this many times without finishing
         (the process died each time) is dead-lettered with
         ``"crashed the process N times"`` instead of being run again. ``0`` turns this off.
+        A start whose release (or complete) failed in this process is not a crash: the
+        process remembers how many such starts each key has and subtracts them from the
+        store's count, until the key completes or is removed. The memory is the process's
+        own: after a restart, or in another process, those starts count as crashes (a
+        blinking store can then dead-letter an event early). At most 10,000 keys are
+        remembered; beyond that the oldest is forgotten, with the same consequence.
 
     :ivar duplicates: deliveries skipped because their key was completed.
     :ivar claim_failures: claims that failed (store errors).
@@ -196,8 +229,12 @@ class Idempotency:
         self._lock = threading.Lock()
         #: Keys this process still holds because their release failed, with when their
         #: claim was taken (``_clock``): a retry soon after runs under that claim instead of
-        #: taking its own claim for someone else's; a later one claims again.
+        #: taking its own claim for someone else's; a later one claims again. Bounded (_remember).
         self._held: dict[str, float] = {}
+        #: Per key, how many of the starts the store counts are this process's own that it
+        #: failed to uncount (release or complete failed): not crashes. Subtracted from a
+        #: fresh claim's count; forgotten when the key completes or is removed. Bounded (_remember).
+        self._uncounted: dict[str, int] = {}
         #: Keys whose callback runs now: whether alone (see _Isolation) and when claimed; a
         #: list, in case two deliveries of one key run here at once (a failed claim, fail open).
         self._running: dict[str, list[tuple[bool, float]]] = {}
@@ -210,9 +247,10 @@ class Idempotency:
         """Claim before the callback; returns the key to :meth:`finish`, or None when unclaimed.
 
         A key that was in flight when the process died before (its claim counts more than
-        one unfinished start) runs alone in this process: its start is uncounted while it
-        waits for the others to finish, then counted again, so a crash while it runs is
-        its own, and bystanders never inherit a poison event's crashes.
+        one unfinished start, not counting those this process failed to uncount) runs alone
+        in this process: its start is uncounted while it waits for the others to finish,
+        then counted again, so a crash while it runs is its own, and bystanders never
+        inherit a poison event's crashes.
 
         :raises Duplicate: the key was completed: the delivery is done.
         :raises ClaimedElsewhere: another holder has it: try again later.
@@ -230,6 +268,8 @@ class Idempotency:
             # starts now, not when the delivery came.
             now = _clock()
             held = claimed_at is not None and now - claimed_at < self._hold / 2
+            if held:  # the retry takes that start over (and finishes it): no longer left counted
+                self._count_uncounted(key, -1)
             if claimed_at is None or not held:
                 claimed_at = now
             starts = 1 if held else self._take(event, subscription, key)
@@ -247,7 +287,12 @@ class Idempotency:
         try:
             self.store.release(key)
         except Exception as exc:
-            log.error("could not uncount the start of %s while it waits (%r)", key, exc)
+            self._count_uncounted(key, 1)
+            log.error(
+                "could not uncount the start of %s while it waits (%r); this process does not count it as a crash",
+                key,
+                exc,
+            )
         finally:
             # Keep the shared turn until the start is given back: another suspect (the poison
             # event) could otherwise run alone and kill the process first, and this bystander
@@ -300,11 +345,46 @@ class Idempotency:
             with self._lock:
                 self.duplicates += 1
             log.debug("event %s for %r is a duplicate (%s completed)", event.id, subscription, key)
+            self._forget_uncounted(key)
             raise Duplicate(key)
         if claim.status is ClaimStatus.BUSY:
             raise ClaimedElsewhere(key, min(1.0, self._hold / 2))
-        self._check_crashes(event, subscription, key, claim.starts)
-        return claim.starts
+        starts = self._discount(key, claim.starts)
+        self._check_crashes(event, subscription, key, starts)
+        return starts
+
+    def _discount(self, key: str, starts: int) -> int:
+        """A fresh claim's count of unfinished starts, less those this process failed to uncount."""
+        if not self._uncounted:  # the hot path: no failed release or complete to remember
+            return starts
+        with self._lock:
+            mine = self._uncounted.get(key)
+            if mine is None:
+                return starts
+            # The store may show fewer (another process completed or removed the key, its
+            # record expired, or a release that raised went through): never subtract more
+            # than the earlier starts it shows, and remember no more than that.
+            mine = max(0, min(mine, starts - 1))
+            if mine:
+                self._uncounted[key] = mine
+            else:
+                del self._uncounted[key]
+        return starts - mine
+
+    def _count_uncounted(self, key: str, delta: int) -> None:
+        """Add ``delta`` to the starts of ``key`` this process failed to uncount."""
+        with self._lock:
+            n = self._uncounted.get(key, 0) + delta
+            if n > 0:
+                _remember(self._uncounted, key, n)
+            else:
+                self._uncounted.pop(key, None)
+
+    def _forget_uncounted(self, key: str) -> None:
+        """The store no longer counts the starts of ``key`` (completed or removed)."""
+        if self._uncounted:
+            with self._lock:
+                self._uncounted.pop(key, None)
 
     def _leave(self, key: str) -> float:
         """The callback of ``key`` ended: give back its turn; returns when it was claimed."""
@@ -329,6 +409,8 @@ class Idempotency:
             self.store.remove(key)  # a replay of the dead letter starts counting afresh
         except Exception as exc:
             log.error("could not reset the crash count of %s (%r)", key, exc)
+        else:
+            self._forget_uncounted(key)
         raise PoisonEvent(
             f"event {event.id} crashed the process {crashes} times for {subscription!r} "
             f"(started {crashes} times without finishing; max_crashes={self.max_crashes})",
@@ -346,21 +428,28 @@ class Idempotency:
             except Exception as exc:
                 with self._lock:
                     self.finish_failures += 1
+                self._count_uncounted(key, 1)
                 log.error(
                     "the handler succeeded but completing idempotency key %s failed (%r); "
                     "a redelivery after its claim expires would run it again",
                     key,
                     exc,
                 )
+            else:
+                self._forget_uncounted(key)
             return
         try:
             self.store.release(key)
         except Exception as exc:
             with self._lock:
                 self.finish_failures += 1
-                self._held[key] = claimed_at
+                _remember(self._held, key, claimed_at)
+            self._count_uncounted(key, 1)
             log.error(
-                "releasing idempotency key %s failed (%r); this process keeps it for its retry", key, exc
+                "releasing idempotency key %s failed (%r); this process keeps it for its retry "
+                "and does not count it as a crash",
+                key,
+                exc,
             )
 
     def __repr__(self) -> str:
@@ -385,7 +474,9 @@ class CrashCounter(Idempotency):
     claim expired unfinished: while another consumer (a replica without a consumer group)
     holds a live claim on the same event, this one runs uncounted. So a crash loop is counted
     at most once per ``processing_ttl``. A store failure never stops the handler: it runs
-    uncounted.
+    uncounted. A start whose release or removal failed is remembered by this process and
+    never counted as a crash here; after a restart, or in another process, it is (see
+    ``max_crashes`` in :class:`Idempotency`).
 
     :param processing_ttl: how long a start's claim holds (default :data:`CRASH_LEASE`, read
         when the counter is made).
@@ -416,8 +507,9 @@ class CrashCounter(Idempotency):
         if not claim.claimed:  # another consumer's live start: not a crash, run uncounted
             log.debug("%s is running in another consumer; this start runs uncounted", key)
             return None
-        self._check_crashes(event, subscription, key, claim.starts)
-        return claim.starts
+        starts = self._discount(key, claim.starts)
+        self._check_crashes(event, subscription, key, starts)
+        return starts
 
     def finish(self, key: str | None, error: BaseException | None) -> None:
         if key is None:
@@ -431,7 +523,16 @@ class CrashCounter(Idempotency):
         except Exception as exc:
             with self._lock:
                 self.finish_failures += 1
-            log.error("finishing the start of %s failed (%r); it may count as a crash", key, exc)
+            self._count_uncounted(key, 1)
+            log.error(
+                "finishing the start of %s failed (%r); this process does not count it as a crash "
+                "(another process, or this one after a restart, may)",
+                key,
+                exc,
+            )
+        else:
+            if error is None:
+                self._forget_uncounted(key)
 
     def __repr__(self) -> str:
         return f"<CrashCounter {self.store!r} max_crashes={self.max_crashes}>"

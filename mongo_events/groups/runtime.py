@@ -632,12 +632,23 @@ class GroupRuntime:
         rooms = [h for h in (c.oplog_headroom() for c in self.consumers()) if h is not None]
         return min(rooms) if rooms else None
 
-    def join(self, deadline: float | None, stopped: Any) -> bool:
-        """Wait until every event each held partition received so far is done."""
-        for consumer in self.consumers():
-            window = consumer.window
+    def join(self, deadline: float | None, stopped: Callable[[], bool]) -> bool:
+        """Wait until every event each held partition received so far is done; False only when
+        ``deadline`` (monotonic) passed first.
+
+        A partition revoked meanwhile counts as done once it is closed: this member delivers
+        nothing more of it, and its next owner delivers again what was not finished here.
+        """
+        with self._lock:
+            held = [(p.consumer.window, p.closed) for p in self._parts.values() if p.consumer is not None]
+        for window, closed in held:
+            # A revocation halts the partition's workers: the events still queued never finish
+            # here, so without the closed check this would wait until the deadline, or for ever.
+            def given_up(closed: threading.Event = closed) -> bool:
+                return stopped() or closed.is_set()
+
             with window.cond:
-                if not window.wait_for_done(window.tracker.last_seq, deadline, stopped):
+                if not window.wait_for_done(window.tracker.last_seq, deadline, given_up):
                     return False
         return True
 

@@ -1,0 +1,68 @@
+"""``join()`` on a group member waits only on the partitions it holds.
+
+A partition revoked while ``join()`` waits on it (a rebalance, a lapsed or refused lease)
+is halted with events queued that never start here: its next owner delivers them. The wait
+on it ends when the partition is closed, instead of running on until the timeout, or for
+ever without one.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pymongo
+
+import mongo_events as me
+from mongo_events.groups.runtime import GroupRuntime
+
+from ..conftest import wait_for
+from .helpers import group_buses, held
+
+
+def test_join_ends_when_a_partition_it_waits_on_is_revoked(client: pymongo.MongoClient[Any]) -> None:
+    release, entered = threading.Event(), threading.Event()
+
+    def slow(event: me.ChangeEvent) -> None:
+        entered.set()
+        release.wait(30)
+
+    with group_buses(client, group="g", partitions=1, lease_ttl=3.0, max_workers=1) as make:
+        bus = make("member")
+        bus.subscribe(slow, name="slow")
+        try:
+            # Given a member holding the partition, its one worker busy with the first of two
+            # events and the second queued behind it
+            bus.start()
+            assert wait_for(lambda: held(bus) == {0}, timeout=10.0)
+            client.shop.orders.insert_many([{"_id": 1}, {"_id": 2}])
+            assert entered.wait(10.0)
+            assert wait_for(lambda: bus.pending_count() == 2, timeout=10.0)
+            group = bus._run.group  # type: ignore[attr-defined]
+            assert isinstance(group, GroupRuntime) and group.member is not None
+            (part,) = group._parts.values()
+            assert part.consumer is not None
+            window = part.consumer.window
+            # and a join() with no timeout waiting on it
+            outcome: list[bool | BaseException] = []
+            done = threading.Event()
+
+            def join() -> None:
+                try:
+                    outcome.append(bus.join())
+                except BaseException as exc:  # said in the assertion below, not lost in the thread
+                    outcome.append(exc)
+                finally:
+                    done.set()
+
+            threading.Thread(target=join, name="test-join", daemon=True).start()
+            assert wait_for(lambda: window.joining == 1, timeout=10.0)
+            # When the partition is revoked (its queued event never starts here), then the
+            # running callback returns
+            group.member.drop(0, "test: revoked")
+            release.set()
+            # Then join() ends, and counts the revoked partition as done by this member
+            assert done.wait(10.0), "join() still waits on a partition the member no longer holds"
+            assert outcome == [True]
+        finally:
+            release.set()

@@ -346,6 +346,11 @@ class GroupRun(BusRun):
         self.group.start()
         link.publish()  # after the first share: its first status names the partitions
 
+    def interrupt(self, error: BaseException, shutdown: Callable[[], None]) -> None:
+        # start() waits for the partitions' streams, not for the run's own (idle) consumer.
+        self.group.failed_to_start(error)
+        super().interrupt(error, shutdown)
+
     def _stop_parts(self, deadline: float) -> list[Abandoned]:
         # A group member stops its partitions (bounded by lease_ttl / 3) and releases their leases;
         # the run's hurry (a second signal, Bus.hurry()) ends its wait for callbacks too.

@@ -176,6 +176,10 @@ class GroupRuntime:
         self._release_deadline = 0.0
         #: Partitions given up because a write was refused (for tests and health).
         self.fenced_out = 0
+        #: Why the bus failed, once it did (under ``_lock``): a ``start()`` under way raises it.
+        self._failure: BaseException | None = None
+        #: The streams ``start()`` waits for while it does (under ``_lock``).
+        self._starting: list[StreamConsumer] = []
 
     # -- lifecycle (the bus calls these) ----------------------------------------------------
 
@@ -212,13 +216,24 @@ class GroupRuntime:
         # answer the join does not (the member joins at a later poll, on its thread).
         self.member.start()
         # Then wait for the first streams, not inside on_assigned: the member's thread must stay
-        # free to renew its leases while a server is slow to open a stream.
+        # free to renew its leases while a server is slow to open a stream. A failure of the bus
+        # meanwhile (another partition's stream, the flusher, the member) ends the wait: see
+        # failed_to_start().
+        with self._lock:
+            failure = self._failure
+            starting = self._starting = [p.consumer for p in self._parts.values() if p.consumer is not None]
+        if failure is not None:
+            raise failure
         deadline = time.monotonic() + bus.options.start_timeout
-        for consumer in self.consumers():
+        for consumer in starting:
             if not consumer.connected.wait(max(0.0, deadline - time.monotonic())):
                 break  # the stream keeps trying in the background; health() says so meanwhile
             if consumer.connect_error is not None:
                 raise consumer.connect_error
+        with self._lock:
+            failure, self._starting = self._failure, []
+        if failure is not None:
+            raise failure
         log.info(
             "bus %s: member %s of group %s (%d partitions, %s-side filtering) holds %s",
             bus.options.name,
@@ -228,6 +243,16 @@ class GroupRuntime:
             self.mode.value,
             sorted(self.member.owned) or "nothing (standby)",
         )
+
+    def failed_to_start(self, error: BaseException) -> None:
+        """The bus failed with ``error``: a ``start()`` under way raises it now, instead of
+        waiting out ``start_timeout`` for streams that its stop ends before they open."""
+        with self._lock:
+            if self._failure is None:
+                self._failure = error
+            starting = list(self._starting)
+        for consumer in starting:
+            consumer.failed_to_start(error)  # wakes start(), unless that stream opened already
 
     def stop(self, deadline: float, hurry: threading.Event | None = None) -> list[Abandoned]:
         """Stop every partition by ``deadline`` (monotonic; at most ``lease_ttl / 3`` from now),

@@ -606,7 +606,8 @@ class Bus(BusOptionAttributes):
     def join(self, timeout: float | None = None) -> bool:
         """Wait until every event received so far is done (True); False on timeout, or
         when the bus stops before they all are (those left undone come again at the next
-        start).
+        start). For a consumer-group member, a partition revoked meanwhile counts as done:
+        its next owner delivers again what was not finished here.
 
         :raises MongoEventsError: the error that made the bus fail, if it did.
         """

@@ -658,11 +658,12 @@ class GroupRuntime:
         return min(rooms) if rooms else None
 
     def join(self, deadline: float | None, stopped: Callable[[], bool]) -> bool:
-        """Wait until every event each held partition received so far is done; False only when
-        ``deadline`` (monotonic) passed first.
+        """Wait until every event each held partition received so far is done (True); False
+        when ``deadline`` (monotonic) passes or the bus stops first.
 
-        A partition revoked meanwhile counts as done once it is closed: this member delivers
-        nothing more of it, and its next owner delivers again what was not finished here.
+        A partition revoked meanwhile (a rebalance, not the stop) counts as done once it is
+        closed: this member delivers nothing more of it, and its next owner delivers again
+        what was not finished here.
         """
         with self._lock:
             held = [(p.consumer.window, p.closed) for p in self._parts.values() if p.consumer is not None]
@@ -673,8 +674,12 @@ class GroupRuntime:
                 return stopped() or closed.is_set()
 
             with window.cond:
-                if not window.wait_for_done(window.tracker.last_seq, deadline, given_up):
-                    return False
+                if window.wait_for_done(window.tracker.last_seq, deadline, given_up):
+                    continue
+            with self._lock:
+                revoked = closed.is_set() and not self._stopping
+            if not revoked or stopped():
+                return False
         return True
 
     def health(self, state: str, running: bool, failure: BaseException | None) -> Health:

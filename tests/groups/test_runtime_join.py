@@ -66,3 +66,45 @@ def test_join_ends_when_a_partition_it_waits_on_is_revoked(client: pymongo.Mongo
             assert outcome == [True]
         finally:
             release.set()
+
+
+def test_join_says_false_when_the_member_stops_with_events_undone(client: pymongo.MongoClient[Any]) -> None:
+    # A stop closes every partition too, but that is no rebalance: what was left undone
+    # comes again at the next start, so join() must not say "every event done".
+    release, entered = threading.Event(), threading.Event()
+
+    def slow(event: me.ChangeEvent) -> None:
+        entered.set()
+        release.wait(30)
+
+    with group_buses(client, group="g", partitions=1, lease_ttl=3.0, max_workers=1) as make:
+        bus = make("member")
+        bus.subscribe(slow, name="slow")
+        outcome: list[bool | BaseException] = []
+        done = threading.Event()
+
+        def join() -> None:
+            try:
+                outcome.append(bus.join())
+            except BaseException as exc:
+                outcome.append(exc)
+            finally:
+                done.set()
+
+        try:
+            bus.start()
+            assert wait_for(lambda: held(bus) == {0}, timeout=10.0)
+            client.shop.orders.insert_many([{"_id": 1}, {"_id": 2}])
+            assert entered.wait(10.0)
+            group = bus._run.group  # type: ignore[attr-defined]
+            (part,) = group._parts.values()
+            threading.Thread(target=join, name="test-join", daemon=True).start()
+            assert wait_for(lambda: part.consumer.window.joining == 1, timeout=10.0)
+            try:
+                bus.stop(timeout=0.2)
+            except me.ShutdownTimeout:
+                pass  # the running callback was given up on: expected, not what this checks
+            assert done.wait(10.0)
+            assert outcome == [False]
+        finally:
+            release.set()

@@ -484,6 +484,14 @@ class Bus(BusOptionAttributes):
             self._state = BusState.STARTING
         try:
             self._run.start()
+            with self._state_lock:
+                # A failure after the streams opened but before this point happened while
+                # starting too: raise it, rather than say RUNNING (and "started") for a failed bus.
+                failed = self._error
+                if failed is None and self._state is BusState.STARTING:
+                    self._state = BusState.RUNNING
+            if failed is not None:
+                raise failed
         except BaseException as exc:
             # Whatever failed, end what was started and say so: never left STARTING.
             with self._state_lock:
@@ -491,9 +499,6 @@ class Bus(BusOptionAttributes):
                     self._error = exc
             self._shutdown(timeout=5.0, quiet=True)
             raise
-        with self._state_lock:
-            if self._state is BusState.STARTING:
-                self._state = BusState.RUNNING
         log.info(
             "bus %s started: watching %s%s, checkpoint key%s %s",
             self.name,

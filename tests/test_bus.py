@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import threading
 import time
 from datetime import timedelta
@@ -922,6 +923,30 @@ def test_start_fails_fast_on_a_standalone_server() -> None:
             bus.start()
         assert bus.state is me.BusState.FAILED
         client.close()
+
+
+def test_a_failure_between_the_stream_opening_and_running_makes_start_raise(
+    client: pymongo.MongoClient[Any], make_bus: Any, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    # A failure after the run started its streams but before start() said RUNNING used to be
+    # overwritten: the bus said RUNNING and "started" while its stopper thread shut it down.
+    from mongo_events import run as run_module
+
+    bus = make_bus(client.shop.orders)
+    bus.subscribe(lambda ev: None)
+    broken = me.ConfigurationError("broken just after the stream opened")
+    original = run_module.BusRun.start
+
+    def start_then_fail(self: Any) -> None:
+        original(self)
+        bus._fail(broken)
+
+    monkeypatch.setattr(run_module.BusRun, "start", start_then_fail)
+    with caplog.at_level(logging.INFO, logger="mongo_events"), pytest.raises(me.ConfigurationError) as info:
+        bus.start()
+    assert info.value is broken and bus.error is broken
+    assert bus.state is me.BusState.FAILED
+    assert not [r for r in caplog.records if "started: watching" in r.getMessage()]
 
 
 def test_context_manager_and_object_ids(client: pymongo.MongoClient[Any]) -> None:

@@ -651,17 +651,22 @@ class Dispatcher:
                     with lock:
                         self.drain()
                 continue
+            if len(done) >= _REPORT_AT:  # many unreported items: try before a callback that may be long
+                self._try_drain()
             # Busy before the halt check: halt() sets _halting before wait_idle() reads busy,
             # so either this worker sees the halt or the stopper sees it busy and waits.
             busy[index] = item
-            if (gate is not None and not gate() and not self._gate_reopened(gate)) or self._halting:
+            if gate is not None and not gate():
+                busy[index] = None  # waiting for the gate runs no callback: a stop need not wait
+                if not self._gate_reopened(gate):
+                    return  # halted; the item stays undone
+                busy[index] = item
+            if self._halting:  # halt.is_set() without a call
                 busy[index] = None
-                return  # halted (_halting: halt.is_set() without a call); the item stays undone
+                return  # the item stays undone
             if isinstance(item, FanOut):
                 self._run_fanout(index, item)
                 continue
-            if len(done) >= _REPORT_AT:  # many unreported items: try before a callback that may be long
-                self._try_drain()
             try:
                 outcome, delay = self._attempt(item)
             except BaseException as exc:

@@ -106,11 +106,24 @@ def test_a_worker_holds_an_item_while_the_gate_is_closed_and_runs_it_when_it_ope
 def test_a_worker_holding_an_item_behind_a_closed_gate_ends_when_halted_leaving_it_undone() -> None:
     done: list[Slot] = []
     ran = threading.Event()
-    dispatcher = make_dispatcher(done, gate=lambda: False)  # the partition is given up
+    asked: list[int] = []
+    asked_again = threading.Event()
+
+    def gate() -> bool:  # the partition is given up
+        asked.append(1)
+        if len(asked) >= 2:
+            asked_again.set()
+        return False
+
+    dispatcher = make_dispatcher(done, gate=gate)
     sub = Subscription(lambda ev: ran.set(), name="s", index=0)
     event = change_event(1)
     dispatcher.start()
     dispatcher.enqueue(WorkItem(sub, event, Tracker(10).begin("t1", None, 1, event.id), None, None))
+    # Asked again: the worker waits for the gate to reopen. It runs no callback meanwhile,
+    # so a stop must neither wait for it nor name it as given up.
+    assert asked_again.wait(5)
+    assert dispatcher.running() == [] and dispatcher.abandoned() is None
     dispatcher.halt()
     assert dispatcher.join(time.monotonic() + 5)  # the worker ended at the halt
     assert not ran.is_set() and not done  # undone: the next owner delivers it

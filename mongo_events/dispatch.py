@@ -656,14 +656,9 @@ class Dispatcher:
             # Busy before the halt check: halt() sets _halting before wait_idle() reads busy,
             # so either this worker sees the halt or the stopper sees it busy and waits.
             busy[index] = item
-            if gate is not None and not gate():
-                busy[index] = None  # waiting for the gate runs no callback: a stop need not wait
-                if not self._gate_reopened(gate):
-                    return  # halted; the item stays undone
-                busy[index] = item
-            if self._halting:  # halt.is_set() without a call
+            if (gate is not None and not gate() and not self._gate_reopened(gate, index)) or self._halting:
                 busy[index] = None
-                return  # the item stays undone
+                return  # halted (_halting: halt.is_set() without a call); the item stays undone
             if isinstance(item, FanOut):
                 self._run_fanout(index, item)
                 continue
@@ -685,12 +680,18 @@ class Dispatcher:
                 if len(done) >= _REPORT_AT or self._ready.empty():
                     self._try_drain()
 
-    def _gate_reopened(self, gate: Callable[[], bool]) -> bool:
+    def _gate_reopened(self, gate: Callable[[], bool], index: int) -> bool:
         """The gate closed (the lease is overdue by the clock): wait until it opens again
         (True) or the dispatcher is halted (False). Returning from the loop instead would
-        leave a partition renewed late without workers: a stall under a running bus."""
+        leave a partition renewed late without workers: a stall under a running bus.
+
+        Worker ``index`` is not busy meanwhile (it runs no callback: a stop need not wait for
+        it), and busy with its item again once the gate opens."""
+        item = self._busy[index]
+        self._busy[index] = None
         while not self._halt.wait(GATE_PAUSE):
             if gate():
+                self._busy[index] = item
                 return True
         return False
 

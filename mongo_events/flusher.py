@@ -11,14 +11,25 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 
 import pymongo
 
 from .guard import describe, run_guarded
 
-__all__ = ["Flusher"]
+__all__ = ["Flusher", "time_left"]
 
 log = logging.getLogger(__name__)
+
+#: The deadline (monotonic) of the bounded flush running in this context: for tasks that
+#: wait on something ``pymongo.timeout()`` does not bound, such as a lock.
+_DEADLINE: ContextVar[float | None] = ContextVar("mongo_events_flush_deadline", default=None)
+
+
+def time_left(limit: float) -> float:
+    """Seconds a flush task may wait: ``limit``, or less when its flush has a deadline."""
+    deadline = _DEADLINE.get()
+    return limit if deadline is None else max(0.0, min(limit, deadline - time.monotonic()))
 
 
 def _fail_loudly(exc: BaseException) -> None:
@@ -76,6 +87,7 @@ class Flusher:
             )
             return False
         ok = True
+        bounded = _DEADLINE.set(deadline)
         try:
             for task in self._tasks:
                 try:
@@ -96,6 +108,7 @@ class Flusher:
                         exc,
                     )
         finally:
+            _DEADLINE.reset(bounded)
             self._lock.release()
         return ok
 

@@ -238,13 +238,13 @@ class WaitSignallingLock:
         self._lock = threading.Lock()
         self.replay_moved = replay_moved
 
-    def __enter__(self) -> None:
-        if not self._lock.acquire(blocking=False):
-            self.replay_moved.set()
-            if not self._lock.acquire(timeout=15):
-                raise TimeoutError("waited 15s for the monitor's write lock")
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self._lock.acquire(blocking=False):
+            return True
+        self.replay_moved.set()
+        return self._lock.acquire(timeout=15 if timeout < 0 else timeout)
 
-    def __exit__(self, *exc: object) -> None:
+    def release(self) -> None:
         self._lock.release()
 
 
@@ -304,6 +304,57 @@ def test_a_failed_flush_never_restores_an_entry_a_replay_has_written_since() -> 
     monitor.flush()
     (entry,) = store.list().entries
     assert entry.status is MonitorStatus.COMPLETED and entry.completed_at is not None
+
+
+class HeldReplayWrite(MemoryMonitorStore):
+    """Holds the first write (a replay's) until ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held, self.release = threading.Event(), threading.Event()
+
+    def write(self, entries: Any) -> None:
+        if not self.held.is_set():
+            self.held.set()
+            assert self.release.wait(15)
+        super().write(entries)
+
+
+def test_a_bounded_flush_does_not_wait_past_its_deadline_for_a_replays_write() -> None:
+    # A stop's final flush is bounded: a replay writing to a slow store (on the caller's
+    # thread) must not hold it past its deadline. Its entries wait for the next flush.
+    from mongo_events.flusher import Flusher
+
+    store = HeldReplayWrite()
+    monitor = MonitorMiddleware(store)
+    replayed = me.Delivery(change_event(1), "orders", 1, None, None, bus="b", replay=True)
+    delivered = me.Delivery(change_event(2), "orders", 1, None, None, bus="b")
+    monitor.before_delivery(replayed)
+    replay, replay_errors = _in_thread(monitor.after_delivery, replayed, None, 0.0)
+    try:
+        assert store.held.wait(15)
+        monitor.before_delivery(delivered)
+        monitor.after_delivery(delivered, None, 0.0)
+        flusher = Flusher([monitor.flush], 60.0, "b")
+        outcome: list[bool] = []
+        ended = threading.Event()
+        threading.Thread(
+            target=lambda: (outcome.append(flusher.flush(timeout=0.2)), ended.set()), daemon=True
+        ).start()
+        # Then it ends while the replay's write still runs, and says it did not write
+        assert ended.wait(15), "the bounded flush waited for the replay's write"
+        assert outcome == [False] and not store.release.is_set()
+    finally:
+        store.release.set()
+    replay.join(15)
+    assert not replay.is_alive() and not replay_errors
+    # The entries it left are written by the next flush
+    monitor.flush()
+    statuses = {e.event_id: e.status for e in store.list().entries}
+    assert statuses == {
+        change_event(1).id: MonitorStatus.COMPLETED,
+        change_event(2).id: MonitorStatus.COMPLETED,
+    }
 
 
 # -- the HTTP API ----------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ from typing import Any
 import attrs
 
 from ..delivery import Delivery
+from ..errors import StoreError
+from ..flusher import time_left
 from ..middleware.base import Middleware
 from .records import MonitorEntry, MonitorStatus, now_ms
 from .store import MonitorStore
@@ -19,6 +21,11 @@ from .store import MonitorStore
 __all__ = ["MonitorMiddleware"]
 
 log = logging.getLogger(__name__)
+
+#: Seconds a flush or a replay's write waits for the other's store write before giving up
+#: (the flush's entries wait for the next one; the replay's entry is left to it). A stop's
+#: final flush waits at most what its deadline has left.
+WRITE_WAIT = 5.0
 
 
 def _span_ids() -> tuple[str | None, str | None]:
@@ -157,11 +164,21 @@ class MonitorMiddleware(Middleware):
     def _write_now(self, entry: MonitorEntry) -> None:
         """Replays run outside a bus's flusher: write their entry at once (best effort).
 
-        It waits for a batch being written (see ``_write_lock``): one store write at most, as
-        long as the store's own timeouts let it run. Only the replay's caller waits, never a
-        bus's workers.
+        It waits up to :data:`WRITE_WAIT` for a batch being written (see ``_write_lock``);
+        after that the entry is left to the next flush. Only the replay's caller waits, never
+        a bus's workers.
         """
-        with self._write_lock:
+        if not self._write_lock.acquire(timeout=WRITE_WAIT):
+            with self._lock:
+                self._dirty[entry.key] = attrs.evolve(entry, metadata=dict(entry.metadata))
+            log.warning(
+                "monitor: a batch write still runs after %.0fs; the replay of %s for %r is recorded at the next flush",
+                WRITE_WAIT,
+                entry.event_id,
+                entry.subscription_id,
+            )
+            return
+        try:
             with self._lock:
                 self._dirty.pop(entry.key, None)
                 snapshot = attrs.evolve(entry, metadata=dict(entry.metadata))
@@ -174,10 +191,19 @@ class MonitorMiddleware(Middleware):
                     entry.subscription_id,
                     exc,
                 )
+        finally:
+            self._write_lock.release()
 
     def flush(self) -> None:
-        """Write every changed entry in one batch (the bus's flusher calls this)."""
-        with self._write_lock:
+        """Write every changed entry in one batch (the bus's flusher calls this).
+
+        :raises StoreError: the write failed, or a replay's write still ran after
+            :data:`WRITE_WAIT` (or what a stop's final flush had left): the entries wait
+            for the next flush.
+        """
+        if not self._write_lock.acquire(timeout=time_left(WRITE_WAIT)):
+            raise StoreError("monitor entries not written: a replay's write to the store is still running")
+        try:
             with self._lock:
                 if not self._dirty:
                     return
@@ -188,8 +214,8 @@ class MonitorMiddleware(Middleware):
             except Exception:
                 with self._lock:
                     for key, entry in batch.items():
-                        # Only the delivery hooks can have marked the key since (a direct write
-                        # waits for this one), and what they marked is newer: it wins.
+                        # What was marked since is newer (a delivery hook, or a replay that
+                        # gave up waiting for this write): it wins.
                         self._dirty.setdefault(key, entry)
                     excess = len(self._dirty) - self.max_buffered
                     if excess > 0:
@@ -203,3 +229,5 @@ class MonitorMiddleware(Middleware):
                         )
                 raise
             self.writes += 1
+        finally:
+            self._write_lock.release()

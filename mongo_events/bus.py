@@ -459,7 +459,9 @@ class Bus(BusOptionAttributes):
         If the server is merely unreachable, the watcher keeps retrying in the background,
         loudly: ERROR lines at each retry and ``health()`` ``unhealthy`` until the stream
         opens. A ``start()`` that raises leaves the bus ``FAILED`` with :attr:`error` set
-        (its threads ended); a new, stopped or failed bus can be started.
+        (its threads ended); a new, stopped or failed bus can be started. Only when the
+        failure came after the stream opened, with callbacks already running, may the stop
+        after it still wait for them (``STOPPING``, at most 30 s) when ``start()`` raises.
 
         :raises BusStateError: if already started, or used in a forked child.
         :raises ConfigurationError: when the deployment or the options cannot work.

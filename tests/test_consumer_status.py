@@ -121,12 +121,36 @@ class _LateFirstWrite(_Recording):
         super().publish(status)
 
 
+class _Snapping(StatusPublisher):
+    """Sets ``snapped`` once it took its first snapshot."""
+
+    def __init__(self, store: ConsumerStatusStore, interval: float) -> None:
+        super().__init__(store, interval)
+        self.snapped = threading.Event()
+
+    def snapshot(self) -> ConsumerStatus:
+        status = super().snapshot()
+        self.snapped.set()
+        return status
+
+
 def test_a_bus_that_runs_while_its_first_status_is_written_publishes_again(
-    client: pymongo.MongoClient[Any], make_bus: Any
+    client: pymongo.MongoClient[Any], make_bus: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from mongo_events import run as run_module
+
     store = _LateFirstWrite()
-    bus = make_bus(client.shop.orders, status=StatusPublisher(store, interval=3600))
+    publisher = _Snapping(store, interval=3600)
+    bus = make_bus(client.shop.orders, status=publisher)
     store.bus = bus
+    # The bus stays STARTING until the first snapshot was taken (so it says "starting")
+    original = run_module.wait_for_stream
+
+    def after_the_first_snapshot(*args: Any) -> None:
+        assert publisher.snapped.wait(15)
+        original(*args)
+
+    monkeypatch.setattr(run_module, "wait_for_stream", after_the_first_snapshot)
     bus.subscribe(lambda ev: None)
     bus.start()
     assert wait_for(lambda: "running" in store.states), store.states

@@ -425,10 +425,10 @@ def _event(n: int) -> me.ChangeEvent:
     )
 
 
-@pytest.mark.parametrize("later", [False, True])
-def test_a_retry_after_a_failed_release_runs_under_its_claim_only_while_it_surely_holds(
-    later: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _unreleased_claim(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[list[float], _ReleaseFailsOnce, me.Idempotency, me.ChangeEvent, str]:
+    """A guard on a hand-moved clock whose first claim's release failed: the claim stays its own."""
     from mongo_events.idempotency import guard as guard_module
 
     now = [1000.0]
@@ -440,6 +440,14 @@ def test_a_retry_after_a_failed_release_runs_under_its_claim_only_while_it_surel
     assert key is not None and store.claims == 1
     guard.finish(key, RuntimeError("handler failed"))  # its release fails: the claim stays ours
     assert guard.finish_failures == 1
+    return now, store, guard, event, key
+
+
+@pytest.mark.parametrize("later", [False, True])
+def test_a_retry_after_a_failed_release_runs_under_its_claim_only_while_it_surely_holds(
+    later: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now, store, guard, event, key = _unreleased_claim(monkeypatch)
     now[0] += 40.0 if later else 1.0
     if not later:  # soon after: the retry runs under the claim it still holds
         assert guard.claim(event, "charge") == key and store.claims == 1
@@ -457,15 +465,7 @@ def test_a_retry_after_a_failed_release_judges_its_claim_after_waiting_for_its_t
 ) -> None:
     from mongo_events.idempotency import guard as guard_module
 
-    now = [1000.0]
-    monkeypatch.setattr(guard_module, "_clock", lambda: now[0])
-    store = _ReleaseFailsOnce()
-    guard = me.Idempotency(store, processing_ttl=timedelta(seconds=60))
-    event = _event(1)
-    key = guard.claim(event, "charge")
-    assert key is not None and store.claims == 1
-    guard.finish(key, RuntimeError("handler failed"))  # its release fails: the claim stays ours
-    assert guard.finish_failures == 1
+    now, store, guard, event, _key = _unreleased_claim(monkeypatch)
 
     class SlowTurn(guard_module._Isolation):
         """A suspect runs alone: the turn comes a whole hold later."""

@@ -404,7 +404,10 @@ class Dispatcher:
             self._executor.shutdown(wait=False)  # each thread ends once its loop returns
 
     def wait_idle(self, deadline: float, hurry: threading.Event | None = None) -> bool:
-        """Wait until no callback is running, ``deadline`` (monotonic) passes or ``hurry`` is set."""
+        """Wait until no callback is running, ``deadline`` (monotonic) passes or ``hurry`` is set.
+
+        It polls: a notification when a worker becomes idle would cost every event, and only a
+        stop waits here."""
         while any(self._busy):
             if time.monotonic() >= deadline or (hurry is not None and hurry.is_set()):
                 return False

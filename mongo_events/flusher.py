@@ -103,7 +103,8 @@ class Flusher:
                     ok = False
                     self.failures += 1
                     log.warning(
-                        "flush of %s failed (%s); it is retried, and the checkpoint stays behind meanwhile",
+                        "flush of %s failed (%s); it is retried at the next flush, and what it writes "
+                        "(the checkpoint, monitor entries) waits meanwhile",
                         self._name,
                         exc,
                     )

@@ -659,9 +659,16 @@ class Dispatcher:
             # Busy before the halt check: halt() sets _halting before wait_idle() reads busy,
             # so either this worker sees the halt or the stopper sees it busy and waits.
             busy[index] = item
-            if (gate is not None and not gate() and not self._gate_reopened(gate, index)) or self._halting:
+            try:
+                halted = (
+                    gate is not None and not gate() and not self._gate_reopened(gate, index)
+                ) or self._halting
+            except BaseException:  # the gate failed: this worker runs nothing (the bus hears of it)
                 busy[index] = None
-                return  # halted (_halting: halt.is_set() without a call); the item stays undone
+                raise
+            if halted:  # (_halting: halt.is_set() without a call)
+                busy[index] = None
+                return  # the item stays undone
             if isinstance(item, FanOut):
                 self._run_fanout(index, item)
                 continue

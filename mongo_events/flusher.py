@@ -26,10 +26,10 @@ log = logging.getLogger(__name__)
 _DEADLINE: ContextVar[float | None] = ContextVar("mongo_events_flush_deadline", default=None)
 
 
-def time_left(limit: float) -> float:
-    """Seconds a flush task may wait: ``limit``, or less when its flush has a deadline."""
+def time_left() -> float | None:
+    """Seconds the flush running this task has left; ``None`` when it is not bounded."""
     deadline = _DEADLINE.get()
-    return limit if deadline is None else max(0.0, min(limit, deadline - time.monotonic()))
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def _fail_loudly(exc: BaseException) -> None:
@@ -87,7 +87,10 @@ class Flusher:
             )
             return False
         ok = True
-        bounded = _DEADLINE.set(deadline)
+        outer = _DEADLINE.get()  # a flush inside a bounded one keeps the outer bound
+        bounded = _DEADLINE.set(
+            outer if outer is not None and (deadline is None or outer < deadline) else deadline
+        )
         try:
             for task in self._tasks:
                 try:

@@ -160,3 +160,36 @@ def test_a_halt_while_a_worker_passes_the_gate_is_seen_by_one_side() -> None:
         release.set()
         dispatcher.halt()
     assert not ran.is_set() and not done  # halted before its callback: undone, for the next owner
+
+
+def test_a_worker_whose_gate_reopens_is_busy_again_for_its_callback() -> None:
+    # While the worker waits for a closed gate it is not busy; once the gate reopens and
+    # its callback runs, a stop must see it busy again and wait for it.
+    done: list[Slot] = []
+    entered, release = threading.Event(), threading.Event()
+    asked: list[int] = []
+
+    def gate() -> bool:  # closed once (a late renewal), then open
+        asked.append(1)
+        return len(asked) > 1
+
+    def callback(ev: Any) -> None:
+        entered.set()
+        assert release.wait(10)
+
+    dispatcher = make_dispatcher(done, gate=gate)
+    sub = Subscription(callback, name="s", index=0)
+    event = change_event(1)
+    dispatcher.start()
+    try:
+        dispatcher.enqueue(WorkItem(sub, event, Tracker(10).begin("t1", None, 1, event.id), None, None))
+        assert entered.wait(5)
+        dispatcher.halt()
+        assert not dispatcher.wait_idle(time.monotonic() + 0.2)  # the stopper sees it busy
+        assert dispatcher.running() != []
+        release.set()
+        assert dispatcher.wait_idle(time.monotonic() + 5)
+        assert dispatcher.join(time.monotonic() + 5)
+    finally:
+        release.set()
+        dispatcher.halt()

@@ -22,9 +22,8 @@ __all__ = ["MonitorMiddleware"]
 
 log = logging.getLogger(__name__)
 
-#: Seconds a flush or a replay's write waits for the other's store write before giving up
-#: (the flush's entries wait for the next one; the replay's entry is left to it). A stop's
-#: final flush waits at most what its deadline has left.
+#: Seconds a replay's write waits for a flush's store write before leaving its entry to the
+#: next flush. A flush never waits this long: see :meth:`MonitorMiddleware.flush`.
 WRITE_WAIT = 5.0
 
 
@@ -169,8 +168,8 @@ class MonitorMiddleware(Middleware):
         a bus's workers.
         """
         if not self._write_lock.acquire(timeout=WRITE_WAIT):
-            with self._lock:
-                self._dirty[entry.key] = attrs.evolve(entry, metadata=dict(entry.metadata))
+            with self._lock:  # a newer state of the key marked meanwhile wins
+                self._dirty.setdefault(entry.key, attrs.evolve(entry, metadata=dict(entry.metadata)))
             log.warning(
                 "monitor: a batch write still runs after %.0fs; the replay of %s for %r is recorded at the next flush",
                 WRITE_WAIT,
@@ -197,12 +196,19 @@ class MonitorMiddleware(Middleware):
     def flush(self) -> None:
         """Write every changed entry in one batch (the bus's flusher calls this).
 
-        :raises StoreError: the write failed, or a replay's write still ran after
-            :data:`WRITE_WAIT` (or what a stop's final flush had left): the entries wait
-            for the next flush.
+        While a replay's write runs, the flusher's regular flush skips its turn (the entries
+        wait for the next one: it holds the flusher, and the checkpoint writes, otherwise),
+        and a bounded flush (a stop's final one) waits at most what its deadline has left.
+
+        :raises StoreError: the write failed, or a bounded flush's time ran out waiting for a
+            replay's write: the entries wait for the next flush.
         """
-        if not self._write_lock.acquire(timeout=time_left(WRITE_WAIT)):
-            raise StoreError("monitor entries not written: a replay's write to the store is still running")
+        left = time_left()
+        if left is None:
+            if not self._write_lock.acquire(blocking=False):
+                return
+        elif not self._write_lock.acquire(timeout=left):
+            raise StoreError("monitor entries not written: a replay's write to the store was still running")
         try:
             with self._lock:
                 if not self._dirty:

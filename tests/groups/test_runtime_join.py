@@ -38,7 +38,7 @@ def _joining_a_busy_member(
         entered.set()
         release.wait(30)
 
-    with group_buses(client, group="g", partitions=1, lease_ttl=3.0, max_workers=1) as make:
+    with group_buses(client, group="g", partitions=1, lease_ttl=10.0, max_workers=1) as make:
         bus = make("member")
         bus.subscribe(slow, name="slow")
         outcome: list[bool | BaseException] = []

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pymongo
@@ -76,6 +76,28 @@ def test_an_event_declined_while_not_stopping_is_offered_again_and_no_token_pass
     assert tokens_while_declined == []
 
 
+def _one_item(
+    done: list[Slot], gate: Callable[[], bool], callback: Callable[[Any], None], **options: Any
+) -> tuple[Any, Slot]:
+    """A started one-worker dispatcher behind ``gate``, with one item of ``callback`` enqueued
+    (returned with the item's slot)."""
+    dispatcher = make_dispatcher(done, gate=gate, **options)
+    event = change_event(1)
+    dispatcher.start()
+    slot = Tracker(10).begin("t1", None, 1, event.id)
+    dispatcher.enqueue(WorkItem(Subscription(callback, name="s", index=0), event, slot, None, None))
+    return dispatcher, slot
+
+
+def _halt_waits_for_the_busy_worker(dispatcher: Any, release: threading.Event) -> None:
+    """Halt: the stopper sees the worker busy until ``release`` lets it go, then idle and ended."""
+    dispatcher.halt()
+    assert not dispatcher.wait_idle(time.monotonic() + 0.2)  # the stopper sees it busy
+    release.set()
+    assert dispatcher.wait_idle(time.monotonic() + 5)
+    assert dispatcher.join(time.monotonic() + 5)
+
+
 def test_a_worker_holds_an_item_while_the_gate_is_closed_and_runs_it_when_it_opens() -> None:
     # A worker that found the gate closed used to return from its loop, dropping the item:
     # after a late renewal the partition had fewer workers (none, at last) and a slot that
@@ -84,13 +106,8 @@ def test_a_worker_holds_an_item_while_the_gate_is_closed_and_runs_it_when_it_ope
     ran = threading.Event()
     gate = threading.Event()  # closed
     lock = threading.RLock()
-    dispatcher = make_dispatcher(done, lock=lock, gate=gate.is_set)
-    sub = Subscription(lambda ev: ran.set(), name="s", index=0)
-    event = change_event(1)
-    slot = Tracker(10).begin("t1", None, 1, event.id)
-    dispatcher.start()
+    dispatcher, slot = _one_item(done, gate.is_set, lambda ev: ran.set(), lock=lock)
     try:
-        dispatcher.enqueue(WorkItem(sub, event, slot, None, None))
         assert not ran.wait(0.2)  # not delivered while the lease is overdue
         gate.set()  # renewed late
         assert ran.wait(5)
@@ -115,11 +132,7 @@ def test_a_worker_holding_an_item_behind_a_closed_gate_ends_when_halted_leaving_
             asked_again.set()
         return False
 
-    dispatcher = make_dispatcher(done, gate=gate)
-    sub = Subscription(lambda ev: ran.set(), name="s", index=0)
-    event = change_event(1)
-    dispatcher.start()
-    dispatcher.enqueue(WorkItem(sub, event, Tracker(10).begin("t1", None, 1, event.id), None, None))
+    dispatcher, _ = _one_item(done, gate, lambda ev: ran.set())
     # Asked again: the worker waits for the gate to reopen. It runs no callback meanwhile,
     # so a stop must neither wait for it nor name it as given up.
     assert asked_again.wait(5)
@@ -144,18 +157,10 @@ def test_a_halt_while_a_worker_passes_the_gate_is_seen_by_one_side() -> None:
         assert release.wait(10)
         return True
 
-    dispatcher = make_dispatcher(done, gate=gate)
-    sub = Subscription(lambda ev: ran.set(), name="s", index=0)
-    event = change_event(1)
-    dispatcher.start()
+    dispatcher, _ = _one_item(done, gate, lambda ev: ran.set())
     try:
-        dispatcher.enqueue(WorkItem(sub, event, Tracker(10).begin("t1", None, 1, event.id), None, None))
         assert in_gate.wait(5)
-        dispatcher.halt()
-        assert not dispatcher.wait_idle(time.monotonic() + 0.2)  # the stopper sees it busy
-        release.set()
-        assert dispatcher.wait_idle(time.monotonic() + 5)
-        assert dispatcher.join(time.monotonic() + 5)
+        _halt_waits_for_the_busy_worker(dispatcher, release)
     finally:
         release.set()
         dispatcher.halt()
@@ -177,19 +182,11 @@ def test_a_worker_whose_gate_reopens_is_busy_again_for_its_callback() -> None:
         entered.set()
         assert release.wait(10)
 
-    dispatcher = make_dispatcher(done, gate=gate)
-    sub = Subscription(callback, name="s", index=0)
-    event = change_event(1)
-    dispatcher.start()
+    dispatcher, _ = _one_item(done, gate, callback)
     try:
-        dispatcher.enqueue(WorkItem(sub, event, Tracker(10).begin("t1", None, 1, event.id), None, None))
         assert entered.wait(5)
-        dispatcher.halt()
-        assert not dispatcher.wait_idle(time.monotonic() + 0.2)  # the stopper sees it busy
         assert dispatcher.running() != []
-        release.set()
-        assert dispatcher.wait_idle(time.monotonic() + 5)
-        assert dispatcher.join(time.monotonic() + 5)
+        _halt_waits_for_the_busy_worker(dispatcher, release)
     finally:
         release.set()
         dispatcher.halt()

@@ -92,12 +92,18 @@ def busy_alone(
     return first
 
 
+def _holding_one(members: Callable[..., me.Bus], **options: Any) -> me.Bus:
+    """A member started alone, once it holds its one partition."""
+    bus = members("member", **options).start()
+    assert wait_for(lambda: held(bus) == {0}, timeout=10.0)
+    return bus
+
+
 def test_stop_states_the_lease_ttl_cap_it_applied_not_its_timeout(
     members: Callable[..., me.Bus], client: pymongo.MongoClient[Any], blocked: Blocked
 ) -> None:
     # Given a member (lease_ttl=3) holding the partition, with a callback running
-    bus = members("member").start()
-    assert wait_for(lambda: held(bus) == {0}, timeout=10.0)
+    bus = _holding_one(members)
     client.shop.orders.insert_one({"_id": 1})
     assert wait_for(lambda: blocked.count() == 1, timeout=10.0)
     # When it is stopped with a 30 s timeout
@@ -326,8 +332,7 @@ def test_a_partition_taken_as_the_stop_begins_is_not_started(
 def test_the_whole_group_stop_is_bounded_by_lease_ttl_over_3_plus_the_final_write(
     members: Callable[..., me.Bus], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bus = members("member", lease_ttl=3.0).start()
-    assert wait_for(lambda: held(bus) == {0}, timeout=10.0)
+    bus = _holding_one(members, lease_ttl=3.0)
     member = _runtime(bus).member
     assert member is not None
     real, seen = member.stop, []
@@ -348,8 +353,7 @@ def test_the_whole_group_stop_is_bounded_by_lease_ttl_over_3_plus_the_final_writ
 def test_a_final_checkpoint_skipped_for_lack_of_time_is_said(
     members: Callable[..., me.Bus], caplog: pytest.LogCaptureFixture
 ) -> None:
-    bus = members("member", lease_ttl=3.0).start()
-    assert wait_for(lambda: held(bus) == {0}, timeout=10.0)
+    bus = _holding_one(members, lease_ttl=3.0)
     (part,) = _runtime(bus)._parts.values()
     assert part.flushing.acquire(timeout=10.0)  # a flush that does not end in time
     try:
@@ -376,8 +380,7 @@ def test_hurry_ends_a_group_stops_wait_for_callbacks(
 
     monkeypatch.setattr(Dispatcher, "wait_idle", spy)
     # Given a member (lease_ttl 30: its stop would wait 5 s for callbacks) with a callback running
-    bus = members("member", lease_ttl=30.0).start()
-    assert wait_for(lambda: held(bus) == {0}, timeout=10.0)
+    bus = _holding_one(members, lease_ttl=30.0)
     client.shop.orders.insert_one({"_id": 1})
     assert wait_for(lambda: blocked.count() == 1, timeout=10.0)
     # When the stop is hurried
@@ -392,8 +395,7 @@ def test_hurry_ends_a_group_stops_wait_for_callbacks(
 def test_a_stop_shorter_than_the_cap_states_the_half_it_waited(
     members: Callable[..., me.Bus], client: pymongo.MongoClient[Any], blocked: Blocked
 ) -> None:
-    bus = members("member", lease_ttl=30.0).start()  # cap lease_ttl / 3 = 10 s > timeout
-    assert wait_for(lambda: held(bus) == {0}, timeout=10.0)
+    bus = _holding_one(members, lease_ttl=30.0)  # cap lease_ttl / 3 = 10 s > timeout
     client.shop.orders.insert_one({"_id": 1})
     assert wait_for(lambda: blocked.count() == 1, timeout=10.0)
     with pytest.raises(me.ShutdownTimeout) as info:
@@ -409,8 +411,7 @@ def test_a_partition_dropped_during_a_rebalance_is_said_with_its_real_cause(
     blocked: Blocked,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    bus = members("member", lease_ttl=3.0).start()
-    assert wait_for(lambda: held(bus) == {0}, timeout=10.0)
+    bus = _holding_one(members, lease_ttl=3.0)
     client.shop.orders.insert_one({"_id": 1})
     assert wait_for(lambda: blocked.count() == 1, timeout=10.0)
     group = _runtime(bus)
